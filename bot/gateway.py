@@ -1,0 +1,220 @@
+"""The only road to the target database for diagnostics.
+
+Every check gets its own pooled connection and its own `READ ONLY` transaction with
+`statement_timeout`, `lock_timeout` and `application_name` set for that transaction,
+so a slow or locked catalog cannot stall the bot and nothing a check runs can write.
+A check's own trouble (timeout, privilege, missing object) becomes a `skipped`
+finding; the report still arrives with the other checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pgerr
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from commands.base import Check, Finding, Row, Status
+
+log = logging.getLogger(__name__)
+
+APPLICATION_NAME = "dbops-bot"
+
+_PROBE_SQL = """
+SELECT current_setting('server_version') AS server_version,
+       version() AS version,
+       current_database() AS database,
+       current_user AS "user",
+       extract(epoch FROM now() - pg_postmaster_start_time())::bigint AS uptime_s,
+       pg_is_in_recovery() AS in_recovery,
+       inet_server_addr()::text AS server_addr
+"""
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ***, in the form it was given."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.password is None:
+            return dsn
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable connection string>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo("", **params)
+
+
+def describe_target(dsn: str) -> str:
+    """host:port/dbname, the way the report names its target (never a password)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable connection string>"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"{host}:{port}/{params.get('dbname') or params.get('user') or '?'}"
+
+
+def _normalise_scheme(dsn: str) -> str:
+    """libpq accepts both schemes; the linter reports `postgres://`, the driver need not care."""
+    return "postgresql://" + dsn[len("postgres://") :] if dsn.startswith("postgres://") else dsn
+
+
+def explain_db_error(exc: BaseException) -> tuple[Status, str]:
+    """Map an exception from one check to the status and the one line the user sees."""
+    if isinstance(exc, pgerr.QueryCanceled):
+        return Status.SKIPPED, "timed out (statement_timeout)"
+    if isinstance(exc, pgerr.LockNotAvailable):
+        return Status.SKIPPED, "waited too long for a lock (lock_timeout)"
+    if isinstance(exc, pgerr.InsufficientPrivilege):
+        return Status.SKIPPED, f"lacks privilege: {_first_line(exc)}"
+    if isinstance(
+        exc,
+        pgerr.UndefinedTable
+        | pgerr.UndefinedColumn
+        | pgerr.UndefinedFunction
+        | pgerr.UndefinedObject,
+    ):
+        return Status.SKIPPED, f"missing object: {_first_line(exc)}"
+    if isinstance(exc, PoolTimeout | TimeoutError):
+        return Status.SKIPPED, "no database connection within the time limit"
+    if isinstance(exc, psycopg.OperationalError):
+        return Status.ERROR, f"database connection failed: {_first_line(exc)}"
+    if isinstance(exc, psycopg.Error):
+        return Status.ERROR, f"database error: {_first_line(exc)}"
+    return Status.ERROR, f"internal error in check: {type(exc).__name__}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _TxReader:
+    """The `Reader` handed to a check: queries inside the check's own transaction."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Row]:
+        async with self._conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, params or None)
+            if cur.description is None:
+                return []
+            return await cur.fetchall()
+
+
+class TargetGateway:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        check_timeout_ms: int = 5000,
+        lock_timeout_ms: int = 1000,
+        connect_timeout_s: float = 3.0,
+        pool_max_size: int = 4,
+    ) -> None:
+        self._raw_dsn = dsn
+        self._dsn = _normalise_scheme(dsn)
+        self.check_timeout_ms = check_timeout_ms
+        self.lock_timeout_ms = lock_timeout_ms
+        self.connect_timeout_s = connect_timeout_s
+        self._pool = AsyncConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=pool_max_size,
+            open=False,
+            kwargs={
+                "application_name": APPLICATION_NAME,
+                "connect_timeout": max(1, round(connect_timeout_s)),
+                "autocommit": False,
+            },
+            configure=self._configure,
+            reconnect_timeout=0,
+            name="dbops-target",
+        )
+        self._opened = False
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_read_only(True)
+
+    @property
+    def target(self) -> str:
+        return describe_target(self._dsn)
+
+    @property
+    def dsn_for_display(self) -> str:
+        return mask_dsn(self._raw_dsn)
+
+    async def open(self) -> None:
+        if not self._opened:
+            await self._pool.open(wait=False)
+            self._opened = True
+
+    async def close(self) -> None:
+        if self._opened:
+            await self._pool.close()
+            self._opened = False
+
+    async def probe(self) -> Row:
+        """Connect outside the pool so the user sees the driver's own reason on failure."""
+        started = time.perf_counter()
+        conn = await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(
+                self._dsn,
+                application_name=APPLICATION_NAME,
+                connect_timeout=max(1, round(self.connect_timeout_s)),
+                autocommit=True,
+            ),
+            timeout=self.connect_timeout_s + 1,
+        )
+        try:
+            connect_ms = (time.perf_counter() - started) * 1000
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, false)",
+                (str(self.check_timeout_ms),),
+            )
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(_PROBE_SQL)
+                row = await cur.fetchone()
+        finally:
+            await conn.close()
+        assert row is not None
+        row["connect_ms"] = round(connect_ms, 1)
+        return row
+
+    async def run_check(self, name: str, check: Check) -> Finding:
+        await self.open()
+        try:
+            async with asyncio.timeout(self.check_timeout_ms / 1000 + self.connect_timeout_s + 1):
+                return await self._run_in_transaction(check)
+        except Exception as exc:  # one check's trouble must not sink the report
+            status, reason = explain_db_error(exc)
+            if status is Status.ERROR and not isinstance(exc, psycopg.Error):
+                log.exception("check %s failed", name)
+            return Finding(check=name, status=status, summary=reason)
+
+    async def _run_in_transaction(self, check: Check) -> Finding:
+        async with self._pool.connection(timeout=self.connect_timeout_s) as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('statement_timeout', %s, true),"
+                    " set_config('lock_timeout', %s, true),"
+                    " set_config('application_name', %s, true)",
+                    (str(self.check_timeout_ms), str(self.lock_timeout_ms), APPLICATION_NAME),
+                )
+                return await check(_TxReader(conn))

@@ -1,0 +1,34 @@
+"""Prometheus metrics on a registry of the bot's own, served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry()
+
+COMMANDS = Counter(
+    "dbops_commands_total",
+    "Commands handled, by name and outcome",
+    ["command", "outcome"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "dbops_command_seconds",
+    "Time from receiving a command to its reply being handed to Slack or stdout",
+    ["command"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+SLACK_ERRORS = Counter(
+    "dbops_slack_api_errors_total",
+    "Slack Web API calls that failed after retries, by method",
+    ["method"],
+    registry=REGISTRY,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,181 @@
+"""One Report, three renderings: Block Kit for Slack, text for the console, JSON for scripts.
+
+Slack limits are respected here, in one place: at most 50 blocks a message and 3000
+characters a section; what is cut is counted, and tables too big for a message are
+handed back as CSV files for the caller to upload.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from slack_sdk.models.blocks import (
+    Block,
+    ContextBlock,
+    DividerBlock,
+    HeaderBlock,
+    MarkdownTextObject,
+    SectionBlock,
+)
+
+from commands.base import Finding, Report, Row, Status
+
+MAX_BLOCKS = 50
+MAX_SECTION_CHARS = 3000
+MAX_HEADER_CHARS = 150
+ROWS_IN_MESSAGE = 5
+CELL_CHARS = 60
+
+ICON = {
+    Status.CRIT: ":red_circle:",
+    Status.ERROR: ":x:",
+    Status.WARN: ":warning:",
+    Status.SKIPPED: ":fast_forward:",
+    Status.OK: ":white_check_mark:",
+}
+LABEL = {s: s.value.upper() for s in Status}
+
+
+@dataclass
+class SlackMessage:
+    text: str
+    blocks: list[Block]
+    files: list[tuple[str, str]] = field(default_factory=list)  # (filename, csv text)
+
+    def blocks_json(self) -> list[dict[str, Any]]:
+        return [b.to_dict() for b in self.blocks]
+
+
+def cell(value: Any, limit: int = CELL_CHARS) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        text = f"{value:.1f}"
+    elif isinstance(value, datetime):
+        text = value.isoformat(timespec="seconds")
+    elif isinstance(value, list | tuple):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cut(text: str, limit: int) -> str:
+    """Cut to the limit, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    note = f"… ({len(text) - limit} more characters)"
+    return text[: limit - len(note)] + note
+
+
+def rows_table(rows: list[Row], limit: int = ROWS_IN_MESSAGE) -> str:
+    """A fixed-width table of the first rows, for a code block or the console."""
+    shown = rows[:limit]
+    if not shown:
+        return ""
+    columns = list(dict.fromkeys(k for r in shown for k in r))
+    cells = [[cell(r.get(c)) for c in columns] for r in shown]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    if len(rows) > limit:
+        lines.append(f"… {len(rows) - limit} more rows")
+    return "\n".join(lines)
+
+
+def rows_csv(rows: list[Row]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: cell(v, 10_000) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _finding_section(f: Finding) -> SectionBlock:
+    text = f"{ICON[f.status]} *{LABEL[f.status]}  {f.check}*\n{f.summary}"
+    if f.hint:
+        text += f"\n_next:_ {f.hint}"
+    table = rows_table(f.rows) if f.status not in (Status.OK, Status.SKIPPED) else ""
+    if table:
+        room = MAX_SECTION_CHARS - len(text) - 10
+        if room > 200:
+            text += "\n```" + cut(table, room) + "```"
+    return SectionBlock(text=MarkdownTextObject(text=cut(text, MAX_SECTION_CHARS)))
+
+
+def _tally(report: Report) -> str:
+    counts = Counter(f.status for f in report.findings)
+    return ", ".join(f"{counts[s]} {s.value}" for s in Status if counts[s]) or "no findings"
+
+
+def to_slack(report: Report) -> SlackMessage:
+    report = report.sorted()
+    blocks: list[Block] = [
+        HeaderBlock(text=cut(f"{report.title}: {report.worst.value.upper()}", MAX_HEADER_CHARS)),
+        ContextBlock(elements=[MarkdownTextObject(text=f"`{report.target}` · {_tally(report)}")]),
+        DividerBlock(),
+    ]
+    room = MAX_BLOCKS - len(blocks) - 1  # keep one for the "left out" note
+    shown = report.findings[:room]
+    blocks += [_finding_section(f) for f in shown]
+    left = len(report.findings) - len(shown)
+    if left:
+        blocks.append(
+            ContextBlock(elements=[MarkdownTextObject(text=f"… {left} more findings not shown")])
+        )
+    files = [
+        (f"{f.check.replace(' ', '_').replace(':', '')}.csv", rows_csv(f.rows))
+        for f in shown
+        if len(f.rows) > ROWS_IN_MESSAGE and f.status not in (Status.OK, Status.SKIPPED)
+    ]
+    fallback = f"{report.title} of {report.target}: {report.worst.value.upper()} ({_tally(report)})"
+    return SlackMessage(text=fallback, blocks=blocks, files=files)
+
+
+def to_text(report: Report) -> str:
+    report = report.sorted()
+    out = [
+        f"{report.title} — {report.target} — {report.worst.value.upper()} ({_tally(report)})",
+        "",
+    ]
+    for f in report.findings:
+        out.append(f"[{LABEL[f.status]:7}] {f.check}: {f.summary}")
+        if f.status not in (Status.OK, Status.SKIPPED) and f.rows:
+            out += ["          " + line for line in rows_table(f.rows, 10).splitlines()]
+        if f.hint:
+            out.append(f"          next: {f.hint}")
+    return "\n".join(out) + "\n"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return float(value)
+    return str(value)
+
+
+def to_json(report: Report) -> str:
+    """The Report model as JSON, with database values (timestamps, decimals) made plain."""
+    data = report.sorted().model_dump(mode="python")
+    return json.dumps(data, default=_json_default, indent=2) + "\n"
+
+
+def error_text(message: str) -> SlackMessage:
+    return SlackMessage(
+        text=message, blocks=[SectionBlock(text=MarkdownTextObject(text=cut(message, 3000)))]
+    )

@@ -1,0 +1,144 @@
+"""From the text after `/db` to a Report or a short answer, the same for Slack and console.
+
+The router reads the registry that `commands/` fills; adding a command never touches
+this file. Identical diagnostics asked within a short window share one run, so a
+burst of `/db health` during an incident costs the sick database one set of queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import shlex
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+
+import commands  # noqa: F401  (fills the registry)
+from commands.base import REGISTRY, Command, Gateway, Report, Thresholds, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What a command sees of the bot: the gateway and the limits."""
+
+    gateway: Gateway
+    thresholds: Thresholds
+
+
+@dataclass
+class Answer:
+    """A reply that is not a report: help, an unknown command, a usage error."""
+
+    text: str
+    outcome: str  # help | unknown | usage | error
+
+
+Result = Report | Answer
+
+
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def parse(text: str) -> tuple[str, list[str]]:
+    try:
+        words = shlex.split(text.strip())
+    except ValueError as exc:
+        raise UsageError(f"cannot read the arguments: {exc}") from None
+    if not words:
+        return "help", []
+    return words[0].lower(), words[1:]
+
+
+def find(name: str) -> Command | None:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return next((c for c in REGISTRY.values() if name in c.aliases), None)
+
+
+def help_text() -> str:
+    lines = ["*`/db` commands*"]
+    for cmd in sorted(REGISTRY.values(), key=lambda c: c.name):
+        lines.append(f"• `{cmd.usage}` — {cmd.summary} (role {cmd.role})")
+    lines.append("• `/db help` — this list")
+    return "\n".join(lines)
+
+
+def unknown_text(name: str) -> str:
+    names = [*REGISTRY, "help"]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    text = f"unknown command `{name}`."
+    if close and close[0] in REGISTRY:
+        text += f" Did you mean `{close[0]}`? Usage: `{REGISTRY[close[0]].usage}`"
+    elif close:
+        text += " Did you mean `help`?"
+    return text + "\nType `/db help` for every command."
+
+
+def preflight(text: str) -> Answer | tuple[Command, list[str]]:
+    """Everything that can be answered without the database, cheap enough to run before ack."""
+    try:
+        name, args = parse(text)
+    except UsageError as exc:
+        return Answer(str(exc), "usage")
+    if name == "help":
+        return Answer(help_text(), "help")
+    cmd = find(name)
+    if cmd is None:
+        return Answer(unknown_text(name), "unknown")
+    return cmd, args
+
+
+@dataclass
+class _Shared:
+    task: asyncio.Task[Report]
+    finished_at: float | None = None
+
+
+def _mark_finished(shared: _Shared, _task: asyncio.Task[Report]) -> None:
+    shared.finished_at = time.monotonic()
+
+
+@dataclass
+class Dispatcher:
+    ctx: RunContext
+    coalesce_s: float = 2.0
+    _shared: dict[tuple[str, tuple[str, ...]], _Shared] = field(default_factory=dict)
+    runs: Counter[str] = field(default_factory=Counter)  # diagnostics really started
+
+    async def run(self, text: str) -> Result:
+        pre = preflight(text)
+        if isinstance(pre, Answer):
+            return pre
+        cmd, args = pre
+        try:
+            return await self._diagnose(cmd, args)
+        except UsageError as exc:
+            return Answer(f"{exc}\nUsage: `{cmd.usage}`", "usage")
+
+    async def _diagnose(self, cmd: Command, args: list[str]) -> Report:
+        key = (cmd.name, tuple(args))
+        now = time.monotonic()
+        for stale in [
+            k
+            for k, v in self._shared.items()
+            if v.finished_at is not None and now - v.finished_at > self.coalesce_s
+        ]:
+            del self._shared[stale]
+        shared = self._shared.get(key)
+        fresh = shared is not None and (
+            shared.finished_at is None or now - shared.finished_at <= self.coalesce_s
+        )
+        if shared is None or not fresh:
+            task = asyncio.ensure_future(cmd.diagnose(self.ctx, args))
+            self.runs[cmd.name] += 1
+            shared = _Shared(task)
+            self._shared[key] = shared
+            task.add_done_callback(partial(_mark_finished, shared))
+        return await asyncio.shield(shared.task)

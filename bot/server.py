@@ -1,0 +1,120 @@
+"""The running bot: its parts wired together, the HTTP server, and Socket Mode.
+
+HTTP mode serves `/slack/events` (Bolt verifies the signature), `/healthz` for
+orchestrators and `/metrics` for Prometheus on one aiohttp server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+from bot import metrics
+from bot.gateway import TargetGateway
+from bot.router import Dispatcher, RunContext
+from bot.settings import Settings
+from bot.slack_app import SlackFrontend
+from bot.tasks import TaskTracker
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """One bot process: gateway, router, tracked work and the Slack frontend."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.require("database_url")
+        assert settings.database_url is not None
+        self.settings = settings
+        self.gateway = TargetGateway(
+            settings.database_url,
+            check_timeout_ms=settings.check_timeout_ms,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            connect_timeout_s=settings.connect_timeout_s,
+            pool_max_size=settings.pool_max_size,
+        )
+        self.dispatcher = Dispatcher(
+            RunContext(self.gateway, settings.thresholds), coalesce_s=settings.coalesce_s
+        )
+        self.tracker = TaskTracker()
+        self.slack = SlackFrontend(settings, self.dispatcher, self.tracker)
+
+    async def start(self) -> None:
+        await self.gateway.open()
+
+    async def stop(self) -> None:
+        await self.tracker.drain()
+        await self.gateway.close()
+
+
+def build_web_app(service: Service) -> web.Application:
+    bolt = service.slack.app
+
+    async def slack_events(request: web.Request) -> web.Response:
+        bolt_request = await to_bolt_request(request)
+        bolt_response = await bolt.async_dispatch(bolt_request)
+        return await to_aiohttp_response(bolt_response)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "pending_tasks": len(service.tracker)})
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.exposition())
+        resp.headers["Content-Type"] = metrics.CONTENT_TYPE
+        return resp
+
+    async def on_startup(_app: web.Application) -> None:
+        await service.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await service.stop()
+
+    app = web.Application()
+    app.router.add_post("/slack/events", slack_events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_http(settings: Settings, port: int, host: str = "0.0.0.0") -> None:
+    settings.require("slack_bot_token", "slack_signing_secret", "database_url")
+    service = Service(settings)
+    runner = web.AppRunner(build_web_app(service), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("dbops-bot listening on %s:%d (/slack/events, /healthz, /metrics)", host, port)
+    try:
+        await _wait_for_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def serve_socket(settings: Settings) -> None:
+    settings.require("slack_bot_token", "slack_app_token", "database_url")
+    assert settings.slack_app_token is not None
+    service = Service(settings)
+    await service.start()
+    handler = AsyncSocketModeHandler(service.slack.app, settings.slack_app_token)
+    try:
+        await handler.connect_async()  # type: ignore[no-untyped-call]
+        log.info("dbops-bot connected in Socket Mode")
+        await _wait_for_signal()
+    finally:
+        await handler.close_async()  # type: ignore[no-untyped-call]
+        await service.stop()

@@ -1,0 +1,151 @@
+"""The domain vocabulary shared by every command family.
+
+Commands speak in Reports made of Findings and read the target only through the
+`Reader` handed to each check, so they know nothing of Slack, pools or settings
+files; the bot supplies a `Context` that implements the protocols below.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+
+class Status(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    CRIT = "crit"
+    SKIPPED = "skipped"
+    ERROR = "error"
+
+    @property
+    def severity(self) -> int:
+        """Sort key: the worst finding comes first in every rendering."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {
+    Status.CRIT: 0,
+    Status.ERROR: 1,
+    Status.WARN: 2,
+    Status.SKIPPED: 3,
+    Status.OK: 4,
+}
+
+Row = dict[str, Any]
+
+
+class Finding(BaseModel):
+    check: str
+    status: Status
+    summary: str
+    rows: list[Row] = Field(default_factory=list)
+    hint: str | None = None
+
+
+class Report(BaseModel):
+    title: str
+    target: str
+    findings: list[Finding] = Field(default_factory=list)
+
+    def sorted(self) -> Report:
+        """A copy with the worst findings first (stable within one status)."""
+        ordered = sorted(self.findings, key=lambda f: f.status.severity)
+        return self.model_copy(update={"findings": ordered})
+
+    @property
+    def worst(self) -> Status:
+        if not self.findings:
+            return Status.OK
+        return min((f.status for f in self.findings), key=lambda s: s.severity)
+
+
+class Reader(Protocol):
+    """Read-only access to the target inside one guarded transaction."""
+
+    async def fetch(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[Row]: ...
+
+
+Check = Callable[[Reader], Awaitable[Finding]]
+
+
+class Gateway(Protocol):
+    """How a command reaches the target: each check in its own read-only transaction.
+
+    A check that times out, lacks privilege or meets a missing object comes back as a
+    `skipped` finding; an unexpected failure as an `error` finding. Never raises for
+    one check's trouble, so the rest of a report still arrives.
+    """
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def dsn_for_display(self) -> str: ...
+
+    async def probe(self) -> Row:
+        """Connect once, outside the pool, and return server facts; raises on failure."""
+        ...
+
+    async def run_check(self, name: str, check: Check) -> Finding: ...
+
+
+class Context(Protocol):
+    gateway: Gateway
+    thresholds: Thresholds
+
+
+class Thresholds(BaseModel):
+    """Every limit a diagnostic compares against; settings fill it, the demo lowers it."""
+
+    connections_warn_pct: float = 75.0
+    connections_crit_pct: float = 90.0
+    long_query_warn_s: float = 60.0
+    long_query_crit_s: float = 300.0
+    idle_in_tx_warn_s: float = 300.0
+    idle_in_tx_crit_s: float = 900.0
+    idle_session_warn_s: float = 600.0
+    blocked_warn_s: float = 0.0
+    blocked_crit_s: float = 60.0
+    query_chars: int = 120
+    max_rows: int = 20
+
+
+Diagnose = Callable[[Context, list[str]], Awaitable[Report]]
+
+
+class UsageError(ValueError):
+    """Arguments a command cannot accept; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    usage: str
+    summary: str
+    role: str
+    diagnose: Diagnose
+    aliases: tuple[str, ...] = field(default=())
+
+
+REGISTRY: dict[str, Command] = {}
+
+
+def register(
+    name: str, usage: str, summary: str, role: str = "REVIEWER", aliases: tuple[str, ...] = ()
+) -> Callable[[Diagnose], Diagnose]:
+    """Each command family registers its own entry points; the router reads REGISTRY."""
+
+    def decorate(fn: Diagnose) -> Diagnose:
+        if name in REGISTRY:
+            raise ValueError(f"command {name!r} registered twice")
+        REGISTRY[name] = Command(name, usage, summary, role, fn, aliases)
+        return fn
+
+    return decorate

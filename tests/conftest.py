@@ -1,0 +1,137 @@
+"""Real parts for every test: a PostgreSQL the tests start, a fake Slack Web API, the bot.
+
+The PostgreSQL server is the embedded one the demo uses (system binaries, root
+privileges dropped). The LEAPS fixture is built once into a template database;
+a test that changes data gets its own copy (`CREATE DATABASE … TEMPLATE`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from bot.embedded_pg import EmbeddedPostgres
+from bot.server import Service, build_web_app
+from bot.settings import Settings
+from commands.base import Thresholds
+from commands.fixture.faults import FaultInjector
+from commands.fixture.seed import build_fixture
+from tests.fakeslack import FakeSlack
+from tests.slackreq import SIGNING_SECRET, signed_headers, slash_body
+
+TEMPLATE_DB = "leaps_template"
+# Faults a few seconds old count as old, so tests need not wait minutes.
+FAST_THRESHOLDS = Thresholds(
+    idle_in_tx_warn_s=0.5, idle_in_tx_crit_s=1.0, blocked_crit_s=1.0, idle_session_warn_s=3600.0
+)
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn_factory(pg: EmbeddedPostgres) -> Callable[[str], str]:
+    """A DSN for a new, empty database with a unique name derived from the one asked."""
+
+    def make(name: str) -> str:
+        return pg.create_database(f"{name}_{next(_names)}")
+
+    return make
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def leaps_template(pg: EmbeddedPostgres) -> str:
+    dsn = pg.create_database(TEMPLATE_DB)
+    await build_fixture(dsn, users=200)
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+def leaps_dsn(pg: EmbeddedPostgres, leaps_template: str) -> str:
+    """A fresh copy of the LEAPS fixture for one test."""
+    return pg.create_database(f"leaps_{next(_names)}", template=leaps_template)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def faults(leaps_dsn: str) -> AsyncIterator[FaultInjector]:
+    async with FaultInjector(leaps_dsn) as injector:
+        yield injector
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fake_slack() -> AsyncIterator[FakeSlack]:
+    async with FakeSlack() as fake:
+        yield fake
+
+
+def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "slack_bot_token": "xoxb-test-token",
+        "slack_signing_secret": SIGNING_SECRET,
+        "slack_api_url": fake.api_url,
+        "database_url": database_url,
+        "thresholds": FAST_THRESHOLDS,
+        "connect_timeout_s": 2.0,
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class RunningBot:
+    url: str
+    service: Service
+    fake: FakeSlack
+    http: aiohttp.ClientSession
+
+    async def slash(
+        self, text: str, *, channel: str = "C0GENERAL", user: str = "U0ALICE", **kw: Any
+    ) -> aiohttp.ClientResponse:
+        body = slash_body(
+            text, channel=channel, user=user, response_url=self.fake.response_url(user)
+        )
+        headers = signed_headers(body, **kw)
+        resp = await self.http.post(f"{self.url}/slack/events", data=body, headers=headers)
+        await resp.read()
+        return resp
+
+
+BotFactory = Callable[..., Awaitable[RunningBot]]
+
+
+@asynccontextmanager
+async def running_bot(settings: Settings, fake: FakeSlack) -> AsyncIterator[RunningBot]:
+    service = Service(settings)
+    runner = web.AppRunner(build_web_app(service), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as http:
+        try:
+            yield RunningBot(f"http://127.0.0.1:{port}", service, fake, http)
+        finally:
+            await runner.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def bot(leaps_dsn: str, fake_slack: FakeSlack) -> AsyncIterator[RunningBot]:
+    async with running_bot(bot_settings(leaps_dsn, fake_slack), fake_slack) as running:
+        yield running

@@ -1,0 +1,135 @@
+"""The command line as a user meets it: real processes, real exit codes, real output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from commands.base import Status
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bot_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("SLACK_", "DATABASE_URL", "ADMIN_DATABASE", "STATE_DATABASE", "THRESHOLDS")
+        )
+        and k != "PORT"
+    }
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_run_health_prints_the_text_report(leaps_dsn: str) -> None:
+    done = bot_cli("run", "health", env={"DATABASE_URL": leaps_dsn})
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("Database health — 127.0.0.1:")
+    assert "[OK     ] reachability: connected to" in done.stdout
+    assert "[OK     ] guard: AMPLIFY quota trigger" in done.stdout
+
+
+def test_run_health_json_is_the_report_model(leaps_dsn: str) -> None:
+    with psycopg.connect(leaps_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE submissions DISABLE TRIGGER trg_check_amplify_quota")
+    done = bot_cli("run", "health", "--json", env={"DATABASE_URL": leaps_dsn})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) == {"title", "target", "findings"}
+    assert report["target"].endswith("/" + leaps_dsn.rsplit("/", 1)[1])
+    statuses = {s.value for s in Status}
+    for finding in report["findings"]:
+        assert set(finding) == {"check", "status", "summary", "rows", "hint"}
+        assert finding["status"] in statuses
+    assert report["findings"][0] == {
+        **report["findings"][0],
+        "check": "guard: AMPLIFY quota trigger",
+        "status": "crit",
+    }
+
+
+def test_password_never_printed() -> None:
+    dsn = "postgres://leaps:s3cr3t-Pa55@127.0.0.1:9/leaps"
+    done = bot_cli("run", "health", "--json", env={"DATABASE_URL": dsn})
+    assert done.returncode == 0
+    assert "s3cr3t-Pa55" not in done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    lint = next(f for f in report["findings"] if f["check"] == "connection string")
+    assert lint["status"] == "warn"
+    assert "postgres://leaps:***@127.0.0.1:9/leaps" in lint["summary"]
+    assert "postgresql://" in lint["summary"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["run", "health"], {}, "DATABASE_URL is not set"),
+        (["serve"], {"DATABASE_URL": "postgresql://x@h/d"}, "SLACK_BOT_TOKEN is not set"),
+        (
+            ["serve"],
+            {"DATABASE_URL": "postgresql://x@h/d", "SLACK_BOT_TOKEN": "xoxb-1"},
+            "SLACK_SIGNING_SECRET is not set",
+        ),
+        (["socket"], {"SLACK_BOT_TOKEN": "xoxb-1"}, "SLACK_APP_TOKEN is not set"),
+        (["run", "health"], {"PORT": "eighty"}, "PORT is invalid"),
+        (
+            ["run", "health"],
+            {"THRESHOLDS__LONG_QUERY_WARN_S": "soon"},
+            "THRESHOLDS__LONG_QUERY_WARN_S is invalid",
+        ),
+        (["run", "health"], {"SLACK_API_URL": "slack.example"}, "SLACK_API_URL is invalid"),
+    ],
+)
+def test_bad_settings_give_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    done = bot_cli(*args, env=env, timeout=20)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert message in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_command_on_the_console(leaps_dsn: str) -> None:
+    done = bot_cli("run", "helth", env={"DATABASE_URL": leaps_dsn})
+    assert done.returncode == 2
+    assert "unknown command `helth`" in done.stderr
+    assert "`health`" in done.stderr
+
+
+def test_demo_names_all_five_faults() -> None:
+    done = bot_cli("demo", timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    flagged = [line for line in out.splitlines() if line.startswith(("[CRIT", "[WARN"))]
+    text = "\n".join(flagged)
+    for check, detail in [
+        ("idle in transaction", "idle in transaction"),
+        ("blocked sessions", "←"),
+        ("materialized views", "leaderboard_totals"),
+        ("migrations", "failed"),
+        ("guard: AMPLIFY quota trigger", "disabled"),
+    ]:
+        line = next((ln for ln in flagged if f"] {check}:" in ln), None)
+        assert line is not None, f"{check} not flagged in:\n{text}"
+        assert detail in line, line
