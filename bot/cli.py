@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="HTTP mode: /slack/events, /healthz, /metrics")
     serve.add_argument("--port", type=int, default=None, help="default: $PORT, else 3000")
     serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: $WEB_CONCURRENCY, 1)"
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("socket", help="Socket Mode")
     run = sub.add_parser("run", help='one command against DATABASE_URL, e.g. run "health"')
     run.add_argument("command", help='the text after /db, e.g. "health"')
@@ -84,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "serve":
             from bot.server import serve_http
 
-            port = args.port if getattr(args, "port", None) else settings.port
-            asyncio.run(serve_http(settings, port, getattr(args, "host", "0.0.0.0")))
+            port = getattr(args, "port", None) or settings.port
+            host = getattr(args, "host", "0.0.0.0")
+            workers = getattr(args, "workers", None) or settings.web_concurrency
+            settings.require("slack_bot_token", "slack_signing_secret", "database_url")
+            if workers > 1:
+                from bot.workers import supervise
+
+                return supervise(workers, port, host)
+            asyncio.run(serve_http(settings, port, host, getattr(args, "reuse_port", False)))
             return 0
         if mode == "socket":
             from bot.server import serve_socket

@@ -116,7 +116,9 @@ class Dispatcher:
         pre = preflight(text)
         if isinstance(pre, Answer):
             return pre
-        cmd, args = pre
+        return await self.run_command(*pre)
+
+    async def run_command(self, cmd: Command, args: list[str]) -> Result:
         try:
             return await self._diagnose(cmd, args)
         except UsageError as exc:

@@ -7,6 +7,7 @@ orchestrators and `/metrics` for Prometheus on one aiohttp server.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -91,13 +92,19 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve_http(settings: Settings, port: int, host: str = "0.0.0.0") -> None:
+async def serve_http(
+    settings: Settings, port: int, host: str = "0.0.0.0", reuse_port: bool = False
+) -> None:
     settings.require("slack_bot_token", "slack_signing_secret", "database_url")
     service = Service(settings)
     runner = web.AppRunner(build_web_app(service), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # GC, so that a full collection during a burst of commands does not stall the acks.
+    gc.collect()
+    gc.freeze()
     log.info("dbops-bot listening on %s:%d (/slack/events, /healthz, /metrics)", host, port)
     try:
         await _wait_for_signal()

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     state_database_url: str | None = None
 
     port: int = Field(default=3000, ge=1, le=65535)
+    web_concurrency: int = Field(default=1, ge=1, le=64)  # HTTP worker processes
     log_level: str = "INFO"
 
     # Replies go in channel where an incident is being worked, ephemeral elsewhere.

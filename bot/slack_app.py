@@ -27,7 +27,7 @@ from bot import metrics, render
 from bot.router import Answer, Dispatcher, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
-from commands.base import Report
+from commands.base import Command, Report
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,16 @@ class SlackFrontend:
             process_before_response=True,  # answer from the listener, no ack polling
             raise_error_for_unhandled_request=False,
         )
+        self._last_rendered: tuple[Report, render.SlackMessage] | None = None
         self.app.command("/db")(self.on_db)
         self.app.error(self.on_error)
 
-    async def on_db(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
+    async def on_db(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """The ack path: parse, answer what needs no database, hand the rest to a task.
+
+        Kept to the bare minimum (no `respond` built here, the parse done once) because
+        it runs for every command before Slack's 3-second limit.
+        """
         received = time.perf_counter()
         text = str(body.get("text") or "")
         pre = preflight(text)
@@ -75,16 +81,17 @@ class SlackFrontend:
             metrics.COMMANDS.labels(pre.outcome, pre.outcome).inc()
             await ack(text=pre.text, response_type="ephemeral")
             return
-        cmd, _args = pre
         await ack()
-        self.tracker.spawn(self._work(body, text, cmd.name, received, respond), name=f"/db {text}")
+        cmd, args = pre
+        self.tracker.spawn(self._work(body, text, cmd, args, received), name=f"/db {text}")
 
     async def _work(
-        self, body: dict[str, Any], text: str, name: str, received: float, respond: AsyncRespond
+        self, body: dict[str, Any], text: str, cmd: Command, args: list[str], received: float
     ) -> None:
+        respond = AsyncRespond(response_url=body.get("response_url"))
         outcome = "error"
         try:
-            result = await self.dispatcher.run(text)
+            result = await self.dispatcher.run_command(cmd, args)
             if isinstance(result, Answer):
                 outcome = result.outcome
                 await respond(**_ephemeral(result.text))
@@ -98,8 +105,8 @@ class SlackFrontend:
                 respond, f"Something went wrong running `/db {text}` (error id `{error_id}`)."
             )
         finally:
-            metrics.COMMANDS.labels(name, outcome).inc()
-            metrics.LATENCY.labels(name).observe(time.perf_counter() - received)
+            metrics.COMMANDS.labels(cmd.name, outcome).inc()
+            metrics.LATENCY.labels(cmd.name).observe(time.perf_counter() - received)
 
     def in_channel(self, channel_id: str) -> bool:
         return (
@@ -107,8 +114,14 @@ class SlackFrontend:
             or channel_id in self.settings.incident_channels
         )
 
+    def _render(self, report: Report) -> render.SlackMessage:
+        """Render once per report: a burst of commands shares one coalesced report."""
+        if self._last_rendered is None or self._last_rendered[0] is not report:
+            self._last_rendered = (report, render.to_slack(report))
+        return self._last_rendered[1]
+
     async def deliver(self, body: dict[str, Any], report: Report, respond: AsyncRespond) -> None:
-        message = render.to_slack(report)
+        message = self._render(report)
         channel, user = str(body.get("channel_id", "")), str(body.get("user_id", ""))
         client = self.app.client
         public = self.in_channel(channel)
