@@ -12,15 +12,14 @@ import logging
 import sys
 from typing import TextIO
 
-from commands.fixture.faults import FaultInjector
-from commands.fixture.seed import build_fixture
-
 from bot import render
 from bot.embedded_pg import EmbeddedPostgres
 from bot.gateway import TargetGateway
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from commands.base import Report, Thresholds
+from commands.fixture.faults import FaultInjector
+from commands.fixture.seed import build_fixture
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -22,7 +22,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from commands.base import Check, Finding, Row, Status
+from commands.base import Check, Finding, Reader, Row, Status
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +210,12 @@ class TargetGateway:
                 log.exception("check %s failed", name)
             return Finding(check=name, status=status, summary=reason)
 
-    async def _run_in_transaction(self, check: Check) -> Finding:
+    async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T:
+        await self.open()
+        async with asyncio.timeout(self.check_timeout_ms / 1000 + self.connect_timeout_s + 1):
+            return await self._run_in_transaction(fn)
+
+    async def _run_in_transaction(self, check: Callable[[Reader], Awaitable[T]]) -> T:
         async with self._pool.connection(timeout=self.connect_timeout_s) as conn:
             async with conn.transaction():
                 await conn.execute(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -37,6 +37,7 @@ _SEVERITY = {
 }
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 class Finding(BaseModel):
