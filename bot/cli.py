@@ -43,11 +43,13 @@ def _configure_logging(settings: Settings) -> None:
     )
     # The pool retries a dead target in the background; one line per attempt is noise.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.gateway import TargetGateway
     from bot.router import Answer, Dispatcher, RunContext
+    from commands.remedy import Plan
 
     settings.require("database_url")
     assert settings.database_url is not None
@@ -68,6 +70,15 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
             file=sys.stderr if result.outcome != "help" else sys.stdout,
         )
         return 0 if result.outcome == "help" else EXIT_CONFIG
+    if isinstance(result, Plan):
+        if as_json:
+            sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+        else:
+            text = render.plan_text(result).replace("*", "")
+            sys.stdout.write(f"{text}\n\n{render.steps_text(result)}\n\n")
+            sys.stdout.write(render.rows_table(result.targets, 50) + "\n")
+            sys.stdout.write("(plan only: remedies run from Slack, after approval)\n")
+        return 0
     sys.stdout.write(render.to_json(result) if as_json else render.to_text(result))
     return 0
 

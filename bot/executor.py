@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -80,7 +80,9 @@ class Executor:
             f"lock_timeout {self.lock_timeout_ms} ms"
         )
 
-    async def apply(self, remedy: Remedy, plan: Plan, approval_id: str) -> tuple[str, Outcome]:
+    async def apply(
+        self, remedy: Remedy, plan: Plan, approval_id: str
+    ) -> tuple[Literal["done", "failed", "aborted"], Outcome]:
         """Returns the final state (done | aborted | failed) and the outcome."""
         try:
             conn = await psycopg.AsyncConnection.connect(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -41,9 +42,17 @@ SELECT current_setting('server_version') AS server_version,
 """
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(dsn: str) -> bool:
+    """URL form (`scheme://…`) as opposed to libpq's `key=value` form."""
+    return _URL.match(dsn) is not None
+
+
 def mask_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ***, in the form it was given."""
-    if "://" in dsn:
+    if is_url(dsn):
         parts = urlsplit(dsn)
         if parts.password is None:
             return dsn

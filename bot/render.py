@@ -17,7 +17,9 @@ from decimal import Decimal
 from typing import Any
 
 from slack_sdk.models.blocks import (
+    ActionsBlock,
     Block,
+    ButtonElement,
     ContextBlock,
     DividerBlock,
     HeaderBlock,
@@ -26,6 +28,7 @@ from slack_sdk.models.blocks import (
 )
 
 from commands.base import Finding, Report, Row, Status
+from commands.remedy import Outcome, Plan
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000
@@ -179,3 +182,120 @@ def error_text(message: str) -> SlackMessage:
     return SlackMessage(
         text=message, blocks=[SectionBlock(text=MarkdownTextObject(text=cut(message, 3000)))]
     )
+
+
+STATE_LINE = {
+    "pending": ":hourglass_flowing_sand: *waiting for approval*",
+    "executing": ":gear: *executing*",
+    "done": ":white_check_mark: *done*",
+    "failed": ":x: *failed*",
+    "aborted": ":no_entry: *aborted*",
+    "rejected": ":no_entry_sign: *rejected*",
+    "expired": ":alarm_clock: *expired*",
+}
+
+
+def plan_text(plan: Plan, limits: str = "") -> str:
+    """The plan as an engineer reviews it: what, how many, the exact SQL, backup, limits."""
+    lines = [f"*{plan.title}*", plan.summary, f"rows/objects counted now: *{plan.count}*"]
+    if plan.tolerance:
+        lines[-1] += f" (tolerance ±{plan.tolerance})"
+    lines.append(f"backup: {plan.backup or 'nothing is deleted or overwritten'}")
+    if limits or plan.limits:
+        lines.append(f"limits: {plan.limits or limits}")
+    lines += [f":warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def steps_text(plan: Plan) -> str:
+    parts = []
+    for step in plan.steps:
+        params = f"\n-- params: {json.dumps(step.params, default=str)}" if step.params else ""
+        note = f"-- {step.note}\n" if step.note else ""
+        parts.append(f"{note}{step.sql.strip()};{params}")
+    return "\n".join(parts)
+
+
+def approval_message(
+    *,
+    approval_id: str,
+    plan: Plan,
+    state: str,
+    requester_id: str,
+    needed: int,
+    approver_role: str,
+    approved_by: list[str],
+    expires_at: datetime,
+    outcome: Outcome | None,
+    limits: str,
+    button_value: str,
+) -> SlackMessage:
+    """The plan message of an approval thread, rendered anew on every change of state."""
+    who = ", ".join(f"<@{u}>" for u in approved_by)
+    status = STATE_LINE.get(state, state)
+    if state == "pending":
+        status += (
+            f": {max(0, needed - len(approved_by))} more of {needed} approver(s) with role "
+            f"{approver_role} (not <@{requester_id}>); expires "
+            f"{expires_at.strftime('%H:%M UTC')}"
+        )
+        if who:
+            status += f"; approved by {who}"
+    elif who:
+        status += f" (approved by {who})"
+    if outcome is not None:
+        status += f"\n{outcome.summary}"
+        if outcome.affected or outcome.backed_up:
+            status += f"\naffected {outcome.affected}; backed up {outcome.backed_up}"
+            if outcome.backup_table:
+                status += f" into `{outcome.backup_table}`"
+        if outcome.error and outcome.error not in outcome.summary:
+            status += f"\ndatabase said: `{cut(outcome.error, 500)}`"
+        if outcome.offers:
+            status += "\nnext: " + ", ".join(f"`/db {o}`" for o in outcome.offers)
+    blocks: list[Block] = [
+        HeaderBlock(text=cut(f"Approval {approval_id}: {plan.title}", MAX_HEADER_CHARS)),
+        SectionBlock(text=MarkdownTextObject(text=cut(status, MAX_SECTION_CHARS))),
+        SectionBlock(text=MarkdownTextObject(text=cut(plan_text(plan, limits), MAX_SECTION_CHARS))),
+    ]
+    if plan.targets:
+        table = rows_table(plan.targets, 15)
+        blocks.append(
+            SectionBlock(
+                text=MarkdownTextObject(text="```" + cut(table, MAX_SECTION_CHARS - 6) + "```")
+            )
+        )
+    blocks.append(
+        SectionBlock(
+            text=MarkdownTextObject(
+                text="```" + cut(steps_text(plan), MAX_SECTION_CHARS - 6) + "```"
+            )
+        )
+    )
+    if outcome is not None and outcome.rows:
+        blocks.append(
+            SectionBlock(
+                text=MarkdownTextObject(
+                    text="```" + cut(rows_table(outcome.rows, 15), MAX_SECTION_CHARS - 6) + "```"
+                )
+            )
+        )
+    if state == "pending":
+        blocks.append(
+            ActionsBlock(
+                block_id=f"approval:{approval_id}",
+                elements=[
+                    ButtonElement(
+                        text="Approve",
+                        action_id="dbops_approve",
+                        value=button_value,
+                        style="primary",
+                    ),
+                    ButtonElement(
+                        text="Reject", action_id="dbops_reject", value=button_value, style="danger"
+                    ),
+                ],
+            )
+        )
+    text = f"Approval {approval_id}: {plan.title} — {state}"
+    return SlackMessage(text=text, blocks=blocks)

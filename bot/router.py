@@ -14,11 +14,14 @@ import shlex
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import commands  # noqa: F401  (fills the registry)
 from commands.base import REGISTRY, Command, Gateway, Report, Thresholds, UsageError
+from commands.remedy import REMEDIES, Plan, Remedy
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class RunContext:
 
     gateway: Gateway
     thresholds: Thresholds
+    allow_superuser_kill: bool = False
+    refresh_log: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
 
 
 @dataclass
@@ -39,7 +44,8 @@ class Answer:
     outcome: str  # help | unknown | usage | error
 
 
-Result = Report | Answer
+Result = Report | Answer | Plan
+Target = Command | Remedy
 
 
 def new_error_id() -> str:
@@ -56,32 +62,45 @@ def parse(text: str) -> tuple[str, list[str]]:
     return words[0].lower(), words[1:]
 
 
-def find(name: str) -> Command | None:
+def find(name: str) -> Target | None:
     if name in REGISTRY:
         return REGISTRY[name]
+    if name in REMEDIES:
+        return REMEDIES[name]
     return next((c for c in REGISTRY.values() if name in c.aliases), None)
 
 
+def usage_of(name: str) -> str | None:
+    target = find(name)
+    return target.usage if target else None
+
+
 def help_text() -> str:
-    lines = ["*`/db` commands*"]
+    lines = ["*`/db` diagnostics* (read-only)"]
     for cmd in sorted(REGISTRY.values(), key=lambda c: c.name):
         lines.append(f"• `{cmd.usage}` — {cmd.summary} (role {cmd.role})")
+    if REMEDIES:
+        lines.append("*`/db` remedies* (the plan is posted in a thread; changes wait for approval)")
+        for rem in sorted(REMEDIES.values(), key=lambda r: r.name):
+            approvers = f"{rem.approvers} x {rem.approver_role}"
+            lines.append(f"• `{rem.usage}` — {rem.summary} (approved by {approvers})")
     lines.append("• `/db help` — this list")
     return "\n".join(lines)
 
 
 def unknown_text(name: str) -> str:
-    names = [*REGISTRY, "help"]
+    names = [*REGISTRY, *REMEDIES, "help"]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     text = f"unknown command `{name}`."
-    if close and close[0] in REGISTRY:
-        text += f" Did you mean `{close[0]}`? Usage: `{REGISTRY[close[0]].usage}`"
+    usage = usage_of(close[0]) if close else None
+    if close and usage:
+        text += f" Did you mean `{close[0]}`? Usage: `{usage}`"
     elif close:
         text += " Did you mean `help`?"
     return text + "\nType `/db help` for every command."
 
 
-def preflight(text: str) -> Answer | tuple[Command, list[str]]:
+def preflight(text: str) -> Answer | tuple[Target, list[str]]:
     """Everything that can be answered without the database, cheap enough to run before ack."""
     try:
         name, args = parse(text)
@@ -118,8 +137,10 @@ class Dispatcher:
             return pre
         return await self.run_command(*pre)
 
-    async def run_command(self, cmd: Command, args: list[str]) -> Result:
+    async def run_command(self, cmd: Target, args: list[str]) -> Result:
         try:
+            if isinstance(cmd, Remedy):
+                return await cmd.plan(self.ctx, args)  # dry run: the plan, read-only
             return await self._diagnose(cmd, args)
         except UsageError as exc:
             return Answer(f"{exc}\nUsage: `{cmd.usage}`", "usage")

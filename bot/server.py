@@ -10,23 +10,28 @@ import asyncio
 import gc
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
 from bot import metrics
+from bot.approvals import ApprovalEngine
+from bot.authz import RoleResolver
+from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.slack_app import SlackFrontend
+from bot.state import StateStore, open_store
 from bot.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
 
 
 class Service:
-    """One bot process: gateway, router, tracked work and the Slack frontend."""
+    """One bot process: gateway, router, state store, approvals and the Slack frontend."""
 
     def __init__(self, settings: Settings) -> None:
         settings.require("database_url")
@@ -39,18 +44,55 @@ class Service:
             connect_timeout_s=settings.connect_timeout_s,
             pool_max_size=settings.pool_max_size,
         )
-        self.dispatcher = Dispatcher(
-            RunContext(self.gateway, settings.thresholds), coalesce_s=settings.coalesce_s
+        self.ctx = RunContext(
+            self.gateway,
+            settings.thresholds,
+            allow_superuser_kill=settings.allow_superuser_kill,
+            refresh_log=self._refresh_log,
         )
+        self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.tracker = TaskTracker()
         self.slack = SlackFrontend(settings, self.dispatcher, self.tracker)
+        self.roles = RoleResolver(
+            settings.role_map, self.slack.app.client, self.gateway, settings.role_cache_ttl_s
+        )
+        self.slack.roles = self.roles
+        self.executor = Executor(
+            settings.admin_database_url or settings.database_url,
+            statement_timeout_ms=settings.remedy_statement_timeout_ms,
+            lock_timeout_ms=settings.remedy_lock_timeout_ms,
+        )
+        self.store: StateStore | None = None
+        self.engine: ApprovalEngine | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
+        self.store = await open_store(self.settings.state_database_url)
+        self.engine = ApprovalEngine(
+            self.settings, self.store, self.ctx, self.executor, self.slack.app.client, self.roles
+        )
+        self.slack.engine = self.engine
+        self.tracker.spawn(self.engine.recover(), name="recover approvals")
 
     async def stop(self) -> None:
         await self.tracker.drain()
         await self.gateway.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def _refresh_log(self) -> dict[str, dict[str, Any]]:
+        if self.store is None:
+            return {}
+        return {
+            view: {
+                "started_at": e.started_at,
+                "finished_at": e.finished_at,
+                "rows": e.rows,
+                "error": e.error,
+                "mode": e.mode,
+            }
+            for view, e in (await self.store.last_refreshes()).items()
+        }
 
 
 def build_web_app(service: Service) -> web.Application:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import Thresholds
+from commands.remedy import ROLES
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -20,6 +21,18 @@ SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 class Visibility(enum.StrEnum):
     EPHEMERAL = "ephemeral"
     IN_CHANNEL = "in_channel"
+
+
+class RemedyPolicy(BaseModel):
+    approver_role: str | None = None
+    approvers: int | None = Field(default=None, ge=1, le=5)
+
+    @field_validator("approver_role")
+    @classmethod
+    def _role(cls, value: str | None) -> str | None:
+        if value is not None and value.upper() not in ROLES:
+            raise ValueError(f"unknown role {value!r}")
+        return value.upper() if value else value
 
 
 class SettingsError(Exception):
@@ -62,7 +75,36 @@ class Settings(BaseSettings):
 
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
-    @field_validator("incident_channels", mode="before")
+    # Who may do what. ROLE_MAP is JSON: {"U0123": "ADMIN"}; it wins over the LEAPS
+    # `users.role` found through the Slack profile e-mail. Unknown users are PARTICIPANT.
+    role_map: dict[str, str] = Field(default_factory=dict)
+    role_cache_ttl_s: float = Field(default=300.0, ge=0)
+    diagnostics_role: str = "REVIEWER"
+    # Channels the bot answers in (ids, comma-separated); empty means every channel.
+    allowed_channels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per remedy: {"kill-idle": {"approver_role": "ADMIN", "approvers": 2}} (JSON).
+    remedy_policies: dict[str, RemedyPolicy] = Field(default_factory=dict)
+    approval_ttl_s: float = Field(default=900.0, gt=0)
+    allow_superuser_kill: bool = False
+    remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
+    remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
+
+    @field_validator("role_map")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, role in value.items():
+            if role.upper() not in ROLES:
+                raise ValueError(f"{user}: unknown role {role!r} (one of {', '.join(ROLES)})")
+        return {user: role.upper() for user, role in value.items()}
+
+    @field_validator("diagnostics_role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value.upper() not in ROLES:
+            raise ValueError(f"unknown role {value!r} (one of {', '.join(ROLES)})")
+        return value.upper()
+
+    @field_validator("incident_channels", "allowed_channels", mode="before")
     @classmethod
     def _split_channels(cls, value: object) -> object:
         if isinstance(value, str):

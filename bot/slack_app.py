@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+import psycopg
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackClientError
@@ -24,10 +25,14 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import metrics, render
-from bot.router import Answer, Dispatcher, new_error_id, preflight
+from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click
+from bot.authz import RoleResolver, allowed
+from bot.gateway import _first_line
+from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
-from commands.base import Command, Report
+from commands.base import Report, UsageError
+from commands.remedy import Remedy, role_rank
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,18 @@ def _ephemeral(text: str) -> dict[str, Any]:
 class SlackFrontend:
     """Listeners and reply delivery; owns nothing the router does not give it."""
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher, tracker: TaskTracker) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        tracker: TaskTracker,
+        roles: RoleResolver | None = None,
+    ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
         self.tracker = tracker
+        self.roles = roles
+        self.engine: ApprovalEngine | None = None  # set once the state store is open
         self.app = AsyncApp(
             client=make_web_client(settings),
             signing_secret=settings.slack_signing_secret or "",
@@ -66,6 +79,8 @@ class SlackFrontend:
         )
         self._last_rendered: tuple[Report, render.SlackMessage] | None = None
         self.app.command("/db")(self.on_db)
+        self.app.action(APPROVE)(self.on_button)
+        self.app.action(REJECT)(self.on_button)
         self.app.error(self.on_error)
 
     async def on_db(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -76,6 +91,11 @@ class SlackFrontend:
         """
         received = time.perf_counter()
         text = str(body.get("text") or "")
+        channel = str(body.get("channel_id", ""))
+        if self.settings.allowed_channels and channel not in self.settings.allowed_channels:
+            metrics.COMMANDS.labels("refused", "channel").inc()
+            await ack(text="dbops-bot does not answer in this channel.", response_type="ephemeral")
+            return
         pre = preflight(text)
         if isinstance(pre, Answer):
             metrics.COMMANDS.labels(pre.outcome, pre.outcome).inc()
@@ -85,28 +105,113 @@ class SlackFrontend:
         cmd, args = pre
         self.tracker.spawn(self._work(body, text, cmd, args, received), name=f"/db {text}")
 
+    async def _authorize(self, user_id: str, target: Target) -> str | None:
+        """None when allowed, else the refusal to show.
+
+        Diagnostics need the configured diagnostics role; requesting a remedy needs its
+        own role as well (approving it is checked per click, against its approver role).
+        """
+        role = await self.roles.role_of(user_id) if self.roles else "PARTICIPANT"
+        needed = self.settings.diagnostics_role
+        if isinstance(target, Remedy):
+            needed = max(needed, target.role, key=role_rank)
+        if allowed(role, needed):
+            return None
+        return f"You need the role {needed} for this; yours is {role}."
+
     async def _work(
-        self, body: dict[str, Any], text: str, cmd: Command, args: list[str], received: float
+        self, body: dict[str, Any], text: str, cmd: Target, args: list[str], received: float
     ) -> None:
         respond = AsyncRespond(response_url=body.get("response_url"))
+        user, channel = str(body.get("user_id", "")), str(body.get("channel_id", ""))
         outcome = "error"
         try:
+            refusal = await self._authorize(user, cmd)
+            if refusal:
+                outcome = "refused"
+                await respond(**_ephemeral(f"`/db {text}`: {refusal}"))
+                return
+            if isinstance(cmd, Remedy):
+                outcome = await self._request_remedy(cmd, args, body, respond)
+                return
             result = await self.dispatcher.run_command(cmd, args)
             if isinstance(result, Answer):
                 outcome = result.outcome
                 await respond(**_ephemeral(result.text))
                 return
-            outcome = result.worst.value
-            await self.deliver(body, result, respond)
+            if isinstance(result, Report):
+                outcome = result.worst.value
+                await self.deliver(body, result, respond)
         except Exception:
             error_id = new_error_id()
-            log.exception("/db %s failed (error id %s)", text, error_id)
+            log.exception("/db %s by %s in %s failed (error id %s)", text, user, channel, error_id)
             await self._tell_user(
                 respond, f"Something went wrong running `/db {text}` (error id `{error_id}`)."
             )
         finally:
             metrics.COMMANDS.labels(cmd.name, outcome).inc()
             metrics.LATENCY.labels(cmd.name).observe(time.perf_counter() - received)
+
+    async def _request_remedy(
+        self, remedy: Remedy, args: list[str], body: dict[str, Any], respond: AsyncRespond
+    ) -> str:
+        if self.engine is None:
+            await respond(**_ephemeral("The bot's state store is not open yet; try again."))
+            return "error"
+        try:
+            await self.engine.request(
+                remedy,
+                args,
+                user_id=str(body.get("user_id", "")),
+                user_name=str(body.get("user_name", "")),
+                channel_id=str(body.get("channel_id", "")),
+            )
+        except UsageError as exc:
+            await respond(**_ephemeral(f"{exc}\nUsage: `{remedy.usage}`"))
+            return "usage"
+        except psycopg.Error as exc:
+            await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {_first_line(exc)}"))
+            return "error"
+        return "requested"
+
+    async def on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        actions = body.get("actions") or [{}]
+        action = actions[0] if isinstance(actions[0], dict) else {}
+        channel = body.get("channel") or {}
+        container = body.get("container") or {}
+        message = body.get("message") or {}
+        user = body.get("user") or {}
+        click = Click(
+            action_id=str(action.get("action_id", "")),
+            value=str(action.get("value", "")),
+            user_id=str(user.get("id", "")),
+            user_name=str(user.get("username") or user.get("name") or ""),
+            channel_id=str(channel.get("id") or container.get("channel_id") or ""),
+            message_ts=str(container.get("message_ts") or message.get("ts") or ""),
+        )
+        if self.engine is None:
+            log.warning("button pressed before the state store was open; ignored")
+            return
+        self.tracker.spawn(self._click(click), name=f"click {click.action_id}")
+
+    async def _click(self, click: Click) -> None:
+        assert self.engine is not None
+        try:
+            await self.engine.on_click(click)
+        except Exception:
+            error_id = new_error_id()
+            log.exception(
+                "button %s by %s failed (error id %s)", click.action_id, click.user_id, error_id
+            )
+            try:
+                await self.app.client.chat_postEphemeral(
+                    channel=click.channel_id,
+                    user=click.user_id,
+                    text=f"Something went wrong handling that button (error id `{error_id}`).",
+                )
+            except SlackClientError:
+                log.exception("could not report error %s", error_id)
 
     def in_channel(self, channel_id: str) -> bool:
         return (

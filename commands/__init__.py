@@ -1,6 +1,6 @@
 """The domain: one module per command family, each registering itself in REGISTRY."""
 
-from commands import health
+from commands import connections, health, views
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
-__all__ = ["REGISTRY", "Command", "Finding", "Report", "Status", "health"]
+__all__ = ["REGISTRY", "Command", "Finding", "Report", "Status", "connections", "health", "views"]

@@ -96,6 +96,10 @@ class Gateway(Protocol):
 
     async def run_check(self, name: str, check: Check) -> Finding: ...
 
+    async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T:
+        """Run `fn` in a guarded read-only transaction; errors propagate (plans need them)."""
+        ...
+
 
 class Context(Protocol):
     gateway: Gateway

@@ -7,6 +7,7 @@ assumed about the schema that the catalog can tell instead, because production d
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -73,7 +74,7 @@ def lint_connection_string(masked_dsn: str) -> Finding:
     """
     problems: list[str] = []
     status = Status.OK
-    if "://" not in masked_dsn:
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", masked_dsn) is None:
         return Finding(
             check="connection string",
             status=Status.OK,

@@ -8,9 +8,11 @@ a test that changes data gets its own copy (`CREATE DATABASE … TEMPLATE`).
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -80,8 +82,15 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
         yield fake
 
 
+STATE_DIR = Path(tempfile.mkdtemp(prefix="dbops-test-state-"))
+
+
 def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settings:
+    """Settings of a bot under test: its own SQLite state file, roles from the map only
+    (tests that need Slack-profile roles add users to the fake), anyone may diagnose."""
     values: dict[str, Any] = {
+        "state_database_url": f"sqlite:///{STATE_DIR}/state-{next(_names)}.sqlite3",
+        "diagnostics_role": "PARTICIPANT",
         "slack_bot_token": "xoxb-test-token",
         "slack_signing_secret": SIGNING_SECRET,
         "slack_api_url": fake.api_url,

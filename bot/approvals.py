@@ -1,0 +1,401 @@
+"""The approval rules of DESIGN.md, on the bot's own state store.
+
+A remedy is planned read-only, posted in a thread with Approve / Reject buttons, and
+executed at most once, by whichever process wins the conditional `pending -> executing`
+update, after enough distinct approvers with the remedy's role (never the requester)
+pressed Approve before expiry. The approval binds the plan's fingerprint; the remedy
+recounts inside its guarded transaction and aborts on drift. Every step is audited and
+the thread's plan message is updated on every change of state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from slack_sdk.errors import SlackClientError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import render
+from bot.authz import RoleResolver, allowed
+from bot.executor import Executor
+from bot.router import RunContext
+from bot.settings import Settings
+from bot.state.models import DecisionKind
+from bot.state.store import Approval, StateStore
+from commands.remedy import REMEDIES, Outcome, Plan, Remedy
+
+log = logging.getLogger(__name__)
+
+APPROVE = "dbops_approve"
+REJECT = "dbops_reject"
+
+
+FinalState = Literal["done", "failed", "aborted"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    approver_role: str
+    approvers: int
+
+
+@dataclass(frozen=True)
+class Click:
+    action_id: str
+    value: str
+    user_id: str
+    user_name: str
+    channel_id: str
+    message_ts: str
+
+
+def process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ApprovalEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        ctx: RunContext,
+        executor: Executor,
+        client: AsyncWebClient,
+        roles: RoleResolver,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ctx = ctx
+        self.executor = executor
+        self.client = client
+        self.roles = roles
+        self.claimer = process_id()
+        key = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
+        self._key = hashlib.sha256(("dbops-approval:" + key).encode()).digest()
+
+    # --- policy and button values ----------------------------------------------------
+
+    def policy(self, remedy: Remedy) -> Policy:
+        override = self.settings.remedy_policies.get(remedy.name)
+        role = (override.approver_role if override else None) or remedy.approver_role
+        count = (override.approvers if override else None) or remedy.approvers
+        if remedy.destroys_data:
+            count = max(count, 2)
+        return Policy(role, count)
+
+    def sign(self, approval_id: str, channel_id: str) -> str:
+        mac = hmac.new(self._key, f"{approval_id}|{channel_id}".encode(), "sha256").hexdigest()
+        return f"{approval_id}.{mac[:24]}"
+
+    def verify(self, value: str, channel_id: str) -> str | None:
+        approval_id, _, mac = value.partition(".")
+        expected = self.sign(approval_id, channel_id)
+        return approval_id if hmac.compare_digest(expected, value) and mac else None
+
+    # --- request ------------------------------------------------------------------------
+
+    async def request(
+        self, remedy: Remedy, args: list[str], *, user_id: str, user_name: str, channel_id: str
+    ) -> str:
+        """Plan the remedy and either run it (no approval needed) or post it for approval.
+
+        Returns the approval id. Raises UsageError for arguments the plan refuses.
+        """
+        plan = await remedy.plan(self.ctx, args)
+        policy = self.policy(remedy)
+        needed = policy.approvers if plan.needs_approval else 0
+        approval = await self.store.create_approval(
+            remedy=remedy.name,
+            args=args,
+            requester_id=user_id,
+            requester_name=user_name,
+            channel_id=channel_id,
+            plan=plan.model_dump(mode="json"),
+            plan_hash=plan.fingerprint(),
+            needed_approvals=needed,
+            approver_role=policy.approver_role,
+            ttl_s=self.settings.approval_ttl_s,
+        )
+        await self.store.audit(
+            "approval.requested",
+            actor_id=user_id,
+            approval_id=approval.id,
+            channel_id=channel_id,
+            detail={"remedy": remedy.name, "args": args, "count": plan.count, "needed": needed},
+        )
+        verb = "runs" if needed == 0 else "requests"
+        parent = await self.client.chat_postMessage(
+            channel=channel_id,
+            text=f"<@{user_id}> {verb} `/db {remedy.name} {' '.join(args)}`".strip()
+            + f" — {plan.title} (approval `{approval.id}`)",
+        )
+        thread_ts = str(parent["ts"])
+        approval = await self._post_plan(approval, plan, thread_ts)
+        if needed == 0:
+            await self.execute(approval.id, actor_id=user_id)
+        return approval.id
+
+    async def _post_plan(self, approval: Approval, plan: Plan, thread_ts: str) -> Approval:
+        message = self._render(approval, plan, decided=[])
+        posted = await self.client.chat_postMessage(
+            channel=approval.channel_id,
+            thread_ts=thread_ts,
+            text=message.text,
+            blocks=message.blocks_json(),
+        )
+        await self.store.set_messages(
+            approval.id, thread_ts=thread_ts, message_ts=str(posted["ts"])
+        )
+        fresh = await self.store.get_approval(approval.id)
+        assert fresh is not None
+        return fresh
+
+    def _render(
+        self, approval: Approval, plan: Plan, decided: list[str], outcome: Outcome | None = None
+    ) -> render.SlackMessage:
+        return render.approval_message(
+            approval_id=approval.id,
+            plan=plan,
+            state=approval.state,
+            requester_id=approval.requester_id,
+            needed=approval.needed_approvals,
+            approver_role=approval.approver_role,
+            approved_by=decided,
+            expires_at=approval.expires_at,
+            outcome=outcome,
+            limits=self.executor.limits,
+            button_value=self.sign(approval.id, approval.channel_id),
+        )
+
+    async def _update(
+        self, approval: Approval, decided: list[str], outcome: Outcome | None = None
+    ) -> None:
+        if not approval.message_ts:
+            return
+        plan = Plan.model_validate(approval.plan)
+        message = self._render(approval, plan, decided, outcome)
+        try:
+            await self.client.chat_update(
+                channel=approval.channel_id,
+                ts=approval.message_ts,
+                text=message.text,
+                blocks=message.blocks_json(),
+            )
+        except SlackClientError as exc:
+            log.warning("could not update the plan message of %s: %s", approval.id, exc)
+
+    async def _tell(self, click: Click | None, approval: Approval | None, text: str) -> None:
+        if click is None:
+            return
+        try:
+            await self.client.chat_postEphemeral(
+                channel=click.channel_id,
+                user=click.user_id,
+                text=text,
+                thread_ts=approval.thread_ts if approval and approval.thread_ts else None,
+            )
+        except SlackClientError as exc:
+            log.warning("could not tell %s: %s (%s)", click.user_id, text, exc)
+
+    # --- clicks -------------------------------------------------------------------------
+
+    async def on_click(self, click: Click) -> None:
+        approval_id = self.verify(click.value, click.channel_id)
+        approval = await self.store.get_approval(approval_id) if approval_id else None
+        if (
+            approval is None
+            or approval.channel_id != click.channel_id
+            or (approval.message_ts and approval.message_ts != click.message_ts)
+        ):
+            await self.store.audit(
+                "payload.tampered",
+                actor_id=click.user_id,
+                approval_id=approval.id if approval else None,
+                channel_id=click.channel_id,
+                detail={"value": click.value[:80], "action": click.action_id},
+            )
+            log.warning(
+                "refused a button payload from %s in %s: %r",
+                click.user_id,
+                click.channel_id,
+                click.value[:80],
+            )
+            await self._tell(click, None, "This button is not valid here; nothing was changed.")
+            return
+        if await self.store.expire_if_due(approval.id):
+            await self.store.audit(
+                "approval.expired", actor_id=click.user_id, approval_id=approval.id, detail={}
+            )
+            expired = await self.store.get_approval(approval.id)
+            assert expired is not None
+            await self._update(expired, await self._approvers(approval.id))
+            await self._tell(
+                click, approval, f"Approval `{approval.id}` has expired; request it again."
+            )
+            return
+        if approval.state != "pending":
+            await self._tell(click, approval, await self._who_acted(approval))
+            return
+        role = await self.roles.role_of(click.user_id)
+        decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
+        refusal = self._refusal(approval, click.user_id, role, decision)
+        if refusal:
+            await self.store.audit(
+                "approval.refused",
+                actor_id=click.user_id,
+                approval_id=approval.id,
+                channel_id=click.channel_id,
+                detail={"decision": decision, "role": role, "reason": refusal},
+            )
+            await self._tell(click, approval, refusal)
+            return
+        result = await self.store.record_decision(
+            approval.id,
+            user_id=click.user_id,
+            user_name=click.user_name,
+            role=role,
+            decision=decision,
+        )
+        if result.duplicate:
+            await self._tell(click, approval, f"You already pressed {decision} on `{approval.id}`.")
+            return
+        await self.store.audit(
+            f"approval.{decision}d" if decision == "approve" else "approval.rejected",
+            actor_id=click.user_id,
+            approval_id=approval.id,
+            channel_id=click.channel_id,
+            detail={"role": role},
+        )
+        current = await self.store.get_approval(approval.id)
+        assert current is not None
+        approvers = [d.user_id for d in result.approvers]
+        if current.state != "pending":
+            await self._update(current, approvers)
+            if decision == "approve":
+                await self._tell(click, current, await self._who_acted(current))
+            return
+        if len(approvers) < current.needed_approvals:
+            await self._update(current, approvers)
+            return
+        await self.execute(approval.id, actor_id=click.user_id, click=click)
+
+    def _refusal(self, approval: Approval, user_id: str, role: str, decision: str) -> str | None:
+        if decision == "reject" and user_id == approval.requester_id:
+            return None  # withdrawing one's own request is always allowed
+        if decision == "approve" and user_id == approval.requester_id:
+            return "You cannot approve your own request; another person must."
+        if not allowed(role, approval.approver_role):
+            return (
+                f"You cannot {decision} `{approval.id}`: it needs the role "
+                f"{approval.approver_role}, yours is {role}."
+            )
+        return None
+
+    async def _approvers(self, approval_id: str) -> list[str]:
+        decisions = await self.store.decisions(approval_id)
+        return list(dict.fromkeys(d.user_id for d in decisions if d.decision == "approve"))
+
+    async def _who_acted(self, approval: Approval) -> str:
+        approvers = await self._approvers(approval.id)
+        who = ", ".join(f"<@{u}>" for u in approvers) or "nobody"
+        if approval.state == "rejected":
+            return f"`{approval.id}` was rejected; nothing was changed."
+        if approval.state == "expired":
+            return f"`{approval.id}` expired; request it again."
+        return f"`{approval.id}` is already {approval.state} (approved by {who})."
+
+    # --- execution ----------------------------------------------------------------------
+
+    async def execute(self, approval_id: str, *, actor_id: str, click: Click | None = None) -> None:
+        claimed = await self.store.claim(approval_id, claimer=self.claimer)
+        if claimed is None:
+            current = await self.store.get_approval(approval_id)
+            if current is not None:
+                await self._tell(click, current, await self._who_acted(current))
+            return
+        approvers = await self._approvers(approval_id)
+        await self.store.audit(
+            "approval.claimed",
+            actor_id=actor_id,
+            approval_id=approval_id,
+            channel_id=claimed.channel_id,
+            detail={"claimer": self.claimer, "approvers": approvers},
+        )
+        await self._update(claimed, approvers)
+        remedy = REMEDIES.get(claimed.remedy)
+        plan = Plan.model_validate(claimed.plan)
+        state: FinalState
+        if remedy is None or plan.fingerprint() != claimed.plan_hash:
+            state, outcome = (
+                "failed",
+                Outcome(
+                    ok=False,
+                    summary="the stored plan does not match its approval; nothing was run",
+                    error="plan fingerprint mismatch" if remedy else "unknown remedy",
+                ),
+            )
+        else:
+            log_ids = await self._refresh_log_start(plan, approval_id, actor_id)
+            state, outcome = await self.executor.apply(remedy, plan, approval_id)
+            await self._refresh_log_finish(log_ids, outcome)
+        await self.store.finish(approval_id, state=state, outcome=outcome.model_dump(mode="json"))
+        await self.store.audit(
+            {"done": "remedy.executed", "aborted": "remedy.aborted"}.get(state, "remedy.failed"),
+            actor_id=actor_id,
+            approval_id=approval_id,
+            channel_id=claimed.channel_id,
+            detail={
+                "affected": outcome.affected,
+                "backed_up": outcome.backed_up,
+                "backup_table": outcome.backup_table,
+                "error": outcome.error,
+            },
+        )
+        final = await self.store.get_approval(approval_id)
+        assert final is not None
+        await self._update(final, approvers, outcome)
+
+    async def _refresh_log_start(
+        self, plan: Plan, approval_id: str, actor_id: str
+    ) -> dict[str, int]:
+        if plan.remedy != "refresh-views":
+            return {}
+        modes: dict[str, Any] = plan.data.get("modes", {})
+        return {
+            view: await self.store.refresh_started(
+                view,
+                "concurrently" if modes.get(view) == "concurrently" else "plain",
+                actor_id,
+                approval_id=approval_id,
+            )
+            for view in plan.data.get("views", [])
+        }
+
+    async def _refresh_log_finish(self, log_ids: dict[str, int], outcome: Outcome) -> None:
+        rows = {str(r.get("view")): r for r in outcome.rows}
+        for view, log_id in log_ids.items():
+            done = rows.get(view)
+            await self.store.refresh_finished(
+                log_id,
+                rows=int(done["rows"]) if done and done.get("rows") is not None else None,
+                error=None if outcome.ok else (outcome.error or outcome.summary),
+            )
+
+    async def recover(self) -> None:
+        """At start-up: expire what is due, finish approvals a dead process left approved."""
+        for approval_id in await self.store.expire_due():
+            await self.store.audit(
+                "approval.expired", actor_id="bot", approval_id=approval_id, detail={}
+            )
+            expired = await self.store.get_approval(approval_id)
+            if expired is not None:
+                await self._update(expired, await self._approvers(approval_id))
+        for approval in await self.store.pending_for_restart():
+            log.info("completing approval %s left by a stopped process", approval.id)
+            await self.execute(approval.id, actor_id="bot")

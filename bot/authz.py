@@ -1,0 +1,69 @@
+"""Who may do what: the configured map first, then LEAPS `users.role` by Slack e-mail.
+
+The Slack profile e-mail costs a `users.info` call and the LEAPS lookup a query, so
+the answer is cached for `ROLE_CACHE_TTL_S`; a failed lookup is cached briefly and
+counts as the lowest role (never as a higher one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+from slack_sdk.errors import SlackClientError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from commands.base import Gateway
+from commands.remedy import ROLES, role_rank
+from commands.roles import role_for_email
+
+log = logging.getLogger(__name__)
+
+LOWEST = ROLES[0]
+FAILED_LOOKUP_TTL_S = 30.0
+
+
+def allowed(role: str, required: str) -> bool:
+    return role_rank(role) >= role_rank(required)
+
+
+class RoleResolver:
+    def __init__(
+        self,
+        role_map: dict[str, str],
+        client: AsyncWebClient,
+        gateway: Gateway,
+        ttl_s: float = 300.0,
+    ) -> None:
+        self._map = role_map
+        self._client = client
+        self._gateway = gateway
+        self._ttl = ttl_s
+        self._cache: dict[str, tuple[str, float]] = {}
+
+    async def role_of(self, user_id: str) -> str:
+        if user_id in self._map:
+            return self._map[user_id]
+        hit = self._cache.get(user_id)
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        role, ttl = await self._lookup(user_id)
+        self._cache[user_id] = (role, time.monotonic() + ttl)
+        return role
+
+    async def _lookup(self, user_id: str) -> tuple[str, float]:
+        try:
+            info = await self._client.users_info(user=user_id)
+            email = (info.get("user") or {}).get("profile", {}).get("email")
+        except SlackClientError as exc:
+            log.warning("users.info for %s failed: %s", user_id, exc)
+            return LOWEST, FAILED_LOOKUP_TTL_S
+        if not email:
+            return LOWEST, self._ttl
+        try:
+            role = await self._gateway.read(partial(role_for_email, str(email)))
+        except Exception as exc:  # the target may be the thing that is sick
+            log.warning("LEAPS role lookup for %s failed: %s", user_id, exc)
+            return LOWEST, FAILED_LOOKUP_TTL_S
+        return (role if role in ROLES else LOWEST), self._ttl

@@ -1,0 +1,802 @@
+"""The bot's own state: approvals, their decisions, the audit trail and the refresh log.
+
+Never the target database: the bot must keep its memory while LEAPS is sick. One process needs
+nothing but a SQLite file; replicas share PostgreSQL. Every method is one short transaction and
+returns frozen dataclasses, so callers never hold a session across an `await` on Slack.
+
+The exactly-once rule of the design lives in `StateStore.claim`: a single conditional
+`UPDATE ... WHERE state='pending' ... RETURNING`, which the database serialises for us (a row
+lock on PostgreSQL, the write lock taken by `BEGIN IMMEDIATE` on SQLite).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self, cast
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, distinct, event, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
+
+from bot.state.models import (
+    APPROVAL_STATES,
+    DECISIONS,
+    REFRESH_MODES,
+    ApprovalRow,
+    ApprovalState,
+    AuditRow,
+    DecisionKind,
+    DecisionRow,
+    RefreshLogRow,
+    RefreshMode,
+)
+
+log = logging.getLogger(__name__)
+
+FinishState = Literal["done", "failed", "aborted"]
+# recorded: counted now; duplicate: this user already decided (the first decision stands);
+# closed: the approval is no longer pending, nothing was recorded.
+DecisionStatus = Literal["recorded", "duplicate", "closed"]
+
+TERMINAL_STATES: frozenset[ApprovalState] = frozenset(
+    {"done", "failed", "rejected", "expired", "aborted"}
+)
+DEFAULT_STATE_PATH = Path("dbops-state.sqlite3")
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+# Long enough to ride out another process's migration or a burst of clicks; a lock held longer
+# than this is a bug worth an error.
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+# pg_advisory_xact_lock key serialising `alembic upgrade` across replicas ("dbops" in ASCII).
+MIGRATION_LOCK_KEY = 0x64626F7073
+_SQLITE_BEGIN = "dbops_sqlite_begin"
+_ASYNC_DRIVERS = frozenset({"psycopg", "psycopg_async", "asyncpg", "aiosqlite"})
+
+
+class StateStoreError(Exception):
+    """Base of the state store's own errors."""
+
+
+class NotFound(StateStoreError, LookupError):
+    """No approval (or refresh log entry) with that id."""
+
+
+class InvalidTransition(StateStoreError):
+    """A state change the approval rules forbid, e.g. finishing what is not executing."""
+
+
+# -- values handed to callers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    id: str
+    remedy: str
+    args: tuple[str, ...]
+    requester_id: str
+    requester_name: str
+    channel_id: str
+    thread_ts: str | None
+    message_ts: str | None
+    plan: Mapping[str, Any]
+    plan_hash: str
+    needed_approvals: int
+    approver_role: str
+    state: ApprovalState
+    created_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+    claimed_by: str | None
+    outcome: Mapping[str, Any] | None
+    version: int
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """Past its deadline (whether or not `expire_if_due` has recorded that yet)."""
+        return self.expires_at <= _utc(now)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    approval_id: str
+    user_id: str
+    user_name: str
+    role: str
+    decision: DecisionKind
+    decided_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionResult:
+    """What a button press changed, and everything needed to tell the clicker."""
+
+    status: DecisionStatus
+    approval: Approval
+    approvers: tuple[Decision, ...]
+    rejecters: tuple[Decision, ...]
+
+    @property
+    def state(self) -> ApprovalState:
+        return self.approval.state
+
+    @property
+    def duplicate(self) -> bool:
+        return self.status == "duplicate"
+
+    @property
+    def enough_approvals(self) -> bool:
+        return len(self.approvers) >= self.approval.needed_approvals
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: datetime
+    actor_id: str
+    action: str
+    approval_id: str | None
+    channel_id: str | None
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshEntry:
+    id: int
+    view: str
+    mode: RefreshMode
+    started_at: datetime
+    finished_at: datetime | None
+    rows: int | None
+    error: str | None
+    approval_id: str | None
+    actor_id: str
+
+    @property
+    def ok(self) -> bool:
+        return self.finished_at is not None and self.error is None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+# -- engines and migrations -----------------------------------------------------------------
+
+
+def make_state_url(url: str | None, default_path: Path = DEFAULT_STATE_PATH) -> str:
+    """The SQLAlchemy async URL for `STATE_DATABASE_URL` (None or empty: a local SQLite file)."""
+    url = (url or "").strip()
+    if not url:
+        return f"sqlite+aiosqlite:///{default_path}"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError("STATE_DATABASE_URL must be a URL such as postgresql://host/db")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg://{rest}"
+    if scheme == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    return url
+
+
+def make_engine(url: str | None, *, default_path: Path = DEFAULT_STATE_PATH) -> AsyncEngine:
+    """An async engine on the state database, set up so that several processes can share it."""
+    sa_url = make_url(make_state_url(url, default_path))
+    backend = sa_url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"STATE_DATABASE_URL: {backend} is not supported (sqlite or postgresql)")
+    if sa_url.get_driver_name() not in _ASYNC_DRIVERS:
+        raise ValueError(
+            f"STATE_DATABASE_URL: driver {sa_url.drivername} is not async "
+            "(use postgresql+psycopg:// or sqlite+aiosqlite://, or a plain URL)"
+        )
+    if backend == "postgresql":
+        return create_async_engine(sa_url, pool_pre_ping=True)
+    memory = sa_url.database in (None, "", ":memory:")
+    engine = create_async_engine(sa_url, poolclass=StaticPool if memory else None)
+    _sqlite_hooks(engine)
+    return engine
+
+
+def _sqlite_hooks(engine: AsyncEngine) -> None:
+    """WAL, a busy timeout and real transactions, so two processes can share one file.
+
+    sqlite3's legacy mode never BEGINs before a SELECT or DDL; we take over (the SQLAlchemy
+    recipe) and emit `BEGIN IMMEDIATE` for writers, so the write lock is taken up front and a
+    waiting writer sleeps on the busy timeout instead of failing with "database is locked"
+    on an upgrade from a stale read snapshot. Readers use a deferred BEGIN and never block.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_MS)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN, "IMMEDIATE")
+        conn.exec_driver_sql("BEGIN DEFERRED" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Alembic's configuration in code (there is no alembic.ini to ship or lose).
+
+    `url` is only for running Alembic by hand, e.g. to write the next revision:
+    `command.revision(alembic_config(url), "what changed", autogenerate=True, rev_id="0002")`.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    cfg.set_main_option("path_separator", "os")
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", make_state_url(url).replace("%", "%%"))
+    return cfg
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """`alembic upgrade head` on the engine's database, safe with replicas starting together.
+
+    Lock and DDL share one transaction: on PostgreSQL a transaction-scoped advisory lock makes a
+    second replica wait until the first has committed (then it finds nothing to do); on SQLite
+    `BEGIN IMMEDIATE` does the same with the file's write lock.
+    """
+    cfg = alembic_config()
+
+    def upgrade(sync_conn: Connection) -> None:
+        cfg.attributes["connection"] = sync_conn
+        command.upgrade(cfg, "head")
+
+    async with engine.connect() as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT 1 WHERE :key > 0"), {"key": MIGRATION_LOCK_KEY})
+        await conn.run_sync(upgrade)
+
+
+async def open_store(url: str | None, *, default_path: Path = DEFAULT_STATE_PATH) -> StateStore:
+    """The state store with its schema brought up to date (Alembic), ready to use."""
+    engine = make_engine(url, default_path=default_path)
+    try:
+        await migrate(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return StateStore(engine)
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class StateStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """For neighbours that need the same database (e.g. a leader advisory lock)."""
+        return self._engine
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _tx(self, *, write: bool = True) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session, session.begin():
+            await session.connection(
+                execution_options={_SQLITE_BEGIN: "IMMEDIATE" if write else "DEFERRED"}
+            )
+            yield session
+
+    async def ping(self) -> None:
+        """Raise if the state database cannot be reached (for /healthz)."""
+        async with self._tx(write=False) as session:
+            await session.execute(select(1))
+
+    # -- approvals --------------------------------------------------------------------------
+
+    async def create_approval(
+        self,
+        *,
+        remedy: str,
+        args: Sequence[str],
+        requester_id: str,
+        requester_name: str,
+        channel_id: str,
+        plan: Mapping[str, Any],
+        plan_hash: str,
+        needed_approvals: int,
+        approver_role: str,
+        ttl_s: float,
+        now: datetime | None = None,
+    ) -> Approval:
+        if needed_approvals < 1:
+            raise ValueError("needed_approvals must be at least 1")
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        at = _utc(now)
+        row = ApprovalRow(
+            id=f"apv-{secrets.token_hex(6)}",
+            remedy=remedy,
+            args=list(args),
+            requester_id=requester_id,
+            requester_name=requester_name,
+            channel_id=channel_id,
+            thread_ts=None,
+            message_ts=None,
+            plan=dict(plan),
+            plan_hash=plan_hash,
+            needed_approvals=needed_approvals,
+            approver_role=approver_role,
+            state="pending",
+            created_at=at,
+            expires_at=at + timedelta(seconds=ttl_s),
+            updated_at=at,
+            claimed_by=None,
+            outcome=None,
+            version=1,
+        )
+        async with self._tx() as session:
+            session.add(row)
+        return _approval(row)
+
+    async def set_messages(
+        self, approval_id: str, *, thread_ts: str | None, message_ts: str | None
+    ) -> None:
+        """Remember where the plan was posted, so later clicks can update that message."""
+        stmt = (
+            update(ApprovalRow)
+            .where(ApprovalRow.id == approval_id)
+            .values(thread_ts=thread_ts, message_ts=message_ts, updated_at=_utc(None))
+            .returning(ApprovalRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._tx() as session:
+            if (await session.execute(stmt)).scalar_one_or_none() is None:
+                raise NotFound(approval_id)
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        async with self._tx(write=False) as session:
+            row = await session.get(ApprovalRow, approval_id)
+            return None if row is None else _approval(row)
+
+    async def decisions(self, approval_id: str) -> list[Decision]:
+        """Every decision on the approval, first click first."""
+        async with self._tx(write=False) as session:
+            return await _decisions(session, approval_id)
+
+    async def record_decision(
+        self,
+        approval_id: str,
+        *,
+        user_id: str,
+        user_name: str,
+        role: str,
+        decision: DecisionKind,
+        now: datetime | None = None,
+    ) -> DecisionResult:
+        """Count one person's Approve or Reject, once.
+
+        Authorisation (role, not the requester, not expired) is the caller's: this only
+        records. A 'reject' that is recorded ends the approval (pending -> rejected); an
+        approval never executes here, that is `claim`'s job. The approval's row is locked
+        first, so a claim racing this decision sees it either wholly or not at all.
+        """
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, not {decision!r}")
+        at = _utc(now)
+        async with self._tx() as session:
+            lock = select(ApprovalRow.state).where(ApprovalRow.id == approval_id).with_for_update()
+            state = (await session.execute(lock)).scalar_one_or_none()
+            if state is None:
+                raise NotFound(approval_id)
+            status: DecisionStatus = "closed"
+            if state == "pending":
+                values = {
+                    "approval_id": approval_id,
+                    "user_id": user_id,
+                    "user_name": user_name,
+                    "role": role,
+                    "decision": decision,
+                    "decided_at": at,
+                }
+                inserted = (await session.execute(self._insert_decision(values))).first()
+                status = "duplicate" if inserted is None else "recorded"
+                if status == "recorded" and decision == "reject":
+                    await session.execute(
+                        _transition("pending", "rejected", at).where(ApprovalRow.id == approval_id)
+                    )
+            row = await session.get(ApprovalRow, approval_id, populate_existing=True)
+            assert row is not None  # locked above
+            everyone = await _decisions(session, approval_id)
+        return DecisionResult(
+            status=status,
+            approval=_approval(row),
+            approvers=tuple(d for d in everyone if d.decision == "approve"),
+            rejecters=tuple(d for d in everyone if d.decision == "reject"),
+        )
+
+    def _insert_decision(self, values: dict[str, Any]) -> ReturningInsert[int]:
+        conflict = ["approval_id", "user_id"]
+        if self._dialect == "postgresql":
+            pg = (
+                pg_insert(DecisionRow)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=conflict)
+            )
+            return pg.returning(DecisionRow.id)
+        lite = (
+            sqlite_insert(DecisionRow)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=conflict)
+        )
+        return lite.returning(DecisionRow.id)
+
+    async def claim(
+        self, approval_id: str, *, claimer: str, now: datetime | None = None
+    ) -> Approval | None:
+        """pending -> executing, exactly once across processes and restarts.
+
+        One conditional UPDATE: still pending, not expired, and enough distinct approvers.
+        Whoever gets the row back executes the remedy; everyone else gets None and should
+        read the approval to tell the user who already acted.
+        """
+        at = _utc(now)
+        approvals = (
+            select(func.count(distinct(DecisionRow.user_id)))
+            .where(DecisionRow.approval_id == approval_id, DecisionRow.decision == "approve")
+            .scalar_subquery()
+        )
+        stmt = (
+            update(ApprovalRow)
+            .where(
+                ApprovalRow.id == approval_id,
+                ApprovalRow.state == "pending",
+                ApprovalRow.expires_at > at,
+                approvals >= ApprovalRow.needed_approvals,
+            )
+            .values(
+                state="executing",
+                claimed_by=claimer,
+                version=ApprovalRow.version + 1,
+                updated_at=at,
+            )
+            .returning(ApprovalRow)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._tx() as session:
+            row = (await session.scalars(stmt)).one_or_none()
+            return None if row is None else _approval(row)
+
+    async def expire_if_due(self, approval_id: str, now: datetime | None = None) -> bool:
+        """pending -> expired if its deadline has passed; True if this call expired it."""
+        at = _utc(now)
+        stmt = _transition("pending", "expired", at).where(
+            ApprovalRow.id == approval_id, ApprovalRow.expires_at <= at
+        )
+        async with self._tx() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    async def expire_due(self, now: datetime | None = None) -> list[str]:
+        """Expire every pending approval past its deadline; the ids this call expired."""
+        at = _utc(now)
+        stmt = _transition("pending", "expired", at).where(ApprovalRow.expires_at <= at)
+        async with self._tx() as session:
+            return sorted((await session.scalars(stmt)).all())
+
+    async def finish(
+        self,
+        approval_id: str,
+        *,
+        state: FinishState,
+        outcome: Mapping[str, Any],
+        claimer: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """executing -> done | failed | aborted, with what happened.
+
+        Anything else is a bug in the caller and raises `InvalidTransition` (or `NotFound`);
+        with `claimer`, only the process that claimed the approval may finish it.
+        """
+        if state not in ("done", "failed", "aborted"):
+            raise ValueError(f"cannot finish as {state!r}")
+        stmt = (
+            _transition("executing", state, _utc(now))
+            .where(ApprovalRow.id == approval_id)
+            .values(outcome=dict(outcome))
+        )
+        if claimer is not None:
+            stmt = stmt.where(ApprovalRow.claimed_by == claimer)
+        async with self._tx() as session:
+            if (await session.execute(stmt)).first() is not None:
+                return
+            row = await session.get(ApprovalRow, approval_id)
+        if row is None:
+            raise NotFound(approval_id)
+        raise InvalidTransition(
+            f"{approval_id} is {row.state} (claimed by {row.claimed_by}), "
+            f"cannot finish as {state}" + (f" by {claimer}" if claimer else "")
+        )
+
+    async def pending_for_restart(self, now: datetime | None = None) -> list[Approval]:
+        """Pending, unexpired approvals that already have enough approvers.
+
+        A process died between the last approval and its claim; the caller may `claim` these
+        (the claim still guarantees a single execution).
+        """
+        at = _utc(now)
+        approvals = (
+            select(func.count(distinct(DecisionRow.user_id)))
+            .where(DecisionRow.approval_id == ApprovalRow.id, DecisionRow.decision == "approve")
+            .correlate(ApprovalRow)
+            .scalar_subquery()
+        )
+        stmt = (
+            select(ApprovalRow)
+            .where(
+                ApprovalRow.state == "pending",
+                ApprovalRow.expires_at > at,
+                approvals >= ApprovalRow.needed_approvals,
+            )
+            .order_by(ApprovalRow.created_at, ApprovalRow.id)
+        )
+        async with self._tx(write=False) as session:
+            return [_approval(row) for row in (await session.scalars(stmt)).all()]
+
+    async def stuck_executing(
+        self, older_than_s: float, now: datetime | None = None
+    ) -> list[Approval]:
+        """Executing for longer than `older_than_s`: report them, never retry them.
+
+        Whether the remedy's transaction committed is unknown to us; a human must look.
+        """
+        cutoff = _utc(now) - timedelta(seconds=older_than_s)
+        stmt = (
+            select(ApprovalRow)
+            .where(ApprovalRow.state == "executing", ApprovalRow.updated_at <= cutoff)
+            .order_by(ApprovalRow.updated_at, ApprovalRow.id)
+        )
+        async with self._tx(write=False) as session:
+            return [_approval(row) for row in (await session.scalars(stmt)).all()]
+
+    # -- audit ------------------------------------------------------------------------------
+
+    async def audit(
+        self,
+        action: str,
+        *,
+        actor_id: str,
+        approval_id: str | None = None,
+        channel_id: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        row = AuditRow(
+            at=_utc(at),
+            actor_id=actor_id,
+            action=action,
+            approval_id=approval_id,
+            channel_id=channel_id,
+            detail=dict(detail or {}),
+        )
+        async with self._tx() as session:
+            session.add(row)
+
+    async def audit_trail(
+        self,
+        approval_id: str | None = None,
+        limit: int = 100,
+        *,
+        channel_id: str | None = None,
+    ) -> list[AuditEntry]:
+        """The latest `limit` entries (optionally of one approval or channel), oldest first."""
+        stmt = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+        if approval_id is not None:
+            stmt = stmt.where(AuditRow.approval_id == approval_id)
+        if channel_id is not None:
+            stmt = stmt.where(AuditRow.channel_id == channel_id)
+        async with self._tx(write=False) as session:
+            rows = (await session.scalars(stmt)).all()
+        return [_audit(row) for row in reversed(rows)]
+
+    # -- materialized view refreshes --------------------------------------------------------
+
+    async def refresh_started(
+        self,
+        view: str,
+        mode: RefreshMode,
+        actor_id: str,
+        approval_id: str | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> int:
+        if mode not in REFRESH_MODES:
+            raise ValueError(f"mode must be one of {REFRESH_MODES}, not {mode!r}")
+        row = RefreshLogRow(
+            view=view,
+            mode=mode,
+            started_at=_utc(now),
+            finished_at=None,
+            rows=None,
+            error=None,
+            approval_id=approval_id,
+            actor_id=actor_id,
+        )
+        async with self._tx() as session:
+            session.add(row)
+            await session.flush()
+            return row.id
+
+    async def refresh_finished(
+        self, log_id: int, *, rows: int | None, error: str | None, now: datetime | None = None
+    ) -> None:
+        stmt = (
+            update(RefreshLogRow)
+            .where(RefreshLogRow.id == log_id)
+            .values(finished_at=_utc(now), rows=rows, error=error)
+            .returning(RefreshLogRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._tx() as session:
+            if (await session.execute(stmt)).scalar_one_or_none() is None:
+                raise NotFound(f"refresh log entry {log_id}")
+
+    async def last_refreshes(self) -> dict[str, RefreshEntry]:
+        """The latest refresh of each view (finished or still running)."""
+        latest = select(func.max(RefreshLogRow.id)).group_by(RefreshLogRow.view)
+        stmt = (
+            select(RefreshLogRow).where(RefreshLogRow.id.in_(latest)).order_by(RefreshLogRow.view)
+        )
+        async with self._tx(write=False) as session:
+            rows = (await session.scalars(stmt)).all()
+        return {row.view: _refresh(row) for row in rows}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _utc(value: datetime | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value!r}: the state store wants aware UTC")
+    return value.astimezone(UTC)
+
+
+def _transition(
+    from_state: ApprovalState, to_state: ApprovalState, at: datetime
+) -> ReturningUpdate[str]:
+    """UPDATE approvals from one state to another, RETURNING the id; add the rest of WHERE."""
+    return (
+        update(ApprovalRow)
+        .where(ApprovalRow.state == from_state)
+        .values(state=to_state, updated_at=at, version=ApprovalRow.version + 1)
+        .returning(ApprovalRow.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def _decisions(session: AsyncSession, approval_id: str) -> list[Decision]:
+    stmt = (
+        select(DecisionRow)
+        .where(DecisionRow.approval_id == approval_id)
+        .order_by(DecisionRow.decided_at, DecisionRow.id)
+    )
+    return [
+        Decision(
+            approval_id=row.approval_id,
+            user_id=row.user_id,
+            user_name=row.user_name,
+            role=row.role,
+            decision=_decision_kind(row.decision),
+            decided_at=row.decided_at,
+        )
+        for row in (await session.scalars(stmt)).all()
+    ]
+
+
+def _known(value: str, allowed: tuple[str, ...]) -> str:
+    # The CHECK constraints keep these honest; a newer schema's value is still worth a clear error.
+    if value not in allowed:
+        raise StateStoreError(f"unexpected value {value!r} in the state database ({allowed})")
+    return value
+
+
+def _approval_state(value: str) -> ApprovalState:
+    return cast(ApprovalState, _known(value, APPROVAL_STATES))
+
+
+def _decision_kind(value: str) -> DecisionKind:
+    return cast(DecisionKind, _known(value, DECISIONS))
+
+
+def _refresh_mode(value: str) -> RefreshMode:
+    return cast(RefreshMode, _known(value, REFRESH_MODES))
+
+
+def _approval(row: ApprovalRow) -> Approval:
+    return Approval(
+        id=row.id,
+        remedy=row.remedy,
+        args=tuple(row.args),
+        requester_id=row.requester_id,
+        requester_name=row.requester_name,
+        channel_id=row.channel_id,
+        thread_ts=row.thread_ts,
+        message_ts=row.message_ts,
+        plan=row.plan,
+        plan_hash=row.plan_hash,
+        needed_approvals=row.needed_approvals,
+        approver_role=row.approver_role,
+        state=_approval_state(row.state),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        updated_at=row.updated_at,
+        claimed_by=row.claimed_by,
+        outcome=row.outcome,
+        version=row.version,
+    )
+
+
+def _audit(row: AuditRow) -> AuditEntry:
+    return AuditEntry(
+        id=row.id,
+        at=row.at,
+        actor_id=row.actor_id,
+        action=row.action,
+        approval_id=row.approval_id,
+        channel_id=row.channel_id,
+        detail=row.detail,
+    )
+
+
+def _refresh(row: RefreshLogRow) -> RefreshEntry:
+    return RefreshEntry(
+        id=row.id,
+        view=row.view,
+        mode=_refresh_mode(row.mode),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        rows=row.rows,
+        error=row.error,
+        approval_id=row.approval_id,
+        actor_id=row.actor_id,
+    )

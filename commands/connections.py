@@ -1,0 +1,767 @@
+"""Sessions: `/db connections`, and the remedies that end them (`kill-idle`,
+`cancel <pid>`, `terminate <pid>`).
+
+A remedy here names exact backends (pid plus backend start, so a reused pid is never
+mistaken for the planned session) and re-checks, in the very statement that signals
+them, every condition the plan used. The bot's own sessions, this backend, server
+processes (walsenders, autovacuum ...) and, unless the bot's settings allow it,
+superuser sessions are never targets.
+
+Signalling a backend is not transactional: once sent, a rollback does not undo it, so
+`apply()` checks drift immediately before signalling and reports honestly after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from commands.base import (
+    Context,
+    Finding,
+    Reader,
+    Report,
+    Row,
+    Status,
+    Thresholds,
+    UsageError,
+    register,
+)
+from commands.health import _duration
+from commands.remedy import (
+    Outcome,
+    Plan,
+    PlanStep,
+    Remedy,
+    RemedyAbort,
+    RowCountError,
+    Writer,
+    add_remedy,
+    check_count,
+    check_drift,
+)
+
+T = TypeVar("T")
+
+# The application_name every bot session sets (bot.gateway sets the same value;
+# commands do not import bot).
+BOT_APPLICATION_NAME = "dbops-bot"
+DEFAULT_IDLE_MINUTES = 10
+MAX_IDLE_MINUTES = 7 * 24 * 60
+VERIFY_SECONDS = 2.0
+_POLL_SECONDS = 0.05
+
+
+@runtime_checkable
+class _ReadingGateway(Protocol):
+    async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T: ...
+
+
+async def _read(ctx: Context, fn: Callable[[Reader], Awaitable[T]]) -> T:
+    """A plan needs the gateway's `read` (errors propagate), not `run_check` (errors
+    become findings); the `Gateway` protocol does not declare it yet."""
+    gateway = ctx.gateway
+    if not isinstance(gateway, _ReadingGateway):
+        raise TypeError("the context's gateway cannot run a read-only plan query")
+    return await gateway.read(fn)
+
+
+def _allow_superusers(ctx: Context) -> bool:
+    """A bot setting, off by default: superuser sessions are usually the platform's own."""
+    return bool(getattr(ctx, "allow_superuser_kill", False))
+
+
+# --- /db connections ----------------------------------------------------------------
+
+_SESSIONS_SQL = """
+SELECT a.pid, a.pid = pg_backend_pid() AS me, a.datname::text AS db,
+       a.usename::text AS "user", coalesce(a.application_name, '') AS app,
+       coalesce(host(a.client_addr), 'local') AS client_addr,
+       coalesce(a.state, 'unknown') AS state,
+       extract(epoch FROM now() - a.backend_start)::float AS backend_s,
+       extract(epoch FROM now() - a.state_change)::float AS state_s,
+       extract(epoch FROM now() - a.xact_start)::float AS xact_s,
+       extract(epoch FROM now() - a.query_start)::float AS query_s,
+       coalesce(a.wait_event_type || ':' || a.wait_event, '') AS wait,
+       CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(a.pid)
+            ELSE '{}'::int[] END AS blocked_by,
+       left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), %(chars)s) AS query
+FROM pg_stat_activity a
+WHERE a.backend_type = 'client backend'
+"""
+_LIMITS_SQL = """
+SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int AS reserved
+"""
+
+
+def session_status(s: Row, th: Thresholds) -> tuple[Status, str]:
+    """How worrying one session is, and why, by the same limits `/db health` uses."""
+    state = str(s["state"])
+    state_s = float(s["state_s"] or 0)
+    if s["blocked_by"]:
+        waiting = float(s["query_s"] or state_s)
+        status = Status.OK
+        if waiting >= th.blocked_crit_s:
+            status = Status.CRIT
+        elif waiting > th.blocked_warn_s:
+            status = Status.WARN
+        holders = ", ".join(str(p) for p in s["blocked_by"])
+        return status, f"waiting {_duration(waiting)} on a lock held by pid {holders}"
+    if state.startswith("idle in transaction"):
+        if state_s >= th.idle_in_tx_crit_s:
+            return Status.CRIT, f"{state} for {_duration(state_s)}"
+        if state_s >= th.idle_in_tx_warn_s:
+            return Status.WARN, f"{state} for {_duration(state_s)}"
+        return Status.OK, state
+    if state == "active":
+        query_s = float(s["query_s"] or 0)
+        if query_s >= th.long_query_crit_s:
+            return Status.CRIT, f"query running {_duration(query_s)}"
+        if query_s >= th.long_query_warn_s:
+            return Status.WARN, f"query running {_duration(query_s)}"
+        return Status.OK, state
+    if state == "idle" and state_s >= th.idle_session_warn_s:
+        return Status.WARN, f"idle for {_duration(state_s)}"
+    return Status.OK, state
+
+
+def _session_row(s: Row, status: Status, why: str) -> Row:
+    return {
+        "status": status.value,
+        "pid": s["pid"],
+        "db": s["db"],
+        "user": s["user"],
+        "app": s["app"],
+        "client_addr": s["client_addr"],
+        "state": s["state"],
+        "backend_age": _duration(s["backend_s"]),
+        "state_age": _duration(s["state_s"]),
+        "xact_age": _duration(s["xact_s"]) if s["xact_s"] is not None else "",
+        "wait": s["wait"],
+        "why": why,
+        "query": s["query"],
+    }
+
+
+def _group(sessions: list[Row], key: str) -> list[Row]:
+    """Sessions per value of `key`, with the states and the oldest ages in each group."""
+    groups: dict[str, list[Row]] = {}
+    for s in sessions:
+        groups.setdefault(str(s[key] or "(none)"), []).append(s)
+    rows: list[Row] = []
+    for name, members in groups.items():
+        states = Counter(str(m["state"]) for m in members)
+        oldest_state = max((float(m["state_s"] or 0) for m in members), default=0.0)
+        xacts = [float(m["xact_s"]) for m in members if m["xact_s"] is not None]
+        rows.append(
+            {
+                key: name,
+                "sessions": len(members),
+                "states": ", ".join(f"{n} {st}" for st, n in states.most_common()),
+                "oldest_state_change": _duration(oldest_state),
+                "oldest_xact": _duration(max(xacts)) if xacts else "",
+            }
+        )
+    return sorted(rows, key=lambda r: (-int(r["sessions"]), str(r[key])))
+
+
+def connection_findings(sessions: list[Row], limits: Row, th: Thresholds) -> list[Finding]:
+    used = len(sessions)
+    usable = max(1, int(limits["max_connections"]) - int(limits["reserved"]))
+    pct = 100.0 * used / usable
+    count_status = Status.OK
+    if pct >= th.connections_crit_pct:
+        count_status = Status.CRIT
+    elif pct >= th.connections_warn_pct:
+        count_status = Status.WARN
+    others = [s for s in sessions if not s["me"]]
+    by_state = _group(sessions, "state")
+    findings = [
+        Finding(
+            check="connections",
+            status=count_status,
+            summary=f"{used}/{usable} client connections ({pct:.0f}%): "
+            + ", ".join(f"{r['sessions']} {r['state']}" for r in by_state),
+            rows=by_state,
+            hint="idle ones can go with `/db kill-idle [minutes]` (needs approval)"
+            if count_status is not Status.OK
+            else None,
+        )
+    ]
+    for key, check in (("app", "by application"), ("user", "by user")):
+        grouped = _group(others, key)
+        findings.append(
+            Finding(
+                check=check,
+                status=Status.OK,
+                summary=", ".join(f"{r[key]} ({r['sessions']})" for r in grouped[:5])
+                or "no other session",
+                rows=grouped,
+            )
+        )
+    rated = [(s, *session_status(s, th)) for s in others]
+    rated.sort(
+        key=lambda t: (
+            t[1].severity,
+            -max(float(t[0]["xact_s"] or 0), float(t[0]["state_s"] or 0)),
+        )
+    )
+    worst = rated[0][1] if rated else Status.OK
+    shown = rated[: th.max_rows]
+    summary = f"{len(rated)} other client session{'s' if len(rated) != 1 else ''}"
+    bad = [(s, st, why) for s, st, why in rated if st is not Status.OK]
+    if bad:
+        summary += "; " + "; ".join(f"pid {s['pid']} {why}" for s, _st, why in bad[:3])
+    if len(rated) > len(shown):
+        summary += f" (worst {len(shown)} listed, {len(rated) - len(shown)} more not shown)"
+    hint = None
+    if bad:
+        states = {str(s["state"]) for s, _st, _why in bad}
+        if any(st.startswith("idle in transaction") for st in states) or any(
+            s["blocked_by"] for s, _st, _why in bad
+        ):
+            hint = "end a holder with `/db terminate <pid>` (needs approval)"
+        elif "active" in states:
+            hint = "stop a long query with `/db cancel <pid>`"
+        else:
+            hint = "`/db kill-idle [minutes]` ends idle sessions (needs approval)"
+    findings.append(
+        Finding(
+            check="sessions",
+            status=worst,
+            summary=summary,
+            rows=[_session_row(s, st, why) for s, st, why in shown],
+            hint=hint,
+        )
+    )
+    return findings
+
+
+@register(
+    "connections",
+    usage="/db connections",
+    summary="sessions by state, application and user, with their ages, worst first",
+    role="REVIEWER",
+)
+async def connections(ctx: Context, args: list[str]) -> Report:
+    if args:
+        raise UsageError("`connections` takes no arguments")
+    gw = ctx.gateway
+    th = ctx.thresholds
+    built: list[Finding] = []
+
+    async def survey(db: Reader) -> Finding:
+        sessions = await db.fetch(_SESSIONS_SQL, {"chars": th.query_chars})
+        (limits,) = await db.fetch(_LIMITS_SQL)
+        built.extend(connection_findings(sessions, limits, th))
+        return Finding(check="connections", status=Status.OK, summary="")
+
+    head = await gw.run_check("connections", survey)
+    findings = built if head.status is Status.OK else [head]
+    return Report(title="Connections", target=gw.target, findings=findings).sorted()
+
+
+# --- the guards every remedy here shares --------------------------------------------
+
+# Positional parameters: bot application name, superusers allowed.
+_GUARDS = """
+  AND a.backend_type = 'client backend'
+  AND a.pid <> pg_backend_pid()
+  AND coalesce(a.application_name, '') <> %s
+  AND (%s::boolean OR r.rolsuper IS FALSE)
+"""
+_SESSION_COLUMNS = """
+a.pid, a.backend_start, a.query_start, a.datname::text AS db, a.usename::text AS "user",
+coalesce(a.application_name, '') AS app, coalesce(host(a.client_addr), 'local') AS client_addr,
+coalesce(a.state, 'unknown') AS state, a.backend_type, r.rolsuper AS superuser,
+extract(epoch FROM now() - a.state_change)::float AS state_s,
+extract(epoch FROM now() - a.xact_start)::float AS xact_s,
+extract(epoch FROM now() - a.query_start)::float AS query_s,
+left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 120) AS query
+"""
+_FROM = "FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid"
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def _same_start(a: Any, b: str | None) -> bool:
+    return isinstance(a, datetime) and b is not None and a == datetime.fromisoformat(b)
+
+
+async def _clear_snapshot(db: Writer) -> None:
+    """pg_stat_activity is a snapshot per transaction; a remedy that watches sessions
+    change inside its one transaction must drop it before each look."""
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+
+
+async def _describe_changes(db: Writer, pids: Iterable[int], starts: dict[str, str]) -> str:
+    """Why each planned pid no longer qualifies, in words an operator can act on."""
+    wanted = sorted(pids)
+    if not wanted:
+        return ""
+    now = {
+        int(r["pid"]): r
+        for r in await db.fetch(
+            f"SELECT {_SESSION_COLUMNS} {_FROM} WHERE a.pid = ANY(%s::int[])", (wanted,)
+        )
+    }
+    said: list[str] = []
+    for pid in wanted:
+        r = now.get(pid)
+        if r is None:
+            said.append(f"pid {pid} is gone")
+        elif not _same_start(r["backend_start"], starts.get(str(pid))):
+            said.append(f"pid {pid} is now a different session (pid reused)")
+        else:
+            said.append(f"pid {pid} is now {r['state']} ({r['app'] or r['user']})")
+    return "; ".join(said)
+
+
+async def _wait_gone(db: Writer, pids: list[int]) -> list[int]:
+    """Poll until the terminated backends have left; return any still listed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + VERIFY_SECONDS
+    while True:
+        await _clear_snapshot(db)
+        left = [
+            int(r["pid"])
+            for r in await db.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s::int[])", (pids,)
+            )
+        ]
+        if not left or loop.time() >= deadline:
+            return sorted(left)
+        await asyncio.sleep(_POLL_SECONDS)
+
+
+def _signalled_abort(what: str, planned: int, done: list[int], missed: list[int]) -> RemedyAbort:
+    """check_count's verdict, told honestly: a signal already sent cannot be rolled back."""
+    return RemedyAbort(
+        f"row count: the plan said {planned} {what}, {len(done)} were signalled"
+        + (f" (pid {', '.join(map(str, done))})" if done else "")
+        + (f"; pid {', '.join(map(str, missed))} no longer qualified" if missed else "")
+        + "; a signal already sent cannot be taken back"
+    )
+
+
+# --- kill-idle ----------------------------------------------------------------------
+
+_IDLE_WHERE = (
+    """
+WHERE a.state = 'idle'
+  AND a.datname = current_database()
+  AND a.state_change < now() - make_interval(mins => %s::int)
+"""
+    + _GUARDS
+)
+
+_IDLE_PLAN_SQL = f"SELECT {_SESSION_COLUMNS} {_FROM} {_IDLE_WHERE} ORDER BY a.state_change, a.pid"
+_IDLE_RECHECK_SQL = f"""
+SELECT a.pid, a.backend_start {_FROM} {_IDLE_WHERE}
+  AND a.pid = ANY(%s::int[])
+"""
+# Built from the constant fragments above only; every value is a bound parameter.
+KILL_IDLE_SQL = f"""
+SELECT a.pid, pg_terminate_backend(a.pid) AS terminated
+{_FROM}
+{_IDLE_WHERE}
+  AND (a.pid, a.backend_start) IN (
+      SELECT t.pid, t.started FROM unnest(%s::int[], %s::timestamptz[]) AS t(pid, started))
+"""  # noqa: S608
+
+
+def parse_minutes(args: list[str]) -> int:
+    if not args:
+        return DEFAULT_IDLE_MINUTES
+    if len(args) > 1:
+        raise UsageError("`kill-idle` takes one number: the minutes a session has been idle")
+    word = args[0].strip()
+    if not re.fullmatch(r"\d+", word):
+        raise UsageError(
+            f"`{word}` is not a whole number of minutes (0 or more; default {DEFAULT_IDLE_MINUTES})"
+        )
+    minutes = int(word)
+    if minutes > MAX_IDLE_MINUTES:
+        raise UsageError(f"{minutes} minutes is more than a week ({MAX_IDLE_MINUTES}); too long")
+    return minutes
+
+
+async def plan_kill_idle(ctx: Context, args: list[str]) -> Plan:
+    minutes = parse_minutes(args)
+    allow = _allow_superusers(ctx)
+
+    async def survey(db: Reader) -> tuple[list[Row], str]:
+        rows = await db.fetch(_IDLE_PLAN_SQL, (minutes, BOT_APPLICATION_NAME, allow))
+        (dbrow,) = await db.fetch("SELECT current_database() AS db")
+        return rows, str(dbrow["db"])
+
+    sessions, database = await _read(ctx, survey)
+    pids = [int(s["pid"]) for s in sessions]
+    starts = [str(_iso(s["backend_start"])) for s in sessions]
+    targets = [
+        {
+            "pid": s["pid"],
+            "user": s["user"],
+            "app": s["app"],
+            "client_addr": s["client_addr"],
+            "state": s["state"],
+            "idle_for": _duration(s["state_s"]),
+            "idle_s": s["state_s"],
+            "superuser": bool(s["superuser"]),
+            "query": s["query"],
+        }
+        for s in sessions
+    ]
+    excluded = "the bot's own sessions, non-client backends" + (
+        "" if allow else " and superuser sessions"
+    )
+    warnings = []
+    if sessions:
+        warnings.append(
+            "a terminated session's client sees its connection closed; pools reconnect, "
+            "other clients may report an error"
+        )
+    if allow and any(s["superuser"] for s in sessions):
+        warnings.append("superuser sessions are included (the bot's settings allow it)")
+    by_app = Counter(str(s["app"] or s["user"]) for s in sessions)
+    who = ", ".join(f"{name} ({n})" for name, n in by_app.most_common(5))
+    summary = (
+        f"terminate {len(pids)} session{'s' if len(pids) != 1 else ''} idle for more than "
+        f"{minutes} min in database {database}" + (f": {who}" if who else "")
+        if pids
+        else f"no session has been idle for more than {minutes} min in database {database}; "
+        "nothing to do"
+    )
+    return Plan(
+        remedy="kill-idle",
+        args=list(args),
+        title=f"Terminate sessions idle over {minutes} min",
+        summary=summary + f" (never {excluded})",
+        steps=[
+            PlanStep(
+                sql=KILL_IDLE_SQL.strip(),
+                params=[minutes, BOT_APPLICATION_NAME, allow, pids, starts],
+                note="re-checks every condition, so a session that stopped qualifying "
+                "is left alone",
+            )
+        ],
+        targets=targets,
+        count=len(pids),
+        warnings=warnings,
+        needs_approval=bool(pids),
+        data={
+            "pids": pids,
+            "minutes": minutes,
+            "backend_starts": dict(zip(map(str, pids), starts, strict=True)),
+            "allow_superusers": allow,
+        },
+    )
+
+
+async def apply_kill_idle(writer: Writer, plan: Plan) -> Outcome:
+    minutes = int(plan.data["minutes"])
+    allow = bool(plan.data["allow_superusers"])
+    planned = [int(p) for p in plan.data["pids"]]
+    starts: dict[str, str] = dict(plan.data["backend_starts"])
+    await _clear_snapshot(writer)
+    rows = await writer.fetch(_IDLE_RECHECK_SQL, (minutes, BOT_APPLICATION_NAME, allow, planned))
+    still = sorted(
+        int(r["pid"]) for r in rows if _same_start(r["backend_start"], starts.get(str(r["pid"])))
+    )
+    changed = set(planned) - set(still)
+    if changed:
+        detail = await _describe_changes(writer, changed, starts)
+        raise RemedyAbort(
+            f"drift: the plan named {len(planned)} idle sessions, {len(still)} of them still "
+            f"qualify ({detail}); nothing was changed, request it again"
+        )
+    # `still` is a subset of the planned pids, so equal sets mean equal counts.
+    check_drift(plan, len(still), "idle sessions")
+    if not still:
+        return Outcome(ok=True, summary="no session to terminate; nothing was changed")
+    params = (minutes, BOT_APPLICATION_NAME, allow, still, [starts[str(p)] for p in still])
+    signalled = await writer.fetch(KILL_IDLE_SQL, params)
+    done = sorted(int(r["pid"]) for r in signalled if r["terminated"])
+    try:
+        check_count(plan, len(done), "sessions")
+    except RowCountError as exc:
+        raise _signalled_abort(
+            "sessions", plan.count, done, sorted(set(still) - set(done))
+        ) from exc
+    left = await _wait_gone(writer, done)
+    by_pid = {int(t["pid"]): t for t in plan.targets}
+    out_rows: list[Row] = [
+        {
+            "pid": pid,
+            "user": by_pid.get(pid, {}).get("user"),
+            "app": by_pid.get(pid, {}).get("app"),
+            "idle_for": by_pid.get(pid, {}).get("idle_for"),
+            "terminated": True,
+            "gone": pid not in left,
+        }
+        for pid in done
+    ]
+    summary = f"terminated {len(done)} idle session{'s' if len(done) != 1 else ''}"
+    summary += (
+        f"; pid {', '.join(map(str, left))} still listed after {VERIFY_SECONDS:.0f}s "
+        "(it exits at its next interrupt check)"
+        if left
+        else "; all gone from pg_stat_activity"
+    )
+    return Outcome(ok=True, summary=summary, affected=len(done), rows=out_rows)
+
+
+# --- cancel <pid> / terminate <pid> -------------------------------------------------
+
+_ONE_SESSION_SQL = f"""
+SELECT {_SESSION_COLUMNS}, a.pid = pg_backend_pid() AS me, current_database() AS current_db
+{_FROM} WHERE a.pid = %s
+"""
+_SIGNAL_FN = {"cancel": "pg_cancel_backend", "terminate": "pg_terminate_backend"}
+
+
+def _signal_sql(action: str) -> str:
+    return f"""
+SELECT a.pid, {_SIGNAL_FN[action]}(a.pid) AS signalled
+{_FROM}
+WHERE a.pid = %s AND a.backend_start = %s::timestamptz
+{_GUARDS}
+""".strip()
+
+
+def parse_pid(action: str, args: list[str]) -> int:
+    if len(args) != 1:
+        raise UsageError(f"`{action}` takes one process id: `{action} <pid>`")
+    word = args[0].strip()
+    if not re.fullmatch(r"\d{1,10}", word) or not 0 < int(word) < 2**31:
+        raise UsageError(f"`{word}` is not a process id (a positive whole number)")
+    return int(word)
+
+
+def _refuse(action: str, pid: int, s: Row | None, allow: bool) -> str | None:
+    """Why `pid` may not be signalled, or None when it may."""
+    if s is None:
+        return f"there is no session with pid {pid}; `/db connections` lists them"
+    if s["me"]:
+        return f"pid {pid} is the bot's own connection for this check"
+    if s["app"] == BOT_APPLICATION_NAME:
+        return f"pid {pid} is one of the bot's own sessions (application_name {s['app']})"
+    if s["backend_type"] != "client backend":
+        return (
+            f"pid {pid} is a {s['backend_type']} process, not a client session; "
+            f"the bot does not {action} server processes"
+        )
+    if s["superuser"] is None and not allow:
+        return f"pid {pid} has no known role, so it may be a superuser's; the bot leaves it"
+    if s["superuser"] and not allow:
+        return (
+            f"pid {pid} belongs to superuser `{s['user']}`; the bot's settings do not allow "
+            "ending superuser sessions"
+        )
+    return None
+
+
+def _session_target(s: Row) -> Row:
+    return {
+        "pid": s["pid"],
+        "db": s["db"],
+        "user": s["user"],
+        "app": s["app"],
+        "client_addr": s["client_addr"],
+        "state": s["state"],
+        "state_age": _duration(s["state_s"]),
+        "xact_age": _duration(s["xact_s"]) if s["xact_s"] is not None else "",
+        "query_age": _duration(s["query_s"]) if s["query_s"] is not None else "",
+        "query": s["query"],
+    }
+
+
+def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Plan]]:
+    async def plan(ctx: Context, args: list[str]) -> Plan:
+        pid = parse_pid(action, args)
+        allow = _allow_superusers(ctx)
+
+        async def survey(db: Reader) -> Row | None:
+            rows = await db.fetch(_ONE_SESSION_SQL, (pid,))
+            return rows[0] if rows else None
+
+        s = await _read(ctx, survey)
+        refusal = _refuse(action, pid, s, allow)
+        if refusal is not None:
+            raise UsageError(refusal)
+        assert s is not None
+        state = str(s["state"])
+        warnings: list[str] = []
+        if action == "terminate":
+            effect = "closes its connection"
+            if s["xact_s"] is not None:
+                effect += f" and rolls back its open transaction (open {_duration(s['xact_s'])})"
+            warnings.append(f"terminating pid {pid} {effect}; its client must reconnect")
+        elif state != "active":
+            warnings.append(
+                f"pid {pid} is {state}: there is no running statement to cancel, so a cancel "
+                "does nothing"
+                + ("; `terminate` ends its transaction" if state.startswith("idle in") else "")
+            )
+        else:
+            warnings.append(
+                f"cancelling pid {pid} stops its statement (running "
+                f"{_duration(s['query_s'])}); an open transaction around it is aborted"
+            )
+        if s["db"] != s["current_db"]:
+            warnings.append(f"pid {pid} is connected to database {s['db']}, not {s['current_db']}")
+        if s["superuser"]:
+            warnings.append(f"pid {pid} is a superuser session (the bot's settings allow it)")
+        start = _iso(s["backend_start"])
+        who = s["app"] or s["user"]
+        return Plan(
+            remedy=action,
+            args=list(args),
+            title=f"{action.capitalize()} pid {pid}",
+            summary=f"{action} pid {pid} ({who}, {state} for {_duration(s['state_s'])})",
+            steps=[
+                PlanStep(
+                    sql=_signal_sql(action),
+                    params=[pid, start, BOT_APPLICATION_NAME, allow],
+                    note="matches the backend start too, so a reused pid is left alone",
+                )
+            ],
+            targets=[_session_target(s)],
+            count=1,
+            warnings=warnings,
+            data={
+                "pids": [pid],
+                "backend_start": start,
+                "query_start": _iso(s["query_start"]),
+                "state": state,
+                "allow_superusers": allow,
+            },
+        )
+
+    return plan
+
+
+def _signal_applier(action: str) -> Callable[[Writer, Plan], Awaitable[Outcome]]:
+    async def apply(writer: Writer, plan: Plan) -> Outcome:
+        (pid,) = (int(p) for p in plan.data["pids"])
+        start = str(plan.data["backend_start"])
+        allow = bool(plan.data["allow_superusers"])
+        await _clear_snapshot(writer)
+        rows = await writer.fetch(_ONE_SESSION_SQL, (pid,))
+        same = bool(rows) and _same_start(rows[0]["backend_start"], start)
+        try:
+            check_drift(plan, 1 if same else 0, "sessions")
+        except RemedyAbort as exc:
+            detail = await _describe_changes(writer, [pid], {str(pid): start})
+            raise RemedyAbort(f"drift: {detail}; nothing was changed, request it again") from exc
+        signalled = await writer.fetch(
+            _signal_sql(action), (pid, start, BOT_APPLICATION_NAME, allow)
+        )
+        done = [int(r["pid"]) for r in signalled if r["signalled"]]
+        try:
+            check_count(plan, len(done), "sessions")
+        except RowCountError as exc:
+            raise _signalled_abort("sessions", plan.count, done, [pid]) from exc
+        if action == "terminate":
+            left = await _wait_gone(writer, done)
+            gone = not left
+            summary = f"terminated pid {pid}; " + (
+                "it is gone from pg_stat_activity"
+                if gone
+                else f"still listed after {VERIFY_SECONDS:.0f}s (it exits at its next "
+                "interrupt check)"
+            )
+            return Outcome(
+                ok=True,
+                summary=summary,
+                affected=1,
+                rows=[{"pid": pid, "terminated": True, "gone": gone}],
+            )
+        seen = await _watch_cancel(
+            writer, pid, start, plan.data.get("query_start"), plan.data.get("state") == "active"
+        )
+        return Outcome(
+            ok=True, summary=f"cancel sent to pid {pid}; {seen['result']}", affected=1, rows=[seen]
+        )
+
+    return apply
+
+
+async def _watch_cancel(
+    writer: Writer, pid: int, start: str, query_start: str | None, was_running: bool
+) -> Row:
+    """Best effort: look for up to a second whether the statement stopped."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + VERIFY_SECONDS / 2
+    while True:
+        await _clear_snapshot(writer)
+        rows = await writer.fetch(_ONE_SESSION_SQL, (pid,))
+        s = rows[0] if rows else None
+        if s is None or not _same_start(s["backend_start"], start):
+            return {"pid": pid, "state": None, "result": "the session has ended"}
+        if not was_running:
+            return {
+                "pid": pid,
+                "state": s["state"],
+                "result": f"it was running no statement; the session is {s['state']}",
+            }
+        same_query = s["state"] == "active" and _iso(s["query_start"]) == query_start
+        if not same_query:
+            return {
+                "pid": pid,
+                "state": s["state"],
+                "result": f"the statement stopped; the session is now {s['state']}",
+            }
+        if loop.time() >= deadline:
+            return {
+                "pid": pid,
+                "state": s["state"],
+                "result": "still running the same statement; it stops at its next interrupt "
+                "check, or use `terminate`",
+            }
+        await asyncio.sleep(_POLL_SECONDS)
+
+
+KILL_IDLE = add_remedy(
+    Remedy(
+        name="kill-idle",
+        usage="/db kill-idle [minutes]",
+        summary=f"terminate sessions idle for more than N minutes (default {DEFAULT_IDLE_MINUTES})",
+        plan=plan_kill_idle,
+        apply=apply_kill_idle,
+        role="REVIEWER",
+        approver_role="ADMIN",
+        approvers=1,
+    )
+)
+TERMINATE = add_remedy(
+    Remedy(
+        name="terminate",
+        usage="/db terminate <pid>",
+        summary="end one session: its transaction rolls back and its connection closes",
+        plan=_signal_planner("terminate"),
+        apply=_signal_applier("terminate"),
+        role="REVIEWER",
+        approver_role="ADMIN",
+        approvers=1,
+    )
+)
+CANCEL = add_remedy(
+    Remedy(
+        name="cancel",
+        usage="/db cancel <pid>",
+        summary="cancel the statement one session is running; the session stays",
+        plan=_signal_planner("cancel"),
+        apply=_signal_applier("cancel"),
+        role="REVIEWER",
+        approver_role="REVIEWER",
+        approvers=1,
+    )
+)

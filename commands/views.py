@@ -1,0 +1,659 @@
+"""Materialized views: `/db views` and the `refresh-views` remedy.
+
+Everything is read from the live catalog (`pg_class` with relkind 'm', the view's
+indexes, `pg_locks`, `pg_rewrite` dependencies), never from a list of expected names,
+because production drifts. Catalog reads take no lock on the views themselves, so the
+diagnosis and the plan still arrive while a session holds a view exclusively; that
+session is then named as what the refresh would wait for.
+
+PostgreSQL records no refresh time, so the last refresh shown is the one the bot
+recorded around its own `apply()`; the bot hands that log in as `ctx.refresh_log`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import heapq
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from psycopg import sql
+
+from commands.base import (
+    Context,
+    Finding,
+    Reader,
+    Report,
+    Row,
+    Status,
+    UsageError,
+    register,
+)
+from commands.health import EXPECTED_VIEWS, _duration, _size
+from commands.remedy import (
+    Outcome,
+    Plan,
+    PlanStep,
+    Remedy,
+    RemedyAbort,
+    Writer,
+    add_remedy,
+    check_count,
+    check_drift,
+)
+
+T = TypeVar("T")
+
+CONCURRENTLY = "concurrently"
+PLAIN = "plain"
+
+# Table-level lock modes as pg_locks names them, weakest first.
+LOCK_MODES = (
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+)
+# A plain refresh takes ACCESS EXCLUSIVE, which conflicts with every mode. CONCURRENTLY
+# takes EXCLUSIVE, which conflicts with every mode except ACCESS SHARE (plain readers).
+CONFLICTING_MODES: dict[str, tuple[str, ...]] = {
+    PLAIN: LOCK_MODES,
+    CONCURRENTLY: LOCK_MODES[1:],
+}
+# Views bigger than this on disk get the planner's row estimate instead of count(*),
+# so a plan or a diagnosis never scans a huge view under the check timeout.
+COUNT_LIMIT_BYTES = 256 * 1024 * 1024
+
+
+class RefreshLog(Protocol):
+    """The bot's record of its own refreshes, handed to `/db views` as `ctx.refresh_log`.
+
+    An optional async callable returning, per view, the latest refresh the bot ran.
+    Keys are the `view` value of the `refresh-views` outcome rows (`schema.view`); a
+    bare view name is looked up as well. Each record holds:
+
+    - `started_at`: datetime (naive values are taken as UTC)
+    - `finished_at`: datetime, or None while it runs or when it failed
+    - `rows`: int | None, the rows the view held after the refresh
+    - `error`: str | None, the database's error when the refresh failed
+    - `mode`: "concurrently" | "plain"
+    """
+
+    async def __call__(self) -> Mapping[str, Mapping[str, Any]]: ...
+
+
+@runtime_checkable
+class _ReadingGateway(Protocol):
+    async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T: ...
+
+
+async def _read(ctx: Context, fn: Callable[[Reader], Awaitable[T]]) -> T:
+    """A plan needs the gateway's `read` (errors propagate), not `run_check` (errors
+    become findings); the `Gateway` protocol does not declare it yet."""
+    gateway = ctx.gateway
+    if not isinstance(gateway, _ReadingGateway):
+        raise TypeError("the context's gateway cannot run a read-only plan query")
+    return await gateway.read(fn)
+
+
+# --- the catalog --------------------------------------------------------------------
+
+_VIEWS_SQL = """
+SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS view,
+       c.relispopulated AS populated, c.reltuples::bigint AS est_rows,
+       (SELECT ic.relname
+          FROM pg_index i
+          JOIN pg_class ic ON ic.oid = i.indexrelid
+          JOIN pg_am am ON am.oid = ic.relam
+         WHERE i.indrelid = c.oid AND i.indisunique AND i.indimmediate AND i.indisvalid
+           AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnatts > 0
+           AND am.amname = 'btree'
+         ORDER BY ic.relname
+         LIMIT 1) AS unique_index
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'm' AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+ORDER BY n.nspname, c.relname
+"""
+# The conditions PostgreSQL itself puts on the index REFRESH ... CONCURRENTLY uses:
+# unique, not deferrable, valid, btree, no WHERE, plain columns only.
+
+_LOCKS_SQL = """
+SELECT l.relation::bigint AS oid, l.mode, l.granted, a.pid, a.usename::text AS "user",
+       a.application_name AS app, a.state,
+       extract(epoch FROM now() - a.xact_start)::float AS xact_s,
+       left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) AS query
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.relation = ANY(%s::oid[]) AND l.pid <> pg_backend_pid()
+ORDER BY a.pid, l.mode
+"""
+
+_SIZES_SQL = """
+SELECT t.oid::bigint AS oid, pg_total_relation_size(t.oid) AS total_bytes,
+       pg_relation_size(t.oid) AS heap_bytes
+FROM unnest(%s::oid[]) AS t(oid)
+"""
+
+# Rewrite-rule dependencies between views and materialized views, so that a view
+# built on another (directly or through plain views) refreshes after it.
+_DEPENDS_SQL = """
+SELECT DISTINCT r.ev_class::bigint AS dependent, d.refobjid::bigint AS base
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                AND d.refclassid = 'pg_class'::regclass
+JOIN pg_class dc ON dc.oid = r.ev_class AND dc.relkind IN ('m', 'v')
+JOIN pg_class bc ON bc.oid = d.refobjid AND bc.relkind IN ('m', 'v')
+WHERE d.refobjid <> r.ev_class
+"""
+
+
+@dataclass
+class MatView:
+    oid: int
+    schema: str
+    name: str
+    populated: bool
+    unique_index: str | None
+    est_rows: int
+    rows: int | None = None
+    rows_exact: bool = False
+    bytes: int | None = None
+    locks: list[Row] = field(default_factory=list)
+    uncounted: str | None = None  # why `rows` is an estimate or missing
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def mode(self) -> str:
+        """CONCURRENTLY needs a usable unique index and a populated view (PostgreSQL
+        refuses it on a view that was never filled)."""
+        return CONCURRENTLY if self.unique_index and self.populated else PLAIN
+
+    def refresh_sql(self, mode: str | None = None) -> sql.Composed:
+        return refresh_statement(self.schema, self.name, mode or self.mode)
+
+    def blockers(self, mode: str | None = None) -> list[Row]:
+        """Granted locks another session holds now that the refresh would wait for."""
+        modes = CONFLICTING_MODES[mode or self.mode]
+        return [lk for lk in self.locks if lk["granted"] and lk["mode"] in modes]
+
+    def queued(self, mode: str | None = None) -> list[Row]:
+        """Waiting requests ahead of ours: a new request queues behind them."""
+        modes = CONFLICTING_MODES[mode or self.mode]
+        return [lk for lk in self.locks if not lk["granted"] and lk["mode"] in modes]
+
+    @property
+    def readers_blocked_by(self) -> list[Row]:
+        """Sessions that hold or wait for ACCESS EXCLUSIVE: every reader waits on them."""
+        return [lk for lk in self.locks if lk["mode"] == "AccessExclusiveLock"]
+
+    def rows_text(self) -> str:
+        if self.rows is None:
+            return "rows unknown" + (f" ({self.uncounted})" if self.uncounted else "")
+        text = f"{self.rows:,} rows" if self.rows_exact else f"~{self.rows:,} rows (estimate)"
+        return text
+
+
+def refresh_statement(schema: str, name: str, mode: str) -> sql.Composed:
+    return sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(
+        sql.SQL("CONCURRENTLY ") if mode == CONCURRENTLY else sql.SQL(""),
+        sql.Identifier(schema, name),
+    )
+
+
+async def load_views(db: Reader) -> list[MatView]:
+    """Every materialized view with its refresh facts and the locks held on it now."""
+    views = [
+        MatView(
+            oid=int(r["oid"]),
+            schema=str(r["schema"]),
+            name=str(r["view"]),
+            populated=bool(r["populated"]),
+            unique_index=r["unique_index"],
+            est_rows=int(r["est_rows"]),
+        )
+        for r in await db.fetch(_VIEWS_SQL)
+    ]
+    if views:
+        by_oid = {v.oid: v for v in views}
+        for lock in await db.fetch(_LOCKS_SQL, ([v.oid for v in views],)):
+            by_oid[int(lock.pop("oid"))].locks.append(lock)
+    return views
+
+
+async def measure(db: Reader, views: list[MatView]) -> None:
+    """Size and rows of each view, without ever waiting behind an exclusive lock.
+
+    Measuring takes ACCESS SHARE on the view, so a view that someone holds (or waits
+    for) in ACCESS EXCLUSIVE is left unmeasured and says why; an unpopulated view
+    cannot be read at all; a huge one gets the planner's estimate.
+    """
+    readable: list[MatView] = []
+    for v in views:
+        if not v.populated:
+            v.uncounted = "not populated"
+        elif v.readers_blocked_by:
+            pids = ", ".join(str(lk["pid"]) for lk in v.readers_blocked_by)
+            v.uncounted = f"not read: pid {pids} holds or awaits ACCESS EXCLUSIVE"
+            v.rows = v.est_rows if v.est_rows >= 0 else None
+        else:
+            readable.append(v)
+    if not readable:
+        return
+    sizes = {int(r["oid"]): r for r in await db.fetch(_SIZES_SQL, ([v.oid for v in readable],))}
+    for v in readable:
+        size = sizes.get(v.oid)
+        if size is None:
+            continue
+        v.bytes = int(size["total_bytes"])
+        if int(size["heap_bytes"]) > COUNT_LIMIT_BYTES:
+            v.rows = v.est_rows if v.est_rows >= 0 else None
+            v.uncounted = f"larger than {_size(COUNT_LIMIT_BYTES)}"
+            continue
+        query = sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(v.schema, v.name))
+        (counted,) = await db.fetch(query.as_string())
+        v.rows, v.rows_exact = int(counted["n"]), True
+
+
+async def dependency_order(db: Reader, views: list[MatView]) -> list[MatView]:
+    """Base views before the views built on them; otherwise alphabetical."""
+    if len(views) < 2:
+        return list(views)
+    edges: dict[int, set[int]] = {}
+    for r in await db.fetch(_DEPENDS_SQL):
+        edges.setdefault(int(r["dependent"]), set()).add(int(r["base"]))
+    chosen = {v.oid: v for v in views}
+
+    def bases_of(oid: int) -> set[int]:
+        """The chosen views `oid` reads from, through any chain of views."""
+        seen: set[int] = set()
+        stack = list(edges.get(oid, ()))
+        while stack:
+            nxt = stack.pop()
+            if nxt in seen:
+                continue
+            seen.add(nxt)
+            stack.extend(edges.get(nxt, ()))
+        return {b for b in seen if b in chosen and b != oid}
+
+    waiting_on = {oid: bases_of(oid) for oid in chosen}
+    ready = [((v.schema, v.name), v.oid) for v in views if not waiting_on[v.oid]]
+    heapq.heapify(ready)
+    ordered: list[MatView] = []
+    while ready:
+        _key, oid = heapq.heappop(ready)
+        ordered.append(chosen[oid])
+        for other, bases in waiting_on.items():
+            if oid in bases:
+                bases.discard(oid)
+                if not bases:
+                    v = chosen[other]
+                    heapq.heappush(ready, ((v.schema, v.name), other))
+    if len(ordered) != len(views):  # a cycle cannot exist in PostgreSQL; stay total anyway
+        done = {v.oid for v in ordered}
+        ordered += sorted((v for v in views if v.oid not in done), key=lambda v: v.qualified)
+    return ordered
+
+
+def select_views(views: list[MatView], args: list[str]) -> list[MatView]:
+    """The views the arguments name: none or `all` for every view; names may be bare
+    or `schema.view`, and match case-insensitively when that is unambiguous."""
+    if not views:
+        raise UsageError("this database has no materialized views; there is nothing to refresh")
+    words = [a for a in args if a.strip()]
+    if not words or [w.lower() for w in words] == ["all"]:
+        return list(views)
+    if any(w.lower() == "all" for w in words):
+        raise UsageError("`all` refreshes every view; give it alone or name the views")
+    chosen: dict[int, MatView] = {}
+    for word in words:
+        for v in _resolve(views, word):
+            chosen[v.oid] = v
+    return list(chosen.values())
+
+
+def _resolve(views: list[MatView], word: str) -> list[MatView]:
+    for matches in (
+        [v for v in views if v.qualified == word],
+        [v for v in views if v.name == word],
+        [v for v in views if v.qualified.lower() == word.lower()],
+        [v for v in views if v.name.lower() == word.lower()],
+    ):
+        if len(matches) == 1:
+            return matches
+        if len(matches) > 1:
+            raise UsageError(
+                f"`{word}` names several materialized views: "
+                + ", ".join(f"`{v.qualified}`" for v in matches)
+                + "; give the schema as well"
+            )
+    names = sorted({v.name for v in views} | {v.qualified for v in views})
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.5) or difflib.get_close_matches(
+        word.lower(), [n.lower() for n in names], n=1, cutoff=0.5
+    )
+    suggestion = f" (did you mean `{close[0]}`?)" if close else ""
+    listing = ", ".join(v.qualified for v in views)
+    raise UsageError(f"no materialized view `{word}`{suggestion}; the views are: {listing}")
+
+
+def _who(lock: Row) -> str:
+    return f"pid {lock['pid']} ({lock.get('app') or lock.get('user') or '?'}, {lock['mode']})"
+
+
+# --- /db views ----------------------------------------------------------------------
+
+
+def _as_utc(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+async def _refresh_records(ctx: Context) -> tuple[Mapping[str, Mapping[str, Any]] | None, str]:
+    log_fn = getattr(ctx, "refresh_log", None)
+    if log_fn is None:
+        return None, "no refresh recorded by the bot"
+    try:
+        records = await log_fn()
+    except Exception as exc:  # the log lives elsewhere; the view facts still count
+        return None, f"the bot's refresh log could not be read ({type(exc).__name__})"
+    return records, "no refresh recorded by the bot"
+
+
+def _last_refresh(
+    record: Mapping[str, Any] | None, now: datetime, missing: str
+) -> tuple[str, Status]:
+    if record is None:
+        return missing, Status.OK
+    started = _as_utc(record.get("started_at"))
+    finished = _as_utc(record.get("finished_at"))
+    error = record.get("error")
+    mode = record.get("mode") or "?"
+    if error:
+        when = _duration((now - (finished or started)).total_seconds()) if started else "?"
+        return f"last refresh by the bot failed {when} ago ({mode}): {error}", Status.WARN
+    if finished is None:
+        since = _duration((now - started).total_seconds()) if started else "?"
+        return f"a refresh by the bot ({mode}) started {since} ago and has not finished", Status.OK
+    took = f", took {_duration((finished - started).total_seconds())}" if started else ""
+    rows = record.get("rows")
+    rows_text = f", {rows:,} rows" if isinstance(rows, int) else ""
+    ago = _duration((now - finished).total_seconds())
+    return f"last refreshed by the bot {ago} ago ({mode}{rows_text}{took})", Status.OK
+
+
+def view_finding(v: MatView, record: Mapping[str, Any] | None, missing: str) -> Finding:
+    now = datetime.now(UTC)
+    parts: list[str] = []
+    status = Status.OK
+    hint: str | None = None
+    if v.populated:
+        parts.append(f"populated, {v.rows_text()}, {_size(v.bytes)}")
+    else:
+        parts.append("NOT populated: every read of it fails")
+        status = Status.CRIT
+        hint = f"`/db refresh-views {v.name}` fills it (a plain refresh, needs approval)"
+    if v.unique_index:
+        parts.append(f"concurrently refreshable (unique index {v.unique_index})")
+    else:
+        parts.append("no usable unique index: a refresh blocks every reader")
+        if status is Status.OK:
+            status = Status.WARN
+            hint = (
+                "create a unique index without WHERE or expressions on the view's key "
+                "columns so refreshes can run CONCURRENTLY"
+            )
+    if v.readers_blocked_by:
+        parts.append("readers wait now: " + ", ".join(_who(lk) for lk in v.readers_blocked_by[:3]))
+        if status is Status.OK:
+            status = Status.WARN
+            hint = "the holder can be ended with `/db terminate <pid>` (needs approval)"
+    refresh_text, refresh_status = _last_refresh(record, now, missing)
+    parts.append(refresh_text)
+    if refresh_status is Status.WARN and status is Status.OK:
+        status = Status.WARN
+        hint = f"`/db refresh-views {v.name}` tries again"
+    row: Row = {
+        "view": v.qualified,
+        "populated": v.populated,
+        "rows": v.rows,
+        "rows_exact": v.rows_exact,
+        "size": _size(v.bytes),
+        "unique_index": v.unique_index,
+        "refresh_mode": v.mode,
+        "last_refresh": refresh_text,
+    }
+    return Finding(
+        check=f"view {v.qualified}",
+        status=status,
+        summary=f"{v.qualified}: " + "; ".join(parts),
+        rows=[row],
+        hint=hint,
+    )
+
+
+@register(
+    "views",
+    usage="/db views",
+    summary="materialized views: populated, size, rows, refresh mode, last refresh",
+    role="REVIEWER",
+)
+async def views(ctx: Context, args: list[str]) -> Report:
+    if args:
+        raise UsageError("`views` takes no arguments")
+    gw = ctx.gateway
+    found: list[MatView] = []
+
+    async def survey(db: Reader) -> Finding:
+        loaded = await load_views(db)
+        await measure(db, loaded)
+        found.extend(loaded)
+        return Finding(check="materialized views", status=Status.OK, summary=f"{len(loaded)} views")
+
+    head = await gw.run_check("materialized views", survey)
+    if head.status is not Status.OK:
+        return Report(title="Materialized views", target=gw.target, findings=[head])
+    records, missing = await _refresh_records(ctx)
+    findings: list[Finding] = []
+    for v in found:
+        record = None
+        if records is not None:
+            record = records.get(v.qualified) or records.get(v.name)
+        findings.append(view_finding(v, record, missing))
+    names = {v.name for v in found}
+    absent = [name for name in EXPECTED_VIEWS if name not in names]
+    if not found:
+        findings.append(
+            Finding(
+                check="materialized views",
+                status=Status.WARN,
+                summary="this database has no materialized views",
+            )
+        )
+    elif absent:
+        findings.append(
+            Finding(
+                check="expected views",
+                status=Status.WARN,
+                summary="LEAPS views not found: " + ", ".join(absent),
+                hint="recreate them from the migration that defines them",
+            )
+        )
+    return Report(title="Materialized views", target=gw.target, findings=findings).sorted()
+
+
+# --- refresh-views ------------------------------------------------------------------
+
+
+async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
+    async def survey(db: Reader) -> list[MatView]:
+        chosen = select_views(await load_views(db), args)
+        await measure(db, chosen)
+        return await dependency_order(db, chosen)
+
+    chosen = await _read(ctx, survey)
+    steps: list[PlanStep] = []
+    targets: list[Row] = []
+    warnings: list[str] = []
+    for v in chosen:
+        mode = v.mode
+        if mode == CONCURRENTLY:
+            note = f"CONCURRENTLY: readers keep reading (unique index {v.unique_index})"
+        elif not v.populated:
+            note = "plain: the view is not populated, and CONCURRENTLY refuses an empty view"
+        else:
+            note = "plain: no usable unique index for CONCURRENTLY"
+        steps.append(PlanStep(sql=v.refresh_sql().as_string(), note=note))
+        if mode == PLAIN:
+            warnings.append(
+                f"plain refresh of {v.qualified} blocks every reader of {v.qualified} "
+                f"for its duration ({note.removeprefix('plain: ')})"
+            )
+        blockers = v.blockers()
+        if blockers:
+            warnings.append(
+                f"{v.qualified} is locked now by "
+                + ", ".join(_who(lk) for lk in blockers)
+                + ": the refresh will wait for it up to the lock timeout, then give up"
+            )
+        queued = v.queued()
+        if queued:
+            warnings.append(
+                f"{v.qualified} has lock requests queued ahead: "
+                + ", ".join(_who(lk) for lk in queued)
+            )
+        targets.append(
+            {
+                "view": v.qualified,
+                "mode": mode,
+                "populated": v.populated,
+                "rows": v.rows,
+                "rows_exact": v.rows_exact,
+                "size": _size(v.bytes),
+                "unique_index": v.unique_index,
+                "blocked_by": [int(lk["pid"]) for lk in blockers],
+            }
+        )
+    plain = [v for v in chosen if v.mode == PLAIN]
+    if plain and len(chosen) > 1:
+        warnings.append(
+            "all refreshes run in one transaction: each lock is held until the last "
+            "refresh finishes"
+        )
+    modes = {v.qualified: v.mode for v in chosen}
+    conflicting = CONFLICTING_MODES[PLAIN] if plain else CONFLICTING_MODES[CONCURRENTLY]
+    n_conc = len(chosen) - len(plain)
+    summary = f"refresh {len(chosen)} materialized view{'s' if len(chosen) != 1 else ''}"
+    how = []
+    if n_conc:
+        how.append(f"{n_conc} CONCURRENTLY (readers keep reading)")
+    if plain:
+        how.append(f"{len(plain)} plain (blocks readers of {', '.join(v.name for v in plain)})")
+    summary += ": " + "; ".join(how)
+    return Plan(
+        remedy=REFRESH_VIEWS_NAME,
+        args=list(args),
+        title="Refresh materialized views",
+        summary=summary,
+        steps=steps,
+        targets=targets,
+        count=len(chosen),
+        warnings=warnings,
+        needs_approval=bool(plain),
+        data={
+            "views": [v.qualified for v in chosen],
+            "identifiers": [[v.schema, v.name] for v in chosen],
+            "modes": modes,
+            "relations": sorted({v.name for v in chosen}),
+            "conflicting_modes": list(conflicting),
+        },
+    )
+
+
+async def apply_refresh(writer: Writer, plan: Plan) -> Outcome:
+    identifiers = [(str(s), str(n)) for s, n in plan.data["identifiers"]]
+    planned_modes: dict[str, str] = dict(plan.data["modes"])
+    live = {(v.schema, v.name): v for v in await load_views(writer)}
+    still: list[MatView] = []
+    changed: list[str] = []
+    for schema, name in identifiers:
+        qualified = f"{schema}.{name}"
+        v = live.get((schema, name))
+        if v is None:
+            changed.append(f"{qualified} is gone")
+        elif v.mode != planned_modes.get(qualified):
+            changed.append(f"{qualified} now needs a {v.mode} refresh")
+        else:
+            still.append(v)
+    try:
+        check_drift(plan, len(still), "views still present with the planned refresh mode")
+    except RemedyAbort as exc:
+        raise RemedyAbort(f"{exc} ({'; '.join(changed)})") from exc
+    rows: list[Row] = []
+    before = {str(t["view"]): t.get("rows") for t in plan.targets}
+    for v in still:
+        mode = planned_modes[v.qualified]
+        started = time.perf_counter()
+        await writer.execute(v.refresh_sql(mode))
+        seconds = time.perf_counter() - started
+        count_sql = sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(v.schema, v.name))
+        (counted,) = await writer.fetch(count_sql)
+        rows.append(
+            {
+                "view": v.qualified,
+                "mode": mode,
+                "rows": int(counted["n"]),
+                "seconds": round(seconds, 3),
+                "rows_before": before.get(v.qualified),
+            }
+        )
+    check_count(plan, len(rows), "views refreshed")
+    populated = {
+        (str(r["schema"]), str(r["view"])): bool(r["populated"])
+        for r in await writer.fetch(_VIEWS_SQL)
+    }
+    empty = [v.qualified for v in still if not populated.get((v.schema, v.name), False)]
+    if empty:
+        return Outcome(
+            ok=False,
+            summary="verification failed: still not populated after the refresh: "
+            + ", ".join(empty)
+            + "; rolled back",
+            rows=rows,
+        )
+    total = sum(float(r["seconds"]) for r in rows)
+    detail = ", ".join(
+        f"{r['view']} ({r['mode']}, {r['rows']:,} rows, {_duration(r['seconds'])})" for r in rows
+    )
+    return Outcome(
+        ok=True,
+        summary=f"refreshed {len(rows)} view{'s' if len(rows) != 1 else ''} "
+        f"in {_duration(total)}: {detail}",
+        affected=len(rows),
+        rows=rows,
+    )
+
+
+REFRESH_VIEWS_NAME = "refresh-views"
+REFRESH_VIEWS = add_remedy(
+    Remedy(
+        name=REFRESH_VIEWS_NAME,
+        usage="/db refresh-views [view …|all]",
+        summary="refresh materialized views, CONCURRENTLY where the view allows it",
+        plan=plan_refresh,
+        apply=apply_refresh,
+        role="REVIEWER",
+        approver_role="ADMIN",
+        approvers=1,
+    )
+)
