@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any
 
 from commands.base import (
     Context,
@@ -45,8 +45,6 @@ from commands.remedy import (
     check_drift,
 )
 
-T = TypeVar("T")
-
 # The application_name every bot session sets (bot.gateway sets the same value;
 # commands do not import bot).
 BOT_APPLICATION_NAME = "dbops-bot"
@@ -54,20 +52,6 @@ DEFAULT_IDLE_MINUTES = 10
 MAX_IDLE_MINUTES = 7 * 24 * 60
 VERIFY_SECONDS = 2.0
 _POLL_SECONDS = 0.05
-
-
-@runtime_checkable
-class _ReadingGateway(Protocol):
-    async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T: ...
-
-
-async def _read(ctx: Context, fn: Callable[[Reader], Awaitable[T]]) -> T:
-    """A plan needs the gateway's `read` (errors propagate), not `run_check` (errors
-    become findings); the `Gateway` protocol does not declare it yet."""
-    gateway = ctx.gateway
-    if not isinstance(gateway, _ReadingGateway):
-        raise TypeError("the context's gateway cannot run a read-only plan query")
-    return await gateway.read(fn)
 
 
 def _allow_superusers(ctx: Context) -> bool:
@@ -402,7 +386,7 @@ async def plan_kill_idle(ctx: Context, args: list[str]) -> Plan:
         (dbrow,) = await db.fetch("SELECT current_database() AS db")
         return rows, str(dbrow["db"])
 
-    sessions, database = await _read(ctx, survey)
+    sessions, database = await ctx.gateway.read(survey)
     pids = [int(s["pid"]) for s in sessions]
     starts = [str(_iso(s["backend_start"])) for s in sessions]
     targets = [
@@ -592,7 +576,7 @@ def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Pla
             rows = await db.fetch(_ONE_SESSION_SQL, (pid,))
             return rows[0] if rows else None
 
-        s = await _read(ctx, survey)
+        s = await ctx.gateway.read(survey)
         refusal = _refuse(action, pid, s, allow)
         if refusal is not None:
             raise UsageError(refusal)

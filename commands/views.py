@@ -15,10 +15,10 @@ from __future__ import annotations
 import difflib
 import heapq
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol
 
 from psycopg import sql
 
@@ -44,8 +44,6 @@ from commands.remedy import (
     check_count,
     check_drift,
 )
-
-T = TypeVar("T")
 
 CONCURRENTLY = "concurrently"
 PLAIN = "plain"
@@ -87,20 +85,6 @@ class RefreshLog(Protocol):
     """
 
     async def __call__(self) -> Mapping[str, Mapping[str, Any]]: ...
-
-
-@runtime_checkable
-class _ReadingGateway(Protocol):
-    async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T: ...
-
-
-async def _read(ctx: Context, fn: Callable[[Reader], Awaitable[T]]) -> T:
-    """A plan needs the gateway's `read` (errors propagate), not `run_check` (errors
-    become findings); the `Gateway` protocol does not declare it yet."""
-    gateway = ctx.gateway
-    if not isinstance(gateway, _ReadingGateway):
-        raise TypeError("the context's gateway cannot run a read-only plan query")
-    return await gateway.read(fn)
 
 
 # --- the catalog --------------------------------------------------------------------
@@ -183,25 +167,37 @@ class MatView:
         return refresh_statement(self.schema, self.name, mode or self.mode)
 
     def blockers(self, mode: str | None = None) -> list[Row]:
-        """Granted locks another session holds now that the refresh would wait for."""
+        """Sessions holding a lock now that the refresh would wait for, one row per pid."""
         modes = CONFLICTING_MODES[mode or self.mode]
-        return [lk for lk in self.locks if lk["granted"] and lk["mode"] in modes]
+        return by_session(lk for lk in self.locks if lk["granted"] and lk["mode"] in modes)
 
     def queued(self, mode: str | None = None) -> list[Row]:
-        """Waiting requests ahead of ours: a new request queues behind them."""
+        """Sessions waiting ahead of us: a new request queues behind them."""
         modes = CONFLICTING_MODES[mode or self.mode]
-        return [lk for lk in self.locks if not lk["granted"] and lk["mode"] in modes]
+        return by_session(lk for lk in self.locks if not lk["granted"] and lk["mode"] in modes)
 
     @property
     def readers_blocked_by(self) -> list[Row]:
         """Sessions that hold or wait for ACCESS EXCLUSIVE: every reader waits on them."""
-        return [lk for lk in self.locks if lk["mode"] == "AccessExclusiveLock"]
+        return by_session(lk for lk in self.locks if lk["mode"] == "AccessExclusiveLock")
 
     def rows_text(self) -> str:
         if self.rows is None:
             return "rows unknown" + (f" ({self.uncounted})" if self.uncounted else "")
         text = f"{self.rows:,} rows" if self.rows_exact else f"~{self.rows:,} rows (estimate)"
         return text
+
+
+def by_session(locks: Iterable[Row]) -> list[Row]:
+    """One row per pid (a session often holds several modes on one view), modes joined."""
+    merged: dict[int, Row] = {}
+    for lk in locks:
+        row = merged.setdefault(int(lk["pid"]), {**lk, "modes": []})
+        if lk["mode"] not in row["modes"]:
+            row["modes"].append(lk["mode"])
+    for row in merged.values():
+        row["mode"] = "+".join(row.pop("modes"))
+    return list(merged.values())
 
 
 def refresh_statement(schema: str, name: str, mode: str) -> sql.Composed:
@@ -501,7 +497,7 @@ async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
         await measure(db, chosen)
         return await dependency_order(db, chosen)
 
-    chosen = await _read(ctx, survey)
+    chosen = await ctx.gateway.read(survey)
     steps: list[PlanStep] = []
     targets: list[Row] = []
     warnings: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from urllib.parse import urlencode
 
@@ -47,3 +48,37 @@ def signed_headers(
         "X-Slack-Request-Timestamp": ts,
         "X-Slack-Signature": signature,
     }
+
+
+def action_body(
+    *,
+    action_id: str,
+    value: str,
+    user: str,
+    channel: str,
+    message_ts: str,
+    response_url: str = "http://127.0.0.1:9/response/none",
+) -> str:
+    """A block_actions payload as Slack posts it when a button is pressed."""
+    payload = {
+        "type": "block_actions",
+        "team": {"id": "T0001", "domain": "leaps"},
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0001"},
+        "api_app_id": "A0DBOPS",
+        "token": "legacy-token-unused",
+        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel},
+        "trigger_id": "1337.42.efgh",
+        "channel": {"id": channel, "name": "incident"},
+        "message": {"type": "message", "ts": message_ts, "text": "plan"},
+        "response_url": response_url,
+        "actions": [
+            {
+                "action_id": action_id,
+                "block_id": "approval",
+                "value": value,
+                "type": "button",
+                "action_ts": f"{time.time():.6f}",
+            }
+        ],
+    }
+    return urlencode({"payload": json.dumps(payload)})
