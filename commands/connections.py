@@ -304,7 +304,10 @@ async def _describe_changes(db: Writer, pids: Iterable[int], starts: dict[str, s
         elif not _same_start(r["backend_start"], starts.get(str(pid))):
             said.append(f"pid {pid} is now a different session (pid reused)")
         else:
-            said.append(f"pid {pid} is now {r['state']} ({r['app'] or r['user']})")
+            said.append(
+                f"pid {pid} is now {r['state']} (for {_duration(r['state_s'])}, "
+                f"{r['app'] or r['user']})"
+            )
     return "; ".join(said)
 
 

@@ -34,6 +34,7 @@ class Victims:
                 "DO $$ BEGIN CREATE ROLE leaps_app LOGIN;"
                 " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
             )
+        opened = []
         for _ in range(n):
             conn = await psycopg.AsyncConnection.connect(
                 self.dsn.replace("postgres@", "leaps_app@"),
@@ -41,7 +42,8 @@ class Victims:
                 autocommit=True,
             )
             self.conns.append(conn)
-        return [c.info.backend_pid for c in self.conns]
+            opened.append(conn.info.backend_pid)
+        return opened
 
     async def alive(self) -> set[int]:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:

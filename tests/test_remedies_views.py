@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
 import pytest_asyncio
+from psycopg import sql
 
 from bot.executor import Executor
 from bot.gateway import TargetGateway
@@ -36,7 +37,7 @@ async def ctx(leaps_dsn: str) -> AsyncIterator[RunContext]:
     await gateway.close()
 
 
-async def one(dsn: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+async def one(dsn: str, query: LiteralString | sql.Composed, params: tuple[Any, ...] = ()) -> Any:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(query, params or None)
         row = await cur.fetchone()
@@ -91,8 +92,9 @@ async def test_all_views_refresh_concurrently_inside_one_transaction(
     for row in outcome.rows:
         assert row["mode"] == "concurrently"
         assert isinstance(row["seconds"], float) and row["seconds"] >= 0
-        view = str(row["view"]).split(".")[1]
-        assert row["rows"] == await one(leaps_dsn, f"SELECT count(*) FROM {view}")
+        schema, view = str(row["view"]).split(".")
+        count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, view))
+        assert row["rows"] == await one(leaps_dsn, count)
     assert await points_shown(leaps_dsn, user_id) == before + 500
 
 
