@@ -1,0 +1,128 @@
+"""The authorization matrix: every remedy x every approver role x self-approval x expiry
+x wrong channel, through the real approval engine, state store and target database."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest_asyncio
+
+from bot.approvals import APPROVE, ApprovalEngine, Click
+from bot.authz import RoleResolver
+from bot.executor import Executor
+from bot.gateway import TargetGateway
+from bot.router import RunContext
+from bot.slack_app import make_web_client
+from bot.state import StateStore, open_store
+from commands.fixture.faults import FaultInjector
+from commands.remedy import REMEDIES, ROLES, role_rank
+from tests.conftest import FAST_THRESHOLDS, bot_settings
+from tests.fakeslack import FakeSlack
+from tests.test_approvals import Victims
+
+CHANNEL = "C0MATRIX"
+REQUESTER = "U0REQ"
+PLAIN_VIEW = "time_series_metrics"
+
+
+@dataclass
+class Rig:
+    store: StateStore
+    engine: ApprovalEngine
+    short: ApprovalEngine  # same parts, approvals that expire at once
+    victims: Victims
+    gateway: TargetGateway
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rig(
+    leaps_dsn: str, fake_slack: FakeSlack, faults: FaultInjector, tmp_path: Path
+) -> AsyncIterator[Rig]:
+    await faults.drop_view_unique_index(PLAIN_VIEW)  # so refresh-views needs approval
+    users = {REQUESTER: "REVIEWER"} | {f"U0{role}": role for role in ROLES}
+    settings = bot_settings(leaps_dsn, fake_slack, role_map=users)
+    short = settings.model_copy(update={"approval_ttl_s": 0.05})
+    store = await open_store(f"sqlite:///{tmp_path}/matrix.sqlite3")
+    gateway = TargetGateway(leaps_dsn)
+    ctx = RunContext(gateway, FAST_THRESHOLDS)
+    client = make_web_client(settings)
+    roles = RoleResolver(settings.role_map, client, gateway)
+    executor = Executor(leaps_dsn, lock_timeout_ms=2000)
+    victims = Victims(leaps_dsn)
+    yield Rig(
+        store,
+        ApprovalEngine(settings, store, ctx, executor, client, roles),
+        ApprovalEngine(short, store, ctx, executor, client, roles),
+        victims,
+        gateway,
+    )
+    await victims.close()
+    await gateway.close()
+    await store.close()
+
+
+async def args_for(remedy: str, victims: Victims) -> list[str]:
+    if remedy == "refresh-views":
+        return [PLAIN_VIEW]
+    (pid,) = await victims.open(1)
+    await asyncio.sleep(0.05)
+    return ["0"] if remedy == "kill-idle" else [str(pid)]
+
+
+async def test_authorization_matrix(rig: Rig) -> None:
+    results: dict[tuple[str, str, bool, bool, bool], str] = {}
+    cases = itertools.product(sorted(REMEDIES), ROLES, (False, True), (False, True), (False, True))
+    for remedy_name, role, own, expired, elsewhere in cases:
+        remedy = REMEDIES[remedy_name]
+        requester = f"U0{role}" if own else REQUESTER
+        engine = rig.short if expired else rig.engine
+        args = await args_for(remedy_name, rig.victims)
+        approval_id = await engine.request(
+            remedy, args, user_id=requester, user_name=requester.lower(), channel_id=CHANNEL
+        )
+        approval = await rig.store.get_approval(approval_id)
+        assert approval is not None and approval.state == "pending", (remedy_name, args)
+        if expired:
+            await asyncio.sleep(0.1)
+        channel = "C0ELSEWHERE" if elsewhere else CHANNEL
+        await engine.on_click(
+            Click(
+                action_id=APPROVE,
+                value=engine.sign(approval_id, channel),
+                user_id=f"U0{role}",
+                user_name=role.lower(),
+                channel_id=channel,
+                message_ts=approval.message_ts or "",
+            )
+        )
+        final = await rig.store.get_approval(approval_id)
+        assert final is not None
+        results[(remedy_name, role, own, expired, elsewhere)] = final.state
+        await rig.victims.close()
+        rig.victims.conns.clear()
+
+    for (remedy_name, role, own, expired, elsewhere), state in results.items():
+        approver_role = rig.engine.policy(REMEDIES[remedy_name]).approver_role
+        should_run = (
+            not own
+            and not expired
+            and not elsewhere
+            and role_rank(role) >= role_rank(approver_role)
+        )
+        case = f"{remedy_name} approved by {role} own={own} expired={expired} other={elsewhere}"
+        if should_run:
+            assert state == "done", f"{case}: expected execution, got {state}"
+        else:
+            # a payload from another channel changes nothing, not even expiry
+            assert state == ("expired" if expired and not elsewhere else "pending"), case
+    executed = sum(1 for s in results.values() if s == "done")
+    assert executed == sum(
+        1
+        for name in REMEDIES
+        for role in ROLES
+        if role_rank(role) >= role_rank(rig.engine.policy(REMEDIES[name]).approver_role)
+    )
