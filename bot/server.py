@@ -154,16 +154,25 @@ async def serve_http(
         await runner.cleanup()
 
 
+async def connect_socket(service: Service, app_token: str) -> AsyncSocketModeHandler:
+    """Open the Socket Mode connection for a started service (`apps.connections.open`
+    goes through the service's Web API client, so SLACK_API_URL applies)."""
+    handler = AsyncSocketModeHandler(service.slack.app, app_token)
+    await handler.connect_async()  # type: ignore[no-untyped-call]
+    return handler
+
+
 async def serve_socket(settings: Settings) -> None:
     settings.require("slack_bot_token", "slack_app_token", "database_url")
     assert settings.slack_app_token is not None
     service = Service(settings)
     await service.start()
-    handler = AsyncSocketModeHandler(service.slack.app, settings.slack_app_token)
+    handler: AsyncSocketModeHandler | None = None
     try:
-        await handler.connect_async()  # type: ignore[no-untyped-call]
+        handler = await connect_socket(service, settings.slack_app_token)
         log.info("dbops-bot connected in Socket Mode")
         await _wait_for_signal()
     finally:
-        await handler.close_async()  # type: ignore[no-untyped-call]
+        if handler is not None:
+            await handler.close_async()  # type: ignore[no-untyped-call]
         await service.stop()

@@ -275,7 +275,9 @@ async def migrate(engine: AsyncEngine) -> None:
 
     async with engine.connect() as conn, conn.begin():
         if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT 1 WHERE :key > 0"), {"key": MIGRATION_LOCK_KEY})
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         await conn.run_sync(upgrade)
 
 
