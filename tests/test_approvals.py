@@ -92,7 +92,7 @@ def button_value(call: Call) -> str:
 def message_text(fake: FakeSlack, channel: str, ts: str) -> str:
     msg = fake.message(channel, ts)
     assert msg is not None
-    return json.dumps(msg.get("blocks", [])) + msg.get("text", "")
+    return json.dumps(msg.get("blocks", [])) + str(msg.get("text", ""))
 
 
 async def request(bot: RunningBot, text: str, user: str = REQUESTER) -> Call:
@@ -148,7 +148,7 @@ async def test_kill_idle_goes_through_the_whole_flow(abot: RunningBot, victims: 
     parent = next(
         c for c in abot.fake.calls_to("chat.postMessage") if not c.params.get("thread_ts")
     )
-    assert plan.params["thread_ts"] == parent.response["ts"]  # type: ignore[index]
+    assert plan.params["thread_ts"] == parent.response["ts"]
     text = json.dumps(plan.params["blocks"])
     for pid in pids:
         assert str(pid) in text
@@ -158,7 +158,7 @@ async def test_kill_idle_goes_through_the_whole_flow(abot: RunningBot, victims: 
     await press(abot, plan, ADMIN)
     await settle(abot)
     assert await victims.alive() == set()
-    final = message_text(abot.fake, CHANNEL, str(plan.response["ts"]))  # type: ignore[index]
+    final = message_text(abot.fake, CHANNEL, str(plan.response["ts"]))
     assert "done" in final and f"<@{ADMIN}>" in final
     assert "dbops_approve" not in final  # buttons gone once decided
     actions = await audit_actions(abot)
@@ -193,7 +193,7 @@ async def test_reject_stops_it_and_later_clicks_are_told(
     await press(abot, plan, ADMIN2)
     await settle(abot)
     assert await victims.alive() == set(pids)
-    final = message_text(abot.fake, CHANNEL, str(plan.response["ts"]))  # type: ignore[index]
+    final = message_text(abot.fake, CHANNEL, str(plan.response["ts"]))
     assert "rejected" in final
     told = [c.params["text"] for c in abot.fake.calls_to("chat.postEphemeral")]
     assert any("was rejected" in t for t in told)
@@ -240,7 +240,7 @@ async def test_two_distinct_approvers_when_policy_says_two(
         await press(bot, plan, ADMIN)  # the same person twice counts once
         await settle(bot)
         assert await victims.alive() == set(pids)
-        middle = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))  # type: ignore[index]
+        middle = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
         assert "1 more of 2" in middle
         await press(bot, plan, ADMIN2)
         await settle(bot)
@@ -259,7 +259,7 @@ async def test_expired_approval_refuses(
         await press(bot, plan, ADMIN)
         await settle(bot)
         assert await victims.alive() == set(pids)
-        final = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))  # type: ignore[index]
+        final = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
         assert "expired" in final
         assert "approval.expired" in await audit_actions(bot)
 
