@@ -18,12 +18,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from slack_sdk.errors import SlackClientError
-from slack_sdk.web.async_client import AsyncWebClient
-
 from bot import render
 from bot.authz import RoleResolver, allowed
 from bot.executor import Executor
+from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
 from bot.state.models import DecisionKind
@@ -66,14 +64,14 @@ class ApprovalEngine:
         store: StateStore,
         ctx: RunContext,
         executor: Executor,
-        client: AsyncWebClient,
+        notifier: Notifier,
         roles: RoleResolver,
     ) -> None:
         self.settings = settings
         self.store = store
         self.ctx = ctx
         self.executor = executor
-        self.client = client
+        self.notifier = notifier
         self.roles = roles
         self.claimer = process_id()
         key = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
@@ -130,12 +128,11 @@ class ApprovalEngine:
             detail={"remedy": remedy.name, "args": args, "count": plan.count, "needed": needed},
         )
         verb = "runs" if needed == 0 else "requests"
-        parent = await self.client.chat_postMessage(
-            channel=channel_id,
-            text=f"<@{user_id}> {verb} `/db {remedy.name} {' '.join(args)}`".strip()
+        thread_ts = await self.notifier.post_request(
+            channel_id,
+            f"<@{user_id}> {verb} `/db {remedy.name} {' '.join(args)}`".strip()
             + f" — {plan.title} (approval `{approval.id}`)",
         )
-        thread_ts = str(parent["ts"])
         approval = await self._post_plan(approval, plan, thread_ts)
         if needed == 0:
             await self.execute(approval.id, actor_id=user_id)
@@ -143,15 +140,8 @@ class ApprovalEngine:
 
     async def _post_plan(self, approval: Approval, plan: Plan, thread_ts: str) -> Approval:
         message = self._render(approval, plan, decided=[])
-        posted = await self.client.chat_postMessage(
-            channel=approval.channel_id,
-            thread_ts=thread_ts,
-            text=message.text,
-            blocks=message.blocks_json(),
-        )
-        await self.store.set_messages(
-            approval.id, thread_ts=thread_ts, message_ts=str(posted["ts"])
-        )
+        message_ts = await self.notifier.post_plan(approval.channel_id, thread_ts, message)
+        await self.store.set_messages(approval.id, thread_ts=thread_ts, message_ts=message_ts)
         fresh = await self.store.get_approval(approval.id)
         assert fresh is not None
         return fresh
@@ -180,28 +170,13 @@ class ApprovalEngine:
             return
         plan = Plan.model_validate(approval.plan)
         message = self._render(approval, plan, decided, outcome)
-        try:
-            await self.client.chat_update(
-                channel=approval.channel_id,
-                ts=approval.message_ts,
-                text=message.text,
-                blocks=message.blocks_json(),
-            )
-        except SlackClientError as exc:
-            log.warning("could not update the plan message of %s: %s", approval.id, exc)
+        await self.notifier.update_plan(approval.channel_id, approval.message_ts, message)
 
     async def _tell(self, click: Click | None, approval: Approval | None, text: str) -> None:
         if click is None:
             return
-        try:
-            await self.client.chat_postEphemeral(
-                channel=click.channel_id,
-                user=click.user_id,
-                text=text,
-                thread_ts=approval.thread_ts if approval and approval.thread_ts else None,
-            )
-        except SlackClientError as exc:
-            log.warning("could not tell %s: %s (%s)", click.user_id, text, exc)
+        thread = approval.thread_ts if approval and approval.thread_ts else None
+        await self.notifier.tell(click.channel_id, click.user_id, text, thread)
 
     # --- clicks -------------------------------------------------------------------------
 
@@ -399,3 +374,17 @@ class ApprovalEngine:
         for approval in await self.store.pending_for_restart():
             log.info("completing approval %s left by a stopped process", approval.id)
             await self.execute(approval.id, actor_id="bot")
+
+
+async def refresh_history(store: StateStore) -> dict[str, dict[str, Any]]:
+    """The bot's refresh log, as `/db views` reads it (the last refresh of each view)."""
+    return {
+        view: {
+            "started_at": e.started_at,
+            "finished_at": e.finished_at,
+            "rows": e.rows,
+            "error": e.error,
+            "mode": e.mode,
+        }
+        for view, e in (await store.last_refreshes()).items()
+    }

@@ -32,7 +32,7 @@ class RoleResolver:
     def __init__(
         self,
         role_map: dict[str, str],
-        client: AsyncWebClient,
+        client: AsyncWebClient | None,
         gateway: Gateway,
         ttl_s: float = 300.0,
     ) -> None:
@@ -53,6 +53,8 @@ class RoleResolver:
         return role
 
     async def _lookup(self, user_id: str) -> tuple[str, float]:
+        if self._client is None:  # the console: the configured map is all there is
+            return LOWEST, self._ttl
         try:
             info = await self._client.users_info(user=user_id)
             email = (info.get("user") or {}).get("profile", {}).get("email")

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from functools import partial
 
 from bot import render
 from bot.settings import Settings, SettingsError, load_settings
@@ -30,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help='one command against DATABASE_URL, e.g. run "health"')
     run.add_argument("command", help='the text after /db, e.g. "health"')
     run.add_argument("--json", action="store_true", help="print the Report as JSON")
+    run.add_argument(
+        "--user",
+        help="request a remedy as this Slack user id (roles from ROLE_MAP); "
+        "without it a remedy prints its plan only",
+    )
+    for verb in ("approve", "reject"):
+        decide = sub.add_parser(verb, help=f"{verb} a pending remedy from the console")
+        decide.add_argument("approval_id")
+        decide.add_argument("--user", required=True, help="the Slack user id deciding")
     demo = sub.add_parser("demo", help="embedded PostgreSQL with the LEAPS fixture and faults")
     demo.add_argument("--keep", action="store_true", help="keep the database up and print its DSN")
     return p
@@ -47,8 +57,10 @@ def _configure_logging(settings: Settings) -> None:
 
 
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
+    from bot.approvals import refresh_history
     from bot.gateway import TargetGateway
     from bot.router import Answer, Dispatcher, RunContext
+    from bot.state import open_store
     from commands.remedy import Plan
 
     settings.require("database_url")
@@ -60,10 +72,20 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         connect_timeout_s=settings.connect_timeout_s,
         pool_max_size=settings.pool_max_size,
     )
+    # The refresh log (for `views`) lives in the state store: read it when one is configured.
+    store = await open_store(settings.state_database_url) if settings.state_database_url else None
+    ctx = RunContext(
+        gateway,
+        settings.thresholds,
+        settings.allow_superuser_kill,
+        refresh_log=partial(refresh_history, store) if store else None,
+    )
     try:
-        result = await Dispatcher(RunContext(gateway, settings.thresholds)).run(text)
+        result = await Dispatcher(ctx).run(text)
     finally:
         await gateway.close()
+        if store is not None:
+            await store.close()
     if isinstance(result, Answer):
         print(
             result.text.replace("*", ""),
@@ -114,8 +136,20 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.run(serve_socket(settings))
             return 0
+        if mode == "run" and args.user:
+            from bot.console import request_from_console
+
+            return asyncio.run(request_from_console(settings, args.command, args.user))
         if mode == "run":
             return asyncio.run(run_once(settings, args.command, args.json))
+        if mode in ("approve", "reject"):
+            from bot.console import decide_from_console
+
+            return asyncio.run(
+                decide_from_console(
+                    settings, args.approval_id, args.user, approve=mode == "approve"
+                )
+            )
         from bot.demo import run_demo
 
         try:

@@ -148,7 +148,25 @@ class Executor:
                 self._dsn, application_name=APPLICATION_NAME, connect_timeout=5, autocommit=True
             ) as conn:
                 async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(_LOCK_HOLDERS_SQL, (relations, modes, modes))
+                    await cur.execute(_LOCK_HOLDERS_SQL, {"relations": relations, "modes": modes})
+                    rows = await cur.fetchall()
+        except psycopg.Error:
+            log.exception("could not list lock holders")
+            return []
+        # A queued request blocks too; whoever it waits for is where the chain starts.
+        listed = {int(r["pid"]) for r in rows}
+        roots = sorted({int(p) for r in rows if not r["granted"] for p in r["blocked_by"]} - listed)
+        if roots:
+            rows += await self._sessions(roots)
+        return rows
+
+    async def _sessions(self, pids: list[int]) -> list[Row]:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self._dsn, application_name=APPLICATION_NAME, connect_timeout=5, autocommit=True
+            ) as conn:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(_SESSIONS_SQL, (pids,))
                     return await cur.fetchall()
         except psycopg.Error:
             log.exception("could not list lock holders")
@@ -156,13 +174,37 @@ class Executor:
 
 
 _LOCK_HOLDERS_SQL = """
-SELECT DISTINCT ON (a.pid) a.pid, a.usename::text AS "user", a.application_name AS app, a.state,
-       extract(epoch FROM now() - a.xact_start)::float AS xact_s, l.mode,
-       c.relname AS relation, left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) AS query
-FROM pg_locks l
-JOIN pg_class c ON c.oid = l.relation
+WITH targets AS (
+  SELECT c.oid, c.relname::text AS relname, %(modes)s::text[] AS modes
+  FROM pg_class c WHERE c.relname = ANY(%(relations)s)
+  UNION
+  -- what the relations read (a view's base tables): only an ACCESS EXCLUSIVE lock,
+  -- granted or queued, stops a reader there
+  SELECT DISTINCT d.refobjid, dc.relname::text, ARRAY['AccessExclusiveLock']
+  FROM pg_class c
+  JOIN pg_rewrite r ON r.ev_class = c.oid
+  JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+   AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> c.oid
+  JOIN pg_class dc ON dc.oid = d.refobjid AND dc.relkind IN ('r', 'm', 'p')
+  WHERE c.relname = ANY(%(relations)s)
+)
+SELECT DISTINCT ON (a.pid) a.pid, a.usename::text AS "user", a.application_name AS app,
+       a.state, l.mode, l.granted, t.relname AS relation,
+       pg_blocking_pids(a.pid) AS blocked_by,
+       extract(epoch FROM now() - a.xact_start)::float AS xact_s,
+       left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) AS query
+FROM targets t
+JOIN pg_locks l ON l.relation = t.oid
 JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.granted AND c.relname = ANY(%s) AND a.pid <> pg_backend_pid()
-  AND (cardinality(%s::text[]) = 0 OR l.mode = ANY(%s::text[]))
+WHERE a.pid <> pg_backend_pid()
+  AND (cardinality(t.modes) = 0 OR l.mode = ANY(t.modes))
 ORDER BY a.pid
+"""
+
+_SESSIONS_SQL = """
+SELECT pid, usename::text AS "user", application_name AS app, state, NULL::text AS mode,
+       true AS granted, NULL::text AS relation, pg_blocking_pids(pid) AS blocked_by,
+       extract(epoch FROM now() - xact_start)::float AS xact_s,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 120) AS query
+FROM pg_stat_activity WHERE pid = ANY(%s)
 """

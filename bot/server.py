@@ -6,10 +6,8 @@ orchestrators and `/metrics` for Prometheus on one aiohttp server.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import signal
 from typing import Any
 
 from aiohttp import web
@@ -17,15 +15,16 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
 from bot import metrics
-from bot.approvals import ApprovalEngine
+from bot.approvals import ApprovalEngine, refresh_history
 from bot.authz import RoleResolver
 from bot.executor import Executor
 from bot.gateway import TargetGateway
+from bot.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.slack_app import SlackFrontend
 from bot.state import StateStore, open_store
-from bot.tasks import TaskTracker
+from bot.tasks import TaskTracker, wait_for_signal
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,12 @@ class Service:
         await self.gateway.open()
         self.store = await open_store(self.settings.state_database_url)
         self.engine = ApprovalEngine(
-            self.settings, self.store, self.ctx, self.executor, self.slack.app.client, self.roles
+            self.settings,
+            self.store,
+            self.ctx,
+            self.executor,
+            SlackNotifier(self.slack.app.client),
+            self.roles,
         )
         self.slack.engine = self.engine
         self.tracker.spawn(self.engine.recover(), name="recover approvals")
@@ -81,18 +85,7 @@ class Service:
             await self.store.close()
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:
-        if self.store is None:
-            return {}
-        return {
-            view: {
-                "started_at": e.started_at,
-                "finished_at": e.finished_at,
-                "rows": e.rows,
-                "error": e.error,
-                "mode": e.mode,
-            }
-            for view, e in (await self.store.last_refreshes()).items()
-        }
+        return await refresh_history(self.store) if self.store is not None else {}
 
 
 def build_web_app(service: Service) -> web.Application:
@@ -126,14 +119,6 @@ def build_web_app(service: Service) -> web.Application:
     return app
 
 
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def serve_http(
     settings: Settings, port: int, host: str = "0.0.0.0", reuse_port: bool = False
 ) -> None:
@@ -149,7 +134,7 @@ async def serve_http(
     gc.freeze()
     log.info("dbops-bot listening on %s:%d (/slack/events, /healthz, /metrics)", host, port)
     try:
-        await _wait_for_signal()
+        await wait_for_signal()
     finally:
         await runner.cleanup()
 
@@ -171,7 +156,7 @@ async def serve_socket(settings: Settings) -> None:
     try:
         handler = await connect_socket(service, settings.slack_app_token)
         log.info("dbops-bot connected in Socket Mode")
-        await _wait_for_signal()
+        await wait_for_signal()
     finally:
         if handler is not None:
             await handler.close_async()  # type: ignore[no-untyped-call]

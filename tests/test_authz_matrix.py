@@ -15,6 +15,7 @@ from bot.approvals import APPROVE, ApprovalEngine, Click
 from bot.authz import RoleResolver
 from bot.executor import Executor
 from bot.gateway import TargetGateway
+from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
@@ -55,8 +56,8 @@ async def rig(
     victims = Victims(leaps_dsn)
     yield Rig(
         store,
-        ApprovalEngine(settings, store, ctx, executor, client, roles),
-        ApprovalEngine(short, store, ctx, executor, client, roles),
+        ApprovalEngine(settings, store, ctx, executor, SlackNotifier(client), roles),
+        ApprovalEngine(short, store, ctx, executor, SlackNotifier(client), roles),
         victims,
         gateway,
     )
