@@ -133,3 +133,34 @@ def test_demo_names_all_five_faults() -> None:
         line = next((ln for ln in flagged if f"] {check}:" in ln), None)
         assert line is not None, f"{check} not flagged in:\n{text}"
         assert detail in line, line
+
+
+async def test_console_approval_flow(leaps_dsn: str, tmp_path: Path) -> None:
+    """The demo's way through a remedy: request, refused self-approval, approval, done."""
+    from tests.test_approvals import Victims
+
+    victims = Victims(leaps_dsn)
+    try:
+        pids = await victims.open(2)
+        env = {
+            "DATABASE_URL": leaps_dsn,
+            "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+            "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER", "U0LEAD": "ADMIN"}),
+        }
+        asked = bot_cli("run", "kill-idle 0", "--user", "U0ONCALL", env=env)
+        assert asked.returncode == 0, asked.stderr
+        approval_id = asked.stdout.split("approval ")[-1].split()[0]
+        assert approval_id.startswith("apv-")
+        for pid in pids:
+            assert str(pid) in asked.stdout
+        own = bot_cli("approve", approval_id, "--user", "U0ONCALL", env=env)
+        assert "cannot approve your own request" in own.stdout
+        assert await victims.alive() == set(pids)
+        done = bot_cli("approve", approval_id, "--user", "U0LEAD", env=env)
+        assert done.returncode == 0, done.stderr
+        assert "done" in done.stdout
+        assert await victims.alive() == set()
+        again = bot_cli("approve", approval_id, "--user", "U0LEAD", env=env)
+        assert "already done" in again.stdout
+    finally:
+        await victims.close()

@@ -142,6 +142,23 @@ async def test_migrations_apply_concurrently_and_reopen(state_url: str) -> None:
             await opened.close()
 
 
+async def test_migrations_of_two_databases_in_one_process(state_url: str, tmp_path: Path) -> None:
+    # Alembic keeps its migration context in a module global: two upgrades interleaved on one
+    # event loop must not run on each other's connection.
+    others = [f"sqlite:///{tmp_path / f'other-{i}.sqlite3'}" for i in range(3)]
+    opened = await asyncio.wait_for(
+        asyncio.gather(*(open_store(url) for url in [state_url, *others])), 60
+    )
+    try:
+        for each in opened:
+            async with each.engine.connect() as conn:
+                tables, version, _ = await conn.run_sync(_schema_report)
+            assert tables == TABLES | {VERSION_TABLE} and version == "0001"
+    finally:
+        for each in opened:
+            await each.close()
+
+
 # -- approvals --------------------------------------------------------------------------------
 
 
