@@ -283,3 +283,39 @@ async def test_unauthorised_requester_and_wrong_channel(
         assert "does not answer in this channel" in (await elsewhere.text())
         await settle(bot)
         assert not fake_slack.calls_to("chat.postMessage")
+
+
+async def test_concurrent_refresh_runs_without_approval_and_is_logged(abot: RunningBot) -> None:
+    """Every view has its unique index: CONCURRENTLY for all, so a REVIEWER runs it at once."""
+    plan = await request(abot, "refresh-views")
+    await settle(abot)
+    final = message_text(abot.fake, CHANNEL, str(plan.response["ts"]) if plan.response else "")
+    assert "done" in final and "dbops_approve" not in final
+    assert abot.service.store is not None
+    approvals = [e for e in await abot.service.store.audit_trail(limit=50)]
+    assert [e.action for e in approvals][-1] == "remedy.executed"
+    log = await abot.service.store.last_refreshes()
+    assert len(log) == 6 and all(e.mode == "concurrently" and e.error is None for e in log.values())
+
+    abot.fake.reset()
+    await abot.slash("views", channel=CHANNEL, user=REQUESTER)
+    (report,) = await abot.fake.wait_for("chat.postEphemeral", timeout=15)
+    assert "last refreshed by the bot" in json.dumps(report.params["blocks"])
+
+
+async def test_plain_refresh_waits_for_an_admin(abot: RunningBot, faults: Any) -> None:
+    await faults.unpopulated_view("leaderboard_totals")
+    plan = await request(abot, "refresh-views leaderboard_totals")
+    text = json.dumps(plan.params["blocks"])
+    assert "blocks every reader" in text and "dbops_approve" in text
+    await press(abot, plan, ADMIN)
+    await settle(abot)
+    async with await psycopg.AsyncConnection.connect(abot.service.settings.database_url or "") as c:
+        cur = await c.execute(
+            "SELECT ispopulated FROM pg_matviews WHERE matviewname = 'leaderboard_totals'"
+        )
+        assert (await cur.fetchone()) == (True,)
+    assert abot.service.store is not None
+    log = await abot.service.store.last_refreshes()
+    assert log["public.leaderboard_totals"].mode == "plain"
+    assert log["public.leaderboard_totals"].rows

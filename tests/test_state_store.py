@@ -377,7 +377,11 @@ async def test_timestamps_are_aware_utc(store: StateStore) -> None:
     with pytest.raises(ValueError, match="naive"):
         await new_approval(store, now=datetime(2025, 3, 1, 12, 0))
     with pytest.raises(ValueError, match="needed_approvals"):
-        await new_approval(store, needed_approvals=0)
+        await new_approval(store, needed_approvals=-1)
+    # no approval needed: claimable at once, still exactly once
+    free = await new_approval(store, needed_approvals=0)
+    assert await store.claim(free.id, claimer="p1", now=T0) is not None
+    assert await store.claim(free.id, claimer="p2", now=T0) is None
 
 
 # -- audit and refresh log --------------------------------------------------------------------

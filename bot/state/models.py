@@ -79,7 +79,7 @@ class ApprovalRow(Base):
     __tablename__ = "dbops_approvals"
     __table_args__ = (
         CheckConstraint(_in("state", APPROVAL_STATES), name="ck_dbops_approvals_state"),
-        CheckConstraint("needed_approvals >= 1", name="ck_dbops_approvals_needed"),
+        CheckConstraint("needed_approvals >= 0", name="ck_dbops_approvals_needed"),
         Index("ix_dbops_approvals_state_expires", "state", "expires_at"),
     )
 

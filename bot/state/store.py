@@ -11,8 +11,10 @@ lock on PostgreSQL, the write lock taken by `BEGIN IMMEDIATE` on SQLite).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -273,12 +275,31 @@ async def migrate(engine: AsyncEngine) -> None:
         cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, "head")
 
-    async with engine.connect() as conn, conn.begin():
+    async with _alembic_lock(), engine.connect() as conn, conn.begin():
         if conn.dialect.name == "postgresql":
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
             )
         await conn.run_sync(upgrade)
+
+
+_alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _alembic_lock() -> asyncio.Lock:
+    """One upgrade at a time per event loop.
+
+    Alembic keeps the running migration context in a module global (`alembic.context`); two
+    upgrades interleaved on one loop (two stores opened together, even on different databases)
+    would run each other's DDL on the wrong connection and wait on themselves forever.
+    """
+    loop = asyncio.get_running_loop()
+    lock = _alembic_locks.get(loop)
+    if lock is None:
+        lock = _alembic_locks[loop] = asyncio.Lock()
+    return lock
 
 
 async def open_store(url: str | None, *, default_path: Path = DEFAULT_STATE_PATH) -> StateStore:
@@ -289,6 +310,7 @@ async def open_store(url: str | None, *, default_path: Path = DEFAULT_STATE_PATH
     except BaseException:
         await engine.dispose()
         raise
+    log.info("state store ready: %s", engine.url.render_as_string(hide_password=True))
     return StateStore(engine)
 
 
@@ -350,8 +372,10 @@ class StateStore:
         ttl_s: float,
         now: datetime | None = None,
     ) -> Approval:
-        if needed_approvals < 1:
-            raise ValueError("needed_approvals must be at least 1")
+        if needed_approvals < 0:
+            # 0: the plan needs no approval (the requester's role suffices); it is still
+            # claimed exactly once and audited like any other.
+            raise ValueError("needed_approvals must not be negative")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         at = _utc(now)

@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.Column("outcome", _JSON, nullable=True),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.CheckConstraint(f"state IN ({_STATES})", name="ck_dbops_approvals_state"),
-        sa.CheckConstraint("needed_approvals >= 1", name="ck_dbops_approvals_needed"),
+        sa.CheckConstraint("needed_approvals >= 0", name="ck_dbops_approvals_needed"),
     )
     op.create_index("ix_dbops_approvals_state_expires", "dbops_approvals", ["state", "expires_at"])
 
