@@ -41,6 +41,7 @@ class RoleResolver:
         self._gateway = gateway
         self._ttl = ttl_s
         self._cache: dict[str, tuple[str, float]] = {}
+        self._emails: dict[str, tuple[str | None, float]] = {}
 
     async def role_of(self, user_id: str) -> str:
         if user_id in self._map:
@@ -52,19 +53,37 @@ class RoleResolver:
         self._cache[user_id] = (role, time.monotonic() + ttl)
         return role
 
-    async def _lookup(self, user_id: str) -> tuple[str, float]:
-        if self._client is None:  # the console: the configured map is all there is
-            return LOWEST, self._ttl
+    async def email_of(self, user_id: str) -> str | None:
+        """The Slack profile e-mail of `user_id` (None when Slack has none or failed),
+        cached like roles so `/db quota @user` and authorization share one users.info."""
+        hit = self._emails.get(user_id)
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        email, ttl = await self._fetch_email(user_id)
+        self._emails[user_id] = (email, time.monotonic() + ttl)
+        return email
+
+    async def _fetch_email(self, user_id: str) -> tuple[str | None, float]:
+        if self._client is None:  # the console has no Slack profiles
+            return None, self._ttl
         try:
             info = await self._client.users_info(user=user_id)
             email = (info.get("user") or {}).get("profile", {}).get("email")
         except SlackClientError as exc:
             log.warning("users.info for %s failed: %s", user_id, exc)
-            return LOWEST, FAILED_LOOKUP_TTL_S
-        if not email:
+            return None, FAILED_LOOKUP_TTL_S
+        return (str(email) if email else None), self._ttl
+
+    async def _lookup(self, user_id: str) -> tuple[str, float]:
+        if self._client is None:  # the console: the configured map is all there is
             return LOWEST, self._ttl
+        email = await self.email_of(user_id)
+        if not email:
+            # as long as the e-mail answer is kept: short after a failed users.info
+            left = self._emails[user_id][1] - time.monotonic()
+            return LOWEST, max(0.0, min(self._ttl, left))
         try:
-            role = await self._gateway.read(partial(role_for_email, str(email)))
+            role = await self._gateway.read(partial(role_for_email, email))
         except Exception as exc:  # the target may be the thing that is sick
             log.warning("LEAPS role lookup for %s failed: %s", user_id, exc)
             return LOWEST, FAILED_LOOKUP_TTL_S

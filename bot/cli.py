@@ -58,20 +58,14 @@ def _configure_logging(settings: Settings) -> None:
 
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.approvals import refresh_history
-    from bot.gateway import TargetGateway
+    from bot.gateway import gateway_from_settings
     from bot.router import Answer, Dispatcher, RunContext
     from bot.state import open_store
     from commands.remedy import Plan
 
     settings.require("database_url")
     assert settings.database_url is not None
-    gateway = TargetGateway(
-        settings.database_url,
-        check_timeout_ms=settings.check_timeout_ms,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        connect_timeout_s=settings.connect_timeout_s,
-        pool_max_size=settings.pool_max_size,
-    )
+    gateway = gateway_from_settings(settings)
     # The refresh log (for `views`) lives in the state store: read it when one is configured.
     store = await open_store(settings.state_database_url) if settings.state_database_url else None
     ctx = RunContext(

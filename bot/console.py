@@ -10,8 +10,8 @@ from functools import partial
 
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
 from bot.authz import RoleResolver, allowed
-from bot.executor import Executor
-from bot.gateway import TargetGateway
+from bot.executor import executor_from_settings
+from bot.gateway import gateway_from_settings
 from bot.notify import ConsoleNotifier
 from bot.router import Answer, RunContext, preflight
 from bot.settings import Settings
@@ -26,12 +26,7 @@ CONSOLE_CHANNEL = "console"
 async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
     settings.require("database_url")
     assert settings.database_url is not None
-    gateway = TargetGateway(
-        settings.database_url,
-        check_timeout_ms=settings.check_timeout_ms,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
+    gateway = gateway_from_settings(settings)
     store = await open_store(settings.state_database_url)
     try:
         ctx = RunContext(
@@ -40,11 +35,7 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             settings.allow_superuser_kill,
             refresh_log=partial(refresh_history, store),
         )
-        executor = Executor(
-            settings.admin_database_url or settings.database_url,
-            statement_timeout_ms=settings.remedy_statement_timeout_ms,
-            lock_timeout_ms=settings.remedy_lock_timeout_ms,
-        )
+        executor = executor_from_settings(settings)
         roles = RoleResolver(settings.role_map, None, gateway)
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:

@@ -18,7 +18,7 @@ import psycopg
 
 from bot import render
 from bot.embedded_pg import EmbeddedPostgres
-from bot.gateway import TargetGateway
+from bot.gateway import gateway_from_settings
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.tasks import wait_for_signal
@@ -50,12 +50,7 @@ def demo_threshold_env() -> str:
 
 
 async def demo_report(dsn: str, settings: Settings) -> Report:
-    gateway = TargetGateway(
-        dsn,
-        check_timeout_ms=settings.check_timeout_ms,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
+    gateway = gateway_from_settings(settings, dsn)
     try:
         result = await Dispatcher(RunContext(gateway, DEMO_THRESHOLDS)).run("health")
     finally:

@@ -17,6 +17,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from bot.gateway import APPLICATION_NAME, _first_line, _normalise_scheme
+from bot.settings import Settings
 from commands.base import Row
 from commands.remedy import Outcome, Plan, Query, Remedy, RemedyAbort
 
@@ -208,3 +209,13 @@ SELECT pid, usename::text AS "user", application_name AS app, state, NULL::text 
        left(regexp_replace(query, '\\s+', ' ', 'g'), 120) AS query
 FROM pg_stat_activity WHERE pid = ANY(%s)
 """
+
+
+def executor_from_settings(settings: Settings) -> Executor:
+    """Remedies run on ADMIN_DATABASE_URL when set, else on DATABASE_URL."""
+    settings.require("database_url")
+    return Executor(
+        settings.admin_database_url or settings.database_url or "",
+        statement_timeout_ms=settings.remedy_statement_timeout_ms,
+        lock_timeout_ms=settings.remedy_lock_timeout_ms,
+    )

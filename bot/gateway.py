@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from bot.settings import Settings
 from commands.base import Check, Finding, Reader, Row, Status
 
 T = TypeVar("T")
@@ -234,3 +235,16 @@ class TargetGateway:
                     (str(self.check_timeout_ms), str(self.lock_timeout_ms), APPLICATION_NAME),
                 )
                 return await check(_TxReader(conn))
+
+
+def gateway_from_settings(settings: Settings, dsn: str | None = None) -> TargetGateway:
+    """The target gateway with the configured limits (`dsn` overrides DATABASE_URL)."""
+    if dsn is None:
+        settings.require("database_url")
+    return TargetGateway(
+        dsn or settings.database_url or "",
+        check_timeout_ms=settings.check_timeout_ms,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        connect_timeout_s=settings.connect_timeout_s,
+        pool_max_size=settings.pool_max_size,
+    )

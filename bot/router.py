@@ -34,6 +34,7 @@ class RunContext:
     thresholds: Thresholds
     allow_superuser_kill: bool = False
     refresh_log: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
+    slack_email: Callable[[str], Awaitable[str | None]] | None = None  # Slack id -> profile e-mail
 
 
 @dataclass

@@ -17,8 +17,8 @@ from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from bot import metrics
 from bot.approvals import ApprovalEngine, refresh_history
 from bot.authz import RoleResolver
-from bot.executor import Executor
-from bot.gateway import TargetGateway
+from bot.executor import executor_from_settings
+from bot.gateway import gateway_from_settings
 from bot.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
@@ -36,13 +36,7 @@ class Service:
         settings.require("database_url")
         assert settings.database_url is not None
         self.settings = settings
-        self.gateway = TargetGateway(
-            settings.database_url,
-            check_timeout_ms=settings.check_timeout_ms,
-            lock_timeout_ms=settings.lock_timeout_ms,
-            connect_timeout_s=settings.connect_timeout_s,
-            pool_max_size=settings.pool_max_size,
-        )
+        self.gateway = gateway_from_settings(settings)
         self.ctx = RunContext(
             self.gateway,
             settings.thresholds,
@@ -56,11 +50,8 @@ class Service:
             settings.role_map, self.slack.app.client, self.gateway, settings.role_cache_ttl_s
         )
         self.slack.roles = self.roles
-        self.executor = Executor(
-            settings.admin_database_url or settings.database_url,
-            statement_timeout_ms=settings.remedy_statement_timeout_ms,
-            lock_timeout_ms=settings.remedy_lock_timeout_ms,
-        )
+        self.ctx.slack_email = self.roles.email_of  # `/db quota @user` reads the profile e-mail
+        self.executor = executor_from_settings(settings)
         self.store: StateStore | None = None
         self.engine: ApprovalEngine | None = None
 
