@@ -1,6 +1,18 @@
 """The domain: one module per command family, each registering itself in REGISTRY."""
 
-from commands import connections, health, views
+from commands import connections, health, integrity, quota, repairs, views
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
-__all__ = ["REGISTRY", "Command", "Finding", "Report", "Status", "connections", "health", "views"]
+__all__ = [
+    "REGISTRY",
+    "Command",
+    "Finding",
+    "Report",
+    "Status",
+    "connections",
+    "health",
+    "integrity",
+    "quota",
+    "repairs",
+    "views",
+]

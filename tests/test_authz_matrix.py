@@ -44,7 +44,7 @@ async def rig(
     leaps_dsn: str, fake_slack: FakeSlack, faults: FaultInjector, tmp_path: Path
 ) -> AsyncIterator[Rig]:
     await faults.drop_view_unique_index(PLAIN_VIEW)  # so refresh-views needs approval
-    users = {REQUESTER: "REVIEWER"} | {f"U0{role}": role for role in ROLES}
+    users = {REQUESTER: "REVIEWER"} | {f"U0{role}{i}": role for role in ROLES for i in ("", 2)}
     settings = bot_settings(leaps_dsn, fake_slack, role_map=users)
     short = settings.model_copy(update={"approval_ttl_s": 0.05})
     store = await open_store(f"sqlite:///{tmp_path}/matrix.sqlite3")
@@ -66,22 +66,36 @@ async def rig(
     await store.close()
 
 
-async def args_for(remedy: str, victims: Victims) -> list[str]:
+async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
+    """Arguments, and a fresh problem, so that the remedy's plan needs an approval."""
     if remedy == "refresh-views":
         return [PLAIN_VIEW]
-    (pid,) = await victims.open(1)
+    if remedy == "cleanup-orphans":
+        await faults.orphan_ledger_rows(1)
+        return ["points_ledger"]
+    if remedy == "dedupe-learn":
+        await faults.duplicate_learn(1)
+        return []
+    if remedy == "dedupe-ledger-events":
+        await faults.duplicate_external_events(1)
+        return []
+    if remedy == "reconcile-points":
+        await faults.missing_awards(1)
+        return []
+    (pid,) = await rig.victims.open(1)
     await asyncio.sleep(0.05)
     return ["0"] if remedy == "kill-idle" else [str(pid)]
 
 
-async def test_authorization_matrix(rig: Rig) -> None:
+async def test_authorization_matrix(rig: Rig, faults: FaultInjector) -> None:
     results: dict[tuple[str, str, bool, bool, bool], str] = {}
     cases = itertools.product(sorted(REMEDIES), ROLES, (False, True), (False, True), (False, True))
     for remedy_name, role, own, expired, elsewhere in cases:
         remedy = REMEDIES[remedy_name]
         requester = f"U0{role}" if own else REQUESTER
         engine = rig.short if expired else rig.engine
-        args = await args_for(remedy_name, rig.victims)
+        args = await args_for(remedy_name, rig, faults)
+        needed = engine.policy(remedy).approvers
         approval_id = await engine.request(
             remedy, args, user_id=requester, user_name=requester.lower(), channel_id=CHANNEL
         )
@@ -90,16 +104,19 @@ async def test_authorization_matrix(rig: Rig) -> None:
         if expired:
             await asyncio.sleep(0.1)
         channel = "C0ELSEWHERE" if elsewhere else CHANNEL
-        await engine.on_click(
-            Click(
-                action_id=APPROVE,
-                value=engine.sign(approval_id, channel),
-                user_id=f"U0{role}",
-                user_name=role.lower(),
-                channel_id=channel,
-                message_ts=approval.message_ts or "",
+        # as many distinct people of the role as the policy asks for (the first may be
+        # the requester, whose own click never counts)
+        for approver in [f"U0{role}", *(f"U0{role}{i}" for i in range(2, needed + 1))]:
+            await engine.on_click(
+                Click(
+                    action_id=APPROVE,
+                    value=engine.sign(approval_id, channel),
+                    user_id=approver,
+                    user_name=approver.lower(),
+                    channel_id=channel,
+                    message_ts=approval.message_ts or "",
+                )
             )
-        )
         final = await rig.store.get_approval(approval_id)
         assert final is not None
         results[(remedy_name, role, own, expired, elsewhere)] = final.state

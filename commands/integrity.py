@@ -1,0 +1,687 @@
+"""`/db integrity`: broken data the constraints should have prevented, counted exactly.
+
+Each problem is one finding with its exact count, a sample (at most ten rows) and the
+remedy that repairs it. The counts are designed so that one kind of damage never
+shows up under another kind's name, because each finding points at the remedy that
+fixes *that* damage:
+
+* Reconciliation (missing / extra / differences) and negative totals look only at
+  users and activities that exist; rows of a deleted user or an unknown activity
+  are orphans and are counted only as orphans.
+* A replayed webhook award (one `external_event_id` on several ledger rows) counts
+  once in the reconciliation: it is reported as a duplicate event, which
+  `dedupe-ledger-events` repairs, and not as a point difference.
+
+Speed: the big tables are read once each. One query aggregates `points_ledger` and
+`submissions` per (user, activity) and derives from those two aggregates the ledger
+and submission orphans, duplicate LEARN submissions, duplicate webhook events, the
+reconciliation and negative totals; the anti-joins run against the aggregates, not
+the raw rows. Attachments get their own hash anti-join, concurrently, and the
+foreign-key catalog check is a catalog read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from commands.base import Context, Finding, Gateway, Reader, Report, Row, Status, UsageError
+from commands.base import register as register_command
+
+SAMPLE = 10
+# The one aggregate pass groups a few hundred thousand (user, activity) pairs on a
+# big database; below this the hash tables spill to disk and the pass slows severalfold.
+WORK_MEM = "64MB"
+
+CLEANUP = "/db cleanup-orphans"
+DEDUPE_LEARN = "/db dedupe-learn"
+RECONCILE = "/db reconcile-points"
+DEDUPE_EVENTS = "/db dedupe-ledger-events"
+
+# Finding names, in report order.
+SUB_NO_USER = "orphans: submissions without a user"
+SUB_NO_ACTIVITY = "orphans: submissions without an activity"
+LEDGER_NO_USER = "orphans: ledger rows without a user"
+LEDGER_NO_ACTIVITY = "orphans: ledger rows without an activity"
+ATTACHMENT_NO_SUBMISSION = "orphans: attachments without a submission"
+FOREIGN_KEYS = "guard: foreign keys"
+DUPLICATE_LEARN = "duplicate LEARN submissions"
+DUPLICATE_EVENTS = "duplicate external_event_id"
+MISSING_AWARDS = "points: missing awards"
+EXTRA_AWARDS = "points: extra awards"
+POINT_DIFFERENCES = "points: differences"
+NEGATIVE_TOTALS = "points: negative totals"
+
+FINDINGS: tuple[str, ...] = (
+    SUB_NO_USER,
+    SUB_NO_ACTIVITY,
+    LEDGER_NO_USER,
+    LEDGER_NO_ACTIVITY,
+    ATTACHMENT_NO_SUBMISSION,
+    FOREIGN_KEYS,
+    DUPLICATE_LEARN,
+    DUPLICATE_EVENTS,
+    MISSING_AWARDS,
+    EXTRA_AWARDS,
+    POINT_DIFFERENCES,
+    NEGATIVE_TOTALS,
+)
+
+# (table, column, referenced table): the foreign keys that keep orphans out.
+EXPECTED_FOREIGN_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("submissions", "user_id", "users"),
+    ("submissions", "activity_code", "activities"),
+    ("points_ledger", "user_id", "users"),
+    ("points_ledger", "activity_code", "activities"),
+    ("submission_attachments", "submission_id", "submissions"),
+)
+
+SNAKE_KEYS = ("peers_trained", "students_trained")
+CAMEL_KEYS = ("peersTrained", "studentsTrained")
+
+
+# --- AMPLIFY payload keys -----------------------------------------------------------
+
+_QUOTA_SOURCE_SQL = """
+SELECT p.prosrc AS source
+FROM pg_proc p
+WHERE p.proname = 'check_amplify_quota'
+ORDER BY EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid AND NOT t.tgisinternal) DESC,
+         p.oid DESC
+LIMIT 1
+"""
+
+
+def keys_in_source(source: str | None) -> tuple[str, str]:
+    """The payload keys a version of check_amplify_quota() reads.
+
+    Production uses snake_case; older versions camelCase. A source naming neither
+    (or no function at all) falls back to production's spelling.
+    """
+    text = source or ""
+    peers = next((k for k in ("peers_trained", "peersTrained") if f"'{k}'" in text), None)
+    students = next((k for k in ("students_trained", "studentsTrained") if f"'{k}'" in text), None)
+    if peers is None and students is None:
+        return SNAKE_KEYS
+    return (
+        peers or ("peersTrained" if students == "studentsTrained" else "peers_trained"),
+        students or ("studentsTrained" if peers == "peersTrained" else "students_trained"),
+    )
+
+
+async def amplify_keys(reader: Reader) -> tuple[str, str]:
+    """(peers key, students key) that the live `check_amplify_quota()` reads from
+    submission payloads; the function the quota trigger calls wins over any other."""
+    rows = await reader.fetch(_QUOTA_SOURCE_SQL)
+    return keys_in_source(str(rows[0]["source"]) if rows else None)
+
+
+# --- the one pass over points_ledger and submissions --------------------------------
+
+# The pass groups each big table by user only, one column pair per activity (a pivot):
+# a hash table of users instead of (user, activity) pairs is several times smaller and
+# several times faster on a big database. The activities come from the live table and
+# are bound as parameters; only their number shapes the SQL text. `k` is an activity's
+# position in that list, NULL for a code the table does not hold (an orphan).
+# `dup` reads only ledger rows that carry an external_event_id: a replayed webhook
+# counts once (at its smallest delta) in `counted`, and in full in the user's total.
+_PASS_TEMPLATE = """
+WITH dup AS MATERIALIZED (
+  SELECT l.external_event_id, count(*) AS n, sum(l.delta_points) AS pts,
+         min(l.delta_points) AS one_pts, min(l.user_id) AS user_id,
+         array_position(%(codes)s::text[], min(l.activity_code)) AS k
+  FROM points_ledger l
+  WHERE l.external_event_id IS NOT NULL
+  GROUP BY l.external_event_id
+  HAVING count(*) > 1
+),
+excess AS (
+  SELECT user_id, k, sum(pts - one_pts) AS pts FROM dup GROUP BY user_id, k
+),
+led AS (
+  SELECT l.user_id, count(*) AS n, sum(l.delta_points) AS pts @LED_COLS@
+  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger) l
+  GROUP BY l.user_id
+),
+sub AS (
+  SELECT s.user_id, count(*) AS n @SUB_COLS@,
+         count(*) FILTER (WHERE s.k = %(learn)s
+                            AND s.status IN ('PENDING', 'APPROVED')) AS open_learn,
+         coalesce(sum(
+           2 * CASE WHEN s.payload ->> %(peers)s ~ '^\\s*-?[0-9]{1,9}\\s*$'
+                    THEN (s.payload ->> %(peers)s)::int ELSE 0 END
+           + CASE WHEN s.payload ->> %(students)s ~ '^\\s*-?[0-9]{1,9}\\s*$'
+                  THEN (s.payload ->> %(students)s)::int ELSE 0 END
+         ) FILTER (WHERE s.k = %(amplify)s AND s.status = 'APPROVED'), 0) AS amplify
+  FROM (SELECT user_id, status, payload, @K_OF_CODE@ AS k FROM submissions) s
+  GROUP BY s.user_id
+),
+per_user AS MATERIALIZED (
+  SELECT coalesce(s.user_id, l.user_id) AS user_id,
+         coalesce(s.n, 0) AS sub_n, coalesce(l.n, 0) AS led_n, coalesce(l.pts, 0) AS led_pts,
+         coalesce(s.open_learn, 0) AS open_learn, coalesce(s.amplify, 0) AS amplify
+         @USER_COLS@,
+         EXISTS (SELECT 1 FROM users u WHERE u.id = coalesce(s.user_id, l.user_id)) AS user_ok
+  FROM sub s FULL JOIN led l ON l.user_id = s.user_id
+),
+pairs AS (
+  SELECT u.user_id, v.k, v.approved, v.led_n, v.expected,
+         v.led_pts - coalesce(x.pts, 0) AS counted
+  FROM per_user u
+  CROSS JOIN LATERAL (VALUES @PAIR_VALUES@) AS v(k, approved, led_n, led_pts, expected)
+  LEFT JOIN excess x ON x.user_id = u.user_id AND x.k = v.k
+  WHERE u.user_ok AND (v.approved > 0 OR v.led_n > 0)
+),
+problems AS (
+  SELECT 'sub_no_user' AS kind, user_id, NULL::int AS k, sub_n AS n,
+         NULL::bigint AS expected, NULL::bigint AS actual, NULL::text AS external_event_id
+  FROM per_user WHERE sub_n > 0 AND NOT user_ok
+  UNION ALL
+  SELECT 'sub_no_activity', user_id, NULL, sub_other, NULL, NULL, NULL
+  FROM per_user WHERE sub_other > 0
+  UNION ALL
+  SELECT 'led_no_user', user_id, NULL, led_n, NULL, led_pts, NULL
+  FROM per_user WHERE led_n > 0 AND NOT user_ok
+  UNION ALL
+  SELECT 'led_no_activity', user_id, NULL, led_other, NULL, NULL, NULL
+  FROM per_user WHERE led_other > 0
+  UNION ALL
+  SELECT 'dup_learn', user_id, %(learn)s, open_learn - 1, NULL, NULL, NULL
+  FROM per_user WHERE open_learn > 1
+  UNION ALL
+  SELECT 'negative', user_id, NULL, led_n, NULL, led_pts, NULL
+  FROM per_user WHERE user_ok AND led_pts < 0
+  UNION ALL
+  SELECT CASE WHEN led_n = 0 THEN 'missing'
+              WHEN approved = 0 THEN 'extra'
+              ELSE 'difference' END,
+         user_id, k, CASE WHEN led_n = 0 THEN 1 ELSE led_n END, expected, counted, NULL
+  FROM pairs
+  WHERE (led_n = 0 AND expected > 0) OR (led_n > 0 AND counted <> expected)
+  UNION ALL
+  SELECT 'dup_event', user_id, k, n - 1, one_pts, pts, external_event_id FROM dup
+),
+ranked AS (
+  SELECT p.*, row_number() OVER (PARTITION BY kind ORDER BY user_id, k, external_event_id) AS rn,
+         count(*) OVER (PARTITION BY kind) AS units,
+         sum(n) OVER (PARTITION BY kind) AS rows_total,
+         sum(coalesce(actual, 0) - coalesce(expected, 0)) OVER (PARTITION BY kind) AS net
+  FROM problems p
+)
+SELECT r.kind, r.user_id, (%(codes)s::text[])[r.k] AS activity_code,
+       r.n::bigint AS n, r.expected::bigint AS expected, r.actual::bigint AS actual,
+       r.units::bigint AS units, r.rows_total::bigint AS rows_total, r.net::bigint AS net,
+       r.external_event_id
+FROM ranked r
+WHERE r.rn <= %(sample)s
+ORDER BY r.kind, r.rn
+"""
+
+
+def pass_sql(activities: int) -> str:
+    """The pass for `activities` activities (positions 1..n); values are all bound."""
+    ks = range(1, activities + 1)
+    led = "".join(
+        f", count(*) FILTER (WHERE l.k = {i}) AS ln{i},"
+        f" coalesce(sum(l.delta_points) FILTER (WHERE l.k = {i}), 0) AS lp{i}"
+        for i in ks
+    )
+    sub = "".join(
+        f", count(*) FILTER (WHERE s.k = {i}) AS sn{i},"
+        f" count(*) FILTER (WHERE s.k = {i} AND s.status = 'APPROVED') AS sa{i}"
+        for i in ks
+    )
+    known_sub = " + ".join(f"coalesce(s.sn{i}, 0)" for i in ks) or "0"
+    known_led = " + ".join(f"coalesce(l.ln{i}, 0)" for i in ks) or "0"
+    user = "".join(
+        f", coalesce(s.sa{i}, 0) AS sa{i}, coalesce(l.ln{i}, 0) AS ln{i},"
+        f" coalesce(l.lp{i}, 0) AS lp{i}"
+        for i in ks
+    )
+    user += f", coalesce(s.n, 0) - ({known_sub}) AS sub_other"
+    user += f", coalesce(l.n, 0) - ({known_led}) AS led_other"
+    values = ", ".join(
+        f"({i}, u.sa{i}, u.ln{i}, u.lp{i},"
+        f" CASE WHEN {i} = %(amplify)s THEN u.amplify"
+        f" ELSE u.sa{i} * greatest((%(points)s::int[])[{i}], 0) END)"
+        for i in ks
+    )
+    if not values:
+        values = "(0, 0, 0, 0, 0)"
+    # A CASE over bound codes: per row, far cheaper than array_position() on an array.
+    k_of_code = (
+        "CASE activity_code " + " ".join(f"WHEN %(code{i})s THEN {i}" for i in ks) + " END"
+        if activities
+        else "NULL::int"
+    )
+    return (
+        _PASS_TEMPLATE.replace("@K_OF_CODE@", k_of_code)
+        .replace("@LED_COLS@", led)
+        .replace("@SUB_COLS@", sub)
+        .replace("@USER_COLS@", user)
+        .replace("@PAIR_VALUES@", values)
+    )
+
+
+_SUB_SAMPLE_SQL = {
+    "user": """
+SELECT id, user_id, activity_code, status::text AS status, created_at
+FROM submissions s
+WHERE s.user_id = ANY(%(keys)s)
+  AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)
+ORDER BY id LIMIT %(sample)s
+""",
+    "activity": """
+SELECT id, user_id, activity_code, status::text AS status, created_at
+FROM submissions s
+WHERE s.user_id = ANY(%(keys)s)
+  AND NOT EXISTS (SELECT 1 FROM activities a WHERE a.code = s.activity_code)
+ORDER BY id LIMIT %(sample)s
+""",
+}
+_LEDGER_SAMPLE_SQL = {
+    "user": """
+SELECT id, user_id, activity_code, source::text AS source, delta_points, event_time
+FROM points_ledger l
+WHERE l.user_id = ANY(%(keys)s)
+  AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = l.user_id)
+ORDER BY id LIMIT %(sample)s
+""",
+    "activity": """
+SELECT id, user_id, activity_code, source::text AS source, delta_points, event_time
+FROM points_ledger l
+WHERE l.user_id = ANY(%(keys)s)
+  AND NOT EXISTS (SELECT 1 FROM activities a WHERE a.code = l.activity_code)
+ORDER BY id LIMIT %(sample)s
+""",
+}
+_LEARN_SAMPLE_SQL = """
+SELECT id, user_id, status::text AS status, created_at, updated_at
+FROM submissions
+WHERE user_id = ANY(%(keys)s) AND activity_code = 'LEARN' AND status IN ('PENDING', 'APPROVED')
+ORDER BY user_id, created_at DESC, id LIMIT %(sample)s
+"""
+
+
+async def _tune(db: Reader) -> None:
+    """For this transaction only: room for the hash tables; no JIT, whose compilation
+    of the pass's many expressions costs seconds and saves less; and parallel workers
+    for the aggregates, which the default costs deny because their partial results
+    are large (measured at 100,000 users: the pass runs in half the time)."""
+    await db.fetch(
+        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
+        " set_config('parallel_setup_cost', '10', true),"
+        " set_config('parallel_tuple_cost', '0.0001', true),"
+        " set_config('enable_indexscan', 'off', true)",
+        (WORK_MEM,),
+    )
+
+
+def _kinds(rows: list[Row]) -> dict[str, list[Row]]:
+    by_kind: dict[str, list[Row]] = {}
+    for r in rows:
+        by_kind.setdefault(str(r["kind"]), []).append(r)
+    return by_kind
+
+
+def _totals(rows: list[Row]) -> tuple[int, int, int]:
+    """(problem units, rows they cover, net point difference) of one kind."""
+    if not rows:
+        return 0, 0, 0
+    first = rows[0]
+    return int(first["units"]), int(first["rows_total"]), int(first["net"] or 0)
+
+
+def _ok(name: str, summary: str) -> Finding:
+    return Finding(check=name, status=Status.OK, summary=summary)
+
+
+async def _orphan_finding(
+    db: Reader,
+    name: str,
+    what: str,
+    parent: str,
+    pair_rows: list[Row],
+    sample_sql: str,
+    key: str,
+    table: str,
+) -> Finding:
+    """Orphan rows, counted exactly from the aggregate; the sample is fetched by the
+    (few) orphan keys, through the index on the referencing column."""
+    _units, total, _net = _totals(pair_rows)
+    if total == 0:
+        return _ok(name, f"every {what} has its {parent}")
+    keys = sorted({str(r[key]) for r in pair_rows})
+    sample = await db.fetch(sample_sql, {"keys": keys, "sample": SAMPLE})
+    return Finding(
+        check=name,
+        status=Status.CRIT,
+        summary=f"{total} {what} rows point at a {parent} that does not exist",
+        rows=sample,
+        hint=f"`{CLEANUP} {table}` backs them up and deletes them (needs two approvals)",
+    )
+
+
+async def _pass_findings(db: Reader) -> list[Finding]:
+    """Everything derived from the one aggregate pass, in FINDINGS order."""
+    peers, students = await amplify_keys(db)
+    activities = await db.fetch("SELECT code, default_points FROM activities ORDER BY code")
+    codes = [str(a["code"]) for a in activities]
+    await _tune(db)
+    rows = await db.fetch(
+        pass_sql(len(codes)),
+        {
+            **{f"code{i}": code for i, code in enumerate(codes, start=1)},
+            "codes": codes,
+            "points": [int(a["default_points"]) for a in activities],
+            "amplify": codes.index("AMPLIFY") + 1 if "AMPLIFY" in codes else 0,
+            "learn": codes.index("LEARN") + 1 if "LEARN" in codes else 0,
+            "peers": peers,
+            "students": students,
+            "sample": SAMPLE,
+        },
+    )
+    k = _kinds(rows)
+    out = [
+        await _orphan_finding(
+            db,
+            SUB_NO_USER,
+            "submission",
+            "user",
+            k.get("sub_no_user", []),
+            _SUB_SAMPLE_SQL["user"],
+            "user_id",
+            "submissions",
+        ),
+        await _orphan_finding(
+            db,
+            SUB_NO_ACTIVITY,
+            "submission",
+            "activity",
+            k.get("sub_no_activity", []),
+            _SUB_SAMPLE_SQL["activity"],
+            "user_id",
+            "submissions",
+        ),
+        await _orphan_finding(
+            db,
+            LEDGER_NO_USER,
+            "points_ledger",
+            "user",
+            k.get("led_no_user", []),
+            _LEDGER_SAMPLE_SQL["user"],
+            "user_id",
+            "points_ledger",
+        ),
+        await _orphan_finding(
+            db,
+            LEDGER_NO_ACTIVITY,
+            "points_ledger",
+            "activity",
+            k.get("led_no_activity", []),
+            _LEDGER_SAMPLE_SQL["activity"],
+            "user_id",
+            "points_ledger",
+        ),
+    ]
+    out.append(await _duplicate_learn(db, k.get("dup_learn", [])))
+    out.append(_duplicate_events(k.get("dup_event", [])))
+    out += _reconciliation(k, peers, students)
+    out.append(_negative_totals(k.get("negative", [])))
+    return out
+
+
+async def _duplicate_learn(db: Reader, pair_rows: list[Row]) -> Finding:
+    """Users with more than one LEARN submission in PENDING or APPROVED; the count of
+    extra rows is what `dedupe-learn` would reject (all but each user's latest)."""
+    users, extra, _net = _totals(pair_rows)
+    if users == 0:
+        return _ok(DUPLICATE_LEARN, "no user has more than one PENDING/APPROVED LEARN submission")
+    keys = sorted({str(r["user_id"]) for r in pair_rows})
+    sample = await db.fetch(_LEARN_SAMPLE_SQL, {"keys": keys, "sample": SAMPLE})
+    return Finding(
+        check=DUPLICATE_LEARN,
+        status=Status.CRIT,
+        summary=f"{users} users have more than one PENDING/APPROVED LEARN submission "
+        f"({extra} extra rows)",
+        rows=sample,
+        hint=f"`{DEDUPE_LEARN}` keeps each user's latest and rejects the others",
+    )
+
+
+def _duplicate_events(pair_rows: list[Row]) -> Finding:
+    """external_event_ids on more than one ledger row (anywhere in the table); extra
+    rows = copies beyond the first, what `dedupe-ledger-events` removes."""
+    ids, extra, _net = _totals(pair_rows)
+    if ids == 0:
+        return _ok(DUPLICATE_EVENTS, "every external_event_id appears on one ledger row")
+    sample = [
+        {
+            "external_event_id": r["external_event_id"],
+            "user_id": r["user_id"],
+            "copies": int(r["n"]) + 1,
+            "points_each": r["expected"],
+            "points_total": r["actual"],
+        }
+        for r in pair_rows
+    ]
+    return Finding(
+        check=DUPLICATE_EVENTS,
+        status=Status.CRIT,
+        summary=f"{ids} external_event_ids appear more than once ({extra} extra ledger rows): "
+        "replayed webhooks awarded twice",
+        rows=sample,
+        hint=f"`{DEDUPE_EVENTS}` keeps the first row of each and backs up the rest",
+    )
+
+
+def _pair_sample(rows: list[Row]) -> list[Row]:
+    return [
+        {
+            "user_id": r["user_id"],
+            "activity_code": r["activity_code"],
+            "expected": r["expected"],
+            "ledger": r["actual"],
+            "ledger_rows": r["n"] if r["kind"] != "missing" else 0,
+        }
+        for r in rows
+    ]
+
+
+def _reconciliation(k: dict[str, list[Row]], peers: str, students: str) -> list[Finding]:
+    """Ledger against approved submissions, per (user, activity) where both exist.
+
+    expected = AMPLIFY: peers*2 + students*1 over APPROVED submissions, read with the
+    live quota function's keys; other activities: APPROVED count * default_points (so
+    0-point activities expect nothing). ledger = sum of delta_points, each
+    external_event_id counted once.
+    missing: expected > 0 and no ledger row at all;
+    extra: no APPROVED submission, and ledger rows whose sum is not 0 (a revoked award
+    and its reversal sum to 0 and are fine);
+    differences: APPROVED submissions and ledger rows, sums differ.
+    """
+    how = f"AMPLIFY = {peers}*2 + {students}*1, others = default_points"
+    missing, _rows, missing_pts = _totals(k.get("missing", []))
+    extra, extra_rows, extra_pts = _totals(k.get("extra", []))
+    diff, _rows, diff_pts = _totals(k.get("difference", []))
+    out = [
+        Finding(
+            check=MISSING_AWARDS,
+            status=Status.WARN,
+            summary=f"{missing} (user, activity) pairs with approved submissions have no "
+            f"ledger row: {-missing_pts} points never awarded ({how})",
+            rows=_pair_sample(k["missing"]),
+            hint=f"`{RECONCILE}` inserts the missing awards (idempotent)",
+        )
+        if missing
+        else _ok(MISSING_AWARDS, f"every approved submission has its award ({how})"),
+        Finding(
+            check=EXTRA_AWARDS,
+            status=Status.WARN,
+            summary=f"{extra} (user, activity) pairs hold {extra_pts:+d} points in "
+            f"{extra_rows} ledger rows without any approved submission",
+            rows=_pair_sample(k["extra"]),
+            hint=f"review them; `{RECONCILE}` shows the plan for each pair",
+        )
+        if extra
+        else _ok(EXTRA_AWARDS, "no ledger points without an approved submission"),
+        Finding(
+            check=POINT_DIFFERENCES,
+            status=Status.WARN,
+            summary=f"{diff} (user, activity) pairs where the ledger differs from approved "
+            f"submissions, net {diff_pts:+d} points ({how})",
+            rows=_pair_sample(k["difference"]),
+            hint=f"`{RECONCILE}` shows and corrects each difference",
+        )
+        if diff
+        else _ok(POINT_DIFFERENCES, f"ledger sums match approved submissions ({how})"),
+    ]
+    return out
+
+
+def _negative_totals(rows: list[Row]) -> Finding:
+    """Existing users whose ledger rows (all of them, as the leaderboard sums) add up
+    to less than zero."""
+    users, _rows, _net = _totals(rows)
+    if users == 0:
+        return _ok(NEGATIVE_TOTALS, "no user has a negative point total")
+    sample = [{"user_id": r["user_id"], "total": r["actual"], "ledger_rows": r["n"]} for r in rows]
+    return Finding(
+        check=NEGATIVE_TOTALS,
+        status=Status.CRIT,
+        summary=f"{users} users have a negative point total (lowest sample "
+        f"{min(int(r['actual']) for r in rows)})",
+        rows=sample,
+        hint=f"`{RECONCILE}` shows which corrections drove them below zero",
+    )
+
+
+# --- attachments --------------------------------------------------------------------
+
+_ATTACHMENTS_SQL = """
+SELECT sa.id, sa.submission_id, sa.path, count(*) OVER () AS total
+FROM submission_attachments sa
+WHERE NOT EXISTS (SELECT 1 FROM submissions s WHERE s.id = sa.submission_id)
+ORDER BY sa.id
+LIMIT %(sample)s
+"""
+
+
+async def check_orphan_attachments(db: Reader) -> Finding:
+    """Attachments whose submission is gone: one hash anti-join."""
+    await _tune(db)
+    rows = await db.fetch(_ATTACHMENTS_SQL, {"sample": SAMPLE})
+    if not rows:
+        return _ok(ATTACHMENT_NO_SUBMISSION, "every attachment has its submission")
+    total = int(rows[0]["total"])
+    for r in rows:
+        r.pop("total")
+    return Finding(
+        check=ATTACHMENT_NO_SUBMISSION,
+        status=Status.CRIT,
+        summary=f"{total} submission_attachments rows point at a submission that does not exist",
+        rows=rows,
+        hint=f"`{CLEANUP} submission_attachments` backs them up and deletes them",
+    )
+
+
+# --- foreign keys -------------------------------------------------------------------
+
+_FOREIGN_KEYS_SQL = """
+SELECT e.tbl AS "table", e.col AS "column", e.ref AS "references",
+       c.conname AS "constraint", c.convalidated AS validated
+FROM unnest(%(tables)s::text[], %(columns)s::text[], %(refs)s::text[]) AS e(tbl, col, ref)
+LEFT JOIN pg_constraint c
+  ON c.contype = 'f'
+ AND c.conrelid = to_regclass(e.tbl)
+ AND c.confrelid = to_regclass(e.ref)
+ AND c.conkey = ARRAY[(SELECT a.attnum FROM pg_attribute a
+                        WHERE a.attrelid = to_regclass(e.tbl) AND a.attname = e.col)]
+ORDER BY e.tbl, e.col
+"""
+
+
+async def check_foreign_keys(db: Reader) -> Finding:
+    """Whether the foreign keys that keep orphans out are there and validated."""
+    rows = await db.fetch(
+        _FOREIGN_KEYS_SQL,
+        {
+            "tables": [t for t, _c, _r in EXPECTED_FOREIGN_KEYS],
+            "columns": [c for _t, c, _r in EXPECTED_FOREIGN_KEYS],
+            "refs": [r for _t, _c, r in EXPECTED_FOREIGN_KEYS],
+        },
+    )
+
+    def label(r: Row) -> str:
+        return f"{r['table']}.{r['column']} → {r['references']}"
+
+    missing = [label(r) for r in rows if r["constraint"] is None]
+    unvalidated = [label(r) for r in rows if r["constraint"] is not None and not r["validated"]]
+    if not missing and not unvalidated:
+        return _ok(FOREIGN_KEYS, f"all {len(rows)} foreign keys that prevent orphans exist")
+    problems = []
+    if missing:
+        problems.append("missing: " + ", ".join(missing))
+    if unvalidated:
+        problems.append("NOT VALID (old rows unchecked): " + ", ".join(unvalidated))
+    return Finding(
+        check=FOREIGN_KEYS,
+        status=Status.WARN,
+        summary="foreign keys that prevent orphans are " + "; ".join(problems),
+        rows=rows,
+        hint=f"clean up with `{CLEANUP}`, then re-create each key from the migration",
+    )
+
+
+# --- the command --------------------------------------------------------------------
+
+
+async def _run_group(
+    gw: Gateway, names: tuple[str, ...], fn: Callable[[Reader], Awaitable[list[Finding]]]
+) -> list[Finding]:
+    """Run a check that yields several findings in one guarded transaction; if it is
+    skipped or fails, every finding it would have made says so."""
+    box: list[Finding] = []
+
+    async def check(db: Reader) -> Finding:
+        box[:] = await fn(db)
+        return _ok(names[0], "")
+
+    result = await gw.run_check("integrity: " + ", ".join(names), check)
+    if result.status is Status.OK and len(box) == len(names):
+        return box
+    return [Finding(check=n, status=result.status, summary=result.summary) for n in names]
+
+
+PASS_FINDINGS: tuple[str, ...] = (
+    SUB_NO_USER,
+    SUB_NO_ACTIVITY,
+    LEDGER_NO_USER,
+    LEDGER_NO_ACTIVITY,
+    DUPLICATE_LEARN,
+    DUPLICATE_EVENTS,
+    MISSING_AWARDS,
+    EXTRA_AWARDS,
+    POINT_DIFFERENCES,
+    NEGATIVE_TOTALS,
+)
+
+
+@register_command(
+    "integrity",
+    usage="/db integrity",
+    summary="orphans, duplicates and point mismatches, counted exactly",
+)
+async def integrity(ctx: Context, args: list[str]) -> Report:
+    if args:
+        raise UsageError("`integrity` takes no arguments")
+    gw = ctx.gateway
+    grouped, attachments, fks = await asyncio.gather(
+        _run_group(gw, PASS_FINDINGS, _pass_findings),
+        gw.run_check(ATTACHMENT_NO_SUBMISSION, check_orphan_attachments),
+        gw.run_check(FOREIGN_KEYS, check_foreign_keys),
+    )
+    by_name: dict[str, Any] = {f.check: f for f in [*grouped, attachments, fks]}
+    findings = [by_name[n] for n in FINDINGS]
+    return Report(title="Data integrity", target=gw.target, findings=findings).sorted()

@@ -1,0 +1,541 @@
+"""The data repairs against a real PostgreSQL 15: each fault injected with a known count is
+planned exactly, repaired through the executor, backed up row for row, and a second run
+changes nothing; a trigger of the database that refuses the change leaves every table as
+it was and no backup behind."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, LiteralString
+
+import psycopg
+import pytest
+import pytest_asyncio
+from psycopg import sql
+
+from bot.executor import BACKUP_SCHEMA, Executor, backup_name
+from bot.gateway import TargetGateway
+from bot.router import RunContext
+from commands.base import Status, UsageError
+from commands.fixture.faults import FaultInjector
+from commands.integrity import integrity
+from commands.remedy import REMEDIES, Plan, Remedy
+from commands.repairs import (
+    CLEANUP_ORPHANS,
+    DEDUPE_EVENTS,
+    DEDUPE_LEARN,
+    RECONCILE_POINTS,
+    RECONCILE_SOURCE,
+)
+from tests.conftest import FAST_THRESHOLDS
+
+Rows = list[tuple[Any, ...]]
+GONE_USER = "gone-user"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ctx(leaps_dsn: str) -> AsyncIterator[RunContext]:
+    gateway = TargetGateway(leaps_dsn)
+    yield RunContext(gateway, FAST_THRESHOLDS)
+    await gateway.close()
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+async def run(
+    dsn: str, query: LiteralString | sql.Composed, params: tuple[Any, ...] | None = None
+) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(query, params)
+
+
+async def fetch(
+    dsn: str, query: LiteralString | sql.Composed, params: tuple[Any, ...] | None = None
+) -> Rows:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+
+
+async def table(dsn: str, name: str) -> Rows:
+    return await fetch(dsn, sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(name)))
+
+
+async def tables(dsn: str, *names: str) -> dict[str, Rows]:
+    return {n: await table(dsn, n) for n in names}
+
+
+def backup_ident(approval: str, name: str) -> sql.Identifier:
+    return sql.Identifier(BACKUP_SCHEMA, backup_name(approval, name))
+
+
+async def backup(dsn: str, approval: str, name: str) -> Rows:
+    return await fetch(
+        dsn, sql.SQL("SELECT * FROM {} ORDER BY id").format(backup_ident(approval, name))
+    )
+
+
+async def backup_tables(dsn: str) -> list[str]:
+    rows = await fetch(
+        dsn,
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s ORDER BY 1",
+        (BACKUP_SCHEMA,),
+    )
+    return [str(r[0]) for r in rows]
+
+
+async def plan_of(remedy: Remedy, ctx: RunContext, args: list[str] | None = None) -> Plan:
+    return await remedy.plan(ctx, args or [])
+
+
+async def refuse(dsn: str, name: str, event: LiteralString) -> None:
+    """A trigger of the database that refuses every `event` on table `name`."""
+    await run(
+        dsn,
+        sql.SQL(
+            "CREATE FUNCTION refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE EXCEPTION 'changes to % are frozen for the audit', TG_TABLE_NAME"
+            " USING ERRCODE = '42501'; END $$;"
+            " CREATE TRIGGER refuse_change BEFORE {} ON {}"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_change();"
+        ).format(sql.SQL(event), sql.Identifier(name)),
+    )
+
+
+async def assert_refused(
+    dsn: str, remedy: Remedy, plan: Plan, approval: str, names: tuple[str, ...], table_name: str
+) -> None:
+    before = await tables(dsn, *names)
+    state, outcome = await Executor(dsn).apply(remedy, plan, approval)
+    assert state == "failed", outcome
+    assert f"changes to {table_name} are frozen for the audit" in outcome.summary
+    assert outcome.error is not None and outcome.error.startswith("42501")
+    assert await tables(dsn, *names) == before
+    assert await backup_tables(dsn) == []
+
+
+async def assert_rerun_changes_nothing(
+    dsn: str, ctx: RunContext, remedy: Remedy, names: tuple[str, ...], args: list[str] | None = None
+) -> None:
+    before = await tables(dsn, *names)
+    again = await plan_of(remedy, ctx, args)
+    assert again.count == 0 and again.needs_approval is False
+    assert "nothing to do" in again.summary
+    state, outcome = await Executor(dsn).apply(remedy, again, "apv-rerun")
+    assert state == "done", outcome
+    assert outcome.affected == 0
+    assert await tables(dsn, *names) == before
+    assert not [t for t in await backup_tables(dsn) if t.startswith("apv_rerun")]
+
+
+# --- fault injection: FaultInjector, plus one case it does not make --------------------
+
+
+async def drop_constraint(dsn: str, name: str, constraint: str) -> None:
+    await run(
+        dsn,
+        sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            sql.Identifier(name), sql.Identifier(constraint)
+        ),
+    )
+
+
+async def orphan_submissions_with_attachments(dsn: str, n: int) -> list[str]:
+    """n existing submissions that have attachments lose their user (the submissions'
+    foreign key dropped first; the attachments' one still cascades)."""
+    await drop_constraint(dsn, "submissions", "submissions_user_id_fkey")
+    rows = await fetch(
+        dsn,
+        "UPDATE submissions SET user_id = %s || id WHERE id IN (SELECT s.id FROM submissions s"
+        " WHERE EXISTS (SELECT 1 FROM submission_attachments sa"
+        " WHERE sa.submission_id = s.id) ORDER BY s.id LIMIT %s) RETURNING id",
+        (GONE_USER, n),
+    )
+    assert len(rows) == n
+    return sorted(str(r[0]) for r in rows)
+
+
+# --- registration ---------------------------------------------------------------------
+
+
+def test_remedies_are_registered_with_their_approvals() -> None:
+    for remedy in (CLEANUP_ORPHANS, DEDUPE_LEARN, DEDUPE_EVENTS):
+        assert REMEDIES[remedy.name] is remedy
+        assert remedy.destroys_data and remedy.approvers == 2
+        assert remedy.approver_role == "ADMIN"
+    assert REMEDIES["reconcile-points"] is RECONCILE_POINTS
+    assert not RECONCILE_POINTS.destroys_data and RECONCILE_POINTS.approvers == 1
+    assert RECONCILE_POINTS.approver_role == "ADMIN"
+
+
+async def test_healthy_fixture_needs_no_repair(ctx: RunContext) -> None:
+    for remedy in (CLEANUP_ORPHANS, DEDUPE_LEARN, RECONCILE_POINTS, DEDUPE_EVENTS):
+        plan = await plan_of(remedy, ctx)
+        assert plan.count == 0, (remedy.name, plan.summary)
+        assert plan.needs_approval is False
+        assert plan.backup is None
+
+
+async def test_cleanup_orphans_rejects_unknown_tables(ctx: RunContext) -> None:
+    with pytest.raises(UsageError, match="takes one of"):
+        await plan_of(CLEANUP_ORPHANS, ctx, ["users"])
+
+
+# --- cleanup-orphans ------------------------------------------------------------------
+
+ORPHAN_TABLES = ("submissions", "points_ledger", "submission_attachments")
+
+
+async def test_cleanup_all_orphans_backs_up_every_deleted_row(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    subs = await faults.orphan_submissions(3)
+    subs += await faults.orphan_submissions(2, parent="activity")
+    ledger = await faults.orphan_ledger_rows(4)
+    ledger += await faults.orphan_ledger_rows(1, parent="activity")
+    atts = await faults.orphan_attachments(5)
+    plan = await plan_of(CLEANUP_ORPHANS, ctx, ["all"])
+    assert plan.count == 15 and plan.needs_approval
+    assert plan.data["counts"] == {
+        "attachments": 5,
+        "child_attachments": 0,
+        "submissions": 5,
+        "points_ledger": 5,
+    }
+    assert {str(t["id"]) for t in plan.targets} == set(subs + ledger + atts)
+    assert plan.backup is not None and "dbops_backup" in plan.backup
+    assert all("NOT EXISTS" in s.sql for s in plan.steps if s.note and "locks" in s.note)
+
+    before = await tables(leaps_dsn, *ORPHAN_TABLES)
+    state, outcome = await Executor(leaps_dsn).apply(CLEANUP_ORPHANS, plan, "apv-orphans1")
+    assert state == "done", outcome
+    assert outcome.affected == 15 and outcome.backed_up == 15
+    after = await tables(leaps_dsn, *ORPHAN_TABLES)
+    deleted = {"submissions": subs, "points_ledger": ledger, "submission_attachments": atts}
+    for name in ORPHAN_TABLES:
+        saved = await backup(leaps_dsn, "apv-orphans1", name)
+        assert sorted(after[name] + saved) == before[name]
+        assert sorted(str(r[0]) for r in saved) == sorted(deleted[name])
+
+    report = await integrity(ctx, [])
+    orphan_findings = [f for f in report.findings if f.check.startswith("orphans:")]
+    assert orphan_findings and all(f.status == Status.OK for f in orphan_findings)
+    await assert_rerun_changes_nothing(leaps_dsn, ctx, CLEANUP_ORPHANS, ORPHAN_TABLES, ["all"])
+
+
+async def test_cleanup_orphaned_submissions_takes_their_attachments_along(
+    ctx: RunContext, leaps_dsn: str
+) -> None:
+    """The attachments' foreign key still cascades: the attachments of the deleted
+    submissions are counted, backed up and deleted explicitly, not lost to the cascade."""
+    subs = await orphan_submissions_with_attachments(leaps_dsn, 4)
+    children = await fetch(
+        leaps_dsn,
+        "SELECT id FROM submission_attachments WHERE submission_id = ANY(%s) ORDER BY id",
+        (subs,),
+    )
+    assert children
+    plan = await plan_of(CLEANUP_ORPHANS, ctx, ["submissions"])
+    assert plan.data["counts"] == {"child_attachments": len(children), "submissions": 4}
+    assert plan.count == 4 + len(children)
+    assert any("attachments" in w for w in plan.warnings)
+
+    before = await tables(leaps_dsn, *ORPHAN_TABLES)
+    state, outcome = await Executor(leaps_dsn).apply(CLEANUP_ORPHANS, plan, "apv-orphans2")
+    assert state == "done", outcome
+    after = await tables(leaps_dsn, *ORPHAN_TABLES)
+    assert after["points_ledger"] == before["points_ledger"]
+    for name in ("submissions", "submission_attachments"):
+        saved = await backup(leaps_dsn, "apv-orphans2", name)
+        assert sorted(after[name] + saved) == before[name]
+    saved_children = await backup(leaps_dsn, "apv-orphans2", "submission_attachments")
+    assert [r[0] for r in saved_children] == [r[0] for r in children]
+
+    await assert_rerun_changes_nothing(
+        leaps_dsn, ctx, CLEANUP_ORPHANS, ORPHAN_TABLES, ["submissions"]
+    )
+
+
+async def test_cleanup_orphans_refuses_a_cascade_the_backup_would_miss(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.orphan_ledger_rows(2)
+    await run(
+        leaps_dsn,
+        "CREATE TABLE ledger_notes (id text PRIMARY KEY,"
+        " ledger_id text REFERENCES points_ledger (id) ON DELETE CASCADE)",
+    )
+    with pytest.raises(UsageError, match="ledger_notes"):
+        await plan_of(CLEANUP_ORPHANS, ctx, ["points_ledger"])
+
+
+async def test_cleanup_orphans_refused_by_a_trigger_changes_nothing(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.orphan_submissions(2)
+    await faults.orphan_ledger_rows(2)
+    plan = await plan_of(CLEANUP_ORPHANS, ctx, [])
+    assert plan.count == 4
+    await refuse(leaps_dsn, "points_ledger", "DELETE")
+    await assert_refused(
+        leaps_dsn, CLEANUP_ORPHANS, plan, "apv-orphans3", ORPHAN_TABLES, "points_ledger"
+    )
+
+
+async def test_cleanup_orphans_drift_aborts(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.orphan_ledger_rows(2)
+    plan = await plan_of(CLEANUP_ORPHANS, ctx, ["ledger"])
+    assert plan.count == 2
+    await faults.orphan_ledger_rows(1)
+    before = await tables(leaps_dsn, *ORPHAN_TABLES)
+    state, outcome = await Executor(leaps_dsn).apply(CLEANUP_ORPHANS, plan, "apv-orphans4")
+    assert state == "aborted" and "drift" in outcome.summary
+    assert await tables(leaps_dsn, *ORPHAN_TABLES) == before
+    assert await backup_tables(leaps_dsn) == []
+
+
+# --- dedupe-learn ---------------------------------------------------------------------
+
+
+async def test_dedupe_learn_rejects_all_but_the_latest(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    newer = await faults.duplicate_learn(6)
+    before = await table(leaps_dsn, "submissions")
+    cols = [
+        str(r[0])
+        for r in await fetch(
+            leaps_dsn,
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = 'submissions'::regclass"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+    ]
+    col = {c: i for i, c in enumerate(cols)}
+    users = {r[col["user_id"]] for r in before if str(r[0]) in newer}
+    older = sorted(
+        str(r[0])
+        for r in before
+        if r[col["user_id"]] in users
+        and r[col["activity_code"]] == "LEARN"
+        and r[col["status"]] in ("PENDING", "APPROVED")
+        and str(r[0]) not in newer
+    )
+    assert len(older) == 6
+
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    assert plan.count == 6 and plan.needs_approval
+    assert sorted(str(t["id"]) for t in plan.targets) == older
+    assert sorted(str(t["kept_submission"]) for t in plan.targets) == sorted(newer)
+
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn1")
+    assert state == "done", outcome
+    assert outcome.affected == 6 and outcome.backed_up == 6
+    after = await table(leaps_dsn, "submissions")
+    assert len(after) == len(before)  # nothing deleted
+
+    changed = {col["status"], col["review_note"], col["updated_at"]}
+    saved = await backup(leaps_dsn, "apv-learn1", "submissions")
+    assert saved == [r for r in before if str(r[0]) in older]
+    now = {str(r[0]): r for r in after}
+    for old in saved:
+        new = now[str(old[0])]
+        assert [v for i, v in enumerate(new) if i not in changed] == [
+            v for i, v in enumerate(old) if i not in changed
+        ]
+        assert new[col["status"]] == "REJECTED"
+        note = str(new[col["review_note"]])
+        assert "Duplicate LEARN" in note and "apv-learn1" in note
+        assert new[col["updated_at"]] is not None
+        assert new[col["updated_at"]] >= old[col["updated_at"]]
+    assert [r for r in after if str(r[0]) not in older] == [
+        r for r in before if str(r[0]) not in older
+    ]
+    report = await integrity(ctx, [])
+    (learn,) = [f for f in report.findings if f.check == "duplicate LEARN submissions"]
+    assert learn.status == Status.OK, learn.summary
+
+    await assert_rerun_changes_nothing(leaps_dsn, ctx, DEDUPE_LEARN, ("submissions",))
+
+
+async def test_dedupe_learn_refused_by_a_trigger_changes_nothing(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.duplicate_learn(3)
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    assert plan.count == 3
+    await refuse(leaps_dsn, "submissions", "UPDATE")
+    await assert_refused(
+        leaps_dsn, DEDUPE_LEARN, plan, "apv-learn2", ("submissions", "audit_log"), "submissions"
+    )
+
+
+# --- dedupe-ledger-events -------------------------------------------------------------
+
+
+async def test_dedupe_ledger_events_keeps_the_first_row(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    events = await faults.duplicate_external_events(5)
+    plan = await plan_of(DEDUPE_EVENTS, ctx)
+    assert plan.count == 5 and plan.needs_approval
+    assert sorted(str(t["external_event_id"]) for t in plan.targets) == sorted(events)
+
+    before = await table(leaps_dsn, "points_ledger")
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_EVENTS, plan, "apv-events1")
+    assert state == "done", outcome
+    assert outcome.affected == 5 and outcome.backed_up == 5
+    after = await table(leaps_dsn, "points_ledger")
+    saved = await backup(leaps_dsn, "apv-events1", "points_ledger")
+    assert sorted(after + saved) == before
+    # the replays (same created_at, later id) went; each event keeps its first row
+    assert all(str(r[0]).startswith("dup_") for r in saved)
+    kept = await fetch(
+        leaps_dsn,
+        "SELECT external_event_id, count(*) FROM points_ledger"
+        " WHERE external_event_id = ANY(%s) GROUP BY 1",
+        (events,),
+    )
+    assert sorted(kept) == sorted((e, 1) for e in events)
+    report = await integrity(ctx, [])
+    (dups,) = [f for f in report.findings if f.check == "duplicate external_event_id"]
+    assert dups.status == Status.OK, dups.summary
+
+    await assert_rerun_changes_nothing(leaps_dsn, ctx, DEDUPE_EVENTS, ("points_ledger",))
+
+
+async def test_dedupe_ledger_events_refused_by_a_trigger_changes_nothing(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.duplicate_external_events(2)
+    plan = await plan_of(DEDUPE_EVENTS, ctx)
+    assert plan.count == 2
+    await refuse(leaps_dsn, "points_ledger", "DELETE")
+    await assert_refused(
+        leaps_dsn, DEDUPE_EVENTS, plan, "apv-events2", ("points_ledger",), "points_ledger"
+    )
+
+
+# --- reconcile-points -----------------------------------------------------------------
+
+_PAIR_SUMS = """
+SELECT l.user_id, l.activity_code, sum(l.delta_points)::int
+FROM points_ledger l JOIN unnest(%s::text[], %s::text[]) AS p(u, a)
+  ON l.user_id = p.u AND l.activity_code = p.a
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+async def pair_sums(dsn: str, pairs: list[tuple[str, str]]) -> Rows:
+    return await fetch(dsn, _PAIR_SUMS, ([u for u, _ in pairs], [a for _, a in pairs]))
+
+
+async def test_reconcile_points_inserts_each_missing_award_once(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    healthy = await table(leaps_dsn, "points_ledger")
+    pairs = await faults.missing_awards(6)
+    sums_before_fault = pair_sums_of(healthy, pairs)
+    assert await pair_sums(leaps_dsn, pairs) == []
+    approved = await fetch(
+        leaps_dsn,
+        "SELECT s.id FROM submissions s JOIN unnest(%s::text[], %s::text[]) AS p(u, a)"
+        " ON s.user_id = p.u AND s.activity_code = p.a WHERE s.status = 'APPROVED'",
+        ([u for u, _ in pairs], [a for _, a in pairs]),
+    )
+    plan = await plan_of(RECONCILE_POINTS, ctx)
+    assert plan.data["pairs"] == 6
+    assert plan.count == len(approved) >= 6
+    assert plan.backup is None and plan.needs_approval
+    assert plan.data["source"] == "FORM"
+    assert plan.data["keys"] == ["peers_trained", "students_trained"]
+
+    before = await table(leaps_dsn, "points_ledger")
+    state, outcome = await Executor(leaps_dsn).apply(RECONCILE_POINTS, plan, "apv-reconcile1")
+    assert state == "done", outcome
+    assert outcome.affected == plan.count
+    after = await table(leaps_dsn, "points_ledger")
+    before_ids = {r[0] for r in before}
+    assert [r for r in after if r[0] in before_ids] == before  # nothing overwritten
+    assert await pair_sums(leaps_dsn, pairs) == sums_before_fault
+    inserted = await fetch(
+        leaps_dsn,
+        "SELECT l.source::text, l.external_source, l.external_event_id,"
+        " l.meta ->> 'submission_id', l.id FROM points_ledger l WHERE l.id <> ALL(%s)",
+        (sorted(before_ids),),
+    )
+    assert sorted(str(r[3]) for r in inserted) == sorted(str(r[0]) for r in approved)
+    enum = await fetch(leaps_dsn, """SELECT unnest(enum_range(NULL::"LedgerSource"))::text""")
+    for source, ext_source, ext_id, sub_id, row_id in inserted:
+        assert source in {str(e[0]) for e in enum} and source == "FORM"
+        assert ext_source == RECONCILE_SOURCE
+        assert ext_id == f"reconcile:{sub_id}" and row_id == f"reconcile_{sub_id}"
+    assert await backup_tables(leaps_dsn) == []
+    report = await integrity(ctx, [])
+    points = [f for f in report.findings if f.check.startswith("points:")]
+    assert points and all(f.status == Status.OK for f in points), [f.summary for f in points]
+
+    await assert_rerun_changes_nothing(leaps_dsn, ctx, RECONCILE_POINTS, ("points_ledger",))
+
+
+def pair_sums_of(rows: Rows, pairs: list[tuple[str, str]]) -> Rows:
+    """The per-pair ledger sums of a snapshot (columns: id, user_id, activity_code,
+    source, delta_points, ...)."""
+    wanted = set(pairs)
+    sums: dict[tuple[str, str], int] = {}
+    for r in rows:
+        key = (str(r[1]), str(r[2]))
+        if key in wanted:
+            sums[key] = sums.get(key, 0) + int(r[4])
+    return sorted((u, a, n) for (u, a), n in sums.items())
+
+
+async def test_reconcile_points_refused_by_a_trigger_changes_nothing(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.missing_awards(2)
+    plan = await plan_of(RECONCILE_POINTS, ctx)
+    assert plan.count >= 2
+    await refuse(leaps_dsn, "points_ledger", "INSERT")
+    await assert_refused(
+        leaps_dsn, RECONCILE_POINTS, plan, "apv-reconcile2", ("points_ledger",), "points_ledger"
+    )
+
+
+async def test_reconcile_points_never_invents_a_source(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.missing_awards(1)
+    await run(leaps_dsn, """ALTER TYPE "LedgerSource" RENAME VALUE 'FORM' TO 'FORM_OLD'""")
+    await run(leaps_dsn, """ALTER TYPE "LedgerSource" RENAME VALUE 'MANUAL' TO 'HAND'""")
+    with pytest.raises(UsageError, match="will not invent one"):
+        await plan_of(RECONCILE_POINTS, ctx)
+
+
+async def test_reconcile_points_falls_back_to_manual(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.missing_awards(1)
+    await run(leaps_dsn, """ALTER TYPE "LedgerSource" RENAME VALUE 'FORM' TO 'FORM_OLD'""")
+    plan = await plan_of(RECONCILE_POINTS, ctx)
+    assert plan.data["source"] == "MANUAL" and plan.count >= 1
+    state, outcome = await Executor(leaps_dsn).apply(RECONCILE_POINTS, plan, "apv-reconcile3")
+    assert state == "done", outcome
+    rows = await fetch(
+        leaps_dsn,
+        "SELECT DISTINCT source::text FROM points_ledger WHERE external_source = %s",
+        (RECONCILE_SOURCE,),
+    )
+    assert rows == [("MANUAL",)]
+
+
+async def test_reconcile_points_reads_the_live_quota_keys(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.camelcase_quota_function()
+    plan = await plan_of(RECONCILE_POINTS, ctx)
+    assert plan.data["keys"] == ["peersTrained", "studentsTrained"]
+    assert any("peersTrained" in str(s.params) for s in plan.steps)
