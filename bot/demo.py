@@ -49,14 +49,26 @@ def demo_threshold_env() -> str:
     )
 
 
-async def demo_report(dsn: str, settings: Settings) -> Report:
+async def demo_report(dsn: str, settings: Settings, text: str = "health") -> Report:
     gateway = gateway_from_settings(settings, dsn)
     try:
-        result = await Dispatcher(RunContext(gateway, DEMO_THRESHOLDS)).run("health")
+        result = await Dispatcher(RunContext(gateway, DEMO_THRESHOLDS)).run(text)
     finally:
         await gateway.close()
     assert isinstance(result, Report)
     return result
+
+
+async def inject_data_faults(faults: FaultInjector) -> None:
+    """A few of each integrity problem, for `/db integrity` and the repairs to find."""
+    await faults.orphan_submissions(2)
+    await faults.orphan_ledger_rows(2)
+    await faults.orphan_attachments(2)
+    await faults.duplicate_learn(2)
+    await faults.duplicate_external_events(2)
+    await faults.missing_awards(2)
+    await faults.extra_awards(2)
+    await faults.negative_totals(1)
 
 
 DEMO_ROLES = {"U0ONCALL": "REVIEWER", "U0LEAD": "ADMIN", "U0CTO": "SUPERADMIN"}
@@ -92,11 +104,20 @@ hence ALLOW_SUPERUSER_KILL):
   python -m bot run "health"
   python -m bot run "connections"
   python -m bot run "refresh-views" --user U0ONCALL        # plain refresh: waits for approval
-  python -m bot approve <approval id> --user U0LEAD
+  python -m bot approve <approval id> --user U0LEAD        # lock timeout: names the blockers
+  python -m bot run "terminate <pid>" --user U0ONCALL      # each pid it named, then approve
   python -m bot run "kill-idle 0" --user U0ONCALL          # the 3 idle prisma-pool sessions
   python -m bot approve <approval id> --user U0ONCALL      # refused: no self-approval
   python -m bot approve <approval id> --user U0LEAD
   python -m bot run "views"
+  python -m bot run "integrity"
+  python -m bot run "cleanup-orphans all" --user U0ONCALL  # destroys data: two approvers
+  python -m bot approve <approval id> --user U0LEAD
+  python -m bot approve <approval id> --user U0CTO
+  python -m bot run "dedupe-learn" --user U0ONCALL          # then two approvals, likewise
+  python -m bot run "dedupe-ledger-events" --user U0ONCALL  # then two approvals
+  python -m bot run "reconcile-points" --user U0ONCALL      # then one approval
+  python -m bot run "quota <handle>"
 """
 
 
@@ -111,11 +132,19 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
         out.write(
             "LEAPS fixture built: "
             + ", ".join(f"{n} {t}" for t, n in counts.items())
-            + "\ninjecting faults: idle-in-transaction session, blocking chain, unpopulated "
-            "leaderboard_totals, failed migration, disabled quota trigger …\n\n"
+            + "\ninjecting data faults: orphans, duplicate LEARN, duplicate webhook awards, "
+            "missing and extra awards, a negative total …\n\n"
         )
         out.flush()
         async with FaultInjector(dsn) as faults:
+            # data first: the blocking chain below would stall these writes and reads
+            await inject_data_faults(faults)
+            out.write(render.to_text(await demo_report(dsn, settings, "integrity")) + "\n")
+            out.write(
+                "injecting faults: idle-in-transaction session, blocking chain, unpopulated "
+                "leaderboard_totals, failed migration, disabled quota trigger …\n\n"
+            )
+            out.flush()
             await faults.inject_demo_faults()
             await asyncio.sleep(SETTLE_S)
             report = await demo_report(dsn, settings)

@@ -519,7 +519,8 @@ def _reconciliation(k: dict[str, list[Row]], peers: str, students: str) -> list[
             summary=f"{extra} (user, activity) pairs hold {extra_pts:+d} points in "
             f"{extra_rows} ledger rows without any approved submission",
             rows=_pair_sample(k["extra"]),
-            hint=f"review them; `{RECONCILE}` shows the plan for each pair",
+            hint="no automatic remedy: the ledger is history; review the rows, then correct "
+            "with a MANUAL ledger row (`/db reconcile-points` only adds missing awards)",
         )
         if extra
         else _ok(EXTRA_AWARDS, "no ledger points without an approved submission"),
@@ -529,7 +530,8 @@ def _reconciliation(k: dict[str, list[Row]], peers: str, students: str) -> list[
             summary=f"{diff} (user, activity) pairs where the ledger differs from approved "
             f"submissions, net {diff_pts:+d} points ({how})",
             rows=_pair_sample(k["difference"]),
-            hint=f"`{RECONCILE}` shows and corrects each difference",
+            hint="no automatic remedy: review each pair's ledger rows and correct with a "
+            "MANUAL row (`/db reconcile-points` only adds awards that are missing entirely)",
         )
         if diff
         else _ok(POINT_DIFFERENCES, f"ledger sums match approved submissions ({how})"),
@@ -550,7 +552,8 @@ def _negative_totals(rows: list[Row]) -> Finding:
         summary=f"{users} users have a negative point total (lowest sample "
         f"{min(int(r['actual']) for r in rows)})",
         rows=sample,
-        hint=f"`{RECONCILE}` shows which corrections drove them below zero",
+        hint="the sample shows the users; their MANUAL corrections drove them below zero: "
+        "review before correcting (no automatic remedy)",
     )
 
 

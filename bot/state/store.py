@@ -310,7 +310,7 @@ async def open_store(url: str | None, *, default_path: Path = DEFAULT_STATE_PATH
     except BaseException:
         await engine.dispose()
         raise
-    log.info("state store ready: %s", engine.url.render_as_string(hide_password=True))
+    log.debug("state store ready: %s", engine.url.render_as_string(hide_password=True))
     return StateStore(engine)
 
 
