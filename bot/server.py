@@ -11,8 +11,10 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.signature import SignatureVerifier
 
 from bot import metrics
 from bot.approvals import ApprovalEngine, refresh_history
@@ -22,7 +24,7 @@ from bot.gateway import gateway_from_settings
 from bot.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
-from bot.slack_app import SlackFrontend
+from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
 from bot.state import StateStore, open_store
 from bot.tasks import TaskTracker, wait_for_signal
 
@@ -82,8 +84,33 @@ class Service:
 def build_web_app(service: Service) -> web.Application:
     bolt = service.slack.app
 
+    verifier = (
+        SignatureVerifier(service.settings.slack_signing_secret)
+        if service.settings.slack_signing_secret
+        else None
+    )
+
     async def slack_events(request: web.Request) -> web.Response:
-        bolt_request = await to_bolt_request(request)
+        body = await request.text()
+        if verifier is not None and is_slash_command(body):
+            # Slack wants only a 200 for a slash command: verify the signature here, answer
+            # at once, and let Bolt dispatch it in a tracked task. A burst of commands then
+            # costs the ack path a signature check each instead of Bolt's whole chain.
+            if not verifier.is_valid_request(body, request.headers):
+                return web.Response(status=401)
+            early = AsyncBoltRequest(
+                body=body,
+                query=request.query_string,
+                headers=request.headers,  # type: ignore[arg-type]
+                context={ACKED_EARLY: True},
+            )
+            service.tracker.spawn(bolt.async_dispatch(early), name="slash command")
+            return web.Response(status=200)
+        bolt_request = AsyncBoltRequest(
+            body=body,
+            query=request.query_string,
+            headers=request.headers,  # type: ignore[arg-type]
+        )
         bolt_response = await bolt.async_dispatch(bolt_request)
         return await to_aiohttp_response(bolt_response)
 

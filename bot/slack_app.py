@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import psycopg
-from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncRespond
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -51,6 +51,16 @@ def make_web_client(settings: Settings, token: str | None = None) -> AsyncWebCli
     )
 
 
+ACKED_EARLY = "dbops_acked_early"
+
+
+def is_slash_command(body: str) -> bool:
+    """A slash command's form body (not an interaction payload, nor Slack's SSL check)."""
+    # form values are percent-encoded, so "&key=" can only be a key
+    form = f"&{body}"
+    return "&command=%2F" in form and "&payload=" not in form and "&ssl_check=1" not in form
+
+
 def _ephemeral(text: str) -> dict[str, Any]:
     return {"response_type": "ephemeral", "text": text}
 
@@ -83,7 +93,7 @@ class SlackFrontend:
         self.app.action(REJECT)(self.on_button)
         self.app.error(self.on_error)
 
-    async def on_db(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+    async def on_db(self, ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
         """The ack path: parse, answer what needs no database, hand the rest to a task.
 
         Kept to the bare minimum (no `respond` built here, the parse done once) because
@@ -92,18 +102,29 @@ class SlackFrontend:
         received = time.perf_counter()
         text = str(body.get("text") or "")
         channel = str(body.get("channel_id", ""))
+        early = bool(context.get(ACKED_EARLY))
         if self.settings.allowed_channels and channel not in self.settings.allowed_channels:
             metrics.COMMANDS.labels("refused", "channel").inc()
-            await ack(text="dbops-bot does not answer in this channel.", response_type="ephemeral")
+            await self._answer(ack, body, early, "dbops-bot does not answer in this channel.")
             return
         pre = preflight(text)
         if isinstance(pre, Answer):
             metrics.COMMANDS.labels(pre.outcome, pre.outcome).inc()
-            await ack(text=pre.text, response_type="ephemeral")
+            await self._answer(ack, body, early, pre.text)
             return
         await ack()
         cmd, args = pre
         self.tracker.spawn(self._work(body, text, cmd, args, received), name=f"/db {text}")
+
+    async def _answer(self, ack: AsyncAck, body: dict[str, Any], early: bool, text: str) -> None:
+        """A short private answer: in the ack itself, or through `response_url` when the
+        HTTP server already acknowledged the command."""
+        if not early:
+            await ack(text=text, response_type="ephemeral")
+            return
+        await ack()
+        respond = AsyncRespond(response_url=body.get("response_url"))
+        await self._tell_user(respond, text)
 
     async def _authorize(self, user_id: str, target: Target) -> str | None:
         """None when allowed, else the refusal to show.

@@ -13,7 +13,6 @@ import aiohttp
 from commands.fixture.faults import FaultInjector
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
-from tests.slackreq import signed_headers, slash_body
 
 DEMO_FAULT_CHECKS = {
     "idle in transaction",
@@ -91,24 +90,30 @@ async def test_bad_signature_and_stale_timestamp_are_refused(bot: RunningBot) ->
     assert not bot.fake.calls_to("chat.postMessage")
 
 
-async def ack_json(bot: RunningBot, text: str) -> dict[str, Any]:
-    body = slash_body(text)
-    resp = await bot.http.post(f"{bot.url}/slack/events", data=body, headers=signed_headers(body))
+async def private_answer(bot: RunningBot, text: str, user: str) -> Call:
+    """The command is acknowledged with an empty 200; the answer follows on response_url."""
+    resp = await bot.slash(text, user=user)
     assert resp.status == 200
-    answer: dict[str, Any] = await resp.json()
-    return answer
+    assert await resp.text() == ""
+    (call,) = await bot.fake.wait_for(
+        "response_url", timeout=10, predicate=lambda c: c.path.endswith("/" + user)
+    )
+    return call
 
 
-async def test_help_and_unknown_command_answer_in_the_ack(bot: RunningBot) -> None:
-    listing = await ack_json(bot, "")
-    assert "/db health" in listing["text"]
-    assert listing["response_type"] == "ephemeral"
-    assert (await ack_json(bot, "help"))["text"] == listing["text"]
+async def test_help_and_unknown_command_get_a_private_answer(bot: RunningBot) -> None:
+    listing = await private_answer(bot, "", "U0HELP1")
+    assert "/db health" in listing.params["text"]
+    assert "kill-idle" in listing.params["text"]
+    assert listing.params["response_type"] == "ephemeral"
+    again = await private_answer(bot, "help", "U0HELP2")
+    assert again.params["text"] == listing.params["text"]
 
-    answer = await ack_json(bot, "heatlh now")
-    assert answer["response_type"] == "ephemeral"
-    assert "unknown command `heatlh`" in answer["text"]
-    assert "`health`" in answer["text"] and "/db health" in answer["text"]
+    answer = await private_answer(bot, "heatlh now", "U0TYPO")
+    assert answer.params["response_type"] == "ephemeral"
+    assert "unknown command `heatlh`" in answer.params["text"]
+    assert "`health`" in answer.params["text"] and "/db health" in answer.params["text"]
+    assert not bot.fake.calls_to("chat.postEphemeral")
 
 
 async def test_usage_error_is_one_clear_message(bot: RunningBot) -> None:
