@@ -65,6 +65,31 @@ class Report(BaseModel):
         return min((f.status for f in self.findings), key=lambda s: s.severity)
 
 
+def human_duration(seconds: float | None) -> str:
+    """1m05s, 3h02m: what an engineer reads at a glance in a report."""
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
 class Reader(Protocol):
     """Read-only access to the target inside one guarded transaction."""
 

@@ -29,9 +29,9 @@ from commands.base import (
     Status,
     Thresholds,
     UsageError,
+    human_duration,
     register,
 )
-from commands.health import _duration
 from commands.remedy import (
     Outcome,
     Plan,
@@ -95,22 +95,22 @@ def session_status(s: Row, th: Thresholds) -> tuple[Status, str]:
         elif waiting > th.blocked_warn_s:
             status = Status.WARN
         holders = ", ".join(str(p) for p in s["blocked_by"])
-        return status, f"waiting {_duration(waiting)} on a lock held by pid {holders}"
+        return status, f"waiting {human_duration(waiting)} on a lock held by pid {holders}"
     if state.startswith("idle in transaction"):
         if state_s >= th.idle_in_tx_crit_s:
-            return Status.CRIT, f"{state} for {_duration(state_s)}"
+            return Status.CRIT, f"{state} for {human_duration(state_s)}"
         if state_s >= th.idle_in_tx_warn_s:
-            return Status.WARN, f"{state} for {_duration(state_s)}"
+            return Status.WARN, f"{state} for {human_duration(state_s)}"
         return Status.OK, state
     if state == "active":
         query_s = float(s["query_s"] or 0)
         if query_s >= th.long_query_crit_s:
-            return Status.CRIT, f"query running {_duration(query_s)}"
+            return Status.CRIT, f"query running {human_duration(query_s)}"
         if query_s >= th.long_query_warn_s:
-            return Status.WARN, f"query running {_duration(query_s)}"
+            return Status.WARN, f"query running {human_duration(query_s)}"
         return Status.OK, state
     if state == "idle" and state_s >= th.idle_session_warn_s:
-        return Status.WARN, f"idle for {_duration(state_s)}"
+        return Status.WARN, f"idle for {human_duration(state_s)}"
     return Status.OK, state
 
 
@@ -123,9 +123,9 @@ def _session_row(s: Row, status: Status, why: str) -> Row:
         "app": s["app"],
         "client_addr": s["client_addr"],
         "state": s["state"],
-        "backend_age": _duration(s["backend_s"]),
-        "state_age": _duration(s["state_s"]),
-        "xact_age": _duration(s["xact_s"]) if s["xact_s"] is not None else "",
+        "backend_age": human_duration(s["backend_s"]),
+        "state_age": human_duration(s["state_s"]),
+        "xact_age": human_duration(s["xact_s"]) if s["xact_s"] is not None else "",
         "wait": s["wait"],
         "why": why,
         "query": s["query"],
@@ -147,8 +147,8 @@ def _group(sessions: list[Row], key: str) -> list[Row]:
                 key: name,
                 "sessions": len(members),
                 "states": ", ".join(f"{n} {st}" for st, n in states.most_common()),
-                "oldest_state_change": _duration(oldest_state),
-                "oldest_xact": _duration(max(xacts)) if xacts else "",
+                "oldest_state_change": human_duration(oldest_state),
+                "oldest_xact": human_duration(max(xacts)) if xacts else "",
             }
         )
     return sorted(rows, key=lambda r: (-int(r["sessions"]), str(r[key])))
@@ -305,7 +305,7 @@ async def _describe_changes(db: Writer, pids: Iterable[int], starts: dict[str, s
             said.append(f"pid {pid} is now a different session (pid reused)")
         else:
             said.append(
-                f"pid {pid} is now {r['state']} (for {_duration(r['state_s'])}, "
+                f"pid {pid} is now {r['state']} (for {human_duration(r['state_s'])}, "
                 f"{r['app'] or r['user']})"
             )
     return "; ".join(said)
@@ -399,7 +399,7 @@ async def plan_kill_idle(ctx: Context, args: list[str]) -> Plan:
             "app": s["app"],
             "client_addr": s["client_addr"],
             "state": s["state"],
-            "idle_for": _duration(s["state_s"]),
+            "idle_for": human_duration(s["state_s"]),
             "idle_s": s["state_s"],
             "superuser": bool(s["superuser"]),
             "query": s["query"],
@@ -563,9 +563,9 @@ def _session_target(s: Row) -> Row:
         "app": s["app"],
         "client_addr": s["client_addr"],
         "state": s["state"],
-        "state_age": _duration(s["state_s"]),
-        "xact_age": _duration(s["xact_s"]) if s["xact_s"] is not None else "",
-        "query_age": _duration(s["query_s"]) if s["query_s"] is not None else "",
+        "state_age": human_duration(s["state_s"]),
+        "xact_age": human_duration(s["xact_s"]) if s["xact_s"] is not None else "",
+        "query_age": human_duration(s["query_s"]) if s["query_s"] is not None else "",
         "query": s["query"],
     }
 
@@ -589,7 +589,9 @@ def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Pla
         if action == "terminate":
             effect = "closes its connection"
             if s["xact_s"] is not None:
-                effect += f" and rolls back its open transaction (open {_duration(s['xact_s'])})"
+                effect += (
+                    f" and rolls back its open transaction (open {human_duration(s['xact_s'])})"
+                )
             warnings.append(f"terminating pid {pid} {effect}; its client must reconnect")
         elif state != "active":
             warnings.append(
@@ -600,7 +602,7 @@ def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Pla
         else:
             warnings.append(
                 f"cancelling pid {pid} stops its statement (running "
-                f"{_duration(s['query_s'])}); an open transaction around it is aborted"
+                f"{human_duration(s['query_s'])}); an open transaction around it is aborted"
             )
         if s["db"] != s["current_db"]:
             warnings.append(f"pid {pid} is connected to database {s['db']}, not {s['current_db']}")
@@ -612,7 +614,7 @@ def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Pla
             remedy=action,
             args=list(args),
             title=f"{action.capitalize()} pid {pid}",
-            summary=f"{action} pid {pid} ({who}, {state} for {_duration(s['state_s'])})",
+            summary=f"{action} pid {pid} ({who}, {state} for {human_duration(s['state_s'])})",
             steps=[
                 PlanStep(
                     sql=_signal_sql(action),

@@ -22,6 +22,8 @@ from commands.base import (
     Status,
     Thresholds,
     UsageError,
+    human_duration,
+    human_size,
     register,
 )
 
@@ -38,30 +40,6 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 
 def _worst(*statuses: Status) -> Status:
     return min(statuses, key=lambda s: s.severity) if statuses else Status.OK
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    if s < 60:
-        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
 
 
 # --- connection string --------------------------------------------------------------
@@ -118,9 +96,10 @@ def lint_connection_string(masked_dsn: str) -> Finding:
 
 def reachability_finding(probe: Row, target: str) -> Finding:
     version = str(probe.get("server_version", "?"))
+    uptime = human_duration(probe["uptime_s"])
     summary = (
         f"connected to {target} in {probe['connect_ms']} ms: PostgreSQL {version}, "
-        f"database `{probe['database']}` as `{probe['user']}`, up {_duration(probe['uptime_s'])}"
+        f"database `{probe['database']}` as `{probe['user']}`, up {uptime}"
     )
     status = Status.OK
     if probe.get("in_recovery"):
@@ -205,15 +184,15 @@ async def check_long_queries(th: Thresholds, db: Reader) -> Finding:
         return Finding(
             check="long-running queries",
             status=Status.OK,
-            summary=f"no active query older than {_duration(th.long_query_warn_s)}",
+            summary=f"no active query older than {human_duration(th.long_query_warn_s)}",
         )
     longest = max(float(r["duration_s"]) for r in rows)
     status = Status.CRIT if longest >= th.long_query_crit_s else Status.WARN
-    head = ", ".join(f"pid {r['pid']} {_duration(r['duration_s'])}" for r in rows[:3])
+    head = ", ".join(f"pid {r['pid']} {human_duration(r['duration_s'])}" for r in rows[:3])
     return Finding(
         check="long-running queries",
         status=status,
-        summary=f"{len(rows)} active queries over {_duration(th.long_query_warn_s)}: {head}",
+        summary=f"{len(rows)} active queries over {human_duration(th.long_query_warn_s)}: {head}",
         rows=rows,
         hint="cancel one with `/db cancel <pid>`",
     )
@@ -242,12 +221,12 @@ async def check_idle_in_transaction(th: Thresholds, db: Reader) -> Finding:
         return Finding(
             check="idle in transaction",
             status=Status.OK,
-            summary=f"no session idle in transaction over {_duration(th.idle_in_tx_warn_s)}",
+            summary=f"no session idle in transaction over {human_duration(th.idle_in_tx_warn_s)}",
         )
     oldest = max(float(r["idle_s"]) for r in rows)
     status = Status.CRIT if oldest >= th.idle_in_tx_crit_s else Status.WARN
     head = ", ".join(
-        f"pid {r['pid']} ({r['app'] or r['user']}) {_duration(r['idle_s'])}" for r in rows[:3]
+        f"pid {r['pid']} ({r['app'] or r['user']}) {human_duration(r['idle_s'])}" for r in rows[:3]
     )
     return Finding(
         check="idle in transaction",
@@ -279,13 +258,13 @@ async def check_idle_sessions(th: Thresholds, db: Reader) -> Finding:
         return Finding(
             check="idle sessions",
             status=Status.OK,
-            summary=f"no session idle over {_duration(th.idle_session_warn_s)}",
+            summary=f"no session idle over {human_duration(th.idle_session_warn_s)}",
         )
     head = ", ".join(f"{r['app']} ({r['sessions']})" for r in rows[:3])
     return Finding(
         check="idle sessions",
         status=Status.WARN,
-        summary=f"{total} sessions idle over {_duration(th.idle_session_warn_s)}: {head}",
+        summary=f"{total} sessions idle over {human_duration(th.idle_session_warn_s)}: {head}",
         rows=rows,
         hint="`/db kill-idle` ends them (needs approval)",
     )
@@ -365,7 +344,7 @@ async def check_blocked(th: Thresholds, db: Reader) -> Finding:
         described.append(
             " ← ".join(str(p) for p in chain)
             + f" ({tail.get('lock_mode', '?')} on {tail.get('relation', '?')},"
-            f" waiting {_duration(tail.get('waiting_s'))})"
+            f" waiting {human_duration(tail.get('waiting_s'))})"
         )
     rows: list[Row] = [
         {
@@ -435,12 +414,12 @@ async def check_materialized_views(db: Reader) -> Finding:
             + ", ".join(no_index)
         )
     total = sum(int(r["bytes"] or 0) for r in rows)
-    summary = f"{len(rows)} materialized views, {_size(total)}"
+    summary = f"{len(rows)} materialized views, {human_size(total)}"
     summary += (
         ": " + "; ".join(problems) if problems else ", all populated and concurrently refreshable"
     )
     for r in rows:
-        r["size"] = _size(r.pop("bytes"))
+        r["size"] = human_size(r.pop("bytes"))
     return Finding(
         check="materialized views",
         status=status,

@@ -30,9 +30,11 @@ from commands.base import (
     Row,
     Status,
     UsageError,
+    human_duration,
+    human_size,
     register,
 )
-from commands.health import EXPECTED_VIEWS, _duration, _size
+from commands.health import EXPECTED_VIEWS
 from commands.remedy import (
     Outcome,
     Plan,
@@ -254,7 +256,7 @@ async def measure(db: Reader, views: list[MatView]) -> None:
         v.bytes = int(size["total_bytes"])
         if int(size["heap_bytes"]) > COUNT_LIMIT_BYTES:
             v.rows = v.est_rows if v.est_rows >= 0 else None
-            v.uncounted = f"larger than {_size(COUNT_LIMIT_BYTES)}"
+            v.uncounted = f"larger than {human_size(COUNT_LIMIT_BYTES)}"
             continue
         query = sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(v.schema, v.name))
         (counted,) = await db.fetch(query.as_string())
@@ -376,15 +378,15 @@ def _last_refresh(
     error = record.get("error")
     mode = record.get("mode") or "?"
     if error:
-        when = _duration((now - (finished or started)).total_seconds()) if started else "?"
+        when = human_duration((now - (finished or started)).total_seconds()) if started else "?"
         return f"last refresh by the bot failed {when} ago ({mode}): {error}", Status.WARN
     if finished is None:
-        since = _duration((now - started).total_seconds()) if started else "?"
+        since = human_duration((now - started).total_seconds()) if started else "?"
         return f"a refresh by the bot ({mode}) started {since} ago and has not finished", Status.OK
-    took = f", took {_duration((finished - started).total_seconds())}" if started else ""
+    took = f", took {human_duration((finished - started).total_seconds())}" if started else ""
     rows = record.get("rows")
     rows_text = f", {rows:,} rows" if isinstance(rows, int) else ""
-    ago = _duration((now - finished).total_seconds())
+    ago = human_duration((now - finished).total_seconds())
     return f"last refreshed by the bot {ago} ago ({mode}{rows_text}{took})", Status.OK
 
 
@@ -394,7 +396,7 @@ def view_finding(v: MatView, record: Mapping[str, Any] | None, missing: str) -> 
     status = Status.OK
     hint: str | None = None
     if v.populated:
-        parts.append(f"populated, {v.rows_text()}, {_size(v.bytes)}")
+        parts.append(f"populated, {v.rows_text()}, {human_size(v.bytes)}")
     else:
         parts.append("NOT populated: every read of it fails")
         status = Status.CRIT
@@ -424,7 +426,7 @@ def view_finding(v: MatView, record: Mapping[str, Any] | None, missing: str) -> 
         "populated": v.populated,
         "rows": v.rows,
         "rows_exact": v.rows_exact,
-        "size": _size(v.bytes),
+        "size": human_size(v.bytes),
         "unique_index": v.unique_index,
         "refresh_mode": v.mode,
         "last_refresh": refresh_text,
@@ -535,7 +537,7 @@ async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
                 "populated": v.populated,
                 "rows": v.rows,
                 "rows_exact": v.rows_exact,
-                "size": _size(v.bytes),
+                "size": human_size(v.bytes),
                 "unique_index": v.unique_index,
                 "blocked_by": [int(lk["pid"]) for lk in blockers],
             }
@@ -629,12 +631,13 @@ async def apply_refresh(writer: Writer, plan: Plan) -> Outcome:
         )
     total = sum(float(r["seconds"]) for r in rows)
     detail = ", ".join(
-        f"{r['view']} ({r['mode']}, {r['rows']:,} rows, {_duration(r['seconds'])})" for r in rows
+        f"{r['view']} ({r['mode']}, {r['rows']:,} rows, {human_duration(r['seconds'])})"
+        for r in rows
     )
     return Outcome(
         ok=True,
         summary=f"refreshed {len(rows)} view{'s' if len(rows) != 1 else ''} "
-        f"in {_duration(total)}: {detail}",
+        f"in {human_duration(total)}: {detail}",
         affected=len(rows),
         rows=rows,
     )
