@@ -14,13 +14,11 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import psycopg
 import psycopg.sql
 
@@ -29,18 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from commands.fixture.seed import build_fixture  # noqa: E402
+from tests.botproc import free_port, wait_healthy  # noqa: E402
 from tests.fakeslack import FakeSlack  # noqa: E402
 from tests.slackreq import SIGNING_SECRET, signed_headers, slash_body  # noqa: E402
 
 SLACK_ACK_LIMIT_MS = 3000.0
 COALESCE_S = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def keep_busy(dsn: str, sleepers: int, seconds: int, cpu: bool) -> list[asyncio.Task[object]]:
@@ -75,21 +67,6 @@ async def keep_busy(dsn: str, sleepers: int, seconds: int, cpu: bool) -> list[as
         )
     await asyncio.sleep(0.5)
     return tasks
-
-
-async def wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            if proc.returncode is not None:
-                raise SystemExit(f"bot exited early with code {proc.returncode}")
-            try:
-                async with http.get(f"{url}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise SystemExit("bot did not become healthy")
 
 
 def raw_request(port: int, body: str, headers: dict[str, str]) -> bytes:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from bot.state import open_store
+from tests.botproc import free_port, wait_healthy
 from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import SIGNING_SECRET, action_body, signed_headers, slash_body
 from tests.test_approvals import CHANNEL, Victims, button_value
@@ -24,13 +24,6 @@ from tests.test_approvals import CHANNEL, Victims, button_value
 ROOT = Path(__file__).resolve().parent.parent
 ADMINS = [f"U0ADM{i:03d}" for i in range(50)]
 REQUESTER = "U0REQ"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -61,17 +54,7 @@ async def bot_process(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                if proc.returncode is not None:
-                    raise AssertionError(f"bot exited with {proc.returncode}")
-                try:
-                    async with http.get(f"{url}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_healthy(url, proc)
         yield BotProcess(proc, url)
     finally:
         if proc.returncode is None:
