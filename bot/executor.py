@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from bot.gateway import APPLICATION_NAME, _first_line, _normalise_scheme
+from bot.gateway import APPLICATION_NAME, first_line, normalise_scheme
 from bot.settings import Settings
 from commands.base import Row
 from commands.remedy import Outcome, Plan, Query, Remedy, RemedyAbort
@@ -70,7 +70,7 @@ class Executor:
     def __init__(
         self, dsn: str, *, statement_timeout_ms: int = 60_000, lock_timeout_ms: int = 2_000
     ) -> None:
-        self._dsn = _normalise_scheme(dsn)
+        self._dsn = normalise_scheme(dsn)
         self.statement_timeout_ms = statement_timeout_ms
         self.lock_timeout_ms = lock_timeout_ms
 
@@ -91,7 +91,7 @@ class Executor:
             )
         except psycopg.Error as exc:
             return "failed", Outcome(
-                ok=False, summary="could not connect to the database", error=_first_line(exc)
+                ok=False, summary="could not connect to the database", error=first_line(exc)
             )
         try:
             async with conn.transaction():
@@ -121,12 +121,12 @@ class Executor:
                     if holders
                     else ""
                 ),
-                error=_first_line(exc),
+                error=first_line(exc),
                 rows=holders,
                 offers=[f"terminate {h['pid']}" for h in holders],
             )
         except psycopg.Error as exc:
-            error = _first_line(exc)
+            error = first_line(exc)
             diag = getattr(exc, "diag", None)
             sqlstate = getattr(diag, "sqlstate", None) if diag is not None else None
             log.warning("remedy %s (%s) failed: %s", remedy.name, approval_id, error)

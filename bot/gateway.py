@@ -80,7 +80,7 @@ def describe_target(dsn: str) -> str:
     return f"{host}:{port}/{params.get('dbname') or params.get('user') or '?'}"
 
 
-def _normalise_scheme(dsn: str) -> str:
+def normalise_scheme(dsn: str) -> str:
     """libpq accepts both schemes; the linter reports `postgres://`, the driver need not care."""
     return "postgresql://" + dsn[len("postgres://") :] if dsn.startswith("postgres://") else dsn
 
@@ -92,7 +92,7 @@ def explain_db_error(exc: BaseException) -> tuple[Status, str]:
     if isinstance(exc, pgerr.LockNotAvailable):
         return Status.SKIPPED, "waited too long for a lock (lock_timeout)"
     if isinstance(exc, pgerr.InsufficientPrivilege):
-        return Status.SKIPPED, f"lacks privilege: {_first_line(exc)}"
+        return Status.SKIPPED, f"lacks privilege: {first_line(exc)}"
     if isinstance(
         exc,
         pgerr.UndefinedTable
@@ -100,17 +100,17 @@ def explain_db_error(exc: BaseException) -> tuple[Status, str]:
         | pgerr.UndefinedFunction
         | pgerr.UndefinedObject,
     ):
-        return Status.SKIPPED, f"missing object: {_first_line(exc)}"
+        return Status.SKIPPED, f"missing object: {first_line(exc)}"
     if isinstance(exc, PoolTimeout | TimeoutError):
         return Status.SKIPPED, "no database connection within the time limit"
     if isinstance(exc, psycopg.OperationalError):
-        return Status.ERROR, f"database connection failed: {_first_line(exc)}"
+        return Status.ERROR, f"database connection failed: {first_line(exc)}"
     if isinstance(exc, psycopg.Error):
-        return Status.ERROR, f"database error: {_first_line(exc)}"
+        return Status.ERROR, f"database error: {first_line(exc)}"
     return Status.ERROR, f"internal error in check: {type(exc).__name__}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -140,7 +140,7 @@ class TargetGateway:
         pool_max_size: int = 4,
     ) -> None:
         self._raw_dsn = dsn
-        self._dsn = _normalise_scheme(dsn)
+        self._dsn = normalise_scheme(dsn)
         self.check_timeout_ms = check_timeout_ms
         self.lock_timeout_ms = lock_timeout_ms
         self.connect_timeout_s = connect_timeout_s

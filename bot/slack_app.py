@@ -27,7 +27,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click
 from bot.authz import RoleResolver, allowed
-from bot.gateway import _first_line
+from bot.gateway import first_line
 from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
@@ -191,7 +191,7 @@ class SlackFrontend:
             await respond(**_ephemeral(f"{exc}\nUsage: `{remedy.usage}`"))
             return "usage"
         except psycopg.Error as exc:
-            await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {_first_line(exc)}"))
+            await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
         return "requested"
 
