@@ -22,6 +22,7 @@ from typing import Any, Literal
 from bot import render
 from bot.authz import RoleResolver, allowed
 from bot.executor import Executor
+from bot.identity import acting_identity
 from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
@@ -308,6 +309,7 @@ class ApprovalEngine:
         remedy = REMEDIES.get(claimed.remedy)
         plan = Plan.model_validate(claimed.plan)
         state: FinalState
+        acted_as: str | None = None
         if remedy is None or plan.fingerprint() != claimed.plan_hash:
             state, outcome = (
                 "failed",
@@ -320,7 +322,15 @@ class ApprovalEngine:
         else:
             run = Execution(approval_id=approval_id, actor_id=actor_id)
             await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
-            state, outcome = await self.executor.apply(remedy, plan, approval_id)
+            # Rule 8: as the approver's LEAPS account, else the service identity.
+            identity = await acting_identity(
+                [actor_id, *reversed(approvers)],
+                self.roles,
+                self.ctx.gateway,
+                self.ctx.service_identity,
+            )
+            acted_as = identity.describe() if identity else None
+            state, outcome = await self.executor.apply(remedy, plan, approval_id, identity)
             await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
         await self.store.finish(approval_id, state=state, outcome=outcome.model_dump(mode="json"))
         await self.store.audit(
@@ -333,6 +343,7 @@ class ApprovalEngine:
                 "backed_up": outcome.backed_up,
                 "backup_table": outcome.backup_table,
                 "error": outcome.error,
+                "acted_as": acted_as,
             },
         )
         final = await self.store.get_approval(approval_id)

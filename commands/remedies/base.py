@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 from psycopg import sql
 from pydantic import BaseModel, Field
 
-from commands.base import Context, Row
+from commands.base import Context, LeapsIdentity, Row
 
 Query = str | sql.SQL | sql.Composed
 M = TypeVar("M", bound=BaseModel)
@@ -118,6 +118,9 @@ class Writer(Protocol):
     """The admin connection inside the guarded transaction of one approved remedy."""
 
     approval_id: str
+    # Who the transaction acts as in LEAPS (app.user_id / app.user_role are set to it),
+    # or None when nobody could be named; a status change names it as reviewer.
+    identity: LeapsIdentity | None
 
     async def fetch(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
