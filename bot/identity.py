@@ -20,6 +20,8 @@ from commands.roles import identity_for_email
 
 log = logging.getLogger(__name__)
 
+BOT_ACTOR = "bot"  # the engine's own actor id (start-up recovery): no Slack profile
+
 
 async def acting_identity(
     approvers: list[str],
@@ -30,7 +32,7 @@ async def acting_identity(
     """The identity for one execution; `approvers` in order of preference (the one whose
     click set it going first). None when nobody can be named."""
     unprivileged: LeapsIdentity | None = None
-    for slack_id in dict.fromkeys(approvers):
+    for slack_id in dict.fromkeys(a for a in approvers if a != BOT_ACTOR):
         email = await roles.email_of(slack_id)
         if not email:
             continue

@@ -154,3 +154,23 @@ async def plan_notes(ctx: Context, tables: list[str], event: str) -> list[str]:
     return await ctx.gateway.read(
         partial(acting_notes, tables=tables, event=event, service=ctx.service_identity)
     )
+
+
+_EVENT_BITS = {"INSERT": 4, "DELETE": 8, "UPDATE": 16}
+_TRIGGERS_READING_SQL = """
+SELECT t.tgname::text AS trigger
+FROM pg_trigger AS t
+JOIN pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND c.relname = %s
+  AND c.relnamespace = to_regnamespace('public')
+  AND t.tgtype & %s <> 0 AND position(%s in p.prosrc) > 0
+ORDER BY t.tgname
+"""
+
+
+async def triggers_reading(db: Reader, table: str, event: str, text: str) -> list[str]:
+    """Enabled triggers on `table` firing on `event` whose function's source mentions
+    `text` (a payload key, a setting): how a plan learns that a guard is live."""
+    rows = await db.fetch(_TRIGGERS_READING_SQL, (table, _EVENT_BITS[event], text))
+    return [str(r["trigger"]) for r in rows]

@@ -2,18 +2,28 @@
 whole Slack path: the approver's LEAPS account (the user whose e-mail is the approver's
 Slack profile e-mail) or the configured service identity is set as `app.user_id` /
 `app.user_role` for the remedy's transaction, named as reviewer, shown in the outcome,
-written to the bot's audit trail and to production's own audit_log by its triggers."""
+written to the bot's audit trail and to production's own audit_log by its triggers; the
+session and view remedies run the same way with every guard of the fixture present."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, LiteralString
 
 import psycopg
+import pytest
 
+from bot.executor import Executor
+from bot.gateway import TargetGateway
+from bot.router import RunContext
+from commands.base import Context, LeapsIdentity
 from commands.fixture.faults import FaultInjector
-from tests.conftest import bot_settings, running_bot
+from commands.remedies.base import Outcome, Plan, Remedy, Writer
+from commands.remedies.refresh import REFRESH_VIEWS
+from commands.remedies.sessions import CANCEL, KILL_IDLE, TERMINATE
+from tests.conftest import FAST_THRESHOLDS, bot_settings, running_bot
 from tests.fakeslack import FakeSlack
-from tests.test_approvals import CHANNEL, message_text, press, request, settle
+from tests.test_approvals import CHANNEL, Victims, message_text, press, request, settle
 
 REQUESTER, ADMIN, ADMIN2 = "U0REQ", "U0ADMIN", "U0ADMIN2"
 ROLES = {REQUESTER: "REVIEWER", ADMIN: "ADMIN", ADMIN2: "ADMIN"}
@@ -129,3 +139,71 @@ async def test_a_refusal_reaches_slack_naming_the_guard(
         assert "Insufficient permissions to change submission status" in final
         assert "trg_validate_status_transition" in final
     assert await fetch(leaps_dsn, "SELECT * FROM submissions ORDER BY id") == before
+
+
+async def _probe_plan(ctx: Context, args: list[str]) -> Plan:
+    return Plan(remedy="probe", args=args, title="probe", summary="probe", steps=[], count=0)
+
+
+async def _probe_apply(writer: Writer, plan: Plan) -> Outcome:
+    rows = await writer.fetch(
+        "SELECT current_setting('app.user_id', true) AS user_id,"
+        " current_setting('app.user_role', true) AS role"
+    )
+    return Outcome(ok=True, summary="probed", rows=rows)
+
+
+# A remedy of this test only (never registered): it reports what production's triggers
+# would read inside the executor's transaction.
+PROBE = Remedy(name="probe", usage="", summary="", plan=_probe_plan, apply=_probe_apply)
+
+
+async def test_every_session_and_view_remedy_runs_as_the_identity(leaps_dsn: str) -> None:
+    admin_id, _email = await leaps_user(leaps_dsn, "ADMIN")
+    identity = LeapsIdentity(admin_id, "ADMIN", "the test approver's account")
+    executor = Executor(leaps_dsn)
+    gateway = TargetGateway(leaps_dsn)
+    victims = Victims(leaps_dsn)
+    sleeper_task: asyncio.Task[Any] | None = None
+    try:
+        ctx = RunContext(gateway, FAST_THRESHOLDS)
+        state, outcome = await executor.apply(PROBE, await PROBE.plan(ctx, []), "apv-p1", identity)
+        assert state == "done" and outcome.rows == [{"user_id": admin_id, "role": "ADMIN"}]
+        assert f"acted as LEAPS user {admin_id} (ADMIN" in outcome.summary
+        state, outcome = await executor.apply(PROBE, await PROBE.plan(ctx, []), "apv-p2")
+        assert outcome.rows == [{"user_id": None, "role": None}]
+        assert "acted as no LEAPS user" in outcome.summary
+
+        plan = await REFRESH_VIEWS.plan(ctx, ["leaderboard_totals"])
+        state, outcome = await executor.apply(REFRESH_VIEWS, plan, "apv-s1", identity)
+        assert state == "done", outcome
+
+        (idle,) = await victims.open(1)
+        await asyncio.sleep(0.2)
+        plan = await KILL_IDLE.plan(ctx, ["0"])
+        assert [int(t["pid"]) for t in plan.targets] == [idle]
+        state, outcome = await executor.apply(KILL_IDLE, plan, "apv-s2", identity)
+        assert state == "done" and await victims.alive() == set(), outcome
+
+        (busy,) = await victims.open(1)
+        sleeper = victims.conns[-1]
+        sleeper_task = asyncio.create_task(sleeper.execute("SELECT pg_sleep(30)"))
+        await asyncio.sleep(0.3)
+        plan = await CANCEL.plan(ctx, [str(busy)])
+        state, outcome = await executor.apply(CANCEL, plan, "apv-s3", identity)
+        assert state == "done", outcome
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await sleeper_task
+        plan = await TERMINATE.plan(ctx, [str(busy)])
+        state, outcome = await executor.apply(TERMINATE, plan, "apv-s4", identity)
+        assert state == "done", outcome
+        for _ in range(50):
+            if busy not in await victims.alive():
+                break
+            await asyncio.sleep(0.05)
+        assert busy not in await victims.alive()
+    finally:
+        if sleeper_task is not None and not sleeper_task.done():
+            sleeper_task.cancel()
+        await victims.close()
+        await gateway.close()

@@ -426,6 +426,50 @@ async def test_dedupe_learn_leaves_two_approved_to_a_person(
     assert again.count == 0 and len(again.private(LearnData).needs_decision) == 2
 
 
+async def test_dedupe_learn_leaves_a_repeated_certificate_to_a_person(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """A duplicate whose certificateHash is another user's approved one: production's
+    certificate trigger refuses any change to it, so the plan holds it back and says
+    why, and the rest of the repair goes through."""
+    await faults.duplicate_learn(3)
+    first = await plan_of(DEDUPE_LEARN, ctx)
+    held = first.targets[0]
+    (other,) = await fetch(
+        leaps_dsn,
+        "SELECT id FROM submissions WHERE activity_code = 'LEARN' AND status = 'APPROVED'"
+        " AND user_id <> %s ORDER BY id LIMIT 1",
+        (held["user_id"],),
+    )
+    stamp = '{"certificateHash": "sha256:0f1e2d"}'
+    stamp_sql: LiteralString = "UPDATE submissions SET payload = payload || %s WHERE id = %s"
+    await run(leaps_dsn, stamp_sql, (stamp, other[0]))
+    async with await psycopg.AsyncConnection.connect(leaps_dsn) as conn, conn.transaction():
+        # Damage from before the trigger existed: written past it, as the owner.
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(stamp_sql, (stamp, held["id"]))
+    admin = await leaps_user(leaps_dsn, "ADMIN")
+    with pytest.raises(psycopg.errors.UniqueViolation, match="Certificate hash already exists"):
+        async with await psycopg.AsyncConnection.connect(leaps_dsn) as conn, conn.transaction():
+            await conn.execute("SELECT set_config('app.user_role', 'ADMIN', true)")
+            await conn.execute(
+                "UPDATE submissions SET status = 'REJECTED', reviewer_id = %s WHERE id = %s",
+                (admin.user_id, held["id"]),
+            )
+
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    assert plan.count == 2 and held["id"] not in {t["id"] for t in plan.targets}
+    (note,) = [w for w in plan.warnings if "repeats the certificateHash" in w]
+    assert str(held["id"]) in note and "trg_check_certificate_hash" in note
+    assert plan.private(LearnData).certificate_guards == ["trg_check_certificate_hash"]
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn6", admin)
+    assert state == "done" and outcome.affected == 2, outcome
+    (status,) = await fetch(
+        leaps_dsn, "SELECT status::text FROM submissions WHERE id = %s", (held["id"],)
+    )
+    assert status == ("PENDING",)
+
+
 async def test_dedupe_learn_refused_by_the_status_guard_names_it(
     ctx: RunContext, leaps_dsn: str, faults: FaultInjector
 ) -> None:

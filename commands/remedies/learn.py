@@ -11,7 +11,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
-from commands.guards import acting_notes
+from commands.guards import acting_notes, triggers_reading
 from commands.remedies.base import (
     LockScope,
     Outcome,
@@ -64,12 +64,35 @@ DUPLICATE_LEARN = (
     + _APPROVED_LEARNS.format(a="s")
     + " < 2"
 )
-LEARN_PART = Part(
-    "learn",
-    "submissions",
-    "s",
-    DUPLICATE_LEARN,
-    "PENDING duplicate LEARN submissions (not the kept one)",
+# A PENDING duplicate repeating the certificateHash of another user's APPROVED LEARN:
+# where the live database has an UPDATE trigger reading certificateHash (production's
+# trg_check_certificate_hash), every change to such a row is refused, so it is left to a
+# person instead of failing the whole remedy.
+CERT_CONFLICT = (
+    "s.payload ->> 'certificateHash' IS NOT NULL AND EXISTS (SELECT 1 FROM submissions AS o"
+    " WHERE o.activity_code = 'LEARN' AND o.status = 'APPROVED' AND o.user_id <> s.user_id"
+    " AND o.payload ->> 'certificateHash' = s.payload ->> 'certificateHash')"
+)
+CERTIFICATE_KEY = "certificateHash"
+
+
+def learn_part(certificate_guarded: bool) -> Part:
+    condition = DUPLICATE_LEARN + (f" AND NOT ({CERT_CONFLICT})" if certificate_guarded else "")
+    return Part(
+        "learn",
+        "submissions",
+        "s",
+        condition,
+        "PENDING duplicate LEARN submissions (not the kept one)",
+    )
+
+
+_HELD_SQL = (
+    "SELECT s.id, s.user_id FROM submissions AS s WHERE "  # noqa: S608
+    + DUPLICATE_LEARN
+    + " AND "
+    + CERT_CONFLICT
+    + f" ORDER BY s.id LIMIT {SAMPLE}"
 )
 _LEARN_SAMPLE = (
     "s.id, s.user_id, s.status::text AS status, s.created_at, " + _KEPT + " AS kept_submission"
@@ -94,6 +117,7 @@ SELECT count(*) AS n FROM (SELECT 1 FROM submissions AS s
 
 class LearnData(Counts):
     needs_decision: list[str] = []  # user ids left for a person
+    certificate_guards: list[str] = []  # triggers that refuse changing a repeated certificate
 
 
 def reject_sql(backup: sql.Identifier) -> sql.Composed:
@@ -126,21 +150,33 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-learn` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[int, int, list[Row], list[Row], int, list[str]]:
-        n = await count_rows(db, LEARN_PART.count_sql())
+    async def survey(
+        db: Reader,
+    ) -> tuple[int, int, list[Row], list[Row], int, list[str], list[str], list[Row]]:
+        cert_guards = await triggers_reading(db, "submissions", "UPDATE", CERTIFICATE_KEY)
+        part = learn_part(bool(cert_guards))
+        n = await count_rows(db, part.count_sql())
         users = await db.fetch(
             "SELECT count(DISTINCT s.user_id) AS n FROM submissions AS s WHERE "  # noqa: S608
-            + DUPLICATE_LEARN
+            + part.condition
         )
-        sample = await db.fetch(LEARN_PART.sample_sql(_LEARN_SAMPLE).as_string()) if n else []
+        sample = await db.fetch(part.sample_sql(_LEARN_SAMPLE).as_string()) if n else []
         decide = await db.fetch(NEEDS_DECISION_SQL)
         n_decide = int((await db.fetch(NEEDS_DECISION_COUNT_SQL))[0]["n"]) if decide else 0
         notes = await acting_notes(db, ["submissions"], "UPDATE", ctx.service_identity) if n else []
-        return n, int(users[0]["n"]), sample, decide, n_decide, notes
+        held = await db.fetch(_HELD_SQL) if cert_guards else []
+        return n, int(users[0]["n"]), sample, decide, n_decide, notes, cert_guards, held
 
-    n, users, targets, decide, n_decide, notes = await ctx.gateway.read(survey)
+    n, users, targets, decide, n_decide, notes, cert_guards, held = await ctx.gateway.read(survey)
+    part = learn_part(bool(cert_guards))
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_submissions")
     warnings = [*notes, *_decision_lines(decide, n_decide)]
+    warnings += [
+        f"needs a human decision: submission {r['id']} of user {r['user_id']} repeats the "
+        f"certificateHash of another user's APPROVED LEARN; {', '.join(cert_guards)} refuses "
+        "any change to it; left unchanged"
+        for r in held
+    ]
     if n:
         summary = (
             f"set {plural(n, 'PENDING LEARN submission')} of {plural(users, 'user')} to "
@@ -157,7 +193,7 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
         title="Reject duplicate LEARN submissions",
         summary=summary,
         steps=[
-            PlanStep(sql=LEARN_PART.lock_sql().as_string(), note=f"locks and recounts: {n}"),
+            PlanStep(sql=part.lock_sql().as_string(), note=f"locks and recounts: {n}"),
             PlanStep(
                 sql=backup_sql("submissions", backup).as_string(),
                 params=["<the locked ids>"],
@@ -169,7 +205,7 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
                 note="as the acting identity (app.user_id / app.user_role set for this "
                 "transaction); the count must match the plan",
             ),
-            PlanStep(sql=LEARN_PART.count_sql().as_string(), note="verification: must be 0"),
+            PlanStep(sql=part.count_sql().as_string(), note="verification: must be 0"),
         ],
         targets=targets,
         count=n,
@@ -178,13 +214,24 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
         needs_approval=n > 0,
         locks=LockScope(relations=["submissions"]),
         data=LearnData(
-            counts={"learn": n}, needs_decision=[str(r["user_id"]) for r in decide]
+            counts={"learn": n},
+            needs_decision=[str(r["user_id"]) for r in decide],
+            certificate_guards=cert_guards,
         ).model_dump(mode="json"),
     )
 
 
 async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
-    await check_parts(writer, plan, [LEARN_PART], plan.private(LearnData).counts)
+    data = plan.private(LearnData)
+    now_guards = await triggers_reading(writer, "submissions", "UPDATE", CERTIFICATE_KEY)
+    if bool(now_guards) != bool(data.certificate_guards):
+        raise RemedyAbort(
+            "drift: the certificate-hash triggers on submissions changed since the plan "
+            f"({', '.join(data.certificate_guards) or 'none'} then, "
+            f"{', '.join(now_guards) or 'none'} now); nothing was changed, request it again"
+        )
+    part = learn_part(bool(now_guards))
+    await check_parts(writer, plan, [part], data.counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no duplicate LEARN submission; nothing was changed")
     if writer.identity is None:
@@ -193,12 +240,12 @@ async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
             "a LEAPS account (matched by Slack e-mail) and REMEDY_SERVICE_USER_ID is not "
             "set; nothing was changed"
         )
-    backup, copied = await lock_and_backup(writer, LEARN_PART, plan.count)
+    backup, copied = await lock_and_backup(writer, part, plan.count)
     updated = await writer.execute(
         reject_sql(backup), (writer.identity.user_id, writer.approval_id)
     )
     check_count(plan, updated, "LEARN submissions")
-    if await count_rows(writer, LEARN_PART.count_sql()):
+    if await count_rows(writer, part.count_sql()):
         return Outcome(
             ok=False, summary="verification failed: duplicate LEARN submissions remain; rolled back"
         )
@@ -209,7 +256,7 @@ async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
             " ORDER BY s.id LIMIT {}"
         ).format(backup, sql.Literal(SAMPLE))
     )
-    left = plan.private(LearnData).needs_decision
+    left = data.needs_decision
     return Outcome(
         ok=True,
         summary=f"rejected {plural(updated, 'duplicate LEARN submission')}; the previous rows "
