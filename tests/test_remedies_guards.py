@@ -207,3 +207,19 @@ async def test_every_session_and_view_remedy_runs_as_the_identity(leaps_dsn: str
             sleeper_task.cancel()
         await victims.close()
         await gateway.close()
+
+
+def test_service_identity_comes_from_settings(fake_slack: FakeSlack) -> None:
+    plain = bot_settings("postgresql://x@localhost/db", fake_slack)
+    assert plain.service_identity is None
+    served = bot_settings(
+        "postgresql://x@localhost/db",
+        fake_slack,
+        remedy_service_user_id="c0ops",
+        remedy_service_role="reviewer",
+    )
+    assert served.service_identity == LeapsIdentity(
+        "c0ops", "REVIEWER", "service identity REMEDY_SERVICE_USER_ID"
+    )
+    with pytest.raises(ValueError, match="unknown role"):
+        bot_settings("postgresql://x@localhost/db", fake_slack, remedy_service_role="ROOT")
