@@ -33,7 +33,13 @@ from bot.state import (
 from bot.state.models import VERSION_TABLE, Base
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-TABLES = {"dbops_approvals", "dbops_approval_decisions", "dbops_audit", "dbops_refresh_log"}
+TABLES = {
+    "dbops_approvals",
+    "dbops_approval_decisions",
+    "dbops_audit",
+    "dbops_refresh_log",
+    "dbops_known_roles",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -133,7 +139,7 @@ async def test_migrations_apply_concurrently_and_reopen(state_url: str) -> None:
                 mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
                 assert mode == "wal"
         assert tables == TABLES | {VERSION_TABLE}
-        assert version == "0001"
+        assert version == "0002"
         assert drift == [], "models and migrations disagree"
         made = await new_approval(first)
         assert await second.get_approval(made.id) == await third.get_approval(made.id) == made
@@ -153,7 +159,7 @@ async def test_migrations_of_two_databases_in_one_process(state_url: str, tmp_pa
         for each in opened:
             async with each.engine.connect() as conn:
                 tables, version, _ = await conn.run_sync(_schema_report)
-            assert tables == TABLES | {VERSION_TABLE} and version == "0001"
+            assert tables == TABLES | {VERSION_TABLE} and version == "0002"
     finally:
         for each in opened:
             await each.close()
