@@ -103,7 +103,7 @@ async def test_roles_from_slack_email_map_and_default(
         refused = told(await answer_to(fake_slack, "U0STRANGER"))
         assert "You need the role REVIEWER" in refused
         assert "yours is PARTICIPANT" in refused
-        assert "neither ROLE_MAP, a configured user group nor the LEAPS users table" in refused
+        assert "no LEAPS user has your Slack e-mail" in refused
 
         # every lookup that answered is kept, with where it came from and when
         store = bot.service.store
