@@ -76,7 +76,7 @@ class ResolvedRole:
         if self.source == "leaps":
             return "from the LEAPS users table, by your Slack e-mail"
         if self.source == "default":
-            return "not in ROLE_MAP nor a configured user group; no LEAPS user has your Slack e-mail"
+            return "not in ROLE_MAP nor a user group; no LEAPS user has your Slack e-mail"
         return f"your role could not be looked up: {self.failure}"
 
     def describe(self) -> str:
