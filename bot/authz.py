@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 LOWEST = ROLES[0]
 FAILED_LOOKUP_TTL_S = 30.0
+# After the LEAPS lookup failed, nobody's role is looked up there for this long: during an
+# outage each lookup waits the connect timeout, and people diagnosing should not each pay it.
+# Short, because until it is over a role cannot be checked now (no remedy requests).
+LEAPS_BACKOFF_S = 10.0
 STORE_TIMEOUT_S = 2.0  # the state store is a convenience here, never a reason to hang
 # users.info answers that are facts about the user, not failures of Slack.
 _NO_SUCH_USER = frozenset({"user_not_found", "user_not_visible"})
@@ -129,6 +133,7 @@ class RoleResolver:
         self._emails: dict[str, tuple[str | None, str | None, float]] = {}
         self._members: dict[str, tuple[frozenset[str] | None, str | None, float]] = {}
         self._member_locks: dict[str, asyncio.Lock] = {}
+        self._leaps_down_until = 0.0
 
     async def role_of(self, user_id: str, purpose: Purpose = "approve") -> str:
         """The role that counts for `purpose`: a stale role only for diagnostics."""
@@ -172,10 +177,13 @@ class RoleResolver:
         email = await self._email(user_id)
         if not email:
             return ResolvedRole(LOWEST, "default", _now())
+        if time.monotonic() < self._leaps_down_until:
+            raise _Unavailable("the LEAPS database did not answer")
         try:
             role = await self._gateway.read(partial(role_for_email, email))
         except Exception as exc:  # the target may be the thing that is sick
             log.debug("LEAPS role lookup for %s failed", user_id, exc_info=exc)
+            self._leaps_down_until = time.monotonic() + LEAPS_BACKOFF_S
             raise _Unavailable("the LEAPS database did not answer") from exc
         if role not in ROLES:
             return ResolvedRole(LOWEST, "default", _now())
