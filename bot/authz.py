@@ -22,8 +22,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.state import KnownRole, StateStore
-from commands.base import Gateway, human_duration
-from commands.remedy import ROLES, role_rank
+from commands.base import ROLES, Gateway, human_duration, role_rank
 from commands.roles import role_for_email
 
 log = logging.getLogger(__name__)
