@@ -57,6 +57,24 @@ async def answer_to(fake: FakeSlack, user: str) -> Call:
     raise AssertionError(f"{user} was told nothing")
 
 
+async def leaps_email_other(dsn: str, role: str, but_not: str) -> str:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            'SELECT email FROM users WHERE role = %s::"Role" AND email <> %s ORDER BY id LIMIT 1',
+            (role, but_not),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+async def answer_to_url(fake: FakeSlack, user: str) -> Call:
+    (call, *_) = await fake.wait_for(
+        "response_url", timeout=15, predicate=lambda c: c.path.endswith("/" + user)
+    )
+    return call
+
+
 def told(call: Call) -> str:
     return str(call.params.get("text", ""))
 
@@ -219,6 +237,7 @@ async def test_during_an_outage_known_people_diagnose_but_never_approve(
             report = await answer_to(fake_slack, "U0OPS")
             assert report.method == "chat.postEphemeral", told(report)
             assert crit_checks(report) == {"reachability"}
+            assert not [c for c in fake_slack.calls_to("response_url") if "U0OPS" in c.path]
             resolved = await bot.service.roles.resolve("U0OPS")
             assert resolved.stale and resolved.role == "ADMIN" and resolved.source == "leaps"
 
@@ -255,24 +274,6 @@ async def test_during_an_outage_known_people_diagnose_but_never_approve(
             assert await reopened.known_role("U0NEW") is None
     finally:
         await victims.close()
-
-
-async def leaps_email_other(dsn: str, role: str, but_not: str) -> str:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            'SELECT email FROM users WHERE role = %s::"Role" AND email <> %s ORDER BY id LIMIT 1',
-            (role, but_not),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return str(row[0])
-
-
-async def answer_to_url(fake: FakeSlack, user: str) -> Call:
-    (call, *_) = await fake.wait_for(
-        "response_url", timeout=15, predicate=lambda c: c.path.endswith("/" + user)
-    )
-    return call
 
 
 async def test_slack_failing_falls_back_to_the_last_known_role(
