@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 
 from bot.state import (
@@ -31,9 +32,12 @@ from bot.state import (
     open_store,
 )
 from bot.state.models import VERSION_TABLE, Base
+from bot.state.store import alembic_config
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TABLES = {"dbops_approvals", "dbops_approval_decisions", "dbops_audit", "dbops_refresh_log"}
+
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -133,7 +137,7 @@ async def test_migrations_apply_concurrently_and_reopen(state_url: str) -> None:
                 mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
                 assert mode == "wal"
         assert tables == TABLES | {VERSION_TABLE}
-        assert version == "0001"
+        assert version == HEAD
         assert drift == [], "models and migrations disagree"
         made = await new_approval(first)
         assert await second.get_approval(made.id) == await third.get_approval(made.id) == made
@@ -153,7 +157,7 @@ async def test_migrations_of_two_databases_in_one_process(state_url: str, tmp_pa
         for each in opened:
             async with each.engine.connect() as conn:
                 tables, version, _ = await conn.run_sync(_schema_report)
-            assert tables == TABLES | {VERSION_TABLE} and version == "0001"
+            assert tables == TABLES | {VERSION_TABLE} and version == HEAD
     finally:
         for each in opened:
             await each.close()
