@@ -438,3 +438,33 @@ async def test_refresh_log_round_trip(store: StateStore) -> None:
     assert quota.id == running and quota.finished_at is None and quota.duration_s is None
     with pytest.raises(NotFound):
         await store.refresh_finished(10_000_000, rows=1, error=None)
+
+
+async def test_a_stuck_approval_is_taken_over_once_and_finished_by_the_taker(
+    store: StateStore, state_url: str
+) -> None:
+    made = await new_approval(store)
+    await approve(store, made.id, "U0ANN")
+    claimed = await store.claim(made.id, claimer="proc-dead")
+    assert claimed is not None
+    async with await open_store(state_url) as other:
+        takes = await asyncio.gather(
+            store.take_over(claimed, claimer="sweeper:a"),
+            other.take_over(claimed, claimer="sweeper:b"),
+        )
+    winners = [t for t in takes if t is not None]
+    assert len(winners) == 1 and winners[0].claimed_by in ("sweeper:a", "sweeper:b")
+    assert winners[0].updated_at == claimed.updated_at  # still dates the original claim
+    with pytest.raises(InvalidTransition):  # the dead process's late finish loses
+        await store.finish(made.id, state="done", outcome={}, claimer="proc-dead")
+    await store.finish(made.id, state="failed", outcome={}, claimer=winners[0].claimed_by)
+    assert await store.take_over(claimed, claimer="sweeper:c") is None
+
+
+async def test_cancel_ends_only_a_pending_approval(store: StateStore) -> None:
+    made = await new_approval(store)
+    assert await store.cancel(made.id, outcome={"summary": "not posted"})
+    assert not await store.cancel(made.id, outcome={})
+    cancelled = await store.get_approval(made.id)
+    assert cancelled is not None and cancelled.state == "cancelled" and cancelled.is_terminal
+    assert await store.claim(made.id, claimer="proc") is None

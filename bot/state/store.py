@@ -648,9 +648,10 @@ class StateStore:
     async def stuck_executing(
         self, older_than_s: float, now: datetime | None = None
     ) -> list[Approval]:
-        """Executing for longer than `older_than_s`: report them, never retry them.
+        """Executing for longer than `older_than_s`: never retried, only decided.
 
-        Whether the remedy's transaction committed is unknown to us; a human must look.
+        The sweeper (`ApprovalEngine.sweep`) takes them over and lets the remedy's own
+        verification decide.
         """
         cutoff = _utc(now) - timedelta(seconds=older_than_s)
         stmt = (
