@@ -406,6 +406,7 @@ class ApprovalEngine:
             summary=f"interrupted: {why}; {found}",
             error=None if landed else f"interrupted: {why}",
         )
+        await self._finished_hook(claimed, actor_id, outcome)
         await self._conclude(claimed, "done" if landed else "failed", outcome, actor_id, approvers)
 
     async def _verify(self, approval: Approval, actor_id: str) -> Verification | None:
@@ -421,6 +422,14 @@ class ApprovalEngine:
         except Exception:
             log.exception("verification of approval %s failed", approval.id)
             return None
+
+    async def _finished_hook(self, approval: Approval, actor_id: str, outcome: Outcome) -> None:
+        """The remedy's `finished` hook, for an execution that ended without `_run`."""
+        remedy = REMEDIES.get(approval.remedy)
+        if remedy is not None:
+            plan = Plan.model_validate(approval.plan)
+            run = Execution(approval.id, actor_id, claimed_at=approval.updated_at)
+            await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
 
     async def _conclude(
         self,
@@ -495,11 +504,7 @@ class ApprovalEngine:
                 summary=f"process died during execution; verification found {verdict.found}",
                 error=None if verdict.landed else "process died during execution",
             )
-            remedy = REMEDIES.get(taken.remedy)
-            if remedy is not None:
-                plan = Plan.model_validate(taken.plan)
-                run = Execution(taken.id, "bot", claimed_at=taken.updated_at)
-                await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
+            await self._finished_hook(taken, "bot", outcome)
             state: FinalState = "done" if verdict.landed else "failed"
             await self._conclude(taken, state, outcome, "bot", await self._approvers(taken.id))
             decided.append(taken.id)

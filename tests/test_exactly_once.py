@@ -143,6 +143,7 @@ async def test_sigterm_mid_remedy_ends_failed_with_the_reason(
         try:
             final = await store.get_approval(approval_id)
             trail = [e.action for e in await store.audit_trail(approval_id)]
+            journal = (await store.last_refreshes())[f"public.{VIEW}"]
         finally:
             await store.close()
     assert final is not None and final.state == "failed"
@@ -151,6 +152,8 @@ async def test_sigterm_mid_remedy_ends_failed_with_the_reason(
     assert summary.startswith("interrupted: the bot was stopped; verification found")
     assert trail[-1] == "remedy.failed"
     assert "interrupted: the bot was stopped" in thread_text(fake_slack, plan)
+    assert journal.finished_at is not None and journal.error is not None  # the hook ran
+    assert journal.error.startswith("interrupted")
     async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'REFRESH MATERIALIZED%%'"
