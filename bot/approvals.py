@@ -16,7 +16,7 @@ import hmac
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
@@ -62,6 +62,17 @@ class Click:
 class NotPosted(Exception):
     """The plan could not be shown in Slack, so the approval was cancelled; the message
     is for the requester."""
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to its end even when the caller is cancelled meanwhile (shutdown):
+    the final state of an approval must be written before the task dies."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def process_id() -> str:
@@ -369,15 +380,14 @@ class ApprovalEngine:
         except asyncio.CancelledError:
             # Shutdown (SIGTERM) or a cancelled task: the transaction was rolled back on
             # the way out; record the end before the task dies.
-            await asyncio.shield(
-                self._interrupted(claimed, actor_id, approvers, "the bot was stopped")
-            )
+            stopped = self._interrupted(claimed, actor_id, approvers, "the bot was stopped")
+            await _to_the_end(stopped)
             raise
         except Exception as exc:
             log.exception("executing approval %s failed", approval_id)
             await self._interrupted(claimed, actor_id, approvers, f"{type(exc).__name__}: {exc}")
             return
-        await self._conclude(claimed, state, outcome, actor_id, approvers)
+        await _to_the_end(self._conclude(claimed, state, outcome, actor_id, approvers))
 
     async def _run(self, claimed: Approval, actor_id: str) -> tuple[FinalState, Outcome]:
         remedy = REMEDIES.get(claimed.remedy)
