@@ -1,6 +1,6 @@
 """The last known roles in the state store (migration 0002), on SQLite and on PostgreSQL:
 the latest resolution wins, and a deployment at 0001 upgrades (and downgrades) with its
-approvals intact."""
+audit trail intact."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 
 from bot.state import open_store
 from bot.state.models import VERSION_TABLE
 from bot.state.store import StateStore, alembic_config, make_engine
-from tests.test_state_store import new_approval
 
 T0 = datetime(2026, 11, 30, 7, 0, tzinfo=UTC)
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -67,18 +68,19 @@ async def _alembic(url: str, action: Callable[..., None], revision: str) -> None
 
 
 async def test_upgrade_from_0001_and_back(state_url: str) -> None:
+    """A deployment of the first schema keeps its audit trail through 0002 and back."""
     await _alembic(state_url, command.upgrade, "0001")
     engine = make_engine(state_url)
     try:
-        made = await new_approval(StateStore(engine))  # a deployment of the first schema
+        await StateStore(engine).audit("approval.requested", actor_id="U0REQ", at=T0)
     finally:
         await engine.dispose()
 
     async with await open_store(state_url) as store:  # the bot starts: upgrade to head
         async with store.engine.connect() as conn:
             version, tables = await conn.run_sync(_version_and_tables)
-        assert version == "0002" and "dbops_known_roles" in tables
-        assert await store.get_approval(made.id) == made
+        assert version == HEAD and "dbops_known_roles" in tables
+        assert [e.action for e in await store.audit_trail()] == ["approval.requested"]
         await store.remember_role("U0OPS", role="ADMIN", source="leaps", at=T0)
 
     await _alembic(state_url, command.downgrade, "0001")
@@ -87,6 +89,7 @@ async def test_upgrade_from_0001_and_back(state_url: str) -> None:
         async with engine.connect() as conn:
             version, tables = await conn.run_sync(_version_and_tables)
         assert version == "0001" and "dbops_known_roles" not in tables
-        assert await StateStore(engine).get_approval(made.id) == made
+        trail = await StateStore(engine).audit_trail()
+        assert [(e.action, e.at) for e in trail] == [("approval.requested", T0)]
     finally:
         await engine.dispose()
