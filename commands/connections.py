@@ -31,6 +31,7 @@ from commands.base import (
     UsageError,
     human_duration,
     register,
+    shown_queries,
 )
 from commands.remedy import (
     Outcome,
@@ -241,6 +242,7 @@ async def connections(ctx: Context, args: list[str]) -> Report:
 
     async def survey(db: Reader) -> Finding:
         sessions = await db.fetch(_SESSIONS_SQL, {"chars": th.query_chars})
+        shown_queries(sessions, th.show_query_literals)
         (limits,) = await db.fetch(_LIMITS_SQL)
         built.extend(connection_findings(sessions, limits, th))
         return Finding(check="connections", status=Status.OK, summary="")
@@ -386,6 +388,7 @@ async def plan_kill_idle(ctx: Context, args: list[str]) -> Plan:
 
     async def survey(db: Reader) -> tuple[list[Row], str]:
         rows = await db.fetch(_IDLE_PLAN_SQL, (minutes, BOT_APPLICATION_NAME, allow))
+        shown_queries(rows, ctx.thresholds.show_query_literals)
         (dbrow,) = await db.fetch("SELECT current_database() AS db")
         return rows, str(dbrow["db"])
 
@@ -577,6 +580,7 @@ def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Pla
 
         async def survey(db: Reader) -> Row | None:
             rows = await db.fetch(_ONE_SESSION_SQL, (pid,))
+            shown_queries(rows, ctx.thresholds.show_query_literals)
             return rows[0] if rows else None
 
         s = await ctx.gateway.read(survey)

@@ -25,6 +25,7 @@ from commands.base import (
     human_duration,
     human_size,
     register,
+    shown_queries,
 )
 
 EXPECTED_VIEWS = (
@@ -180,6 +181,7 @@ async def check_long_queries(th: Thresholds, db: Reader) -> Finding:
         _LONG_QUERIES_SQL,
         {"chars": th.query_chars, "warn": th.long_query_warn_s, "limit": th.max_rows},
     )
+    shown_queries(rows, th.show_query_literals)
     if not rows:
         return Finding(
             check="long-running queries",
@@ -217,6 +219,7 @@ async def check_idle_in_transaction(th: Thresholds, db: Reader) -> Finding:
         _IDLE_IN_TX_SQL,
         {"chars": th.query_chars, "warn": th.idle_in_tx_warn_s, "limit": th.max_rows},
     )
+    shown_queries(rows, th.show_query_literals, "last_query")
     if not rows:
         return Finding(
             check="idle in transaction",
@@ -325,7 +328,9 @@ def blocking_chains(blocked: list[Row]) -> list[list[int]]:
 
 
 async def check_blocked(th: Thresholds, db: Reader) -> Finding:
-    blocked = await db.fetch(_BLOCKED_SQL, {"chars": th.query_chars})
+    blocked = shown_queries(
+        await db.fetch(_BLOCKED_SQL, {"chars": th.query_chars}), th.show_query_literals
+    )
     if not blocked:
         return Finding(
             check="blocked sessions", status=Status.OK, summary="no session waits on a lock"
@@ -335,6 +340,7 @@ async def check_blocked(th: Thresholds, db: Reader) -> Finding:
     holders = (
         await db.fetch(_HOLDERS_SQL, {"chars": th.query_chars, "pids": roots}) if roots else []
     )
+    shown_queries(holders, th.show_query_literals)
     longest = max(float(r["waiting_s"] or 0) for r in blocked)
     status = Status.CRIT if longest >= th.blocked_crit_s else Status.WARN
     by_pid = {int(r["pid"]): r for r in blocked}

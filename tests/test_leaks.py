@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
+import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bot.gateway import MASK, UNPARSEABLE, describe_target, mask_dsn
+from bot.settings import load_settings
+from commands.base import redact_literals, shown_queries
 
 # Passwords with everything that breaks hand-written parsers: spaces, quotes, backslashes,
 # and the URL delimiters (@ :// ? & = / #), plus non-ASCII.
@@ -100,3 +104,94 @@ def test_unparseable_dsn_shows_a_placeholder_never_the_string() -> None:
     for bad in ("postgresql://u:hunter2@h/db?x", "host=h password='hunter2", "hunter2 junk"):
         assert mask_dsn(bad) == UNPARSEABLE
         assert describe_target(bad) == UNPARSEABLE
+
+
+# --- query literals -------------------------------------------------------------------------
+
+MARK = "§"  # in every secret, nowhere in the SQL around it
+literal_bodies = st.text(alphabet=st.sampled_from(list("ab $'\"\\\n\t-*/;E§é")), max_size=20).map(
+    lambda s: s + MARK
+)
+tags = st.sampled_from(["", "x", "tag", "_t1", "é"])
+around = st.lists(
+    st.sampled_from(
+        [
+            "SELECT",
+            "x$y$",
+            "t.*",
+            "count(*)",
+            "$1",
+            "::text",
+            ",",
+            "(",
+            ")",
+            "=",
+            "1",
+            '"it\'s"',
+            '"a""b"',
+            "/* don't */",
+            "/* /* nested' */ */",
+            "-- it's\n",
+            "E",
+            "'other'",
+            "E'x\\''",
+            "$q$plain$q$",
+            "U&'d\\0061t'",
+            "\n",
+            " ",
+        ]
+    ),
+    max_size=8,
+).map(" ".join)
+
+
+def as_literal(kind: str, body: str, tag: str) -> str:
+    if kind == "standard":
+        return "'" + body.replace("'", "''") + "'"
+    if kind == "escape":
+        return "E'" + body.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f"${tag}${body}${tag}$"
+
+
+@given(
+    kind=st.sampled_from(["standard", "escape", "dollar"]),
+    body=literal_bodies,
+    tag=tags,
+    before=around,
+    after=around,
+)
+@example(kind="standard", body="hunter2" + MARK, tag="", before="ALTER ROLE x PASSWORD", after="")
+@example(kind="escape", body="\\'§", tag="", before='"a\'b"', after="'x'")
+@example(kind="dollar", body="$x$§", tag="", before="x$y$", after="")
+def test_no_secret_survives_in_any_literal_form(
+    kind: str, body: str, tag: str, before: str, after: str
+) -> None:
+    assume(kind != "dollar" or f"${tag}$" not in body)
+    query = f"{before} {as_literal(kind, body, tag)} {after}"
+    shown = redact_literals(query)
+    assert MARK not in shown
+    # As the reports fetch it: whitespace folded, then cut at any length.
+    folded = re.sub(r"\s+", " ", query)
+    for cut in range(len(folded) + 1):
+        assert MARK not in redact_literals(folded[:cut])
+
+
+def test_redaction_keeps_the_sql_around_literals() -> None:
+    assert redact_literals("ALTER ROLE app PASSWORD 'hunter2'") == "ALTER ROLE app PASSWORD '…'"
+    assert (
+        redact_literals("SELECT t.*, count(*) FROM \"it's\" t WHERE a = $1 AND b = E'x\\'y'")
+        == "SELECT t.*, count(*) FROM \"it's\" t WHERE a = $1 AND b = '…'"
+    )
+    assert redact_literals("SELECT $f$a$$b$f$, 'it''s' /* c's */") == "SELECT '…', '…' /* c's */"
+    assert redact_literals("SELECT 1 -- who's\nSELECT 'x'") == "SELECT 1 -- who's\nSELECT '…'"
+    assert redact_literals("SELECT 1 -- who's SELECT 'x'") == "SELECT 1 -- …"
+    assert redact_literals("INSERT INTO t VALUES ('cut off") == "INSERT INTO t VALUES ('…'"
+
+
+def test_literals_shown_when_the_setting_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    query = "UPDATE users SET email = 'ann@example.org'"
+    assert shown_queries([{"query": query}], False) == [{"query": "UPDATE users SET email = '…'"}]
+    assert shown_queries([{"query": query}], True) == [{"query": query}]
+    assert not load_settings(_env_file=None).thresholds.show_query_literals
+    monkeypatch.setenv("SHOW_QUERY_LITERALS", "true")
+    assert load_settings(_env_file=None).thresholds.show_query_literals
