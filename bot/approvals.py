@@ -130,8 +130,8 @@ class ApprovalEngine:
         verb = "runs" if needed == 0 else "requests"
         thread_ts = await self.notifier.post_request(
             channel_id,
-            f"<@{user_id}> {verb} `/db {remedy.name} {' '.join(args)}`".strip()
-            + f" — {plan.title} (approval `{approval.id}`)",
+            f"<@{user_id}> {verb} `/db {render.esc(' '.join([remedy.name, *args]))}`"
+            + f" — {render.esc(plan.title)} (approval `{approval.id}`)",
         )
         approval = await self._post_plan(approval, plan, thread_ts)
         if needed == 0:

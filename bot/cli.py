@@ -59,7 +59,7 @@ def _configure_logging(settings: Settings) -> None:
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.approvals import refresh_history
     from bot.gateway import gateway_from_settings
-    from bot.router import Answer, Dispatcher, RunContext
+    from bot.router import Answer, Dispatcher, RunContext, help_text
     from bot.state import open_store
     from commands.remedy import Plan
 
@@ -82,7 +82,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
             await store.close()
     if isinstance(result, Answer):
         print(
-            result.text.replace("*", ""),
+            help_text(markup=False) if result.outcome == "help" else result.text,
             file=sys.stderr if result.outcome != "help" else sys.stdout,
         )
         return 0 if result.outcome == "help" else EXIT_CONFIG
@@ -90,7 +90,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         if as_json:
             sys.stdout.write(result.model_dump_json(indent=2) + "\n")
         else:
-            text = render.plan_text(result).replace("*", "")
+            text = render.plan_text(result, m=render.PLAIN)
             sys.stdout.write(f"{text}\n\n{render.steps_text(result)}\n\n")
             sys.stdout.write(render.rows_table(result.targets, 50) + "\n")
             sys.stdout.write("(plan only: remedies run from Slack, after approval)\n")

@@ -62,7 +62,8 @@ def is_slash_command(body: str) -> bool:
 
 
 def _ephemeral(text: str) -> dict[str, Any]:
-    return {"response_type": "ephemeral", "text": text}
+    """A short answer; it echoes user input and database errors, so nothing in it is markup."""
+    return {"response_type": "ephemeral", "text": render.esc(text)}
 
 
 class SlackFrontend:
@@ -120,7 +121,7 @@ class SlackFrontend:
         """A short private answer: in the ack itself, or through `response_url` when the
         HTTP server already acknowledged the command."""
         if not early:
-            await ack(text=text, response_type="ephemeral")
+            await ack(text=render.esc(text), response_type="ephemeral")
             return
         await ack()
         respond = AsyncRespond(response_url=body.get("response_url"))
