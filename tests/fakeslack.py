@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
@@ -224,6 +224,9 @@ def _decode_json_fields(params: dict[str, Any]) -> dict[str, Any]:
 
 class FakeSlack:
     """Fake Slack Web API. Use ``async with FakeSlack() as fake:`` and ``fake.api_url``."""
+
+    # Called with every recorded call of every instance (the suite-wide leak check).
+    observers: ClassVar[list[Callable[[Call], None]]] = []
 
     def __init__(self, *, bot_user_id: str = "UBOT", team_id: str = "T0001") -> None:
         self.bot_user_id = bot_user_id
@@ -650,6 +653,8 @@ class FakeSlack:
                 with contextlib.suppress(ValueError):
                     call.response = json.loads(raw) if raw[:1] == b"{" else raw.decode()
         self.calls.append(call)
+        for observe in FakeSlack.observers:
+            observe(call)
         self._notify()
         return response
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -13,6 +20,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from bot.gateway import MASK, UNPARSEABLE, describe_target, mask_dsn
 from bot.settings import load_settings
 from commands.base import redact_literals, shown_queries
+from tests.conftest import RunningBot
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Passwords with everything that breaks hand-written parsers: spaces, quotes, backslashes,
 # and the URL delimiters (@ :// ? & = / #), plus non-ASCII.
@@ -195,3 +205,63 @@ def test_literals_shown_when_the_setting_says_so(monkeypatch: pytest.MonkeyPatch
     assert not load_settings(_env_file=None).thresholds.show_query_literals
     monkeypatch.setenv("SHOW_QUERY_LITERALS", "true")
     assert load_settings(_env_file=None).thresholds.show_query_literals
+
+
+# --- the suite-wide leak check can fail a session -------------------------------------------
+
+INNER_TEST = """
+import logging
+from tests import leakcheck
+
+def test_logs_a_dsn():
+    leakcheck.secret("hunter2-inner", "the inner PostgreSQL password")
+    logging.getLogger("bot.inner").warning("connecting to %s", {dsn!r})
+"""
+
+
+def inner_session(tmp_path: Path, dsn: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_inner.py").write_text(INNER_TEST.format(dsn=dsn))
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.leakcheck", "-p", "no:cacheprovider",
+         "test_inner.py"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_a_leaked_password_fails_the_whole_session(tmp_path: Path) -> None:
+    leaked = inner_session(tmp_path, "postgresql://u:hunter2-inner@h/db")
+    assert "1 passed" in leaked.stdout  # the test itself passed ...
+    assert leaked.returncode == pytest.ExitCode.TESTS_FAILED  # ... the session did not
+    assert "the inner PostgreSQL password found in log record of bot.inner" in leaked.stdout
+    assert "hunter2-inner" not in leaked.stdout + leaked.stderr
+    masked = inner_session(tmp_path, mask_dsn("postgresql://u:hunter2-inner@h/db"))
+    assert masked.returncode == 0, masked.stdout
+
+
+# --- end to end: what reaches Slack from the database ---------------------------------------
+
+
+async def test_database_values_reach_slack_escaped_and_literals_elided(
+    bot: RunningBot, leaps_dsn: str
+) -> None:
+    """A session named `<!channel>` and a query holding a link and a password literal."""
+    sessions = [
+        await psycopg.AsyncConnection.connect(leaps_dsn, application_name=app)
+        for app in ("<!channel>", "innocent")
+    ]
+    try:
+        await sessions[0].execute("SELECT 1")
+        await sessions[1].execute("/* <http://evil.example|click> */ SELECT 'hunter2-literal'")
+        await asyncio.sleep(1.2)  # idle in transaction beyond FAST_THRESHOLDS
+        await bot.slash("connections")
+        (call,) = await bot.fake.wait_for("chat.postEphemeral", timeout=15)
+    finally:
+        for conn in sessions:
+            await conn.close()
+    sent = call.body.decode() + json.dumps(call.params)
+    assert "&lt;!channel&gt;" in sent and "<!channel>" not in sent
+    assert "&lt;http://evil.example|click&gt;" in sent and "<http" not in sent
+    assert "hunter2-literal" not in sent
+    assert "SELECT '…'" in json.dumps(call.params, ensure_ascii=False)
