@@ -117,9 +117,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     leaks = COLLECTOR.leaks()
-    if not leaks:
-        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not leaks:
+        if reporter is not None:
+            kinds = Counter(where.split(" (")[0] for where, _ in COLLECTOR.texts)
+            reporter.ensure_newline()
+            reporter.write_line(
+                f"leak check: {len(COLLECTOR.texts)} texts ({len(kinds)} sources) clean of "
+                f"{len(COLLECTOR.secrets)} secrets"
+            )
+        return
     lines = ["secrets leaked (the session fails):", *(f"  {line}" for line in leaks)]
     if reporter is not None:
         reporter.write_sep("=", "leak check", red=True)
