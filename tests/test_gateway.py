@@ -13,9 +13,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bot.embedded_pg import password_sql, role_dsn
-from bot.gateway import APPLICATION_NAME, TargetGateway, describe_target, mask_dsn
+from bot.gateway import TargetGateway, describe_target, mask_dsn
 from bot.router import Dispatcher, RunContext
-from commands.base import Finding, Reader, Report, Status
+from commands.base import APPLICATION_NAME, Finding, Reader, Report, Status
 from tests.conftest import FAST_THRESHOLDS
 
 

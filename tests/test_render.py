@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bot import render
 from bot.notify import ConsoleNotifier
 from commands.base import Finding, Report, Status
-from commands.remedy import Outcome, Plan, PlanStep
+from commands.remedies.base import Outcome, Plan, PlanStep
 
 statuses = st.sampled_from(list(Status))
 texts = st.text(max_size=4000)
