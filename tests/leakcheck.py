@@ -121,10 +121,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     if not leaks:
         if reporter is not None:
             kinds = Counter(where.split(" (")[0] for where, _ in COLLECTOR.texts)
-            reporter.ensure_newline()
-            reporter.write_line(
+            reporter.write_sep(
+                "-",
                 f"leak check: {len(COLLECTOR.texts)} texts ({len(kinds)} sources) clean of "
-                f"{len(COLLECTOR.secrets)} secrets"
+                f"{len(COLLECTOR.secrets)} secrets",
             )
         return
     lines = ["secrets leaked (the session fails):", *(f"  {line}" for line in leaks)]
