@@ -170,9 +170,16 @@ def explain_db_error(exc: BaseException) -> tuple[Status, str]:
     return Status.ERROR, f"internal error in check: {type(exc).__name__}"
 
 
+_CONNINFO_ERROR = re.compile(r"connection info string|URI|connection option")
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    if _CONNINFO_ERROR.search(line):
+        # libpq quotes the piece it could not parse, which may be part of a password.
+        line = re.sub(r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"…"', line)
+    return line
 
 
 class _TxReader:
@@ -219,6 +226,11 @@ class TargetGateway:
             name="dbops-target",
         )
         self._opened = False
+        try:
+            conninfo_to_dict(self._dsn)
+            self._dsn_error: str | None = None
+        except psycopg.ProgrammingError as exc:
+            self._dsn_error = f"the connection string cannot be parsed ({first_line(exc)})"
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -232,7 +244,13 @@ class TargetGateway:
     def dsn_for_display(self) -> str:
         return mask_dsn(self._raw_dsn)
 
+    def _check_dsn(self) -> None:
+        """Fail before libpq sees a broken DSN: its messages quote fragments of it."""
+        if self._dsn_error is not None:
+            raise psycopg.ProgrammingError(self._dsn_error)
+
     async def open(self) -> None:
+        self._check_dsn()
         if not self._opened:
             await self._pool.open(wait=False)
             self._opened = True
@@ -244,6 +262,7 @@ class TargetGateway:
 
     async def probe(self) -> Row:
         """Connect outside the pool so the user sees the driver's own reason on failure."""
+        self._check_dsn()
         started = time.perf_counter()
         conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(

@@ -53,6 +53,13 @@ def lint_connection_string(masked_dsn: str) -> Finding:
     """
     problems: list[str] = []
     status = Status.OK
+    if masked_dsn.startswith("<"):  # the gateway's placeholder: libpq could not parse it
+        return Finding(
+            check="connection string",
+            status=Status.CRIT,
+            summary=f"{masked_dsn}: libpq cannot parse it",
+            hint="expected form: postgresql://user:password@host:port/database?sslmode=require",
+        )
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", masked_dsn) is None:
         return Finding(
             check="connection string",

@@ -17,9 +17,11 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from bot.gateway import MASK, UNPARSEABLE, describe_target, mask_dsn
+from bot import render
+from bot.gateway import MASK, UNPARSEABLE, TargetGateway, describe_target, mask_dsn
+from bot.router import Dispatcher, RunContext
 from bot.settings import load_settings
-from commands.base import redact_literals, shown_queries
+from commands.base import Report, Thresholds, redact_literals, shown_queries
 from tests.conftest import RunningBot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +110,27 @@ def test_mask_dsn_query_string_secrets() -> None:
     assert mask_dsn("host=h password=hunter2 sslpassword=k3y") == (
         "password=*** host=h sslpassword=***"
     )
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 port=9 password=hunter 2secret dbname=x",  # unquoted space
+        "host=127.0.0.1 port=9 password='hunter2secret dbname=x",  # unterminated quote
+        "postgresql://u:hunter2secret@127.0.0.1:9/x?hunter2secret=1",
+    ],
+)
+async def test_a_broken_dsn_is_never_quoted_back(dsn: str) -> None:
+    """libpq's parse errors quote the fragment they choke on: that may be the password."""
+    gw = TargetGateway(dsn, connect_timeout_s=1)
+    try:
+        report = await Dispatcher(RunContext(gw, Thresholds())).run("health")
+    finally:
+        await gw.close()
+    assert isinstance(report, Report)
+    shown = render.to_json(report) + render.to_text(report)
+    assert "secret" not in shown
+    assert "the connection string cannot be parsed" in shown
 
 
 def test_unparseable_dsn_shows_a_placeholder_never_the_string() -> None:
