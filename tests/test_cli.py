@@ -168,3 +168,19 @@ async def test_console_approval_flow(leaps_dsn: str, tmp_path: Path) -> None:
         assert "already done" in again.stdout
     finally:
         await victims.close()
+
+
+async def test_console_approval_prints_sql_as_written(leaps_dsn: str, tmp_path: Path) -> None:
+    """`*` in SQL is SQL, not mrkdwn emphasis: `SELECT t.*` and `count(*)` print whole."""
+    from commands.fixture.faults import FaultInjector
+
+    async with FaultInjector(leaps_dsn) as faults:
+        await faults.orphan_attachments(2)
+    env = {
+        "DATABASE_URL": leaps_dsn,
+        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "ROLE_MAP": json.dumps({"U0LEAD": "ADMIN"}),
+    }
+    asked = bot_cli("run", "cleanup-orphans", "--user", "U0LEAD", env=env)
+    assert asked.returncode == 0, asked.stderr
+    assert "SELECT t.* FROM" in asked.stdout
