@@ -580,6 +580,9 @@ class FakeSlack:
                     except ValueError:
                         data = {"raw": msg.data}
                     self.socket_acks.append(data if isinstance(data, dict) else {"raw": data})
+                    ack = Call("socket_ack", {}, {}, time.monotonic(), body=msg.data.encode())
+                    for observe in FakeSlack.observers:
+                        observe(ack)
                     self._notify()
         finally:
             self._sockets.remove(ws)
