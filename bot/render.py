@@ -234,6 +234,7 @@ STATE_LINE = {
     "aborted": ":no_entry: *aborted*",
     "rejected": ":no_entry_sign: *rejected*",
     "expired": ":alarm_clock: *expired*",
+    "cancelled": ":heavy_multiplication_x: *cancelled*",
 }
 CONSOLE_STATE_LINE = {
     "pending": "waiting for approval",
