@@ -11,9 +11,11 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.request.internals import parse_body
 from slack_sdk.signature import SignatureVerifier
 
 from bot import metrics
@@ -81,6 +83,49 @@ class Service:
         return await refresh_history(self.store) if self.store is not None else {}
 
 
+_Obj = dict[str, Any]
+
+
+class InteractionShape(BaseModel):
+    """What Bolt reads of an interaction payload before any listener runs, in Slack's shapes.
+
+    Bolt trusts these shapes (it parses the JSON even before checking the signature): a
+    payload of another shape would end in a 500 and a traceback instead of a refusal.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str | None = None
+    team: _Obj | None = None
+    enterprise: _Obj | None = None
+    user: _Obj | None = None
+    channel: _Obj | None = None
+    container: _Obj | None = None
+    message: _Obj | None = None
+    view: _Obj | None = None
+    actions: list[_Obj] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_not_null(cls, data: Any) -> Any:
+        """Bolt tells "absent" from "present"; a present null breaks it like a wrong type."""
+        if isinstance(data, dict):
+            nulls = [k for k in cls.model_fields if k in data and data[k] is None]
+            if nulls:
+                raise ValueError(f"null {', '.join(nulls)}")
+        return data
+
+
+def readable_by_bolt(body: str, content_type: str | None) -> bool:
+    """Whether Bolt can read this body (its own parser, then the shapes it relies on)."""
+    try:
+        parsed = parse_body(body, content_type)
+        InteractionShape.model_validate(parsed)
+    except (ValueError, ValidationError):
+        return False
+    return True
+
+
 def build_web_app(service: Service) -> web.Application:
     bolt = service.slack.app
 
@@ -106,12 +151,21 @@ def build_web_app(service: Service) -> web.Application:
             )
             service.tracker.spawn(bolt.async_dispatch(early), name="slash command")
             return web.Response(status=200)
+        if not readable_by_bolt(body, request.content_type):
+            if verifier is not None and not verifier.is_valid_request(body, request.headers):
+                return web.Response(status=401)
+            log.warning("refused an interaction payload not shaped as Slack sends them")
+            return web.Response(status=200)
         bolt_request = AsyncBoltRequest(
             body=body,
             query=request.query_string,
             headers=request.headers,  # type: ignore[arg-type]
         )
         bolt_response = await bolt.async_dispatch(bolt_request)
+        if bolt_response.status == 404:
+            # Signed, but no listener wants it (a button of another app version, an unknown
+            # action): Slack needs only the 200; Bolt has logged what it was.
+            return web.Response(status=200)
         return await to_aiohttp_response(bolt_response)
 
     async def healthz(_request: web.Request) -> web.Response:
