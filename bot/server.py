@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
@@ -61,7 +62,12 @@ class Service:
 
     async def start(self) -> None:
         await self.gateway.open()
-        self.store = await open_store(self.settings.state_database_url)
+        try:
+            self.store = await open_store(self.settings.state_database_url)
+        except BaseException:
+            # The open pool would keep the process alive: a bot that cannot start must exit.
+            await self.gateway.close()
+            raise
         self.engine = ApprovalEngine(
             self.settings,
             self.store,
@@ -126,6 +132,24 @@ def readable_by_bolt(body: str, content_type: str | None) -> bool:
     return True
 
 
+def add_probe_routes(app: web.Application, service: Service) -> None:
+    """`/healthz` for the orchestrator (the image's HEALTHCHECK) and `/metrics` for
+    Prometheus, the same in HTTP and in Socket Mode."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "pending_tasks": len(service.tracker), "pid": os.getpid()}
+        )
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.exposition())
+        resp.headers["Content-Type"] = metrics.CONTENT_TYPE
+        return resp
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+
+
 def build_web_app(service: Service) -> web.Application:
     bolt = service.slack.app
 
@@ -168,14 +192,6 @@ def build_web_app(service: Service) -> web.Application:
             return web.Response(status=200)
         return await to_aiohttp_response(bolt_response)
 
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "pending_tasks": len(service.tracker)})
-
-    async def metrics_view(_request: web.Request) -> web.Response:
-        resp = web.Response(body=metrics.exposition())
-        resp.headers["Content-Type"] = metrics.CONTENT_TYPE
-        return resp
-
     async def on_startup(_app: web.Application) -> None:
         await service.start()
 
@@ -184,8 +200,7 @@ def build_web_app(service: Service) -> web.Application:
 
     app = web.Application()
     app.router.add_post("/slack/events", slack_events)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_view)
+    add_probe_routes(app, service)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
@@ -219,17 +234,29 @@ async def connect_socket(service: Service, app_token: str) -> AsyncSocketModeHan
     return handler
 
 
-async def serve_socket(settings: Settings) -> None:
+async def serve_socket(settings: Settings, port: int | None = None, host: str = "0.0.0.0") -> None:
+    """Socket Mode, plus `/healthz` and `/metrics` on PORT: Slack needs no inbound port,
+    but the container's HEALTHCHECK and Prometheus do."""
     settings.require("slack_bot_token", "slack_app_token", "database_url")
     assert settings.slack_app_token is not None
     service = Service(settings)
     await service.start()
+    probes = web.Application()
+    add_probe_routes(probes, service)
+    runner = web.AppRunner(probes, access_log=None)
     handler: AsyncSocketModeHandler | None = None
     try:
+        await runner.setup()
+        await web.TCPSite(runner, host, port or settings.port).start()
         handler = await connect_socket(service, settings.slack_app_token)
-        log.info("dbops-bot connected in Socket Mode")
+        log.info(
+            "dbops-bot connected in Socket Mode (/healthz, /metrics on %s:%d)",
+            host,
+            port or settings.port,
+        )
         await wait_for_signal()
     finally:
         if handler is not None:
             await handler.close_async()  # type: ignore[no-untyped-call]
+        await runner.cleanup()
         await service.stop()
