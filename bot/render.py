@@ -28,7 +28,7 @@ from slack_sdk.models.blocks import (
 )
 
 from commands.base import Finding, Report, Row, Status
-from commands.remedy import Outcome, Plan
+from commands.remedies.base import Outcome, Plan
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000
@@ -192,6 +192,7 @@ STATE_LINE = {
     "aborted": ":no_entry: *aborted*",
     "rejected": ":no_entry_sign: *rejected*",
     "expired": ":alarm_clock: *expired*",
+    "cancelled": ":heavy_multiplication_x: *cancelled*",
 }
 
 

@@ -12,8 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from commands.base import Thresholds
-from commands.remedy import ROLES
+from commands.base import ROLES, Thresholds
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -88,6 +87,11 @@ class Settings(BaseSettings):
     allow_superuser_kill: bool = False
     remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
     remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
+    # Approvals left `executing` by a dead process: checked at start-up and this often,
+    # once older than the remedy statement timeout plus the margin.
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+    sweep_margin_s: float = Field(default=30.0, ge=0)
+    verify_timeout_s: float = Field(default=10.0, gt=0)  # a remedy's read-only verification
 
     @field_validator("role_map")
     @classmethod

@@ -26,14 +26,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics, render
-from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click
+from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
 from bot.authz import RoleResolver, allowed
 from bot.gateway import first_line
 from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
-from commands.base import Report, UsageError
-from commands.remedy import Remedy, role_rank
+from commands.base import Report, UsageError, role_rank
+from commands.remedies.base import Remedy
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,9 @@ class SlackFrontend:
         except UsageError as exc:
             await respond(**_ephemeral(f"{exc}\nUsage: `{remedy.usage}`"))
             return "usage"
+        except NotPosted as exc:
+            await self._tell_user(respond, str(exc))
+            return "error"
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
