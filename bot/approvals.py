@@ -117,7 +117,9 @@ class ApprovalEngine:
     def verify(self, value: str, channel_id: str) -> str | None:
         approval_id, _, mac = value.partition(".")
         expected = self.sign(approval_id, channel_id)
-        return approval_id if hmac.compare_digest(expected, value) and mac else None
+        # bytes: compare_digest refuses str with non-ASCII characters (a tampered value may have)
+        genuine = hmac.compare_digest(expected.encode(), value.encode())
+        return approval_id if genuine and mac else None
 
     # --- request ------------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="worker processes (default: $WEB_CONCURRENCY, 1)"
     )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    sub.add_parser("socket", help="Socket Mode")
+    socket = sub.add_parser("socket", help="Socket Mode (/healthz and /metrics on --port)")
+    socket.add_argument("--port", type=int, default=None, help="default: $PORT, else 3000")
+    socket.add_argument("--host", default="0.0.0.0")
     run = sub.add_parser("run", help='one command against DATABASE_URL, e.g. run "health"')
     run.add_argument("command", help='the text after /db, e.g. "health"')
     run.add_argument("--json", action="store_true", help="print the Report as JSON")
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "socket":
             from bot.server import serve_socket
 
-            asyncio.run(serve_socket(settings))
+            asyncio.run(
+                serve_socket(
+                    settings, getattr(args, "port", None), getattr(args, "host", "0.0.0.0")
+                )
+            )
             return 0
         if mode == "run" and args.user:
             from bot.console import request_from_console

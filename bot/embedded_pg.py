@@ -392,6 +392,28 @@ class EmbeddedPostgres:
                 return
             self._cleanup()
 
+    def pause(self) -> None:
+        """Stop the server at once (immediate shutdown, as a crash looks to clients: no session
+        finishes its work) but keep its data and port, so `resume()` restarts the same cluster."""
+        with self._lock:
+            # Commits are asynchronous here (synchronous_commit=off): flush them, so that
+            # what was committed before the outage is still there after it.
+            with contextlib.suppress(psycopg.Error), self._admin() as conn:
+                conn.execute("CHECKPOINT")
+            self._kill_watchdog()
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGQUIT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(10)
+            self._stop_server()
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.running:
+                return
+            self._spawn_server(self.bin_dir, self._require_run_dir(), _unprivileged_account())
+            self._wait_ready(time.monotonic() + self._start_timeout)
+
     def __enter__(self) -> Self:
         self.start()
         return self

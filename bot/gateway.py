@@ -222,6 +222,9 @@ class TargetGateway:
                 "autocommit": False,
             },
             configure=self._configure,
+            # A restarted target leaves dead connections in the pool: test each one as it is
+            # handed out, so the first command after an outage is not answered with them.
+            check=AsyncConnectionPool.check_connection,
             reconnect_timeout=0,
             name="dbops-target",
         )

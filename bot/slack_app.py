@@ -23,6 +23,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncServerErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
@@ -52,6 +53,10 @@ def make_web_client(settings: Settings, token: str | None = None) -> AsyncWebCli
 
 
 ACKED_EARLY = "dbops_acked_early"
+STATE_STORE_DOWN = (
+    "`{name}` is refused: the bot's state store (where approvals are kept) is unreachable, "
+    "so no remedy can be approved; nothing was changed. Diagnostics still work."
+)
 
 
 def is_slash_command(body: str) -> bool:
@@ -197,6 +202,11 @@ class SlackFrontend:
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
+        except SQLAlchemyError as exc:
+            # Approvals live in the state store: without it no remedy may go ahead (fail closed).
+            log.warning("state store unavailable, %s refused: %s", remedy.name, first_line(exc))
+            await respond(**_ephemeral(STATE_STORE_DOWN.format(name=remedy.name)))
+            return "refused"
         return "requested"
 
     async def on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:

@@ -551,6 +551,13 @@ class FakeSlack:
                 )
                 await asyncio.wait_for(ws.close(code=1000), 1.0)
 
+    async def drop_sockets(self) -> None:
+        """Close every Socket Mode connection without Slack's ``disconnect`` message, as a
+        network failure or a load balancer would."""
+        for ws in self._open_sockets():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=1006), 1.0)
+
     def _open_sockets(self) -> list[web.WebSocketResponse]:
         return [ws for ws in self._sockets if not ws.closed]
 
