@@ -25,7 +25,7 @@ from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import SIGNING_SECRET
 
 # Token values the tests configure (bot_settings, the bot processes, Socket Mode).
-TEST_TOKENS = ("xoxb-test-token", "xoxb-test", "xapp-test")
+TEST_TOKENS = ("xoxb-test-token", "xoxb-test", "xapp-test", "xapp-1-test")
 
 
 @dataclass

@@ -12,13 +12,14 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.botproc import free_port, wait_healthy
+from tests import leakcheck
+from tests.botproc import free_port, output_file, wait_healthy
 from tests.fakeslack import FakeSlack, make_envelope
 from tests.slackreq import SIGNING_SECRET, signed_headers, slash_body
 
@@ -99,9 +100,16 @@ def bot_env(fake: FakeSlack, target_dsn: str, state_dir: str, **extra: str) -> d
 
 @asynccontextmanager
 async def bot_process(args: list[str], env: dict[str, str], port: int) -> AsyncIterator[str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", *args, cwd=ROOT, env=env
-    )
+    with output_file(f"output of python -m bot {args[0]}") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", *args, cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+        async with _running(proc, port) as url:
+            yield url
+
+
+@asynccontextmanager
+async def _running(proc: asyncio.subprocess.Process, port: int) -> AsyncIterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(url, proc, limit_s=30)
@@ -229,7 +237,7 @@ def unprivileged_command(args: list[str], data_dir: Path, app_dir: Path) -> list
 async def test_bot_runs_unprivileged_with_state_in_its_volume(
     leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         app_dir, data_dir = Path(tmp, "app"), Path(tmp, "data")
         os.mkdir(app_dir)
         os.mkdir(data_dir, mode=0o700)
@@ -249,12 +257,16 @@ async def test_bot_runs_unprivileged_with_state_in_its_volume(
             *command, cwd=app_dir, env=env, stderr=asyncio.subprocess.PIPE
         )
         _out, err = await asyncio.wait_for(proc.communicate(), 60)
+        leakcheck.collect("output of a bot process in a read-only app directory", err)
         assert proc.returncode != 0, "the bot wrote its state into the read-only app directory"
         assert b"unable to open database file" in err or b"Permission denied" in err
 
         # The image's setting: the state file in the volume the user owns.
         env["STATE_DATABASE_URL"] = f"sqlite:///{data_dir}/dbops-state.sqlite3"
-        proc = await asyncio.create_subprocess_exec(*command, cwd=app_dir, env=env)
+        out = stack.enter_context(output_file("output of a bot process in the image's layout"))
+        proc = await asyncio.create_subprocess_exec(
+            *command, cwd=app_dir, env=env, stdout=out, stderr=out
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             await wait_healthy(url, proc, limit_s=30)
