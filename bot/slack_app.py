@@ -23,6 +23,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncServerErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
@@ -52,6 +53,10 @@ def make_web_client(settings: Settings, token: str | None = None) -> AsyncWebCli
 
 
 ACKED_EARLY = "dbops_acked_early"
+STATE_STORE_DOWN = (
+    "`{name}` is refused: the bot's state store (where approvals are kept) is unreachable, "
+    "so no remedy can be approved; nothing was changed. Diagnostics still work."
+)
 
 
 def is_slash_command(body: str) -> bool:
@@ -62,7 +67,8 @@ def is_slash_command(body: str) -> bool:
 
 
 def _ephemeral(text: str) -> dict[str, Any]:
-    return {"response_type": "ephemeral", "text": text}
+    """A short answer; it echoes user input and database errors, so nothing in it is markup."""
+    return {"response_type": "ephemeral", "text": render.esc(text)}
 
 
 class SlackFrontend:
@@ -120,7 +126,7 @@ class SlackFrontend:
         """A short private answer: in the ack itself, or through `response_url` when the
         HTTP server already acknowledged the command."""
         if not early:
-            await ack(text=text, response_type="ephemeral")
+            await ack(text=render.esc(text), response_type="ephemeral")
             return
         await ack()
         respond = AsyncRespond(response_url=body.get("response_url"))
@@ -198,6 +204,11 @@ class SlackFrontend:
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
+        except SQLAlchemyError as exc:
+            # Approvals live in the state store: without it no remedy may go ahead (fail closed).
+            log.warning("state store unavailable, %s refused: %s", remedy.name, first_line(exc))
+            await respond(**_ephemeral(STATE_STORE_DOWN.format(name=remedy.name)))
+            return "refused"
         return "requested"
 
     async def on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
