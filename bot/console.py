@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
-from bot.authz import RoleResolver, allowed
+from bot.authz import RoleResolver, refusal
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
 from bot.notify import ConsoleNotifier
@@ -37,7 +37,9 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             service_identity=settings.service_identity,
         )
         executor = executor_from_settings(settings)
-        roles = RoleResolver(settings.role_map, None, gateway)
+        roles = RoleResolver(
+            settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
+        )
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:
         await gateway.close()
@@ -52,14 +54,19 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
         return 2
     args = pre[1]
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
         needed = max(remedy.role, settings.diagnostics_role, key=role_rank)
-        if not allowed(role, needed):
-            print(f"{user_id} has role {role}; {remedy.name} needs {needed}", file=sys.stderr)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "request")
+        if refused:
+            print(f"{user_id}: {remedy.name}: {refused}", file=sys.stderr)
             return 2
         try:
             approval_id = await engine.request(
-                remedy, args, user_id=user_id, user_name=user_id, channel_id=CONSOLE_CHANNEL
+                remedy,
+                args,
+                user_id=user_id,
+                user_name=user_id,
+                channel_id=CONSOLE_CHANNEL,
+                origin="console",
             )
         except UsageError as exc:
             print(f"{exc}\nUsage: {remedy.usage}", file=sys.stderr)
@@ -88,7 +95,10 @@ async def decide_from_console(
                 user_name=user_id,
                 channel_id=approval.channel_id,
                 message_ts=approval.message_ts or "",
+                origin="console",
             )
         )
+        if approve and approval.origin != "console":
+            return 2  # refused (and audited): Slack requests are approved in Slack
         final = await engine.store.get_approval(approval_id)
         return 0 if final is not None and final.state in ("done", "pending", "rejected") else 1

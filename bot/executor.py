@@ -3,12 +3,16 @@
 Statement and lock timeouts are set for the transaction; any exception rolls the whole
 remedy back (backup copy included), and the user sees the database's own error. Rows
 are backed up into schema `dbops_backup`, in tables named after the approval.
+
+The transaction holds an advisory lock named after the approval for as long as it runs,
+so another process can tell a remedy still running (its backend alive, even when the
+bot process that started it is gone) from one whose transaction has ended.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -18,9 +22,9 @@ from psycopg.rows import dict_row
 
 from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
-from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Row
+from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Reader, Row, shown_queries
 from commands.guards import USER_ID_SETTING, USER_ROLE_SETTING, name_refusal
-from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort
+from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort, backup_name
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,22 @@ class Aborted(Exception):
         self.outcome = outcome
 
 
-def backup_name(approval_id: str, name: str) -> str:
-    """`<approval>_<name>` made a safe identifier (it is quoted as well)."""
-    return re.sub(r"[^a-z0-9_]", "_", f"{approval_id}_{name}".lower())[:63]
+def execution_lock_key(approval_id: str) -> int:
+    """The advisory lock key of an approval's remedy transaction (a signed 64-bit int)."""
+    digest = hashlib.sha256(f"dbops-remedy:{approval_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def remedy_running(db: Reader, approval_id: str) -> bool:
+    """True while the remedy transaction of `approval_id` is open on the target.
+
+    Trying the lock in the caller's own (read-only) transaction takes it only until that
+    transaction ends, so asking never gets in a later execution's way.
+    """
+    rows = await db.fetch(
+        "SELECT pg_try_advisory_xact_lock(%s) AS free", (execution_lock_key(approval_id),)
+    )
+    return not bool(rows[0]["free"])
 
 
 class _TxWriter:
@@ -73,9 +90,15 @@ class _TxWriter:
 
 class Executor:
     def __init__(
-        self, dsn: str, *, statement_timeout_ms: int = 60_000, lock_timeout_ms: int = 2_000
+        self,
+        dsn: str,
+        *,
+        statement_timeout_ms: int = 60_000,
+        lock_timeout_ms: int = 2_000,
+        show_query_literals: bool = False,
     ) -> None:
         self._dsn = normalise_scheme(dsn)
+        self.show_query_literals = show_query_literals
         self.statement_timeout_ms = statement_timeout_ms
         self.lock_timeout_ms = lock_timeout_ms
 
@@ -122,8 +145,12 @@ class Executor:
             async with conn.transaction():
                 await conn.execute(
                     "SELECT set_config('statement_timeout', %s, true),"
-                    " set_config('lock_timeout', %s, true)",
-                    (str(self.statement_timeout_ms), str(self.lock_timeout_ms)),
+                    " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
+                    (
+                        str(self.statement_timeout_ms),
+                        str(self.lock_timeout_ms),
+                        execution_lock_key(approval_id),
+                    ),
                 )
                 if identity is not None:
                     await conn.execute(
@@ -182,7 +209,7 @@ class Executor:
             ) as conn:
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(_LOCK_HOLDERS_SQL, {"relations": relations, "modes": modes})
-                    rows = await cur.fetchall()
+                    rows = shown_queries(await cur.fetchall(), self.show_query_literals)
         except psycopg.Error:
             log.exception("could not list lock holders")
             return []
@@ -200,7 +227,7 @@ class Executor:
             ) as conn:
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(_SESSIONS_SQL, (pids,))
-                    return await cur.fetchall()
+                    return shown_queries(await cur.fetchall(), self.show_query_literals)
         except psycopg.Error:
             log.exception("could not list lock holders")
             return []
@@ -267,4 +294,5 @@ def executor_from_settings(settings: Settings) -> Executor:
         settings.admin_database_url or settings.database_url or "",
         statement_timeout_ms=settings.remedy_statement_timeout_ms,
         lock_timeout_ms=settings.remedy_lock_timeout_ms,
+        show_query_literals=settings.thresholds.show_query_literals,
     )

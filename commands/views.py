@@ -34,6 +34,7 @@ from commands.base import (
     human_duration,
     human_size,
     register,
+    shown_queries,
 )
 from commands.health import EXPECTED_VIEWS
 
@@ -67,6 +68,7 @@ COUNT_LIMIT_BYTES = 256 * 1024 * 1024
 _VIEWS_SQL = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS view,
        c.relispopulated AS populated, c.reltuples::bigint AS est_rows,
+       pg_relation_filenode(c.oid)::bigint AS filenode,
        (SELECT ic.relname
           FROM pg_index i
           JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -126,6 +128,7 @@ class MatView:
     rows_exact: bool = False
     bytes: int | None = None
     locks: list[Row] = field(default_factory=list)
+    filenode: int | None = None  # a plain refresh writes a new one
     uncounted: str | None = None  # why `rows` is an estimate or missing
 
     @property
@@ -182,7 +185,7 @@ def refresh_statement(schema: str, name: str, mode: str) -> sql.Composed:
     )
 
 
-async def load_views(db: Reader) -> list[MatView]:
+async def load_views(db: Reader, show_literals: bool = False) -> list[MatView]:
     """Every materialized view with its refresh facts and the locks held on it now."""
     views = [
         MatView(
@@ -190,6 +193,7 @@ async def load_views(db: Reader) -> list[MatView]:
             schema=str(r["schema"]),
             name=str(r["view"]),
             populated=bool(r["populated"]),
+            filenode=None if r["filenode"] is None else int(r["filenode"]),
             unique_index=r["unique_index"],
             est_rows=int(r["est_rows"]),
         )
@@ -197,7 +201,8 @@ async def load_views(db: Reader) -> list[MatView]:
     ]
     if views:
         by_oid = {v.oid: v for v in views}
-        for lock in await db.fetch(_LOCKS_SQL, ([v.oid for v in views],)):
+        locks = await db.fetch(_LOCKS_SQL, ([v.oid for v in views],))
+        for lock in shown_queries(locks, show_literals):
             by_oid[int(lock.pop("oid"))].locks.append(lock)
     return views
 
@@ -428,7 +433,7 @@ async def views(ctx: Context, args: list[str]) -> Report:
     found: list[MatView] = []
 
     async def survey(db: Reader) -> Finding:
-        loaded = await load_views(db)
+        loaded = await load_views(db, ctx.thresholds.show_query_literals)
         await measure(db, loaded)
         found.extend(loaded)
         return Finding(check="materialized views", status=Status.OK, summary=f"{len(loaded)} views")

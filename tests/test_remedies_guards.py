@@ -16,9 +16,9 @@ import pytest
 from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
-from commands.base import Context, LeapsIdentity
+from commands.base import Context, LeapsIdentity, Reader
 from commands.fixture.faults import FaultInjector
-from commands.remedies.base import Outcome, Plan, Remedy, Writer
+from commands.remedies.base import Execution, Outcome, Plan, Remedy, Verification, Writer
 from commands.remedies.refresh import REFRESH_VIEWS
 from commands.remedies.sessions import CANCEL, KILL_IDLE, TERMINATE
 from tests.conftest import FAST_THRESHOLDS, bot_settings, running_bot
@@ -74,7 +74,7 @@ async def test_dedupe_learn_acts_as_the_approvers_leaps_account(
             for e in await bot.service.store.audit_trail(limit=200)
             if e.action == "remedy.executed"
         ]
-        acted = str(executed.detail["acted_as"])
+        acted = str(executed.detail["summary"])  # names the identity it acted as
         assert admin_id in acted and f"<@{ADMIN2}>" in acted
 
     rejected = await fetch(
@@ -153,9 +153,20 @@ async def _probe_apply(writer: Writer, plan: Plan) -> Outcome:
     return Outcome(ok=True, summary="probed", rows=rows)
 
 
+async def _probe_verify(db: Reader, plan: Plan, run: Execution) -> Verification:
+    return Verification(landed=True, found="a probe changes nothing")
+
+
 # A remedy of this test only (never registered): it reports what production's triggers
 # would read inside the executor's transaction.
-PROBE = Remedy(name="probe", usage="", summary="", plan=_probe_plan, apply=_probe_apply)
+PROBE = Remedy(
+    name="probe",
+    usage="",
+    summary="",
+    plan=_probe_plan,
+    apply=_probe_apply,
+    verify=_probe_verify,
+)
 
 
 async def test_every_session_and_view_remedy_runs_as_the_identity(leaps_dsn: str) -> None:
