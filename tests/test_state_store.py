@@ -36,6 +36,8 @@ from bot.state.store import alembic_config
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TABLES = {"dbops_approvals", "dbops_approval_decisions", "dbops_audit", "dbops_refresh_log"}
+TABLES |= {"dbops_incidents", "dbops_incident_events", "dbops_incident_reminders"}
+TABLES |= {"dbops_health_seen"}
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
