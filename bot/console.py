@@ -13,7 +13,7 @@ from bot.authz import RoleResolver, allowed
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
 from bot.notify import ConsoleNotifier
-from bot.router import Answer, RunContext, preflight
+from bot.router import Answer, BotCommand, RunContext, preflight
 from bot.settings import Settings
 from bot.state import open_store
 from commands.base import UsageError, role_rank
@@ -43,9 +43,40 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
         await store.close()
 
 
+async def incident_from_console(settings: Settings, text: str, user_id: str) -> int:
+    """`run "incident …" --user U…`: the same incident service as Slack, printing instead of
+    posting, in the console's own channel (its timeline and clocks live in the state store)."""
+    from bot.incidents import ConsoleIncidents, IncidentService
+    from bot.state import IncidentStore
+    from commands import incident
+
+    request = incident.parse(text.strip().partition(" ")[2])
+    store = await open_store(settings.state_database_url)
+    gateway = gateway_from_settings(settings)
+    try:
+        role = await RoleResolver(settings.role_map, None, gateway).role_of(user_id)
+        if not allowed(role, settings.diagnostics_role):
+            print(f"{user_id} has role {role}; incidents need {settings.diagnostics_role}")
+            return 2
+        service = IncidentService(
+            IncidentStore.attach(store), ConsoleIncidents(sys.stdout), settings.sla
+        )
+        reply = await service.handle(request, user_id=user_id, channel_id=CONSOLE_CHANNEL)
+        await ConsoleIncidents(sys.stdout).post(CONSOLE_CHANNEL, reply.message)
+    finally:
+        await gateway.close()
+        await store.close()
+    return 0
+
+
 async def request_from_console(settings: Settings, text: str, user_id: str) -> int:
     pre = preflight(text)
-    remedy = None if isinstance(pre, Answer) else pre[0]
+    if isinstance(pre, Answer):
+        print(pre.text.replace("*", ""), file=sys.stderr)
+        return 2
+    if isinstance(pre[0], BotCommand):
+        return await incident_from_console(settings, text, user_id)
+    remedy = pre[0]
     if isinstance(pre, Answer) or not isinstance(remedy, Remedy):
         print("`--user` requests a remedy; see `python -m bot run help`", file=sys.stderr)
         return 2

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -41,7 +41,8 @@ from bot.state.store import Approval, StateStore, StateStoreError, _approval, _k
 # The milestones a first event can reach by itself (the others have their own commands).
 FirstMilestone = Literal["responded", "communicated"]
 ACTIVE_STATES: tuple[IncidentState, ...] = ("open", "resolved", "reopened")
-HEALTH_KEPT = 50  # rows of `dbops_health_seen` kept; App Home shows the latest
+HEALTH_KEPT = timedelta(days=2)  # health seen is kept this long (App Home, detection)
+WATCHDOG = "watchdog"  # the actor id the watchdog records its health runs under
 
 
 class IncidentExists(StateStoreError):
@@ -455,10 +456,27 @@ class IncidentStore:
         )
         async with self._store._tx() as session:
             session.add(row)
-            await session.flush()
-            old = select(HealthSeenRow.id).where(HealthSeenRow.id <= row.id - HEALTH_KEPT)
-            for stale in (await session.scalars(old)).all():
-                await session.delete(await session.get(HealthSeenRow, stale))
+            stale = HealthSeenRow.at < row.at - HEALTH_KEPT
+            await session.execute(delete(HealthSeenRow).where(stale))
+
+    async def first_critical_since(self, since: datetime) -> datetime | None:
+        """When the watchdog's current run of critical health checks began (None if its
+        latest check since then was not critical, or it saw none)."""
+        mine = (HealthSeenRow.actor_id == WATCHDOG, HealthSeenRow.at >= _utc(since))
+        last_fine = (
+            select(func.coalesce(func.max(HealthSeenRow.id), 0))
+            .where(*mine, HealthSeenRow.worst != "crit")
+            .scalar_subquery()
+        )
+        stmt = select(func.min(HealthSeenRow.at)).where(
+            *mine, HealthSeenRow.worst == "crit", HealthSeenRow.id > last_fine
+        )
+        async with self._store._tx(write=False) as session:
+            found = (await session.execute(stmt)).scalar_one_or_none()
+        if found is None:
+            return None
+        # an aggregate bypasses the column type on SQLite: read it back as aware UTC
+        return found if isinstance(found, datetime) and found.tzinfo else _parse_utc(found)
 
     async def latest_health(self) -> HealthSeen | None:
         stmt = select(HealthSeenRow).order_by(HealthSeenRow.id.desc()).limit(1)
@@ -474,7 +492,7 @@ class IncidentStore:
             findings=tuple(row.findings.get("findings", [])),
         )
 
-    async def pending_approvals(self, now: datetime) -> list[Approval]:
+    async def pending_approvals(self, now: datetime | None = None) -> list[Approval]:
         stmt = (
             select(ApprovalRow)
             .where(ApprovalRow.state == "pending", ApprovalRow.expires_at > _utc(now))
@@ -525,6 +543,11 @@ async def _add_event(
         )
     await session.flush()
     return _event(row)
+
+
+def _parse_utc(value: Any) -> datetime:
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _incident(row: IncidentRow) -> Incident:
