@@ -170,6 +170,8 @@ async def test_start_with_channel_creates_it_and_invites_the_requester(ibot: Run
     incident = await active(ibot, new)
     assert incident.origin_channel_id == "C0OPS"
     assert incident.detected_at == T0 - timedelta(minutes=10) and incident.detected_by == "since"
+    # --since is the operator's word: the watchdog never moves it.
+    assert not await service(ibot).note_watchdog_critical(new, T0 - timedelta(hours=1))
     assert fake.calls_to("pins.add")[0].params["channel"] == new
     assert posts_in(fake, "C0OPS", f"<#{new}>")
     assert any(f"opened in <#{new}>" in t for t in told(fake))
@@ -368,3 +370,68 @@ async def test_app_home_shows_incidents_approvals_and_health(
     assert "Ledger drift" in text and "<#C0HOME>" in text and "Full recovery" in text
     assert "`kill-idle` in <#C0INCIDENT>" in text
     assert "Latest health" in text and f"by <@{BOB}> in <#C0HOME>" in text
+
+
+async def test_watchdog_detection_and_clean_recovery_verification(ibot: RunningBot) -> None:
+    """The APIs the watchdog and `/db recover` call: the first critical run of the watchdog
+    dates a later incident's detection; a clean verification fully recovers it."""
+    from commands.base import Finding, Report, Status
+
+    incidents, clock = service(ibot), clock_of(ibot)
+    crit = Report(
+        title="Database health",
+        target="db",
+        findings=[Finding(check="views", status=Status.CRIT, summary="leaderboard empty")],
+    )
+    fine = Report(title="Database health", target="db", findings=[])
+    clock.set(T0 - timedelta(minutes=30))
+    await incidents.note_health("C0OPS", "watchdog", crit)  # an earlier, finished run
+    clock.set(T0 - timedelta(minutes=25))
+    await incidents.note_health("C0OPS", "watchdog", fine)
+    for minutes in (12, 11, 10):
+        clock.set(T0 - timedelta(minutes=minutes))
+        await incidents.note_health("C0OPS", "watchdog", crit)
+    clock.set(T0)
+    await command(ibot, "incident start Leaderboard empty sev1")
+    incident = await active(ibot)
+    assert (incident.detected_at, incident.detected_by) == (
+        T0 - timedelta(minutes=12),
+        "watchdog",
+    )
+    assert "*Detection* (target 15m00s): met in 12m00s" in header_now(ibot.fake, incident)
+    # A watchdog report moves detection earlier, never later.
+    assert not await incidents.note_watchdog_critical(CHANNEL, T0 - timedelta(minutes=5))
+    assert await incidents.note_watchdog_critical(CHANNEL, T0 - timedelta(minutes=14))
+    incident = await active(ibot)
+    assert "*Detection* (target 15m00s): met in 14m00s" in header_now(ibot.fake, incident)
+    clock.advance(hours=2)
+    evidence = {"users_pct": 100.0, "submissions_pct": 97.8}
+    assert await incidents.mark_recovered(CHANNEL, evidence)
+    done = await incidents.store.get(incident.id)
+    assert done is not None and done.state == "recovered"
+    assert done.recovery_evidence == evidence and done.recovered_at == T0 + timedelta(hours=2)
+    assert not await incidents.mark_recovered(CHANNEL, evidence)  # nothing active any more
+    last = (await incidents.store.timeline(incident.id))[-1]
+    assert (last.kind, last.actor_id, last.detail["submissions_pct"]) == ("recovered", "bot", 97.8)
+
+
+def test_the_console_runs_incidents_through_the_same_service(tmp_path: Path) -> None:
+    from tests.test_cli import bot_cli
+
+    env = {
+        "DATABASE_URL": "postgresql://127.0.0.1:9/none",  # incidents need no target
+        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER"}),
+    }
+    started = bot_cli("run", "incident start Console drill sev3", "--user", "U0ONCALL", env=env)
+    assert started.returncode == 0, started.stderr
+    assert "Incident #1: Console drill" in started.stdout and "SEV3" in started.stdout
+    again = bot_cli("run", "incident start Another", "--user", "U0ONCALL", env=env)
+    assert "already has an open incident (#1: Console drill)" in again.stdout
+    bot_cli("run", "incident update We're on it", "--user", "U0ONCALL", env=env)
+    timeline = bot_cli("run", "incident timeline", "--user", "U0ONCALL", env=env)
+    assert timeline.returncode == 0, timeline.stderr
+    assert "incident started: Console drill (sev3)" in timeline.stdout
+    assert "update: We're on it" in timeline.stdout
+    plain = bot_cli("run", "incident status", env=env)
+    assert plain.returncode == 2 and "--user" in plain.stderr
