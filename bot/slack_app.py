@@ -302,6 +302,16 @@ class SlackFrontend:
             or channel_id in self.settings.incident_channels
         )
 
+    async def _has_incident(self, channel_id: str) -> bool:
+        """A channel with an open incident is an incident channel: replies go in channel."""
+        if self.incidents is None:
+            return False
+        try:
+            return await self.incidents.store.active_in(channel_id) is not None
+        except Exception:
+            log.exception("could not tell whether %s has an incident", channel_id)
+            return False
+
     def _render(self, report: Report) -> render.SlackMessage:
         """Render once per report: a burst of commands shares one coalesced report."""
         if self._last_rendered is None or self._last_rendered[0] is not report:
@@ -312,7 +322,7 @@ class SlackFrontend:
         message = self._render(report)
         channel, user = str(body.get("channel_id", "")), str(body.get("user_id", ""))
         client = self.app.client
-        public = self.in_channel(channel)
+        public = self.in_channel(channel) or await self._has_incident(channel)
         try:
             if public:
                 await client.chat_postMessage(

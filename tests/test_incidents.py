@@ -435,3 +435,33 @@ def test_the_console_runs_incidents_through_the_same_service(tmp_path: Path) -> 
     assert "update: We're on it" in timeline.stdout
     plain = bot_cli("run", "incident status", env=env)
     assert plain.returncode == 2 and "--user" in plain.stderr
+
+
+def test_console_diagnostics_and_approvals_join_the_console_incident(
+    leaps_dsn: str, tmp_path: Path
+) -> None:
+    from tests.test_cli import bot_cli
+
+    env = {
+        "DATABASE_URL": leaps_dsn,
+        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER", "U0LEAD": "ADMIN"}),
+    }
+    assert bot_cli("run", "incident start Drill", "--user", "U0ONCALL", env=env).returncode == 0
+    health = bot_cli("run", "health", "--user", "U0ONCALL", env=env)
+    assert health.returncode == 0, health.stderr
+    assert "Database health" in health.stdout
+    asked = bot_cli("run", "kill-idle 0", "--user", "U0ONCALL", env=env)
+    assert asked.returncode == 0, asked.stderr
+    timeline = bot_cli("run", "incident timeline", "--user", "U0LEAD", env=env).stdout
+    assert "U0ONCALL ran /db health: " in timeline.replace("<@", "").replace(">", "")
+    assert "requested kill-idle" in timeline
+
+
+async def test_replies_go_in_channel_while_an_incident_is_open(ibot: RunningBot) -> None:
+    await command(ibot, "health", channel="C0QUIET")
+    assert not posts_in(ibot.fake, "C0QUIET", "Database health")
+    assert ibot.fake.calls_to("chat.postEphemeral")
+    await command(ibot, "incident start Noisy sev3", channel="C0QUIET")
+    await command(ibot, "health", channel="C0QUIET")
+    assert posts_in(ibot.fake, "C0QUIET", "Database health")
