@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import ROLES, Thresholds
@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     # SLA__REMIND_AT=0.8 …) and how often reminders and headers are checked.
     sla: SlaTargets = Field(default_factory=SlaTargets)
     incident_tick_s: float = Field(default=30.0, gt=0)
+    # Query text from pg_stat_activity shows string literals as '…' unless this is on.
+    show_query_literals: bool = False
 
     @field_validator("role_map")
     @classmethod
@@ -126,6 +128,13 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return value if value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _literals_into_thresholds(self) -> Settings:
+        """Commands read their limits from Thresholds only; the flag has its own plain name."""
+        if self.show_query_literals:
+            self.thresholds = self.thresholds.model_copy(update={"show_query_literals": True})
+        return self
 
     def require(self, *names: str) -> None:
         """Fail with the first missing variable the chosen mode needs."""

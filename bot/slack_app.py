@@ -23,6 +23,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncServerErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
@@ -54,6 +55,10 @@ def make_web_client(settings: Settings, token: str | None = None) -> AsyncWebCli
 
 
 ACKED_EARLY = "dbops_acked_early"
+STATE_STORE_DOWN = (
+    "`{name}` is refused: the bot's state store (where approvals are kept) is unreachable, "
+    "so no remedy can be approved; nothing was changed. Diagnostics still work."
+)
 
 
 def is_slash_command(body: str) -> bool:
@@ -64,7 +69,8 @@ def is_slash_command(body: str) -> bool:
 
 
 def _ephemeral(text: str) -> dict[str, Any]:
-    return {"response_type": "ephemeral", "text": text}
+    """A short answer; it echoes user input and database errors, so nothing in it is markup."""
+    return {"response_type": "ephemeral", "text": render.esc(text)}
 
 
 class SlackFrontend:
@@ -124,7 +130,7 @@ class SlackFrontend:
         """A short private answer: in the ack itself, or through `response_url` when the
         HTTP server already acknowledged the command."""
         if not early:
-            await ack(text=text, response_type="ephemeral")
+            await ack(text=render.esc(text), response_type="ephemeral")
             return
         await ack()
         respond = AsyncRespond(response_url=body.get("response_url"))
@@ -204,6 +210,11 @@ class SlackFrontend:
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
+        except SQLAlchemyError as exc:
+            # Approvals live in the state store: without it no remedy may go ahead (fail closed).
+            log.warning("state store unavailable, %s refused: %s", remedy.name, first_line(exc))
+            await respond(**_ephemeral(STATE_STORE_DOWN.format(name=remedy.name)))
+            return "refused"
         return "requested"
 
     async def _incident(self, args: list[str], body: dict[str, Any], respond: AsyncRespond) -> str:

@@ -35,11 +35,15 @@ FAST_THRESHOLDS = Thresholds(
     idle_in_tx_warn_s=0.5, idle_in_tx_crit_s=1.0, blocked_crit_s=1.0, idle_session_warn_s=3600.0
 )
 _names = itertools.count()
+pytest_plugins = ["tests.leakcheck"]
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[EmbeddedPostgres]:
+    from tests import leakcheck  # the plugin (pytest_plugins): imported by pytest first
+
     server = EmbeddedPostgres()
+    leakcheck.secret(server.password, "the test PostgreSQL password")
     server.start()
     try:
         yield server

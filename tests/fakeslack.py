@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
@@ -224,6 +224,9 @@ def _decode_json_fields(params: dict[str, Any]) -> dict[str, Any]:
 
 class FakeSlack:
     """Fake Slack Web API. Use ``async with FakeSlack() as fake:`` and ``fake.api_url``."""
+
+    # Called with every recorded call of every instance (the suite-wide leak check).
+    observers: ClassVar[list[Callable[[Call], None]]] = []
 
     def __init__(self, *, bot_user_id: str = "UBOT", team_id: str = "T0001") -> None:
         self.bot_user_id = bot_user_id
@@ -548,6 +551,13 @@ class FakeSlack:
                 )
                 await asyncio.wait_for(ws.close(code=1000), 1.0)
 
+    async def drop_sockets(self) -> None:
+        """Close every Socket Mode connection without Slack's ``disconnect`` message, as a
+        network failure or a load balancer would."""
+        for ws in self._open_sockets():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=1006), 1.0)
+
     def _open_sockets(self) -> list[web.WebSocketResponse]:
         return [ws for ws in self._sockets if not ws.closed]
 
@@ -577,6 +587,9 @@ class FakeSlack:
                     except ValueError:
                         data = {"raw": msg.data}
                     self.socket_acks.append(data if isinstance(data, dict) else {"raw": data})
+                    ack = Call("socket_ack", {}, {}, time.monotonic(), body=msg.data.encode())
+                    for observe in FakeSlack.observers:
+                        observe(ack)
                     self._notify()
         finally:
             self._sockets.remove(ws)
@@ -650,6 +663,8 @@ class FakeSlack:
                 with contextlib.suppress(ValueError):
                     call.response = json.loads(raw) if raw[:1] == b"{" else raw.decode()
         self.calls.append(call)
+        for observe in FakeSlack.observers:
+            observe(call)
         self._notify()
         return response
 
