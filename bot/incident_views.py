@@ -21,7 +21,7 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.models.views import View
 
-from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut
+from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, unesc
 from bot.state import Approval, HealthSeen, Incident, IncidentEvent
 from commands.incident import (
     SEVERITY_LABEL,
@@ -81,7 +81,7 @@ def header_message(incident: Incident, targets: SlaTargets, now: datetime) -> Sl
     )
     overdue = [c.label for c in clocks if c.status == "overdue"]
     blocks: list[Block] = [
-        HeaderBlock(text=cut(title, MAX_HEADER_CHARS)),
+        HeaderBlock(text=cut(unesc(title), MAX_HEADER_CHARS)),  # plain text: no entities
         SectionBlock(text=_md(facts)),
         SectionBlock(text=_md("\n".join(clock_line(c) for c in clocks))),
         ContextBlock(elements=[_md(since + " · `/db incident status|update|timeline`")]),
@@ -104,7 +104,7 @@ def timeline_message(incident: Incident, events: Sequence[IncidentEvent]) -> Sla
     dropped = max(0, len(lines) - MAX_TIMELINE_LINES)
     lines = lines[dropped:]
     title = f"Timeline of incident #{incident.id}: {incident.title}"
-    blocks: list[Block] = [HeaderBlock(text=cut(title, MAX_HEADER_CHARS))]
+    blocks: list[Block] = [HeaderBlock(text=cut(unesc(title), MAX_HEADER_CHARS))]
     if dropped:
         blocks.append(ContextBlock(elements=[_md(f"… {dropped} earlier lines not shown")]))
     chunk: list[str] = []

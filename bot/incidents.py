@@ -178,6 +178,12 @@ def _note(text: str, public: bool = False) -> Reply:
 Resolved = Callable[[Incident], Awaitable[None]]
 
 
+def _reason(exc: SlackClientError) -> str:
+    if isinstance(exc, SlackApiError):
+        return str(exc.response.get("error", exc.response.status_code))
+    return type(exc).__name__
+
+
 class IncidentService:
     def __init__(
         self,
@@ -250,7 +256,14 @@ class IncidentService:
         detected_at = min(detected_at, now)
         origin = None
         if request.new_channel:
-            target = await self._new_channel(request.title, now, user_id)
+            try:
+                target = await self._new_channel(request.title, now, user_id)
+            except SlackClientError as exc:
+                log.warning("conversations.create failed: %s", exc)
+                return _note(
+                    f"Slack would not create the incident channel ({_reason(exc)}); "
+                    "start the incident here without `--channel`, or ask an admin."
+                )
             if target is None:
                 return _note("Could not create an incident channel (every name was taken).")
             origin, channel_id = channel_id, target

@@ -311,7 +311,7 @@ def clock_line(clock: SlaClock) -> str:
 def reminder_text(clock: SlaClock, commander_id: str) -> str:
     share = clock.elapsed_s / clock.target_s
     return (
-        f"<@{commander_id}> :alarm_clock: *{clock.label}* SLA: {_minutes(clock.elapsed_s)} of "
+        f"{who(commander_id)} :alarm_clock: *{clock.label}* SLA: {_minutes(clock.elapsed_s)} of "
         f"{human_duration(clock.target_s)} elapsed ({share:.0%}), due {clock.due_at:%H:%M} UTC."
     )
 

@@ -152,6 +152,12 @@ async def test_audited_approval_steps_join_the_channel_incident(store: StateStor
         channel_id="C0INC",
         detail={"affected": 3, "summary": "3 sessions ended"},
     )
+    await store.audit(
+        "remedy.failed",
+        actor_id="U0CAROL",
+        approval_id=approval.id,
+        detail={"error": "relation <!channel> & co"},
+    )
     await store.audit("approval.claimed", actor_id="U0CAROL", approval_id=approval.id)
     await store.audit("approval.requested", actor_id="U0BOB", channel_id="C0ELSEWHERE")
     events = await incidents.timeline(incident_id)
@@ -159,7 +165,9 @@ async def test_audited_approval_steps_join_the_channel_incident(store: StateStor
         ("started", "U0ALICE"),
         ("approval", "U0BOB"),
         ("remedy", "U0CAROL"),
+        ("remedy", "U0CAROL"),
     ]
+    assert events[3].text == "`kill-idle` failed: relation &lt;!channel&gt; &amp; co"
     assert events[1].text == "requested `kill-idle` (3 rows planned)"
     assert events[2].text.startswith("`kill-idle` done: 3 rows changed")
     got = await incidents.get(incident_id)

@@ -465,3 +465,34 @@ async def test_replies_go_in_channel_while_an_incident_is_open(ibot: RunningBot)
     await command(ibot, "incident start Noisy sev3", channel="C0QUIET")
     await command(ibot, "health", channel="C0QUIET")
     assert posts_in(ibot.fake, "C0QUIET", "Database health")
+
+
+async def test_a_channel_slack_refuses_to_create_is_said_and_nothing_opens(
+    ibot: RunningBot,
+) -> None:
+    ibot.fake.fail_next("conversations.create", status=200, error="restricted_action")
+    await command(ibot, "incident start Blocked --channel", channel="C0LOCKED")
+    assert any("restricted_action" in t and "without `--channel`" in t for t in told(ibot.fake))
+    assert await service(ibot).store.active() == []
+
+
+async def test_a_long_timeline_and_title_stay_within_slack_limits(ibot: RunningBot) -> None:
+    from tests.fakeslack import block_errors
+
+    title = "Ledger & leaderboard <disagree> " * 10
+    await command(ibot, f"incident start {title}")
+    incident = await active(ibot)
+    store = service(ibot).store
+    for i in range(300):
+        await store.add_event(
+            incident.id, kind="update", actor_id=BOB, text=f"update {i}: " + "x" * 90, at=T0
+        )
+    await command(ibot, "incident timeline")
+    posted = posts_in(ibot.fake, CHANNEL, "Timeline of incident")[-1]
+    assert posted.status == 200 and posted.response and posted.response["ok"]
+    blocks = posted.params["blocks"]
+    assert not block_errors(blocks) and len(blocks) <= 50
+    text = json.dumps(blocks)
+    assert "update 299:" in text and "earlier lines not shown" in text
+    header = posts_in(ibot.fake, CHANNEL, "Incident #")[0]
+    assert not block_errors(header.params["blocks"])

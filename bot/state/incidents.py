@@ -120,6 +120,10 @@ AUDIT_TIMELINE: dict[str, tuple[str, str]] = {
 HUMAN_AUDIT = frozenset({"approval.requested", "approval.approved", "approval.rejected"})
 
 
+def _esc(value: object) -> str:
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 class _Blank(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return "?"
@@ -363,7 +367,8 @@ class IncidentStore:
         if incident_id is None:
             return
         kind, template = spec
-        values = _Blank(row.detail)
+        # Summaries and errors come from the database: never markup in the timeline.
+        values = _Blank({key: _esc(value) for key, value in row.detail.items()})
         if approval is not None:
             values.setdefault("remedy", approval.remedy)
             values.setdefault("count", (approval.plan or {}).get("count", "?"))
