@@ -253,6 +253,8 @@ class IncidentService:
         elif detected_at is None:
             first = await self.store.first_critical_since(now - WATCHDOG_LOOKBACK)
             detected_at, detected_by = (first, "watchdog") if first else (now, "start")
+        else:
+            detected_by = detected_by or "watchdog"  # the caller that knows is the watchdog
         detected_at = min(detected_at, now)
         origin = None
         if request.new_channel:

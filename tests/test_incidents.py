@@ -496,3 +496,21 @@ async def test_a_long_timeline_and_title_stay_within_slack_limits(ibot: RunningB
     assert "update 299:" in text and "earlier lines not shown" in text
     header = posts_in(ibot.fake, CHANNEL, "Incident #")[0]
     assert not block_errors(header.params["blocks"])
+
+
+async def test_the_service_timer_reminds_once_by_itself(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    settings = bot_settings(leaps_dsn, fake_slack, incident_tick_s=0.05)
+    async with running_bot(settings, fake_slack) as bot:
+        clock = ManualClock(T0)
+        service(bot).clock = clock
+        await command(bot, "incident start Timer drill")
+        clock.advance(minutes=25)
+        await fake_slack.wait_for(
+            "chat.postMessage", predicate=lambda c: ":alarm_clock:" in str(c.params.get("text"))
+        )
+        await asyncio.sleep(0.5)  # ten more ticks
+        assert len(posts_in(fake_slack, CHANNEL, ":alarm_clock:")) == 1
+        incident = await active(bot)
+        assert "*Response* (target 30m00s): 5m00s left" in header_now(fake_slack, incident)
