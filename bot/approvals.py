@@ -275,7 +275,7 @@ class ApprovalEngine:
         if approval.state != "pending":
             await self._tell(click, approval, await self._who_acted(approval))
             return
-        role = await self.roles.role_of(click.user_id)
+        role = await self.roles.role_of(click.user_id, purpose="approve")  # never a stale role
         decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
         refusal = self._refusal(approval, click.user_id, role, decision, click.origin)
         if refusal:

@@ -11,7 +11,7 @@ from functools import partial
 
 from bot import render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
-from bot.authz import RoleResolver, allowed
+from bot.authz import RoleResolver, refusal
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
 from bot.incidents import ConsoleIncidents, IncidentService
@@ -40,7 +40,9 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             refresh_log=partial(refresh_history, store),
         )
         executor = executor_from_settings(settings)
-        roles = RoleResolver(settings.role_map, None, gateway)
+        roles = RoleResolver(
+            settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
+        )
         IncidentStore.attach(store)  # console approvals join the console's incident
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:
@@ -59,9 +61,11 @@ async def incident_from_console(settings: Settings, text: str, user_id: str) -> 
     posting, in the console's own channel (its timeline and clocks live in the state store)."""
     request = incident.parse(text.strip().partition(" ")[2])
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
-        if not allowed(role, settings.diagnostics_role):
-            print(f"{user_id} has role {role}; incidents need {settings.diagnostics_role}")
+        refused = refusal(
+            settings.diagnostics_role, await engine.roles.resolve(user_id), "diagnose"
+        )
+        if refused:
+            print(f"{user_id}: incident: {refused}", file=sys.stderr)
             return 2
         service = console_incidents(engine.store, settings)
         reply = await service.handle(request, user_id=user_id, channel_id=CONSOLE_CHANNEL)
@@ -75,10 +79,10 @@ async def diagnose_from_console(
     """`run "health" --user U…`: a diagnostic as that person, joining the timeline of the
     console's incident when one is open (plain `run "health"` stays anonymous and stateless)."""
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
         needed = max(command.role, settings.diagnostics_role, key=role_rank)
-        if not allowed(role, needed):
-            print(f"{user_id} has role {role}; {command.name} needs {needed}", file=sys.stderr)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "diagnose")
+        if refused:
+            print(f"{user_id}: {command.name}: {refused}", file=sys.stderr)
             return 2
         result = await Dispatcher(engine.ctx).run_command(command, args)
         if not isinstance(result, Report):
@@ -101,15 +105,15 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
     if isinstance(pre[0], Command):
         return await diagnose_from_console(settings, pre[0], pre[1], text, user_id)
     remedy = pre[0]
-    if isinstance(pre, Answer) or not isinstance(remedy, Remedy):
-        print("`--user` requests a remedy; see `python -m bot run help`", file=sys.stderr)
+    if not isinstance(remedy, Remedy):
+        print("`--user` runs a command as that person; see `python -m bot run help`")
         return 2
     args = pre[1]
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
         needed = max(remedy.role, settings.diagnostics_role, key=role_rank)
-        if not allowed(role, needed):
-            print(f"{user_id} has role {role}; {remedy.name} needs {needed}", file=sys.stderr)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "request")
+        if refused:
+            print(f"{user_id}: {remedy.name}: {refused}", file=sys.stderr)
             return 2
         try:
             approval_id = await engine.request(

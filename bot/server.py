@@ -55,7 +55,12 @@ class Service:
         self.tracker = TaskTracker()
         self.slack = SlackFrontend(settings, self.dispatcher, self.tracker)
         self.roles = RoleResolver(
-            settings.role_map, self.slack.app.client, self.gateway, settings.role_cache_ttl_s
+            settings.role_map,
+            self.slack.app.client,
+            self.gateway,
+            settings.role_cache_ttl_s,
+            role_groups=settings.role_groups,
+            stale_max_s=settings.role_stale_max_s,
         )
         self.slack.roles = self.roles
         self.ctx.slack_email = self.roles.email_of  # `/db quota @user` reads the profile e-mail
@@ -75,6 +80,7 @@ class Service:
             # The open pool would keep the process alive: a bot that cannot start must exit.
             await self.gateway.close()
             raise
+        self.roles.store = self.store  # from now on resolved roles are kept for outages
         self.engine = ApprovalEngine(
             self.settings,
             self.store,

@@ -78,7 +78,13 @@ class Settings(BaseSettings):
     # Who may do what. ROLE_MAP is JSON: {"U0123": "ADMIN"}; it wins over the LEAPS
     # `users.role` found through the Slack profile e-mail. Unknown users are PARTICIPANT.
     role_map: dict[str, str] = Field(default_factory=dict)
+    # Slack user groups (ids) -> role, e.g. {"S0ONCALL": "ADMIN"}: checked after ROLE_MAP and
+    # before LEAPS; a member of several groups gets the highest of their roles.
+    role_groups: dict[str, str] = Field(default_factory=dict)
     role_cache_ttl_s: float = Field(default=300.0, ge=0)
+    # When the role cannot be looked up now (target or Slack down), the last role resolved
+    # within this many seconds still counts for diagnostics (never for requesting or approving).
+    role_stale_max_s: float = Field(default=86_400.0, ge=0)
     diagnostics_role: str = "REVIEWER"
     # Channels the bot answers in (ids, comma-separated); empty means every channel.
     allowed_channels: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -100,7 +106,7 @@ class Settings(BaseSettings):
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 
-    @field_validator("role_map")
+    @field_validator("role_map", "role_groups")
     @classmethod
     def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
         for user, role in value.items():

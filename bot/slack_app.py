@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
-from bot.authz import RoleResolver, allowed
+from bot.authz import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
 from bot.gateway import first_line
 from bot.incidents import IncidentService, Reply
 from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
@@ -139,16 +139,18 @@ class SlackFrontend:
     async def _authorize(self, user_id: str, target: Target) -> str | None:
         """None when allowed, else the refusal to show.
 
-        Diagnostics need the configured diagnostics role; requesting a remedy needs its
-        own role as well (approving it is checked per click, against its approver role).
+        Every command needs the diagnostics role and its own; requesting a remedy needs a
+        role checked now, while a diagnostic also accepts the last known role (the target
+        may be down, and those diagnosing it must still see it). Approving is checked per
+        click, against the remedy's approver role.
         """
-        role = await self.roles.role_of(user_id) if self.roles else "PARTICIPANT"
-        needed = self.settings.diagnostics_role
-        if isinstance(target, Remedy):
-            needed = max(needed, target.role, key=role_rank)
-        if allowed(role, needed):
-            return None
-        return f"You need the role {needed} for this; yours is {role}."
+        needed = max(self.settings.diagnostics_role, target.role, key=role_rank)
+        if needed == LOWEST:
+            return None  # nothing to look up: everyone holds the lowest role
+        purpose: Purpose = "request" if isinstance(target, Remedy) else "diagnose"
+        if self.roles is None:
+            return refusal(needed, ResolvedRole.unknown("roles are not set up yet"), purpose)
+        return refusal(needed, await self.roles.resolve(user_id), purpose)
 
     async def _work(
         self, body: dict[str, Any], text: str, cmd: Target, args: list[str], received: float

@@ -87,14 +87,20 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
 
 
 STATE_DIR = Path(tempfile.mkdtemp(prefix="dbops-test-state-"))
+# Every command needs its own role (REVIEWER for the diagnostics), whatever DIAGNOSTICS_ROLE
+# says: the users the tests send commands as are REVIEWERs by default (a burst uses U0000…).
+TEST_REVIEWERS = {"U0ALICE": "REVIEWER", "U0SOCKET": "REVIEWER"} | {
+    f"U{i:04d}": "REVIEWER" for i in range(100)
+}
 
 
 def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settings:
     """Settings of a bot under test: its own SQLite state file, roles from the map only
-    (tests that need Slack-profile roles add users to the fake), anyone may diagnose."""
+    (tests that need Slack-profile roles add users to the fake), TEST_REVIEWERS by default."""
     values: dict[str, Any] = {
         "state_database_url": f"sqlite:///{STATE_DIR}/state-{next(_names)}.sqlite3",
         "diagnostics_role": "PARTICIPANT",
+        "role_map": TEST_REVIEWERS,
         "slack_bot_token": "xoxb-test-token",
         "slack_signing_secret": SIGNING_SECRET,
         "slack_api_url": fake.api_url,

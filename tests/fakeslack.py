@@ -244,6 +244,8 @@ class FakeSlack:
         self.socket_acks: list[dict[str, Any]] = []
         self.socket_connects = 0
         self.users: dict[str, dict[str, Any]] = {}
+        # user group id -> member ids (usergroups.users.list); see set_usergroup.
+        self.usergroups: dict[str, list[str]] = {}
         self.channels: dict[str, dict[str, Any]] = {}
         # (channel, ts) -> message, in posting order; chat.update edits and chat.delete removes.
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
@@ -288,6 +290,7 @@ class FakeSlack:
             "users.info": self._users_info,
             "users.lookupByEmail": self._users_lookup_by_email,
             "users.list": self._users_list,
+            "usergroups.users.list": self._usergroups_users_list,
             "reactions.add": self._reactions_add,
             "reactions.remove": self._reactions_remove,
             "pins.add": self._ok,
@@ -482,6 +485,10 @@ class FakeSlack:
         }
         self.users[user_id] = user
         return user
+
+    def set_usergroup(self, group_id: str, members: list[str]) -> None:
+        """Create the user group or replace its members."""
+        self.usergroups[group_id] = list(members)
 
     def add_channel(
         self,
@@ -1102,6 +1109,12 @@ class FakeSlack:
             "members": list(self.users.values()),
             "response_metadata": {"next_cursor": ""},
         }
+
+    def _usergroups_users_list(self, call: Call) -> JSONDict:
+        members = self.usergroups.get(str(call.params.get("usergroup", "")))
+        if members is None:
+            return _err("no_such_subteam")
+        return {"ok": True, "users": list(members)}
 
     def _reaction_target(self, call: Call) -> tuple[JSONDict | None, dict[str, Any] | None]:
         name = call.params.get("name")

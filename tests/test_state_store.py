@@ -36,7 +36,13 @@ from bot.state.store import alembic_config
 from tests import leakcheck
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-TABLES = {"dbops_approvals", "dbops_approval_decisions", "dbops_audit", "dbops_refresh_log"}
+TABLES = {
+    "dbops_approvals",
+    "dbops_approval_decisions",
+    "dbops_audit",
+    "dbops_refresh_log",
+    "dbops_known_roles",
+}
 TABLES |= {"dbops_incidents", "dbops_incident_events", "dbops_incident_reminders"}
 TABLES |= {"dbops_health_seen"}
 
