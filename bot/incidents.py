@@ -321,11 +321,13 @@ class IncidentService:
         except SlackClientError:
             log.exception("could not pin the header of incident %s", incident.id)
 
-    async def _post(self, channel: str, text: str) -> None:
+    async def _post(self, channel: str, text: str) -> bool:
         try:
             await self.slack.post(channel, SlackMessage(text=text, blocks=[]))
         except SlackClientError:
             log.exception("could not post to %s: %s", channel, text)
+            return False
+        return True
 
     async def _update(self, incident: Incident, user_id: str, text: str) -> Reply:
         await self.store.add_event(
@@ -540,9 +542,15 @@ class IncidentService:
                 )
                 if not claimed:
                     continue
-                sent += 1
                 text = reminder_text(clock, incident.commander_id)
-                await self._post(incident.channel_id, text)
+                if not await self._post(incident.channel_id, text):
+                    # Slack refused even after the SDK's retries: give the claim back, so
+                    # the next tick (here or on another replica) tries again.
+                    await self.store.release_reminder(
+                        incident.id, clock.milestone, incident.reopened
+                    )
+                    continue
+                sent += 1
                 await self.store.add_event(
                     incident.id,
                     kind="reminder",

@@ -88,10 +88,14 @@ def told(fake: FakeSlack) -> list[str]:
 
 
 def posts_in(fake: FakeSlack, channel: str, contains: str = "") -> list[Call]:
+    """Messages Slack accepted in the channel (refused attempts are not posts)."""
     return [
         c
         for c in fake.calls_to("chat.postMessage")
-        if c.params.get("channel") == channel and contains in blocks_text(c)
+        if c.params.get("channel") == channel
+        and contains in blocks_text(c)
+        and isinstance(c.response, dict)
+        and c.response.get("ok")
     ]
 
 
@@ -267,6 +271,17 @@ async def test_a_reminder_fires_once_at_80_percent_and_overdue_shows(ibot: Runni
     assert len(posts_in(fake, CHANNEL, ":alarm_clock:")) == 1
     kinds = [e.kind for e in await incidents.store.timeline(incident.id)]
     assert kinds.count("reminder") == 1
+
+
+async def test_a_reminder_slack_refused_is_sent_at_the_next_tick(ibot: RunningBot) -> None:
+    await command(ibot, "incident start Flaky Slack")
+    clock_of(ibot).advance(minutes=25)
+    ibot.fake.fail_next("chat.postMessage", status=500, times=3)  # the SDK retries twice
+    assert await service(ibot).tick() == 0
+    assert not posts_in(ibot.fake, CHANNEL, ":alarm_clock:")
+    assert await service(ibot).tick() == 1
+    assert await service(ibot).tick() == 0
+    assert len(posts_in(ibot.fake, CHANNEL, ":alarm_clock:")) == 1
 
 
 async def test_two_engines_on_postgresql_remind_once(

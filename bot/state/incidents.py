@@ -413,6 +413,16 @@ class IncidentStore:
                 )
             return (await session.execute(stmt)).first() is not None
 
+    async def release_reminder(self, incident_id: int, milestone: str, epoch: int) -> None:
+        """Undo a claim whose reminder could not be sent."""
+        stmt = delete(IncidentReminderRow).where(
+            IncidentReminderRow.incident_id == incident_id,
+            IncidentReminderRow.milestone == milestone,
+            IncidentReminderRow.epoch == epoch,
+        )
+        async with self._store._tx() as session:
+            await session.execute(stmt)
+
     async def set_header(self, incident_id: int, *, header_ts: str, digest: str) -> None:
         stmt = (
             update(IncidentRow)
