@@ -55,6 +55,7 @@ from commands.incident import (
 
 log = logging.getLogger(__name__)
 
+POSTING = "posting"  # the header digest while one replica posts the header
 NAME_ATTEMPTS = 5  # inc-…-2, -3, … when a channel name is taken
 # How far back the watchdog's first critical finding may date an incident's detection.
 WATCHDOG_LOOKBACK = timedelta(hours=24)
@@ -287,7 +288,7 @@ class IncidentService:
                 f"This channel already has an open incident{where}. "
                 "Use `/db incident status`, or `start … --channel` for a new channel."
             )
-        await self._post_header(incident)
+        posted = await self._post_header(incident)
         if origin is not None:
             await self._post(
                 origin,
@@ -295,6 +296,11 @@ class IncidentService:
                 f"({request.severity}) opened by {who(user_id)} in <#{channel_id}>.",
             )
             return _note(f"Incident #{incident.id} opened in <#{channel_id}>; you were invited.")
+        if not posted:
+            return _note(
+                f"Incident #{incident.id} started; Slack refused its header for now, "
+                "the bot posts it at its next check."
+            )
         return _note(f"Incident #{incident.id} started; the header is pinned in this channel.")
 
     async def _new_channel(self, title: str, now: datetime, user_id: str) -> str | None:
@@ -308,18 +314,24 @@ class IncidentService:
                 return created
         return None
 
-    async def _post_header(self, incident: Incident) -> None:
+    async def _post_header(self, incident: Incident) -> bool:
+        """Post and pin the header once: the digest moves from nothing to `POSTING` first,
+        so a replica's tick racing the start does not post a second one."""
+        if not await self.store.claim_header_edit(incident.id, old=None, new=POSTING):
+            return False
         message = header_message(incident, self.targets, self.now())
         try:
             ts = await self.slack.post(incident.channel_id, message)
         except SlackClientError:
             log.exception("could not post the header of incident %s", incident.id)
-            return
+            await self.store.claim_header_edit(incident.id, old=POSTING, new=None)  # retry
+            return False
         await self.store.set_header(incident.id, header_ts=ts, digest=digest(message))
         try:
             await self.slack.pin(incident.channel_id, ts)
         except SlackClientError:
             log.exception("could not pin the header of incident %s", incident.id)
+        return True
 
     async def _post(self, channel: str, text: str) -> bool:
         try:
@@ -512,9 +524,14 @@ class IncidentService:
     # -- the header and the scheduler -----------------------------------------------------
 
     async def refresh_header(self, incident_id: int) -> None:
-        """Edit the pinned header if what it shows changed; one replica edits it."""
+        """Edit the pinned header if what it shows changed; one replica edits it. A header
+        never posted (Slack refused at the start) is posted now."""
         incident = await self.store.get(incident_id)
-        if incident is None or incident.header_ts is None:
+        if incident is None:
+            return
+        if incident.header_ts is None:
+            if incident.header_digest is None:
+                await self._post_header(incident)
             return
         message = header_message(incident, self.targets, self.now())
         new = digest(message)

@@ -284,6 +284,20 @@ async def test_a_reminder_slack_refused_is_sent_at_the_next_tick(ibot: RunningBo
     assert len(posts_in(ibot.fake, CHANNEL, ":alarm_clock:")) == 1
 
 
+async def test_a_header_slack_refused_at_the_start_is_posted_by_the_next_tick(
+    ibot: RunningBot,
+) -> None:
+    ibot.fake.fail_next("chat.postMessage", status=500, times=3)
+    await command(ibot, "incident start Header later")
+    incident = await active(ibot)
+    assert incident.header_ts is None and not posts_in(ibot.fake, CHANNEL, "Incident #")
+    await asyncio.gather(service(ibot).tick(), service(ibot).tick())
+    incident = await active(ibot)
+    assert incident.header_ts is not None
+    assert len(posts_in(ibot.fake, CHANNEL, "Incident #")) == 1
+    assert ibot.fake.calls_to("pins.add")[-1].params["timestamp"] == incident.header_ts
+
+
 async def test_two_engines_on_postgresql_remind_once(
     pg_dsn_factory: Callable[[str], str], leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:

@@ -433,7 +433,9 @@ class IncidentStore:
         async with self._store._tx() as session:
             await session.execute(stmt)
 
-    async def claim_header_edit(self, incident_id: int, *, old: str | None, new: str) -> bool:
+    async def claim_header_edit(
+        self, incident_id: int, *, old: str | None, new: str | None
+    ) -> bool:
         """Move the header digest from what was read to the new one: True for one caller,
         who then edits the message (the others see it already current)."""
         where = (
