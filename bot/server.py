@@ -7,9 +7,11 @@ orchestrators and `/metrics` for Prometheus on one aiohttp server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -27,12 +29,15 @@ from bot.clock import Clock, SystemClock
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
 from bot.incidents import IncidentService, SlackIncidents
+from bot.leader import Leadership, leadership_for
 from bot.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
 from bot.state import IncidentStore, StateStore, open_store
+from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker, wait_for_signal
+from bot.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,9 @@ class Service:
         self.clock: Clock = clock or SystemClock()
         self.incidents: IncidentService | None = None
         self.incident_timer: asyncio.Task[None] | None = None
+        self.watchdog: Watchdog | None = None
+        self.leadership: Leadership | None = None
+        self.watchdog_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -105,12 +113,45 @@ class Service:
             self._incident_ticks(self.incidents, self.settings.incident_tick_s),
             name="incident timer",
         )
+        self._start_watchdog(self.store, self.incidents)
+
+    def _start_watchdog(self, store: StateStore, incidents: IncidentService) -> None:
+        """The watchdog on every replica; only the one holding the leader lock ticks."""
+        if self.settings.watchdog_interval_s <= 0:
+            return
+        if not self.settings.ops_channel:
+            log.warning("OPS_CHANNEL is not set: the watchdog checks health but posts nothing")
+        self.watchdog = Watchdog(
+            self.dispatcher,
+            WatchdogStore(store),
+            incidents.slack,
+            ops_channel=self.settings.ops_channel or None,
+            incidents=incidents,
+            opens_incident=self.settings.watchdog_opens_incident,
+            severity=self.settings.watchdog_incident_severity,
+            clock=self.clock,
+            baseline=self.take_baseline_hook(),
+        )
+        self.leadership = leadership_for(self.settings.state_database_url)
+        self.watchdog_task = asyncio.get_running_loop().create_task(
+            self.watchdog.run(self.leadership, self.settings.watchdog_interval_s),
+            name="watchdog",
+        )
+
+    def take_baseline_hook(self) -> Callable[[], Awaitable[object]] | None:
+        """WATCHDOG BASELINE HOOK: the hourly baseline snapshot `/db recover` compares
+        against, run by the watchdog's leader. None until the recover part provides it."""
+        return None
 
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()  # the timer never ends by itself; a sweep running is drained
         if self.incident_timer is not None:
             self.incident_timer.cancel()
+        if self.watchdog_task is not None:
+            self.watchdog_task.cancel()  # its `finally` gives the leader lock back
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watchdog_task
         await self.tracker.drain()
         await self.gateway.close()
         if self.store is not None:
@@ -176,13 +217,25 @@ def readable_by_bolt(body: str, content_type: str | None) -> bool:
     return True
 
 
+def watchdog_role(service: Service) -> str:
+    """`leader`, `follower` or `off`: which replica runs the watchdog, for operators."""
+    if service.leadership is None:
+        return "off"
+    return "leader" if service.leadership.leader else "follower"
+
+
 def add_probe_routes(app: web.Application, service: Service) -> None:
     """`/healthz` for the orchestrator (the image's HEALTHCHECK) and `/metrics` for
     Prometheus, the same in HTTP and in Socket Mode."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "ok", "pending_tasks": len(service.tracker), "pid": os.getpid()}
+            {
+                "status": "ok",
+                "pending_tasks": len(service.tracker),
+                "pid": os.getpid(),
+                "watchdog": watchdog_role(service),
+            }
         )
 
     async def metrics_view(_request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import ROLES, LeapsIdentity, Thresholds
-from commands.incident import SlaTargets
+from commands.incident import Severity, SlaTargets
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     # SLA__REMIND_AT=0.8 …) and how often reminders and headers are checked.
     sla: SlaTargets = Field(default_factory=SlaTargets)
     incident_tick_s: float = Field(default=30.0, gt=0)
+    # The watchdog: `health` every this many seconds on one leader (0: off); a check that
+    # turns critical (and its recovery) is posted to OPS_CHANNEL, and with
+    # WATCHDOG_OPENS_INCIDENT an incident of this severity opens there.
+    watchdog_interval_s: float = Field(default=60.0, ge=0)
+    ops_channel: str | None = None
+    watchdog_opens_incident: bool = False
+    watchdog_incident_severity: Severity = "sev2"
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

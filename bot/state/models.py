@@ -281,3 +281,16 @@ class KnownRoleRow(Base):
     source: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
     resolved_at: Mapped[datetime]
+
+
+class WatchdogCheckRow(Base):
+    """The watchdog's last alerting status per health check, so a persisting problem is
+    posted once across ticks, restarts and a change of leader."""
+
+    __tablename__ = "dbops_watchdog_checks"
+
+    check: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # ok | warn | crit
+    summary: Mapped[str] = mapped_column(Text)
+    changed_at: Mapped[datetime]  # when it entered this status (a crit: first seen)
+    seen_at: Mapped[datetime]

@@ -1,0 +1,220 @@
+"""The watchdog: `health` on a schedule, on one leader, posting only what changed.
+
+An on-call channel that hears about the same broken trigger every minute stops reading
+it; so a check is posted when it turns critical and when it recovers (back to ok or
+warn), never while it stays so. The last status of every check lives in the state
+store (`bot.state.watchdog`), so a restart or a new leader after a failover does not
+post the same problem again. The health run goes through the same Dispatcher and
+gateway as `/db health`: what the watchdog sees is what a person would see.
+
+The leader (see `bot.leader`) also takes the periodic baseline snapshot that
+`/db recover` compares against, so replicas do not each take one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from slack_sdk.errors import SlackClientError
+
+from bot.clock import Clock, SystemClock
+from bot.leader import Leadership
+from bot.render import SlackMessage, cut, esc
+from bot.router import Dispatcher
+from bot.state.incidents import WATCHDOG
+from bot.state.watchdog import CheckStatus, WatchdogStore
+from commands.base import Finding, Report, Status
+from commands.incident import Severity, Start
+
+if TYPE_CHECKING:
+    from bot.incidents import IncidentService
+
+log = logging.getLogger(__name__)
+
+# Statuses that say something about the database; `skipped` and `error` (a check that
+# could not run) neither raise nor clear an alert.
+TRACKED: dict[Status, CheckStatus] = {Status.OK: "ok", Status.WARN: "warn", Status.CRIT: "crit"}
+MESSAGE_CHARS = 3000  # one Block Kit section's worth, should the text become one
+LOOKBACK = timedelta(hours=24)  # how far back the current run of critical health dates detection
+
+Baseline = Callable[[], Awaitable[object]]
+
+
+class Poster(Protocol):
+    """Where alerts go: Slack (`bot.incidents.SlackIncidents`) or the console."""
+
+    async def post(self, channel: str, message: SlackMessage) -> str: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """A check that turned critical, or came back from critical."""
+
+    check: str
+    old: CheckStatus | None
+    new: CheckStatus
+    finding: Finding
+
+
+def critical_message(target: str, turned: Sequence[Change]) -> SlackMessage:
+    lines = [f":rotating_light: *Watchdog*: critical on `{esc(target)}`"]
+    for c in turned:
+        hint = f" (next: {esc(c.finding.hint)})" if c.finding.hint else ""
+        lines.append(f"• *{esc(c.check)}*: {esc(c.finding.summary)}{hint}")
+    lines.append("Posted once; the watchdog says so here when it recovers.")
+    return SlackMessage(text=cut("\n".join(lines), MESSAGE_CHARS), blocks=[])
+
+
+def recovered_message(target: str, cleared: Sequence[Change]) -> SlackMessage:
+    lines = [f":white_check_mark: *Watchdog*: recovered on `{esc(target)}`"]
+    for c in cleared:
+        lines.append(f"• *{esc(c.check)}* is {c.new} again: {esc(c.finding.summary)}")
+    return SlackMessage(text=cut("\n".join(lines), MESSAGE_CHARS), blocks=[])
+
+
+class Watchdog:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        store: WatchdogStore,
+        poster: Poster,
+        *,
+        ops_channel: str | None,
+        incidents: IncidentService | None = None,
+        opens_incident: bool = False,
+        severity: Severity = "sev2",
+        clock: Clock | None = None,
+        baseline: Baseline | None = None,
+        baseline_interval_s: float = 3600.0,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.store = store
+        self.poster = poster
+        self.ops_channel = ops_channel
+        self.incidents = incidents
+        self.opens_incident = opens_incident
+        self.severity: Severity = severity
+        self.clock: Clock = clock or SystemClock()
+        self.baseline = baseline
+        self.baseline_interval_s = baseline_interval_s
+        self._next_baseline: float | None = None  # loop time; None: due now
+        self.ticks = 0
+
+    async def tick(self) -> list[Change]:
+        """One health run; posts what turned critical or recovered. Returns the changes
+        this process won (another leader's, should there ever be two, are not posted)."""
+        at = self.clock.now()
+        result = await self.dispatcher.run("health")
+        self.ticks += 1
+        if not isinstance(result, Report):
+            log.error("watchdog: health gave no report: %s", getattr(result, "text", result))
+            return []
+        if self.incidents is not None:
+            # App Home's latest health, and the detection time of an incident opened later
+            await self.incidents.note_health(self.ops_channel or WATCHDOG, WATCHDOG, result)
+        if self.ops_channel is None:
+            return []  # nowhere to post: leave the alert state for when there is
+        known = await self.store.checks()
+        changes: list[Change] = []
+        for finding in result.findings:
+            new = TRACKED.get(finding.status)
+            if new is None:
+                continue
+            prev = known.get(finding.check)
+            old = prev.status if prev else None
+            if old == new:
+                continue
+            if not await self.store.move(finding.check, old, new, summary=finding.summary, at=at):
+                continue  # moved meanwhile by another process: its news, not ours
+            if (new == "crit") != (old == "crit"):
+                changes.append(Change(finding.check, old, new, finding))
+        turned = [c for c in changes if c.new == "crit"]
+        cleared = [c for c in changes if c.new != "crit"]
+        if turned and await self._announce(turned, critical_message(result.target, turned)):
+            await self._incident(turned)
+        if cleared:
+            await self._announce(cleared, recovered_message(result.target, cleared))
+        return changes
+
+    async def _announce(self, changes: Sequence[Change], message: SlackMessage) -> bool:
+        """Post; when Slack refuses even after the SDK's retries, give the moves back so the
+        next tick (here or on the next leader) tries again."""
+        assert self.ops_channel is not None
+        try:
+            await self.poster.post(self.ops_channel, message)
+        except SlackClientError:
+            log.exception("watchdog: could not post to %s", self.ops_channel)
+            for c in changes:
+                await self.store.move(
+                    c.check, c.new, c.old or "ok", summary="(alert not posted)", at=self.clock.now()
+                )
+            return False
+        return True
+
+    async def _incident(self, turned: Sequence[Change]) -> None:
+        """Open the incident (WATCHDOG_OPENS_INCIDENT), or date an open one's detection."""
+        if self.incidents is None:
+            return
+        assert self.ops_channel is not None
+        now = self.clock.now()
+        first = await self.incidents.store.first_critical_since(now - LOOKBACK)
+        detected = first or now
+        if await self.incidents.store.active_in(self.ops_channel) is not None:
+            await self.incidents.note_watchdog_critical(self.ops_channel, detected)
+            return
+        if not self.opens_incident:
+            return
+        title = "Watchdog: " + ", ".join(c.check for c in turned) + " critical"
+        reply = await self.incidents.start(
+            Start(title=title, severity=self.severity, new_channel=False, since=None),
+            user_id=WATCHDOG,
+            channel_id=self.ops_channel,
+            detected_at=detected,
+            detected_by="watchdog",
+        )
+        log.info("watchdog: %s", reply.message.text)
+
+    async def take_baseline_if_due(self) -> bool:
+        """The periodic baseline snapshot for `/db recover` (the hook `baseline`)."""
+        if self.baseline is None:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._next_baseline is not None and loop.time() < self._next_baseline:
+            return False
+        self._next_baseline = loop.time() + self.baseline_interval_s
+        try:
+            await self.baseline()
+        except Exception:
+            log.exception("watchdog: baseline snapshot failed")
+            return False
+        return True
+
+    async def run(self, leadership: Leadership, interval_s: float) -> None:
+        """Every `interval_s`: try to be (or stay) the leader; the leader ticks. A follower
+        tries the lock every interval, so it takes over within one after the leader dies."""
+        loop = asyncio.get_running_loop()
+        # The first health run waits one interval: replicas restarting together do not
+        # burst the target, and a restart mid-problem has the store's memory anyway.
+        next_at = loop.time() + interval_s
+        try:
+            with contextlib.suppress(Exception):
+                await leadership.hold()  # at once, so /healthz names the leader
+            while True:
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+                try:
+                    if await leadership.hold():
+                        await self.tick()
+                        await self.take_baseline_if_due()
+                    else:
+                        self._next_baseline = None  # a new leader takes one at once
+                except Exception:
+                    log.exception("watchdog tick failed")
+                next_at = max(next_at + interval_s, loop.time())
+        finally:
+            await leadership.release()

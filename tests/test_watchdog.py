@@ -1,0 +1,125 @@
+"""The watchdog inside a real bot: the health command through the same Dispatcher and
+gateway against the fixture PostgreSQL, faults made by the injector, alerts read from the
+fake Slack. Ticks are driven directly (the bot's own timer is set to an hour)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from bot.clock import ManualClock
+from bot.state import IncidentStore
+from bot.watchdog import Watchdog
+from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
+from tests.conftest import STATE_DIR, RunningBot, bot_settings, running_bot
+from tests.fakeslack import FakeSlack
+
+OPS = "C0OPS"
+QUOTA_CHECK = "guard: AMPLIFY quota trigger"
+
+
+def ops_texts(fake: FakeSlack, marker: str) -> list[str]:
+    return [
+        str(c.params.get("text", ""))
+        for c in fake.calls_to("chat.postMessage")
+        if c.params.get("channel") == OPS
+        and isinstance(c.response, dict)
+        and c.response.get("ok")
+        and marker in c.params.get("text", "")
+    ]
+
+
+def mentioning(texts: list[str], check: str) -> list[str]:
+    return [t for t in texts if f"*{check}*" in t]
+
+
+@asynccontextmanager
+async def watched_bot(dsn: str, fake: FakeSlack, **overrides: Any) -> AsyncIterator[RunningBot]:
+    settings = bot_settings(
+        dsn, fake, ops_channel=OPS, watchdog_interval_s=3600, coalesce_s=0, **overrides
+    )
+    async with running_bot(settings, fake) as bot:
+        # the web app starts the service on its first request; /healthz is one
+        async with bot.http.get(f"{bot.url}/healthz") as resp:
+            assert (await resp.json())["watchdog"] == "leader"  # SQLite: the one process
+        yield bot
+
+
+def dog(bot: RunningBot) -> Watchdog:
+    assert bot.service.watchdog is not None
+    return bot.service.watchdog
+
+
+async def enable_quota_trigger(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(f"ALTER TABLE submissions ENABLE TRIGGER {QUOTA_TRIGGER}")
+
+
+async def test_persisting_fault_alerts_once_and_its_recovery_once_across_a_restart(
+    leaps_dsn: str, faults: FaultInjector, fake_slack: FakeSlack
+) -> None:
+    state = f"sqlite:///{STATE_DIR}/watchdog-restart-{id(faults)}.sqlite3"
+    async with watched_bot(leaps_dsn, fake_slack, state_database_url=state) as bot:
+        await dog(bot).tick()  # the fixture as it is: the quota trigger is fine
+        assert mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK) == []
+        await faults.disable_quota_trigger()
+        for _ in range(3):
+            await dog(bot).tick()
+        alerts = mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)
+        assert len(alerts) == 1, alerts
+        assert "disabled" in alerts[0]
+    # A restarted bot (the same state store) remembers it has said so.
+    async with watched_bot(leaps_dsn, fake_slack, state_database_url=state) as again:
+        await dog(again).tick()
+        assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
+        await enable_quota_trigger(leaps_dsn)
+        await dog(again).tick()
+        await dog(again).tick()
+        recovered = mentioning(ops_texts(fake_slack, "recovered"), QUOTA_CHECK)
+        assert len(recovered) == 1, recovered
+        assert "is ok again" in recovered[0]
+        # and a new occurrence is news again
+        await faults.disable_quota_trigger()
+        await dog(again).tick()
+        assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 2
+
+
+async def test_opens_an_incident_dated_to_the_first_critical_finding(
+    leaps_dsn: str, faults: FaultInjector, fake_slack: FakeSlack
+) -> None:
+    """Slack refuses the first alert: the move is given back, the next tick posts it and
+    opens the incident, whose detection is the first critical health run, not the post."""
+    clock = ManualClock(datetime(2026, 11, 30, 9, 0, tzinfo=UTC))
+    async with watched_bot(
+        leaps_dsn, fake_slack, watchdog_opens_incident=True, watchdog_incident_severity="sev1"
+    ) as bot:
+        assert bot.service.incidents is not None
+        bot.service.incidents.clock = clock
+        dog(bot).clock = clock
+        await dog(bot).tick()
+        await faults.disable_quota_trigger()
+        first_critical = clock.advance(seconds=60)
+        fake_slack.fail_next("chat.postMessage", status=200, error="channel_not_found")
+        await dog(bot).tick()
+        assert mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK) == []
+        store: IncidentStore = bot.service.incidents.store
+        assert await store.active_in(OPS) is None  # no alert posted, no incident yet
+        posted_at = clock.advance(seconds=60)
+        await dog(bot).tick()
+        assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
+        incident = await store.active_in(OPS)
+        assert incident is not None
+        assert incident.detected_at == first_critical
+        assert incident.detected_by == "watchdog"
+        assert incident.started_at == posted_at
+        assert incident.severity == "sev1"
+        assert incident.commander_id == "watchdog"
+        assert QUOTA_CHECK in incident.title
+        clock.advance(seconds=60)
+        await dog(bot).tick()  # the problem persists: no second alert, no second incident
+        assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
+        assert [i.id for i in await store.active()] == [incident.id]
