@@ -4,11 +4,14 @@ fake Slack. Ticks are driven directly (the bot's own timer is set to an hour).""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import psycopg
 
 from bot.clock import ManualClock
@@ -16,10 +19,13 @@ from bot.state import IncidentStore
 from bot.watchdog import Watchdog
 from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
 from tests.conftest import STATE_DIR, RunningBot, bot_settings, running_bot
-from tests.fakeslack import FakeSlack
+from tests.fakeslack import Call, FakeSlack
+from tests.test_multiprocess import bot_process
 
 OPS = "C0OPS"
 QUOTA_CHECK = "guard: AMPLIFY quota trigger"
+VIEWS_CHECK = "materialized views"
+HEALTH_RUN_S = 7.0  # one health run's budget on a busy machine (checks time out at 5 s)
 
 
 def ops_texts(fake: FakeSlack, marker: str) -> list[str]:
@@ -123,3 +129,59 @@ async def test_opens_an_incident_dated_to_the_first_critical_finding(
         await dog(bot).tick()  # the problem persists: no second alert, no second incident
         assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
         assert [i.id for i in await store.active()] == [incident.id]
+
+
+async def watchdog_role(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+        role: str = (await resp.json())["watchdog"]
+        return role
+
+
+async def test_failover_a_killed_leader_is_replaced_within_one_interval(
+    leaps_dsn: str,
+    pg_dsn_factory: Callable[[str], str],
+    faults: FaultInjector,
+    fake_slack: FakeSlack,
+) -> None:
+    """Two `python -m bot serve` processes on one PostgreSQL state store: one leads; after
+    `kill -9` the other posts the next alert within one interval (plus one health run),
+    and does not post again the problem the dead leader already posted."""
+    interval = 3.0
+    env = {"OPS_CHANNEL": OPS, "WATCHDOG_INTERVAL_S": f"{interval:g}"}
+    state_url = pg_dsn_factory("state")
+    async with (
+        bot_process(leaps_dsn, state_url, fake_slack, **env) as one,
+        bot_process(leaps_dsn, state_url, fake_slack, **env) as two,
+    ):
+        roles = {p.url: await watchdog_role(p.url) for p in (one, two)}
+        assert sorted(roles.values()) == ["follower", "leader"], roles
+        leader, follower = (one, two) if roles[one.url] == "leader" else (two, one)
+
+        await faults.disable_quota_trigger()
+        await fake_slack.wait_for(
+            "chat.postMessage", timeout=4 * interval, predicate=alert_about(QUOTA_CHECK)
+        )
+
+        leader.proc.kill()  # no clean shutdown: the lock goes with its connection
+        await leader.proc.wait()
+        killed_at = time.monotonic()
+        await faults.unpopulated_view()
+        await fake_slack.wait_for(
+            "chat.postMessage",
+            timeout=interval + HEALTH_RUN_S,
+            predicate=alert_about(VIEWS_CHECK),
+        )
+        took = time.monotonic() - killed_at
+        assert await watchdog_role(follower.url) == "leader"
+        await asyncio.sleep(interval)  # one more tick of the new leader
+        assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
+        assert len(mentioning(ops_texts(fake_slack, "critical"), VIEWS_CHECK)) == 1
+        print(f"failover: the next alert {took:.1f} s after kill -9 (interval {interval:g} s)")
+
+
+def alert_about(check: str) -> Callable[[Call], bool]:
+    def match(call: Call) -> bool:
+        text = str(call.params.get("text", ""))
+        return call.params.get("channel") == OPS and "critical" in text and f"*{check}*" in text
+
+    return match
