@@ -24,6 +24,7 @@ from commands.base import (
     REGISTRY,
     Command,
     Gateway,
+    LeapsIdentity,
     RefreshJournal,
     RefreshLog,
     Report,
@@ -47,6 +48,7 @@ class RunContext:
     refresh_log: RefreshLog | None = None
     refresh_journal: RefreshJournal | None = None
     slack_email: SlackEmail | None = None  # Slack id -> profile e-mail
+    service_identity: LeapsIdentity | None = None  # REMEDY_SERVICE_USER_ID / _ROLE
 
 
 @dataclass
