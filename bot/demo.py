@@ -132,6 +132,27 @@ hence ALLOW_SUPERUSER_KILL):
 """
 
 
+async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: TextIO) -> None:
+    """Act one: a whole incident on the clean fixture (`bot.demo_incident`)."""
+    from bot.demo_incident import walk_incident
+
+    out.write("\n═══ An incident, from the watchdog's alert to the summary ═══\n")
+    walk_settings = settings.model_copy(
+        update={
+            "database_url": dsn,
+            "state_database_url": f"sqlite:///{run_dir}/dbops-demo-state.sqlite3",
+            "role_map": DEMO_ROLES,
+            "remedy_service_user_id": await demo_service_user(dsn) or None,
+            "thresholds": DEMO_THRESHOLDS,
+        }
+    )
+    missing = await walk_incident(walk_settings, dsn, out)
+    if missing:
+        out.write("\nNot walked in this build: " + "; ".join(missing) + "\n")
+    out.write("═══ End of the incident; now the health and integrity showcase ═══\n\n")
+    out.flush()
+
+
 async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.stdout) -> int:
     out.write("dbops-bot demo: starting an embedded PostgreSQL …\n")
     out.flush()
@@ -140,10 +161,10 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
     try:
         dsn = await asyncio.to_thread(pg.create_database, DEMO_DB)
         counts = await build_fixture(dsn)
+        out.write("LEAPS fixture built: " + ", ".join(f"{n} {t}" for t, n in counts.items()) + "\n")
+        await walk_demo_incident(settings, dsn, pg.data_dir.parent, out)
         out.write(
-            "LEAPS fixture built: "
-            + ", ".join(f"{n} {t}" for t, n in counts.items())
-            + "\ninjecting data faults: orphans, duplicate LEARN, duplicate webhook awards, "
+            "\ninjecting data faults: orphans, duplicate LEARN, duplicate webhook awards, "
             "missing and extra awards, a negative total …\n\n"
         )
         out.flush()

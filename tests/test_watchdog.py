@@ -5,6 +5,8 @@ fake Slack. Ticks are driven directly (the bot's own timer is set to an hour).""
 from __future__ import annotations
 
 import asyncio
+import io
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +17,10 @@ import aiohttp
 import psycopg
 
 from bot.clock import ManualClock
-from bot.state import IncidentStore
+from bot.console import CONSOLE_CHANNEL
+from bot.demo import DEMO_ROLES, DEMO_THRESHOLDS, demo_service_user
+from bot.demo_incident import walk_incident
+from bot.state import IncidentStore, open_store
 from bot.watchdog import Watchdog
 from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
 from tests.conftest import STATE_DIR, RunningBot, bot_settings, running_bot
@@ -185,3 +190,35 @@ def alert_about(check: str) -> Callable[[Call], bool]:
         return call.params.get("channel") == OPS and "critical" in text and f"*{check}*" in text
 
     return match
+
+
+async def test_demo_walks_an_incident_from_the_watchdog_alert_to_full_recovery(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    settings = bot_settings(
+        leaps_dsn,
+        fake_slack,
+        role_map=DEMO_ROLES,
+        remedy_service_user_id=await demo_service_user(leaps_dsn),
+        thresholds=DEMO_THRESHOLDS,
+    )
+    printed = io.StringIO()
+    missing = await walk_incident(settings, leaps_dsn, printed)
+    out = printed.getvalue()
+    assert out.count("Watchdog: critical on") == 1
+    assert out.count("Watchdog: recovered on") == 1
+    assert "cannot approve your own request" in out
+    assert "done (approved by U0LEAD)" in out
+    for milestone in ("Detection", "Response", "Communication", "Resolution", "Full recovery"):
+        assert re.search(rf"{milestone} \(target [^)]*\): met in", out), milestone
+    store = await open_store(settings.state_database_url)
+    try:
+        incidents = IncidentStore(store)
+        (incident,) = [i for i in [await incidents.latest_in(CONSOLE_CHANNEL)] if i]
+        assert incident.detected_by == "watchdog"
+        assert incident.state == "recovered"
+        kinds = [e.kind for e in await incidents.timeline(incident.id)]
+        assert kinds.count("command") == 1 and kinds.count("update") == 1
+    finally:
+        await store.close()
+    assert all("recover" in m or "summary" in m for m in missing), missing

@@ -1,0 +1,199 @@
+"""The demo's incident, from the first alert to the summary, on the console.
+
+The same parts as in Slack, speaking through the console: the watchdog (its health run
+through the Dispatcher and gateway), the incident service and its state store, the
+approval engine and executor. Only the clock is the demo's: it moves a few minutes
+between steps, so the SLA clocks read like an incident's, not like a script's seconds.
+
+Steps, each printed as it happens:
+1. a baseline of the target's counts, the way the watchdog leader takes one every hour;
+2. the watchdog's tick on the healthy database, then `leaderboard_totals` is left
+   unpopulated (the fault injector), and the next tick posts it and opens the incident;
+3. the on-call engineer runs `health` and posts an update (response, communication);
+4. `refresh-views` is requested, refused for self-approval, approved by the lead, run;
+5. the watchdog's next tick posts the recovery; the commander resolves;
+6. `recover` verifies against the baseline and marks the incident fully recovered;
+7. the summary (or, where that part is missing, the header with every SLA clock and
+   the timeline).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TextIO
+
+from bot import render
+from bot.approvals import APPROVE, ApprovalEngine, Click
+from bot.clock import ManualClock
+from bot.console import CONSOLE_CHANNEL, console_engine, console_incidents
+from bot.incident_views import header_message, timeline_message
+from bot.incidents import ConsoleIncidents, IncidentService
+from bot.notify import ConsoleNotifier
+from bot.router import Dispatcher
+from bot.settings import Settings
+from bot.state.watchdog import WatchdogStore
+from bot.watchdog import Watchdog
+from commands import incident as incident_cmd
+from commands.base import REGISTRY, Report
+from commands.fixture.faults import FaultInjector
+from commands.remedies.base import REMEDIES
+
+log = logging.getLogger(__name__)
+
+ONCALL, LEAD = "U0ONCALL", "U0LEAD"
+FAULT_VIEW = "leaderboard_totals"
+WALK_SPAN = timedelta(minutes=40)  # the demo clock's minutes from the baseline to the end
+
+# Optional parts of the walk: hooks filled where the recover and summary parts exist.
+BaselineHook = Callable[[ApprovalEngine], Awaitable[object]]
+take_baseline_hook: BaselineHook | None = None
+
+
+class Walk:
+    def __init__(self, engine: ApprovalEngine, incidents: IncidentService, out: TextIO) -> None:
+        self.engine = engine
+        self.incidents = incidents
+        self.out = out
+        # The walk's minutes end before the system clock's now, which approvals expire by.
+        self.clock = ManualClock(datetime.now(UTC) - WALK_SPAN)
+        incidents.clock = self.clock
+
+    def say(self, text: str) -> None:
+        self.out.write(f"\n── {self.clock.now():%H:%M} {text}\n")
+        self.out.flush()
+
+    def later(self, minutes: float) -> datetime:
+        return self.clock.advance(minutes=minutes)
+
+    async def incident(self, user_id: str, text: str) -> None:
+        """`/db incident …` as `user_id`, the reply printed as Slack would show it."""
+        request = incident_cmd.parse(text)
+        reply = await self.incidents.handle(request, user_id=user_id, channel_id=CONSOLE_CHANNEL)
+        await self.incidents.slack.post(CONSOLE_CHANNEL, reply.message)
+
+    async def diagnose(self, user_id: str, text: str) -> Report:
+        result = await Dispatcher(self.engine.ctx, coalesce_s=0).run(text)
+        assert isinstance(result, Report)
+        self.out.write(render.to_text(result))
+        await self.incidents.on_command(CONSOLE_CHANNEL, user_id, text, result)
+        return result
+
+    async def click(self, approval_id: str, user_id: str) -> None:
+        approval = await self.engine.store.get_approval(approval_id)
+        assert approval is not None
+        await self.engine.on_click(
+            Click(
+                action_id=APPROVE,
+                value=self.engine.sign(approval.id, approval.channel_id),
+                user_id=user_id,
+                user_name=user_id,
+                channel_id=approval.channel_id,
+                message_ts=approval.message_ts or "",
+                origin="console",
+            )
+        )
+
+
+async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
+    """The whole incident on `dsn` (a clean fixture); returns the steps it could not walk
+    because their part is not in this build."""
+    missing: list[str] = []
+    async with console_engine(settings) as engine, FaultInjector(dsn) as faults:
+        engine.notifier = ConsoleNotifier(out)
+        incidents = console_incidents(engine.store, settings)
+        incidents.slack = ConsoleIncidents(out)
+        walk = Walk(engine, incidents, out)
+        watchdog = Watchdog(
+            Dispatcher(engine.ctx, coalesce_s=0),
+            WatchdogStore(engine.store),
+            incidents.slack,
+            ops_channel=CONSOLE_CHANNEL,
+            incidents=incidents,
+            opens_incident=True,
+            severity="sev2",
+            clock=walk.clock,
+        )
+
+        walk.say("the watchdog leader takes the hourly baseline of the target's counts")
+        if take_baseline_hook is not None:
+            await take_baseline_hook(engine)
+            out.write("baseline stored in the state store\n")
+        else:
+            missing.append("baseline (the recover part's take_baseline)")
+            out.write("(no baseline: this build has no `/db recover`)\n")
+
+        walk.say("watchdog tick: the database is healthy, nothing is posted")
+        await watchdog.tick()
+
+        walk.later(7)
+        walk.say(f"fault injected: {FAULT_VIEW} left unpopulated (REFRESH … WITH NO DATA)")
+        await faults.unpopulated_view(FAULT_VIEW)
+        walk.later(1)
+        walk.say("watchdog tick: the check turned critical → alert and incident")
+        await watchdog.tick()
+
+        walk.later(2)
+        walk.say("watchdog tick: the problem persists → nothing new is posted")
+        await watchdog.tick()
+
+        walk.later(2)
+        walk.say(f"{ONCALL} takes the incident and looks")
+        await walk.incident(ONCALL, f"assign <@{ONCALL}>")
+        await walk.diagnose(ONCALL, "views")
+
+        walk.later(3)
+        await walk.incident(
+            ONCALL,
+            f"update {FAULT_VIEW} is unpopulated, the leaderboard is down; "
+            "refreshing it (plain refresh, needs approval)",
+        )
+
+        walk.later(2)
+        walk.say(f"{ONCALL} requests the fix")
+        approval_id = await engine.request(
+            REMEDIES["refresh-views"],
+            [FAULT_VIEW],
+            user_id=ONCALL,
+            user_name=ONCALL,
+            channel_id=CONSOLE_CHANNEL,
+            origin="console",
+        )
+        walk.say(f"{ONCALL} tries to approve their own request")
+        await walk.click(approval_id, ONCALL)
+        walk.later(3)
+        walk.say(f"{LEAD} approves")
+        await walk.click(approval_id, LEAD)
+
+        walk.later(1)
+        walk.say("watchdog tick: the check is back → recovery posted")
+        await watchdog.tick()
+
+        walk.later(2)
+        walk.say(f"{ONCALL} resolves")
+        await walk.incident(ONCALL, "resolve")
+
+        walk.later(5)
+        if "recover" in REGISTRY:
+            walk.say(f"{ONCALL} verifies the recovery against the baseline")
+            report = await walk.diagnose(ONCALL, "recover --dry-run")
+            if report.worst.value in ("ok", "warn"):
+                await incidents.mark_recovered(
+                    CONSOLE_CHANNEL, {"verification": report.worst.value}, actor_id=ONCALL
+                )
+        else:
+            missing.append("`/db recover` verification (the recover part)")
+            walk.say(f"{ONCALL} declares full recovery (this build has no `/db recover`)")
+            await walk.incident(ONCALL, "recovered")
+
+        walk.later(1)
+        current = await incidents.store.latest_in(CONSOLE_CHANNEL)
+        assert current is not None
+        walk.say("the incident as it ends: every SLA clock, then the timeline")
+        header = header_message(current, incidents.targets, walk.clock.now())
+        await incidents.slack.post(CONSOLE_CHANNEL, header)
+        events = await incidents.store.timeline(current.id)
+        await incidents.slack.post(CONSOLE_CHANNEL, timeline_message(current, events))
+        missing.append("the automatic summary (the templates part)")
+    return missing
