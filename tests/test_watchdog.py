@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from bot.clock import ManualClock
 from bot.console import CONSOLE_CHANNEL
 from bot.demo import DEMO_ROLES, DEMO_THRESHOLDS, demo_service_user
 from bot.demo_incident import walk_incident
+from bot.leader import FileLeadership, PgAdvisoryLeadership, leadership_for
 from bot.state import IncidentStore, open_store
 from bot.watchdog import Watchdog
 from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
@@ -30,6 +32,7 @@ from tests.test_multiprocess import bot_process
 OPS = "C0OPS"
 QUOTA_CHECK = "guard: AMPLIFY quota trigger"
 VIEWS_CHECK = "materialized views"
+_files = itertools.count()
 HEALTH_RUN_S = 7.0  # one health run's budget on a busy machine (checks time out at 5 s)
 
 
@@ -222,3 +225,35 @@ async def test_demo_walks_an_incident_from_the_watchdog_alert_to_full_recovery(
     finally:
         await store.close()
     assert all("recover" in m or "summary" in m for m in missing), missing
+
+
+async def test_advisory_lock_elects_one_leader_and_hands_over_when_it_goes(
+    pg_dsn_factory: Callable[[str], str],
+) -> None:
+    state_url = pg_dsn_factory("state")
+    first, second = leadership_for(state_url), leadership_for(state_url)
+    assert isinstance(first, PgAdvisoryLeadership)
+    try:
+        assert await first.hold() is True
+        assert await second.hold() is False
+        assert await first.hold() is True  # still the leader: its connection is alive
+        await first.release()  # the session ends, and the lock with it
+        assert await second.hold() is True
+        assert await first.hold() is False
+    finally:
+        await first.release()
+        await second.release()
+
+
+async def test_sqlite_state_file_elects_one_leader_by_flock() -> None:
+    state_url = f"sqlite:///{STATE_DIR}/leader-{next(_files)}.sqlite3"
+    first, second = leadership_for(state_url), leadership_for(state_url)
+    assert isinstance(first, FileLeadership)
+    try:
+        assert (await first.hold(), await second.hold()) == (True, False)
+        await first.release()
+        assert (await second.hold(), await first.hold()) == (True, False)
+    finally:
+        await first.release()
+        await second.release()
+    assert await leadership_for("sqlite:///:memory:").hold() is True
