@@ -45,6 +45,7 @@ TABLES = {
 }
 TABLES |= {"dbops_incidents", "dbops_incident_events", "dbops_incident_reminders"}
 TABLES |= {"dbops_health_seen"}
+TABLES |= {"dbops_watchdog_checks"}
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
