@@ -138,9 +138,26 @@ class Watchdog:
         cleared = [c for c in changes if c.new != "crit"]
         if turned and await self._announce(turned, critical_message(result.target, turned)):
             await self._incident(turned)
-        if cleared:
-            await self._announce(cleared, recovered_message(result.target, cleared))
+            await self._timeline(turned)
+        if cleared and await self._announce(cleared, recovered_message(result.target, cleared)):
+            await self._timeline(cleared)
         return changes
+
+    async def _timeline(self, changes: Sequence[Change]) -> None:
+        """What the watchdog posted joins the timeline of the ops channel's incident."""
+        if self.incidents is None:
+            return
+        assert self.ops_channel is not None
+        for c in changes:
+            verb = "turned critical" if c.new == "crit" else f"is {c.new} again"
+            await self.incidents.store.add_event_in(
+                self.ops_channel,
+                kind="watchdog",
+                actor_id=WATCHDOG,
+                text=f"*{esc(c.check)}* {verb}: {esc(c.finding.summary)}",
+                at=self.clock.now(),
+                detail={"check": c.check, "old": c.old, "new": c.new},
+            )
 
     async def _announce(self, changes: Sequence[Change], message: SlackMessage) -> bool:
         """Post; when Slack refuses even after the SDK's retries, give the moves back so the

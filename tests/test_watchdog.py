@@ -137,6 +137,12 @@ async def test_opens_an_incident_dated_to_the_first_critical_finding(
         await dog(bot).tick()  # the problem persists: no second alert, no second incident
         assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
         assert [i.id for i in await store.active()] == [incident.id]
+        await enable_quota_trigger(leaps_dsn)
+        clock.advance(seconds=60)
+        await dog(bot).tick()
+        watched = [e.text for e in await store.timeline(incident.id) if e.kind == "watchdog"]
+        assert len(watched) == 2, watched
+        assert "turned critical" in watched[0] and "is ok again" in watched[1]
 
 
 async def watchdog_role(url: str) -> str:
