@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import ROLES, LeapsIdentity, Thresholds
+from commands.incident import SlaTargets
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -102,6 +103,10 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     sweep_margin_s: float = Field(default=30.0, ge=0)
     verify_timeout_s: float = Field(default=10.0, gt=0)  # a remedy's read-only verification
+    # Incidents: the operators' SLA targets in seconds from detection (SLA__RESPONSE_S=1800,
+    # SLA__REMIND_AT=0.8 …) and how often reminders and headers are checked.
+    sla: SlaTargets = Field(default_factory=SlaTargets)
+    incident_tick_s: float = Field(default=30.0, gt=0)
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

@@ -29,9 +29,11 @@ from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
 from bot.authz import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
 from bot.gateway import first_line
-from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
+from bot.incidents import IncidentService, Reply
+from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
+from commands import incident
 from commands.base import Report, UsageError, role_rank
 from commands.remedies.base import Remedy
 
@@ -86,6 +88,7 @@ class SlackFrontend:
         self.tracker = tracker
         self.roles = roles
         self.engine: ApprovalEngine | None = None  # set once the state store is open
+        self.incidents: IncidentService | None = None  # likewise
         self.app = AsyncApp(
             client=make_web_client(settings),
             signing_secret=settings.slack_signing_secret or "",
@@ -97,6 +100,7 @@ class SlackFrontend:
         self.app.command("/db")(self.on_db)
         self.app.action(APPROVE)(self.on_button)
         self.app.action(REJECT)(self.on_button)
+        self.app.event("app_home_opened")(self.on_home)
         self.app.error(self.on_error)
 
     async def on_db(self, ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -163,6 +167,9 @@ class SlackFrontend:
             if isinstance(cmd, Remedy):
                 outcome = await self._request_remedy(cmd, args, body, respond)
                 return
+            if isinstance(cmd, BotCommand):
+                outcome = await self._incident(args, body, respond)
+                return
             result = await self.dispatcher.run_command(cmd, args)
             if isinstance(result, Answer):
                 outcome = result.outcome
@@ -171,6 +178,7 @@ class SlackFrontend:
             if isinstance(result, Report):
                 outcome = result.worst.value
                 await self.deliver(body, result, respond)
+                await self._join_timeline(channel, user, text, result)
         except Exception:
             error_id = new_error_id()
             log.exception("/db %s by %s in %s failed (error id %s)", text, user, channel, error_id)
@@ -210,6 +218,57 @@ class SlackFrontend:
             await respond(**_ephemeral(STATE_STORE_DOWN.format(name=remedy.name)))
             return "refused"
         return "requested"
+
+    async def _incident(self, args: list[str], body: dict[str, Any], respond: AsyncRespond) -> str:
+        if self.incidents is None:
+            await respond(**_ephemeral("The bot's state store is not open yet; try again."))
+            return "error"
+        request = incident.parse(args[0] if args else "")  # checked before the ack
+        reply = await self.incidents.handle(
+            request,
+            user_id=str(body.get("user_id", "")),
+            channel_id=str(body.get("channel_id", "")),
+        )
+        await self._reply(body, reply, respond)
+        return "incident"
+
+    async def _reply(self, body: dict[str, Any], reply: Reply, respond: AsyncRespond) -> None:
+        message = reply.message
+        blocks = message.blocks_json() or None
+        if reply.public:
+            try:
+                await self.app.client.chat_postMessage(
+                    channel=str(body.get("channel_id", "")), text=message.text, blocks=blocks
+                )
+                return
+            except SlackClientError as exc:
+                metrics.SLACK_ERRORS.labels("chat.postMessage").inc()
+                log.warning("chat.postMessage failed (%s); using response_url", _slack_reason(exc))
+        await respond(
+            text=message.text,
+            blocks=blocks,
+            response_type="in_channel" if reply.public else "ephemeral",
+        )
+
+    async def _join_timeline(self, channel: str, user: str, text: str, report: Report) -> None:
+        """A diagnostic in a channel with an open incident joins its timeline; its failure
+        never costs the user the report they already have."""
+        if self.incidents is None:
+            return
+        try:
+            await self.incidents.on_command(channel, user, text, report)
+        except Exception:
+            log.exception("could not add /db %s to the incident timeline of %s", text, channel)
+
+    async def on_home(self, event: dict[str, Any]) -> None:
+        """App Home: open incidents and their clocks, pending approvals, the latest health."""
+        if self.incidents is None or event.get("tab", "home") != "home":
+            return
+        user = str(event.get("user", ""))
+        try:
+            await self.incidents.publish_home(user)
+        except Exception:
+            log.exception("could not publish App Home for %s", user)
 
     async def on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
@@ -256,6 +315,16 @@ class SlackFrontend:
             or channel_id in self.settings.incident_channels
         )
 
+    async def _has_incident(self, channel_id: str) -> bool:
+        """A channel with an open incident is an incident channel: replies go in channel."""
+        if self.incidents is None:
+            return False
+        try:
+            return await self.incidents.store.active_in(channel_id) is not None
+        except Exception:
+            log.exception("could not tell whether %s has an incident", channel_id)
+            return False
+
     def _render(self, report: Report) -> render.SlackMessage:
         """Render once per report: a burst of commands shares one coalesced report."""
         if self._last_rendered is None or self._last_rendered[0] is not report:
@@ -266,7 +335,7 @@ class SlackFrontend:
         message = self._render(report)
         channel, user = str(body.get("channel_id", "")), str(body.get("user_id", ""))
         client = self.app.client
-        public = self.in_channel(channel)
+        public = self.in_channel(channel) or await self._has_incident(channel)
         try:
             if public:
                 await client.chat_postMessage(

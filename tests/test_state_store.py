@@ -43,6 +43,8 @@ TABLES = {
     "dbops_refresh_log",
     "dbops_known_roles",
 }
+TABLES |= {"dbops_incidents", "dbops_incident_events", "dbops_incident_reminders"}
+TABLES |= {"dbops_health_seen"}
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -337,6 +337,8 @@ class StateStore:
         self._engine = engine
         self._dialect = engine.dialect.name
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Called inside `audit`'s transaction (incidents: the timeline joins it there).
+        self.audit_hook: Callable[[AsyncSession, AuditRow], Awaitable[None]] | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -696,6 +698,8 @@ class StateStore:
         )
         async with self._tx() as session:
             session.add(row)
+            if self.audit_hook is not None:
+                await self.audit_hook(session, row)
 
     async def audit_trail(
         self,
