@@ -22,10 +22,11 @@ from slack_sdk.signature import SignatureVerifier
 
 from bot import metrics
 from bot.approvals import ApprovalEngine, refresh_history
-from bot.authz import RoleResolver
+from bot.authz import RoleResolver, refusal
 from bot.clock import Clock, SystemClock
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
+from bot.incident_comms import IncidentComms, SlackPublisher
 from bot.incidents import IncidentService, SlackIncidents
 from bot.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
@@ -72,6 +73,7 @@ class Service:
         self.clock: Clock = clock or SystemClock()
         self.incidents: IncidentService | None = None
         self.incident_timer: asyncio.Task[None] | None = None
+        self.comms: IncidentComms | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -101,6 +103,13 @@ class Service:
             self.settings.sla,
         )
         self.slack.incidents = self.incidents
+        self.comms = IncidentComms(
+            self.incidents,
+            SlackPublisher(self.slack.app.client),
+            self.settings.template_dir,
+            self._may_post,
+        )
+        self.comms.register(self.slack.app, self.tracker)
         self.incident_timer = asyncio.get_running_loop().create_task(
             self._incident_ticks(self.incidents, self.settings.incident_tick_s),
             name="incident timer",
@@ -128,6 +137,12 @@ class Service:
         while True:
             await asyncio.sleep(interval_s)
             self.tracker.spawn(incidents.tick(), name="incident tick")
+
+    async def _may_post(self, user_id: str) -> str | None:
+        """Posting a template needs what any `/db incident` command needs."""
+        return refusal(
+            self.settings.diagnostics_role, await self.roles.resolve(user_id), "diagnose"
+        )
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:
         return await refresh_history(self.store) if self.store is not None else {}
