@@ -19,7 +19,7 @@ from slack_sdk.models.blocks import (
 
 from bot.incident_facts import Facts, Verification, hhmm, pct_text
 from bot.incident_views import DETECTED_BY, STATE_LABEL
-from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, unesc
+from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, esc, unesc
 from commands.base import human_duration
 from commands.incident import SEVERITY_LABEL, SlaClock, timeline_lines, who
 
@@ -54,7 +54,7 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
 
 
 def impact_lines(v: Verification | None) -> list[str]:
-    """mrkdwn (values escaped by `Metric` labels' origin: the recover report's own checks)."""
+    """mrkdwn lines of the data impact."""
     if v is None:
         return ["No recovery verification in this incident yet (`/db recover`)."]
     if v.baseline_at is None or not v.compared:
@@ -68,7 +68,7 @@ def impact_lines(v: Verification | None) -> list[str]:
         lost = f", {m.lost:,} missing" if m.lost else ""
         now = f"{m.now:,}" if m.now is not None else "?"
         was = f"{m.baseline:,}" if m.baseline is not None else "?"
-        lines.append(f"• {m.label}: {pct_text(m.pct)} ({now} of {was}{lost})")
+        lines.append(f"• {esc(m.label)}: {pct_text(m.pct)} ({now} of {was}{lost})")
     return lines
 
 

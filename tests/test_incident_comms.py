@@ -279,3 +279,29 @@ async def test_the_summary_of_a_scripted_incident(ibot: RunningBot, idle: Victim
     assert "`09:20` <@U0REQ> update: killing idle sessions" in timeline
     completes = fake.calls_to("files.completeUploadExternal")
     assert completes and completes[-1].params.get("channel_id") == CHANNEL
+
+
+def test_the_console_prints_the_summary_on_resolve_and_the_file(tmp_path: Path) -> None:
+    from tests.test_cli import bot_cli
+
+    env = {
+        "DATABASE_URL": "postgresql://127.0.0.1:9/none",  # incidents need no target
+        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER"}),
+    }
+
+    def run(text: str) -> str:
+        done = bot_cli("run", text, "--user", "U0ONCALL", env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("incident start Console drill sev3")
+    run("incident update We're on it")
+    refused = run("incident template tech")
+    assert "tech.md.j2 needs affected" in refused
+    resolved = run("incident resolve")
+    assert "Summary of incident #1: Console drill" in resolved
+    assert "Communication" in resolved and "Full recovery" in resolved
+    file = run("incident summary --file")
+    assert "# Incident #1: Console drill" in file and "## Timeline (3 events, UTC)" in file
+    assert "update: We're on it" in file.split("## Timeline")[1]
