@@ -143,6 +143,12 @@ async def test_a_template_renders_with_the_measured_figures(ibot: RunningBot) ->
     assert f"On call:* <@{ALICE}>" in text
     assert "`/db recover` again" in text  # next steps: the verification was not clean
     assert "{{" not in text and "undefined" not in text
+    # The summary reads the same verification for its data impact and follow-ups.
+    await command(ibot, "incident summary")
+    summary = blocks_text(posts_in(ibot.fake, CHANNEL, "Summary of incident #")[-1])
+    assert "Verified 09:40 UTC against the 08:00 UTC baseline (not clean)" in summary
+    assert "submissions: 97.8 % (4,890 of 5,000, 110 missing)" in summary
+    assert "last recovery verification not clean: submissions 97.8 %, ledger rows 98.8 %" in summary
 
 
 async def test_a_missing_value_is_refused_by_name_and_nothing_is_posted(
