@@ -14,6 +14,7 @@ from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_histor
 from bot.authz import RoleResolver, refusal
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
+from bot.incident_comms import ConsolePublisher, IncidentComms
 from bot.incidents import ConsoleIncidents, IncidentService
 from bot.notify import ConsoleNotifier
 from bot.router import Answer, BotCommand, Dispatcher, RunContext, preflight
@@ -54,7 +55,11 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
 def console_incidents(store: StateStore, settings: Settings) -> IncidentService:
     """The incident service of the console: the console's channel, printed, system time.
     Attaching it also hooks the audit, so console approvals join the console's incident."""
-    return IncidentService(IncidentStore.attach(store), ConsoleIncidents(sys.stdout), settings.sla)
+    service = IncidentService(
+        IncidentStore.attach(store), ConsoleIncidents(sys.stdout), settings.sla
+    )
+    IncidentComms(service, ConsolePublisher(sys.stdout), settings.template_dir)
+    return service
 
 
 async def incident_from_console(settings: Settings, text: str, user_id: str) -> int:

@@ -13,8 +13,8 @@ Steps, each printed as it happens:
 4. `refresh-views` is requested, refused for self-approval, approved by the lead, run;
 5. the watchdog's next tick posts the recovery; the commander resolves;
 6. `recover` verifies against the baseline and marks the incident fully recovered;
-7. the summary (or, where that part is missing, the header with every SLA clock and
-   the timeline).
+7. the summary with every SLA (posted on resolve, and again once fully recovered), and
+   the whole timeline.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from typing import TextIO
 from bot import render
 from bot.approvals import APPROVE, ApprovalEngine, Click
 from bot.clock import ManualClock
-from bot.console import CONSOLE_CHANNEL, console_engine, console_incidents
-from bot.incident_views import header_message, timeline_message
+from bot.console import CONSOLE_CHANNEL, console_engine
+from bot.incident_comms import ConsolePublisher, IncidentComms
+from bot.incident_views import timeline_message
 from bot.incidents import ConsoleIncidents, IncidentService
 from bot.notify import ConsoleNotifier
 from bot.router import Dispatcher
 from bot.settings import Settings
+from bot.state import IncidentStore
 from bot.state.watchdog import WatchdogStore
 from bot.watchdog import Watchdog
 from commands import incident as incident_cmd
@@ -102,8 +104,10 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
     missing: list[str] = []
     async with console_engine(settings) as engine, FaultInjector(dsn) as faults:
         engine.notifier = ConsoleNotifier(out)
-        incidents = console_incidents(engine.store, settings)
-        incidents.slack = ConsoleIncidents(out)
+        incidents = IncidentService(
+            IncidentStore.attach(engine.store), ConsoleIncidents(out), settings.sla
+        )
+        comms = IncidentComms(incidents, ConsolePublisher(out), settings.template_dir)
         walk = Walk(engine, incidents, out)
         watchdog = Watchdog(
             Dispatcher(engine.ctx, coalesce_s=0),
@@ -170,8 +174,12 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
         walk.say("watchdog tick: the check is back → recovery posted")
         await watchdog.tick()
 
-        walk.later(2)
-        walk.say(f"{ONCALL} resolves")
+        walk.later(1)
+        walk.say(f"{ONCALL} confirms")
+        await walk.diagnose(ONCALL, "views")
+
+        walk.later(1)
+        walk.say(f"{ONCALL} resolves: the summary is posted")
         await walk.incident(ONCALL, "resolve")
 
         walk.later(5)
@@ -188,12 +196,11 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
             await walk.incident(ONCALL, "recovered")
 
         walk.later(1)
+        walk.say("the summary, with every SLA, then the whole timeline")
         current = await incidents.store.latest_in(CONSOLE_CHANNEL)
         assert current is not None
-        walk.say("the incident as it ends: every SLA clock, then the timeline")
-        header = header_message(current, incidents.targets, walk.clock.now())
-        await incidents.slack.post(CONSOLE_CHANNEL, header)
+        summary = await comms.summary(current, file=False)  # of a closed incident, too
+        await incidents.slack.post(CONSOLE_CHANNEL, summary.message)
         events = await incidents.store.timeline(current.id)
         await incidents.slack.post(CONSOLE_CHANNEL, timeline_message(current, events))
-        missing.append("the automatic summary (the templates part)")
     return missing

@@ -52,6 +52,7 @@ from commands.incident import (
     who,
     worst_findings,
 )
+from commands.incident_comms import Summary, Template
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,8 @@ def _note(text: str, public: bool = False) -> Reply:
 
 
 Resolved = Callable[[Incident], Awaitable[None]]
+# `template` and `summary` (bot.incident_comms): (request, incident, user) -> reply.
+Comms = Callable[[Template | Summary, Incident, str], Awaitable[Reply]]
 
 
 def _reason(exc: SlackClientError) -> str:
@@ -200,6 +203,7 @@ class IncidentService:
             self.store.clock = clock
         self.claimer = process_id()
         self.on_resolved: list[Resolved] = []
+        self.comms: Comms | None = None
 
     @property
     def clock(self) -> Clock:
@@ -229,6 +233,10 @@ class IncidentService:
             return await self._update(incident, user_id, request.text)
         if isinstance(request, Assign):
             return await self._assign(incident, user_id, request.user_id)
+        if isinstance(request, Template | Summary):
+            if self.comms is None:
+                return _note("Templates and summaries are not set up in this bot.")
+            return await self.comms(request, incident, user_id)
         if request.verb == "status":
             return Reply(header_message(incident, self.targets, self.now()), public=True)
         if request.verb == "timeline":

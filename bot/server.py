@@ -24,10 +24,11 @@ from slack_sdk.signature import SignatureVerifier
 
 from bot import metrics
 from bot.approvals import ApprovalEngine, refresh_history
-from bot.authz import RoleResolver
+from bot.authz import RoleResolver, refusal
 from bot.clock import Clock, SystemClock
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
+from bot.incident_comms import IncidentComms, SlackPublisher
 from bot.incidents import IncidentService, SlackIncidents
 from bot.leader import Leadership, leadership_for
 from bot.notify import SlackNotifier
@@ -80,6 +81,7 @@ class Service:
         self.watchdog: Watchdog | None = None
         self.leadership: Leadership | None = None
         self.watchdog_task: asyncio.Task[None] | None = None
+        self.comms: IncidentComms | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -109,6 +111,13 @@ class Service:
             self.settings.sla,
         )
         self.slack.incidents = self.incidents
+        self.comms = IncidentComms(
+            self.incidents,
+            SlackPublisher(self.slack.app.client),
+            self.settings.template_dir,
+            self._may_post,
+        )
+        self.comms.register(self.slack.app, self.tracker)
         self.incident_timer = asyncio.get_running_loop().create_task(
             self._incident_ticks(self.incidents, self.settings.incident_tick_s),
             name="incident timer",
@@ -169,6 +178,12 @@ class Service:
         while True:
             await asyncio.sleep(interval_s)
             self.tracker.spawn(incidents.tick(), name="incident tick")
+
+    async def _may_post(self, user_id: str) -> str | None:
+        """Posting a template needs what any `/db incident` command needs."""
+        return refusal(
+            self.settings.diagnostics_role, await self.roles.resolve(user_id), "diagnose"
+        )
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:
         return await refresh_history(self.store) if self.store is not None else {}

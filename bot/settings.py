@@ -7,6 +7,7 @@ naming the variable (exit 2), never as a traceback: see `SettingsError`.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
     ops_channel: str | None = None
     watchdog_opens_incident: bool = False
     watchdog_incident_severity: Severity = "sev2"
+    # A directory whose user.md.j2 / tech.md.j2 replace the incident templates shipped.
+    template_dir: Path | None = None
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

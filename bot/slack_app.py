@@ -29,6 +29,7 @@ from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
 from bot.authz import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
 from bot.gateway import first_line
+from bot.incident_comms import record_verification
 from bot.incidents import IncidentService, Reply
 from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
@@ -257,6 +258,7 @@ class SlackFrontend:
             return
         try:
             await self.incidents.on_command(channel, user, text, report)
+            await record_verification(self.incidents, channel, user, report)
         except Exception:
             log.exception("could not add /db %s to the incident timeline of %s", text, channel)
 

@@ -23,12 +23,15 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from commands import incident_comms
 from commands.base import Finding, Report, Status, UsageError, human_duration
+from commands.incident_comms import Summary, Template
 
 NAME = "incident"
 USAGE = (
     "/db incident start <title> [sev1|sev2|sev3] [--channel] [--since HH:MM] | update <text> | "
-    "status | assign @user | resolve | recovered | reopen | timeline"
+    "status | assign @user | resolve | recovered | reopen | timeline | template user|tech | "
+    "summary [--file]"
 )
 SUMMARY = "open an incident here (or in a new channel), keep its timeline and SLA clocks"
 SUBCOMMANDS: dict[str, str] = {
@@ -40,6 +43,7 @@ SUBCOMMANDS: dict[str, str] = {
     "recovered": "/db incident recovered",
     "reopen": "/db incident reopen",
     "timeline": "/db incident timeline",
+    **incident_comms.SUBCOMMANDS,
 }
 Severity = Literal["sev1", "sev2", "sev3"]
 DEFAULT_SEVERITY: Severity = "sev2"
@@ -77,7 +81,7 @@ class Simple:
     verb: Literal["status", "resolve", "recovered", "reopen", "timeline"]
 
 
-IncidentRequest = Start | Update | Assign | Simple
+IncidentRequest = Start | Update | Assign | Simple | Template | Summary
 
 
 def _words(text: str) -> list[str]:
@@ -109,8 +113,8 @@ def parse(text: str) -> IncidentRequest:
         if rest:
             raise UsageError(f"`{verb}` takes no arguments")
         return Simple(verb)  # type: ignore[arg-type]
-    if verb in ("template", "summary"):
-        raise UsageError(f"`incident {verb}` is not available in this version")
+    if verb in incident_comms.SUBCOMMANDS:
+        return incident_comms.parse(verb, rest)
     raise UsageError(f"unknown incident command `{verb}`; one of " + ", ".join(SUBCOMMANDS))
 
 

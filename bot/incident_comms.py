@@ -1,0 +1,309 @@
+"""Incident communications: template previews, posting them, and the summary.
+
+`/db incident template user|tech` posts a preview in the incident thread with a channel
+picker and a "Post to channel…" button; the click renders the template again (the
+figures are those of the moment it goes out), posts it, and records the communication
+in the timeline through the incidents API, which also reaches the "communicated" SLA
+milestone. A template missing a value is refused with the value's name, at preview and
+at posting. The summary goes out when an incident is resolved (an `on_resolved`
+callback of the incidents service) and on demand, with `--file` as a Markdown upload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.errors import SlackClientError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import incident_templates as templates
+from bot.incident_facts import (
+    VERIFICATION,
+    Facts,
+    facts,
+    template_values,
+    verification_from_report,
+    verification_text,
+)
+from bot.incident_summary import summary_markdown, summary_message
+from bot.incidents import IncidentService, Reply
+from bot.render import SlackMessage, unesc
+from bot.state import Incident
+from bot.tasks import TaskTracker
+from commands.base import Report
+from commands.incident_comms import AUDIENCES, Audience, Summary, Template
+
+log = logging.getLogger(__name__)
+
+# Decides whether a user may post a template: None when allowed, else the refusal.
+Authorize = Callable[[str], Awaitable[str | None]]
+
+
+class Publisher(Protocol):
+    """What communications need of Slack (the console prints instead)."""
+
+    async def post(self, channel: str, message: SlackMessage, thread_ts: str | None = None) -> str:
+        """A message (in a thread when `thread_ts`); returns its ts."""
+        ...
+
+    async def upload(self, channel: str, filename: str, content: str, title: str) -> None: ...
+
+    async def tell(self, channel: str, user: str, text: str) -> None:
+        """A private note to one person."""
+        ...
+
+
+class SlackPublisher:
+    def __init__(self, client: AsyncWebClient) -> None:
+        self.client = client
+
+    async def post(self, channel: str, message: SlackMessage, thread_ts: str | None = None) -> str:
+        posted = await self.client.chat_postMessage(
+            channel=channel,
+            text=message.text,
+            blocks=message.blocks_json() or None,
+            thread_ts=thread_ts,
+        )
+        return str(posted["ts"])
+
+    async def upload(self, channel: str, filename: str, content: str, title: str) -> None:
+        await self.client.files_upload_v2(
+            channel=channel, filename=filename, content=content, title=title
+        )
+
+    async def tell(self, channel: str, user: str, text: str) -> None:
+        await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+
+
+class ConsolePublisher:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    async def post(self, channel: str, message: SlackMessage, thread_ts: str | None = None) -> str:
+        self.out.write(unesc(message.text if not message.blocks else _plain(message)) + "\n")
+        return "console"
+
+    async def upload(self, channel: str, filename: str, content: str, title: str) -> None:
+        self.out.write(content)
+
+    async def tell(self, channel: str, user: str, text: str) -> None:
+        self.out.write(unesc(text) + "\n")
+
+
+def _plain(message: SlackMessage) -> str:
+    lines = []
+    for block in message.blocks_json():
+        text = block.get("text")
+        if isinstance(text, dict):
+            lines.append(str(text.get("text", "")))
+        for element in block.get("elements", []) or []:
+            if isinstance(element, dict) and isinstance(element.get("text"), str):
+                lines.append(str(element["text"]))
+    return "\n".join(lines)
+
+
+def _note(text: str, public: bool = False) -> Reply:
+    return Reply(SlackMessage(text=text, blocks=[]), public)
+
+
+def post_key(audience: Audience, preview_ts: str, channel: str) -> tuple[str, int]:
+    """A (milestone, epoch) pair for the incident store's once-only claim: one post per
+    preview and channel, across replicas and double clicks."""
+    return f"tpl-{audience}", zlib.crc32(f"{preview_ts}/{channel}".encode()) & 0x7FFFFFFF
+
+
+class IncidentComms:
+    def __init__(
+        self,
+        incidents: IncidentService,
+        publisher: Publisher,
+        template_dir: Path | None = None,
+        authorize: Authorize | None = None,
+    ) -> None:
+        self.incidents = incidents
+        self.publisher = publisher
+        self.template_dir = template_dir
+        self.authorize = authorize
+        incidents.comms = self.handle
+        incidents.on_resolved.append(self.post_summary)
+
+    async def facts(self, incident: Incident) -> Facts:
+        store = self.incidents.store
+        now = self.incidents.now()
+        return facts(
+            incident,
+            await store.timeline(incident.id),
+            self.incidents.targets,
+            now,
+            await store.pending_approvals(now),
+        )
+
+    async def render(self, incident: Incident, audience: Audience) -> str:
+        """The filled template; `templates.MissingValue` when a value is missing."""
+        values = template_values(await self.facts(incident))
+        return templates.render(audience, values, self.template_dir)
+
+    # -- /db incident template|summary ------------------------------------------------------
+
+    async def handle(self, request: Template | Summary, incident: Incident, user_id: str) -> Reply:
+        if isinstance(request, Template):
+            return await self.preview(incident, request.audience)
+        return await self.summary(incident, file=request.file)
+
+    async def preview(self, incident: Incident, audience: Audience) -> Reply:
+        name = templates.TEMPLATE_FILES[audience]
+        try:
+            text = await self.render(incident, audience)
+        except templates.MissingValue as exc:
+            return _note(f"Not rendered: {exc.explain(name)}. Nothing was posted.")
+        message = templates.preview(audience, text, incident.id, incident.origin_channel_id)
+        await self.publisher.post(incident.channel_id, message, thread_ts=incident.header_ts)
+        where = "the incident thread" if incident.header_ts else "this channel"
+        return _note(f"Preview of the {AUDIENCES[audience]} posted in {where}.")
+
+    async def summary(self, incident: Incident, *, file: bool) -> Reply:
+        f = await self.facts(incident)
+        if file:
+            await self.publisher.upload(
+                incident.channel_id,
+                f"incident-{incident.id}-summary.md",
+                summary_markdown(f),
+                f"Incident #{incident.id} summary and timeline",
+            )
+        return Reply(summary_message(f), public=True)
+
+    async def post_summary(self, incident: Incident) -> None:
+        """On resolve: the summary in the incident channel."""
+        await self.publisher.post(incident.channel_id, summary_message(await self.facts(incident)))
+
+    # -- the button ---------------------------------------------------------------------------
+
+    async def post_template(
+        self, *, value: str, user_id: str, channel_id: str, preview_ts: str, target: str | None
+    ) -> str:
+        """The click on "Post to channel…": what the clicker is told."""
+        try:
+            asked = json.loads(value)
+            incident_id, audience = int(asked["incident"]), str(asked["audience"])
+        except (ValueError, KeyError, TypeError):
+            return "That button is not one of this bot's."
+        if audience not in templates.TEMPLATE_FILES:
+            return "That button is not one of this bot's."
+        if self.authorize is not None:
+            refused = await self.authorize(user_id)
+            if refused:
+                return f"Not posted: {refused}"
+        if not target:
+            return "Choose a channel in the preview first, then press the button."
+        store = self.incidents.store
+        incident = await store.get(incident_id)
+        if incident is None:
+            return f"Incident #{incident_id} is not known to this bot."
+        kind: Audience = "user" if audience == "user" else "tech"
+        name = templates.TEMPLATE_FILES[kind]
+        try:
+            text = await self.render(incident, kind)
+        except templates.MissingValue as exc:
+            return f"Not posted: {exc.explain(name)}."
+        milestone, epoch = post_key(kind, preview_ts, target)
+        claimed = await store.claim_reminder(
+            incident.id, milestone, epoch, at=self.incidents.now(), claimer=self.incidents.claimer
+        )
+        if not claimed:
+            return f"This preview was already posted to <#{target}>."
+        try:
+            ts = await self.publisher.post(target, templates.message(kind, text))
+        except SlackClientError:
+            await store.release_reminder(incident.id, milestone, epoch)
+            log.exception("could not post the %s template to %s", kind, target)
+            return f"Slack refused the post to <#{target}>; nothing was posted. Try again."
+        label = AUDIENCES[kind]
+        detail = {"template": kind, "channel": target, "ts": ts, "preview_ts": preview_ts}
+        said = f"posted the {label} to <#{target}>"
+        recorded = await self.incidents.record_communication(
+            incident.channel_id, user_id, said, detail
+        )
+        if not recorded:  # the incident is no longer active: keep the line all the same
+            await store.add_event(
+                incident.id,
+                kind="template",
+                actor_id=user_id,
+                text=said,
+                at=self.incidents.now(),
+                detail=detail,
+            )
+        return f"The {label} was posted to <#{target}>."
+
+    def register(self, app: AsyncApp, tracker: TaskTracker) -> None:
+        """This feature's own listeners: the picker (acknowledged, read at the click) and
+        the button (acknowledged at once, the work in a tracked task)."""
+
+        async def on_pick(ack: AsyncAck) -> None:
+            await ack()
+
+        async def on_post(ack: AsyncAck, body: dict[str, Any]) -> None:
+            await ack()
+            action = (body.get("actions") or [{}])[0]
+            user = str((body.get("user") or {}).get("id", ""))
+            container = body.get("container") or {}
+            channel = str(
+                (body.get("channel") or {}).get("id") or container.get("channel_id") or ""
+            )
+            ts = str(container.get("message_ts") or (body.get("message") or {}).get("ts") or "")
+            tracker.spawn(
+                self._click(
+                    value=str(action.get("value", "")),
+                    user_id=user,
+                    channel_id=channel,
+                    preview_ts=ts,
+                    target=templates.chosen_channel(body),
+                ),
+                name="post template",
+            )
+
+        app.action(templates.PICK)(on_pick)
+        app.action(templates.POST)(on_post)
+
+    async def _click(
+        self, *, value: str, user_id: str, channel_id: str, preview_ts: str, target: str | None
+    ) -> None:
+        try:
+            said = await self.post_template(
+                value=value,
+                user_id=user_id,
+                channel_id=channel_id,
+                preview_ts=preview_ts,
+                target=target,
+            )
+        except Exception:
+            log.exception("posting a template for %s failed", user_id)
+            said = "Something went wrong posting that template; nothing was recorded."
+        try:
+            await self.publisher.tell(channel_id, user_id, said)
+        except SlackClientError:
+            log.exception("could not tell %s: %s", user_id, said)
+
+
+async def record_verification(
+    incidents: IncidentService, channel_id: str, user_id: str, report: Report
+) -> bool:
+    """A `/db recover` report in a channel with an active incident joins its timeline as a
+    `verification` event (what templates and the summary read the data impact from)."""
+    verification = verification_from_report(report, incidents.now())
+    if verification is None:
+        return False
+    event = await incidents.store.add_event_in(
+        channel_id,
+        kind=VERIFICATION,
+        actor_id=user_id,
+        text=verification_text(verification),
+        at=incidents.now(),
+        detail=verification.model_dump(mode="json"),
+    )
+    return event is not None
