@@ -20,8 +20,11 @@ from functools import partial
 import commands  # noqa: F401  (fills the registry)
 from commands.base import (
     REGISTRY,
+    BaselineStore,
     Command,
     Gateway,
+    LeapsIdentity,
+    RecoveryHook,
     RefreshJournal,
     RefreshLog,
     Report,
@@ -45,6 +48,9 @@ class RunContext:
     refresh_log: RefreshLog | None = None
     refresh_journal: RefreshJournal | None = None
     slack_email: SlackEmail | None = None  # Slack id -> profile e-mail
+    service_identity: LeapsIdentity | None = None  # REMEDY_SERVICE_USER_ID / _ROLE
+    baselines: BaselineStore | None = None  # the state store's row-count snapshots
+    on_recovery_verified: RecoveryHook | None = None  # the incidents part listens here
 
 
 @dataclass

@@ -27,7 +27,9 @@ from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
 from bot.state import StateStore, open_store
+from bot.state.baselines import StoreBaselines
 from bot.tasks import TaskTracker, wait_for_signal
+from commands.recover import take_baseline
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Service:
             settings.thresholds,
             allow_superuser_kill=settings.allow_superuser_kill,
             refresh_log=self._refresh_log,
+            service_identity=settings.service_identity,
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.tracker = TaskTracker()
@@ -58,6 +61,7 @@ class Service:
         self.store: StateStore | None = None
         self.engine: ApprovalEngine | None = None
         self.sweeper: asyncio.Task[None] | None = None
+        self.baseliner: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -70,15 +74,22 @@ class Service:
             SlackNotifier(self.slack.app.client),
             self.roles,
         )
+        self.ctx.baselines = StoreBaselines(self.store, self.settings.baseline_keep_days)
         self.slack.engine = self.engine
         self.tracker.spawn(self.engine.recover(), name="recover approvals")
         self.sweeper = asyncio.get_running_loop().create_task(
             self._sweep_every(self.engine, self.settings.sweep_interval_s), name="sweep timer"
         )
+        if self.settings.baseline_interval_s > 0:
+            self.baseliner = asyncio.get_running_loop().create_task(
+                self._baseline_every(self.settings.baseline_interval_s), name="baseline timer"
+            )
 
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()  # the timer never ends by itself; a sweep running is drained
+        if self.baseliner is not None:
+            self.baseliner.cancel()
         await self.tracker.drain()
         await self.gateway.close()
         if self.store is not None:
@@ -89,6 +100,17 @@ class Service:
         logged by the tracker and never stops the next)."""
         while True:
             self.tracker.spawn(engine.sweep(), name="sweep executing approvals")
+            await asyncio.sleep(interval_s)
+
+    async def take_baseline(self) -> None:
+        """One snapshot of the target's counts for `/db recover` (the watchdog's leader
+        may take this over: it is one call)."""
+        await take_baseline(self.ctx)
+
+    async def _baseline_every(self, interval_s: float) -> None:
+        """A baseline at start-up and every `interval_s`, each a tracked task."""
+        while True:
+            self.tracker.spawn(self.take_baseline(), name="take baseline")
             await asyncio.sleep(interval_s)
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from commands.base import ROLES, Thresholds
+from commands.base import ROLES, LeapsIdentity, Thresholds
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     sweep_margin_s: float = Field(default=30.0, ge=0)
     verify_timeout_s: float = Field(default=10.0, gt=0)  # a remedy's read-only verification
+    # /db recover's baseline: the target's row counts every this many seconds (0: never),
+    # kept this many days in the state store.
+    baseline_interval_s: float = Field(default=3600.0, ge=0)
+    baseline_keep_days: float = Field(default=7.0, gt=0)
+    # Who a remedy acts as in LEAPS when the approver has no LEAPS account with a staff
+    # role (matched by Slack e-mail): a LEAPS users.id, and the app.user_role it sets.
+    remedy_service_user_id: str | None = None
+    remedy_service_role: str = "ADMIN"
 
     @field_validator("role_map")
     @classmethod
@@ -101,7 +109,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{user}: unknown role {role!r} (one of {', '.join(ROLES)})")
         return {user: role.upper() for user, role in value.items()}
 
-    @field_validator("diagnostics_role")
+    @field_validator("diagnostics_role", "remedy_service_role")
     @classmethod
     def _known_role(cls, value: str) -> str:
         if value.upper() not in ROLES:
@@ -127,6 +135,17 @@ class Settings(BaseSettings):
         for name in names:
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} is not set (needed for this mode)")
+
+    @property
+    def service_identity(self) -> LeapsIdentity | None:
+        """The configured LEAPS identity remedies fall back to, or None."""
+        if not self.remedy_service_user_id:
+            return None
+        return LeapsIdentity(
+            self.remedy_service_user_id,
+            self.remedy_service_role,
+            "service identity REMEDY_SERVICE_USER_ID",
+        )
 
     @property
     def has_socket_mode(self) -> bool:

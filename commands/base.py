@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
@@ -52,6 +53,20 @@ def role_rank(role: str) -> int:
     return ROLES.index(role) if role in ROLES else 0
 
 
+@dataclass(frozen=True)
+class LeapsIdentity:
+    """A LEAPS user a remedy acts as (DESIGN.md approval rule 8): production's guard
+    triggers read it from `app.user_id` / `app.user_role`, and a status change names it as
+    reviewer. `via` says how it was chosen, for the plan, the outcome and the audit."""
+
+    user_id: str
+    role: str
+    via: str = ""
+
+    def describe(self) -> str:
+        return f"LEAPS user {self.user_id} ({self.role}" + (f", {self.via})" if self.via else ")")
+
+
 class Finding(BaseModel):
     check: str
     status: Status
@@ -64,6 +79,9 @@ class Report(BaseModel):
     title: str
     target: str
     findings: list[Finding] = Field(default_factory=list)
+    # Remedies the command asks the bot to request on the requester's behalf, each as
+    # the text after `/db` (e.g. "recover-users"); each gets its own approval thread.
+    follow_ups: list[str] = Field(default_factory=list)
 
     def sorted(self) -> Report:
         """A copy with the worst findings first (stable within one status)."""
@@ -162,6 +180,32 @@ class RefreshJournal(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """Row counts of the target at one moment, kept by the bot to compare a restore with."""
+
+    taken_at: datetime  # aware, UTC
+    counts: Mapping[str, int | None]
+    kind: str = "hourly"  # "hourly" (the periodic snapshot) or "verification" (/db recover)
+
+
+class BaselineStore(Protocol):
+    """Where baselines live (the bot's state store, never the target: a restore would
+    take them along)."""
+
+    async def save(
+        self, target: str, counts: Mapping[str, int | None], *, kind: str = "hourly"
+    ) -> Baseline: ...
+
+    async def latest_before(
+        self, target: str, before: datetime, *, kind: str = "hourly"
+    ) -> Baseline | None: ...
+
+
+# Called with a clean recovery verification (the incidents part marks full recovery).
+RecoveryHook = Callable[["Report"], Awaitable[None]]
+
+
 class Context(Protocol):
     """Everything a command or remedy may use of the bot; read-only to them."""
 
@@ -189,6 +233,21 @@ class Context(Protocol):
         """None where there is no Slack client (the console)."""
         ...
 
+    @property
+    def baselines(self) -> BaselineStore | None:
+        """None where the bot has no state store (a one-off console run)."""
+        ...
+
+    @property
+    def on_recovery_verified(self) -> RecoveryHook | None:
+        """None where nothing listens (no incidents part)."""
+        ...
+
+    @property
+    def service_identity(self) -> LeapsIdentity | None:
+        """Who remedies act as when no approver has a LEAPS staff account (settings)."""
+        ...
+
 
 class Thresholds(BaseModel):
     """Every limit a diagnostic compares against; settings fill it, the demo lowers it."""
@@ -204,6 +263,8 @@ class Thresholds(BaseModel):
     blocked_crit_s: float = 60.0
     query_chars: int = 120
     max_rows: int = 20
+    # /db recover: a count this far (percent) below its baseline is critical.
+    recover_tolerance_pct: float = 0.5
 
 
 Diagnose = Callable[[Context, list[str]], Awaitable[Report]]
