@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
+from bot import render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
 from bot.authz import RoleResolver, allowed
 from bot.executor import executor_from_settings
@@ -16,7 +17,8 @@ from bot.notify import ConsoleNotifier
 from bot.router import Answer, RunContext, preflight
 from bot.settings import Settings
 from bot.state import open_store
-from commands.base import UsageError, role_rank
+from bot.state.baselines import StoreBaselines
+from commands.base import Command, UsageError, role_rank
 from commands.remedies.base import Remedy
 
 CONSOLE_CHANNEL = "console"
@@ -35,6 +37,7 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             settings.allow_superuser_kill,
             refresh_log=partial(refresh_history, store),
             service_identity=settings.service_identity,
+            baselines=StoreBaselines(store),
         )
         executor = executor_from_settings(settings)
         roles = RoleResolver(settings.role_map, None, gateway)
@@ -46,7 +49,10 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
 
 async def request_from_console(settings: Settings, text: str, user_id: str) -> int:
     pre = preflight(text)
-    remedy = None if isinstance(pre, Answer) else pre[0]
+    target = None if isinstance(pre, Answer) else pre[0]
+    if isinstance(target, Command) and not isinstance(pre, Answer):
+        return await _diagnose_and_follow_up(settings, target, pre[1], user_id)
+    remedy = target
     if isinstance(pre, Answer) or not isinstance(remedy, Remedy):
         print("`--user` requests a remedy; see `python -m bot run help`", file=sys.stderr)
         return 2
@@ -75,6 +81,29 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
                 f"\napproval {approval_id} is pending: python -m bot approve {approval_id} --user …"
             )
     return 0
+
+
+async def _diagnose_and_follow_up(
+    settings: Settings, command: Command, args: list[str], user_id: str
+) -> int:
+    """A diagnostic whose report asks for remedies (`recover`): print it, then request
+    each as this user, as Slack does."""
+    async with console_engine(settings) as engine:
+        role = await engine.roles.role_of(user_id)
+        needed = max(command.role, settings.diagnostics_role, key=role_rank)
+        if not allowed(role, needed):
+            print(f"{user_id} has role {role}; {command.name} needs {needed}", file=sys.stderr)
+            return 2
+        try:
+            report = await command.diagnose(engine.ctx, args)
+        except UsageError as exc:
+            print(f"{exc}\nUsage: {command.usage}", file=sys.stderr)
+            return 2
+        sys.stdout.write(render.to_text(report))
+    status = 0
+    for follow in report.follow_ups:
+        status = max(status, await request_from_console(settings, follow, user_id))
+    return status
 
 
 async def decide_from_console(

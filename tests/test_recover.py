@@ -314,3 +314,27 @@ async def test_recover_over_slack_requests_each_step_unless_dry_run(
             bot.service.gateway.target, datetime.now(UTC)
         )
         assert kept is not None
+
+
+async def test_recover_from_the_console_requests_the_steps(
+    leaps_dsn: str, faults: FaultInjector, tmp_path: Path
+) -> None:
+    """`python -m bot run "recover" --user …`: the report, then each step requested as
+    that user (pending approval), as from Slack; a participant may not."""
+    import json
+
+    from tests.test_cli import bot_cli
+
+    await faults.data_loss(pct=5, accounts=2)
+    env = {
+        "DATABASE_URL": leaps_dsn,
+        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER", "U0GUEST": "PARTICIPANT"}),
+    }
+    refused = bot_cli("run", "recover", "--user", "U0GUEST", env=env)
+    assert refused.returncode == 2 and "recover needs REVIEWER" in refused.stderr
+    asked = bot_cli("run", "recover", "--user", "U0ONCALL", env=env)
+    assert asked.returncode == 0, asked.stderr
+    assert "Recovery verification" in asked.stdout
+    assert asked.stdout.count("is pending: python -m bot approve") == 1  # recover-users
+    assert "Recover users from audit_log" in asked.stdout
