@@ -120,7 +120,9 @@ class ApprovalEngine:
     def verify(self, value: str, channel_id: str) -> str | None:
         approval_id, _, mac = value.partition(".")
         expected = self.sign(approval_id, channel_id)
-        return approval_id if hmac.compare_digest(expected, value) and mac else None
+        # bytes: compare_digest refuses str with non-ASCII characters (a tampered value may have)
+        genuine = hmac.compare_digest(expected.encode(), value.encode())
+        return approval_id if genuine and mac else None
 
     # --- request ------------------------------------------------------------------------
 
@@ -167,8 +169,8 @@ class ApprovalEngine:
         try:
             thread_ts = await self.notifier.post_request(
                 channel_id,
-                f"<@{user_id}> {verb} `/db {remedy.name} {' '.join(args)}`".strip()
-                + f" — {plan.title} (approval `{approval.id}`)",
+                f"<@{user_id}> {verb} `/db {render.esc(' '.join([remedy.name, *args]))}`"
+                + f" — {render.esc(plan.title)} (approval `{approval.id}`)",
             )
             approval = await self._post_plan(approval, plan, thread_ts)
         except SlackClientError as exc:
@@ -276,7 +278,7 @@ class ApprovalEngine:
         if approval.state != "pending":
             await self._tell(click, approval, await self._who_acted(approval))
             return
-        role = await self.roles.role_of(click.user_id)
+        role = await self.roles.role_of(click.user_id, purpose="approve")  # never a stale role
         decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
         refusal = self._refusal(approval, click.user_id, role, decision, click.origin)
         if refusal:

@@ -10,7 +10,7 @@ from functools import partial
 
 from bot import render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
-from bot.authz import RoleResolver, allowed
+from bot.authz import RoleResolver, refusal
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
 from bot.notify import ConsoleNotifier
@@ -40,7 +40,9 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             baselines=StoreBaselines(store),
         )
         executor = executor_from_settings(settings)
-        roles = RoleResolver(settings.role_map, None, gateway)
+        roles = RoleResolver(
+            settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
+        )
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:
         await gateway.close()
@@ -58,10 +60,10 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
         return 2
     args = pre[1]
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
         needed = max(remedy.role, settings.diagnostics_role, key=role_rank)
-        if not allowed(role, needed):
-            print(f"{user_id} has role {role}; {remedy.name} needs {needed}", file=sys.stderr)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "request")
+        if refused:
+            print(f"{user_id}: {remedy.name}: {refused}", file=sys.stderr)
             return 2
         try:
             approval_id = await engine.request(
@@ -89,10 +91,10 @@ async def _diagnose_and_follow_up(
     """A diagnostic whose report asks for remedies (`recover`): print it, then request
     each as this user, as Slack does."""
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
         needed = max(command.role, settings.diagnostics_role, key=role_rank)
-        if not allowed(role, needed):
-            print(f"{user_id} has role {role}; {command.name} needs {needed}", file=sys.stderr)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "diagnose")
+        if refused:
+            print(f"{user_id}: {command.name}: {refused}", file=sys.stderr)
             return 2
         try:
             report = await command.diagnose(engine.ctx, args)

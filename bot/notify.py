@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.render import SlackMessage
+from bot.render import SlackMessage, unesc
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,18 @@ class ConsoleNotifier:
         self._ts = itertools.count(1)
 
     def _print_blocks(self, message: SlackMessage) -> None:
+        if message.console:  # the message's own text rendering: SQL and values as written
+            self.out.write(message.console + "\n")
+            if any(b.get("type") == "actions" for b in message.blocks_json()):
+                self.out.write(
+                    "[Approve] [Reject]  (python -m bot approve|reject <id> --user U…)\n"
+                )
+            self.out.flush()
+            return
         for block in message.blocks_json():
             text = block.get("text")
             if isinstance(text, dict) and text.get("text"):
-                self.out.write(str(text["text"]).replace("```", "").replace("*", "") + "\n")
+                self.out.write(unesc(str(text["text"]).replace("```", "")) + "\n")
             elif block.get("type") == "actions":
                 self.out.write(
                     "[Approve] [Reject]  (python -m bot approve|reject <id> --user U…)\n"
@@ -85,7 +93,7 @@ class ConsoleNotifier:
         self.out.flush()
 
     async def post_request(self, channel_id: str, text: str) -> str:
-        self.out.write(text.replace("`", "") + "\n")
+        self.out.write(unesc(text.replace("`", "")) + "\n")
         return f"console.{next(self._ts)}"
 
     async def post_plan(self, channel_id: str, thread_ts: str, message: SlackMessage) -> str:
@@ -97,5 +105,5 @@ class ConsoleNotifier:
         self._print_blocks(message)
 
     async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
-        self.out.write(f"(to {user_id}) {text.replace('`', '')}\n")
+        self.out.write(f"(to {user_id}) {unesc(text.replace('`', ''))}\n")
         self.out.flush()

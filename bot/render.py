@@ -3,6 +3,10 @@
 Slack limits are respected here, in one place: at most 50 blocks a message and 3000
 characters a section; what is cut is counted, and tables too big for a message are
 handed back as CSV files for the caller to upload.
+
+Every value from the database or a user passes `esc` on its way into mrkdwn (code spans
+included: Slack reads `<!channel>` inside backticks too); plain_text fields and the
+console show values as written.
 """
 
 from __future__ import annotations
@@ -46,11 +50,45 @@ ICON = {
 LABEL = {s: s.value.upper() for s in Status}
 
 
+def esc(value: object) -> str:
+    """Slack's escaping for text it must not read as controls (`<!channel>`, `<url|text>`)."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def unesc(text: str) -> str:
+    """The inverse of `esc`, for a console that shows what Slack would."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+@dataclass(frozen=True)
+class Markup:
+    """How a rendering writes values and emphasis: Slack mrkdwn, or the console's text."""
+
+    slack: bool
+
+    def v(self, value: object) -> str:
+        return esc(value) if self.slack else str(value)
+
+    def b(self, text: str) -> str:
+        return f"*{text}*" if self.slack else text
+
+    def code(self, text: str) -> str:
+        return f"`{text}`" if self.slack else text
+
+    def pre(self, text: str) -> str:
+        return f"```{text}```" if self.slack else text
+
+
+MRKDWN = Markup(slack=True)
+PLAIN = Markup(slack=False)
+
+
 @dataclass
 class SlackMessage:
     text: str
     blocks: list[Block]
     files: list[tuple[str, str]] = field(default_factory=list)  # (filename, csv text)
+    console: str = ""  # the same message as the console shows it (values as written)
 
     def blocks_json(self) -> list[dict[str, Any]]:
         return [b.to_dict() for b in self.blocks]
@@ -107,10 +145,10 @@ def rows_csv(rows: list[Row]) -> str:
 
 
 def _finding_section(f: Finding) -> SectionBlock:
-    text = f"{ICON[f.status]} *{LABEL[f.status]}  {f.check}*\n{f.summary}"
+    text = f"{ICON[f.status]} *{LABEL[f.status]}  {esc(f.check)}*\n{esc(f.summary)}"
     if f.hint:
-        text += f"\n_next:_ {f.hint}"
-    table = rows_table(f.rows) if f.status not in (Status.OK, Status.SKIPPED) else ""
+        text += f"\n_next:_ {esc(f.hint)}"
+    table = esc(rows_table(f.rows)) if f.status not in (Status.OK, Status.SKIPPED) else ""
     if table:
         room = MAX_SECTION_CHARS - len(text) - 10
         if room > 200:
@@ -127,7 +165,9 @@ def to_slack(report: Report) -> SlackMessage:
     report = report.sorted()
     blocks: list[Block] = [
         HeaderBlock(text=cut(f"{report.title}: {report.worst.value.upper()}", MAX_HEADER_CHARS)),
-        ContextBlock(elements=[MarkdownTextObject(text=f"`{report.target}` · {_tally(report)}")]),
+        ContextBlock(
+            elements=[MarkdownTextObject(text=f"`{esc(report.target)}` · {_tally(report)}")]
+        ),
         DividerBlock(),
     ]
     room = MAX_BLOCKS - len(blocks) - 1  # keep one for the "left out" note
@@ -144,7 +184,7 @@ def to_slack(report: Report) -> SlackMessage:
         if len(f.rows) > ROWS_IN_MESSAGE and f.status not in (Status.OK, Status.SKIPPED)
     ]
     fallback = f"{report.title} of {report.target}: {report.worst.value.upper()} ({_tally(report)})"
-    return SlackMessage(text=fallback, blocks=blocks, files=files)
+    return SlackMessage(text=esc(fallback), blocks=blocks, files=files)
 
 
 def to_text(report: Report) -> str:
@@ -180,7 +220,9 @@ def to_json(report: Report) -> str:
 
 def error_text(message: str) -> SlackMessage:
     return SlackMessage(
-        text=message, blocks=[SectionBlock(text=MarkdownTextObject(text=cut(message, 3000)))]
+        text=message,
+        blocks=[SectionBlock(text=MarkdownTextObject(text=cut(esc(message), 3000)))],
+        console=message,
     )
 
 
@@ -194,17 +236,30 @@ STATE_LINE = {
     "expired": ":alarm_clock: *expired*",
     "cancelled": ":heavy_multiplication_x: *cancelled*",
 }
+CONSOLE_STATE_LINE = {
+    "pending": "waiting for approval",
+    "executing": "executing",
+    "done": "done",
+    "failed": "FAILED",
+    "aborted": "aborted",
+    "rejected": "rejected",
+    "expired": "expired",
+}
 
 
-def plan_text(plan: Plan, limits: str = "") -> str:
+def plan_text(plan: Plan, limits: str = "", m: Markup = MRKDWN) -> str:
     """The plan as an engineer reviews it: what, how many, the exact SQL, backup, limits."""
-    lines = [f"*{plan.title}*", plan.summary, f"rows/objects counted now: *{plan.count}*"]
+    lines = [
+        m.b(m.v(plan.title)),
+        m.v(plan.summary),
+        f"rows/objects counted now: {m.b(str(plan.count))}",
+    ]
     if plan.tolerance:
         lines[-1] += f" (tolerance ±{plan.tolerance})"
-    lines.append(f"backup: {plan.backup or 'nothing is deleted or overwritten'}")
+    lines.append(f"backup: {m.v(plan.backup or 'nothing is deleted or overwritten')}")
     if limits or plan.limits:
-        lines.append(f"limits: {plan.limits or limits}")
-    lines += [f":warning: {w}" for w in plan.warnings]
+        lines.append(f"limits: {m.v(plan.limits or limits)}")
+    lines += [f"{':warning: ' if m.slack else 'warning: '}{m.v(w)}" for w in plan.warnings]
     return "\n".join(lines)
 
 
@@ -232,55 +287,45 @@ def approval_message(
     button_value: str,
 ) -> SlackMessage:
     """The plan message of an approval thread, rendered anew on every change of state."""
-    who = ", ".join(f"<@{u}>" for u in approved_by)
-    status = STATE_LINE.get(state, state)
-    if state == "pending":
-        status += (
-            f": {max(0, needed - len(approved_by))} more of {needed} approver(s) with role "
-            f"{approver_role} (not <@{requester_id}>); expires "
-            f"{expires_at.strftime('%H:%M UTC')}"
-        )
-        if who:
-            status += f"; approved by {who}"
-    elif who:
-        status += f" (approved by {who})"
-    if outcome is not None:
-        status += f"\n{outcome.summary}"
-        if outcome.affected or outcome.backed_up:
-            status += f"\naffected {outcome.affected}; backed up {outcome.backed_up}"
-            if outcome.backup_table:
-                status += f" into `{outcome.backup_table}`"
-        if outcome.error and outcome.error not in outcome.summary:
-            status += f"\ndatabase said: `{cut(outcome.error, 500)}`"
-        if outcome.offers:
-            status += "\nnext: " + ", ".join(f"`/db {o}`" for o in outcome.offers)
+
+    def sections(m: Markup) -> list[str]:
+        """The message's sections, for Slack (escaped mrkdwn) or the console (as written)."""
+        mention = (lambda u: f"<@{esc(u)}>") if m.slack else str
+        who = ", ".join(mention(u) for u in approved_by)
+        status = STATE_LINE.get(state, state) if m.slack else CONSOLE_STATE_LINE.get(state, state)
+        if state == "pending":
+            status += (
+                f": {max(0, needed - len(approved_by))} more of {needed} approver(s) with role "
+                f"{m.v(approver_role)} (not {mention(requester_id)}); expires "
+                f"{expires_at.strftime('%H:%M UTC')}"
+            )
+            if who:
+                status += f"; approved by {who}"
+        elif who:
+            status += f" (approved by {who})"
+        if outcome is not None:
+            status += f"\n{m.v(outcome.summary)}"
+            if outcome.affected or outcome.backed_up:
+                status += f"\naffected {outcome.affected}; backed up {outcome.backed_up}"
+                if outcome.backup_table:
+                    status += f" into {m.code(m.v(outcome.backup_table))}"
+            if outcome.error and outcome.error not in outcome.summary:
+                status += f"\ndatabase said: {m.code(m.v(cut(outcome.error, 500)))}"
+            if outcome.offers:
+                status += "\nnext: " + ", ".join(m.code(m.v(f"/db {o}")) for o in outcome.offers)
+        room = MAX_SECTION_CHARS - 6
+        texts = [cut(status, MAX_SECTION_CHARS), cut(plan_text(plan, limits, m), MAX_SECTION_CHARS)]
+        if plan.targets:
+            texts.append(m.pre(cut(m.v(rows_table(plan.targets, 15)), room)))
+        texts.append(m.pre(cut(m.v(steps_text(plan)), room)))
+        if outcome is not None and outcome.rows:
+            texts.append(m.pre(cut(m.v(rows_table(outcome.rows, 15)), room)))
+        return texts
+
     blocks: list[Block] = [
         HeaderBlock(text=cut(f"Approval {approval_id}: {plan.title}", MAX_HEADER_CHARS)),
-        SectionBlock(text=MarkdownTextObject(text=cut(status, MAX_SECTION_CHARS))),
-        SectionBlock(text=MarkdownTextObject(text=cut(plan_text(plan, limits), MAX_SECTION_CHARS))),
+        *(SectionBlock(text=MarkdownTextObject(text=t)) for t in sections(MRKDWN)),
     ]
-    if plan.targets:
-        table = rows_table(plan.targets, 15)
-        blocks.append(
-            SectionBlock(
-                text=MarkdownTextObject(text="```" + cut(table, MAX_SECTION_CHARS - 6) + "```")
-            )
-        )
-    blocks.append(
-        SectionBlock(
-            text=MarkdownTextObject(
-                text="```" + cut(steps_text(plan), MAX_SECTION_CHARS - 6) + "```"
-            )
-        )
-    )
-    if outcome is not None and outcome.rows:
-        blocks.append(
-            SectionBlock(
-                text=MarkdownTextObject(
-                    text="```" + cut(rows_table(outcome.rows, 15), MAX_SECTION_CHARS - 6) + "```"
-                )
-            )
-        )
     if state == "pending":
         blocks.append(
             ActionsBlock(
@@ -299,4 +344,5 @@ def approval_message(
             )
         )
     text = f"Approval {approval_id}: {plan.title} — {state}"
-    return SlackMessage(text=text, blocks=blocks)
+    console = "\n".join([f"Approval {approval_id}: {plan.title}", *sections(PLAIN)])
+    return SlackMessage(text=esc(text), blocks=blocks, console=console)

@@ -332,7 +332,7 @@ async def test_recover_from_the_console_requests_the_steps(
         "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER", "U0GUEST": "PARTICIPANT"}),
     }
     refused = bot_cli("run", "recover", "--user", "U0GUEST", env=env)
-    assert refused.returncode == 2 and "recover needs REVIEWER" in refused.stderr
+    assert refused.returncode == 2 and "You need the role REVIEWER" in refused.stderr
     asked = bot_cli("run", "recover", "--user", "U0ONCALL", env=env)
     assert asked.returncode == 0, asked.stderr
     assert "Recovery verification" in asked.stdout

@@ -159,6 +159,18 @@ class RefreshLogRow(Base):
     actor_id: Mapped[str] = mapped_column(String(64))
 
 
+class KnownRoleRow(Base):
+    """The last role resolved for each Slack user, so a target outage does not demote everyone."""
+
+    __tablename__ = "dbops_known_roles"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[datetime]
+
+
 BASELINE_KINDS = ("hourly", "verification")
 
 
