@@ -30,6 +30,7 @@ from commands.remedies.recovery import (
     RECOVER_LEARN,
     RECOVER_USERS,
     REMATCH_KAJABI,
+    LearnRecoveryData,
 )
 from commands.remedies.refresh import REFRESH_VIEWS
 from tests.conftest import FAST_THRESHOLDS, RunningBot, bot_settings, running_bot
@@ -43,6 +44,11 @@ async def scalar(dsn: str, query: LiteralString, params: tuple[Any, ...] | None 
         cur = await conn.execute(query, params)
         row = await cur.fetchone()
         return row[0] if row else None
+
+
+async def execute(dsn: str, query: str, params: tuple[Any, ...] | None = None) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(query.encode(), params)
 
 
 async def counts(dsn: str) -> dict[str, int]:
@@ -250,7 +256,7 @@ async def test_each_recovery_step_before_and_after_then_nothing_to_do(
 async def test_step_plans_bind_their_rows_and_abort_on_drift(
     ctx: RunContext, leaps_dsn: str, faults: FaultInjector
 ) -> None:
-    await faults.data_loss(pct=5, accounts=2)
+    await faults.data_loss(pct=10, accounts=2, unmatched=1)
     who = await admin(leaps_dsn)
     plan = await RECOVER_USERS.plan(ctx, [])
     assert plan.count == 2
@@ -263,6 +269,48 @@ async def test_step_plans_bind_their_rows_and_abort_on_drift(
         and "drift: the plan counted 2 recoverable users, now there are 0" in outcome.summary
     )
     assert (await counts(leaps_dsn))["users"] == users
+
+    # An event matched meanwhile by someone else: the re-match plan no longer holds.
+    plan = await REMATCH_KAJABI.plan(ctx, [])
+    assert plan.count == 1
+    event = plan.targets[0]["id"]
+    await execute(leaps_dsn, "UPDATE kajabi_events SET user_match = NULL WHERE id = %s", (event,))
+    await execute(
+        leaps_dsn,
+        "INSERT INTO users (id, handle, email) SELECT 'twin', 'twin', lower(email)"
+        " || '.twin' FROM kajabi_events WHERE id = %s",
+        (event,),
+    )
+    await execute(
+        leaps_dsn, "UPDATE kajabi_events SET email = email || '.twin' WHERE id = %s", (event,)
+    )
+    state, outcome = await run_step(leaps_dsn, REMATCH_KAJABI, plan, who)
+    assert state == "aborted" and "drift" in outcome.summary, outcome
+    assert (
+        await scalar(leaps_dsn, "SELECT user_match FROM kajabi_events WHERE id = %s", (event,))
+        is None
+    )
+
+    # A change that touches another number of rows than planned rolls back: here a rule of
+    # the database that silently drops one of the inserted submissions.
+    plan = await RECOVER_LEARN.plan(ctx, [])
+    assert plan.count >= 2
+    dropped = LEARN_ID_PREFIX + plan.private(LearnRecoveryData).ids[0]
+    await execute(
+        leaps_dsn,
+        "CREATE FUNCTION drop_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" IF NEW.id = '{dropped}' THEN RETURN NULL; END IF; RETURN NEW; END $$;"
+        " CREATE TRIGGER drop_one BEFORE INSERT ON submissions"
+        " FOR EACH ROW EXECUTE FUNCTION drop_one();",
+    )
+    subs = (await counts(leaps_dsn))["submissions"]
+    state, outcome = await run_step(leaps_dsn, RECOVER_LEARN, plan, who)
+    assert state == "aborted", outcome
+    assert (
+        f"row count: the plan said {plan.count} LEARN submissions, the change touched "
+        f"{plan.count - 1}; rolled back" in outcome.summary
+    )
+    assert (await counts(leaps_dsn))["submissions"] == subs
 
 
 async def test_a_clean_verification_calls_the_incidents_hook(
