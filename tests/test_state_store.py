@@ -42,6 +42,7 @@ TABLES = {
     "dbops_audit",
     "dbops_refresh_log",
     "dbops_known_roles",
+    "dbops_baselines",
 }
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
