@@ -359,7 +359,9 @@ async def plan_steps(ctx: Context) -> list[StepPlan]:
         except Exception as exc:  # a step that cannot be planned must not sink the report
             return StepPlan(name, problem=f"{type(exc).__name__}: {exc}")
 
-    return list(await asyncio.gather(*(one(n) for n in STEPS)))
+    # One after the other: the verification already took the pool's connections side by
+    # side, and a plan waiting for a connection would be lost to the pool's timeout.
+    return [await one(n) for n in STEPS]
 
 
 def step_findings(
@@ -461,7 +463,8 @@ async def recover(ctx: Context, args: list[str]) -> Report:
     base: Baseline | None = None
     if ctx.baselines is not None:
         base = await ctx.baselines.latest_before(target, before)
-    measured, steps = await asyncio.gather(measure(ctx), plan_steps(ctx))
+    measured = await measure(ctx)
+    steps = await plan_steps(ctx)
     tolerance = ctx.thresholds.recover_tolerance_pct
     findings = [
         baseline_finding(base, before, asked),
