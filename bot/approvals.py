@@ -98,8 +98,6 @@ class ApprovalEngine:
         self.notifier = notifier
         self.roles = roles
         self.claimer = process_id()
-        # Who each running execution acts as in LEAPS, for its audit record.
-        self._acted_as: dict[str, str | None] = {}
         key = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
         self._key = hashlib.sha256(("dbops-approval:" + key).encode()).digest()
 
@@ -381,7 +379,7 @@ class ApprovalEngine:
                 detail={"claimer": self.claimer, "approvers": approvers},
             )
             await self._update(claimed, approvers)
-            state, outcome = await self._run(claimed, actor_id, approvers)
+            state, outcome = await self._run(claimed, actor_id)
         except asyncio.CancelledError:
             # Shutdown (SIGTERM) or a cancelled task: the transaction was rolled back on
             # the way out; record the end before the task dies.
@@ -394,9 +392,7 @@ class ApprovalEngine:
             return
         await _to_the_end(self._conclude(claimed, state, outcome, actor_id, approvers))
 
-    async def _run(
-        self, claimed: Approval, actor_id: str, approvers: list[str]
-    ) -> tuple[FinalState, Outcome]:
+    async def _run(self, claimed: Approval, actor_id: str) -> tuple[FinalState, Outcome]:
         remedy = REMEDIES.get(claimed.remedy)
         plan = Plan.model_validate(claimed.plan)
         if remedy is None or plan.fingerprint() != claimed.plan_hash:
@@ -408,13 +404,13 @@ class ApprovalEngine:
         run = Execution(claimed.id, actor_id, claimed_at=claimed.updated_at)
         await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
         # Rule 8: as the approver's LEAPS account, else the service identity.
+        approvers = await self._approvers(claimed.id)
         identity = await acting_identity(
             [actor_id, *reversed(approvers)],
             self.roles,
             self.ctx.gateway,
             self.ctx.service_identity,
         )
-        self._acted_as[claimed.id] = identity.describe() if identity else None
         state, outcome = await self.executor.apply(remedy, plan, claimed.id, identity)
         await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
         return state, outcome
@@ -486,7 +482,6 @@ class ApprovalEngine:
                 "backup_table": outcome.backup_table,
                 "error": outcome.error,
                 "summary": outcome.summary,
-                "acted_as": self._acted_as.pop(claimed.id, None),
             },
         )
         final = await self.store.get_approval(claimed.id)

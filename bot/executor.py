@@ -22,14 +22,7 @@ from psycopg.rows import dict_row
 
 from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
-from commands.base import (
-    APPLICATION_NAME,
-    BACKUP_SCHEMA,
-    LeapsIdentity,
-    Reader,
-    Row,
-    shown_queries,
-)
+from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Reader, Row, shown_queries
 from commands.guards import USER_ID_SETTING, USER_ROLE_SETTING, name_refusal
 from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort, backup_name
 

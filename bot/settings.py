@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     allow_superuser_kill: bool = False
     remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
     remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
+    # Who a remedy acts as in LEAPS when the approver has no LEAPS account with a staff
+    # role (matched by Slack e-mail): a LEAPS users.id, and the app.user_role it sets.
+    remedy_service_user_id: str | None = None
+    remedy_service_role: str = "ADMIN"
     # Approvals left `executing` by a dead process: checked at start-up and this often,
     # once older than the remedy statement timeout plus the margin.
     sweep_interval_s: float = Field(default=60.0, gt=0)
@@ -102,10 +106,6 @@ class Settings(BaseSettings):
     # kept this many days in the state store.
     baseline_interval_s: float = Field(default=3600.0, ge=0)
     baseline_keep_days: float = Field(default=7.0, gt=0)
-    # Who a remedy acts as in LEAPS when the approver has no LEAPS account with a staff
-    # role (matched by Slack e-mail): a LEAPS users.id, and the app.user_role it sets.
-    remedy_service_user_id: str | None = None
-    remedy_service_role: str = "ADMIN"
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

@@ -74,7 +74,7 @@ async def test_dedupe_learn_acts_as_the_approvers_leaps_account(
             for e in await bot.service.store.audit_trail(limit=200)
             if e.action == "remedy.executed"
         ]
-        acted = str(executed.detail["acted_as"])
+        acted = str(executed.detail["summary"])  # names the identity it acted as
         assert admin_id in acted and f"<@{ADMIN2}>" in acted
 
     rejected = await fetch(
@@ -154,7 +154,7 @@ async def _probe_apply(writer: Writer, plan: Plan) -> Outcome:
 
 
 async def _probe_verify(db: Reader, plan: Plan, run: Execution) -> Verification:
-    return Verification(landed=True, found="the probe changes nothing")
+    return Verification(landed=True, found="a probe changes nothing")
 
 
 # A remedy of this test only (never registered): it reports what production's triggers
