@@ -63,6 +63,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.gateway import gateway_from_settings
     from bot.router import Answer, Dispatcher, RunContext, help_text
     from bot.state import open_store
+    from bot.state.baselines import StoreBaselines
     from commands.remedies.base import Plan
 
     settings.require("database_url")
@@ -76,6 +77,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         settings.allow_superuser_kill,
         refresh_log=partial(refresh_history, store) if store else None,
         service_identity=settings.service_identity,
+        baselines=StoreBaselines(store) if store else None,
     )
     try:
         result = await Dispatcher(ctx).run(text)
@@ -99,6 +101,12 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
             sys.stdout.write("(plan only: remedies run from Slack, after approval)\n")
         return 0
     sys.stdout.write(render.to_json(result) if as_json else render.to_text(result))
+    if result.follow_ups and not as_json:
+        sys.stdout.write(
+            "\nto request: "
+            + "; ".join(f'python -m bot run "{t}" --user …' for t in result.follow_ups)
+            + "\n"
+        )
     return 0
 
 

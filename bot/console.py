@@ -20,6 +20,7 @@ from bot.notify import ConsoleNotifier
 from bot.router import Answer, BotCommand, Dispatcher, RunContext, preflight
 from bot.settings import Settings
 from bot.state import IncidentStore, StateStore, open_store
+from bot.state.baselines import StoreBaselines
 from commands import incident
 from commands.base import Command, Report, UsageError, role_rank
 from commands.remedies.base import Remedy
@@ -40,6 +41,7 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             settings.allow_superuser_kill,
             refresh_log=partial(refresh_history, store),
             service_identity=settings.service_identity,
+            baselines=StoreBaselines(store),
         )
         executor = executor_from_settings(settings)
         roles = RoleResolver(
@@ -98,7 +100,12 @@ async def diagnose_from_console(
         await console_incidents(engine.store, settings).on_command(
             CONSOLE_CHANNEL, user_id, text.strip(), result
         )
-    return 0
+    # The remedies a report asks for (`recover`'s steps), each requested as this user, as
+    # Slack does.
+    status = 0
+    for follow in result.follow_ups:
+        status = max(status, await request_from_console(settings, follow, user_id))
+    return status
 
 
 async def request_from_console(settings: Settings, text: str, user_id: str) -> int:

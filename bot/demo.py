@@ -134,7 +134,7 @@ hence ALLOW_SUPERUSER_KILL):
 
 async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: TextIO) -> None:
     """Act one: a whole incident on the clean fixture (`bot.demo_incident`)."""
-    from bot.demo_incident import walk_incident
+    from bot.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
 
     out.write("\n═══ An incident, from the watchdog's alert to the summary ═══\n")
     walk_settings = settings.model_copy(
@@ -144,6 +144,7 @@ async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: T
             "role_map": DEMO_ROLES,
             "remedy_service_user_id": await demo_service_user(dsn) or None,
             "thresholds": DEMO_THRESHOLDS,
+            "approval_ttl_s": WALK_APPROVAL_TTL_S,
         }
     )
     missing = await walk_incident(walk_settings, dsn, out)

@@ -22,9 +22,11 @@ import commands  # noqa: F401  (fills the registry)
 from commands import incident
 from commands.base import (
     REGISTRY,
+    BaselineStore,
     Command,
     Gateway,
     LeapsIdentity,
+    RecoveryHook,
     RefreshJournal,
     RefreshLog,
     Report,
@@ -49,6 +51,8 @@ class RunContext:
     refresh_journal: RefreshJournal | None = None
     slack_email: SlackEmail | None = None  # Slack id -> profile e-mail
     service_identity: LeapsIdentity | None = None  # REMEDY_SERVICE_USER_ID / _ROLE
+    baselines: BaselineStore | None = None  # the state store's row-count snapshots
+    on_recovery_verified: RecoveryHook | None = None  # the incidents part listens here
 
 
 @dataclass

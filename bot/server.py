@@ -36,9 +36,11 @@ from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
 from bot.state import IncidentStore, StateStore, open_store
+from bot.state.baselines import StoreBaselines
 from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker, wait_for_signal
 from bot.watchdog import Watchdog
+from commands.recover import take_baseline
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class Service:
         self.leadership: Leadership | None = None
         self.watchdog_task: asyncio.Task[None] | None = None
         self.comms: IncidentComms | None = None
+        self.baseliner: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -100,6 +103,7 @@ class Service:
             SlackNotifier(self.slack.app.client),
             self.roles,
         )
+        self.ctx.baselines = StoreBaselines(self.store, self.settings.baseline_keep_days)
         self.slack.engine = self.engine
         self.tracker.spawn(self.engine.recover(), name="recover approvals")
         self.sweeper = asyncio.get_running_loop().create_task(
@@ -123,6 +127,11 @@ class Service:
             name="incident timer",
         )
         self._start_watchdog(self.store, self.incidents)
+        if self.watchdog is None and self.settings.baseline_interval_s > 0:
+            # no watchdog to take the baselines: every replica takes its own
+            self.baseliner = asyncio.get_running_loop().create_task(
+                self._baseline_every(self.settings.baseline_interval_s), name="baseline timer"
+            )
 
     def _start_watchdog(self, store: StateStore, incidents: IncidentService) -> None:
         """The watchdog on every replica; only the one holding the leader lock ticks."""
@@ -140,6 +149,7 @@ class Service:
             severity=self.settings.watchdog_incident_severity,
             clock=self.clock,
             baseline=self.take_baseline_hook(),
+            baseline_interval_s=self.settings.baseline_interval_s,
         )
         self.leadership = leadership_for(self.settings.state_database_url)
         self.watchdog_task = asyncio.get_running_loop().create_task(
@@ -148,9 +158,16 @@ class Service:
         )
 
     def take_baseline_hook(self) -> Callable[[], Awaitable[object]] | None:
-        """WATCHDOG BASELINE HOOK: the hourly baseline snapshot `/db recover` compares
-        against, run by the watchdog's leader. None until the recover part provides it."""
-        return None
+        """The hourly baseline snapshot `/db recover` compares against, taken by the
+        watchdog's leader (BASELINE_INTERVAL_S; 0: never)."""
+        if self.settings.baseline_interval_s <= 0:
+            return None
+
+        async def tracked() -> None:
+            # a tracked task: shutdown drains it like any other work
+            await self.tracker.spawn(self.take_baseline(), name="take baseline")
+
+        return tracked
 
     async def stop(self) -> None:
         if self.sweeper is not None:
@@ -161,6 +178,8 @@ class Service:
             self.watchdog_task.cancel()  # its `finally` gives the leader lock back
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watchdog_task
+        if self.baseliner is not None:
+            self.baseliner.cancel()
         await self.tracker.drain()
         await self.gateway.close()
         if self.store is not None:
@@ -184,6 +203,17 @@ class Service:
         return refusal(
             self.settings.diagnostics_role, await self.roles.resolve(user_id), "diagnose"
         )
+
+    async def take_baseline(self) -> None:
+        """One snapshot of the target's counts for `/db recover` (the watchdog's leader
+        may take this over: it is one call)."""
+        await take_baseline(self.ctx)
+
+    async def _baseline_every(self, interval_s: float) -> None:
+        """A baseline at start-up and every `interval_s`, each a tracked task."""
+        while True:
+            self.tracker.spawn(self.take_baseline(), name="take baseline")
+            await asyncio.sleep(interval_s)
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:
         return await refresh_history(self.store) if self.store is not None else {}

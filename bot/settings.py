@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     watchdog_incident_severity: Severity = "sev2"
     # A directory whose user.md.j2 / tech.md.j2 replace the incident templates shipped.
     template_dir: Path | None = None
+    # /db recover's baseline: the target's row counts every this many seconds (0: never),
+    # kept this many days in the state store.
+    baseline_interval_s: float = Field(default=3600.0, ge=0)
+    baseline_keep_days: float = Field(default=7.0, gt=0)
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

@@ -180,6 +180,7 @@ class SlackFrontend:
                 outcome = result.worst.value
                 await self.deliver(body, result, respond)
                 await self._join_timeline(channel, user, text, result)
+                await self._follow_up(result, body, respond)
         except Exception:
             error_id = new_error_id()
             log.exception("/db %s by %s in %s failed (error id %s)", text, user, channel, error_id)
@@ -189,6 +190,23 @@ class SlackFrontend:
         finally:
             metrics.COMMANDS.labels(cmd.name, outcome).inc()
             metrics.LATENCY.labels(cmd.name).observe(time.perf_counter() - received)
+
+    async def _follow_up(self, report: Report, body: dict[str, Any], respond: AsyncRespond) -> None:
+        """The remedies a report asks for (`/db recover`'s steps), each requested as if the
+        user had typed it: its own role check, plan and approval thread."""
+        user = str(body.get("user_id", ""))
+        for text in report.follow_ups:
+            pre = preflight(text)
+            remedy = None if isinstance(pre, Answer) else pre[0]
+            if not isinstance(remedy, Remedy) or isinstance(pre, Answer):
+                log.warning("follow-up %r is not a remedy; ignored", text)
+                continue
+            args = pre[1]
+            refused = await self._authorize(user, remedy)
+            if refused:
+                await respond(**_ephemeral(f"`/db {text}`: {refused}"))
+                continue
+            await self._request_remedy(remedy, args, body, respond)
 
     async def _request_remedy(
         self, remedy: Remedy, args: list[str], body: dict[str, Any], respond: AsyncRespond

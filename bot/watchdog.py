@@ -14,7 +14,6 @@ The leader (see `bot.leader`) also takes the periodic baseline snapshot that
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -220,8 +219,12 @@ class Watchdog:
         # burst the target, and a restart mid-problem has the store's memory anyway.
         next_at = loop.time() + interval_s
         try:
-            with contextlib.suppress(Exception):
-                await leadership.hold()  # at once, so /healthz names the leader
+            try:
+                # at once, so /healthz names the leader, and a baseline is there from the start
+                if await leadership.hold():
+                    await self.take_baseline_if_due()
+            except Exception:
+                log.exception("watchdog start failed")
             while True:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
                 try:

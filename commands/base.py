@@ -11,6 +11,7 @@ import enum
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
@@ -79,6 +80,9 @@ class Report(BaseModel):
     title: str
     target: str
     findings: list[Finding] = Field(default_factory=list)
+    # Remedies the command asks the bot to request on the requester's behalf, each as
+    # the text after `/db` (e.g. "recover-users"); each gets its own approval thread.
+    follow_ups: list[str] = Field(default_factory=list)
 
     def sorted(self) -> Report:
         """A copy with the worst findings first (stable within one status)."""
@@ -177,6 +181,32 @@ class RefreshJournal(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """Row counts of the target at one moment, kept by the bot to compare a restore with."""
+
+    taken_at: datetime  # aware, UTC
+    counts: Mapping[str, int | None]
+    kind: str = "hourly"  # "hourly" (the periodic snapshot) or "verification" (/db recover)
+
+
+class BaselineStore(Protocol):
+    """Where baselines live (the bot's state store, never the target: a restore would
+    take them along)."""
+
+    async def save(
+        self, target: str, counts: Mapping[str, int | None], *, kind: str = "hourly"
+    ) -> Baseline: ...
+
+    async def latest_before(
+        self, target: str, before: datetime, *, kind: str = "hourly"
+    ) -> Baseline | None: ...
+
+
+# Called with a clean recovery verification (the incidents part marks full recovery).
+RecoveryHook = Callable[["Report"], Awaitable[None]]
+
+
 class Context(Protocol):
     """Everything a command or remedy may use of the bot; read-only to them."""
 
@@ -205,6 +235,16 @@ class Context(Protocol):
         ...
 
     @property
+    def baselines(self) -> BaselineStore | None:
+        """None where the bot has no state store (a one-off console run)."""
+        ...
+
+    @property
+    def on_recovery_verified(self) -> RecoveryHook | None:
+        """None where nothing listens (no incidents part)."""
+        ...
+
+    @property
     def service_identity(self) -> LeapsIdentity | None:
         """Who remedies act as when no approver has a LEAPS staff account (settings)."""
         ...
@@ -224,6 +264,8 @@ class Thresholds(BaseModel):
     blocked_crit_s: float = 60.0
     query_chars: int = 120
     max_rows: int = 20
+    # /db recover: a count this far (percent) below its baseline is critical.
+    recover_tolerance_pct: float = 0.5
     # Query text from pg_stat_activity can hold `PASSWORD '…'` or personal data: string
     # literals are shown as '…' unless this is on (SHOW_QUERY_LITERALS=true).
     show_query_literals: bool = False

@@ -107,6 +107,7 @@ def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settin
         "database_url": database_url,
         "thresholds": FAST_THRESHOLDS,
         "connect_timeout_s": 2.0,
+        "baseline_interval_s": 0,  # tests that want /db recover's baselines turn it on
         "_env_file": None,
     }
     values.update(overrides)

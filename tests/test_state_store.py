@@ -42,6 +42,7 @@ TABLES = {
     "dbops_audit",
     "dbops_refresh_log",
     "dbops_known_roles",
+    "dbops_baselines",
 }
 TABLES |= {"dbops_incidents", "dbops_incident_events", "dbops_incident_reminders"}
 TABLES |= {"dbops_health_seen"}

@@ -20,7 +20,7 @@ import psycopg
 from bot.clock import ManualClock
 from bot.console import CONSOLE_CHANNEL
 from bot.demo import DEMO_ROLES, DEMO_THRESHOLDS, demo_service_user
-from bot.demo_incident import walk_incident
+from bot.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
 from bot.leader import FileLeadership, PgAdvisoryLeadership, leadership_for
 from bot.state import IncidentStore, open_store
 from bot.watchdog import Watchdog
@@ -210,6 +210,7 @@ async def test_demo_walks_an_incident_from_the_watchdog_alert_to_full_recovery(
         role_map=DEMO_ROLES,
         remedy_service_user_id=await demo_service_user(leaps_dsn),
         thresholds=DEMO_THRESHOLDS,
+        approval_ttl_s=WALK_APPROVAL_TTL_S,
     )
     printed = io.StringIO()
     missing = await walk_incident(settings, leaps_dsn, printed)
@@ -228,12 +229,16 @@ async def test_demo_walks_an_incident_from_the_watchdog_alert_to_full_recovery(
         (incident,) = [i for i in [await incidents.latest_in(CONSOLE_CHANNEL)] if i]
         assert incident.detected_by == "watchdog"
         assert incident.state == "recovered"
+        assert incident.recovery_evidence == {"verification": "clean"}
         kinds = [e.kind for e in await incidents.timeline(incident.id)]
-        assert kinds.count("command") == 2 and kinds.count("update") == 1
+        assert kinds.count("command") == 3 and kinds.count("update") == 1  # views x2, recover
+        assert kinds.count("verification") == 1
         assert kinds.count("watchdog") == 2
     finally:
         await store.close()
-    assert all("recover" in m or "summary" in m for m in missing), missing
+    assert missing == []
+    assert "recovery verification: users 100 %, submissions 100 %" in out
+    assert "Full recovery  8h00m   20m00s" in summary
 
 
 async def test_advisory_lock_elects_one_leader_and_hands_over_when_it_goes(

@@ -294,3 +294,20 @@ class WatchdogCheckRow(Base):
     summary: Mapped[str] = mapped_column(Text)
     changed_at: Mapped[datetime]  # when it entered this status (a crit: first seen)
     seen_at: Mapped[datetime]
+
+
+BASELINE_KINDS = ("hourly", "verification")
+
+
+class BaselineRow(Base):
+    __tablename__ = "dbops_baselines"
+    __table_args__ = (
+        CheckConstraint(_in("kind", BASELINE_KINDS), name="ck_dbops_baselines_kind"),
+        Index("ix_dbops_baselines_target_kind_taken", "target", "kind", "taken_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))
+    taken_at: Mapped[datetime]
+    counts: Mapped[dict[str, Any]]
