@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     # Who may do what. ROLE_MAP is JSON: {"U0123": "ADMIN"}; it wins over the LEAPS
     # `users.role` found through the Slack profile e-mail. Unknown users are PARTICIPANT.
     role_map: dict[str, str] = Field(default_factory=dict)
+    # Slack user groups and their role: {"S0ONCALL": "ADMIN"} (JSON).
+    role_groups: dict[str, str] = Field(default_factory=dict)
     role_cache_ttl_s: float = Field(default=300.0, ge=0)
     diagnostics_role: str = "REVIEWER"
     # Channels the bot answers in (ids, comma-separated); empty means every channel.
@@ -89,7 +91,7 @@ class Settings(BaseSettings):
     remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
     remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
 
-    @field_validator("role_map")
+    @field_validator("role_map", "role_groups")
     @classmethod
     def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
         for user, role in value.items():

@@ -63,17 +63,31 @@ def test_worst_first_everywhere() -> None:
     assert report.worst is Status.CRIT
 
 
-def test_big_tables_go_as_csv_and_are_counted_in_the_message() -> None:
+def test_cut_tables_offer_the_full_table_button() -> None:
     many = [{"pid": i, "query": "SELECT 1"} for i in range(30)]
+    few = [{"pid": i, "query": "SELECT 1"} for i in range(3)]
     report = Report(
         title="t",
         target="x",
         findings=[
-            Finding(check="blocked sessions", status=Status.CRIT, summary="30 blocked", rows=many)
+            Finding(check="blocked sessions", status=Status.CRIT, summary="30 blocked", rows=many),
+            Finding(check="idle in transaction", status=Status.WARN, summary="3", rows=few),
+            Finding(check="by user", status=Status.OK, summary="fine", rows=many),
         ],
     )
-    message = render.to_slack(report)
-    assert "25 more rows" in json.dumps(message.blocks_json())
-    ((name, content),) = message.files
-    assert name == "blocked_sessions.csv"
-    assert content.count("\n") == 31
+    message = render.to_slack(report, lambda f: f"ref:{f.check}")
+    blocks = message.blocks_json()
+    assert "25 more rows" in json.dumps(blocks)
+    buttons = [b["accessory"] for b in blocks if "accessory" in b]
+    assert buttons == [
+        {
+            "type": "button",
+            "text": {"type": "plain_text", "text": "Full table (30 rows) as CSV", "emoji": True},
+            "action_id": render.FULL_TABLE,
+            "value": "ref:blocked sessions",
+        }
+    ]
+    assert not any("accessory" in b for b in render.to_slack(report).blocks_json())
+    csv_text = render.rows_csv(many)
+    assert csv_text.count("\n") == 31
+    assert render.csv_filename("guard: AMPLIFY quota") == "guard_AMPLIFY_quota.csv"
