@@ -80,6 +80,23 @@ def slack_date(value: datetime) -> str:
 _DATE_TOKEN = re.compile(r"<!date\^\d+\^[^|>]*\|([^>]*)>")
 
 
+_UTC_ISO = re.compile(r"\b(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})Z\b")
+
+
+def slack_times(text: str) -> str:
+    """UTC ISO times that commands write in summaries (as `utc_iso` does) become Slack
+    date tokens; commands know nothing of Slack, the console keeps the ISO text."""
+
+    def token(match: re.Match[str]) -> str:
+        try:
+            at = datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
+        except ValueError:
+            return match.group(0)
+        return slack_date(at)
+
+    return _UTC_ISO.sub(token, text)
+
+
 def plain_dates(text: str) -> str:
     """Slack date tokens back to their UTC fallback, for the console."""
     return _DATE_TOKEN.sub(r"\1", text)
@@ -152,9 +169,9 @@ def _full_table_button(f: Finding, table_ref: TableRef | None) -> ButtonElement 
 
 
 def _finding_section(f: Finding, table_ref: TableRef | None = None) -> SectionBlock:
-    text = f"{ICON[f.status]} *{LABEL[f.status]}  {f.check}*\n{f.summary}"
+    text = f"{ICON[f.status]} *{LABEL[f.status]}  {f.check}*\n{slack_times(f.summary)}"
     if f.hint:
-        text += f"\n_next:_ {f.hint}"
+        text += f"\n_next:_ {slack_times(f.hint)}"
     table = rows_table(f.rows) if f.status not in (Status.OK, Status.SKIPPED) else ""
     shown_whole = len(f.rows) <= ROWS_IN_MESSAGE
     if table:

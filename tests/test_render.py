@@ -91,3 +91,14 @@ def test_cut_tables_offer_the_full_table_button() -> None:
     csv_text = render.rows_csv(many)
     assert csv_text.count("\n") == 31
     assert render.csv_filename("guard: AMPLIFY quota") == "guard_AMPLIFY_quota.csv"
+
+
+def test_utc_times_in_summaries_become_slack_dates() -> None:
+    summary = "last refreshed by the bot 5m00s ago (plain), at 2026-11-30T07:45:12Z"
+    report = Report(
+        title="t", target="x", findings=[Finding(check="v", status=Status.OK, summary=summary)]
+    )
+    slack = json.dumps(render.to_slack(report).blocks_json())
+    assert "at <!date^1796024712^{date_short_pretty} {time}|2026-11-30T07:45:12Z>" in slack
+    assert "at 2026-11-30T07:45:12Z" in render.to_text(report)
+    assert render.plain_dates(render.slack_times(summary)) == summary

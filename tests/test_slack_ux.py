@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from bot import render
 from bot.notify import ConsoleNotifier
+from commands.base import Report
 from commands.fixture.faults import FaultInjector
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
@@ -310,3 +311,23 @@ async def test_console_shows_utc_iso_times() -> None:
     out = StringIO()
     await ConsoleNotifier(out).update_request("console", "console.1", f"done {token}")
     assert out.getvalue() == "done 2026-11-30T07:45:12Z\n"
+
+
+async def test_refresh_times_in_views_are_slack_dates(gbot: RunningBot) -> None:
+    """The refresh log's UTC time reaches Slack as a date token, the console as ISO."""
+    await request(gbot, "refresh-views")  # every view is concurrently refreshable: runs at once
+    await settle(gbot)
+    gbot.fake.reset()
+    await gbot.slash("views", channel=CHANNEL, user=REQUESTER)
+    (report,) = await gbot.fake.wait_for("chat.postEphemeral", timeout=15)
+    text = json.dumps(report.params["blocks"])
+    assert re.search(r"last refreshed by the bot [^\"]*, at <!date\^\d+\^", text), text
+    assert not re.search(r"\d{2}:\d{2}:\d{2}Z(?!>)", text), "a UTC time outside a date token"
+    assert gbot.service.store is not None
+    log = (await gbot.service.store.last_refreshes()).values()
+    finished = max(e.finished_at for e in log if e.finished_at is not None)
+    assert render.slack_date(finished) in text
+
+    console = await gbot.service.dispatcher.run("views")
+    assert isinstance(console, Report)
+    assert render.utc_iso(finished) in render.to_text(console)
