@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -229,7 +229,7 @@ class SlackFrontend:
             await respond(**_ephemeral("The bot's state store is not open yet; try again."))
             return "error"
         try:
-            await self.engine.request(
+            approval_id = await self.engine.request(
                 remedy,
                 args,
                 user_id=str(body.get("user_id", "")),
@@ -242,7 +242,7 @@ class SlackFrontend:
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
-        return "requested"
+        return "requested" if approval_id else "nothing"
 
     async def on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
@@ -303,6 +303,13 @@ class SlackFrontend:
             if ref is None or ref.channel != channel or (not ref.public and ref.user != user):
                 metrics.COMMANDS.labels("full-table", "tampered").inc()
                 log.warning("refused a full-table button from %s in %s", user, channel)
+                if self.engine is not None:
+                    await self.engine.store.audit(
+                        "payload.tampered",
+                        actor_id=user,
+                        channel_id=channel,
+                        detail={"value": value[:80], "action": render.FULL_TABLE},
+                    )
                 await self._whisper(channel, user, "This button is not valid here.")
                 return
             pre = preflight(ref.text)
@@ -346,15 +353,19 @@ class SlackFrontend:
         content = render.rows_csv(finding.rows)
         filename = render.csv_filename(finding.check)
         if ref.public:
-            await client.files_upload_v2(
-                channel=channel,
-                thread_ts=message_ts or None,
-                filename=filename,
-                title=filename,
-                content=content,
-                initial_comment=comment,
-            )
-            return
+            try:
+                await client.files_upload_v2(
+                    channel=channel,
+                    thread_ts=message_ts or None,
+                    filename=filename,
+                    title=filename,
+                    content=content,
+                    initial_comment=comment,
+                )
+                return
+            except SlackApiError as exc:  # e.g. not_in_channel: the clicker still gets it
+                metrics.SLACK_ERRORS.labels("files.completeUploadExternal").inc()
+                log.warning("CSV upload to %s failed (%s); sent by DM", channel, _slack_reason(exc))
         opened = await client.conversations_open(users=user)
         dm = str((opened.get("channel") or {}).get("id", ""))
         await client.files_upload_v2(
@@ -383,9 +394,7 @@ class SlackFrontend:
                 base = ref
 
                 def table_ref(f: Finding) -> str:
-                    return self.tables.sign(
-                        TableRef(base.text, f.check, base.user, base.channel, base.public)
-                    )
+                    return self.tables.sign(replace(base, check=f.check))
 
             last = (report, ref, render.to_slack(report, table_ref))
             self._last_rendered = last
@@ -396,7 +405,8 @@ class SlackFrontend:
         client = self.app.client
         public = self.in_channel(channel)
         text = str(body.get("text") or "").strip()
-        message = self._render(report, TableRef(text, "", user, channel, public))
+        asked = TableRef(text, check="", user=user, channel=channel, public=public)
+        message = self._render(report, asked)  # each cut table's button fills in its check
         try:
             if public:
                 await client.chat_postMessage(

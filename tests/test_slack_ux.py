@@ -122,12 +122,20 @@ async def test_full_table_of_an_in_channel_report_goes_to_its_thread(
         await click(bot, button["value"], user=ADMIN, channel=CHANNEL, message_ts=report_ts)
         (complete,) = await fake_slack.wait_for("files.completeUploadExternal", timeout=15)
         await settle(bot)
-    assert complete.params["channel_id"] == CHANNEL
-    assert complete.params["thread_ts"] == report_ts
-    assert "idle in transaction" in complete.params["initial_comment"]
-    rows = uploaded_csv(fake_slack, complete)
-    assert {r["pid"] for r in rows} == pids
-    assert not fake_slack.calls_to("conversations.open")
+        assert complete.params["channel_id"] == CHANNEL
+        assert complete.params["thread_ts"] == report_ts
+        assert "idle in transaction" in complete.params["initial_comment"]
+        assert {r["pid"] for r in uploaded_csv(fake_slack, complete)} == pids
+        assert not fake_slack.calls_to("conversations.open")
+
+        # the channel refuses the file (bot not a member): the clicker gets it by DM
+        fake_slack.fail_next("files.completeUploadExternal", status=200, error="not_in_channel")
+        await click(bot, button["value"], user=ADMIN, channel=CHANNEL, message_ts=report_ts)
+        await fake_slack.wait_for("files.completeUploadExternal", count=3, timeout=15)
+        await settle(bot)
+    dm = fake_slack.calls_to("files.completeUploadExternal")[-1]
+    assert dm.params["channel_id"] == "D" + ADMIN[1:]
+    assert {r["pid"] for r in uploaded_csv(fake_slack, dm)} == pids
 
 
 async def test_full_table_of_an_ephemeral_report_goes_to_a_dm(
@@ -165,6 +173,7 @@ async def test_tampered_or_borrowed_full_table_buttons_are_refused(
     await click(bot, value, user="U0BOB", channel="C0GENERAL", message_ts="")  # not his reply
     await settle(bot)
     assert whispers(bot.fake).count("This button is not valid here.") == 3
+    assert (await audit_actions(bot)).count("payload.tampered") == 3
     assert not bot.fake.calls_to("files.getUploadURLExternal")
     assert not bot.fake.calls_to("conversations.open")
 
@@ -210,6 +219,8 @@ async def test_parent_mentions_the_approver_group_and_shows_the_outcome(
     text = str(update.params["text"])
     assert ":white_check_mark: done <!date^" in text
     assert f"approved by <@{ADMIN}>" in text and "affected 3" in text
+    plan_text = json.dumps(gbot.fake.message(CHANNEL, str(plan.response["ts"])))
+    assert re.search(rf"approved by <@{ADMIN}> \(<!date\^\d+\^", plan_text)  # decided at
     assert "<!subteam^" not in text  # nobody is needed any more
     assert gbot.fake.message(CHANNEL, str(parent.response["ts"]))["text"] == text  # type: ignore[index]
 
