@@ -37,7 +37,8 @@ from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
 from commands.base import Thresholds  # noqa: E402
 from commands.fixture.faults import FaultInjector  # noqa: E402
-from commands.views import CONCURRENTLY, PLAIN, REFRESH_VIEWS  # noqa: E402
+from commands.remedies.refresh import REFRESH_VIEWS, RefreshData  # noqa: E402
+from commands.views import CONCURRENTLY, PLAIN  # noqa: E402
 
 VIEW = "leaderboard_totals"
 READ_SQL = (
@@ -100,7 +101,7 @@ async def measure(dsn: str, readers: int, expect: str) -> Run:
         plan = await REFRESH_VIEWS.plan(RunContext(gateway, Thresholds()), [VIEW])
     finally:
         await gateway.close()
-    mode = plan.data["modes"].get(f"public.{VIEW}")
+    mode = plan.private(RefreshData).modes.get(f"public.{VIEW}")
     if mode != expect:
         raise SystemExit(f"the plan chose {mode!r}, expected {expect!r}: {plan.summary}")
     executor = Executor(

@@ -15,7 +15,8 @@ import hmac
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from bot.router import RunContext
 from bot.settings import Settings
 from bot.state.models import DecisionKind
 from bot.state.store import Approval, StateStore
-from commands.remedy import REMEDIES, Outcome, Plan, Remedy
+from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class ApprovalEngine:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.ctx = ctx
+        # Remedies' hooks record into the same store the approvals live in.
+        self.ctx = replace(ctx, refresh_journal=ctx.refresh_journal or StoreRefreshJournal(store))
         self.executor = executor
         self.notifier = notifier
         self.roles = roles
@@ -384,9 +386,10 @@ class ApprovalEngine:
                 ),
             )
         else:
-            log_ids = await self._refresh_log_start(plan, approval_id, actor_id)
+            run = Execution(approval_id=approval_id, actor_id=actor_id)
+            await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
             state, outcome = await self.executor.apply(remedy, plan, approval_id)
-            await self._refresh_log_finish(log_ids, outcome)
+            await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
         await self.store.finish(approval_id, state=state, outcome=outcome.model_dump(mode="json"))
         await self.store.audit(
             {"done": "remedy.executed", "aborted": "remedy.aborted"}.get(state, "remedy.failed"),
@@ -404,31 +407,13 @@ class ApprovalEngine:
         assert final is not None
         await self._update(final, approvers, outcome)
 
-    async def _refresh_log_start(
-        self, plan: Plan, approval_id: str, actor_id: str
-    ) -> dict[str, int]:
-        if plan.remedy != "refresh-views":
-            return {}
-        modes: dict[str, Any] = plan.data.get("modes", {})
-        return {
-            view: await self.store.refresh_started(
-                view,
-                "concurrently" if modes.get(view) == "concurrently" else "plain",
-                actor_id,
-                approval_id=approval_id,
-            )
-            for view in plan.data.get("views", [])
-        }
-
-    async def _refresh_log_finish(self, log_ids: dict[str, int], outcome: Outcome) -> None:
-        rows = {str(r.get("view")): r for r in outcome.rows}
-        for view, log_id in log_ids.items():
-            done = rows.get(view)
-            await self.store.refresh_finished(
-                log_id,
-                rows=int(done["rows"]) if done and done.get("rows") is not None else None,
-                error=None if outcome.ok else (outcome.error or outcome.summary),
-            )
+    @staticmethod
+    async def _hook(remedy: Remedy, name: str, call: Awaitable[None]) -> None:
+        """A hook keeps the remedy's own records; its failure must not decide the outcome."""
+        try:
+            await call
+        except Exception:
+            log.exception("the %s hook of remedy %s failed", name, remedy.name)
 
     async def recover(self) -> None:
         """At start-up: expire what is due, finish approvals a dead process left approved."""
@@ -456,3 +441,20 @@ async def refresh_history(store: StateStore) -> dict[str, dict[str, Any]]:
         }
         for view, e in (await store.last_refreshes()).items()
     }
+
+
+class StoreRefreshJournal:
+    """The refresh journal remedies write through `ctx.refresh_journal`, in the state store."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    async def started(self, view: str, mode: str, *, approval_id: str, actor_id: str) -> None:
+        await self._store.refresh_started(
+            view, "concurrently" if mode == "concurrently" else "plain", actor_id, approval_id
+        )
+
+    async def finished(
+        self, view: str, *, approval_id: str, rows: int | None, error: str | None
+    ) -> None:
+        await self._store.refresh_finished_for(approval_id, view, rows=rows, error=error)

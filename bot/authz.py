@@ -14,8 +14,7 @@ from functools import partial
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from commands.base import Gateway
-from commands.remedy import ROLES, role_rank
+from commands.base import ROLES, Gateway, role_rank
 from commands.roles import role_for_email
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.gateway import gateway_from_settings
     from bot.router import Answer, Dispatcher, RunContext
     from bot.state import open_store
-    from commands.remedy import Plan
+    from commands.remedies.base import Plan
 
     settings.require("database_url")
     assert settings.database_url is not None

@@ -16,8 +16,8 @@ from bot.notify import ConsoleNotifier
 from bot.router import Answer, RunContext, preflight
 from bot.settings import Settings
 from bot.state import open_store
-from commands.base import UsageError
-from commands.remedy import Remedy, role_rank
+from commands.base import UsageError, role_rank
+from commands.remedies.base import Remedy
 
 CONSOLE_CHANNEL = "console"
 

@@ -16,14 +16,12 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from bot.gateway import APPLICATION_NAME, first_line, normalise_scheme
+from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
-from commands.base import Row
-from commands.remedy import Outcome, Plan, Query, Remedy, RemedyAbort
+from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, Row
+from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort
 
 log = logging.getLogger(__name__)
-
-BACKUP_SCHEMA = "dbops_backup"
 
 
 class Aborted(Exception):
@@ -139,11 +137,10 @@ class Executor:
             await conn.close()
 
     async def _lock_holders(self, plan: Plan) -> list[Row]:
-        """Who holds the locks the remedy waited for: `plan.data["relations"]`."""
-        relations = [str(r) for r in plan.data.get("relations", [])]
-        modes = [str(m) for m in plan.data.get("conflicting_modes", [])]
-        if not relations:
+        """Who holds or queues for the locks the remedy waited for (`plan.locks`)."""
+        if not plan.locks.relations:
             return []
+        relations, modes = plan.locks.relations, plan.locks.modes
         try:
             async with await psycopg.AsyncConnection.connect(
                 self._dsn, application_name=APPLICATION_NAME, connect_timeout=5, autocommit=True

@@ -24,13 +24,12 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.settings import Settings
-from commands.base import Check, Finding, Reader, Row, Status
+from commands.base import APPLICATION_NAME, Check, Finding, Reader, Row, Status
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-APPLICATION_NAME = "dbops-bot"
 
 _PROBE_SQL = """
 SELECT current_setting('server_version') AS server_version,

@@ -32,7 +32,7 @@ from slack_sdk.models.blocks import (
 )
 
 from commands.base import Finding, Report, Row, Status
-from commands.remedy import Outcome, Plan
+from commands.remedies.base import Outcome, Plan
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000

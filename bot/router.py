@@ -14,27 +14,37 @@ import shlex
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import commands  # noqa: F401  (fills the registry)
-from commands.base import REGISTRY, Command, Gateway, Report, Thresholds, UsageError
-from commands.remedy import REMEDIES, Plan, Remedy
+from commands.base import (
+    REGISTRY,
+    Command,
+    Gateway,
+    RefreshJournal,
+    RefreshLog,
+    Report,
+    SlackEmail,
+    Thresholds,
+    UsageError,
+)
+from commands.remedies.base import REMEDIES, Plan, Remedy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunContext:
-    """What a command sees of the bot: the gateway and the limits."""
+    """What a command sees of the bot (`commands.base.Context`): the gateway, the limits,
+    the settings commands read, and the bot's own records they consult or write."""
 
     gateway: Gateway
     thresholds: Thresholds
     allow_superuser_kill: bool = False
-    refresh_log: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
-    slack_email: Callable[[str], Awaitable[str | None]] | None = None  # Slack id -> profile e-mail
+    refresh_log: RefreshLog | None = None
+    refresh_journal: RefreshJournal | None = None
+    slack_email: SlackEmail | None = None  # Slack id -> profile e-mail
 
 
 @dataclass

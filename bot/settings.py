@@ -12,8 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from commands.base import Thresholds
-from commands.remedy import ROLES
+from commands.base import ROLES, Thresholds
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 

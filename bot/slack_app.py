@@ -35,8 +35,8 @@ from bot.gateway import first_line
 from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
-from commands.base import Command, Finding, Report, UsageError
-from commands.remedy import Remedy, role_rank
+from commands.base import Command, Finding, Report, UsageError, role_rank
+from commands.remedies.base import Remedy
 
 log = logging.getLogger(__name__)
 

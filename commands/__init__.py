@@ -1,6 +1,7 @@
-"""The domain: one module per command family, each registering itself in REGISTRY."""
+"""The domain: one module per command family, each registering itself in REGISTRY;
+the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, repairs, views
+from commands import connections, health, integrity, quota, remedies, views
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -13,6 +14,6 @@ __all__ = [
     "health",
     "integrity",
     "quota",
-    "repairs",
+    "remedies",
     "views",
 ]

@@ -39,6 +39,18 @@ _SEVERITY = {
 Row = dict[str, Any]
 T = TypeVar("T")
 
+# Shared by bot/ and commands/ (commands never import bot): one definition each.
+ROLES = ("PARTICIPANT", "REVIEWER", "ADMIN", "SUPERADMIN")
+# Every session the bot opens says so; remedies never signal the bot's own sessions.
+APPLICATION_NAME = "dbops-bot"
+# Where remedies copy the rows they delete or overwrite, in tables named after the approval.
+BACKUP_SCHEMA = "dbops_backup"
+
+
+def role_rank(role: str) -> int:
+    """Unknown role names rank lowest, like unknown users."""
+    return ROLES.index(role) if role in ROLES else 0
+
 
 class Finding(BaseModel):
     check: str
@@ -126,9 +138,56 @@ class Gateway(Protocol):
         ...
 
 
+RefreshRecords = Mapping[str, Mapping[str, Any]]
+# The bot's record of its own refreshes, per view (`schema.view` keys; a bare name is
+# looked up as well). Each record holds `started_at` (datetime, naive means UTC),
+# `finished_at` (None while running or after a failure), `rows` (int | None),
+# `error` (str | None) and `mode` ("concurrently" | "plain"). PostgreSQL keeps none.
+RefreshLog = Callable[[], Awaitable[RefreshRecords]]
+# A Slack user id to the profile e-mail (None when Slack has none or cannot say).
+SlackEmail = Callable[[str], Awaitable[str | None]]
+
+
+class RefreshJournal(Protocol):
+    """Where a refresh remedy records what it runs; `RefreshLog` reads it back.
+
+    Keyed by approval and view, so that whichever process finishes the approval (or
+    decides it after a crash) closes the entry the starting process opened.
+    """
+
+    async def started(self, view: str, mode: str, *, approval_id: str, actor_id: str) -> None: ...
+
+    async def finished(
+        self, view: str, *, approval_id: str, rows: int | None, error: str | None
+    ) -> None: ...
+
+
 class Context(Protocol):
-    gateway: Gateway
-    thresholds: Thresholds
+    """Everything a command or remedy may use of the bot; read-only to them."""
+
+    @property
+    def gateway(self) -> Gateway: ...
+
+    @property
+    def thresholds(self) -> Thresholds: ...
+
+    @property
+    def allow_superuser_kill(self) -> bool:
+        """A bot setting, off by default: superuser sessions are usually the platform's own."""
+        ...
+
+    @property
+    def refresh_log(self) -> RefreshLog | None:
+        """None where the bot has no state store (a one-off console run)."""
+        ...
+
+    @property
+    def refresh_journal(self) -> RefreshJournal | None: ...
+
+    @property
+    def slack_email(self) -> SlackEmail | None:
+        """None where there is no Slack client (the console)."""
+        ...
 
 
 class Thresholds(BaseModel):

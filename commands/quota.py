@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,6 @@ CANDIDATE_POOL = 200
 MAX_SUBMISSIONS = 200
 USAGE = "/db quota <@user|handle|email>"
 
-SlackEmail = Callable[[str], Awaitable[str | None]]
 
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _MAILTO = re.compile(r"^<mailto:([^|>]+)(?:\|[^>]*)?>$")
@@ -167,7 +165,7 @@ async def resolve_argument(ctx: Context, args: list[str]) -> Wanted | Finding:
     mention = _MENTION.match(arg)
     if mention:
         slack_user = mention.group(1)
-        lookup: SlackEmail | None = getattr(ctx, "slack_email", None)
+        lookup = ctx.slack_email
         if lookup is None:
             return Finding(
                 check="user",

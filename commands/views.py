@@ -1,4 +1,5 @@
-"""Materialized views: `/db views` and the `refresh-views` remedy.
+"""Materialized views: `/db views`, and the catalog reads the `refresh-views` remedy
+(commands/remedies/refresh.py) shares.
 
 Everything is read from the live catalog (`pg_class` with relkind 'm', the view's
 indexes, `pg_locks`, `pg_rewrite` dependencies), never from a list of expected names,
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import difflib
 import heapq
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from psycopg import sql
 
@@ -26,6 +26,7 @@ from commands.base import (
     Context,
     Finding,
     Reader,
+    RefreshRecords,
     Report,
     Row,
     Status,
@@ -35,17 +36,6 @@ from commands.base import (
     register,
 )
 from commands.health import EXPECTED_VIEWS
-from commands.remedy import (
-    Outcome,
-    Plan,
-    PlanStep,
-    Remedy,
-    RemedyAbort,
-    Writer,
-    add_remedy,
-    check_count,
-    check_drift,
-)
 
 CONCURRENTLY = "concurrently"
 PLAIN = "plain"
@@ -70,23 +60,6 @@ CONFLICTING_MODES: dict[str, tuple[str, ...]] = {
 # Views bigger than this on disk get the planner's row estimate instead of count(*),
 # so a plan or a diagnosis never scans a huge view under the check timeout.
 COUNT_LIMIT_BYTES = 256 * 1024 * 1024
-
-
-class RefreshLog(Protocol):
-    """The bot's record of its own refreshes, handed to `/db views` as `ctx.refresh_log`.
-
-    An optional async callable returning, per view, the latest refresh the bot ran.
-    Keys are the `view` value of the `refresh-views` outcome rows (`schema.view`); a
-    bare view name is looked up as well. Each record holds:
-
-    - `started_at`: datetime (naive values are taken as UTC)
-    - `finished_at`: datetime, or None while it runs or when it failed
-    - `rows`: int | None, the rows the view held after the refresh
-    - `error`: str | None, the database's error when the refresh failed
-    - `mode`: "concurrently" | "plain"
-    """
-
-    async def __call__(self) -> Mapping[str, Mapping[str, Any]]: ...
 
 
 # --- the catalog --------------------------------------------------------------------
@@ -344,7 +317,7 @@ def _resolve(views: list[MatView], word: str) -> list[MatView]:
     raise UsageError(f"no materialized view `{word}`{suggestion}; the views are: {listing}")
 
 
-def _who(lock: Row) -> str:
+def describe_lock(lock: Row) -> str:
     return f"pid {lock['pid']} ({lock.get('app') or lock.get('user') or '?'}, {lock['mode']})"
 
 
@@ -357,8 +330,8 @@ def _as_utc(value: Any) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-async def _refresh_records(ctx: Context) -> tuple[Mapping[str, Mapping[str, Any]] | None, str]:
-    log_fn = getattr(ctx, "refresh_log", None)
+async def _refresh_records(ctx: Context) -> tuple[RefreshRecords | None, str]:
+    log_fn = ctx.refresh_log
     if log_fn is None:
         return None, "no refresh recorded by the bot"
     try:
@@ -425,7 +398,9 @@ def view_finding(v: MatView, record: Mapping[str, Any] | None, missing: str) -> 
                 "columns so refreshes can run CONCURRENTLY"
             )
     if v.readers_blocked_by:
-        parts.append("readers wait now: " + ", ".join(_who(lk) for lk in v.readers_blocked_by[:3]))
+        parts.append(
+            "readers wait now: " + ", ".join(describe_lock(lk) for lk in v.readers_blocked_by[:3])
+        )
         if status is Status.OK:
             status = Status.WARN
             hint = "the holder can be ended with `/db terminate <pid>` (needs approval)"
@@ -501,171 +476,3 @@ async def views(ctx: Context, args: list[str]) -> Report:
             )
         )
     return Report(title="Materialized views", target=gw.target, findings=findings).sorted()
-
-
-# --- refresh-views ------------------------------------------------------------------
-
-
-async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
-    async def survey(db: Reader) -> list[MatView]:
-        chosen = select_views(await load_views(db), args)
-        await measure(db, chosen)
-        return await dependency_order(db, chosen)
-
-    chosen = await ctx.gateway.read(survey)
-    steps: list[PlanStep] = []
-    targets: list[Row] = []
-    warnings: list[str] = []
-    for v in chosen:
-        mode = v.mode
-        if mode == CONCURRENTLY:
-            note = f"CONCURRENTLY: readers keep reading (unique index {v.unique_index})"
-        elif not v.populated:
-            note = "plain: the view is not populated, and CONCURRENTLY refuses an empty view"
-        else:
-            note = "plain: no usable unique index for CONCURRENTLY"
-        steps.append(PlanStep(sql=v.refresh_sql().as_string(), note=note))
-        if mode == PLAIN:
-            warnings.append(
-                f"plain refresh of {v.qualified} blocks every reader of {v.qualified} "
-                f"for its duration ({note.removeprefix('plain: ')})"
-            )
-        blockers = v.blockers()
-        if blockers:
-            warnings.append(
-                f"{v.qualified} is locked now by "
-                + ", ".join(_who(lk) for lk in blockers)
-                + ": the refresh will wait for it up to the lock timeout, then give up"
-            )
-        queued = v.queued()
-        if queued:
-            warnings.append(
-                f"{v.qualified} has lock requests queued ahead: "
-                + ", ".join(_who(lk) for lk in queued)
-            )
-        targets.append(
-            {
-                "view": v.qualified,
-                "mode": mode,
-                "populated": v.populated,
-                "rows": v.rows,
-                "rows_exact": v.rows_exact,
-                "size": human_size(v.bytes),
-                "unique_index": v.unique_index,
-                "blocked_by": [int(lk["pid"]) for lk in blockers],
-            }
-        )
-    plain = [v for v in chosen if v.mode == PLAIN]
-    if plain and len(chosen) > 1:
-        warnings.append(
-            "all refreshes run in one transaction: each lock is held until the last "
-            "refresh finishes"
-        )
-    modes = {v.qualified: v.mode for v in chosen}
-    conflicting = CONFLICTING_MODES[PLAIN] if plain else CONFLICTING_MODES[CONCURRENTLY]
-    n_conc = len(chosen) - len(plain)
-    summary = f"refresh {len(chosen)} materialized view{'s' if len(chosen) != 1 else ''}"
-    how = []
-    if n_conc:
-        how.append(f"{n_conc} CONCURRENTLY (readers keep reading)")
-    if plain:
-        how.append(f"{len(plain)} plain (blocks readers of {', '.join(v.name for v in plain)})")
-    summary += ": " + "; ".join(how)
-    return Plan(
-        remedy=REFRESH_VIEWS_NAME,
-        args=list(args),
-        title="Refresh materialized views",
-        summary=summary,
-        steps=steps,
-        targets=targets,
-        count=len(chosen),
-        warnings=warnings,
-        needs_approval=bool(plain),
-        data={
-            "views": [v.qualified for v in chosen],
-            "identifiers": [[v.schema, v.name] for v in chosen],
-            "modes": modes,
-            "relations": sorted({v.name for v in chosen}),
-            "conflicting_modes": list(conflicting),
-        },
-    )
-
-
-async def apply_refresh(writer: Writer, plan: Plan) -> Outcome:
-    identifiers = [(str(s), str(n)) for s, n in plan.data["identifiers"]]
-    planned_modes: dict[str, str] = dict(plan.data["modes"])
-    live = {(v.schema, v.name): v for v in await load_views(writer)}
-    still: list[MatView] = []
-    changed: list[str] = []
-    for schema, name in identifiers:
-        qualified = f"{schema}.{name}"
-        v = live.get((schema, name))
-        if v is None:
-            changed.append(f"{qualified} is gone")
-        elif v.mode != planned_modes.get(qualified):
-            changed.append(f"{qualified} now needs a {v.mode} refresh")
-        else:
-            still.append(v)
-    try:
-        check_drift(plan, len(still), "views still present with the planned refresh mode")
-    except RemedyAbort as exc:
-        raise RemedyAbort(f"{exc} ({'; '.join(changed)})") from exc
-    rows: list[Row] = []
-    before = {str(t["view"]): t.get("rows") for t in plan.targets}
-    for v in still:
-        mode = planned_modes[v.qualified]
-        started = time.perf_counter()
-        await writer.execute(v.refresh_sql(mode))
-        seconds = time.perf_counter() - started
-        count_sql = sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(v.schema, v.name))
-        (counted,) = await writer.fetch(count_sql)
-        rows.append(
-            {
-                "view": v.qualified,
-                "mode": mode,
-                "rows": int(counted["n"]),
-                "seconds": round(seconds, 3),
-                "rows_before": before.get(v.qualified),
-            }
-        )
-    check_count(plan, len(rows), "views refreshed")
-    populated = {
-        (str(r["schema"]), str(r["view"])): bool(r["populated"])
-        for r in await writer.fetch(_VIEWS_SQL)
-    }
-    empty = [v.qualified for v in still if not populated.get((v.schema, v.name), False)]
-    if empty:
-        return Outcome(
-            ok=False,
-            summary="verification failed: still not populated after the refresh: "
-            + ", ".join(empty)
-            + "; rolled back",
-            rows=rows,
-        )
-    total = sum(float(r["seconds"]) for r in rows)
-    detail = ", ".join(
-        f"{r['view']} ({r['mode']}, {r['rows']:,} rows, {human_duration(r['seconds'])})"
-        for r in rows
-    )
-    return Outcome(
-        ok=True,
-        summary=f"refreshed {len(rows)} view{'s' if len(rows) != 1 else ''} "
-        f"in {human_duration(total)}: {detail}",
-        affected=len(rows),
-        rows=rows,
-    )
-
-
-REFRESH_VIEWS_NAME = "refresh-views"
-REFRESH_VIEWS = add_remedy(
-    Remedy(
-        name=REFRESH_VIEWS_NAME,
-        usage="/db refresh-views [view …|all]",
-        summary="refresh materialized views, CONCURRENTLY where the view allows it",
-        plan=plan_refresh,
-        apply=apply_refresh,
-        role="REVIEWER",
-        approver_role="ADMIN",
-        approvers=1,
-    )
-)

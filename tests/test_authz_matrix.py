@@ -19,8 +19,9 @@ from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
+from commands.base import ROLES, role_rank
 from commands.fixture.faults import FaultInjector
-from commands.remedy import REMEDIES, ROLES, role_rank
+from commands.remedies.base import REMEDIES
 from tests.conftest import FAST_THRESHOLDS, bot_settings
 from tests.fakeslack import FakeSlack
 from tests.test_approvals import Victims

@@ -9,9 +9,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bot.executor import BACKUP_SCHEMA, Executor, backup_name
-from commands.base import Context
-from commands.remedy import Outcome, Plan, PlanStep, Remedy, Writer, check_count, check_drift
+from bot.executor import Executor, backup_name
+from commands.base import BACKUP_SCHEMA, Context
+from commands.remedies.base import Outcome, Plan, PlanStep, Remedy, Writer, check_count, check_drift
 
 MARK = -777_777  # the delta_points of the rows this remedy removes (no seed row has it)
 

@@ -12,9 +12,9 @@ import pytest_asyncio
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bot.gateway import APPLICATION_NAME, TargetGateway, describe_target, mask_dsn
+from bot.gateway import TargetGateway, describe_target, mask_dsn
 from bot.router import Dispatcher, RunContext
-from commands.base import Finding, Reader, Report, Status
+from commands.base import APPLICATION_NAME, Finding, Reader, Report, Status
 from tests.conftest import FAST_THRESHOLDS
 
 

@@ -17,17 +17,11 @@ from bot.embedded_pg import EmbeddedPostgres
 from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
-from commands.base import Status, UsageError
-from commands.connections import (
-    BOT_APPLICATION_NAME,
-    CANCEL,
-    KILL_IDLE,
-    TERMINATE,
-    connections,
-    parse_minutes,
-)
+from commands.base import APPLICATION_NAME, Status, UsageError
+from commands.connections import connections
 from commands.fixture.faults import FaultInjector
-from commands.remedy import REMEDIES
+from commands.remedies.base import REMEDIES
+from commands.remedies.sessions import CANCEL, KILL_IDLE, TERMINATE, parse_minutes
 from tests.conftest import FAST_THRESHOLDS
 
 APP_ROLE = "dbops_test_app"  # an ordinary login role: the bot spares superusers by default
@@ -135,7 +129,7 @@ async def test_kill_idle_terminates_exactly_the_idle_sessions(
     assert {int(t["pid"]) for t in plan.targets if t["app"] == VICTIM_APP} == set(pids)
     assert planned == set(pids)
     assert bystander.info.backend_pid not in planned
-    assert all(t["app"] != BOT_APPLICATION_NAME for t in plan.targets)
+    assert all(t["app"] != APPLICATION_NAME for t in plan.targets)
     assert plan.count == 3 and plan.data["pids"] == pids and plan.data["minutes"] == 0
     assert plan.needs_approval
     assert "pg_terminate_backend" in plan.steps[0].sql
@@ -156,7 +150,7 @@ async def test_kill_idle_spares_young_sessions_and_the_bot(
     gateway: TargetGateway, sessions: Sessions, app_role: str
 ) -> None:
     await victims(sessions, app_role, n=1)
-    bot_like = await sessions.open(app=BOT_APPLICATION_NAME)  # another replica of the bot
+    bot_like = await sessions.open(app=APPLICATION_NAME)  # another replica of the bot
     superuser = await sessions.open(app="superuser-idle")
     await asyncio.sleep(0.05)
 
@@ -169,7 +163,7 @@ async def test_kill_idle_spares_young_sessions_and_the_bot(
     planned = {int(t["pid"]) for t in plan.targets}
     assert superuser.info.backend_pid in planned
     assert bot_like.info.backend_pid not in planned
-    assert all(t["app"] != BOT_APPLICATION_NAME for t in plan.targets)
+    assert all(t["app"] != APPLICATION_NAME for t in plan.targets)
     assert any("superuser" in w for w in plan.warnings)
 
 
@@ -237,7 +231,7 @@ async def test_terminate_one_session(
 async def test_terminate_refuses_what_it_must_not_touch(
     ctx: RunContext, gateway: TargetGateway, sessions: Sessions, leaps_dsn: str
 ) -> None:
-    bot_like = await sessions.open(app=BOT_APPLICATION_NAME)
+    bot_like = await sessions.open(app=APPLICATION_NAME)
     superuser = await sessions.open(app="superuser-idle")
     async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
         cur = await conn.execute(

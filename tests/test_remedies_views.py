@@ -16,8 +16,9 @@ from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import Status, UsageError
 from commands.fixture.faults import FaultInjector
-from commands.remedy import REMEDIES
-from commands.views import CONFLICTING_MODES, REFRESH_VIEWS, views
+from commands.remedies.base import REMEDIES
+from commands.remedies.refresh import REFRESH_VIEWS
+from commands.views import CONFLICTING_MODES, views
 from tests.conftest import FAST_THRESHOLDS
 
 ALL_VIEWS = [
@@ -76,8 +77,8 @@ async def test_all_views_refresh_concurrently_inside_one_transaction(
     assert plan.steps[0].sql == (
         'REFRESH MATERIALIZED VIEW CONCURRENTLY "public"."activity_metrics"'
     )
-    assert plan.data["conflicting_modes"] == list(CONFLICTING_MODES["concurrently"])
-    assert "AccessShareLock" not in plan.data["conflicting_modes"]
+    assert plan.locks.modes == list(CONFLICTING_MODES["concurrently"])
+    assert "AccessShareLock" not in plan.locks.modes
     totals = next(t for t in plan.targets if t["view"] == "public.leaderboard_totals")
     assert totals["rows_exact"] and totals["rows"] == await one(
         leaps_dsn, "SELECT count(*) FROM leaderboard_totals"
@@ -110,7 +111,7 @@ async def test_unpopulated_view_needs_a_plain_refresh_and_apply_fills_it(
     assert any(
         "plain refresh of public.leaderboard_totals blocks every reader" in w for w in plan.warnings
     )
-    assert plan.data["conflicting_modes"] == list(CONFLICTING_MODES["plain"])
+    assert plan.locks.modes == list(CONFLICTING_MODES["plain"])
     assert plan.targets[0]["populated"] is False and plan.targets[0]["rows"] is None
 
     state, outcome = await Executor(leaps_dsn).apply(REFRESH_VIEWS, plan, "apv-test1")
@@ -148,7 +149,7 @@ async def test_view_without_unique_index_is_refreshed_plain_with_a_warning(
 async def test_view_names_are_resolved_from_the_catalog(ctx: RunContext) -> None:
     plan = await REFRESH_VIEWS.plan(ctx, ["Leaderboard_Totals", "public.leaderboard_30d"])
     assert sorted(plan.data["views"]) == ["public.leaderboard_30d", "public.leaderboard_totals"]
-    assert plan.data["relations"] == ["leaderboard_30d", "leaderboard_totals"]
+    assert plan.locks.relations == ["leaderboard_30d", "leaderboard_totals"]
 
     with pytest.raises(UsageError) as info:
         await REFRESH_VIEWS.plan(ctx, ["leaderbord_totals"])
@@ -227,7 +228,7 @@ async def test_readers_block_a_plain_refresh(
         await reader.execute("SELECT count(*) FROM school_metrics")
         plan = await REFRESH_VIEWS.plan(ctx, ["school_metrics"])
         assert plan.targets[0]["blocked_by"] == [reader.info.backend_pid]
-        assert "AccessShareLock" in plan.data["conflicting_modes"]
+        assert "AccessShareLock" in plan.locks.modes
     finally:
         await reader.rollback()
         await reader.close()

@@ -705,6 +705,31 @@ class StateStore:
             if (await session.execute(stmt)).scalar_one_or_none() is None:
                 raise NotFound(f"refresh log entry {log_id}")
 
+    async def refresh_finished_for(
+        self,
+        approval_id: str,
+        view: str,
+        *,
+        rows: int | None,
+        error: str | None,
+        now: datetime | None = None,
+    ) -> int:
+        """Close the open entries of `view` an approval started (whichever process started
+        them); returns how many were open."""
+        stmt = (
+            update(RefreshLogRow)
+            .where(
+                RefreshLogRow.approval_id == approval_id,
+                RefreshLogRow.view == view,
+                RefreshLogRow.finished_at.is_(None),
+            )
+            .values(finished_at=_utc(now), rows=rows, error=error)
+            .returning(RefreshLogRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._tx() as session:
+            return len((await session.execute(stmt)).scalars().all())
+
     async def last_refreshes(self) -> dict[str, RefreshEntry]:
         """The latest refresh of each view (finished or still running)."""
         latest = select(func.max(RefreshLogRow.id)).group_by(RefreshLogRow.view)

@@ -7,6 +7,12 @@ and lock timeouts set, rolled back on any exception). The contract every remedy 
 2. copy rows it deletes or overwrites into `writer.backup_table(...)` before changing them;
 3. call `check_count()` with the change's own row count, so a different count rolls back;
 4. return an `Outcome` with a verification query's rows.
+
+What the bot's machinery needs from a plan is a typed field of `Plan` (`locks` for the
+lock holders it names when the lock timeout strikes); `data` is the remedy's own, read
+only by its `apply()` and hooks (each remedy keeps a pydantic model for it). The engine
+calls `started()` before and `finished()` after every execution, for every remedy
+alike, so a remedy that keeps a record (the refresh journal) needs no special case.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from psycopg import sql
 from pydantic import BaseModel, Field
@@ -23,18 +29,21 @@ from pydantic import BaseModel, Field
 from commands.base import Context, Row
 
 Query = str | sql.SQL | sql.Composed
-ROLES = ("PARTICIPANT", "REVIEWER", "ADMIN", "SUPERADMIN")
-
-
-def role_rank(role: str) -> int:
-    """Unknown role names rank lowest, like unknown users."""
-    return ROLES.index(role) if role in ROLES else 0
+M = TypeVar("M", bound=BaseModel)
 
 
 class PlanStep(BaseModel):
     sql: str
     params: list[Any] = Field(default_factory=list)
     note: str | None = None
+
+
+class LockScope(BaseModel):
+    """The relations a remedy locks and the lock modes that would make it wait: when the
+    lock timeout strikes, the executor names the sessions holding or queueing those."""
+
+    relations: list[str] = Field(default_factory=list)  # empty: it takes no table lock
+    modes: list[str] = Field(default_factory=list)  # empty: any mode
 
 
 class Plan(BaseModel):
@@ -50,19 +59,18 @@ class Plan(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     limits: str = ""
     needs_approval: bool = True
-    data: dict[str, Any] = Field(default_factory=dict)
+    locks: LockScope = Field(default_factory=LockScope)
+    data: dict[str, Any] = Field(default_factory=dict)  # the remedy's own; see `private`
 
     def fingerprint(self) -> str:
-        """What an approval binds: the SQL, its parameters, the counted rows and targets."""
-        bound = {
-            "remedy": self.remedy,
-            "args": self.args,
-            "steps": [s.model_dump() for s in self.steps],
-            "count": self.count,
-            "data": self.data,
-        }
-        blob = json.dumps(bound, sort_keys=True, default=str).encode()
+        """What an approval binds: the whole plan (SQL, parameters, counted rows, targets,
+        locks, the remedy's data), as JSON, so the stored copy hashes the same."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+    def private(self, model: type[M]) -> M:
+        """The remedy's own data, validated as the model its planner stored."""
+        return model.model_validate(self.data)
 
 
 class Outcome(BaseModel):
@@ -124,8 +132,26 @@ class Writer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Execution:
+    """One approved run of a plan, as the hooks see it."""
+
+    approval_id: str
+    actor_id: str  # who set it going: the last approver, the requester, or "bot"
+
+
 Planner = Callable[[Context, list[str]], Awaitable[Plan]]
 Applier = Callable[[Writer, Plan], Awaitable[Outcome]]
+StartedHook = Callable[[Context, Plan, Execution], Awaitable[None]]
+FinishedHook = Callable[[Context, Plan, Execution, Outcome], Awaitable[None]]
+
+
+async def no_start(ctx: Context, plan: Plan, run: Execution) -> None:
+    """Most remedies keep no record of their own beyond the audit trail."""
+
+
+async def no_finish(ctx: Context, plan: Plan, run: Execution, outcome: Outcome) -> None:
+    """Most remedies keep no record of their own beyond the audit trail."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +165,10 @@ class Remedy:
     approver_role: str = "ADMIN"
     approvers: int = 1
     destroys_data: bool = False
+    # Called by the engine around `apply()`, outside its transaction; a hook's failure is
+    # logged and never changes the outcome.
+    started: StartedHook = no_start
+    finished: FinishedHook = no_finish
 
 
 REMEDIES: dict[str, Remedy] = {}

@@ -1,0 +1,358 @@
+"""Ledger repairs: `dedupe-ledger-events` (repeated webhook awards) and
+`reconcile-points` (missing awards of approved submissions).
+
+Nothing is invented: the ledger `source` of a reconciled award is read from the live
+enum, the AMPLIFY payload keys from the live quota trigger.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+from pydantic import BaseModel
+
+from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.integrity import amplify_keys
+from commands.remedies.base import (
+    LockScope,
+    Outcome,
+    Plan,
+    PlanStep,
+    Remedy,
+    RemedyAbort,
+    Writer,
+    add_remedy,
+    check_count,
+    check_drift,
+)
+from commands.remedies.rowsets import (
+    APPROVAL_PLACEHOLDER,
+    SAMPLE,
+    Counts,
+    Part,
+    backup_display,
+    backup_sql,
+    check_parts,
+    count_rows,
+    delete_sql,
+    lock_and_backup,
+    plural,
+)
+
+DEDUPE_EVENTS_NAME = "dedupe-ledger-events"
+RECONCILE_NAME = "reconcile-points"
+
+
+class ReconcileData(BaseModel):
+    keys: tuple[str, str]  # the AMPLIFY payload keys check_amplify_quota() reads
+    source: str
+    pairs: int
+
+
+DUPLICATE_EVENT = (
+    "l.external_event_id IS NOT NULL AND EXISTS (SELECT 1 FROM points_ledger AS k"
+    " WHERE k.external_event_id = l.external_event_id"
+    " AND (k.created_at, k.id) < (l.created_at, l.id))"
+)
+EVENT_PART = Part(
+    "events", "points_ledger", "l", DUPLICATE_EVENT, "repeated ledger rows of an external event"
+)
+_EVENT_SAMPLE = (
+    "l.id, l.user_id, l.activity_code, l.delta_points, l.external_event_id, l.created_at,"
+    " (SELECT k.id FROM points_ledger AS k WHERE k.external_event_id = l.external_event_id"
+    " ORDER BY k.created_at, k.id LIMIT 1) AS kept_row"
+)
+
+
+async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
+    if [a for a in args if a.strip()]:
+        raise UsageError("`dedupe-ledger-events` takes no arguments")
+
+    async def survey(db: Reader) -> tuple[int, Row, list[Row]]:
+        n = await count_rows(db, EVENT_PART.count_sql())
+        stats = (
+            await db.fetch(
+                "SELECT count(DISTINCT l.external_event_id) AS events,"  # noqa: S608
+                " coalesce(sum(l.delta_points), 0)::bigint AS points"
+                " FROM points_ledger AS l WHERE " + DUPLICATE_EVENT
+            )
+        )[0]
+        sample = await db.fetch(EVENT_PART.sample_sql(_EVENT_SAMPLE).as_string()) if n else []
+        return n, stats, sample
+
+    n, stats, targets = await ctx.gateway.read(survey)
+    backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_points_ledger")
+    return Plan(
+        remedy=DEDUPE_EVENTS_NAME,
+        args=list(args),
+        title="Delete repeated webhook awards",
+        summary=(
+            f"delete {plural(n, 'ledger row')} repeating {plural(int(stats['events']), 'event')}"
+            f" ({stats['points']} points), keeping the first row of each external_event_id "
+            "(created_at, then id)"
+            if n
+            else "no external_event_id appears twice in the ledger; nothing to do"
+        ),
+        steps=[
+            PlanStep(sql=EVENT_PART.lock_sql().as_string(), note=f"locks and recounts: {n}"),
+            PlanStep(
+                sql=backup_sql("points_ledger", backup).as_string(),
+                params=["<the locked ids>"],
+                note="whole rows, before the delete",
+            ),
+            PlanStep(
+                sql=delete_sql("points_ledger", backup).as_string(),
+                note="deletes exactly the backed-up rows; the count must match the plan",
+            ),
+            PlanStep(sql=EVENT_PART.count_sql().as_string(), note="verification: must be 0"),
+        ],
+        targets=targets,
+        count=n,
+        backup=f"whole rows copied first into {backup_display('points_ledger')}" if n else None,
+        needs_approval=n > 0,
+        locks=LockScope(relations=["points_ledger"]),
+        data=Counts(counts={"events": n}).model_dump(mode="json"),
+    )
+
+
+async def apply_dedupe_events(writer: Writer, plan: Plan) -> Outcome:
+    await check_parts(writer, plan, [EVENT_PART], plan.private(Counts).counts)
+    if plan.count == 0:
+        return Outcome(ok=True, summary="no repeated external event; nothing was changed")
+    backup, copied = await lock_and_backup(writer, EVENT_PART, plan.count)
+    deleted = await writer.execute(delete_sql("points_ledger", backup))
+    check_count(plan, deleted, "ledger rows")
+    if await count_rows(writer, EVENT_PART.count_sql()):
+        return Outcome(ok=False, summary="verification failed: repeated events remain; rolled back")
+    return Outcome(
+        ok=True,
+        summary=f"deleted {plural(deleted, 'repeated ledger row')}, backed up in "
+        f"{backup.as_string()}; every external_event_id now appears once",
+        affected=deleted,
+        backed_up=copied,
+        backup_table=backup.as_string(),
+        rows=[{"table": "points_ledger", "deleted": deleted, "backup": backup.as_string()}],
+    )
+
+
+RECONCILE_SOURCE = "dbops-reconcile"
+PREFERRED_SOURCES = ("FORM", "MANUAL")  # an approved form submission's award; else manual
+
+_SOURCE_TYPE_SQL = """
+SELECT tn.nspname::text AS schema, t.typname::text AS type, t.typtype::text AS kind,
+       ARRAY(SELECT e.enumlabel::text FROM pg_enum e
+             WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) AS labels
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_namespace tn ON tn.oid = t.typnamespace
+WHERE a.attrelid = to_regclass('points_ledger') AND a.attname = 'source' AND NOT a.attisdropped
+"""
+
+
+async def live_source(db: Reader) -> tuple[sql.Identifier, str, list[str]]:
+    """The enum type of points_ledger.source and the value to use; refuses when none fits."""
+    rows = await db.fetch(_SOURCE_TYPE_SQL)
+    if not rows:
+        raise UsageError("points_ledger.source does not exist; nothing can be reconciled")
+    row = rows[0]
+    labels = [str(v) for v in row["labels"] or []]
+    if row["kind"] != "e":
+        raise UsageError(
+            f"points_ledger.source is of type {row['type']}, not an enum; the bot will not "
+            "guess a source value"
+        )
+    chosen = next((s for s in PREFERRED_SOURCES if s in labels), None)
+    if chosen is None:
+        raise UsageError(
+            f"the ledger source enum {row['type']} has none of "
+            f"{', '.join(PREFERRED_SOURCES)} (it has {', '.join(labels) or 'no values'}); "
+            "the bot will not invent one"
+        )
+    return sql.Identifier(str(row["schema"]), str(row["type"])), chosen, labels
+
+
+def _int_key(key: str) -> str:
+    """A payload key as an integer, read as `/db integrity` reads it: text that is not a
+    whole number of at most nine digits counts 0."""
+    value = f"(s.payload ->> {key})"
+    whole = "'^[[:space:]]*-?[0-9]{1,9}[[:space:]]*$'"
+    return f"(CASE WHEN {value} ~ {whole} THEN {value}::integer ELSE 0 END)"
+
+
+_POINTS = (
+    "CASE WHEN s.activity_code = 'AMPLIFY' THEN 2 * "
+    + _int_key("k.peers")
+    + " + "
+    + _int_key("k.students")
+    + " ELSE greatest(ac.default_points, 0) END"
+)
+
+# Approved submissions of a known user and activity whose (user, activity) pair has no
+# ledger row at all: what `/db integrity` reports as missing awards. Pairs with some
+# ledger rows are differences, left to a person: an award without a submission link
+# would be paid twice. The reconciled rows fill the pair, so a second run finds none.
+_DUE = f"""
+WITH k AS (SELECT %s::text AS peers, %s::text AS students),
+due AS (
+  SELECT s.id AS submission_id, s.user_id, s.activity_code, {_POINTS} AS points,
+         coalesce(s.updated_at, s.created_at) AS awarded_at
+  FROM submissions AS s
+  JOIN users AS u ON u.id = s.user_id
+  JOIN activities AS ac ON ac.code = s.activity_code
+  CROSS JOIN k
+  WHERE s.status = 'APPROVED'
+    AND NOT EXISTS (SELECT 1 FROM points_ledger AS l
+                    WHERE l.user_id = s.user_id AND l.activity_code = s.activity_code)
+    AND NOT EXISTS (SELECT 1 FROM points_ledger AS l
+                    WHERE l.external_event_id = 'reconcile:' || s.id)
+)"""  # noqa: S608
+DUE_COUNT_SQL = (
+    _DUE + "\nSELECT count(*) AS n, coalesce(sum(points), 0)::bigint AS points,"
+    " count(DISTINCT (user_id, activity_code)) AS pairs FROM due WHERE points > 0"
+)
+DUE_SAMPLE_SQL = (
+    _DUE + "\nSELECT submission_id, user_id, activity_code, points, awarded_at FROM due"
+    f" WHERE points > 0 ORDER BY submission_id LIMIT {SAMPLE}"
+)
+
+
+def insert_awards_sql(enum_type: sql.Identifier) -> sql.Composed:
+    return sql.Composed(
+        [
+            sql.SQL(
+                "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+                " external_source, external_event_id, created_at, event_time, meta)"
+                + _DUE
+                + "\nSELECT 'reconcile_' || d.submission_id, d.user_id, d.activity_code, %s::"
+            ),
+            enum_type,
+            sql.SQL(
+                ", d.points, %s, 'reconcile:' || d.submission_id, now() AT TIME ZONE 'UTC',"
+                " d.awarded_at AT TIME ZONE 'UTC',"
+                " jsonb_build_object('submission_id', d.submission_id, 'reason',"
+                " 'dbops-bot reconcile-points', 'approval', %s::text)"
+                " FROM due AS d WHERE d.points > 0"
+            ),
+        ]
+    )
+
+
+async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
+    if [a for a in args if a.strip()]:
+        raise UsageError("`reconcile-points` takes no arguments")
+
+    async def survey(
+        db: Reader,
+    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], Row, list[Row]]:
+        keys = await amplify_keys(db)
+        source = await live_source(db)
+        counted = (await db.fetch(DUE_COUNT_SQL, keys))[0]
+        sample = await db.fetch(DUE_SAMPLE_SQL, keys) if int(counted["n"]) else []
+        return keys, source, counted, sample
+
+    keys, (enum_type, source, labels), counted, targets = await ctx.gateway.read(survey)
+    n = int(counted["n"])
+    return Plan(
+        remedy=RECONCILE_NAME,
+        args=list(args),
+        title="Insert missing ledger awards",
+        summary=(
+            f"insert {plural(n, 'ledger award')} ({counted['points']} points, "
+            f"{plural(int(counted['pairs']), 'user-activity pair')} with no ledger row) for "
+            f"approved submissions, with source {source} (of {', '.join(labels)}) and "
+            "external_event_id 'reconcile:<submission id>'; nothing is overwritten, so "
+            "there is no backup"
+            if n
+            else "every approved submission's (user, activity) has ledger awards; nothing to do"
+        ),
+        steps=[
+            PlanStep(sql=DUE_COUNT_SQL.strip(), params=list(keys), note=f"recounts: {n}"),
+            PlanStep(
+                sql=insert_awards_sql(enum_type).as_string(),
+                params=[*keys, source, RECONCILE_SOURCE, APPROVAL_PLACEHOLDER],
+                note="AMPLIFY worth peers x 2 + students x 1 with the keys the live "
+                f"check_amplify_quota() reads ({', '.join(keys)}), other activities their "
+                "default_points, 0 skipped; the count must match the plan",
+            ),
+            PlanStep(sql=DUE_COUNT_SQL.strip(), params=list(keys), note="verification: must be 0"),
+        ],
+        targets=targets,
+        count=n,
+        backup=None,
+        needs_approval=n > 0,
+        locks=LockScope(relations=["points_ledger"]),
+        data=ReconcileData(keys=keys, source=source, pairs=int(counted["pairs"])).model_dump(
+            mode="json"
+        ),
+    )
+
+
+async def apply_reconcile(writer: Writer, plan: Plan) -> Outcome:
+    data = plan.private(ReconcileData)
+    keys = data.keys
+    now_keys = await amplify_keys(writer)
+    if now_keys != keys:
+        raise RemedyAbort(
+            f"drift: check_amplify_quota() now reads {', '.join(now_keys)}, the plan used "
+            f"{', '.join(keys)}; nothing was changed, request it again"
+        )
+    try:
+        enum_type, source, _labels = await live_source(writer)
+    except UsageError as exc:
+        raise RemedyAbort(str(exc)) from exc
+    if source != data.source:
+        raise RemedyAbort(
+            f"drift: the ledger source would now be {source}, the plan said "
+            f"{data.source}; nothing was changed, request it again"
+        )
+    now = int((await writer.fetch(DUE_COUNT_SQL, keys))[0]["n"])
+    check_drift(plan, now, "missing awards")
+    if plan.count == 0:
+        return Outcome(ok=True, summary="no missing award; nothing was changed")
+    inserted = await writer.execute(
+        insert_awards_sql(enum_type), (*keys, source, RECONCILE_SOURCE, writer.approval_id)
+    )
+    check_count(plan, inserted, "ledger awards")
+    left = int((await writer.fetch(DUE_COUNT_SQL, keys))[0]["n"])
+    if left:
+        return Outcome(ok=False, summary=f"verification failed: {left} awards still missing")
+    rows = await writer.fetch(
+        "SELECT id, user_id, activity_code, source::text AS source, delta_points,"
+        " external_event_id FROM points_ledger WHERE external_source = %s"
+        " AND meta ->> 'approval' = %s ORDER BY id LIMIT %s",
+        (RECONCILE_SOURCE, writer.approval_id, SAMPLE),
+    )
+    return Outcome(
+        ok=True,
+        summary=f"inserted {plural(inserted, 'ledger award')} with source {source}; "
+        "no approved submission's (user, activity) lacks its awards now",
+        affected=inserted,
+        rows=rows,
+    )
+
+
+RECONCILE_POINTS = add_remedy(
+    Remedy(
+        name=RECONCILE_NAME,
+        usage="/db reconcile-points",
+        summary="insert the missing ledger awards of approved submissions (idempotent)",
+        plan=plan_reconcile,
+        apply=apply_reconcile,
+        approver_role="ADMIN",
+        approvers=1,
+        destroys_data=False,
+    )
+)
+
+DEDUPE_EVENTS = add_remedy(
+    Remedy(
+        name=DEDUPE_EVENTS_NAME,
+        usage="/db dedupe-ledger-events",
+        summary="keep the first ledger row of each repeated external_event_id, back up "
+        "and delete the rest",
+        plan=plan_dedupe_events,
+        apply=apply_dedupe_events,
+        approver_role="ADMIN",
+        approvers=2,
+        destroys_data=True,
+    )
+)

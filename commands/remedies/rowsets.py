@@ -1,0 +1,124 @@
+"""Row sets the data repairs change: count, lock, back up whole, then delete or update.
+
+Each repair plan counts, with the same conditions its `apply()` uses, exactly the rows
+that will change, and shows the SQL. Each `apply()` runs in the executor's one guarded
+transaction:
+
+1. it locks the rows that still qualify (`SELECT … FOR UPDATE`) and compares their number
+   with the plan's (`check_drift`), so no other session changes them meanwhile;
+2. it copies every row it deletes or overwrites, whole, into
+   `dbops_backup."<approval>_<table>"` (`CREATE TABLE … AS SELECT`), and only those rows
+   are then changed (joined by id with the backup table);
+3. it checks that the change touched exactly the planned rows (`check_count`);
+4. it runs a verification query; a problem still present rolls everything back.
+
+Nothing is deleted without a backup. When the database's triggers, constraints or row
+security refuse a change, its error propagates and the executor rolls back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+from pydantic import BaseModel
+
+from commands.base import BACKUP_SCHEMA, Reader
+from commands.remedies.base import DriftError, Plan, RowCountError, Writer, check_drift
+
+SAMPLE = 20
+APPROVAL_PLACEHOLDER = "<approval>"
+
+
+def backup_display(table: str) -> str:
+    """How a plan names the backup table before the approval id exists."""
+    return sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_{table}").as_string()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One set of rows of one table a remedy changes, chosen by a condition on `alias`."""
+
+    key: str  # names the part in the plan's counts
+    table: str
+    alias: str
+    condition: str  # SQL over `alias`; constant text of this module, no user input
+    what: str  # for messages: "orphaned submissions"
+
+    def _from(self) -> sql.Composed:
+        return sql.SQL("{} AS {}").format(sql.Identifier(self.table), sql.Identifier(self.alias))
+
+    def count_sql(self) -> sql.Composed:
+        return sql.SQL("SELECT count(*) AS n FROM {} WHERE {}").format(
+            self._from(), sql.SQL(self.condition)
+        )
+
+    def lock_sql(self) -> sql.Composed:
+        return sql.SQL("SELECT {a}.id FROM {f} WHERE {c} ORDER BY {a}.id FOR UPDATE OF {a}").format(
+            a=sql.Identifier(self.alias), f=self._from(), c=sql.SQL(self.condition)
+        )
+
+    def sample_sql(self, columns: str) -> sql.Composed:
+        return sql.SQL("SELECT {cols} FROM {f} WHERE {c} ORDER BY {a}.id LIMIT {n}").format(
+            cols=sql.SQL(columns),
+            f=self._from(),
+            c=sql.SQL(self.condition),
+            a=sql.Identifier(self.alias),
+            n=sql.Literal(SAMPLE),
+        )
+
+
+def backup_sql(table: str, backup: sql.Identifier) -> sql.Composed:
+    """Whole rows, as they are now, of the ids locked before."""
+    return sql.SQL("CREATE TABLE {} AS SELECT t.* FROM {} AS t WHERE t.id = ANY(%s)").format(
+        backup, sql.Identifier(table)
+    )
+
+
+def delete_sql(table: str, backup: sql.Identifier) -> sql.Composed:
+    """Deletes exactly the backed-up rows."""
+    return sql.SQL("DELETE FROM {} AS t USING {} AS b WHERE t.id = b.id").format(
+        sql.Identifier(table), backup
+    )
+
+
+async def count_rows(
+    db: Reader | Writer, query: sql.Composed, params: list[Any] | None = None
+) -> int:
+    rows = await db.fetch(query.as_string(), params or ())
+    return int(rows[0]["n"]) if rows else 0
+
+
+async def lock_and_backup(writer: Writer, part: Part, planned: int) -> tuple[sql.Identifier, int]:
+    """Back up the locked rows of `part`; they must be exactly `planned` rows."""
+    ids = [str(r["id"]) for r in await writer.fetch(part.lock_sql())]
+    if len(ids) != planned:
+        raise DriftError(part.what, planned, len(ids), 0)
+    backup = await writer.backup_table(part.table)
+    copied = await writer.execute(backup_sql(part.table, backup), (ids,))
+    if copied != planned:
+        raise RowCountError(f"{part.what} copied to the backup", planned, copied)
+    return backup, copied
+
+
+async def check_parts(
+    writer: Writer, plan: Plan, parts: list[Part], planned: dict[str, int]
+) -> dict[str, int]:
+    """Recount every part; the total is the plan's count, each part its own (`planned`)."""
+    now = {p.key: await count_rows(writer, p.count_sql()) for p in parts}
+    check_drift(plan, sum(now.values()), "rows")
+    for p in parts:
+        if now[p.key] != planned.get(p.key, 0):
+            raise DriftError(p.what, planned.get(p.key, 0), now[p.key], 0)
+    return now
+
+
+class Counts(BaseModel):
+    """The planned count of each part, which `check_parts` holds the recount to."""
+
+    counts: dict[str, int]

@@ -1,0 +1,66 @@
+"""The remedy contract itself: self-registration of the package's modules, and a
+fingerprint that binds the whole plan and survives the state store's JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import commands.remedies
+from commands.remedies.base import REMEDIES, LockScope, Plan, PlanStep
+
+
+def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None:
+    modules = {m.name for m in pkgutil.iter_modules(commands.remedies.__path__)}
+    owners = {r.plan.__module__.rsplit(".", 1)[-1] for r in REMEDIES.values()}
+    assert owners <= modules
+    assert {"refresh", "sessions", "orphans", "learn", "ledger"} <= owners
+    assert sorted(REMEDIES) == [
+        "cancel",
+        "cleanup-orphans",
+        "dedupe-learn",
+        "dedupe-ledger-events",
+        "kill-idle",
+        "reconcile-points",
+        "refresh-views",
+        "terminate",
+    ]
+
+
+def _plan() -> Plan:
+    return Plan(
+        remedy="kill-idle",
+        args=["5"],
+        title="t",
+        summary="s",
+        steps=[PlanStep(sql="SELECT pg_terminate_backend(%s)", params=[42])],
+        targets=[
+            {"pid": 42, "since": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "n": Decimal("1.5")}
+        ],
+        count=1,
+        locks=LockScope(relations=["points_ledger"]),
+        data={"pids": [42]},
+    )
+
+
+def test_fingerprint_is_the_same_for_the_stored_copy() -> None:
+    plan = _plan()
+    stored = json.loads(json.dumps(plan.model_dump(mode="json")))  # what the store keeps
+    assert Plan.model_validate(stored).fingerprint() == plan.fingerprint()
+
+
+def test_fingerprint_binds_sql_params_count_targets_locks_and_data() -> None:
+    base = _plan().fingerprint()
+    changes: list[dict[str, Any]] = [
+        {"steps": [PlanStep(sql="SELECT pg_terminate_backend(%s)", params=[43])]},
+        {"steps": [PlanStep(sql="SELECT pg_cancel_backend(%s)", params=[42])]},
+        {"count": 2},
+        {"targets": [{"pid": 43}]},
+        {"locks": LockScope(relations=["submissions"])},
+        {"data": {"pids": [43]}},
+    ]
+    for change in changes:
+        assert _plan().model_copy(update=change).fingerprint() != base, change
