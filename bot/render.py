@@ -152,23 +152,17 @@ def rows_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
-TableRef = Callable[[Finding], str | None]
-
-
 def _table_cut(f: Finding, shown_whole: bool) -> bool:
     return bool(f.rows) and f.status not in (Status.OK, Status.SKIPPED) and not shown_whole
 
 
-def _full_table_button(f: Finding, table_ref: TableRef | None) -> ButtonElement | None:
-    value = table_ref(f) if table_ref else None
-    if not value or len(value) > MAX_BUTTON_VALUE:
-        return None
+def _full_table_button(f: Finding) -> ButtonElement:
     return ButtonElement(
-        text=f"Full table ({len(f.rows)} rows) as CSV", action_id=FULL_TABLE, value=value
+        text=f"Full table ({len(f.rows)} rows) as CSV", action_id=FULL_TABLE, value=f.check
     )
 
 
-def _finding_section(f: Finding, table_ref: TableRef | None = None) -> SectionBlock:
+def _finding_section(f: Finding, table_buttons: bool = False) -> SectionBlock:
     text = f"{ICON[f.status]} *{LABEL[f.status]}  {f.check}*\n{slack_times(f.summary)}"
     if f.hint:
         text += f"\n_next:_ {slack_times(f.hint)}"
@@ -181,7 +175,7 @@ def _finding_section(f: Finding, table_ref: TableRef | None = None) -> SectionBl
             text += "\n```" + cut(table, room) + "```"
         else:
             shown_whole = False
-    button = _full_table_button(f, table_ref) if _table_cut(f, shown_whole) else None
+    button = _full_table_button(f) if table_buttons and _table_cut(f, shown_whole) else None
     return SectionBlock(
         text=MarkdownTextObject(text=cut(text, MAX_SECTION_CHARS)), accessory=button
     )
@@ -192,9 +186,10 @@ def _tally(report: Report) -> str:
     return ", ".join(f"{counts[s]} {s.value}" for s in Status if counts[s]) or "no findings"
 
 
-def to_slack(report: Report, table_ref: TableRef | None = None) -> SlackMessage:
-    """`table_ref` gives the (signed) button value that fetches a cut table whole; without
-    it, cut tables only say how many rows were left out."""
+def to_slack(report: Report, table_buttons: bool = False) -> SlackMessage:
+    """With `table_buttons`, a cut table gets a "Full table as CSV" button whose value is
+    the check's name: one rendering serves every asker, and the caller puts its own signed
+    reference in each copy (`sign_table_buttons`). Without, the cut is only counted."""
     report = report.sorted()
     blocks: list[Block] = [
         HeaderBlock(text=cut(f"{report.title}: {report.worst.value.upper()}", MAX_HEADER_CHARS)),
@@ -203,7 +198,7 @@ def to_slack(report: Report, table_ref: TableRef | None = None) -> SlackMessage:
     ]
     room = MAX_BLOCKS - len(blocks) - 1  # keep one for the "left out" note
     shown = report.findings[:room]
-    blocks += [_finding_section(f, table_ref) for f in shown]
+    blocks += [_finding_section(f, table_buttons) for f in shown]
     left = len(report.findings) - len(shown)
     if left:
         blocks.append(
@@ -211,6 +206,22 @@ def to_slack(report: Report, table_ref: TableRef | None = None) -> SlackMessage:
         )
     fallback = f"{report.title} of {report.target}: {report.worst.value.upper()} ({_tally(report)})"
     return SlackMessage(text=fallback, blocks=blocks)
+
+
+def sign_table_buttons(
+    blocks: list[dict[str, Any]], sign: Callable[[str], str]
+) -> list[dict[str, Any]]:
+    """Put `sign(check)` in each full-table button of rendered blocks (fresh dicts from
+    `blocks_json`); a button whose value would pass Slack's limit is dropped."""
+    for block in blocks:
+        button = block.get("accessory")
+        if isinstance(button, dict) and button.get("action_id") == FULL_TABLE:
+            value = sign(str(button.get("value", "")))
+            if len(value) > MAX_BUTTON_VALUE:
+                del block["accessory"]
+            else:
+                button["value"] = value
+    return blocks
 
 
 def csv_filename(check: str) -> str:

@@ -133,7 +133,7 @@ class SlackFrontend:
             process_before_response=True,  # answer from the listener, no ack polling
             raise_error_for_unhandled_request=False,
         )
-        self._last_rendered: tuple[Report, TableRef | None, render.SlackMessage] | None = None
+        self._last_rendered: tuple[Report, render.SlackMessage] | None = None
         secret = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
         self.tables = TableSigner(secret)
         self.app.command("/db")(self.on_db)
@@ -385,36 +385,27 @@ class SlackFrontend:
             or channel_id in self.settings.incident_channels
         )
 
-    def _render(self, report: Report, ref: TableRef | None = None) -> render.SlackMessage:
-        """Render once per report and asker: a burst of commands shares one coalesced report."""
-        last = self._last_rendered
-        if last is None or last[0] is not report or last[1] != ref:
-            table_ref = None
-            if ref is not None:
-                base = ref
-
-                def table_ref(f: Finding) -> str:
-                    return self.tables.sign(replace(base, check=f.check))
-
-            last = (report, ref, render.to_slack(report, table_ref))
-            self._last_rendered = last
-        return last[2]
+    def _render(self, report: Report) -> render.SlackMessage:
+        """Render once per report: a burst of commands shares one coalesced report."""
+        if self._last_rendered is None or self._last_rendered[0] is not report:
+            self._last_rendered = (report, render.to_slack(report, table_buttons=True))
+        return self._last_rendered[1]
 
     async def deliver(self, body: dict[str, Any], report: Report, respond: AsyncRespond) -> None:
         channel, user = str(body.get("channel_id", "")), str(body.get("user_id", ""))
         client = self.app.client
         public = self.in_channel(channel)
-        text = str(body.get("text") or "").strip()
-        asked = TableRef(text, check="", user=user, channel=channel, public=public)
-        message = self._render(report, asked)  # each cut table's button fills in its check
+        message = self._render(report)
+        asked = TableRef(str(body.get("text") or "").strip(), "", user, channel, public)
+        blocks = render.sign_table_buttons(
+            message.blocks_json(), lambda check: self.tables.sign(replace(asked, check=check))
+        )
         try:
             if public:
-                await client.chat_postMessage(
-                    channel=channel, text=message.text, blocks=message.blocks_json()
-                )
+                await client.chat_postMessage(channel=channel, text=message.text, blocks=blocks)
             else:
                 await client.chat_postEphemeral(
-                    channel=channel, user=user, text=message.text, blocks=message.blocks_json()
+                    channel=channel, user=user, text=message.text, blocks=blocks
                 )
         except SlackClientError as exc:
             method = "chat.postMessage" if public else "chat.postEphemeral"
@@ -422,10 +413,9 @@ class SlackFrontend:
             log.warning("%s failed (%s); replying through response_url", method, _slack_reason(exc))
             await respond(
                 text=message.text,
-                blocks=message.blocks_json(),
+                blocks=blocks,
                 response_type="in_channel" if public else "ephemeral",
             )
-            return
 
     async def _tell_user(self, respond: AsyncRespond, text: str) -> None:
         try:

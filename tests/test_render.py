@@ -31,8 +31,8 @@ findings = st.builds(
 @given(found=st.lists(findings, max_size=80))
 def test_slack_message_respects_limits(found: list[Finding]) -> None:
     report = Report(title="Database health", target="h:5432/db", findings=found)
-    message = render.to_slack(report, lambda f: "signed." + f.check * 30)
-    blocks = message.blocks_json()
+    message = render.to_slack(report, table_buttons=True)
+    blocks = render.sign_table_buttons(message.blocks_json(), lambda check: "signed." + check * 30)
     assert not block_errors(blocks)
     assert len(blocks) <= render.MAX_BLOCKS
     for block in blocks:
@@ -77,8 +77,8 @@ def test_cut_tables_offer_the_full_table_button() -> None:
             Finding(check="by user", status=Status.OK, summary="fine", rows=many),
         ],
     )
-    message = render.to_slack(report, lambda f: f"ref:{f.check}")
-    blocks = message.blocks_json()
+    message = render.to_slack(report, table_buttons=True)
+    blocks = render.sign_table_buttons(message.blocks_json(), lambda check: f"ref:{check}")
     assert "25 more rows" in json.dumps(blocks)
     buttons = [b["accessory"] for b in blocks if "accessory" in b]
     assert buttons == [
@@ -90,6 +90,8 @@ def test_cut_tables_offer_the_full_table_button() -> None:
         }
     ]
     assert not any("accessory" in b for b in render.to_slack(report).blocks_json())
+    too_long = render.sign_table_buttons(message.blocks_json(), lambda check: "x" * 2001)
+    assert not any("accessory" in b for b in too_long)
     csv_text = render.rows_csv(many)
     assert csv_text.count("\n") == 31
     assert render.csv_filename("guard: AMPLIFY quota") == "guard_AMPLIFY_quota.csv"
