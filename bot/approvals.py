@@ -10,25 +10,29 @@ the thread's plan message is updated on every change of state.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, Literal
+
+from slack_sdk.errors import SlackClientError
 
 from bot import render
 from bot.authz import RoleResolver, allowed
-from bot.executor import Executor
+from bot.executor import Executor, remedy_running
 from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
-from bot.state.models import DecisionKind
-from bot.state.store import Approval, StateStore
-from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy
+from bot.state.models import DecisionKind, Origin
+from bot.state.store import Approval, InvalidTransition, StateStore
+from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy, Verification
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,23 @@ class Click:
     user_name: str
     channel_id: str
     message_ts: str
+    origin: Origin = "slack"  # the console presses buttons by command line
+
+
+class NotPosted(Exception):
+    """The plan could not be shown in Slack, so the approval was cancelled; the message
+    is for the requester."""
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to its end even when the caller is cancelled meanwhile (shutdown):
+    the final state of an approval must be written before the task dies."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def process_id() -> str:
@@ -102,13 +123,22 @@ class ApprovalEngine:
     # --- request ------------------------------------------------------------------------
 
     async def request(
-        self, remedy: Remedy, args: list[str], *, user_id: str, user_name: str, channel_id: str
+        self,
+        remedy: Remedy,
+        args: list[str],
+        *,
+        user_id: str,
+        user_name: str,
+        channel_id: str,
+        origin: Origin = "slack",
     ) -> str:
         """Plan the remedy and either run it (no approval needed) or post it for approval.
 
         Returns the approval id, or "" when the plan found nothing to do: then only the
         requester is told (privately), the channel gets nothing and no approval exists; the
-        audit trail keeps the request. Raises UsageError for arguments the plan refuses.
+        audit trail keeps the request. Raises UsageError for arguments the plan refuses, and
+        NotPosted when Slack would not take the thread (the approval is then cancelled:
+        nobody could have seen it to approve it).
         """
         plan = await remedy.plan(self.ctx, args)
         if plan.count == 0:
@@ -127,6 +157,7 @@ class ApprovalEngine:
             needed_approvals=needed,
             approver_role=policy.approver_role,
             ttl_s=self.settings.approval_ttl_s,
+            origin=origin,
         )
         await self.store.audit(
             "approval.requested",
@@ -135,8 +166,15 @@ class ApprovalEngine:
             channel_id=channel_id,
             detail={"remedy": remedy.name, "args": args, "count": plan.count, "needed": needed},
         )
-        thread_ts = await self.notifier.post_request(channel_id, self._parent(approval, plan))
-        approval = await self._post_plan(approval, plan, thread_ts)
+        try:
+            thread_ts = await self.notifier.post_request(channel_id, self._parent(approval, plan))
+            approval = await self._post_plan(approval, plan, thread_ts)
+        except SlackClientError as exc:
+            await self._cancel_unposted(approval, user_id, exc)
+            raise NotPosted(
+                f"Slack refused the approval thread for `/db {remedy.name}` ({exc}), so "
+                f"approval `{approval.id}` is cancelled; nothing was changed. Try again."
+            ) from exc
         if needed == 0:
             await self.execute(approval.id, actor_id=user_id)
         return approval.id
@@ -185,6 +223,19 @@ class ApprovalEngine:
             outcome=outcome,
         )
 
+    async def _cancel_unposted(self, approval: Approval, user_id: str, exc: Exception) -> None:
+        reason = f"cancelled: the plan could not be posted in Slack ({exc}); nothing was changed"
+        log.warning("approval %s: %s", approval.id, reason)
+        outcome = Outcome(ok=False, summary=reason, error=str(exc)[:300])
+        await self.store.cancel(approval.id, outcome=outcome.model_dump(mode="json"))
+        await self.store.audit(
+            "approval.cancelled",
+            actor_id=user_id,
+            approval_id=approval.id,
+            channel_id=approval.channel_id,
+            detail={"reason": reason},
+        )
+
     async def _post_plan(self, approval: Approval, plan: Plan, thread_ts: str) -> Approval:
         message = self._render(approval, plan, decided=[])
         message_ts = await self.notifier.post_plan(approval.channel_id, thread_ts, message)
@@ -228,19 +279,22 @@ class ApprovalEngine:
         decisions = await self.store.decisions(approval.id)
         times = {d.user_id: d.decided_at for d in decisions if d.decision == "approve"}
         message = self._render(approval, plan, decided, outcome, times)
-        await self.notifier.update_plan(approval.channel_id, approval.message_ts, message)
-        if approval.is_terminal and approval.thread_ts:
-            await self.notifier.update_request(
-                approval.channel_id,
-                approval.thread_ts,
-                self._parent(
-                    approval,
-                    plan,
-                    decided,
-                    outcome,
-                    rejected_by=[d.user_id for d in decisions if d.decision == "reject"],
-                ),
-            )
+        try:
+            await self.notifier.update_plan(approval.channel_id, approval.message_ts, message)
+            if approval.is_terminal and approval.thread_ts:
+                await self.notifier.update_request(
+                    approval.channel_id,
+                    approval.thread_ts,
+                    self._parent(
+                        approval,
+                        plan,
+                        decided,
+                        outcome,
+                        rejected_by=[d.user_id for d in decisions if d.decision == "reject"],
+                    ),
+                )
+        except SlackClientError:  # the state store holds the truth; Slack shows it late
+            log.exception("could not update the plan message of %s", approval.id)
 
     async def _tell(self, click: Click | None, approval: Approval | None, text: str) -> None:
         if click is None:
@@ -289,14 +343,19 @@ class ApprovalEngine:
             return
         role = await self.roles.role_of(click.user_id)
         decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
-        refusal = self._refusal(approval, click.user_id, role, decision)
+        refusal = self._refusal(approval, click.user_id, role, decision, click.origin)
         if refusal:
             await self.store.audit(
                 "approval.refused",
                 actor_id=click.user_id,
                 approval_id=approval.id,
                 channel_id=click.channel_id,
-                detail={"decision": decision, "role": role, "reason": refusal},
+                detail={
+                    "decision": decision,
+                    "role": role,
+                    "reason": refusal,
+                    "origin": click.origin,
+                },
             )
             await self._tell(click, approval, refusal)
             return
@@ -330,7 +389,14 @@ class ApprovalEngine:
             return
         await self.execute(approval.id, actor_id=click.user_id, click=click)
 
-    def _refusal(self, approval: Approval, user_id: str, role: str, decision: str) -> str | None:
+    def _refusal(
+        self, approval: Approval, user_id: str, role: str, decision: str, origin: Origin
+    ) -> str | None:
+        if decision == "approve" and origin == "console" and approval.origin != "console":
+            return (
+                f"`{approval.id}` was requested in Slack: approve it there, in its thread; "
+                "the console approves only console requests."
+            )
         if decision == "reject" and user_id == approval.requester_id:
             return None  # withdrawing one's own request is always allowed
         if decision == "approve" and user_id == approval.requester_id:
@@ -353,6 +419,8 @@ class ApprovalEngine:
             return f"`{approval.id}` was rejected; nothing was changed."
         if approval.state == "expired":
             return f"`{approval.id}` expired; request it again."
+        if approval.state == "cancelled":
+            return f"`{approval.id}` was cancelled; nothing was changed. Request it again."
         return f"`{approval.id}` is already {approval.state} (approved by {who})."
 
     # --- execution ----------------------------------------------------------------------
@@ -364,48 +432,161 @@ class ApprovalEngine:
             if current is not None:
                 await self._tell(click, current, await self._who_acted(current))
             return
-        approvers = await self._approvers(approval_id)
-        await self.store.audit(
-            "approval.claimed",
-            actor_id=actor_id,
-            approval_id=approval_id,
-            channel_id=claimed.channel_id,
-            detail={"claimer": self.claimer, "approvers": approvers},
-        )
-        await self._update(claimed, approvers)
+        # From here on the approval must end in a terminal state, whatever happens.
+        approvers: list[str] = []
+        try:
+            approvers = await self._approvers(approval_id)
+            await self.store.audit(
+                "approval.claimed",
+                actor_id=actor_id,
+                approval_id=approval_id,
+                channel_id=claimed.channel_id,
+                detail={"claimer": self.claimer, "approvers": approvers},
+            )
+            await self._update(claimed, approvers)
+            state, outcome = await self._run(claimed, actor_id)
+        except asyncio.CancelledError:
+            # Shutdown (SIGTERM) or a cancelled task: the transaction was rolled back on
+            # the way out; record the end before the task dies.
+            stopped = self._interrupted(claimed, actor_id, approvers, "the bot was stopped")
+            await _to_the_end(stopped)
+            raise
+        except Exception as exc:
+            log.exception("executing approval %s failed", approval_id)
+            await self._interrupted(claimed, actor_id, approvers, f"{type(exc).__name__}: {exc}")
+            return
+        await _to_the_end(self._conclude(claimed, state, outcome, actor_id, approvers))
+
+    async def _run(self, claimed: Approval, actor_id: str) -> tuple[FinalState, Outcome]:
         remedy = REMEDIES.get(claimed.remedy)
         plan = Plan.model_validate(claimed.plan)
-        state: FinalState
         if remedy is None or plan.fingerprint() != claimed.plan_hash:
-            state, outcome = (
-                "failed",
-                Outcome(
-                    ok=False,
-                    summary="the stored plan does not match its approval; nothing was run",
-                    error="plan fingerprint mismatch" if remedy else "unknown remedy",
-                ),
+            return "failed", Outcome(
+                ok=False,
+                summary="the stored plan does not match its approval; nothing was run",
+                error="plan fingerprint mismatch" if remedy else "unknown remedy",
             )
-        else:
-            run = Execution(approval_id=approval_id, actor_id=actor_id)
-            await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
-            state, outcome = await self.executor.apply(remedy, plan, approval_id)
+        run = Execution(claimed.id, actor_id, claimed_at=claimed.updated_at)
+        await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
+        state, outcome = await self.executor.apply(remedy, plan, claimed.id)
+        await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
+        return state, outcome
+
+    async def _interrupted(
+        self, claimed: Approval, actor_id: str, approvers: list[str], why: str
+    ) -> None:
+        """The execution broke off: its remedy's verification says what is in the database."""
+        verdict = await self._verify(claimed, actor_id)
+        landed = verdict is not None and verdict.landed
+        found = f"verification found {verdict.found}" if verdict else "verification could not run"
+        outcome = Outcome(
+            ok=landed,
+            summary=f"interrupted: {why}; {found}",
+            error=None if landed else f"interrupted: {why}",
+        )
+        await self._finished_hook(claimed, actor_id, outcome)
+        await self._conclude(claimed, "done" if landed else "failed", outcome, actor_id, approvers)
+
+    async def _verify(self, approval: Approval, actor_id: str) -> Verification | None:
+        """The remedy's own read-only verification, bounded in time; None if it failed."""
+        remedy = REMEDIES.get(approval.remedy)
+        if remedy is None:
+            return None
+        plan = Plan.model_validate(approval.plan)
+        run = Execution(approval.id, actor_id, claimed_at=approval.updated_at)
+        try:
+            async with asyncio.timeout(self.settings.verify_timeout_s):
+                return await self.ctx.gateway.read(lambda db: remedy.verify(db, plan, run))
+        except Exception:
+            log.exception("verification of approval %s failed", approval.id)
+            return None
+
+    async def _finished_hook(self, approval: Approval, actor_id: str, outcome: Outcome) -> None:
+        """The remedy's `finished` hook, for an execution that ended without `_run`."""
+        remedy = REMEDIES.get(approval.remedy)
+        if remedy is not None:
+            plan = Plan.model_validate(approval.plan)
+            run = Execution(approval.id, actor_id, claimed_at=approval.updated_at)
             await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
-        await self.store.finish(approval_id, state=state, outcome=outcome.model_dump(mode="json"))
+
+    async def _conclude(
+        self,
+        claimed: Approval,
+        state: FinalState,
+        outcome: Outcome,
+        actor_id: str,
+        approvers: list[str],
+    ) -> None:
+        """Record the end (only the process holding the claim may), audit, update the thread."""
+        try:
+            await self.store.finish(
+                claimed.id,
+                state=state,
+                outcome=outcome.model_dump(mode="json"),
+                claimer=claimed.claimed_by,
+            )
+        except InvalidTransition:
+            log.warning("approval %s was decided elsewhere meanwhile", claimed.id)
+            return
         await self.store.audit(
             {"done": "remedy.executed", "aborted": "remedy.aborted"}.get(state, "remedy.failed"),
             actor_id=actor_id,
-            approval_id=approval_id,
+            approval_id=claimed.id,
             channel_id=claimed.channel_id,
             detail={
                 "affected": outcome.affected,
                 "backed_up": outcome.backed_up,
                 "backup_table": outcome.backup_table,
                 "error": outcome.error,
+                "summary": outcome.summary,
             },
         )
-        final = await self.store.get_approval(approval_id)
-        assert final is not None
-        await self._update(final, approvers, outcome)
+        final = await self.store.get_approval(claimed.id)
+        if final is not None:
+            await self._update(final, approvers, outcome)
+
+    # --- the sweeper --------------------------------------------------------------------
+
+    async def sweep(self) -> list[str]:
+        """Decide approvals left `executing` by a process that died: the ids decided.
+
+        Only past the statement timeout (+ a margin), and only when the remedy's
+        transaction is no longer open on the target (its advisory lock is free); one
+        process takes each over with a conditional update, then the remedy's own
+        verification says `done` or `failed`.
+        """
+        limit_s = self.executor.statement_timeout_ms / 1000 + self.settings.sweep_margin_s
+        decided: list[str] = []
+        for stuck in await self.store.stuck_executing(limit_s):
+            try:
+                if await self.ctx.gateway.read(partial(remedy_running, approval_id=stuck.id)):
+                    continue
+            except Exception:
+                log.exception("cannot tell whether approval %s still runs", stuck.id)
+                continue
+            taken = await self.store.take_over(stuck, claimer=f"sweeper:{self.claimer}")
+            if taken is None:
+                continue  # another process took it
+            verdict = await self._verify(taken, "bot")
+            if verdict is None:
+                continue  # the target cannot answer now; the next sweep tries again
+            await self.store.audit(
+                "approval.swept",
+                actor_id="bot",
+                approval_id=taken.id,
+                channel_id=taken.channel_id,
+                detail={"was_claimed_by": stuck.claimed_by, "landed": verdict.landed},
+            )
+            outcome = Outcome(
+                ok=verdict.landed,
+                summary=f"process died during execution; verification found {verdict.found}",
+                error=None if verdict.landed else "process died during execution",
+            )
+            await self._finished_hook(taken, "bot", outcome)
+            state: FinalState = "done" if verdict.landed else "failed"
+            await self._conclude(taken, state, outcome, "bot", await self._approvers(taken.id))
+            decided.append(taken.id)
+        return decided
 
     @staticmethod
     async def _hook(remedy: Remedy, name: str, call: Awaitable[None]) -> None:

@@ -58,7 +58,12 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
             return 2
         try:
             approval_id = await engine.request(
-                remedy, args, user_id=user_id, user_name=user_id, channel_id=CONSOLE_CHANNEL
+                remedy,
+                args,
+                user_id=user_id,
+                user_name=user_id,
+                channel_id=CONSOLE_CHANNEL,
+                origin="console",
             )
         except UsageError as exc:
             print(f"{exc}\nUsage: {remedy.usage}", file=sys.stderr)
@@ -87,7 +92,10 @@ async def decide_from_console(
                 user_name=user_id,
                 channel_id=approval.channel_id,
                 message_ts=approval.message_ts or "",
+                origin="console",
             )
         )
+        if approve and approval.origin != "console":
+            return 2  # refused (and audited): Slack requests are approved in Slack
         final = await engine.store.get_approval(approval_id)
         return 0 if final is not None and final.state in ("done", "pending", "rejected") else 1

@@ -3,12 +3,16 @@
 Statement and lock timeouts are set for the transaction; any exception rolls the whole
 remedy back (backup copy included), and the user sees the database's own error. Rows
 are backed up into schema `dbops_backup`, in tables named after the approval.
+
+The transaction holds an advisory lock named after the approval for as long as it runs,
+so another process can tell a remedy still running (its backend alive, even when the
+bot process that started it is gone) from one whose transaction has ended.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -18,8 +22,8 @@ from psycopg.rows import dict_row
 
 from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
-from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, Row
-from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort
+from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, Reader, Row
+from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort, backup_name
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,22 @@ class Aborted(Exception):
         self.outcome = outcome
 
 
-def backup_name(approval_id: str, name: str) -> str:
-    """`<approval>_<name>` made a safe identifier (it is quoted as well)."""
-    return re.sub(r"[^a-z0-9_]", "_", f"{approval_id}_{name}".lower())[:63]
+def execution_lock_key(approval_id: str) -> int:
+    """The advisory lock key of an approval's remedy transaction (a signed 64-bit int)."""
+    digest = hashlib.sha256(f"dbops-remedy:{approval_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def remedy_running(db: Reader, approval_id: str) -> bool:
+    """True while the remedy transaction of `approval_id` is open on the target.
+
+    Trying the lock in the caller's own (read-only) transaction takes it only until that
+    transaction ends, so asking never gets in a later execution's way.
+    """
+    rows = await db.fetch(
+        "SELECT pg_try_advisory_xact_lock(%s) AS free", (execution_lock_key(approval_id),)
+    )
+    return not bool(rows[0]["free"])
 
 
 class _TxWriter:
@@ -95,8 +112,12 @@ class Executor:
             async with conn.transaction():
                 await conn.execute(
                     "SELECT set_config('statement_timeout', %s, true),"
-                    " set_config('lock_timeout', %s, true)",
-                    (str(self.statement_timeout_ms), str(self.lock_timeout_ms)),
+                    " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
+                    (
+                        str(self.statement_timeout_ms),
+                        str(self.lock_timeout_ms),
+                        execution_lock_key(approval_id),
+                    ),
                 )
                 try:
                     outcome = await remedy.apply(_TxWriter(conn, approval_id), plan)

@@ -273,6 +273,7 @@ STATE_LINE = {
     "aborted": ":no_entry: *aborted*",
     "rejected": ":no_entry_sign: *rejected*",
     "expired": ":alarm_clock: *expired*",
+    "cancelled": ":heavy_multiplication_x: *cancelled*",
 }
 
 

@@ -6,6 +6,7 @@ orchestrators and `/metrics` for Prometheus on one aiohttp server.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from typing import Any
@@ -56,6 +57,7 @@ class Service:
         self.executor = executor_from_settings(settings)
         self.store: StateStore | None = None
         self.engine: ApprovalEngine | None = None
+        self.sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -70,12 +72,24 @@ class Service:
         )
         self.slack.engine = self.engine
         self.tracker.spawn(self.engine.recover(), name="recover approvals")
+        self.sweeper = asyncio.get_running_loop().create_task(
+            self._sweep_every(self.engine, self.settings.sweep_interval_s), name="sweep timer"
+        )
 
     async def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()  # the timer never ends by itself; a sweep running is drained
         await self.tracker.drain()
         await self.gateway.close()
         if self.store is not None:
             await self.store.close()
+
+    async def _sweep_every(self, engine: ApprovalEngine, interval_s: float) -> None:
+        """A sweep at start-up and every `interval_s`, each a tracked task (a failed one is
+        logged by the tracker and never stops the next)."""
+        while True:
+            self.tracker.spawn(engine.sweep(), name="sweep executing approvals")
+            await asyncio.sleep(interval_s)
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:
         return await refresh_history(self.store) if self.store is not None else {}

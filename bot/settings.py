@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     allow_superuser_kill: bool = False
     remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
     remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
+    # Approvals left `executing` by a dead process: checked at start-up and this often,
+    # once older than the remedy statement timeout plus the margin.
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+    sweep_margin_s: float = Field(default=30.0, ge=0)
+    verify_timeout_s: float = Field(default=10.0, gt=0)  # a remedy's read-only verification
 
     @field_validator("role_map", "role_groups")
     @classmethod

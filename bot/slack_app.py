@@ -29,7 +29,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import metrics, render
-from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click
+from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
 from bot.authz import RoleResolver, allowed
 from bot.gateway import first_line
 from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
@@ -239,6 +239,9 @@ class SlackFrontend:
         except UsageError as exc:
             await respond(**_ephemeral(f"{exc}\nUsage: `{remedy.usage}`"))
             return "usage"
+        except NotPosted as exc:
+            await self._tell_user(respond, str(exc))
+            return "error"
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"

@@ -67,6 +67,7 @@ COUNT_LIMIT_BYTES = 256 * 1024 * 1024
 _VIEWS_SQL = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS view,
        c.relispopulated AS populated, c.reltuples::bigint AS est_rows,
+       pg_relation_filenode(c.oid)::bigint AS filenode,
        (SELECT ic.relname
           FROM pg_index i
           JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -126,6 +127,7 @@ class MatView:
     rows_exact: bool = False
     bytes: int | None = None
     locks: list[Row] = field(default_factory=list)
+    filenode: int | None = None  # a plain refresh writes a new one
     uncounted: str | None = None  # why `rows` is an estimate or missing
 
     @property
@@ -190,6 +192,7 @@ async def load_views(db: Reader) -> list[MatView]:
             schema=str(r["schema"]),
             name=str(r["view"]),
             populated=bool(r["populated"]),
+            filenode=None if r["filenode"] is None else int(r["filenode"]),
             unique_index=r["unique_index"],
             est_rows=int(r["est_rows"]),
         )

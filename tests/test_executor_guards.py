@@ -9,9 +9,21 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bot.executor import Executor, backup_name
-from commands.base import BACKUP_SCHEMA, Context
-from commands.remedies.base import Outcome, Plan, PlanStep, Remedy, Writer, check_count, check_drift
+from bot.executor import Executor
+from commands.base import BACKUP_SCHEMA, Context, Reader
+from commands.remedies.base import (
+    Execution,
+    Outcome,
+    Plan,
+    PlanStep,
+    Remedy,
+    Verification,
+    Writer,
+    backup_name,
+    check_count,
+    check_drift,
+)
+from commands.remedies.rowsets import backups_hold
 
 MARK = -777_777  # the delta_points of the rows this remedy removes (no seed row has it)
 
@@ -46,12 +58,17 @@ async def _apply(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
+async def _verify(db: Reader, plan: Plan, run: Execution) -> Verification:
+    return await backups_hold(db, run.approval_id, {"points_ledger": plan.count})
+
+
 DELETE_MARKED = Remedy(
     name="delete-marked",
     usage="(test)",
     summary="delete ledger rows with the test mark",
     plan=_plan,
     apply=_apply,
+    verify=_verify,
     destroys_data=True,
 )
 

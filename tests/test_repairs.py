@@ -13,13 +13,13 @@ import pytest
 import pytest_asyncio
 from psycopg import sql
 
-from bot.executor import Executor, backup_name
+from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import BACKUP_SCHEMA, Status, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.integrity import integrity
-from commands.remedies.base import REMEDIES, Plan, Remedy
+from commands.remedies.base import REMEDIES, Plan, Remedy, backup_name
 from commands.remedies.learn import DEDUPE_LEARN
 from commands.remedies.ledger import DEDUPE_EVENTS, RECONCILE_POINTS, RECONCILE_SOURCE
 from commands.remedies.orphans import CLEANUP_ORPHANS

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 
 from bot.state import (
@@ -31,9 +32,12 @@ from bot.state import (
     open_store,
 )
 from bot.state.models import VERSION_TABLE, Base
+from bot.state.store import alembic_config
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TABLES = {"dbops_approvals", "dbops_approval_decisions", "dbops_audit", "dbops_refresh_log"}
+
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -133,7 +137,7 @@ async def test_migrations_apply_concurrently_and_reopen(state_url: str) -> None:
                 mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
                 assert mode == "wal"
         assert tables == TABLES | {VERSION_TABLE}
-        assert version == "0001"
+        assert version == HEAD
         assert drift == [], "models and migrations disagree"
         made = await new_approval(first)
         assert await second.get_approval(made.id) == await third.get_approval(made.id) == made
@@ -153,7 +157,7 @@ async def test_migrations_of_two_databases_in_one_process(state_url: str, tmp_pa
         for each in opened:
             async with each.engine.connect() as conn:
                 tables, version, _ = await conn.run_sync(_schema_report)
-            assert tables == TABLES | {VERSION_TABLE} and version == "0001"
+            assert tables == TABLES | {VERSION_TABLE} and version == HEAD
     finally:
         for each in opened:
             await each.close()
@@ -434,3 +438,33 @@ async def test_refresh_log_round_trip(store: StateStore) -> None:
     assert quota.id == running and quota.finished_at is None and quota.duration_s is None
     with pytest.raises(NotFound):
         await store.refresh_finished(10_000_000, rows=1, error=None)
+
+
+async def test_a_stuck_approval_is_taken_over_once_and_finished_by_the_taker(
+    store: StateStore, state_url: str
+) -> None:
+    made = await new_approval(store)
+    await approve(store, made.id, "U0ANN")
+    claimed = await store.claim(made.id, claimer="proc-dead")
+    assert claimed is not None
+    async with await open_store(state_url) as other:
+        takes = await asyncio.gather(
+            store.take_over(claimed, claimer="sweeper:a"),
+            other.take_over(claimed, claimer="sweeper:b"),
+        )
+    winners = [t for t in takes if t is not None]
+    assert len(winners) == 1 and winners[0].claimed_by in ("sweeper:a", "sweeper:b")
+    assert winners[0].updated_at == claimed.updated_at  # still dates the original claim
+    with pytest.raises(InvalidTransition):  # the dead process's late finish loses
+        await store.finish(made.id, state="done", outcome={}, claimer="proc-dead")
+    await store.finish(made.id, state="failed", outcome={}, claimer=winners[0].claimed_by)
+    assert await store.take_over(claimed, claimer="sweeper:c") is None
+
+
+async def test_cancel_ends_only_a_pending_approval(store: StateStore) -> None:
+    made = await new_approval(store)
+    assert await store.cancel(made.id, outcome={"summary": "not posted"})
+    assert not await store.cancel(made.id, outcome={})
+    cancelled = await store.get_approval(made.id)
+    assert cancelled is not None and cancelled.state == "cancelled" and cancelled.is_terminal
+    assert await store.claim(made.id, claimer="proc") is None

@@ -26,12 +26,16 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-ApprovalState = Literal["pending", "executing", "done", "failed", "rejected", "expired", "aborted"]
+ApprovalState = Literal[
+    "pending", "executing", "done", "failed", "rejected", "expired", "aborted", "cancelled"
+]
 DecisionKind = Literal["approve", "reject"]
 RefreshMode = Literal["concurrently", "plain"]
+Origin = Literal["slack", "console"]  # where an approval was requested
 APPROVAL_STATES: tuple[ApprovalState, ...] = get_args(ApprovalState)
 DECISIONS: tuple[DecisionKind, ...] = get_args(DecisionKind)
 REFRESH_MODES: tuple[RefreshMode, ...] = get_args(RefreshMode)
+ORIGINS: tuple[Origin, ...] = get_args(Origin)
 # The version table is ours too, so a shared database never mixes it up with another app's.
 VERSION_TABLE = "dbops_alembic_version"
 
@@ -80,6 +84,7 @@ class ApprovalRow(Base):
     __table_args__ = (
         CheckConstraint(_in("state", APPROVAL_STATES), name="ck_dbops_approvals_state"),
         CheckConstraint("needed_approvals >= 0", name="ck_dbops_approvals_needed"),
+        CheckConstraint(_in("origin", ORIGINS), name="ck_dbops_approvals_origin"),
         Index("ix_dbops_approvals_state_expires", "state", "expires_at"),
     )
 
@@ -102,6 +107,7 @@ class ApprovalRow(Base):
     claimed_by: Mapped[str | None] = mapped_column(Text)
     outcome: Mapped[dict[str, Any] | None]
     version: Mapped[int] = mapped_column(Integer)
+    origin: Mapped[str] = mapped_column(String(16), server_default="slack")
 
 
 class DecisionRow(Base):

@@ -41,12 +41,14 @@ from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 from bot.state.models import (
     APPROVAL_STATES,
     DECISIONS,
+    ORIGINS,
     REFRESH_MODES,
     ApprovalRow,
     ApprovalState,
     AuditRow,
     DecisionKind,
     DecisionRow,
+    Origin,
     RefreshLogRow,
     RefreshMode,
 )
@@ -59,7 +61,7 @@ FinishState = Literal["done", "failed", "aborted"]
 DecisionStatus = Literal["recorded", "duplicate", "closed"]
 
 TERMINAL_STATES: frozenset[ApprovalState] = frozenset(
-    {"done", "failed", "rejected", "expired", "aborted"}
+    {"done", "failed", "rejected", "expired", "aborted", "cancelled"}
 )
 DEFAULT_STATE_PATH = Path("dbops-state.sqlite3")
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
@@ -108,6 +110,7 @@ class Approval:
     claimed_by: str | None
     outcome: Mapping[str, Any] | None
     version: int
+    origin: Origin = "slack"
 
     @property
     def is_terminal(self) -> bool:
@@ -370,6 +373,7 @@ class StateStore:
         needed_approvals: int,
         approver_role: str,
         ttl_s: float,
+        origin: Origin = "slack",
         now: datetime | None = None,
     ) -> Approval:
         if needed_approvals < 0:
@@ -399,6 +403,7 @@ class StateStore:
             claimed_by=None,
             outcome=None,
             version=1,
+            origin=origin,
         )
         async with self._tx() as session:
             session.add(row)
@@ -582,6 +587,39 @@ class StateStore:
             f"cannot finish as {state}" + (f" by {claimer}" if claimer else "")
         )
 
+    async def cancel(
+        self, approval_id: str, *, outcome: Mapping[str, Any], now: datetime | None = None
+    ) -> bool:
+        """pending -> cancelled (nobody could see it to approve); True if this call did."""
+        stmt = (
+            _transition("pending", "cancelled", _utc(now))
+            .where(ApprovalRow.id == approval_id)
+            .values(outcome=dict(outcome))
+        )
+        async with self._tx() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    async def take_over(self, approval: Approval, *, claimer: str) -> Approval | None:
+        """Claim an `executing` approval whose process is presumed dead, exactly once.
+
+        Conditional on the version read, so of two processes sweeping at once one gets
+        the row and the other None. `updated_at` stays: it dates the original claim.
+        """
+        stmt = (
+            update(ApprovalRow)
+            .where(
+                ApprovalRow.id == approval.id,
+                ApprovalRow.state == "executing",
+                ApprovalRow.version == approval.version,
+            )
+            .values(claimed_by=claimer, version=ApprovalRow.version + 1)
+            .returning(ApprovalRow)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._tx() as session:
+            row = (await session.scalars(stmt)).one_or_none()
+            return None if row is None else _approval(row)
+
     async def pending_for_restart(self, now: datetime | None = None) -> list[Approval]:
         """Pending, unexpired approvals that already have enough approvers.
 
@@ -610,9 +648,10 @@ class StateStore:
     async def stuck_executing(
         self, older_than_s: float, now: datetime | None = None
     ) -> list[Approval]:
-        """Executing for longer than `older_than_s`: report them, never retry them.
+        """Executing for longer than `older_than_s`: never retried, only decided.
 
-        Whether the remedy's transaction committed is unknown to us; a human must look.
+        The sweeper (`ApprovalEngine.sweep`) takes them over and lets the remedy's own
+        verification decide.
         """
         cutoff = _utc(now) - timedelta(seconds=older_than_s)
         stmt = (
@@ -799,6 +838,10 @@ def _decision_kind(value: str) -> DecisionKind:
     return cast(DecisionKind, _known(value, DECISIONS))
 
 
+def _origin(value: str) -> Origin:
+    return cast(Origin, _known(value, ORIGINS))
+
+
 def _refresh_mode(value: str) -> RefreshMode:
     return cast(RefreshMode, _known(value, REFRESH_MODES))
 
@@ -824,6 +867,7 @@ def _approval(row: ApprovalRow) -> Approval:
         claimed_by=row.claimed_by,
         outcome=row.outcome,
         version=row.version,
+        origin=_origin(row.origin),
     )
 
 

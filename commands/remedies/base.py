@@ -8,6 +8,9 @@ and lock timeouts set, rolled back on any exception). The contract every remedy 
 3. call `check_count()` with the change's own row count, so a different count rolls back;
 4. return an `Outcome` with a verification query's rows.
 
+And every remedy says how to tell, read-only and afterwards, whether its change landed
+(`verify`): when the process running it died, that decides `done` or `failed`.
+
 What the bot's machinery needs from a plan is a typed field of `Plan` (`locks` for the
 lock holders it names when the lock timeout strikes); `data` is the remedy's own, read
 only by its `apply()` and hooks (each remedy keeps a pydantic model for it). The engine
@@ -19,14 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from psycopg import sql
 from pydantic import BaseModel, Field
 
-from commands.base import Context, Row
+from commands.base import Context, Reader, Row
 
 Query = str | sql.SQL | sql.Composed
 M = TypeVar("M", bound=BaseModel)
@@ -132,16 +137,40 @@ class Writer(Protocol):
         ...
 
 
+def backup_name(approval_id: str, name: str) -> str:
+    """`<approval>_<name>` made a safe identifier (it is quoted as well): the table in
+    BACKUP_SCHEMA where an approval's copy of `name` rows is kept."""
+    return re.sub(r"[^a-z0-9_]", "_", f"{approval_id}_{name}".lower())[:63]
+
+
 @dataclass(frozen=True)
 class Execution:
-    """One approved run of a plan, as the hooks see it."""
+    """One approved run of a plan, as the hooks and the verification see it."""
 
     approval_id: str
     actor_id: str  # who set it going: the last approver, the requester, or "bot"
+    claimed_at: datetime | None = None  # when it moved to executing
+
+
+class Verification(BaseModel):
+    """Whether an execution's change is in the database, and what was looked at."""
+
+    landed: bool
+    found: str  # "the 3 planned sessions are gone", "no backup table ..."
 
 
 Planner = Callable[[Context, list[str]], Awaitable[Plan]]
 Applier = Callable[[Writer, Plan], Awaitable[Outcome]]
+
+
+def nothing_planned(plan: Plan) -> Verification | None:
+    """A plan with nothing to change has landed whatever happened."""
+    if plan.count == 0:
+        return Verification(landed=True, found="the plan had nothing to change")
+    return None
+
+
+Verifier = Callable[[Reader, Plan, Execution], Awaitable[Verification]]
 StartedHook = Callable[[Context, Plan, Execution], Awaitable[None]]
 FinishedHook = Callable[[Context, Plan, Execution, Outcome], Awaitable[None]]
 
@@ -161,6 +190,9 @@ class Remedy:
     summary: str
     plan: Planner
     apply: Applier
+    # Read-only, after the fact (another process, the transaction long over): did the
+    # change land? Decides an approval whose process died while executing it.
+    verify: Verifier
     role: str = "REVIEWER"  # to request it
     approver_role: str = "ADMIN"
     approvers: int = 1

@@ -6,14 +6,17 @@ from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.remedies.base import (
+    Execution,
     LockScope,
     Outcome,
     Plan,
     PlanStep,
     Remedy,
+    Verification,
     Writer,
     add_remedy,
     check_count,
+    nothing_planned,
 )
 from commands.remedies.rowsets import (
     APPROVAL_PLACEHOLDER,
@@ -22,6 +25,7 @@ from commands.remedies.rowsets import (
     Part,
     backup_display,
     backup_sql,
+    backups_hold,
     check_parts,
     count_rows,
     lock_and_backup,
@@ -153,6 +157,12 @@ async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
+async def verify_dedupe_learn(db: Reader, plan: Plan, run: Execution) -> Verification:
+    if (trivial := nothing_planned(plan)) is not None:
+        return trivial
+    return await backups_hold(db, run.approval_id, {"submissions": plan.count})
+
+
 DEDUPE_LEARN = add_remedy(
     Remedy(
         name=DEDUPE_LEARN_NAME,
@@ -160,6 +170,7 @@ DEDUPE_LEARN = add_remedy(
         summary="keep each user's latest live LEARN submission, reject the others (backed up)",
         plan=plan_dedupe_learn,
         apply=apply_dedupe_learn,
+        verify=verify_dedupe_learn,
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,

@@ -13,16 +13,19 @@ from pydantic import BaseModel
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.integrity import amplify_keys
 from commands.remedies.base import (
+    Execution,
     LockScope,
     Outcome,
     Plan,
     PlanStep,
     Remedy,
     RemedyAbort,
+    Verification,
     Writer,
     add_remedy,
     check_count,
     check_drift,
+    nothing_planned,
 )
 from commands.remedies.rowsets import (
     APPROVAL_PLACEHOLDER,
@@ -31,6 +34,7 @@ from commands.remedies.rowsets import (
     Part,
     backup_display,
     backup_sql,
+    backups_hold,
     check_parts,
     count_rows,
     delete_sql,
@@ -330,6 +334,28 @@ async def apply_reconcile(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
+async def verify_dedupe_events(db: Reader, plan: Plan, run: Execution) -> Verification:
+    if (trivial := nothing_planned(plan)) is not None:
+        return trivial
+    return await backups_hold(db, run.approval_id, {"points_ledger": plan.count})
+
+
+async def verify_reconcile(db: Reader, plan: Plan, run: Execution) -> Verification:
+    """The inserted awards carry the approval id: they are there exactly when it committed."""
+    if (trivial := nothing_planned(plan)) is not None:
+        return trivial
+    (row,) = await db.fetch(
+        "SELECT count(*) AS n FROM points_ledger WHERE external_source = %s"
+        " AND meta ->> 'approval' = %s",
+        (RECONCILE_SOURCE, run.approval_id),
+    )
+    n = int(row["n"])
+    return Verification(
+        landed=n == plan.count,
+        found=f"{n} of the {plan.count} planned awards of {run.approval_id} are in the ledger",
+    )
+
+
 RECONCILE_POINTS = add_remedy(
     Remedy(
         name=RECONCILE_NAME,
@@ -337,6 +363,7 @@ RECONCILE_POINTS = add_remedy(
         summary="insert the missing ledger awards of approved submissions (idempotent)",
         plan=plan_reconcile,
         apply=apply_reconcile,
+        verify=verify_reconcile,
         approver_role="ADMIN",
         approvers=1,
         destroys_data=False,
@@ -351,6 +378,7 @@ DEDUPE_EVENTS = add_remedy(
         "and delete the rest",
         plan=plan_dedupe_events,
         apply=apply_dedupe_events,
+        verify=verify_dedupe_events,
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,

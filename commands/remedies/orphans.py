@@ -6,15 +6,18 @@ from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.remedies.base import (
+    Execution,
     LockScope,
     Outcome,
     Plan,
     PlanStep,
     Remedy,
     RowCountError,
+    Verification,
     Writer,
     add_remedy,
     check_count,
+    nothing_planned,
 )
 from commands.remedies.rowsets import (
     APPROVAL_PLACEHOLDER,
@@ -23,6 +26,7 @@ from commands.remedies.rowsets import (
     Part,
     backup_display,
     backup_sql,
+    backups_hold,
     check_parts,
     count_rows,
     delete_sql,
@@ -286,6 +290,17 @@ async def apply_cleanup_orphans(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
+async def verify_cleanup_orphans(db: Reader, plan: Plan, run: Execution) -> Verification:
+    if (trivial := nothing_planned(plan)) is not None:
+        return trivial
+    data = plan.private(OrphanData)
+    expected: dict[str, int] = {}
+    for p in orphan_parts(data.tables):
+        if data.counts.get(p.key):
+            expected[p.table] = expected.get(p.table, 0) + data.counts[p.key]
+    return await backups_hold(db, run.approval_id, expected)
+
+
 CLEANUP_ORPHANS = add_remedy(
     Remedy(
         name=CLEANUP_ORPHANS_NAME,
@@ -293,6 +308,7 @@ CLEANUP_ORPHANS = add_remedy(
         summary="back up, then delete rows whose user, activity or submission is gone",
         plan=plan_cleanup_orphans,
         apply=apply_cleanup_orphans,
+        verify=verify_cleanup_orphans,
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from psycopg import sql
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from commands.base import Context, Reader, Row, human_duration, human_size
 from commands.remedies.base import (
@@ -22,6 +22,7 @@ from commands.remedies.base import (
     PlanStep,
     Remedy,
     RemedyAbort,
+    Verification,
     Writer,
     add_remedy,
     check_count,
@@ -48,6 +49,7 @@ class RefreshData(BaseModel):
     views: list[str]  # schema.view, in refresh order
     identifiers: list[tuple[str, str]]
     modes: dict[str, str]  # schema.view -> concurrently | plain
+    filenodes: dict[str, int | None] = Field(default_factory=dict)  # schema.view -> at plan time
 
 
 async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
@@ -130,6 +132,7 @@ async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
             views=[v.qualified for v in chosen],
             identifiers=[(v.schema, v.name) for v in chosen],
             modes=modes,
+            filenodes={v.qualified: v.filenode for v in chosen},
         ).model_dump(mode="json"),
     )
 
@@ -222,6 +225,41 @@ async def journal_finished(ctx: Context, plan: Plan, run: Execution, outcome: Ou
         )
 
 
+async def verify_refresh(db: Reader, plan: Plan, run: Execution) -> Verification:
+    """PostgreSQL keeps no refresh time. A plain refresh writes the view anew (a new
+    filenode), and all views refresh in one transaction, so one rewritten plain view
+    proves the whole refresh committed; a CONCURRENTLY refresh leaves no such trace."""
+    data = plan.private(RefreshData)
+    live = {v.qualified: v for v in await load_views(db)}
+    rewritten: list[str] = []
+    found: list[str] = []
+    for view in data.views:
+        v = live.get(view)
+        if v is None:
+            found.append(f"{view} is gone")
+        elif not v.populated:
+            found.append(f"{view} is not populated")
+        elif data.modes.get(view) == PLAIN and v.filenode != data.filenodes.get(view):
+            rewritten.append(view)
+    if found:
+        return Verification(landed=False, found="; ".join(found))
+    if rewritten:
+        return Verification(
+            landed=True, found="rewritten since the plan (a new filenode): " + ", ".join(rewritten)
+        )
+    if any(data.modes.get(view) == PLAIN for view in data.views):
+        return Verification(
+            landed=False,
+            found="no plainly refreshed view was rewritten since the plan (same filenode): "
+            "the refresh did not commit",
+        )
+    return Verification(
+        landed=False,
+        found="the views are populated, but a CONCURRENTLY refresh leaves no trace to "
+        "prove it committed; requesting it again is safe",
+    )
+
+
 REFRESH_VIEWS = add_remedy(
     Remedy(
         name=REFRESH_VIEWS_NAME,
@@ -229,6 +267,7 @@ REFRESH_VIEWS = add_remedy(
         summary="refresh materialized views, CONCURRENTLY where the view allows it",
         plan=plan_refresh,
         apply=apply_refresh,
+        verify=verify_refresh,
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,

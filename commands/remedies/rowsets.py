@@ -25,7 +25,15 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from commands.base import BACKUP_SCHEMA, Reader
-from commands.remedies.base import DriftError, Plan, RowCountError, Writer, check_drift
+from commands.remedies.base import (
+    DriftError,
+    Plan,
+    RowCountError,
+    Verification,
+    Writer,
+    backup_name,
+    check_drift,
+)
 
 SAMPLE = 20
 APPROVAL_PLACEHOLDER = "<approval>"
@@ -122,3 +130,22 @@ class Counts(BaseModel):
     """The planned count of each part, which `check_parts` holds the recount to."""
 
     counts: dict[str, int]
+
+
+async def backups_hold(db: Reader, approval_id: str, expected: dict[str, int]) -> Verification:
+    """Did the approval's transaction commit? Its backup tables (created inside it) exist
+    exactly when it did, each with the planned number of rows."""
+    found: list[str] = []
+    landed = True
+    for table, planned in sorted(expected.items()):
+        backup = sql.Identifier(BACKUP_SCHEMA, backup_name(approval_id, table))
+        name = backup.as_string()
+        (present,) = await db.fetch("SELECT to_regclass(%s) IS NOT NULL AS yes", (name,))
+        if not present["yes"]:
+            landed = False
+            found.append(f"no backup table {name}")
+            continue
+        held = await count_rows(db, sql.SQL("SELECT count(*) AS n FROM {}").format(backup))
+        landed = landed and held == planned
+        found.append(f"{name} holds {held} of the {planned} planned rows")
+    return Verification(landed=landed, found="; ".join(found))

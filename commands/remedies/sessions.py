@@ -30,16 +30,19 @@ from commands.base import (
     human_duration,
 )
 from commands.remedies.base import (
+    Execution,
     Outcome,
     Plan,
     PlanStep,
     Remedy,
     RemedyAbort,
     RowCountError,
+    Verification,
     Writer,
     add_remedy,
     check_count,
     check_drift,
+    nothing_planned,
 )
 
 DEFAULT_IDLE_MINUTES = 10
@@ -531,6 +534,50 @@ async def _watch_cancel(
         await asyncio.sleep(_POLL_SECONDS)
 
 
+async def _still_there(db: Reader, starts: dict[str, str]) -> list[Row]:
+    """The planned sessions (pid and backend start) still connected."""
+    if not starts:
+        return []
+    rows = await db.fetch(
+        "SELECT pid, backend_start, query_start, state FROM pg_stat_activity"
+        " WHERE pid = ANY(%s::int[])",
+        ([int(p) for p in starts],),
+    )
+    return [r for r in rows if _same_start(r["backend_start"], starts.get(str(r["pid"])))]
+
+
+async def verify_kill_idle(db: Reader, plan: Plan, run: Execution) -> Verification:
+    """Signals are not transactional: the sessions are gone exactly when they were sent."""
+    if (trivial := nothing_planned(plan)) is not None:
+        return trivial
+    left = await _still_there(db, plan.private(KillIdleData).backend_starts)
+    if left:
+        pids = ", ".join(str(r["pid"]) for r in left)
+        return Verification(landed=False, found=f"planned sessions still connected: pid {pids}")
+    return Verification(landed=True, found=f"the {plan.count} planned sessions are gone")
+
+
+async def verify_terminate(db: Reader, plan: Plan, run: Execution) -> Verification:
+    data = plan.private(SignalData)
+    (pid,) = data.pids
+    left = await _still_there(db, {str(pid): str(data.backend_start)})
+    if left:
+        return Verification(landed=False, found=f"pid {pid} is still connected")
+    return Verification(landed=True, found=f"pid {pid} is gone")
+
+
+async def verify_cancel(db: Reader, plan: Plan, run: Execution) -> Verification:
+    data = plan.private(SignalData)
+    (pid,) = data.pids
+    left = await _still_there(db, {str(pid): str(data.backend_start)})
+    running = [
+        r for r in left if r["state"] == "active" and _iso(r["query_start"]) == data.query_start
+    ]
+    if running and data.state == "active":
+        return Verification(landed=False, found=f"pid {pid} still runs the planned statement")
+    return Verification(landed=True, found=f"pid {pid} no longer runs the planned statement")
+
+
 KILL_IDLE = add_remedy(
     Remedy(
         name="kill-idle",
@@ -538,6 +585,7 @@ KILL_IDLE = add_remedy(
         summary=f"terminate sessions idle for more than N minutes (default {DEFAULT_IDLE_MINUTES})",
         plan=plan_kill_idle,
         apply=apply_kill_idle,
+        verify=verify_kill_idle,
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
@@ -550,6 +598,7 @@ TERMINATE = add_remedy(
         summary="end one session: its transaction rolls back and its connection closes",
         plan=_signal_planner("terminate"),
         apply=_signal_applier("terminate"),
+        verify=verify_terminate,
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
@@ -562,6 +611,7 @@ CANCEL = add_remedy(
         summary="cancel the statement one session is running; the session stays",
         plan=_signal_planner("cancel"),
         apply=_signal_applier("cancel"),
+        verify=verify_cancel,
         role="REVIEWER",
         approver_role="REVIEWER",
         approvers=1,
