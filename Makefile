@@ -29,3 +29,4 @@ postgres: setup
 
 bench: setup postgres
 	$(PY) bench/ack_latency.py
+	$(PY) bench/load.py

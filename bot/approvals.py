@@ -118,7 +118,9 @@ class ApprovalEngine:
     def verify(self, value: str, channel_id: str) -> str | None:
         approval_id, _, mac = value.partition(".")
         expected = self.sign(approval_id, channel_id)
-        return approval_id if hmac.compare_digest(expected, value) and mac else None
+        # bytes: compare_digest refuses str with non-ASCII characters (a tampered value may have)
+        genuine = hmac.compare_digest(expected.encode(), value.encode())
+        return approval_id if genuine and mac else None
 
     # --- request ------------------------------------------------------------------------
 
@@ -341,7 +343,7 @@ class ApprovalEngine:
         if approval.state != "pending":
             await self._tell(click, approval, await self._who_acted(approval))
             return
-        role = await self.roles.role_of(click.user_id)
+        role = await self.roles.role_of(click.user_id, purpose="approve")  # never a stale role
         decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
         refusal = self._refusal(approval, click.user_id, role, decision, click.origin)
         if refusal:

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="worker processes (default: $WEB_CONCURRENCY, 1)"
     )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    sub.add_parser("socket", help="Socket Mode")
+    socket = sub.add_parser("socket", help="Socket Mode (/healthz and /metrics on --port)")
+    socket.add_argument("--port", type=int, default=None, help="default: $PORT, else 3000")
+    socket.add_argument("--host", default="0.0.0.0")
     run = sub.add_parser("run", help='one command against DATABASE_URL, e.g. run "health"')
     run.add_argument("command", help='the text after /db, e.g. "health"')
     run.add_argument("--json", action="store_true", help="print the Report as JSON")
@@ -59,7 +61,7 @@ def _configure_logging(settings: Settings) -> None:
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.approvals import refresh_history
     from bot.gateway import gateway_from_settings
-    from bot.router import Answer, Dispatcher, RunContext
+    from bot.router import Answer, Dispatcher, RunContext, help_text
     from bot.state import open_store
     from commands.remedies.base import Plan
 
@@ -82,7 +84,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
             await store.close()
     if isinstance(result, Answer):
         print(
-            result.text.replace("*", ""),
+            help_text(markup=False) if result.outcome == "help" else result.text,
             file=sys.stderr if result.outcome != "help" else sys.stdout,
         )
         return 0 if result.outcome == "help" else EXIT_CONFIG
@@ -90,7 +92,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         if as_json:
             sys.stdout.write(result.model_dump_json(indent=2) + "\n")
         else:
-            text = render.plan_text(result).replace("*", "")
+            text = render.plan_text(result, m=render.PLAIN)
             sys.stdout.write(f"{text}\n\n{render.steps_text(result)}\n\n")
             sys.stdout.write(render.rows_table(result.targets, 50) + "\n")
             sys.stdout.write("(plan only: remedies run from Slack, after approval)\n")
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "socket":
             from bot.server import serve_socket
 
-            asyncio.run(serve_socket(settings))
+            asyncio.run(
+                serve_socket(
+                    settings, getattr(args, "port", None), getattr(args, "host", "0.0.0.0")
+                )
+            )
             return 0
         if mode == "run" and args.user:
             from bot.console import request_from_console

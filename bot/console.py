@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
-from bot.authz import RoleResolver, allowed
+from bot.authz import RoleResolver, refusal
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
 from bot.notify import ConsoleNotifier
@@ -36,7 +36,9 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             refresh_log=partial(refresh_history, store),
         )
         executor = executor_from_settings(settings)
-        roles = RoleResolver(settings.role_map, None, gateway)
+        roles = RoleResolver(
+            settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
+        )
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:
         await gateway.close()
@@ -51,10 +53,10 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
         return 2
     args = pre[1]
     async with console_engine(settings) as engine:
-        role = await engine.roles.role_of(user_id)
         needed = max(remedy.role, settings.diagnostics_role, key=role_rank)
-        if not allowed(role, needed):
-            print(f"{user_id} has role {role}; {remedy.name} needs {needed}", file=sys.stderr)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "request")
+        if refused:
+            print(f"{user_id}: {remedy.name}: {refused}", file=sys.stderr)
             return 2
         try:
             approval_id = await engine.request(

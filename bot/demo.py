@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import psycopg
 
 from bot import render
-from bot.embedded_pg import EmbeddedPostgres
+from bot.embedded_pg import EmbeddedPostgres, password_sql, role_dsn
 from bot.gateway import gateway_from_settings
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
@@ -82,7 +82,8 @@ async def leak_idle_sessions(dsn: str, n: int) -> list[psycopg.AsyncConnection[A
             "DO $$ BEGIN CREATE ROLE demo_app LOGIN; "
             "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
         )
-    app_dsn = dsn.replace("postgres@", "demo_app@", 1)
+        await admin.execute(password_sql(admin, "demo_app", dsn))
+    app_dsn = role_dsn(dsn, "demo_app")
     return [
         await psycopg.AsyncConnection.connect(app_dsn, application_name="prisma-pool")
         for _ in range(n)

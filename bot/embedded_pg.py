@@ -2,9 +2,11 @@
 
 The bot must be demonstrable and testable without anyone having set up a database, so this
 module runs a private server in a temporary directory: its own data directory, a free port on
-the loopback interface only, trust authentication, and durability switched off because the data
-is disposable. It is deliberately defensive, since a stray server or a half-started one would
-make every later test run flaky.
+the loopback interface only, SCRAM password authentication with a generated password (over TCP
+and the Unix socket alike, so every DSN the tests and the demo use holds a real secret that the
+leak checks can look for), and durability switched off because the data is disposable. It is
+deliberately defensive, since a stray server or a half-started one would make every later test
+run flaky.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -28,17 +31,20 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
-from urllib.parse import quote
+from typing import Any, Self
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 __all__ = [
     "NO_BINARIES_MESSAGE",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
     "find_binaries",
+    "password_sql",
+    "role_dsn",
 ]
 
 log = logging.getLogger(__name__)
@@ -314,7 +320,10 @@ class EmbeddedPostgres:
         keep: bool = False,
         settings: Mapping[str, str] | None = None,
         start_timeout: float = 20.0,
+        password: str | None = None,
     ) -> None:
+        # The superuser's password; login roles the tests or the demo add get the same one.
+        self.password = password or secrets.token_urlsafe(18)
         self._base_dir = base_dir
         self._requested_port = port
         self._port: int | None = port
@@ -382,6 +391,28 @@ class EmbeddedPostgres:
                 # A forked child must not take down its parent's server.
                 return
             self._cleanup()
+
+    def pause(self) -> None:
+        """Stop the server at once (immediate shutdown, as a crash looks to clients: no session
+        finishes its work) but keep its data and port, so `resume()` restarts the same cluster."""
+        with self._lock:
+            # Commits are asynchronous here (synchronous_commit=off): flush them, so that
+            # what was committed before the outage is still there after it.
+            with contextlib.suppress(psycopg.Error), self._admin() as conn:
+                conn.execute("CHECKPOINT")
+            self._kill_watchdog()
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGQUIT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(10)
+            self._stop_server()
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.running:
+                return
+            self._spawn_server(self.bin_dir, self._require_run_dir(), _unprivileged_account())
+            self._wait_ready(time.monotonic() + self._start_timeout)
 
     def __enter__(self) -> Self:
         self.start()
@@ -458,12 +489,17 @@ class EmbeddedPostgres:
         )
 
     def _initdb(self, bin_dir: Path, account: _RunAs | None) -> None:
+        pwfile = self._require_run_dir() / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        if account is not None:
+            os.chown(pwfile, account.uid, account.gid)
         cmd = [
             str(bin_dir / "initdb"),
             "-D",
             str(self.data_dir),
-            "-A",
-            "trust",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
             "-U",
             _SUPERUSER,
             "--encoding=UTF8",
@@ -487,6 +523,8 @@ class EmbeddedPostgres:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise EmbeddedPostgresError(f"could not run {cmd[0]}: {exc}") from exc
+        finally:
+            pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()
             raise EmbeddedPostgresError(f"initdb failed (exit {result.returncode}):\n{output}")
@@ -630,7 +668,10 @@ class EmbeddedPostgres:
 
     def dsn(self, dbname: str = "postgres") -> str:
         # Percent-encoding keeps odd names (spaces, quotes, slashes) a valid URI.
-        return f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+        password = quote(self.password, safe="")
+        return (
+            f"postgresql://{_SUPERUSER}:{password}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+        )
 
     @contextlib.contextmanager
     def _admin(self) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
@@ -663,3 +704,26 @@ class EmbeddedPostgres:
             else:
                 query = sql.SQL("DROP DATABASE IF EXISTS {}")
             conn.execute(query.format(sql.Identifier(name)))
+
+
+def role_dsn(dsn: str, role: str) -> str:
+    """`dsn` (a URL from `EmbeddedPostgres.dsn`) logging in as `role` with the same password."""
+    parts = urlsplit(dsn)
+    _, _, hostinfo = parts.netloc.rpartition("@")
+    password = quote(str(conninfo_to_dict(dsn).get("password") or ""), safe="")
+    return urlunsplit(parts._replace(netloc=f"{quote(role, safe='')}:{password}@{hostinfo}"))
+
+
+def password_sql(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], role: str, dsn: str
+) -> sql.Composed:
+    """`ALTER ROLE role PASSWORD` giving `role` the password of `dsn`.
+
+    The SCRAM verifier is computed here (libpq's PQencryptPasswordConn), so the password
+    itself never reaches the server, its logs or pg_stat_activity.
+    """
+    password = str(conninfo_to_dict(dsn).get("password") or "")
+    verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
+    return sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+        sql.Identifier(role), sql.Literal(verifier.decode())
+    )

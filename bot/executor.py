@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
-from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, Reader, Row
+from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, Reader, Row, shown_queries
 from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort, backup_name
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,15 @@ class _TxWriter:
 
 class Executor:
     def __init__(
-        self, dsn: str, *, statement_timeout_ms: int = 60_000, lock_timeout_ms: int = 2_000
+        self,
+        dsn: str,
+        *,
+        statement_timeout_ms: int = 60_000,
+        lock_timeout_ms: int = 2_000,
+        show_query_literals: bool = False,
     ) -> None:
         self._dsn = normalise_scheme(dsn)
+        self.show_query_literals = show_query_literals
         self.statement_timeout_ms = statement_timeout_ms
         self.lock_timeout_ms = lock_timeout_ms
 
@@ -168,7 +174,7 @@ class Executor:
             ) as conn:
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(_LOCK_HOLDERS_SQL, {"relations": relations, "modes": modes})
-                    rows = await cur.fetchall()
+                    rows = shown_queries(await cur.fetchall(), self.show_query_literals)
         except psycopg.Error:
             log.exception("could not list lock holders")
             return []
@@ -186,7 +192,7 @@ class Executor:
             ) as conn:
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(_SESSIONS_SQL, (pids,))
-                    return await cur.fetchall()
+                    return shown_queries(await cur.fetchall(), self.show_query_literals)
         except psycopg.Error:
             log.exception("could not list lock holders")
             return []
@@ -236,4 +242,5 @@ def executor_from_settings(settings: Settings) -> Executor:
         settings.admin_database_url or settings.database_url or "",
         statement_timeout_ms=settings.remedy_statement_timeout_ms,
         lock_timeout_ms=settings.remedy_lock_timeout_ms,
+        show_query_literals=settings.thresholds.show_query_literals,
     )

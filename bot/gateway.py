@@ -15,10 +15,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 import psycopg
 from psycopg import errors as pgerr
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -50,22 +51,79 @@ def is_url(dsn: str) -> bool:
     return _URL.match(dsn) is not None
 
 
+MASK = "***"
+UNPARSEABLE = "<unparseable connection string>"
+
+# libpq marks its secret options with dispchar "*" (password, sslpassword, oauth_client_secret);
+# the SCRAM keys are debug options ("D") but are credentials all the same.
+SECRET_KEYS = frozenset(
+    o.keyword.decode()
+    for o in pq.Conninfo.get_defaults()
+    if o.dispchar == b"*" or o.keyword in (b"scram_client_key", b"scram_server_key")
+) | {"password", "sslpassword"}
+
+
 def mask_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ***, in the form it was given."""
-    if is_url(dsn):
-        parts = urlsplit(dsn)
-        if parts.password is None:
-            return dsn
-        userinfo, _, hostinfo = parts.netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+    """The DSN with every secret libpq knows replaced by ***, in the form it was given.
+
+    libpq itself parses the string (URLs included, query parameters too), so what is masked
+    is what the driver would have sent; the masked string is parsed again and must name the
+    same server with no secret left, else only a placeholder is shown.
+    """
     try:
         params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparseable connection string>"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo("", **params)
+        masked = _mask_url(dsn) if is_url(dsn) else _mask_keywords(params)
+        again = conninfo_to_dict(masked)
+    except (psycopg.ProgrammingError, ValueError):
+        return UNPARSEABLE
+    for key, value in params.items():
+        if key in SECRET_KEYS:
+            expected: object = MASK
+        elif key == "dbname" and _holds_conninfo(str(value)):
+            expected = mask_dsn(str(value))
+        else:
+            expected = value
+        if again.get(key) != expected:
+            return UNPARSEABLE
+    return masked
+
+
+def _holds_conninfo(value: str) -> bool:
+    """libpq expands a `dbname` that is itself a connection string (with its password)."""
+    return is_url(value) or "=" in value
+
+
+def _mask_value(key: str, value: str | int | None) -> str | int | None:
+    if key in SECRET_KEYS:
+        return MASK
+    if key == "dbname" and _holds_conninfo(str(value)):
+        return mask_dsn(str(value))
+    return value
+
+
+def _mask_keywords(params: dict[str, Any]) -> str:
+    return make_conninfo("", **{k: _mask_value(k, v) for k, v in params.items()})
+
+
+def _mask_url(dsn: str) -> str:
+    """Mask in place, cutting the URL where libpq does (fe-connect.c, conninfo_uri_parse)."""
+    scheme, _, rest = dsn.partition("://")
+    at = re.search(r"[@/]", rest)
+    if at is not None and at.group() == "@":
+        user, colon, _ = rest[: at.start()].partition(":")
+        rest = f"{user}:{MASK}{rest[at.start() :]}" if colon else rest
+    base, question, query = rest.partition("?")
+    if not question:
+        return f"{scheme}://{base}"
+    pairs = []
+    for pair in query.split("&"):
+        key, equals, value = pair.partition("=")
+        if equals and unquote(key) in SECRET_KEYS:
+            value = MASK
+        elif equals and unquote(key) == "dbname" and _holds_conninfo(unquote(value)):
+            value = quote(mask_dsn(unquote(value)), safe="")
+        pairs.append(f"{key}{equals}{value}")
+    return f"{scheme}://{base}?{'&'.join(pairs)}"
 
 
 def describe_target(dsn: str) -> str:
@@ -73,10 +131,13 @@ def describe_target(dsn: str) -> str:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
-        return "<unparseable connection string>"
+        return UNPARSEABLE
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
-    return f"{host}:{port}/{params.get('dbname') or params.get('user') or '?'}"
+    dbname = str(params.get("dbname") or params.get("user") or "?")
+    if _holds_conninfo(dbname):
+        dbname = mask_dsn(dbname)
+    return f"{host}:{port}/{dbname}"
 
 
 def normalise_scheme(dsn: str) -> str:
@@ -109,9 +170,16 @@ def explain_db_error(exc: BaseException) -> tuple[Status, str]:
     return Status.ERROR, f"internal error in check: {type(exc).__name__}"
 
 
+_CONNINFO_ERROR = re.compile(r"connection info string|URI|connection option")
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    if _CONNINFO_ERROR.search(line):
+        # libpq quotes the piece it could not parse, which may be part of a password.
+        line = re.sub(r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"…"', line)
+    return line
 
 
 class _TxReader:
@@ -154,10 +222,18 @@ class TargetGateway:
                 "autocommit": False,
             },
             configure=self._configure,
+            # A restarted target leaves dead connections in the pool: test each one as it is
+            # handed out, so the first command after an outage is not answered with them.
+            check=AsyncConnectionPool.check_connection,
             reconnect_timeout=0,
             name="dbops-target",
         )
         self._opened = False
+        try:
+            conninfo_to_dict(self._dsn)
+            self._dsn_error: str | None = None
+        except psycopg.ProgrammingError as exc:
+            self._dsn_error = f"the connection string cannot be parsed ({first_line(exc)})"
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -171,7 +247,13 @@ class TargetGateway:
     def dsn_for_display(self) -> str:
         return mask_dsn(self._raw_dsn)
 
+    def _check_dsn(self) -> None:
+        """Fail before libpq sees a broken DSN: its messages quote fragments of it."""
+        if self._dsn_error is not None:
+            raise psycopg.ProgrammingError(self._dsn_error)
+
     async def open(self) -> None:
+        self._check_dsn()
         if not self._opened:
             await self._pool.open(wait=False)
             self._opened = True
@@ -183,6 +265,7 @@ class TargetGateway:
 
     async def probe(self) -> Row:
         """Connect outside the pool so the user sees the driver's own reason on failure."""
+        self._check_dsn()
         started = time.perf_counter()
         conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(

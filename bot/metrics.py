@@ -1,9 +1,19 @@
-"""Prometheus metrics on a registry of the bot's own, served at /metrics."""
+"""Prometheus metrics on a registry of the bot's own, served at /metrics.
+
+With several HTTP workers (`WEB_CONCURRENCY` > 1) each is its own process, and a scrape
+reaches whichever one the kernel picks: the supervisor then sets
+`PROMETHEUS_MULTIPROC_DIR`, every worker writes its samples there, and /metrics adds
+up all workers' files (prometheus_client's multiprocess mode).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REGISTRY = CollectorRegistry()
 
@@ -31,4 +41,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 def exposition() -> bytes:
+    if os.environ.get(MULTIPROC_ENV):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
     return generate_latest(REGISTRY)

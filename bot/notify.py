@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.render import SlackMessage, plain_dates
+from bot.render import SlackMessage, plain_dates, unesc
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,18 @@ class ConsoleNotifier:
         self._ts = itertools.count(1)
 
     def _print_blocks(self, message: SlackMessage) -> None:
+        if message.console:  # the message's own text rendering: SQL and values as written
+            self.out.write(message.console + "\n")
+            if any(b.get("type") == "actions" for b in message.blocks_json()):
+                self.out.write(
+                    "[Approve] [Reject]  (python -m bot approve|reject <id> --user U…)\n"
+                )
+            self.out.flush()
+            return
         for block in message.blocks_json():
             text = block.get("text")
             if isinstance(text, dict) and text.get("text"):
-                plain = plain_dates(str(text["text"]))
-                self.out.write(plain.replace("```", "").replace("*", "") + "\n")
+                self.out.write(unesc(plain_dates(str(text["text"])).replace("```", "")) + "\n")
             elif block.get("type") == "actions":
                 self.out.write(
                     "[Approve] [Reject]  (python -m bot approve|reject <id> --user U…)\n"
@@ -96,7 +103,7 @@ class ConsoleNotifier:
         self.out.flush()
 
     async def post_request(self, channel_id: str, text: str) -> str:
-        self.out.write(plain_dates(text).replace("`", "") + "\n")
+        self.out.write(_plain(text) + "\n")
         return f"console.{next(self._ts)}"
 
     async def post_plan(self, channel_id: str, thread_ts: str, message: SlackMessage) -> str:
@@ -108,9 +115,14 @@ class ConsoleNotifier:
         self._print_blocks(message)
 
     async def update_request(self, channel_id: str, ts: str, text: str) -> None:
-        self.out.write(plain_dates(text).replace("`", "") + "\n")
+        self.out.write(_plain(text) + "\n")
         self.out.flush()
 
     async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
-        self.out.write(f"(to {user_id}) {text.replace('`', '')}\n")
+        self.out.write(f"(to {user_id}) {_plain(text)}\n")
         self.out.flush()
+
+
+def _plain(text: str) -> str:
+    """A Slack mrkdwn line as the console shows it: values as written, times in UTC ISO."""
+    return unesc(plain_dates(text).replace("`", ""))

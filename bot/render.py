@@ -4,6 +4,10 @@ Slack limits are respected here, in one place: at most 50 blocks a message and 3
 characters a section; what is cut is counted, and a cut table carries a button that
 fetches it whole as CSV. Times in Slack are `<!date>` tokens so every reader sees their
 own time zone; the console sees UTC ISO.
+
+Every value from the database or a user passes `esc` on its way into mrkdwn (code spans
+included: Slack reads `<!channel>` inside backticks too); plain_text fields and the
+console show values as written.
 """
 
 from __future__ import annotations
@@ -52,13 +56,14 @@ ICON = {
 LABEL = {s: s.value.upper() for s in Status}
 
 
-@dataclass
-class SlackMessage:
-    text: str
-    blocks: list[Block]
+def esc(value: object) -> str:
+    """Slack's escaping for text it must not read as controls (`<!channel>`, `<url|text>`)."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
-    def blocks_json(self) -> list[dict[str, Any]]:
-        return [b.to_dict() for b in self.blocks]
+
+def unesc(text: str) -> str:
+    """The inverse of `esc`, for a console that shows what Slack would."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def utc_iso(value: datetime) -> str:
@@ -100,6 +105,42 @@ def slack_times(text: str) -> str:
 def plain_dates(text: str) -> str:
     """Slack date tokens back to their UTC fallback, for the console."""
     return _DATE_TOKEN.sub(r"\1", text)
+
+
+@dataclass(frozen=True)
+class Markup:
+    """How a rendering writes values and emphasis: Slack mrkdwn, or the console's text."""
+
+    slack: bool
+
+    def v(self, value: object) -> str:
+        return esc(value) if self.slack else str(value)
+
+    def b(self, text: str) -> str:
+        return f"*{text}*" if self.slack else text
+
+    def code(self, text: str) -> str:
+        return f"`{text}`" if self.slack else text
+
+    def pre(self, text: str) -> str:
+        return f"```{text}```" if self.slack else text
+
+    def when(self, value: datetime) -> str:
+        return slack_date(value) if self.slack else utc_iso(value)
+
+
+MRKDWN = Markup(slack=True)
+PLAIN = Markup(slack=False)
+
+
+@dataclass
+class SlackMessage:
+    text: str
+    blocks: list[Block]
+    console: str = ""  # the same message as the console shows it (values as written)
+
+    def blocks_json(self) -> list[dict[str, Any]]:
+        return [b.to_dict() for b in self.blocks]
 
 
 def cell(value: Any, limit: int = CELL_CHARS) -> str:
@@ -163,10 +204,11 @@ def _full_table_button(f: Finding) -> ButtonElement:
 
 
 def _finding_section(f: Finding, table_buttons: bool = False) -> SectionBlock:
-    text = f"{ICON[f.status]} *{LABEL[f.status]}  {f.check}*\n{slack_times(f.summary)}"
+    summary = slack_times(esc(f.summary))
+    text = f"{ICON[f.status]} *{LABEL[f.status]}  {esc(f.check)}*\n{summary}"
     if f.hint:
-        text += f"\n_next:_ {slack_times(f.hint)}"
-    table = rows_table(f.rows) if f.status not in (Status.OK, Status.SKIPPED) else ""
+        text += f"\n_next:_ {slack_times(esc(f.hint))}"
+    table = esc(rows_table(f.rows)) if f.status not in (Status.OK, Status.SKIPPED) else ""
     shown_whole = len(f.rows) <= ROWS_IN_MESSAGE
     if table:
         room = MAX_SECTION_CHARS - len(text) - 10
@@ -193,7 +235,9 @@ def to_slack(report: Report, table_buttons: bool = False) -> SlackMessage:
     report = report.sorted()
     blocks: list[Block] = [
         HeaderBlock(text=cut(f"{report.title}: {report.worst.value.upper()}", MAX_HEADER_CHARS)),
-        ContextBlock(elements=[MarkdownTextObject(text=f"`{report.target}` · {_tally(report)}")]),
+        ContextBlock(
+            elements=[MarkdownTextObject(text=f"`{esc(report.target)}` · {_tally(report)}")]
+        ),
         DividerBlock(),
     ]
     room = MAX_BLOCKS - len(blocks) - 1  # keep one for the "left out" note
@@ -205,7 +249,7 @@ def to_slack(report: Report, table_buttons: bool = False) -> SlackMessage:
             ContextBlock(elements=[MarkdownTextObject(text=f"… {left} more findings not shown")])
         )
     fallback = f"{report.title} of {report.target}: {report.worst.value.upper()} ({_tally(report)})"
-    return SlackMessage(text=fallback, blocks=blocks)
+    return SlackMessage(text=esc(fallback), blocks=blocks)
 
 
 def sign_table_buttons(
@@ -261,7 +305,9 @@ def to_json(report: Report) -> str:
 
 def error_text(message: str) -> SlackMessage:
     return SlackMessage(
-        text=message, blocks=[SectionBlock(text=MarkdownTextObject(text=cut(message, 3000)))]
+        text=message,
+        blocks=[SectionBlock(text=MarkdownTextObject(text=cut(esc(message), 3000)))],
+        console=message,
     )
 
 
@@ -275,17 +321,31 @@ STATE_LINE = {
     "expired": ":alarm_clock: *expired*",
     "cancelled": ":heavy_multiplication_x: *cancelled*",
 }
+CONSOLE_STATE_LINE = {
+    "pending": "waiting for approval",
+    "executing": "executing",
+    "done": "done",
+    "failed": "FAILED",
+    "aborted": "aborted",
+    "rejected": "rejected",
+    "expired": "expired",
+    "cancelled": "cancelled",
+}
 
 
-def plan_text(plan: Plan, limits: str = "") -> str:
+def plan_text(plan: Plan, limits: str = "", m: Markup = MRKDWN) -> str:
     """The plan as an engineer reviews it: what, how many, the exact SQL, backup, limits."""
-    lines = [f"*{plan.title}*", plan.summary, f"rows/objects counted now: *{plan.count}*"]
+    lines = [
+        m.b(m.v(plan.title)),
+        m.v(plan.summary),
+        f"rows/objects counted now: {m.b(str(plan.count))}",
+    ]
     if plan.tolerance:
         lines[-1] += f" (tolerance ±{plan.tolerance})"
-    lines.append(f"backup: {plan.backup or 'nothing is deleted or overwritten'}")
+    lines.append(f"backup: {m.v(plan.backup or 'nothing is deleted or overwritten')}")
     if limits or plan.limits:
-        lines.append(f"limits: {plan.limits or limits}")
-    lines += [f":warning: {w}" for w in plan.warnings]
+        lines.append(f"limits: {m.v(plan.limits or limits)}")
+    lines += [f"{':warning: ' if m.slack else 'warning: '}{m.v(w)}" for w in plan.warnings]
     return "\n".join(lines)
 
 
@@ -321,59 +381,50 @@ def approval_message(
     state other than pending; `destroys_data` puts a confirmation dialog on Approve.
     """
     times = decided_at or {}
-    who = ", ".join(
-        f"<@{u}> ({slack_date(times[u])})" if u in times else f"<@{u}>" for u in approved_by
-    )
-    status = STATE_LINE.get(state, state)
-    if state == "pending":
-        status += (
-            f": {max(0, needed - len(approved_by))} more of {needed} approver(s) with role "
-            f"{approver_role} (not <@{requester_id}>); expires {slack_date(expires_at)}"
+
+    def sections(m: Markup) -> list[str]:
+        """The message's sections, for Slack (escaped mrkdwn) or the console (as written)."""
+        mention = (lambda u: f"<@{esc(u)}>") if m.slack else str
+        who = ", ".join(
+            f"{mention(u)} ({m.when(times[u])})" if u in times else mention(u) for u in approved_by
         )
-        if who:
-            status += f"; approved by {who}"
-    else:
-        if changed_at is not None:
-            status += f" {slack_date(changed_at)}"
-        if who:
-            status += f" (approved by {who})"
-    if outcome is not None:
-        status += f"\n{outcome.summary}"
-        if outcome.affected or outcome.backed_up:
-            status += f"\naffected {outcome.affected}; backed up {outcome.backed_up}"
-            if outcome.backup_table:
-                status += f" into `{outcome.backup_table}`"
-        if outcome.error and outcome.error not in outcome.summary:
-            status += f"\ndatabase said: `{cut(outcome.error, 500)}`"
-        if outcome.offers:
-            status += "\nnext: " + ", ".join(f"`/db {o}`" for o in outcome.offers)
+        status = STATE_LINE.get(state, state) if m.slack else CONSOLE_STATE_LINE.get(state, state)
+        if state == "pending":
+            status += (
+                f": {max(0, needed - len(approved_by))} more of {needed} approver(s) with role "
+                f"{m.v(approver_role)} (not {mention(requester_id)}); expires "
+                f"{m.when(expires_at)}"
+            )
+            if who:
+                status += f"; approved by {who}"
+        else:
+            if changed_at is not None:
+                status += f" {m.when(changed_at)}"
+            if who:
+                status += f" (approved by {who})"
+        if outcome is not None:
+            status += f"\n{m.v(outcome.summary)}"
+            if outcome.affected or outcome.backed_up:
+                status += f"\naffected {outcome.affected}; backed up {outcome.backed_up}"
+                if outcome.backup_table:
+                    status += f" into {m.code(m.v(outcome.backup_table))}"
+            if outcome.error and outcome.error not in outcome.summary:
+                status += f"\ndatabase said: {m.code(m.v(cut(outcome.error, 500)))}"
+            if outcome.offers:
+                status += "\nnext: " + ", ".join(m.code(m.v(f"/db {o}")) for o in outcome.offers)
+        room = MAX_SECTION_CHARS - 6
+        texts = [cut(status, MAX_SECTION_CHARS), cut(plan_text(plan, limits, m), MAX_SECTION_CHARS)]
+        if plan.targets:
+            texts.append(m.pre(cut(m.v(rows_table(plan.targets, 15)), room)))
+        texts.append(m.pre(cut(m.v(steps_text(plan)), room)))
+        if outcome is not None and outcome.rows:
+            texts.append(m.pre(cut(m.v(rows_table(outcome.rows, 15)), room)))
+        return texts
+
     blocks: list[Block] = [
         HeaderBlock(text=cut(f"Approval {approval_id}: {plan.title}", MAX_HEADER_CHARS)),
-        SectionBlock(text=MarkdownTextObject(text=cut(status, MAX_SECTION_CHARS))),
-        SectionBlock(text=MarkdownTextObject(text=cut(plan_text(plan, limits), MAX_SECTION_CHARS))),
+        *(SectionBlock(text=MarkdownTextObject(text=t)) for t in sections(MRKDWN)),
     ]
-    if plan.targets:
-        table = rows_table(plan.targets, 15)
-        blocks.append(
-            SectionBlock(
-                text=MarkdownTextObject(text="```" + cut(table, MAX_SECTION_CHARS - 6) + "```")
-            )
-        )
-    blocks.append(
-        SectionBlock(
-            text=MarkdownTextObject(
-                text="```" + cut(steps_text(plan), MAX_SECTION_CHARS - 6) + "```"
-            )
-        )
-    )
-    if outcome is not None and outcome.rows:
-        blocks.append(
-            SectionBlock(
-                text=MarkdownTextObject(
-                    text="```" + cut(rows_table(outcome.rows, 15), MAX_SECTION_CHARS - 6) + "```"
-                )
-            )
-        )
     if state == "pending":
         blocks.append(
             ActionsBlock(
@@ -393,14 +444,15 @@ def approval_message(
             )
         )
     text = f"Approval {approval_id}: {plan.title} — {state}"
-    return SlackMessage(text=text, blocks=blocks)
+    console = "\n".join([f"Approval {approval_id}: {plan.title}", *sections(PLAIN)])
+    return SlackMessage(text=esc(text), blocks=blocks, console=console)
 
 
 def destroy_confirm(plan: Plan) -> ConfirmObject:
     """Approve on a data-destroying remedy asks once more, naming what goes and how much."""
-    backup = plan.backup or "no backup is taken"
+    backup = esc(plan.backup or "no backup is taken")
     text = (
-        f"This deletes or overwrites *{plan.count}* rows: {plan.summary}\n"
+        f"This deletes or overwrites *{plan.count}* rows: {esc(plan.summary)}\n"
         f"Backup: {backup}. Approve?"
     )
     return ConfirmObject(
@@ -438,12 +490,16 @@ def approval_parent(
     outcome: Outcome | None = None,
 ) -> str:
     """The channel message a plan's thread hangs from: who asks for what, whom it waits
-    for, and once final the outcome, so the channel reads it without opening the thread."""
+    for, and once final the outcome, so the channel reads it without opening the thread.
+    Slack mrkdwn (values escaped); the console turns it back with `unesc`/`plain_dates`."""
     verb = "runs" if needed == 0 else "requests"
-    lines = [f"<@{requester_id}> {verb} `{command}` — {plan.title} (approval `{approval_id}`)"]
+    lines = [
+        f"<@{esc(requester_id)}> {verb} `{esc(command)}` — {esc(plan.title)}"
+        f" (approval `{approval_id}`)"
+    ]
     if state == "pending":
         if needed:
-            groups = " ".join(f"<!subteam^{g}>" for g in mention_groups)
+            groups = " ".join(f"<!subteam^{esc(g)}>" for g in mention_groups)
             wait = f"waiting for {needed} approver(s); expires {slack_date(expires_at)}"
             lines.append(f"{groups} {wait}" if groups else wait)
         return "\n".join(lines)
@@ -451,14 +507,14 @@ def approval_parent(
     if changed_at is not None:
         final += f" {slack_date(changed_at)}"
     if state == "rejected" and rejected_by:
-        final += " by " + ", ".join(f"<@{u}>" for u in rejected_by)
+        final += " by " + ", ".join(f"<@{esc(u)}>" for u in rejected_by)
     elif approved_by:
-        final += " (approved by " + ", ".join(f"<@{u}>" for u in approved_by) + ")"
+        final += " (approved by " + ", ".join(f"<@{esc(u)}>" for u in approved_by) + ")"
     if outcome is not None:
-        final += f": {outcome.summary}"
+        final += f": {esc(outcome.summary)}"
         if outcome.affected or outcome.backed_up:
             final += f" (affected {outcome.affected}, backed up {outcome.backed_up})"
         if outcome.error and outcome.error not in outcome.summary:
-            final += f"; database said: `{cut(outcome.error, 300)}`"
+            final += f"; database said: `{esc(cut(outcome.error, 300))}`"
     lines.append(final)
     return "\n".join(lines)

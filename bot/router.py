@@ -86,12 +86,16 @@ def usage_of(name: str) -> str | None:
     return target.usage if target else None
 
 
-def help_text() -> str:
-    lines = ["*`/db` diagnostics* (read-only)"]
+def help_text(markup: bool = True) -> str:
+    """mrkdwn for Slack (escaped where it sends it); `markup=False` for the console."""
+    b = (lambda s: f"*{s}*") if markup else str
+    lines = [b("`/db` diagnostics") + " (read-only)"]
     for cmd in sorted(REGISTRY.values(), key=lambda c: c.name):
         lines.append(f"• `{cmd.usage}` — {cmd.summary} (role {cmd.role})")
     if REMEDIES:
-        lines.append("*`/db` remedies* (the plan is posted in a thread; changes wait for approval)")
+        lines.append(
+            b("`/db` remedies") + " (the plan is posted in a thread; changes wait for approval)"
+        )
         for rem in sorted(REMEDIES.values(), key=lambda r: r.name):
             approvers = f"{rem.approvers} x {rem.approver_role}"
             lines.append(f"• `{rem.usage}` — {rem.summary} (approved by {approvers})")

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.request.internals import parse_body
 from slack_sdk.signature import SignatureVerifier
 
 from bot import metrics
@@ -50,7 +53,12 @@ class Service:
         self.tracker = TaskTracker()
         self.slack = SlackFrontend(settings, self.dispatcher, self.tracker)
         self.roles = RoleResolver(
-            settings.role_map, self.slack.app.client, self.gateway, settings.role_cache_ttl_s
+            settings.role_map,
+            self.slack.app.client,
+            self.gateway,
+            settings.role_cache_ttl_s,
+            role_groups=settings.role_groups,
+            stale_max_s=settings.role_stale_max_s,
         )
         self.slack.roles = self.roles
         self.ctx.slack_email = self.roles.email_of  # `/db quota @user` reads the profile e-mail
@@ -61,7 +69,13 @@ class Service:
 
     async def start(self) -> None:
         await self.gateway.open()
-        self.store = await open_store(self.settings.state_database_url)
+        try:
+            self.store = await open_store(self.settings.state_database_url)
+        except BaseException:
+            # The open pool would keep the process alive: a bot that cannot start must exit.
+            await self.gateway.close()
+            raise
+        self.roles.store = self.store  # from now on resolved roles are kept for outages
         self.engine = ApprovalEngine(
             self.settings,
             self.store,
@@ -95,6 +109,67 @@ class Service:
         return await refresh_history(self.store) if self.store is not None else {}
 
 
+_Obj = dict[str, Any]
+
+
+class InteractionShape(BaseModel):
+    """What Bolt reads of an interaction payload before any listener runs, in Slack's shapes.
+
+    Bolt trusts these shapes (it parses the JSON even before checking the signature): a
+    payload of another shape would end in a 500 and a traceback instead of a refusal.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str | None = None
+    team: _Obj | None = None
+    enterprise: _Obj | None = None
+    user: _Obj | None = None
+    channel: _Obj | None = None
+    container: _Obj | None = None
+    message: _Obj | None = None
+    view: _Obj | None = None
+    actions: list[_Obj] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_not_null(cls, data: Any) -> Any:
+        """Bolt tells "absent" from "present"; a present null breaks it like a wrong type."""
+        if isinstance(data, dict):
+            nulls = [k for k in cls.model_fields if k in data and data[k] is None]
+            if nulls:
+                raise ValueError(f"null {', '.join(nulls)}")
+        return data
+
+
+def readable_by_bolt(body: str, content_type: str | None) -> bool:
+    """Whether Bolt can read this body (its own parser, then the shapes it relies on)."""
+    try:
+        parsed = parse_body(body, content_type)
+        InteractionShape.model_validate(parsed)
+    except (ValueError, ValidationError):
+        return False
+    return True
+
+
+def add_probe_routes(app: web.Application, service: Service) -> None:
+    """`/healthz` for the orchestrator (the image's HEALTHCHECK) and `/metrics` for
+    Prometheus, the same in HTTP and in Socket Mode."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "pending_tasks": len(service.tracker), "pid": os.getpid()}
+        )
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.exposition())
+        resp.headers["Content-Type"] = metrics.CONTENT_TYPE
+        return resp
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+
+
 def build_web_app(service: Service) -> web.Application:
     bolt = service.slack.app
 
@@ -120,21 +195,22 @@ def build_web_app(service: Service) -> web.Application:
             )
             service.tracker.spawn(bolt.async_dispatch(early), name="slash command")
             return web.Response(status=200)
+        if not readable_by_bolt(body, request.content_type):
+            if verifier is not None and not verifier.is_valid_request(body, request.headers):
+                return web.Response(status=401)
+            log.warning("refused an interaction payload not shaped as Slack sends them")
+            return web.Response(status=200)
         bolt_request = AsyncBoltRequest(
             body=body,
             query=request.query_string,
             headers=request.headers,  # type: ignore[arg-type]
         )
         bolt_response = await bolt.async_dispatch(bolt_request)
+        if bolt_response.status == 404:
+            # Signed, but no listener wants it (a button of another app version, an unknown
+            # action): Slack needs only the 200; Bolt has logged what it was.
+            return web.Response(status=200)
         return await to_aiohttp_response(bolt_response)
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "pending_tasks": len(service.tracker)})
-
-    async def metrics_view(_request: web.Request) -> web.Response:
-        resp = web.Response(body=metrics.exposition())
-        resp.headers["Content-Type"] = metrics.CONTENT_TYPE
-        return resp
 
     async def on_startup(_app: web.Application) -> None:
         await service.start()
@@ -144,8 +220,7 @@ def build_web_app(service: Service) -> web.Application:
 
     app = web.Application()
     app.router.add_post("/slack/events", slack_events)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_view)
+    add_probe_routes(app, service)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
@@ -179,17 +254,29 @@ async def connect_socket(service: Service, app_token: str) -> AsyncSocketModeHan
     return handler
 
 
-async def serve_socket(settings: Settings) -> None:
+async def serve_socket(settings: Settings, port: int | None = None, host: str = "0.0.0.0") -> None:
+    """Socket Mode, plus `/healthz` and `/metrics` on PORT: Slack needs no inbound port,
+    but the container's HEALTHCHECK and Prometheus do."""
     settings.require("slack_bot_token", "slack_app_token", "database_url")
     assert settings.slack_app_token is not None
     service = Service(settings)
     await service.start()
+    probes = web.Application()
+    add_probe_routes(probes, service)
+    runner = web.AppRunner(probes, access_log=None)
     handler: AsyncSocketModeHandler | None = None
     try:
+        await runner.setup()
+        await web.TCPSite(runner, host, port or settings.port).start()
         handler = await connect_socket(service, settings.slack_app_token)
-        log.info("dbops-bot connected in Socket Mode")
+        log.info(
+            "dbops-bot connected in Socket Mode (/healthz, /metrics on %s:%d)",
+            host,
+            port or settings.port,
+        )
         await wait_for_signal()
     finally:
         if handler is not None:
             await handler.close_async()  # type: ignore[no-untyped-call]
+        await runner.cleanup()
         await service.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import ROLES, Thresholds
@@ -77,9 +77,13 @@ class Settings(BaseSettings):
     # Who may do what. ROLE_MAP is JSON: {"U0123": "ADMIN"}; it wins over the LEAPS
     # `users.role` found through the Slack profile e-mail. Unknown users are PARTICIPANT.
     role_map: dict[str, str] = Field(default_factory=dict)
-    # Slack user groups and their role: {"S0ONCALL": "ADMIN"} (JSON).
+    # Slack user groups (ids) -> role, e.g. {"S0ONCALL": "ADMIN"}: checked after ROLE_MAP and
+    # before LEAPS; a member of several groups gets the highest of their roles.
     role_groups: dict[str, str] = Field(default_factory=dict)
     role_cache_ttl_s: float = Field(default=300.0, ge=0)
+    # When the role cannot be looked up now (target or Slack down), the last role resolved
+    # within this many seconds still counts for diagnostics (never for requesting or approving).
+    role_stale_max_s: float = Field(default=86_400.0, ge=0)
     diagnostics_role: str = "REVIEWER"
     # Channels the bot answers in (ids, comma-separated); empty means every channel.
     allowed_channels: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -94,6 +98,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     sweep_margin_s: float = Field(default=30.0, ge=0)
     verify_timeout_s: float = Field(default=10.0, gt=0)  # a remedy's read-only verification
+    # Query text from pg_stat_activity shows string literals as '…' unless this is on.
+    show_query_literals: bool = False
 
     @field_validator("role_map", "role_groups")
     @classmethod
@@ -123,6 +129,13 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return value if value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _literals_into_thresholds(self) -> Settings:
+        """Commands read their limits from Thresholds only; the flag has its own plain name."""
+        if self.show_query_literals:
+            self.thresholds = self.thresholds.model_copy(update={"show_query_literals": True})
+        return self
 
     def require(self, *names: str) -> None:
         """Fail with the first missing variable the chosen mode needs."""

@@ -27,10 +27,11 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncServerErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
-from bot.authz import RoleResolver, allowed
+from bot.authz import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
 from bot.gateway import first_line
 from bot.router import Answer, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
@@ -56,6 +57,10 @@ def make_web_client(settings: Settings, token: str | None = None) -> AsyncWebCli
 
 
 ACKED_EARLY = "dbops_acked_early"
+STATE_STORE_DOWN = (
+    "`{name}` is refused: the bot's state store (where approvals are kept) is unreachable, "
+    "so no remedy can be approved; nothing was changed. Diagnostics still work."
+)
 
 
 def is_slash_command(body: str) -> bool:
@@ -66,7 +71,8 @@ def is_slash_command(body: str) -> bool:
 
 
 def _ephemeral(text: str) -> dict[str, Any]:
-    return {"response_type": "ephemeral", "text": text}
+    """A short answer; it echoes user input and database errors, so nothing in it is markup."""
+    return {"response_type": "ephemeral", "text": render.esc(text)}
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,7 @@ class SlackFrontend:
         """A short private answer: in the ack itself, or through `response_url` when the
         HTTP server already acknowledged the command."""
         if not early:
-            await ack(text=text, response_type="ephemeral")
+            await ack(text=render.esc(text), response_type="ephemeral")
             return
         await ack()
         respond = AsyncRespond(response_url=body.get("response_url"))
@@ -178,16 +184,18 @@ class SlackFrontend:
     async def _authorize(self, user_id: str, target: Target) -> str | None:
         """None when allowed, else the refusal to show.
 
-        Diagnostics need the configured diagnostics role; requesting a remedy needs its
-        own role as well (approving it is checked per click, against its approver role).
+        Every command needs the diagnostics role and its own; requesting a remedy needs a
+        role checked now, while a diagnostic also accepts the last known role (the target
+        may be down, and those diagnosing it must still see it). Approving is checked per
+        click, against the remedy's approver role.
         """
-        role = await self.roles.role_of(user_id) if self.roles else "PARTICIPANT"
-        needed = self.settings.diagnostics_role
-        if isinstance(target, Remedy):
-            needed = max(needed, target.role, key=role_rank)
-        if allowed(role, needed):
-            return None
-        return f"You need the role {needed} for this; yours is {role}."
+        needed = max(self.settings.diagnostics_role, target.role, key=role_rank)
+        if needed == LOWEST:
+            return None  # nothing to look up: everyone holds the lowest role
+        purpose: Purpose = "request" if isinstance(target, Remedy) else "diagnose"
+        if self.roles is None:
+            return refusal(needed, ResolvedRole.unknown("roles are not set up yet"), purpose)
+        return refusal(needed, await self.roles.resolve(user_id), purpose)
 
     async def _work(
         self, body: dict[str, Any], text: str, cmd: Target, args: list[str], received: float
@@ -245,6 +253,11 @@ class SlackFrontend:
         except psycopg.Error as exc:
             await respond(**_ephemeral(f"Could not plan `{remedy.name}`: {first_line(exc)}"))
             return "error"
+        except SQLAlchemyError as exc:
+            # Approvals live in the state store: without it no remedy may go ahead (fail closed).
+            log.warning("state store unavailable, %s refused: %s", remedy.name, first_line(exc))
+            await respond(**_ephemeral(STATE_STORE_DOWN.format(name=remedy.name)))
+            return "refused"
         return "requested" if approval_id else "nothing"
 
     async def on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -323,7 +336,11 @@ class SlackFrontend:
             refusal = await self._authorize(user, cmd)
             if refusal:
                 metrics.COMMANDS.labels("full-table", "refused").inc()
-                await self._whisper(channel, user, f"Full table of `/db {ref.text}`: {refusal}")
+                await self._whisper(
+                    channel,
+                    user,
+                    f"Full table of `/db {ref.text}`: {refusal}",
+                )
                 return
             report = await self.dispatcher.run_command(cmd, args)
             finding = (
@@ -333,7 +350,9 @@ class SlackFrontend:
             )
             if finding is None or not finding.rows:
                 await self._whisper(
-                    channel, user, f"`/db {ref.text}` has no rows for {ref.check} any more."
+                    channel,
+                    user,
+                    f"`/db {ref.text}` has no rows for {ref.check} any more.",
                 )
                 return
             await self._upload_table(ref, finding, user, channel, message_ts)
@@ -349,8 +368,9 @@ class SlackFrontend:
         self, ref: TableRef, finding: Finding, user: str, channel: str, message_ts: str
     ) -> None:
         client = self.app.client
+        asked, check = render.esc(ref.text), render.esc(finding.check)
         comment = (
-            f"`/db {ref.text}`: {finding.check}, {len(finding.rows)} rows as of "
+            f"`/db {asked}`: {check}, {len(finding.rows)} rows as of "
             f"{render.slack_date(datetime.now(UTC))}"
         )
         content = render.rows_csv(finding.rows)
@@ -377,8 +397,12 @@ class SlackFrontend:
         await self._whisper(channel, user, f"The full table of {finding.check} is in your DM.")
 
     async def _whisper(self, channel: str, user: str, text: str) -> None:
+        """A private note; it echoes the command text and check names, so nothing in it
+        is markup (like `_ephemeral`)."""
         try:
-            await self.app.client.chat_postEphemeral(channel=channel, user=user, text=text)
+            await self.app.client.chat_postEphemeral(
+                channel=channel, user=user, text=render.esc(text)
+            )
         except SlackClientError as exc:
             log.warning("could not tell %s: %s (%s)", user, text, _slack_reason(exc))
 

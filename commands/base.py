@@ -8,6 +8,7 @@ files; the bot supplies a `Context` that implements the protocols below.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -204,6 +205,9 @@ class Thresholds(BaseModel):
     blocked_crit_s: float = 60.0
     query_chars: int = 120
     max_rows: int = 20
+    # Query text from pg_stat_activity can hold `PASSWORD '…'` or personal data: string
+    # literals are shown as '…' unless this is on (SHOW_QUERY_LITERALS=true).
+    show_query_literals: bool = False
 
 
 Diagnose = Callable[[Context, list[str]], Awaitable[Report]]
@@ -238,3 +242,107 @@ def register(
         return fn
 
     return decorate
+
+
+ELIDED = "'…'"
+# PostgreSQL's lexer: identifiers and keywords (which may hold `$`), dollar-quote tags
+# (which may not), and the openers of everything that is not plain code.
+_WORD = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\$")
+_SPECIAL = re.compile(r"""[A-Za-z_\u0080-\U0010ffff'"$]|--|/\*""")
+
+
+def _quoted_end(text: str, start: int, quote: str, backslash: bool) -> int:
+    """Index after the closing quote (doubled quotes stay inside); len(text) if cut off."""
+    i = start + 1
+    while i < len(text):
+        c = text[i]
+        if backslash and c == "\\":
+            i += 2
+        elif c == quote:
+            if text.startswith(quote, i + 1):
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    return len(text)
+
+
+def _block_comment_end(text: str, start: int) -> int:
+    depth, i = 0, start
+    while i < len(text):
+        if text.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif text.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return len(text)
+
+
+def redact_literals(sql: str) -> str:
+    """SQL with every string literal shown as '…': standard, E'' (backslash escapes) and
+    dollar-quoted, cut-off ones included (pg_stat_activity text is truncated).
+
+    A small scanner rather than a regex, because a quote inside an identifier or a comment
+    must not pair with a literal's opening quote and leave its content outside. A `--`
+    comment whose end is unknown (the reports fold newlines into spaces) hides the rest,
+    since a literal may follow on the next line. Assumes standard_conforming_strings=on
+    (PostgreSQL's default since 9.1): in '…' a backslash is an ordinary character.
+    """
+    out: list[str] = []
+    i = 0
+    while True:
+        found = _SPECIAL.search(sql, i)
+        if found is None:
+            out.append(sql[i:])
+            return "".join(out)
+        start = found.start()
+        out.append(sql[i:start])
+        c = sql[start]
+        if c == "'":
+            i = _quoted_end(sql, start, "'", backslash=False)
+            out.append(ELIDED)
+        elif c == '"':
+            i = _quoted_end(sql, start, '"', backslash=False)
+            out.append(sql[start:i])
+        elif c == "$":
+            tag = _DOLLAR_TAG.match(sql, start)
+            if tag is None:  # a parameter ($1) or a lone $
+                i = start + 1
+                out.append("$")
+                continue
+            close = sql.find(tag.group(), tag.end())
+            i = len(sql) if close < 0 else close + len(tag.group())
+            out.append(ELIDED)
+        elif sql.startswith("--", start):
+            newline = sql.find("\n", start)
+            if newline < 0:
+                out.append("-- …")
+                return "".join(out)
+            i = newline
+            out.append(sql[start:i])
+        elif sql.startswith("/*", start):
+            i = _block_comment_end(sql, start)
+            out.append(sql[start:i])
+        else:
+            word = _WORD.match(sql, start)
+            assert word is not None
+            i = word.end()
+            if word.group() in ("E", "e") and sql.startswith("'", i):
+                i = _quoted_end(sql, i, "'", backslash=True)
+                out.append(ELIDED)
+            else:
+                out.append(word.group())
+
+
+def shown_queries(rows: list[Row], show_literals: bool, key: str = "query") -> list[Row]:
+    """Rows from pg_stat_activity with their query text as a report may show it (in place)."""
+    if not show_literals:
+        for row in rows:
+            if isinstance(row.get(key), str):
+                row[key] = redact_literals(row[key])
+    return rows

@@ -19,6 +19,7 @@ from commands.base import (
     UsageError,
     human_duration,
     register,
+    shown_queries,
 )
 
 # --- /db connections ----------------------------------------------------------------
@@ -203,6 +204,7 @@ async def connections(ctx: Context, args: list[str]) -> Report:
 
     async def survey(db: Reader) -> Finding:
         sessions = await db.fetch(_SESSIONS_SQL, {"chars": th.query_chars})
+        shown_queries(sessions, th.show_query_literals)
         (limits,) = await db.fetch(_LIMITS_SQL)
         built.extend(connection_findings(sessions, limits, th))
         return Finding(check="connections", status=Status.OK, summary="")

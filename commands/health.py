@@ -25,6 +25,7 @@ from commands.base import (
     human_duration,
     human_size,
     register,
+    shown_queries,
 )
 
 EXPECTED_VIEWS = (
@@ -52,6 +53,13 @@ def lint_connection_string(masked_dsn: str) -> Finding:
     """
     problems: list[str] = []
     status = Status.OK
+    if masked_dsn.startswith("<"):  # the gateway's placeholder: libpq could not parse it
+        return Finding(
+            check="connection string",
+            status=Status.CRIT,
+            summary=f"{masked_dsn}: libpq cannot parse it",
+            hint="expected form: postgresql://user:password@host:port/database?sslmode=require",
+        )
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", masked_dsn) is None:
         return Finding(
             check="connection string",
@@ -180,6 +188,7 @@ async def check_long_queries(th: Thresholds, db: Reader) -> Finding:
         _LONG_QUERIES_SQL,
         {"chars": th.query_chars, "warn": th.long_query_warn_s, "limit": th.max_rows},
     )
+    shown_queries(rows, th.show_query_literals)
     if not rows:
         return Finding(
             check="long-running queries",
@@ -217,6 +226,7 @@ async def check_idle_in_transaction(th: Thresholds, db: Reader) -> Finding:
         _IDLE_IN_TX_SQL,
         {"chars": th.query_chars, "warn": th.idle_in_tx_warn_s, "limit": th.max_rows},
     )
+    shown_queries(rows, th.show_query_literals, "last_query")
     if not rows:
         return Finding(
             check="idle in transaction",
@@ -325,7 +335,9 @@ def blocking_chains(blocked: list[Row]) -> list[list[int]]:
 
 
 async def check_blocked(th: Thresholds, db: Reader) -> Finding:
-    blocked = await db.fetch(_BLOCKED_SQL, {"chars": th.query_chars})
+    blocked = shown_queries(
+        await db.fetch(_BLOCKED_SQL, {"chars": th.query_chars}), th.show_query_literals
+    )
     if not blocked:
         return Finding(
             check="blocked sessions", status=Status.OK, summary="no session waits on a lock"
@@ -335,6 +347,7 @@ async def check_blocked(th: Thresholds, db: Reader) -> Finding:
     holders = (
         await db.fetch(_HOLDERS_SQL, {"chars": th.query_chars, "pids": roots}) if roots else []
     )
+    shown_queries(holders, th.show_query_literals)
     longest = max(float(r["waiting_s"] or 0) for r in blocked)
     status = Status.CRIT if longest >= th.blocked_crit_s else Status.WARN
     by_pid = {int(r["pid"]): r for r in blocked}

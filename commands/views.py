@@ -34,6 +34,7 @@ from commands.base import (
     human_duration,
     human_size,
     register,
+    shown_queries,
 )
 from commands.health import EXPECTED_VIEWS
 
@@ -184,7 +185,7 @@ def refresh_statement(schema: str, name: str, mode: str) -> sql.Composed:
     )
 
 
-async def load_views(db: Reader) -> list[MatView]:
+async def load_views(db: Reader, show_literals: bool = False) -> list[MatView]:
     """Every materialized view with its refresh facts and the locks held on it now."""
     views = [
         MatView(
@@ -200,7 +201,8 @@ async def load_views(db: Reader) -> list[MatView]:
     ]
     if views:
         by_oid = {v.oid: v for v in views}
-        for lock in await db.fetch(_LOCKS_SQL, ([v.oid for v in views],)):
+        locks = await db.fetch(_LOCKS_SQL, ([v.oid for v in views],))
+        for lock in shown_queries(locks, show_literals):
             by_oid[int(lock.pop("oid"))].locks.append(lock)
     return views
 
@@ -444,7 +446,7 @@ async def views(ctx: Context, args: list[str]) -> Report:
     found: list[MatView] = []
 
     async def survey(db: Reader) -> Finding:
-        loaded = await load_views(db)
+        loaded = await load_views(db, ctx.thresholds.show_query_literals)
         await measure(db, loaded)
         found.extend(loaded)
         return Finding(check="materialized views", status=Status.OK, summary=f"{len(loaded)} views")

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 import aiohttp
+
+from tests import leakcheck
 
 
 def free_port() -> int:
@@ -29,3 +36,17 @@ async def wait_healthy(url: str, proc: asyncio.subprocess.Process, limit_s: floa
                 pass
             await asyncio.sleep(0.05)
     raise AssertionError(f"bot at {url} did not become healthy within {limit_s} s")
+
+
+@contextmanager
+def output_file(where: str) -> Iterator[IO[bytes]]:
+    """Where a child process writes stdout and stderr: afterwards its text goes to the leak
+    check, and to our stderr, which pytest shows for a failed test."""
+    with tempfile.TemporaryFile() as out:
+        try:
+            yield out
+        finally:
+            out.seek(0)
+            text = out.read().decode("utf-8", "replace")
+            leakcheck.collect(where, text)
+            sys.stderr.write(text)

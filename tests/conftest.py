@@ -35,11 +35,15 @@ FAST_THRESHOLDS = Thresholds(
     idle_in_tx_warn_s=0.5, idle_in_tx_crit_s=1.0, blocked_crit_s=1.0, idle_session_warn_s=3600.0
 )
 _names = itertools.count()
+pytest_plugins = ["tests.leakcheck"]
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[EmbeddedPostgres]:
+    from tests import leakcheck  # the plugin (pytest_plugins): imported by pytest first
+
     server = EmbeddedPostgres()
+    leakcheck.secret(server.password, "the test PostgreSQL password")
     server.start()
     try:
         yield server
@@ -83,14 +87,20 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
 
 
 STATE_DIR = Path(tempfile.mkdtemp(prefix="dbops-test-state-"))
+# Every command needs its own role (REVIEWER for the diagnostics), whatever DIAGNOSTICS_ROLE
+# says: the users the tests send commands as are REVIEWERs by default (a burst uses U0000…).
+TEST_REVIEWERS = {"U0ALICE": "REVIEWER", "U0SOCKET": "REVIEWER"} | {
+    f"U{i:04d}": "REVIEWER" for i in range(100)
+}
 
 
 def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settings:
     """Settings of a bot under test: its own SQLite state file, roles from the map only
-    (tests that need Slack-profile roles add users to the fake), anyone may diagnose."""
+    (tests that need Slack-profile roles add users to the fake), TEST_REVIEWERS by default."""
     values: dict[str, Any] = {
         "state_database_url": f"sqlite:///{STATE_DIR}/state-{next(_names)}.sqlite3",
         "diagnostics_role": "PARTICIPANT",
+        "role_map": TEST_REVIEWERS,
         "slack_bot_token": "xoxb-test-token",
         "slack_signing_secret": SIGNING_SECRET,
         "slack_api_url": fake.api_url,

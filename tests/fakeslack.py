@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
@@ -225,6 +225,9 @@ def _decode_json_fields(params: dict[str, Any]) -> dict[str, Any]:
 class FakeSlack:
     """Fake Slack Web API. Use ``async with FakeSlack() as fake:`` and ``fake.api_url``."""
 
+    # Called with every recorded call of every instance (the suite-wide leak check).
+    observers: ClassVar[list[Callable[[Call], None]]] = []
+
     def __init__(self, *, bot_user_id: str = "UBOT", team_id: str = "T0001") -> None:
         self.bot_user_id = bot_user_id
         self.team_id = team_id
@@ -241,6 +244,8 @@ class FakeSlack:
         self.socket_acks: list[dict[str, Any]] = []
         self.socket_connects = 0
         self.users: dict[str, dict[str, Any]] = {}
+        # user group id -> member ids (usergroups.users.list); see set_usergroup.
+        self.usergroups: dict[str, list[str]] = {}
         self.channels: dict[str, dict[str, Any]] = {}
         # (channel, ts) -> message, in posting order; chat.update edits and chat.delete removes.
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
@@ -285,6 +290,7 @@ class FakeSlack:
             "users.info": self._users_info,
             "users.lookupByEmail": self._users_lookup_by_email,
             "users.list": self._users_list,
+            "usergroups.users.list": self._usergroups_users_list,
             "reactions.add": self._reactions_add,
             "reactions.remove": self._reactions_remove,
             "pins.add": self._ok,
@@ -480,6 +486,10 @@ class FakeSlack:
         self.users[user_id] = user
         return user
 
+    def set_usergroup(self, group_id: str, members: list[str]) -> None:
+        """Create the user group or replace its members."""
+        self.usergroups[group_id] = list(members)
+
     def add_channel(
         self,
         channel_id: str,
@@ -548,6 +558,13 @@ class FakeSlack:
                 )
                 await asyncio.wait_for(ws.close(code=1000), 1.0)
 
+    async def drop_sockets(self) -> None:
+        """Close every Socket Mode connection without Slack's ``disconnect`` message, as a
+        network failure or a load balancer would."""
+        for ws in self._open_sockets():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=1006), 1.0)
+
     def _open_sockets(self) -> list[web.WebSocketResponse]:
         return [ws for ws in self._sockets if not ws.closed]
 
@@ -577,6 +594,9 @@ class FakeSlack:
                     except ValueError:
                         data = {"raw": msg.data}
                     self.socket_acks.append(data if isinstance(data, dict) else {"raw": data})
+                    ack = Call("socket_ack", {}, {}, time.monotonic(), body=msg.data.encode())
+                    for observe in FakeSlack.observers:
+                        observe(ack)
                     self._notify()
         finally:
             self._sockets.remove(ws)
@@ -650,6 +670,8 @@ class FakeSlack:
                 with contextlib.suppress(ValueError):
                     call.response = json.loads(raw) if raw[:1] == b"{" else raw.decode()
         self.calls.append(call)
+        for observe in FakeSlack.observers:
+            observe(call)
         self._notify()
         return response
 
@@ -1087,6 +1109,12 @@ class FakeSlack:
             "members": list(self.users.values()),
             "response_metadata": {"next_cursor": ""},
         }
+
+    def _usergroups_users_list(self, call: Call) -> JSONDict:
+        members = self.usergroups.get(str(call.params.get("usergroup", "")))
+        if members is None:
+            return _err("no_such_subteam")
+        return {"ok": True, "users": list(members)}
 
     def _reaction_target(self, call: Call) -> tuple[JSONDict | None, dict[str, Any] | None]:
         name = call.params.get("name")

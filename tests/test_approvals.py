@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest_asyncio
 
+from bot.embedded_pg import password_sql, role_dsn
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import action_body, signed_headers
@@ -34,10 +35,11 @@ class Victims:
                 "DO $$ BEGIN CREATE ROLE leaps_app LOGIN;"
                 " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
             )
+            await admin.execute(password_sql(admin, "leaps_app", self.dsn))
         opened = []
         for _ in range(n):
             conn = await psycopg.AsyncConnection.connect(
-                self.dsn.replace("postgres@", "leaps_app@"),
+                role_dsn(self.dsn, "leaps_app"),
                 application_name="idle-victim",
                 autocommit=True,
             )

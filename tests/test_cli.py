@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from commands.base import Status
+from tests import leakcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,7 @@ def bot_cli(
         and k != "PORT"
     }
     clean.update(env or {})
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "bot", *args],
         cwd=ROOT,
         env=clean,
@@ -37,6 +38,8 @@ def bot_cli(
         timeout=timeout,
         check=False,
     )
+    leakcheck.collect(f"output of python -m bot {args[0]}", done.stdout + done.stderr)
+    return done
 
 
 def test_run_health_prints_the_text_report(leaps_dsn: str) -> None:
@@ -69,6 +72,7 @@ def test_run_health_json_is_the_report_model(leaps_dsn: str) -> None:
 
 def test_password_never_printed() -> None:
     dsn = "postgres://leaps:s3cr3t-Pa55@127.0.0.1:9/leaps"
+    leakcheck.secret("s3cr3t-Pa55", "a test DSN's password")
     done = bot_cli("run", "health", "--json", env={"DATABASE_URL": dsn})
     assert done.returncode == 0
     assert "s3cr3t-Pa55" not in done.stdout + done.stderr
@@ -164,3 +168,19 @@ async def test_console_approval_flow(leaps_dsn: str, tmp_path: Path) -> None:
         assert "already done" in again.stdout
     finally:
         await victims.close()
+
+
+async def test_console_approval_prints_sql_as_written(leaps_dsn: str, tmp_path: Path) -> None:
+    """`*` in SQL is SQL, not mrkdwn emphasis: `SELECT t.*` and `count(*)` print whole."""
+    from commands.fixture.faults import FaultInjector
+
+    async with FaultInjector(leaps_dsn) as faults:
+        await faults.orphan_attachments(2)
+    env = {
+        "DATABASE_URL": leaps_dsn,
+        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "ROLE_MAP": json.dumps({"U0LEAD": "ADMIN"}),
+    }
+    asked = bot_cli("run", "cleanup-orphans", "--user", "U0LEAD", env=env)
+    assert asked.returncode == 0, asked.stderr
+    assert "SELECT t.* FROM" in asked.stdout

@@ -64,7 +64,12 @@ def test_start_connect_and_stop_cleans_up() -> None:
         run_dir = pg.data_dir.parent
         port = pg.port
         assert pg.running
-        assert pg.dsn() == f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        assert pg.dsn() == f"postgresql://postgres:{pg.password}@127.0.0.1:{port}/postgres"
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(pg.dsn().replace(pg.password, "wrong"), connect_timeout=5)
+        assert (run_dir / f".s.PGSQL.{port}").exists()
+        with pytest.raises(psycopg.OperationalError, match="password"):  # the socket too
+            psycopg.connect(host=str(run_dir), port=port, user="postgres", connect_timeout=5)
         with psycopg.connect(pg.dsn()) as conn:
             row = conn.execute("SELECT version(), current_user").fetchone()
         assert row is not None

@@ -159,6 +159,20 @@ async def test_users_info_and_lookup_by_email(fake: FakeSlack, client: AsyncWebC
     assert err.value.response["error"] == "users_not_found"
 
 
+async def test_usergroup_members_as_the_sdk_asks_for_them(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    fake.set_usergroup("S0ONCALL", ["U0A", "U0B"])
+    listed = await client.usergroups_users_list(usergroup="S0ONCALL")
+    assert listed["users"] == ["U0A", "U0B"]
+    (call,) = fake.calls_to("usergroups.users.list")
+    assert call.params["usergroup"] == "S0ONCALL"
+    assert call.body == b""  # slack_sdk sends it as GET, the group in the query string
+    with pytest.raises(SlackApiError) as missing:
+        await client.usergroups_users_list(usergroup="S0NOPE")
+    assert missing.value.response["error"] == "no_such_subteam"
+
+
 async def test_files_upload_v2_round_trip(fake: FakeSlack, client: AsyncWebClient) -> None:
     content = "query,calls\nselect 1,42\n"
     resp = await client.files_upload_v2(

@@ -12,6 +12,7 @@ import pytest_asyncio
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from bot.embedded_pg import password_sql, role_dsn
 from bot.gateway import TargetGateway, describe_target, mask_dsn
 from bot.router import Dispatcher, RunContext
 from commands.base import APPLICATION_NAME, Finding, Reader, Report, Status
@@ -95,7 +96,8 @@ async def test_missing_privilege_becomes_skipped(leaps_dsn: str) -> None:
     async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as admin:
         await admin.execute("DROP ROLE IF EXISTS monitor_only")
         await admin.execute("CREATE ROLE monitor_only LOGIN IN ROLE pg_monitor")
-    dsn = leaps_dsn.replace("postgres@", "monitor_only@")
+        await admin.execute(password_sql(admin, "monitor_only", leaps_dsn))
+    dsn = role_dsn(leaps_dsn, "monitor_only")
     gw = TargetGateway(dsn)
     try:
         report = await Dispatcher(RunContext(gw, FAST_THRESHOLDS)).run("health")

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from bot.state import open_store
-from tests.botproc import free_port, wait_healthy
+from tests.botproc import free_port, output_file, wait_healthy
 from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import SIGNING_SECRET, action_body, signed_headers, slash_body
 from tests.test_approvals import CHANNEL, Victims, button_value
@@ -48,11 +48,17 @@ async def bot_process(
         "LOG_LEVEL": "WARNING",
         **extra,
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "serve", "--port", str(port), "--host", "127.0.0.1",
-        cwd=ROOT, env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    with output_file("output of a python -m bot serve process") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "serve", "--port", str(port), "--host", "127.0.0.1",
+            cwd=ROOT, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        async with _running(proc, f"http://127.0.0.1:{port}") as running:
+            yield running
+
+
+@asynccontextmanager
+async def _running(proc: asyncio.subprocess.Process, url: str) -> AsyncIterator[BotProcess]:
     try:
         await wait_healthy(url, proc)
         yield BotProcess(proc, url)

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from psycopg import sql
 
-from bot.embedded_pg import EmbeddedPostgres
+from bot.embedded_pg import EmbeddedPostgres, password_sql
 from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
@@ -36,6 +36,7 @@ def app_role(pg: EmbeddedPostgres) -> str:
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone()
         if exists is None:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(APP_ROLE)))
+        conn.execute(password_sql(conn, APP_ROLE, pg.dsn()))
     return APP_ROLE
 
 

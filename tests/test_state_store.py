@@ -33,9 +33,16 @@ from bot.state import (
 )
 from bot.state.models import VERSION_TABLE, Base
 from bot.state.store import alembic_config
+from tests import leakcheck
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-TABLES = {"dbops_approvals", "dbops_approval_decisions", "dbops_audit", "dbops_refresh_log"}
+TABLES = {
+    "dbops_approvals",
+    "dbops_approval_decisions",
+    "dbops_audit",
+    "dbops_refresh_log",
+    "dbops_known_roles",
+}
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
@@ -297,6 +304,8 @@ async def test_claims_from_two_processes_execute_once(store: StateStore, state_u
         for name in ("left", "right")
     ]
     outputs = [await proc.communicate() for proc in procs]
+    for out, err in outputs:
+        leakcheck.collect("output of a state store claimer process", out + err)
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err.decode()
     assert sum(int(out) for out, _ in outputs) == 1

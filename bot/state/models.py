@@ -157,3 +157,15 @@ class RefreshLogRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     approval_id: Mapped[str | None] = mapped_column(String(32))
     actor_id: Mapped[str] = mapped_column(String(64))
+
+
+class KnownRoleRow(Base):
+    """The last role resolved for each Slack user, so a target outage does not demote everyone."""
+
+    __tablename__ = "dbops_known_roles"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[datetime]

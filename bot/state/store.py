@@ -48,6 +48,7 @@ from bot.state.models import (
     AuditRow,
     DecisionKind,
     DecisionRow,
+    KnownRoleRow,
     Origin,
     RefreshLogRow,
     RefreshMode,
@@ -185,6 +186,17 @@ class RefreshEntry:
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRole:
+    """The last role resolved for a Slack user: where it came from and when."""
+
+    user_id: str
+    role: str
+    source: str
+    detail: str | None
+    resolved_at: datetime
 
 
 # -- engines and migrations -----------------------------------------------------------------
@@ -778,6 +790,51 @@ class StateStore:
         async with self._tx(write=False) as session:
             rows = (await session.scalars(stmt)).all()
         return {row.view: _refresh(row) for row in rows}
+
+    # -- last known roles -------------------------------------------------------------------
+
+    async def remember_role(
+        self,
+        user_id: str,
+        *,
+        role: str,
+        source: str,
+        detail: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        """Keep the role just resolved (one row per user, the latest wins)."""
+        values = {
+            "user_id": user_id,
+            "role": role,
+            "source": source,
+            "detail": detail,
+            "resolved_at": _utc(at),
+        }
+        changed = {k: v for k, v in values.items() if k != "user_id"}
+        stmt = (
+            pg_insert(KnownRoleRow)
+            .values(values)
+            .on_conflict_do_update(index_elements=["user_id"], set_=changed)
+            if self._dialect == "postgresql"
+            else sqlite_insert(KnownRoleRow)
+            .values(values)
+            .on_conflict_do_update(index_elements=["user_id"], set_=changed)
+        )
+        async with self._tx() as session:
+            await session.execute(stmt)
+
+    async def known_role(self, user_id: str) -> KnownRole | None:
+        async with self._tx(write=False) as session:
+            row = await session.get(KnownRoleRow, user_id)
+            if row is None:
+                return None
+            return KnownRole(
+                user_id=row.user_id,
+                role=row.role,
+                source=row.source,
+                detail=row.detail,
+                resolved_at=row.resolved_at,
+            )
 
 
 # -- helpers --------------------------------------------------------------------------------

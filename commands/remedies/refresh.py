@@ -54,7 +54,7 @@ class RefreshData(BaseModel):
 
 async def plan_refresh(ctx: Context, args: list[str]) -> Plan:
     async def survey(db: Reader) -> list[MatView]:
-        chosen = select_views(await load_views(db), args)
+        chosen = select_views(await load_views(db, ctx.thresholds.show_query_literals), args)
         await measure(db, chosen)
         return await dependency_order(db, chosen)
 

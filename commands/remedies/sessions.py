@@ -28,6 +28,7 @@ from commands.base import (
     Row,
     UsageError,
     human_duration,
+    shown_queries,
 )
 from commands.remedies.base import (
     Execution,
@@ -202,6 +203,7 @@ async def plan_kill_idle(ctx: Context, args: list[str]) -> Plan:
 
     async def survey(db: Reader) -> tuple[list[Row], str]:
         rows = await db.fetch(_IDLE_PLAN_SQL, (minutes, APPLICATION_NAME, allow))
+        shown_queries(rows, ctx.thresholds.show_query_literals)
         (dbrow,) = await db.fetch("SELECT current_database() AS db")
         return rows, str(dbrow["db"])
 
@@ -396,6 +398,7 @@ def _signal_planner(action: str) -> Callable[[Context, list[str]], Awaitable[Pla
 
         async def survey(db: Reader) -> Row | None:
             rows = await db.fetch(_ONE_SESSION_SQL, (pid,))
+            shown_queries(rows, ctx.thresholds.show_query_literals)
             return rows[0] if rows else None
 
         s = await ctx.gateway.read(survey)
