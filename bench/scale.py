@@ -118,7 +118,7 @@ SELECT 's' || lpad(s::text, 9, '0'),
        CASE WHEN rv < 0.6 THEN 'PUBLIC' ELSE 'PRIVATE' END::"Visibility",
        CASE act
          WHEN 'LEARN' THEN jsonb_build_object(
-             'course', 'AI Foundations for Educators',
+             'course_name', 'AI Foundations for Educators',
              'certificate_url', 'https://learn.example/certificates/s' || s)
          WHEN 'EXPLORE' THEN jsonb_build_object(
              'reflection', 'Tried Copilot for lesson planning.',
@@ -127,7 +127,8 @@ SELECT 's' || lpad(s::text, 9, '0'),
              'peers_trained', peers, 'students_trained', students,
              'session_date', created::date)
          WHEN 'PRESENT' THEN jsonb_build_object(
-             'event_name', 'District EdTech Meet', 'url', 'https://events.example/s' || s)
+             'event_name', 'District EdTech Meet',
+             'linkedin_url', 'https://linkedin.com/posts/s' || s)
          ELSE jsonb_build_object('story', 'Shared how AI changed my classroom.')
        END,
        CASE WHEN st <> 'PENDING' THEN 'u' || lpad((2 + (s %% n_staff))::text, 8, '0') END,
@@ -502,6 +503,8 @@ _FAULT_SQL: dict[str, tuple[str, ...]] = {
     ),
     "duplicate_learn": (
         "DROP INDEX IF EXISTS submissions_one_live_learn_per_user",
+        # Past the single-attempt trigger too, for this fault's transaction only.
+        "SET LOCAL session_replication_role = replica",
         "INSERT INTO submissions (id, user_id, activity_code, status, visibility, payload,"
         " created_at, updated_at)"
         " SELECT 'fault_dl_' || s.id, s.user_id, 'LEARN', 'PENDING', 'PRIVATE', s.payload,"
@@ -586,7 +589,9 @@ async def inject_faults(conn: Conn, faults: dict[str, int]) -> dict[str, int]:
     - orphan_attachments: N attachments whose submission does not exist (drops
       submission_attachments_submission_id_fkey): N rows.
     - duplicate_learn: N users with one live LEARN get a second, PENDING one (drops the
-      partial unique index submissions_one_live_learn_per_user): N users, N extra rows.
+      partial unique index submissions_one_live_learn_per_user, and writes with
+      session_replication_role = replica past the single-attempt trigger): N users, N
+      extra rows.
     - duplicate_external_events: N webhook awards replayed once, meta and all (drops the
       unique index points_ledger_external_event_id_key): N external_event_ids with two
       rows each. The points are doubled in the user's total; the reconciliation counts an

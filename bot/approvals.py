@@ -27,6 +27,7 @@ from slack_sdk.errors import SlackClientError
 from bot import render
 from bot.authz import RoleResolver, allowed
 from bot.executor import Executor, remedy_running
+from bot.identity import acting_identity
 from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
@@ -470,7 +471,15 @@ class ApprovalEngine:
             )
         run = Execution(claimed.id, actor_id, claimed_at=claimed.updated_at)
         await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
-        state, outcome = await self.executor.apply(remedy, plan, claimed.id)
+        # Rule 8: as the approver's LEAPS account, else the service identity.
+        approvers = await self._approvers(claimed.id)
+        identity = await acting_identity(
+            [actor_id, *reversed(approvers)],
+            self.roles,
+            self.ctx.gateway,
+            self.ctx.service_identity,
+        )
+        state, outcome = await self.executor.apply(remedy, plan, claimed.id, identity)
         await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
         return state, outcome
 

@@ -75,6 +75,7 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         settings.thresholds,
         settings.allow_superuser_kill,
         refresh_log=partial(refresh_history, store) if store else None,
+        service_identity=settings.service_identity,
     )
     try:
         result = await Dispatcher(ctx).run(text)

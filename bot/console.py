@@ -34,6 +34,7 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
             settings.thresholds,
             settings.allow_superuser_kill,
             refresh_log=partial(refresh_history, store),
+            service_identity=settings.service_identity,
         )
         executor = executor_from_settings(settings)
         roles = RoleResolver(

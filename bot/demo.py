@@ -90,11 +90,21 @@ async def leak_idle_sessions(dsn: str, n: int) -> list[psycopg.AsyncConnection[A
     ]
 
 
-def keep_instructions(dsn: str, run_dir: Path) -> str:
+async def demo_service_user(dsn: str) -> str:
+    """A LEAPS admin of the demo data for REMEDY_SERVICE_USER_ID: the console has no Slack
+    profiles, so remedies act as the service identity (a rejection names its reviewer)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT id FROM users WHERE role = 'ADMIN' ORDER BY id LIMIT 1")
+        row = await cur.fetchone()
+    return str(row[0]) if row else ""
+
+
+def keep_instructions(dsn: str, run_dir: Path, service_user_id: str = "") -> str:
     env = (
         f"export DATABASE_URL='{dsn}' {demo_threshold_env()} "
         f"STATE_DATABASE_URL='sqlite:///{run_dir}/dbops-demo-state.sqlite3' "
         f"ROLE_MAP='{json.dumps(DEMO_ROLES)}' ALLOW_SUPERUSER_KILL=true"
+        + (f" REMEDY_SERVICE_USER_ID='{service_user_id}'" if service_user_id else "")
     )
     return f"""
 The demo database stays up with its faults until Ctrl-C. In another shell
@@ -152,7 +162,8 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
             out.write(render.to_text(report))
             if keep:
                 leaked = await leak_idle_sessions(dsn, 3)
-                out.write(keep_instructions(dsn, pg.data_dir.parent))
+                service = await demo_service_user(dsn)
+                out.write(keep_instructions(dsn, pg.data_dir.parent, service))
                 out.flush()
                 try:
                     await wait_for_signal()

@@ -22,7 +22,8 @@ from psycopg.rows import dict_row
 
 from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
-from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, Reader, Row, shown_queries
+from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Reader, Row, shown_queries
+from commands.guards import USER_ID_SETTING, USER_ROLE_SETTING, name_refusal
 from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort, backup_name
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,15 @@ async def remedy_running(db: Reader, approval_id: str) -> bool:
 
 
 class _TxWriter:
-    def __init__(self, conn: psycopg.AsyncConnection[Any], approval_id: str) -> None:
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        approval_id: str,
+        identity: LeapsIdentity | None = None,
+    ) -> None:
         self._conn = conn
         self.approval_id = approval_id
+        self.identity = identity
         self._schema_ready = False
 
     async def fetch(
@@ -103,9 +110,29 @@ class Executor:
         )
 
     async def apply(
-        self, remedy: Remedy, plan: Plan, approval_id: str
+        self,
+        remedy: Remedy,
+        plan: Plan,
+        approval_id: str,
+        identity: LeapsIdentity | None = None,
     ) -> tuple[Literal["done", "failed", "aborted"], Outcome]:
-        """Returns the final state (done | aborted | failed) and the outcome."""
+        """Returns the final state (done | aborted | failed) and the outcome.
+
+        `identity` is who the remedy acts as in LEAPS: set as `app.user_id` and
+        `app.user_role` for this transaction only, as the application does, and named in
+        the outcome. Never a trigger disabled: a guard's refusal rolls back and is shown.
+        """
+        state, outcome = await self._apply(remedy, plan, approval_id, identity)
+        acted = f"acted as {identity.describe()}" if identity else "acted as no LEAPS user"
+        return state, outcome.model_copy(update={"summary": f"{outcome.summary} ({acted})"})
+
+    async def _apply(
+        self,
+        remedy: Remedy,
+        plan: Plan,
+        approval_id: str,
+        identity: LeapsIdentity | None,
+    ) -> tuple[Literal["done", "failed", "aborted"], Outcome]:
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._dsn, application_name=APPLICATION_NAME, connect_timeout=5
@@ -125,8 +152,13 @@ class Executor:
                         execution_lock_key(approval_id),
                     ),
                 )
+                if identity is not None:
+                    await conn.execute(
+                        "SELECT set_config(%s, %s, true), set_config(%s, %s, true)",
+                        (USER_ID_SETTING, identity.user_id, USER_ROLE_SETTING, identity.role),
+                    )
                 try:
-                    outcome = await remedy.apply(_TxWriter(conn, approval_id), plan)
+                    outcome = await remedy.apply(_TxWriter(conn, approval_id, identity), plan)
                 except RemedyAbort as exc:
                     raise Aborted(Outcome(ok=False, summary=str(exc), error=str(exc))) from exc
                 if not outcome.ok:
@@ -154,10 +186,13 @@ class Executor:
             error = first_line(exc)
             diag = getattr(exc, "diag", None)
             sqlstate = getattr(diag, "sqlstate", None) if diag is not None else None
-            log.warning("remedy %s (%s) failed: %s", remedy.name, approval_id, error)
+            guard = await _guard_of(conn, diag)
+            log.warning("remedy %s (%s) failed: %s (%s)", remedy.name, approval_id, error, guard)
             return "failed", Outcome(
                 ok=False,
-                summary=f"the database refused: {error}; rolled back, nothing was changed",
+                summary=f"the database refused: {error}"
+                + (f" [{guard}]" if guard else "")
+                + "; rolled back, nothing was changed",
                 error=f"{sqlstate}: {error}" if sqlstate else error,
             )
         finally:
@@ -233,6 +268,23 @@ SELECT pid, usename::text AS "user", application_name AS app, state, NULL::text 
        left(regexp_replace(query, '\\s+', ' ', 'g'), 120) AS query
 FROM pg_stat_activity WHERE pid = ANY(%s)
 """
+
+
+async def _guard_of(conn: psycopg.AsyncConnection[Any], diag: Any) -> str | None:
+    """The guard behind a refusal, named from the catalog on the same (rolled back)
+    connection; None when the error came from no constraint or trigger."""
+    if diag is None or conn.closed:
+        return None
+    try:
+        return await name_refusal(
+            _TxWriter(conn, ""),
+            constraint=diag.constraint_name,
+            table=diag.table_name,
+            context=diag.context,
+        )
+    except psycopg.Error:
+        log.exception("could not name the guard of a refusal")
+        return None
 
 
 def executor_from_settings(settings: Settings) -> Executor:

@@ -22,6 +22,7 @@ from commands.base import (
     REGISTRY,
     Command,
     Gateway,
+    LeapsIdentity,
     RefreshJournal,
     RefreshLog,
     Report,
@@ -45,6 +46,7 @@ class RunContext:
     refresh_log: RefreshLog | None = None
     refresh_journal: RefreshJournal | None = None
     slack_email: SlackEmail | None = None  # Slack id -> profile e-mail
+    service_identity: LeapsIdentity | None = None  # REMEDY_SERVICE_USER_ID / _ROLE
 
 
 @dataclass

@@ -48,6 +48,7 @@ class Service:
             settings.thresholds,
             allow_superuser_kill=settings.allow_superuser_kill,
             refresh_log=self._refresh_log,
+            service_identity=settings.service_identity,
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.tracker = TaskTracker()

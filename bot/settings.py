@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from commands.base import ROLES, Thresholds
+from commands.base import ROLES, LeapsIdentity, Thresholds
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     allow_superuser_kill: bool = False
     remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
     remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
+    # Who a remedy acts as in LEAPS when the approver has no LEAPS account with a staff
+    # role (matched by Slack e-mail): a LEAPS users.id, and the app.user_role it sets.
+    remedy_service_user_id: str | None = None
+    remedy_service_role: str = "ADMIN"
     # Approvals left `executing` by a dead process: checked at start-up and this often,
     # once older than the remedy statement timeout plus the margin.
     sweep_interval_s: float = Field(default=60.0, gt=0)
@@ -109,7 +113,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{user}: unknown role {role!r} (one of {', '.join(ROLES)})")
         return {user: role.upper() for user, role in value.items()}
 
-    @field_validator("diagnostics_role")
+    @field_validator("diagnostics_role", "remedy_service_role")
     @classmethod
     def _known_role(cls, value: str) -> str:
         if value.upper() not in ROLES:
@@ -142,6 +146,17 @@ class Settings(BaseSettings):
         for name in names:
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} is not set (needed for this mode)")
+
+    @property
+    def service_identity(self) -> LeapsIdentity | None:
+        """The configured LEAPS identity remedies fall back to, or None."""
+        if not self.remedy_service_user_id:
+            return None
+        return LeapsIdentity(
+            self.remedy_service_user_id,
+            self.remedy_service_role,
+            "service identity REMEDY_SERVICE_USER_ID",
+        )
 
     @property
     def has_socket_mode(self) -> bool:

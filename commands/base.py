@@ -53,6 +53,20 @@ def role_rank(role: str) -> int:
     return ROLES.index(role) if role in ROLES else 0
 
 
+@dataclass(frozen=True)
+class LeapsIdentity:
+    """A LEAPS user a remedy acts as (DESIGN.md approval rule 8): production's guard
+    triggers read it from `app.user_id` / `app.user_role`, and a status change names it as
+    reviewer. `via` says how it was chosen, for the plan, the outcome and the audit."""
+
+    user_id: str
+    role: str
+    via: str = ""
+
+    def describe(self) -> str:
+        return f"LEAPS user {self.user_id} ({self.role}" + (f", {self.via})" if self.via else ")")
+
+
 class Finding(BaseModel):
     check: str
     status: Status
@@ -188,6 +202,11 @@ class Context(Protocol):
     @property
     def slack_email(self) -> SlackEmail | None:
         """None where there is no Slack client (the console)."""
+        ...
+
+    @property
+    def service_identity(self) -> LeapsIdentity | None:
+        """Who remedies act as when no approver has a LEAPS staff account (settings)."""
         ...
 
 

@@ -19,7 +19,7 @@ from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
-from commands.base import ROLES, role_rank
+from commands.base import ROLES, LeapsIdentity, role_rank
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import REMEDIES
 from tests.conftest import FAST_THRESHOLDS, bot_settings
@@ -50,7 +50,9 @@ async def rig(
     short = settings.model_copy(update={"approval_ttl_s": 0.05})
     store = await open_store(f"sqlite:///{tmp_path}/matrix.sqlite3")
     gateway = TargetGateway(leaps_dsn)
-    ctx = RunContext(gateway, FAST_THRESHOLDS)
+    # Approvers here have no Slack e-mail: remedies act as the service identity (rule 8).
+    service = LeapsIdentity("matrix-service", "ADMIN", "service identity")
+    ctx = RunContext(gateway, FAST_THRESHOLDS, service_identity=service)
     client = make_web_client(settings)
     roles = RoleResolver(settings.role_map, client, gateway)
     executor = Executor(leaps_dsn, lock_timeout_ms=2000)

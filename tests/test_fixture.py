@@ -166,18 +166,29 @@ async def test_schema_matches_the_documented_production_facts(leaps: str) -> Non
 
 
 async def test_status_change_is_audited(leaps: str) -> None:
+    """As the application approves: reviewer named, session settings set per transaction."""
     sub_id = await fetch_one(
         leaps, "SELECT id FROM submissions WHERE status = 'PENDING' ORDER BY id LIMIT 1"
     )
-    async with await psycopg.AsyncConnection.connect(leaps, autocommit=True) as conn:
-        await conn.execute("UPDATE submissions SET status = 'APPROVED' WHERE id = %s", (sub_id,))
-    meta = await fetch_one(
+    reviewer = await fetch_one(
+        leaps, "SELECT id FROM users WHERE role = 'REVIEWER' ORDER BY id LIMIT 1"
+    )
+    async with await psycopg.AsyncConnection.connect(leaps) as conn, conn.transaction():
+        await conn.execute("SELECT set_config('app.user_id', %s, true)", (reviewer,))
+        await conn.execute("SELECT set_config('app.user_role', 'REVIEWER', true)")
+        await conn.execute(
+            "UPDATE submissions SET status = 'APPROVED', reviewer_id = %s WHERE id = %s",
+            (reviewer, sub_id),
+        )
+    actor, action, meta = await fetch_one(
         leaps,
-        "SELECT meta FROM audit_log WHERE target_id = %s AND meta ->> 'to' = 'APPROVED'"
-        " ORDER BY created_at DESC LIMIT 1",
+        "SELECT actor_id, action, meta FROM audit_log WHERE target_id = %s"
+        " AND meta -> 'new_values' ->> 'status' = 'APPROVED'",
         (sub_id,),
     )
-    assert meta["from"] == "PENDING"
+    assert (actor, action) == (reviewer, "UPDATE_submissions")
+    assert meta["old_values"]["status"] == "PENDING"
+    assert meta["user_role"] == "REVIEWER"
 
 
 # ---------------------------------------------------------- business rules
@@ -211,26 +222,29 @@ async def test_quota_counts_the_last_seven_days(leaps: str) -> None:
 
 
 async def test_second_live_learn_is_refused(leaps: str) -> None:
+    # A PENDING one: with an APPROVED one the single-attempt trigger refuses first.
     user_id = await fetch_one(
         leaps,
         "SELECT user_id FROM submissions WHERE activity_code = 'LEARN'"
-        " AND status IN ('PENDING', 'APPROVED') ORDER BY id LIMIT 1",
+        " AND status = 'PENDING' ORDER BY id LIMIT 1",
     )
+    payload = '{"course_name": "AI Foundations for Educators"}'
     async with await psycopg.AsyncConnection.connect(leaps, autocommit=True) as conn:
         with pytest.raises(errors.UniqueViolation) as refused:
             await conn.execute(
                 "INSERT INTO submissions (id, user_id, activity_code, status, payload,"
-                " updated_at) VALUES ('second-learn', %s, 'LEARN', 'PENDING', '{}',"
+                " updated_at) VALUES ('second-learn', %s, 'LEARN', 'PENDING', %s,"
                 " now() AT TIME ZONE 'UTC')",
-                (user_id,),
+                (user_id, payload),
             )
         assert refused.value.sqlstate == "23505"
+        assert refused.value.diag.constraint_name == "submissions_one_live_learn_per_user"
         # A rejected one is history, not a second live LEARN.
         await conn.execute(
             "INSERT INTO submissions (id, user_id, activity_code, status, payload,"
-            " updated_at) VALUES ('rejected-learn', %s, 'LEARN', 'REJECTED', '{}',"
+            " updated_at) VALUES ('rejected-learn', %s, 'LEARN', 'REJECTED', %s,"
             " now() AT TIME ZONE 'UTC')",
-            (user_id,),
+            (user_id, payload),
         )
 
 
@@ -331,7 +345,10 @@ async def test_disabled_quota_trigger_lets_over_quota_through(
         )
         == "D"
     )
-    await _insert_amplify(leaps, await _participant(leaps), peers=500, students=0)
+    # Each payload within its CHECK (peers <= 50), together over the 7-day quota.
+    user_id = await _participant(leaps)
+    await _insert_amplify(leaps, user_id, peers=40, students=0)
+    await _insert_amplify(leaps, user_id, peers=40, students=0)
 
 
 async def test_view_without_unique_index_cannot_refresh_concurrently(

@@ -76,8 +76,14 @@ async def quiet_user(dsn: str) -> tuple[str, str]:
 async def add_amplify(
     dsn: str, user_id: str, payloads: list[dict[str, Any]], age_h: float = 1.0
 ) -> None:
+    """Snake_case payloads as the application writes them; camelCase ones as older
+    versions did, before the payload CHECK existed (see FaultInjector.legacy_amplify)."""
+    legacy = [p for p in payloads if "peers_trained" not in p]
+    if legacy:
+        async with FaultInjector(dsn) as inj:
+            await inj.legacy_amplify(user_id, legacy, age_hours=age_h)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        for payload in payloads:
+        for payload in (p for p in payloads if "peers_trained" in p):
             await conn.execute(
                 "INSERT INTO submissions (id, user_id, activity_code, status, payload,"
                 " created_at, updated_at) VALUES (%s, %s, 'AMPLIFY', 'PENDING', %s,"

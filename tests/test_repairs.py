@@ -5,6 +5,7 @@ it was and no backup behind."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, LiteralString
 
@@ -16,11 +17,11 @@ from psycopg import sql
 from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
-from commands.base import BACKUP_SCHEMA, Status, UsageError
+from commands.base import BACKUP_SCHEMA, LeapsIdentity, Status, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.integrity import integrity
 from commands.remedies.base import REMEDIES, Plan, Remedy, backup_name
-from commands.remedies.learn import DEDUPE_LEARN
+from commands.remedies.learn import DEDUPE_LEARN, LearnData
 from commands.remedies.ledger import DEDUPE_EVENTS, RECONCILE_POINTS, RECONCILE_SOURCE
 from commands.remedies.orphans import CLEANUP_ORPHANS
 from tests.conftest import FAST_THRESHOLDS
@@ -100,13 +101,28 @@ async def refuse(dsn: str, name: str, event: LiteralString) -> None:
     )
 
 
+async def leaps_user(dsn: str, role: str) -> LeapsIdentity:
+    """A LEAPS user of `role` to act as, as an approver's own account would be."""
+    rows = await fetch(
+        dsn, 'SELECT id FROM users WHERE role = %s::"Role" ORDER BY id LIMIT 1', (role,)
+    )
+    return LeapsIdentity(str(rows[0][0]), role, "a test approver's account")
+
+
 async def assert_refused(
-    dsn: str, remedy: Remedy, plan: Plan, approval: str, names: tuple[str, ...], table_name: str
+    dsn: str,
+    remedy: Remedy,
+    plan: Plan,
+    approval: str,
+    names: tuple[str, ...],
+    table_name: str,
+    identity: LeapsIdentity | None = None,
 ) -> None:
     before = await tables(dsn, *names)
-    state, outcome = await Executor(dsn).apply(remedy, plan, approval)
+    state, outcome = await Executor(dsn).apply(remedy, plan, approval, identity)
     assert state == "failed", outcome
     assert f"changes to {table_name} are frozen for the audit" in outcome.summary
+    assert f"[trigger refuse_change on {table_name} (refuse_change())]" in outcome.summary
     assert outcome.error is not None and outcome.error.startswith("42501")
     assert await tables(dsn, *names) == before
     assert await backup_tables(dsn) == []
@@ -297,64 +313,226 @@ async def test_cleanup_orphans_drift_aborts(
 # --- dedupe-learn ---------------------------------------------------------------------
 
 
-async def test_dedupe_learn_rejects_all_but_the_latest(
+async def submission_columns(dsn: str) -> dict[str, int]:
+    cols = await fetch(
+        dsn,
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = 'submissions'::regclass"
+        " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    return {str(c[0]): i for i, c in enumerate(cols)}
+
+
+async def test_dedupe_learn_keeps_the_approved_one_else_the_latest(
     ctx: RunContext, leaps_dsn: str, faults: FaultInjector
 ) -> None:
-    newer = await faults.duplicate_learn(6)
+    """Production's guards: APPROVED is final, so where a user's original LEARN is
+    APPROVED the newer PENDING one goes; where both are PENDING the latest stays. The
+    rejections name the acting reviewer, and production's audit trigger records them."""
+    newer = await faults.duplicate_learn(8)
     before = await table(leaps_dsn, "submissions")
-    cols = [
-        str(r[0])
-        for r in await fetch(
-            leaps_dsn,
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = 'submissions'::regclass"
-            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        )
-    ]
-    col = {c: i for i, c in enumerate(cols)}
+    col = await submission_columns(leaps_dsn)
     users = {r[col["user_id"]] for r in before if str(r[0]) in newer}
-    older = sorted(
-        str(r[0])
+    originals = {
+        r[col["user_id"]]: r
         for r in before
         if r[col["user_id"]] in users
         and r[col["activity_code"]] == "LEARN"
         and r[col["status"]] in ("PENDING", "APPROVED")
         and str(r[0]) not in newer
-    )
-    assert len(older) == 6
+    }
+    newer_of = {r[col["user_id"]]: str(r[0]) for r in before if str(r[0]) in newer}
+    approved = {u for u, r in originals.items() if r[col["status"]] == "APPROVED"}
+    assert approved and approved != users  # both cases are exercised
+    rejected = sorted(newer_of[u] if u in approved else str(originals[u][0]) for u in users)
+    kept = sorted(str(originals[u][0]) if u in approved else newer_of[u] for u in users)
 
     plan = await plan_of(DEDUPE_LEARN, ctx)
-    assert plan.count == 6 and plan.needs_approval
-    assert sorted(str(t["id"]) for t in plan.targets) == older
-    assert sorted(str(t["kept_submission"]) for t in plan.targets) == sorted(newer)
+    assert plan.count == 8 and plan.needs_approval
+    assert sorted(str(t["id"]) for t in plan.targets) == rejected
+    assert sorted(str(t["kept_submission"]) for t in plan.targets) == kept
+    assert all(t["status"] == "PENDING" for t in plan.targets)
 
-    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn1")
+    reviewer = await leaps_user(leaps_dsn, "REVIEWER")
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn1", reviewer)
     assert state == "done", outcome
-    assert outcome.affected == 6 and outcome.backed_up == 6
+    assert outcome.affected == 8 and outcome.backed_up == 8
+    assert f"acted as LEAPS user {reviewer.user_id} (REVIEWER" in outcome.summary
     after = await table(leaps_dsn, "submissions")
     assert len(after) == len(before)  # nothing deleted
 
-    changed = {col["status"], col["review_note"], col["updated_at"]}
+    changed = {col[c] for c in ("status", "review_note", "updated_at", "reviewer_id")}
     saved = await backup(leaps_dsn, "apv-learn1", "submissions")
-    assert saved == [r for r in before if str(r[0]) in older]
+    assert saved == [r for r in before if str(r[0]) in rejected]
     now = {str(r[0]): r for r in after}
     for old in saved:
         new = now[str(old[0])]
         assert [v for i, v in enumerate(new) if i not in changed] == [
             v for i, v in enumerate(old) if i not in changed
         ]
-        assert new[col["status"]] == "REJECTED"
+        assert (new[col["status"]], new[col["reviewer_id"]]) == ("REJECTED", reviewer.user_id)
         note = str(new[col["review_note"]])
         assert "Duplicate LEARN" in note and "apv-learn1" in note
-        assert new[col["updated_at"]] is not None
-        assert new[col["updated_at"]] >= old[col["updated_at"]]
-    assert [r for r in after if str(r[0]) not in older] == [
-        r for r in before if str(r[0]) not in older
+        assert new[col["updated_at"]] >= max(old[col["updated_at"]], old[col["created_at"]])
+    assert [r for r in after if str(r[0]) not in rejected] == [
+        r for r in before if str(r[0]) not in rejected
     ]
+    audited = await fetch(
+        leaps_dsn,
+        "SELECT target_id, actor_id, meta -> 'new_values' ->> 'status',"
+        " meta ->> 'user_role' FROM audit_log WHERE action = 'UPDATE_submissions'"
+        " ORDER BY target_id",
+    )
+    assert audited == [(i, reviewer.user_id, "REJECTED", "REVIEWER") for i in rejected]
     report = await integrity(ctx, [])
     (learn,) = [f for f in report.findings if f.check == "duplicate LEARN submissions"]
     assert learn.status == Status.OK, learn.summary
 
     await assert_rerun_changes_nothing(leaps_dsn, ctx, DEDUPE_LEARN, ("submissions",))
+
+
+async def test_dedupe_learn_leaves_two_approved_to_a_person(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    twice = await faults.duplicate_approved_learn(2)
+    pending = await faults.duplicate_learn(3)
+    both = await fetch(
+        leaps_dsn, "SELECT DISTINCT user_id FROM submissions WHERE id = ANY(%s)", (twice,)
+    )
+    humans = sorted(str(r[0]) for r in both)
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    assert plan.count == 3
+    assert plan.private(LearnData).needs_decision == humans
+    decisions = [w for w in plan.warnings if w.startswith("needs a human decision")]
+    assert len(decisions) == 2 and all("2 APPROVED LEARN" in w for w in decisions)
+    assert "2 users with several APPROVED LEARN rows need a human" in plan.summary
+
+    before = await fetch(
+        leaps_dsn, "SELECT * FROM submissions WHERE user_id = ANY(%s) ORDER BY id", (humans,)
+    )
+    state, outcome = await Executor(leaps_dsn).apply(
+        DEDUPE_LEARN, plan, "apv-learn3", await leaps_user(leaps_dsn, "ADMIN")
+    )
+    assert state == "done", outcome
+    assert outcome.affected == 3 and "2 users left for a human decision" in outcome.summary
+    after = await fetch(
+        leaps_dsn, "SELECT * FROM submissions WHERE user_id = ANY(%s) ORDER BY id", (humans,)
+    )
+    assert after == before
+    statuses = await fetch(
+        leaps_dsn, "SELECT DISTINCT status::text FROM submissions WHERE id = ANY(%s)", (pending,)
+    )
+    assert statuses  # the plain duplicates were decided either way
+    again = await plan_of(DEDUPE_LEARN, ctx)
+    assert again.count == 0 and len(again.private(LearnData).needs_decision) == 2
+
+
+async def test_dedupe_learn_leaves_a_repeated_certificate_to_a_person(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """A duplicate whose certificateHash is another user's approved one: production's
+    certificate trigger refuses any change to it, so the plan holds it back and says
+    why, and the rest of the repair goes through."""
+    await faults.duplicate_learn(3)
+    first = await plan_of(DEDUPE_LEARN, ctx)
+    held = first.targets[0]
+    (other,) = await fetch(
+        leaps_dsn,
+        "SELECT id FROM submissions WHERE activity_code = 'LEARN' AND status = 'APPROVED'"
+        " AND user_id <> %s ORDER BY id LIMIT 1",
+        (held["user_id"],),
+    )
+    stamp = '{"certificateHash": "sha256:0f1e2d"}'
+    stamp_sql: LiteralString = "UPDATE submissions SET payload = payload || %s WHERE id = %s"
+    await run(leaps_dsn, stamp_sql, (stamp, other[0]))
+    async with await psycopg.AsyncConnection.connect(leaps_dsn) as conn, conn.transaction():
+        # Damage from before the trigger existed: written past it, as the owner.
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(stamp_sql, (stamp, held["id"]))
+    admin = await leaps_user(leaps_dsn, "ADMIN")
+    with pytest.raises(psycopg.errors.UniqueViolation, match="Certificate hash already exists"):
+        async with await psycopg.AsyncConnection.connect(leaps_dsn) as conn, conn.transaction():
+            await conn.execute("SELECT set_config('app.user_role', 'ADMIN', true)")
+            await conn.execute(
+                "UPDATE submissions SET status = 'REJECTED', reviewer_id = %s WHERE id = %s",
+                (admin.user_id, held["id"]),
+            )
+
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    assert plan.count == 2 and held["id"] not in {t["id"] for t in plan.targets}
+    (note,) = [w for w in plan.warnings if "repeats the certificateHash" in w]
+    assert str(held["id"]) in note and "trg_check_certificate_hash" in note
+    assert plan.private(LearnData).certificate_guards == ["trg_check_certificate_hash"]
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn6", admin)
+    assert state == "done" and outcome.affected == 2, outcome
+    (status,) = await fetch(
+        leaps_dsn, "SELECT status::text FROM submissions WHERE id = %s", (held["id"],)
+    )
+    assert status == ("PENDING",)
+
+
+async def test_dedupe_learn_refused_by_the_status_guard_names_it(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """An approver whose LEAPS account is a participant: production's transition guard
+    refuses, the outcome names it, everything rolls back."""
+    await faults.duplicate_learn(3)
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    names = ("submissions", "audit_log")
+    before = await tables(leaps_dsn, *names)
+    participant = await leaps_user(leaps_dsn, "PARTICIPANT")
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn4", participant)
+    assert state == "failed", outcome
+    assert "Insufficient permissions to change submission status" in outcome.summary
+    assert "trigger trg_validate_status_transition on submissions" in outcome.summary
+    assert outcome.error is not None and outcome.error.startswith("42501")
+    assert await tables(leaps_dsn, *names) == before
+    assert await backup_tables(leaps_dsn) == []
+
+
+async def test_dedupe_learn_without_anyone_to_act_as_changes_nothing(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.duplicate_learn(2)
+    plan = await plan_of(DEDUPE_LEARN, ctx)
+    before = await table(leaps_dsn, "submissions")
+    state, outcome = await Executor(leaps_dsn).apply(DEDUPE_LEARN, plan, "apv-learn5")
+    assert state == "aborted", outcome
+    assert "nobody to act as" in outcome.summary and "acted as no LEAPS user" in outcome.summary
+    assert await table(leaps_dsn, "submissions") == before
+    assert await backup_tables(leaps_dsn) == []
+
+
+async def test_dedupe_learn_plan_says_before_approval_when_the_guard_will_refuse(
+    leaps_dsn: str, faults: FaultInjector
+) -> None:
+    await faults.duplicate_learn(2)
+    gateway = TargetGateway(leaps_dsn)
+    try:
+        bare = await plan_of(DEDUPE_LEARN, RunContext(gateway, FAST_THRESHOLDS))
+        refusal = [w for w in bare.warnings if "refuses this UPDATE" in w]
+        assert refusal and "trg_validate_status_transition" in refusal[0]
+        assert "app.user_role" in refusal[0] and "nobody (no REMEDY_SERVICE_USER_ID)" in str(
+            bare.warnings
+        )
+        guards = next(w for w in bare.warnings if w.startswith("the UPDATE meets"))
+        assert (
+            "audit_submission_status_changes" in guards and "trg_check_certificate_hash" in guards
+        )
+
+        admin = await leaps_user(leaps_dsn, "ADMIN")
+        service = LeapsIdentity(admin.user_id, "ADMIN", "service identity REMEDY_SERVICE_USER_ID")
+        served = await plan_of(
+            DEDUPE_LEARN, RunContext(gateway, FAST_THRESHOLDS, service_identity=service)
+        )
+        assert not [w for w in served.warnings if "refuses" in w]
+        assert any(service.describe() in w for w in served.warnings)
+        ghost = LeapsIdentity("no-such-user", "ADMIN", "service identity")
+        haunted = await plan_of(
+            DEDUPE_LEARN, RunContext(gateway, FAST_THRESHOLDS, service_identity=ghost)
+        )
+        assert "the service identity no-such-user is not a LEAPS user" in haunted.warnings
+    finally:
+        await gateway.close()
 
 
 async def test_dedupe_learn_refused_by_a_trigger_changes_nothing(
@@ -365,7 +543,13 @@ async def test_dedupe_learn_refused_by_a_trigger_changes_nothing(
     assert plan.count == 3
     await refuse(leaps_dsn, "submissions", "UPDATE")
     await assert_refused(
-        leaps_dsn, DEDUPE_LEARN, plan, "apv-learn2", ("submissions", "audit_log"), "submissions"
+        leaps_dsn,
+        DEDUPE_LEARN,
+        plan,
+        "apv-learn2",
+        ("submissions", "audit_log"),
+        "submissions",
+        await leaps_user(leaps_dsn, "ADMIN"),
     )
 
 
@@ -535,3 +719,77 @@ async def test_reconcile_points_reads_the_live_quota_keys(
     plan = await plan_of(RECONCILE_POINTS, ctx)
     assert plan.data["keys"] == ["peersTrained", "studentsTrained"]
     assert any("peersTrained" in str(s.params) for s in plan.steps)
+
+
+# --- every repair as the application would make it ----------------------------------
+
+
+async def ledger_audit(dsn: str, action: str) -> Rows:
+    return await fetch(
+        dsn,
+        "SELECT target_id, actor_id, meta ->> 'user_role' FROM audit_log"
+        " WHERE action = %s ORDER BY target_id",
+        (action,),
+    )
+
+
+async def test_repairs_act_as_the_identity_through_every_guard(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """With all of production's triggers present and app.user_id / app.user_role set, each
+    repair succeeds, its ledger changes are audited under the acting identity, the
+    analytics listeners hear of them, and the attachment cleanup trigger takes nothing
+    the backup lacks."""
+    admin = await leaps_user(leaps_dsn, "ADMIN")
+    await faults.missing_awards(2)
+    replayed = await faults.duplicate_external_events(2)
+    await drop_constraint(
+        leaps_dsn, "submission_attachments", "submission_attachments_submission_id_fkey"
+    )
+    orphans = await orphan_submissions_with_attachments(leaps_dsn, 2)
+    lost = await faults.orphan_ledger_rows(2)
+
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as listener:
+        await listener.execute("LISTEN refresh_analytics")
+
+        plan = await plan_of(RECONCILE_POINTS, ctx)
+        assert any("audit_points_changes" in w for w in plan.warnings)
+        state, outcome = await Executor(leaps_dsn).apply(RECONCILE_POINTS, plan, "apv-g1", admin)
+        assert state == "done", outcome
+        inserted = await fetch(
+            leaps_dsn,
+            "SELECT id FROM points_ledger WHERE external_source = %s ORDER BY id",
+            (RECONCILE_SOURCE,),
+        )
+        assert len(inserted) == plan.count
+        assert await ledger_audit(leaps_dsn, "INSERT_points_ledger") == [
+            (str(r[0]), admin.user_id, "ADMIN") for r in inserted
+        ]
+
+        plan = await plan_of(DEDUPE_EVENTS, ctx)
+        state, outcome = await Executor(leaps_dsn).apply(DEDUPE_EVENTS, plan, "apv-g2", admin)
+        assert state == "done", outcome
+        gone = [str(r[0]) for r in await backup(leaps_dsn, "apv-g2", "points_ledger")]
+        assert len(gone) == len(replayed) == 2
+
+        attachments = await fetch(
+            leaps_dsn,
+            "SELECT id FROM submission_attachments WHERE submission_id = ANY(%s) ORDER BY id",
+            (orphans,),
+        )
+        plan = await plan_of(CLEANUP_ORPHANS, ctx, ["all"])
+        assert plan.count == 2 + len(attachments) + 2
+        state, outcome = await Executor(leaps_dsn).apply(CLEANUP_ORPHANS, plan, "apv-g3", admin)
+        assert state == "done", outcome
+        assert outcome.affected == plan.count
+        saved = await backup(leaps_dsn, "apv-g3", "submission_attachments")
+        assert [r[0] for r in saved] == [r[0] for r in attachments]
+        assert sorted(str(r[0]) for r in await backup(leaps_dsn, "apv-g3", "submissions")) == (
+            orphans
+        )
+        deleted = await ledger_audit(leaps_dsn, "DELETE_points_ledger")
+        assert deleted == sorted((i, admin.user_id, "ADMIN") for i in [*gone, *lost])
+
+        heard = [n.payload async for n in listener.notifies(timeout=1.0)]
+    ledger_notes = [json.loads(p) for p in heard if '"points_ledger"' in p]
+    assert len(ledger_notes) == len(inserted) + len(gone) + len(lost)

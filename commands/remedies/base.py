@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 from psycopg import sql
 from pydantic import BaseModel, Field
 
-from commands.base import Context, Reader, Row
+from commands.base import Context, LeapsIdentity, Reader, Row
 
 Query = str | sql.SQL | sql.Composed
 M = TypeVar("M", bound=BaseModel)
@@ -123,6 +123,9 @@ class Writer(Protocol):
     """The admin connection inside the guarded transaction of one approved remedy."""
 
     approval_id: str
+    # Who the transaction acts as in LEAPS (app.user_id / app.user_role are set to it),
+    # or None when nobody could be named; a status change names it as reviewer.
+    identity: LeapsIdentity | None
 
     async def fetch(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()

@@ -1,10 +1,17 @@
-"""`dedupe-learn`: keep each user's latest live LEARN submission, reject the others."""
+"""`dedupe-learn`: one live LEARN submission per user, as a reviewer would leave it.
+
+Production's guards make APPROVED and REJECTED final and let only a named reviewer with a
+staff role change a status, so the remedy keeps a user's APPROVED submission (its points
+were awarded) where there is one, else the latest, and rejects only PENDING rows, as the
+acting LEAPS identity. A user with two APPROVED LEARN rows is listed for a person.
+"""
 
 from __future__ import annotations
 
 from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.guards import acting_notes, triggers_reading
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -12,6 +19,7 @@ from commands.remedies.base import (
     Plan,
     PlanStep,
     Remedy,
+    RemedyAbort,
     Verification,
     Writer,
     add_remedy,
@@ -35,78 +43,161 @@ from commands.remedies.rowsets import (
 DEDUPE_LEARN_NAME = "dedupe-learn"
 
 _LIVE_LEARN = "{a}.activity_code = 'LEARN' AND {a}.status IN ('PENDING', 'APPROVED')"
-# A live LEARN with a later live LEARN of the same user (created_at, then id, decides).
-DUPLICATE_LEARN = (
-    _LIVE_LEARN.format(a="s")  # noqa: S608 (constant fragments of this module)
-    + " AND EXISTS (SELECT 1 FROM submissions AS k WHERE k.user_id = s.user_id AND "
-    + _LIVE_LEARN.format(a="k")
-    + " AND (k.created_at, k.id) > (s.created_at, s.id))"
+_APPROVED_LEARNS = (
+    "(SELECT count(*) FROM submissions AS a WHERE a.user_id = {a}.user_id"
+    " AND a.activity_code = 'LEARN' AND a.status = 'APPROVED')"
 )
-LEARN_PART = Part(
-    "learn", "submissions", "s", DUPLICATE_LEARN, "duplicate LEARN submissions (not the latest)"
-)
-
+# The live LEARN a user keeps: the APPROVED one where there is one (its points were
+# awarded, and production's guards keep a decision final), else the latest PENDING.
+_KEPT_ORDER = " ORDER BY (k.status = 'APPROVED') DESC, k.created_at DESC, k.id DESC LIMIT 1)"
 _KEPT = (
     "(SELECT k.id FROM submissions AS k WHERE k.user_id = s.user_id AND "  # noqa: S608
     + _LIVE_LEARN.format(a="k")
-    + " ORDER BY k.created_at DESC, k.id DESC LIMIT 1)"
+    + _KEPT_ORDER
+)
+_KEPT_LABEL = (
+    "(SELECT k.id || ' (' || k.status::text || ')' FROM submissions AS k"  # noqa: S608
+    " WHERE k.user_id = s.user_id AND " + _LIVE_LEARN.format(a="k") + _KEPT_ORDER
+)
+# What is rejected: only PENDING rows, never the kept one, and nothing of a user with two
+# or more APPROVED LEARN rows (which award stands is a person's decision).
+DUPLICATE_LEARN = (
+    "s.activity_code = 'LEARN' AND s.status = 'PENDING' AND s.id <> "
+    + _KEPT
+    + " AND "
+    + _APPROVED_LEARNS.format(a="s")
+    + " < 2"
+)
+# A PENDING duplicate repeating the certificateHash of another user's APPROVED LEARN:
+# where the live database has an UPDATE trigger reading certificateHash (production's
+# trg_check_certificate_hash), every change to such a row is refused, so it is left to a
+# person instead of failing the whole remedy.
+CERT_CONFLICT = (
+    "s.payload ->> 'certificateHash' IS NOT NULL AND EXISTS (SELECT 1 FROM submissions AS o"
+    " WHERE o.activity_code = 'LEARN' AND o.status = 'APPROVED' AND o.user_id <> s.user_id"
+    " AND o.payload ->> 'certificateHash' = s.payload ->> 'certificateHash')"
+)
+CERTIFICATE_KEY = "certificateHash"
+
+
+def learn_part(certificate_guarded: bool) -> Part:
+    condition = DUPLICATE_LEARN + (f" AND NOT ({CERT_CONFLICT})" if certificate_guarded else "")
+    return Part(
+        "learn",
+        "submissions",
+        "s",
+        condition,
+        "PENDING duplicate LEARN submissions (not the kept one)",
+    )
+
+
+_HELD_SQL = (
+    "SELECT s.id, s.user_id FROM submissions AS s WHERE "  # noqa: S608
+    + DUPLICATE_LEARN
+    + " AND "
+    + CERT_CONFLICT
+    + f" ORDER BY s.id LIMIT {SAMPLE}"
 )
 _LEARN_SAMPLE = (
     "s.id, s.user_id, s.status::text AS status, s.created_at, " + _KEPT + " AS kept_submission"
 )
-# Points awarded for the rejected ones stay in the ledger: the plan says how many.
-_LEARN_AWARDS_SQL = (
-    "SELECT count(*) AS n, coalesce(sum(l.delta_points), 0)::bigint AS points"  # noqa: S608
-    " FROM submissions AS s JOIN points_ledger AS l ON l.meta ->> 'submission_id' = s.id"
-    " WHERE " + DUPLICATE_LEARN
-)
+# Users with two or more APPROVED LEARN rows: listed for a human decision, never changed.
+NEEDS_DECISION_SQL = f"""
+SELECT s.user_id, count(*) AS approved,
+       string_agg(s.id, ', ' ORDER BY s.created_at, s.id) AS approved_submissions,
+       (SELECT count(*) FROM submissions AS p WHERE p.user_id = s.user_id
+          AND p.activity_code = 'LEARN' AND p.status = 'PENDING') AS pending
+FROM submissions AS s
+WHERE s.activity_code = 'LEARN' AND s.status = 'APPROVED'
+GROUP BY s.user_id HAVING count(*) >= 2
+ORDER BY s.user_id LIMIT {SAMPLE}
+"""  # noqa: S608
+NEEDS_DECISION_COUNT_SQL = """
+SELECT count(*) AS n FROM (SELECT 1 FROM submissions AS s
+  WHERE s.activity_code = 'LEARN' AND s.status = 'APPROVED'
+  GROUP BY s.user_id HAVING count(*) >= 2) AS d
+"""
+
+
+class LearnData(Counts):
+    needs_decision: list[str] = []  # user ids left for a person
+    certificate_guards: list[str] = []  # triggers that refuse changing a repeated certificate
 
 
 def reject_sql(backup: sql.Identifier) -> sql.Composed:
+    """Rejects exactly the backed-up rows as a reviewer would: the acting identity named
+    as reviewer, a note saying why and which submission is kept, updated_at now (UTC
+    wall-clock like every timestamp(3) column, never before created_at)."""
     return sql.SQL(
-        "UPDATE submissions AS s SET status = 'REJECTED',"  # noqa: S608
-        " review_note = 'Duplicate LEARN submission: the latest one (' || coalesce("
-        + _KEPT
-        + ", '?') || ') is kept; rejected by dbops-bot, approval ' || %s::text,"
-        " updated_at = now() AT TIME ZONE 'UTC'"
+        "UPDATE submissions AS s SET status = 'REJECTED', reviewer_id = %s,"  # noqa: S608
+        " review_note = 'Duplicate LEARN submission: ' || coalesce("
+        + _KEPT_LABEL
+        + ", '?') || ' is kept; rejected by dbops-bot, approval ' || %s::text,"
+        " updated_at = greatest(now() AT TIME ZONE 'UTC', s.created_at)"
         " FROM {} AS b WHERE s.id = b.id"
     ).format(backup)
+
+
+def _decision_lines(rows: list[Row], total: int) -> list[str]:
+    lines = [
+        f"needs a human decision: user {r['user_id']} has {r['approved']} APPROVED LEARN "
+        f"submissions ({r['approved_submissions']}) and {r['pending']} PENDING; "
+        "left unchanged"
+        for r in rows
+    ]
+    if total > len(rows):
+        lines.append(f"… and {total - len(rows)} more users needing a human decision")
+    return lines
 
 
 async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-learn` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[int, int, list[Row], Row]:
-        n = await count_rows(db, LEARN_PART.count_sql())
+    async def survey(
+        db: Reader,
+    ) -> tuple[int, int, list[Row], list[Row], int, list[str], list[str], list[Row]]:
+        cert_guards = await triggers_reading(db, "submissions", "UPDATE", CERTIFICATE_KEY)
+        part = learn_part(bool(cert_guards))
+        n = await count_rows(db, part.count_sql())
         users = await db.fetch(
             "SELECT count(DISTINCT s.user_id) AS n FROM submissions AS s WHERE "  # noqa: S608
-            + DUPLICATE_LEARN
+            + part.condition
         )
-        sample = await db.fetch(LEARN_PART.sample_sql(_LEARN_SAMPLE).as_string()) if n else []
-        awards = (await db.fetch(_LEARN_AWARDS_SQL))[0] if n else {"n": 0, "points": 0}
-        return n, int(users[0]["n"]), sample, awards
+        sample = await db.fetch(part.sample_sql(_LEARN_SAMPLE).as_string()) if n else []
+        decide = await db.fetch(NEEDS_DECISION_SQL)
+        n_decide = int((await db.fetch(NEEDS_DECISION_COUNT_SQL))[0]["n"]) if decide else 0
+        notes = await acting_notes(db, ["submissions"], "UPDATE", ctx.service_identity) if n else []
+        held = await db.fetch(_HELD_SQL) if cert_guards else []
+        return n, int(users[0]["n"]), sample, decide, n_decide, notes, cert_guards, held
 
-    n, users, targets, awards = await ctx.gateway.read(survey)
+    n, users, targets, decide, n_decide, notes, cert_guards, held = await ctx.gateway.read(survey)
+    part = learn_part(bool(cert_guards))
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_submissions")
-    warnings: list[str] = []
-    if int(awards["n"]):
-        warnings.append(
-            "the ledger awards of the submissions to be rejected stay in the ledger: "
-            f"{awards['n']} rows, {awards['points']} points; `/db integrity` will list them"
+    warnings = [*notes, *_decision_lines(decide, n_decide)]
+    warnings += [
+        f"needs a human decision: submission {r['id']} of user {r['user_id']} repeats the "
+        f"certificateHash of another user's APPROVED LEARN; {', '.join(cert_guards)} refuses "
+        "any change to it; left unchanged"
+        for r in held
+    ]
+    if n:
+        summary = (
+            f"set {plural(n, 'PENDING LEARN submission')} of {plural(users, 'user')} to "
+            "REJECTED, keeping each user's APPROVED one where there is one (its points were "
+            "awarded), else the latest; nothing is deleted"
         )
+    else:
+        summary = "no PENDING LEARN submission duplicates a kept one; nothing to do"
+    if n_decide:
+        summary += f"; {plural(n_decide, 'user')} with several APPROVED LEARN rows need a human"
     return Plan(
         remedy=DEDUPE_LEARN_NAME,
         args=list(args),
         title="Reject duplicate LEARN submissions",
-        summary=(
-            f"set {plural(n, 'LEARN submission')} of {plural(users, 'user')} to REJECTED, "
-            "keeping each user's latest (created_at, then id); nothing is deleted"
-            if n
-            else "no user has more than one PENDING or APPROVED LEARN submission; nothing to do"
-        ),
+        summary=summary,
         steps=[
-            PlanStep(sql=LEARN_PART.lock_sql().as_string(), note=f"locks and recounts: {n}"),
+            PlanStep(sql=part.lock_sql().as_string(), note=f"locks and recounts: {n}"),
             PlanStep(
                 sql=backup_sql("submissions", backup).as_string(),
                 params=["<the locked ids>"],
@@ -114,10 +205,11 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
             ),
             PlanStep(
                 sql=reject_sql(backup).as_string(),
-                params=[APPROVAL_PLACEHOLDER],
-                note="the count must match the plan",
+                params=["<the acting LEAPS user id>", APPROVAL_PLACEHOLDER],
+                note="as the acting identity (app.user_id / app.user_role set for this "
+                "transaction); the count must match the plan",
             ),
-            PlanStep(sql=LEARN_PART.count_sql().as_string(), note="verification: must be 0"),
+            PlanStep(sql=part.count_sql().as_string(), note="verification: must be 0"),
         ],
         targets=targets,
         count=n,
@@ -125,31 +217,55 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
         warnings=warnings,
         needs_approval=n > 0,
         locks=LockScope(relations=["submissions"]),
-        data=Counts(counts={"learn": n}).model_dump(mode="json"),
+        data=LearnData(
+            counts={"learn": n},
+            needs_decision=[str(r["user_id"]) for r in decide],
+            certificate_guards=cert_guards,
+        ).model_dump(mode="json"),
     )
 
 
 async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
-    await check_parts(writer, plan, [LEARN_PART], plan.private(Counts).counts)
+    data = plan.private(LearnData)
+    now_guards = await triggers_reading(writer, "submissions", "UPDATE", CERTIFICATE_KEY)
+    if bool(now_guards) != bool(data.certificate_guards):
+        raise RemedyAbort(
+            "drift: the certificate-hash triggers on submissions changed since the plan "
+            f"({', '.join(data.certificate_guards) or 'none'} then, "
+            f"{', '.join(now_guards) or 'none'} now); nothing was changed, request it again"
+        )
+    part = learn_part(bool(now_guards))
+    await check_parts(writer, plan, [part], data.counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no duplicate LEARN submission; nothing was changed")
-    backup, copied = await lock_and_backup(writer, LEARN_PART, plan.count)
-    updated = await writer.execute(reject_sql(backup), (writer.approval_id,))
+    if writer.identity is None:
+        raise RemedyAbort(
+            "a rejection names its reviewer, and there is nobody to act as: no approver has "
+            "a LEAPS account (matched by Slack e-mail) and REMEDY_SERVICE_USER_ID is not "
+            "set; nothing was changed"
+        )
+    backup, copied = await lock_and_backup(writer, part, plan.count)
+    updated = await writer.execute(
+        reject_sql(backup), (writer.identity.user_id, writer.approval_id)
+    )
     check_count(plan, updated, "LEARN submissions")
-    if await count_rows(writer, LEARN_PART.count_sql()):
+    if await count_rows(writer, part.count_sql()):
         return Outcome(
             ok=False, summary="verification failed: duplicate LEARN submissions remain; rolled back"
         )
     rows = await writer.fetch(
         sql.SQL(
-            "SELECT s.id, s.user_id, b.status::text AS was, s.status::text AS now"
-            " FROM submissions AS s JOIN {} AS b ON b.id = s.id ORDER BY s.id LIMIT {}"
+            "SELECT s.id, s.user_id, b.status::text AS was, s.status::text AS now,"
+            " s.reviewer_id FROM submissions AS s JOIN {} AS b ON b.id = s.id"
+            " ORDER BY s.id LIMIT {}"
         ).format(backup, sql.Literal(SAMPLE))
     )
+    left = data.needs_decision
     return Outcome(
         ok=True,
         summary=f"rejected {plural(updated, 'duplicate LEARN submission')}; the previous rows "
-        f"are in {backup.as_string()}; every user now has at most one live LEARN",
+        f"are in {backup.as_string()}; every user now has at most one live LEARN"
+        + (f", except {plural(len(left), 'user')} left for a human decision" if left else ""),
         affected=updated,
         backed_up=copied,
         backup_table=backup.as_string(),
@@ -167,7 +283,8 @@ DEDUPE_LEARN = add_remedy(
     Remedy(
         name=DEDUPE_LEARN_NAME,
         usage="/db dedupe-learn",
-        summary="keep each user's latest live LEARN submission, reject the others (backed up)",
+        summary="keep each user's APPROVED (else latest) LEARN submission, reject the PENDING "
+        "duplicates as a reviewer (backed up)",
         plan=plan_dedupe_learn,
         apply=apply_dedupe_learn,
         verify=verify_dedupe_learn,

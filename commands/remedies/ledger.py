@@ -11,6 +11,7 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.guards import plan_notes
 from commands.integrity import amplify_keys
 from commands.remedies.base import (
     Execution,
@@ -84,6 +85,7 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
         return n, stats, sample
 
     n, stats, targets = await ctx.gateway.read(survey)
+    notes = await plan_notes(ctx, ["points_ledger"], "DELETE") if n else []
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_points_ledger")
     return Plan(
         remedy=DEDUPE_EVENTS_NAME,
@@ -112,6 +114,7 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
         targets=targets,
         count=n,
         backup=f"whole rows copied first into {backup_display('points_ledger')}" if n else None,
+        warnings=notes,
         needs_approval=n > 0,
         locks=LockScope(relations=["points_ledger"]),
         data=Counts(counts={"events": n}).model_dump(mode="json"),
@@ -255,6 +258,7 @@ async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
 
     keys, (enum_type, source, labels), counted, targets = await ctx.gateway.read(survey)
     n = int(counted["n"])
+    notes = await plan_notes(ctx, ["points_ledger"], "INSERT") if n else []
     return Plan(
         remedy=RECONCILE_NAME,
         args=list(args),
@@ -282,6 +286,7 @@ async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
         targets=targets,
         count=n,
         backup=None,
+        warnings=notes,
         needs_approval=n > 0,
         locks=LockScope(relations=["points_ledger"]),
         data=ReconcileData(keys=keys, source=source, pairs=int(counted["pairs"])).model_dump(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.guards import plan_notes
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -190,6 +191,8 @@ async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
         return counts, sample[:SAMPLE], await _unhandled_dependents(db, tables)
 
     counts, targets, dependents = await ctx.gateway.read(survey)
+    deleting = sorted({p.table for p in parts if counts[p.key]})
+    notes = await plan_notes(ctx, deleting, "DELETE") if deleting else []
     total = sum(counts.values())
     if total and dependents:
         names = ", ".join(f"{d['child']}.{d['constraint']} → {d['parent']}" for d in dependents)
@@ -246,11 +249,30 @@ async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
             ["the attachments of orphaned submissions are deleted with them (backed up too)"]
             if counts.get("child_attachments")
             else []
-        ),
+        )
+        + notes,
         needs_approval=total > 0,
         locks=LockScope(relations=sorted({p.table for p in parts})),
         data=OrphanData(tables=tables, counts=counts).model_dump(mode="json"),
     )
+
+
+_UNSAVED_ATTACHMENTS_SQL = (
+    "SELECT count(*) AS n FROM submission_attachments AS sa"
+    " WHERE sa.submission_id IN (SELECT b.id FROM {} AS b)"
+)
+
+
+async def _no_unsaved_attachments(writer: Writer, backup: sql.Identifier) -> None:
+    """Deleting a submission deletes its attachments too (production's AFTER DELETE
+    trigger, or the cascade): those were backed up and deleted as their own part just
+    before, so none may be left for the trigger to take without a backup."""
+    rows = await writer.fetch(sql.SQL(_UNSAVED_ATTACHMENTS_SQL).format(backup))
+    unsaved = int(rows[0]["n"]) if rows else 0
+    if unsaved:
+        raise RowCountError(
+            "attachments that deleting these submissions would take along unsaved", 0, unsaved
+        )
 
 
 async def apply_cleanup_orphans(writer: Writer, plan: Plan) -> Outcome:
@@ -266,6 +288,8 @@ async def apply_cleanup_orphans(writer: Writer, plan: Plan) -> Outcome:
     for m in _merged([p for p in parts if planned.get(p.key)]):
         expected = sum(planned.get(p.key, 0) for p in parts if p.table == m.table)
         backup, copied = await lock_and_backup(writer, m, expected)
+        if m.table == "submissions":
+            await _no_unsaved_attachments(writer, backup)
         deleted = await writer.execute(delete_sql(m.table, backup))
         if deleted != copied:
             raise RowCountError(m.what, copied, deleted)

@@ -1,0 +1,50 @@
+"""Who an approved remedy acts as in LEAPS (DESIGN.md approval rule 8).
+
+Production's guard triggers read `app.user_id` / `app.user_role` and refuse status
+changes without a staff role, so a remedy acts as a person the application would let do
+it: an approver's own LEAPS account (the LEAPS user whose e-mail is the approver's Slack
+profile e-mail), when it holds a staff role; else the configured service identity; else
+an approver's LEAPS account without one, so the guard's own refusal is what people see.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from functools import partial
+
+from bot.authz import RoleResolver
+from commands.base import Gateway, LeapsIdentity
+from commands.guards import STAFF_ROLES
+from commands.roles import identity_for_email
+
+log = logging.getLogger(__name__)
+
+BOT_ACTOR = "bot"  # the engine's own actor id (start-up recovery): no Slack profile
+
+
+async def acting_identity(
+    approvers: list[str],
+    roles: RoleResolver,
+    gateway: Gateway,
+    service: LeapsIdentity | None,
+) -> LeapsIdentity | None:
+    """The identity for one execution; `approvers` in order of preference (the one whose
+    click set it going first). None when nobody can be named."""
+    unprivileged: LeapsIdentity | None = None
+    for slack_id in dict.fromkeys(a for a in approvers if a != BOT_ACTOR):
+        email = await roles.email_of(slack_id)
+        if not email:
+            continue
+        try:
+            found = await gateway.read(partial(identity_for_email, email))
+        except Exception as exc:  # the target may be the thing that is sick
+            log.warning("LEAPS identity lookup for %s failed: %s", slack_id, exc)
+            continue
+        if found is None:
+            continue
+        found = replace(found, via=f"the LEAPS account of approver <@{slack_id}> ({email})")
+        if found.role in STAFF_ROLES:
+            return found
+        unprivileged = unprivileged or found
+    return service or unprivileged

@@ -1,0 +1,176 @@
+"""Production's guards as the live catalog shows them, for remedies that must pass them.
+
+A remedy acts on LEAPS as the application does (DESIGN.md approval rule 8): production's
+triggers refuse what the application would not do, and read who acts from the session
+settings `app.user_id` / `app.user_role`. Which triggers exist, and what they read, is
+read from `pg_trigger` / `pg_proc` on every plan, never assumed: production drifts. The
+same catalog names the guard behind a refusal, since PostgreSQL reports a trigger's
+RAISE only as "PL/pgSQL function f() line n" and a CHECK by its constraint name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+
+from commands.base import Context, LeapsIdentity, Reader
+
+STAFF_ROLES = ("REVIEWER", "ADMIN", "SUPERADMIN")  # may change a submission's status
+USER_ROLE_SETTING = "app.user_role"
+USER_ID_SETTING = "app.user_id"
+
+# tgtype bits (pg_trigger.h): 2 BEFORE, 4 INSERT, 8 DELETE, 16 UPDATE, 64 INSTEAD OF.
+_TRIGGERS_SQL = """
+SELECT c.relname::text AS "table", t.tgname::text AS trigger, p.proname::text AS function,
+       t.tgenabled <> 'D' AS enabled,
+       CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE' WHEN t.tgtype & 64 <> 0 THEN 'INSTEAD OF'
+            ELSE 'AFTER' END AS timing,
+       array_remove(ARRAY[CASE WHEN t.tgtype & 4 <> 0 THEN 'INSERT' END,
+                          CASE WHEN t.tgtype & 8 <> 0 THEN 'DELETE' END,
+                          CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' END], NULL) AS events,
+       position(%s in p.prosrc) > 0 AS reads_role,
+       position(%s in p.prosrc) > 0 AS reads_user
+FROM pg_trigger AS t
+JOIN pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE NOT t.tgisinternal AND c.relname = ANY(%s)
+  AND c.relnamespace = to_regnamespace('public')
+ORDER BY c.relname, t.tgname
+"""
+
+_TRIGGERS_OF_FUNCTION_SQL = """
+SELECT t.tgname::text AS trigger, c.relname::text AS "table"
+FROM pg_trigger AS t
+JOIN pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE NOT t.tgisinternal AND p.proname = %s
+ORDER BY c.relname = %s DESC, t.tgname
+"""
+
+# The innermost PL/pgSQL frame of an error's CONTEXT: the function that raised.
+_FUNCTION_FRAME = re.compile(r'PL/pgSQL function (?:"?[\w$]+"?\.)?"?([\w$]+)"?\(')
+
+
+@dataclass(frozen=True)
+class Guard:
+    table: str
+    trigger: str
+    function: str
+    enabled: bool
+    timing: str
+    events: tuple[str, ...]
+    reads_role: bool
+    reads_user: bool
+
+    def describe(self) -> str:
+        settings = ((USER_ROLE_SETTING, self.reads_role), (USER_ID_SETTING, self.reads_user))
+        reads = [name for name, read in settings if read]
+        return (
+            f"{self.trigger} ({self.timing} {'/'.join(self.events)} on {self.table},"
+            f" {self.function}()" + (f"; reads {', '.join(reads)}" if reads else "") + ")"
+        )
+
+
+async def guards_on(db: Reader, tables: list[str], event: str) -> list[Guard]:
+    """The enabled triggers that fire on `event` (INSERT, UPDATE or DELETE) of `tables`."""
+    rows = await db.fetch(_TRIGGERS_SQL, (USER_ROLE_SETTING, USER_ID_SETTING, tables))
+    guards = [
+        Guard(
+            table=str(r["table"]),
+            trigger=str(r["trigger"]),
+            function=str(r["function"]),
+            enabled=bool(r["enabled"]),
+            timing=str(r["timing"]),
+            events=tuple(str(e) for e in r["events"] or ()),
+            reads_role=bool(r["reads_role"]),
+            reads_user=bool(r["reads_user"]),
+        )
+        for r in rows
+    ]
+    return [g for g in guards if g.enabled and event in g.events]
+
+
+def guard_note(guards: list[Guard], event: str) -> str | None:
+    """One plan line naming the triggers the change meets, or None when there are none."""
+    if not guards:
+        return None
+    return f"the {event} meets production's triggers: " + "; ".join(g.describe() for g in guards)
+
+
+async def name_refusal(
+    db: Reader, *, constraint: str | None, table: str | None, context: str | None
+) -> str | None:
+    """Which guard refused, from an error's diagnostics: a constraint by its name, a
+    trigger's RAISE by the trigger(s) calling the function that raised."""
+    if constraint:
+        return f"constraint {constraint}" + (f" on {table}" if table else "")
+    match = _FUNCTION_FRAME.search(context or "")
+    if match is None:
+        return None
+    function = match.group(1)
+    rows = await db.fetch(_TRIGGERS_OF_FUNCTION_SQL, (function, table or ""))
+    if not rows:
+        return f"function {function}()"
+    triggers = ", ".join(f"{r['trigger']} on {r['table']}" for r in rows)
+    return f"trigger {triggers} ({function}())"
+
+
+_USER_SQL = "SELECT id, role::text AS role FROM users WHERE id = %s"
+
+
+async def acting_notes(
+    db: Reader, tables: list[str], event: str, service: LeapsIdentity | None
+) -> list[str]:
+    """What a plan says before approval about the guards its change meets and who it
+    will act as, including when a guard will refuse it."""
+    guards = await guards_on(db, tables, event)
+    notes = [n for n in (guard_note(guards, event),) if n]
+    who = (
+        "acts as the approver's LEAPS account (matched by Slack e-mail) when it is "
+        f"{', '.join(STAFF_ROLES)}, else as "
+    )
+    notes.append(who + (service.describe() if service else "nobody (no REMEDY_SERVICE_USER_ID)"))
+    if service is not None and not await db.fetch(_USER_SQL, (service.user_id,)):
+        notes.append(f"the service identity {service.user_id} is not a LEAPS user")
+    role_guards = [g.trigger for g in guards if g.reads_role]
+    if role_guards and (service is None or service.role not in STAFF_ROLES):
+        notes.append(
+            f"{', '.join(role_guards)} refuses this {event} unless {USER_ROLE_SETTING} is "
+            f"{', '.join(STAFF_ROLES)}: "
+            + (
+                "without a service identity it runs only if an approver has such a LEAPS "
+                "account; otherwise the database refuses it and nothing changes"
+                if service is None
+                else f"the service identity's role {service.role} is refused, so it runs "
+                "only if an approver has such a LEAPS account"
+            )
+        )
+    return notes
+
+
+async def plan_notes(ctx: Context, tables: list[str], event: str) -> list[str]:
+    """`acting_notes` in a read-only transaction of its own, for a plan that changes rows."""
+    return await ctx.gateway.read(
+        partial(acting_notes, tables=tables, event=event, service=ctx.service_identity)
+    )
+
+
+_EVENT_BITS = {"INSERT": 4, "DELETE": 8, "UPDATE": 16}
+_TRIGGERS_READING_SQL = """
+SELECT t.tgname::text AS trigger
+FROM pg_trigger AS t
+JOIN pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND c.relname = %s
+  AND c.relnamespace = to_regnamespace('public')
+  AND t.tgtype & %s <> 0 AND position(%s in p.prosrc) > 0
+ORDER BY t.tgname
+"""
+
+
+async def triggers_reading(db: Reader, table: str, event: str, text: str) -> list[str]:
+    """Enabled triggers on `table` firing on `event` whose function's source mentions
+    `text` (a payload key, a setting): how a plan learns that a guard is live."""
+    rows = await db.fetch(_TRIGGERS_READING_SQL, (table, _EVENT_BITS[event], text))
+    return [str(r["trigger"]) for r in rows]
