@@ -568,7 +568,9 @@ class ApprovalEngine:
         """
         limit_s = self.executor.statement_timeout_ms / 1000 + self.settings.sweep_margin_s
         decided: list[str] = []
-        for stuck in await self.store.stuck_executing(limit_s):
+        # a sweep that took a row over owns it for its verification and a margin
+        lease_s = self.settings.verify_timeout_s + self.settings.sweep_margin_s
+        for stuck in await self.store.stuck_executing(limit_s, sweep_lease_s=lease_s):
             try:
                 if await self.ctx.gateway.read(partial(remedy_running, approval_id=stuck.id)):
                     continue
