@@ -85,6 +85,12 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "reconcile-points":
         await faults.missing_awards(1)
         return []
+    if remedy in ("recover-users", "rematch-kajabi", "recover-learn"):
+        # a loss the last run did not recover is still there; fixture users are few
+        if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:
+            accounts, unmatched = int(remedy == "recover-users"), int(remedy == "rematch-kajabi")
+            await faults.data_loss(0.1, accounts=accounts, unmatched=unmatched, kajabi_only=True)
+        return []
     (pid,) = await rig.victims.open(1)
     await asyncio.sleep(0.05)
     return ["0"] if remedy == "kill-idle" else [str(pid)]
