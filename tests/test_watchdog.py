@@ -218,7 +218,7 @@ async def test_demo_walks_an_incident_from_the_watchdog_alert_to_full_recovery(
     assert out.count("Watchdog: critical on") == 1
     assert out.count("Watchdog: recovered on") == 1
     assert "cannot approve your own request" in out
-    assert "done (approved by U0LEAD)" in out
+    assert re.search(r"\ndone \S+ \(approved by U0LEAD", out)
     summary = out[out.rindex("Summary of incident") :]
     for milestone in ("Detection", "Response", "Communication", "Resolution", "Full recovery"):
         assert re.search(rf"{milestone} +\S+ +\S+ \(\d\d:\d\d UTC\) +met\n", summary), milestone
