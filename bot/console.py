@@ -1,5 +1,6 @@
-"""Remedies from the command line: the same approval engine, state store and executor
-as in Slack, speaking through the console notifier (the demo's way to try the flow)."""
+"""Remedies and incidents from the command line: the same approval engine, incident
+service, state store and executor as in Slack, speaking through console notifiers (the
+demo's way to try the flow)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_histor
 from bot.authz import RoleResolver, refusal
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
+from bot.incidents import ConsoleIncidents, IncidentService
 from bot.notify import ConsoleNotifier
-from bot.router import Answer, RunContext, preflight
+from bot.router import Answer, BotCommand, Dispatcher, RunContext, preflight
 from bot.settings import Settings
-from bot.state import open_store
+from bot.state import IncidentStore, StateStore, open_store
 from bot.state.baselines import StoreBaselines
-from commands.base import Command, UsageError, role_rank
+from commands import incident
+from commands.base import Command, Report, UsageError, role_rank
+from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 
 CONSOLE_CHANNEL = "console"
@@ -43,20 +47,75 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
         roles = RoleResolver(
             settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
         )
+        IncidentStore.attach(store)  # console approvals join the console's incident
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:
         await gateway.close()
         await store.close()
 
 
+def console_incidents(store: StateStore, settings: Settings) -> IncidentService:
+    """The incident service of the console: the console's channel, printed, system time.
+    Attaching it also hooks the audit, so console approvals join the console's incident."""
+    return IncidentService(IncidentStore.attach(store), ConsoleIncidents(sys.stdout), settings.sla)
+
+
+async def incident_from_console(settings: Settings, text: str, user_id: str) -> int:
+    """`run "incident …" --user U…`: the same incident service as Slack, printing instead of
+    posting, in the console's own channel (its timeline and clocks live in the state store)."""
+    request = incident.parse(text.strip().partition(" ")[2])
+    async with console_engine(settings) as engine:
+        refused = refusal(
+            settings.diagnostics_role, await engine.roles.resolve(user_id), "diagnose"
+        )
+        if refused:
+            print(f"{user_id}: incident: {refused}", file=sys.stderr)
+            return 2
+        service = console_incidents(engine.store, settings)
+        reply = await service.handle(request, user_id=user_id, channel_id=CONSOLE_CHANNEL)
+        await service.slack.post(CONSOLE_CHANNEL, reply.message)
+    return 0
+
+
+async def diagnose_from_console(
+    settings: Settings, command: Command, args: list[str], text: str, user_id: str
+) -> int:
+    """`run "health" --user U…`: a diagnostic as that person, joining the timeline of the
+    console's incident when one is open (plain `run "health"` stays anonymous and stateless)."""
+    async with console_engine(settings) as engine:
+        needed = max(command.role, settings.diagnostics_role, key=role_rank)
+        refused = refusal(needed, await engine.roles.resolve(user_id), "diagnose")
+        if refused:
+            print(f"{user_id}: {command.name}: {refused}", file=sys.stderr)
+            return 2
+        result = await Dispatcher(engine.ctx).run_command(command, args)
+        if not isinstance(result, Report):
+            print(getattr(result, "text", result), file=sys.stderr)
+            return 2
+        sys.stdout.write(render.to_text(result))
+        incidents = console_incidents(engine.store, settings)
+        await incidents.on_command(CONSOLE_CHANNEL, user_id, text.strip(), result)
+        if recovery_verified(result):  # a clean `recover`: full recovery reached
+            await incidents.mark_recovered(CONSOLE_CHANNEL, recovery_evidence(result), user_id)
+    # The remedies the report asks for (`recover`'s steps), requested as this person.
+    status = 0
+    for follow in result.follow_ups:
+        status = max(status, await request_from_console(settings, follow, user_id))
+    return status
+
+
 async def request_from_console(settings: Settings, text: str, user_id: str) -> int:
     pre = preflight(text)
-    target = None if isinstance(pre, Answer) else pre[0]
-    if isinstance(target, Command) and not isinstance(pre, Answer):
-        return await _diagnose_and_follow_up(settings, target, pre[1], user_id)
-    remedy = target
-    if isinstance(pre, Answer) or not isinstance(remedy, Remedy):
-        print("`--user` requests a remedy; see `python -m bot run help`", file=sys.stderr)
+    if isinstance(pre, Answer):
+        print(pre.text.replace("*", ""), file=sys.stderr)
+        return 2
+    if isinstance(pre[0], BotCommand):
+        return await incident_from_console(settings, text, user_id)
+    if isinstance(pre[0], Command):
+        return await diagnose_from_console(settings, pre[0], pre[1], text, user_id)
+    remedy = pre[0]
+    if not isinstance(remedy, Remedy):
+        print("`--user` runs a command as that person; see `python -m bot run help`")
         return 2
     args = pre[1]
     async with console_engine(settings) as engine:
@@ -83,29 +142,6 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
                 f"\napproval {approval_id} is pending: python -m bot approve {approval_id} --user …"
             )
     return 0
-
-
-async def _diagnose_and_follow_up(
-    settings: Settings, command: Command, args: list[str], user_id: str
-) -> int:
-    """A diagnostic whose report asks for remedies (`recover`): print it, then request
-    each as this user, as Slack does."""
-    async with console_engine(settings) as engine:
-        needed = max(command.role, settings.diagnostics_role, key=role_rank)
-        refused = refusal(needed, await engine.roles.resolve(user_id), "diagnose")
-        if refused:
-            print(f"{user_id}: {command.name}: {refused}", file=sys.stderr)
-            return 2
-        try:
-            report = await command.diagnose(engine.ctx, args)
-        except UsageError as exc:
-            print(f"{exc}\nUsage: {command.usage}", file=sys.stderr)
-            return 2
-        sys.stdout.write(render.to_text(report))
-    status = 0
-    for follow in report.follow_ups:
-        status = max(status, await request_from_console(settings, follow, user_id))
-    return status
 
 
 async def decide_from_console(

@@ -14,10 +14,12 @@ import shlex
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import commands  # noqa: F401  (fills the registry)
+from commands import incident
 from commands.base import (
     REGISTRY,
     BaselineStore,
@@ -61,8 +63,24 @@ class Answer:
     outcome: str  # help | unknown | usage | error
 
 
+@dataclass(frozen=True)
+class BotCommand:
+    """A command the bot runs itself: it needs the state store and Slack, not only the
+    target, so it is not in the domain's REGISTRY. It takes the rest of the text raw
+    (free text such as an incident update keeps its quotes and apostrophes)."""
+
+    name: str
+    usage: str
+    summary: str
+    parse: Callable[[str], object]  # raises UsageError; run before the ack as well
+    role: str = "PARTICIPANT"  # the diagnostics role applies on top, as for diagnostics
+
+
+BOT_COMMANDS: dict[str, BotCommand] = {
+    incident.NAME: BotCommand(incident.NAME, incident.USAGE, incident.SUMMARY, incident.parse),
+}
 Result = Report | Answer | Plan
-Target = Command | Remedy
+Target = Command | Remedy | BotCommand
 
 
 def new_error_id() -> str:
@@ -80,6 +98,8 @@ def parse(text: str) -> tuple[str, list[str]]:
 
 
 def find(name: str) -> Target | None:
+    if name in BOT_COMMANDS:
+        return BOT_COMMANDS[name]
     if name in REGISTRY:
         return REGISTRY[name]
     if name in REMEDIES:
@@ -105,12 +125,15 @@ def help_text(markup: bool = True) -> str:
         for rem in sorted(REMEDIES.values(), key=lambda r: r.name):
             approvers = f"{rem.approvers} x {rem.approver_role}"
             lines.append(f"• `{rem.usage}` — {rem.summary} (approved by {approvers})")
+    lines.append("*Incidents*")
+    for usage in incident.SUBCOMMANDS.values():
+        lines.append(f"• `{usage}`")
     lines.append("• `/db help` — this list")
     return "\n".join(lines)
 
 
 def unknown_text(name: str) -> str:
-    names = [*REGISTRY, *REMEDIES, "help"]
+    names = [*REGISTRY, *REMEDIES, *BOT_COMMANDS, "help"]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     text = f"unknown command `{name}`."
     usage = usage_of(close[0]) if close else None
@@ -123,6 +146,14 @@ def unknown_text(name: str) -> str:
 
 def preflight(text: str) -> Answer | tuple[Target, list[str]]:
     """Everything that can be answered without the database, cheap enough to run before ack."""
+    head, _, rest = text.strip().partition(" ")
+    bot_command = BOT_COMMANDS.get(head.lower())
+    if bot_command is not None:
+        try:
+            bot_command.parse(rest)
+        except UsageError as exc:
+            return Answer(f"{exc}\nUsage: `{bot_command.usage}`", "usage")
+        return bot_command, [rest.strip()]
     try:
         name, args = parse(text)
     except UsageError as exc:
@@ -159,6 +190,11 @@ class Dispatcher:
         return await self.run_command(*pre)
 
     async def run_command(self, cmd: Target, args: list[str]) -> Result:
+        if isinstance(cmd, BotCommand):
+            return Answer(
+                f"`{cmd.name}` keeps state: run it in Slack, or from the console with `--user`",
+                "usage",
+            )
         try:
             if isinstance(cmd, Remedy):
                 return await cmd.plan(self.ctx, args)  # dry run: the plan, read-only

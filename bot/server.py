@@ -23,13 +23,15 @@ from slack_sdk.signature import SignatureVerifier
 from bot import metrics
 from bot.approvals import ApprovalEngine, refresh_history
 from bot.authz import RoleResolver
+from bot.clock import Clock, SystemClock
 from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
+from bot.incidents import IncidentService, SlackIncidents
 from bot.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
-from bot.state import StateStore, open_store
+from bot.state import IncidentStore, StateStore, open_store
 from bot.state.baselines import StoreBaselines
 from bot.tasks import TaskTracker, wait_for_signal
 from commands.recover import take_baseline
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 class Service:
     """One bot process: gateway, router, state store, approvals and the Slack frontend."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         settings.require("database_url")
         assert settings.database_url is not None
         self.settings = settings
@@ -70,6 +72,9 @@ class Service:
         self.engine: ApprovalEngine | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self.baseliner: asyncio.Task[None] | None = None
+        self.clock: Clock = clock or SystemClock()
+        self.incidents: IncidentService | None = None
+        self.incident_timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.gateway.open()
@@ -98,12 +103,24 @@ class Service:
             self.baseliner = asyncio.get_running_loop().create_task(
                 self._baseline_every(self.settings.baseline_interval_s), name="baseline timer"
             )
+        self.incidents = IncidentService(
+            IncidentStore.attach(self.store, self.clock),
+            SlackIncidents(self.slack.app.client),
+            self.settings.sla,
+        )
+        self.slack.incidents = self.incidents
+        self.incident_timer = asyncio.get_running_loop().create_task(
+            self._incident_ticks(self.incidents, self.settings.incident_tick_s),
+            name="incident timer",
+        )
 
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()  # the timer never ends by itself; a sweep running is drained
         if self.baseliner is not None:
             self.baseliner.cancel()
+        if self.incident_timer is not None:
+            self.incident_timer.cancel()
         await self.tracker.drain()
         await self.gateway.close()
         if self.store is not None:
@@ -126,6 +143,12 @@ class Service:
         while True:
             self.tracker.spawn(self.take_baseline(), name="take baseline")
             await asyncio.sleep(interval_s)
+
+    async def _incident_ticks(self, incidents: IncidentService, interval_s: float) -> None:
+        """SLA reminders and header clocks, every `interval_s` (each tick a tracked task)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.tracker.spawn(incidents.tick(), name="incident tick")
 
     async def _refresh_log(self) -> dict[str, dict[str, Any]]:
         return await refresh_history(self.store) if self.store is not None else {}

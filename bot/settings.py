@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import ROLES, LeapsIdentity, Thresholds
+from commands.incident import SlaTargets
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     # kept this many days in the state store.
     baseline_interval_s: float = Field(default=3600.0, ge=0)
     baseline_keep_days: float = Field(default=7.0, gt=0)
+    # Incidents: the operators' SLA targets in seconds from detection (SLA__RESPONSE_S=1800,
+    # SLA__REMIND_AT=0.8 …) and how often reminders and headers are checked.
+    sla: SlaTargets = Field(default_factory=SlaTargets)
+    incident_tick_s: float = Field(default=30.0, gt=0)
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

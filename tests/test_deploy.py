@@ -93,6 +93,8 @@ def bot_env(fake: FakeSlack, target_dsn: str, state_dir: str, **extra: str) -> d
         "DATABASE_URL": target_dsn,
         "STATE_DATABASE_URL": f"sqlite:///{state_dir}/state.sqlite3",
         "DIAGNOSTICS_ROLE": "PARTICIPANT",
+        # every command's own role is enforced: the users these tests diagnose as are REVIEWERs
+        "ROLE_MAP": json.dumps(dict.fromkeys(("U0SOCK", "U0NONROOT"), "REVIEWER")),
         "LOG_LEVEL": "WARNING",
         **extra,
     }

@@ -16,14 +16,17 @@ import pytest_asyncio
 from bot.embedded_pg import EmbeddedPostgres
 from bot.server import Service, connect_socket
 from commands.fixture.seed import build_fixture
-from tests.conftest import RunningBot, bot_settings, running_bot
+from tests.conftest import TEST_REVIEWERS, RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack, make_envelope
 from tests.test_approvals import Victims, button_value, press, request, settle
 
 USER = "U0ONCALL"
 ADMIN = "U0LEAD"
 CHANNEL = "C0INCIDENT"
-ROLES = {USER: "ADMIN", ADMIN: "ADMIN"}
+# The users these tests diagnose as are REVIEWERs: every command's role is enforced.
+DIAGNOSERS = ("U0FIRST", "U0DURING", "U0AFTER", "U0DIAG", "U0RATE", "U0BEFORE", "U0AFTERBYE")
+ROLES = TEST_REVIEWERS | dict.fromkeys((*DIAGNOSERS, "U0AFTERDROP"), "REVIEWER")
+ROLES |= {USER: "ADMIN", ADMIN: "ADMIN"}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,7 @@ async def test_target_stopped_mid_command_then_restarted_the_pool_recovers(
     settings = bot_settings(
         own_target,
         fake_slack,
+        role_map=ROLES,
         coalesce_s=0,
         lock_timeout_ms=20_000,
         check_timeout_ms=25_000,
@@ -234,7 +238,7 @@ async def answered_over_socket(fake: FakeSlack, user: str) -> None:
 async def test_socket_mode_connection_dropped_the_bot_reconnects(
     leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:
-    settings = bot_settings(leaps_dsn, fake_slack, slack_app_token="xapp-1-test")
+    settings = bot_settings(leaps_dsn, fake_slack, slack_app_token="xapp-1-test", role_map=ROLES)
     service = Service(settings)
     await service.start()
     handler = await connect_socket(service, "xapp-1-test")

@@ -1,9 +1,16 @@
-"""The bot's own state store (approvals, decisions, audit trail, refresh log).
+"""The bot's own state store (approvals, decisions, audit trail, refresh log, incidents).
 
 Import from here; `bot.state.models` is the schema and stays private to the store.
 """
 
-from bot.state.models import ApprovalState, DecisionKind, RefreshMode
+from bot.state.incidents import (
+    HealthSeen,
+    Incident,
+    IncidentEvent,
+    IncidentExists,
+    IncidentStore,
+)
+from bot.state.models import ApprovalState, DecisionKind, IncidentState, RefreshMode, Severity
 from bot.state.store import (
     Approval,
     AuditEntry,
@@ -32,11 +39,18 @@ __all__ = [
     "DecisionResult",
     "DecisionStatus",
     "FinishState",
+    "HealthSeen",
+    "Incident",
+    "IncidentEvent",
+    "IncidentExists",
+    "IncidentState",
+    "IncidentStore",
     "InvalidTransition",
     "KnownRole",
     "NotFound",
     "RefreshEntry",
     "RefreshMode",
+    "Severity",
     "StateStore",
     "StateStoreError",
     "make_engine",

@@ -23,6 +23,9 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import (
+    text as sql_text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -108,6 +111,7 @@ class ApprovalRow(Base):
     outcome: Mapped[dict[str, Any] | None]
     version: Mapped[int] = mapped_column(Integer)
     origin: Mapped[str] = mapped_column(String(16), server_default="slack")
+    taken_over_at: Mapped[datetime | None]  # a sweeper's take-over; `updated_at` keeps the claim
 
 
 class DecisionRow(Base):
@@ -157,6 +161,115 @@ class RefreshLogRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     approval_id: Mapped[str | None] = mapped_column(String(32))
     actor_id: Mapped[str] = mapped_column(String(64))
+
+
+# -- incidents (migration 0004) ---------------------------------------------------------------
+
+Severity = Literal["sev1", "sev2", "sev3"]
+IncidentState = Literal["open", "resolved", "recovered", "reopened"]
+# Where `detected_at` came from: `--since`, the watchdog's first critical finding, or the start.
+DetectedBy = Literal["since", "watchdog", "start"]
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
+INCIDENT_STATES: tuple[IncidentState, ...] = get_args(IncidentState)
+DETECTED_BY: tuple[DetectedBy, ...] = get_args(DetectedBy)
+# An incident holds its channel until it is fully recovered: recovery work after the
+# resolution still joins its timeline, and its recovery clock still runs.
+ACTIVE_INCIDENT = "state <> 'recovered'"
+
+
+class IncidentRow(Base):
+    __tablename__ = "dbops_incidents"
+    __table_args__ = (
+        CheckConstraint(_in("severity", SEVERITIES), name="ck_dbops_incidents_severity"),
+        CheckConstraint(_in("state", INCIDENT_STATES), name="ck_dbops_incidents_state"),
+        CheckConstraint(_in("detected_by", DETECTED_BY), name="ck_dbops_incidents_detected_by"),
+        # One active incident per channel, enforced by the database (two replicas racing
+        # `start` in one channel: the second INSERT fails).
+        Index(
+            "uq_dbops_incidents_active_channel",
+            "channel_id",
+            unique=True,
+            sqlite_where=sql_text(ACTIVE_INCIDENT),
+            postgresql_where=sql_text(ACTIVE_INCIDENT),
+        ),
+        Index("ix_dbops_incidents_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel_id: Mapped[str] = mapped_column(String(64))
+    origin_channel_id: Mapped[str | None] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(8))
+    commander_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[str] = mapped_column(String(64))
+    detected_at: Mapped[datetime]
+    detected_by: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime]
+    responded_at: Mapped[datetime | None]
+    communicated_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+    recovered_at: Mapped[datetime | None]
+    recovery_evidence: Mapped[dict[str, Any] | None]
+    header_ts: Mapped[str | None] = mapped_column(String(32))
+    # The header as last posted: an edit is claimed by moving this (one replica edits).
+    header_digest: Mapped[str | None] = mapped_column(String(64))
+    reopened: Mapped[int] = mapped_column(Integer, server_default="0")  # times reopened
+    updated_at: Mapped[datetime]
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class IncidentEventRow(Base):
+    """One line of an incident's timeline."""
+
+    __tablename__ = "dbops_incident_events"
+    __table_args__ = (Index("ix_dbops_incident_events_incident", "incident_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    incident_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("dbops_incidents.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))
+    actor_id: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]]
+
+
+class IncidentReminderRow(Base):
+    """An SLA reminder sent: the unique key makes it once per milestone, across replicas.
+
+    `epoch` is the incident's reopen count, so a reopened incident's clocks remind again.
+    """
+
+    __tablename__ = "dbops_incident_reminders"
+    __table_args__ = (
+        UniqueConstraint(
+            "incident_id", "milestone", "epoch", name="uq_dbops_incident_reminders_once"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    incident_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("dbops_incidents.id", ondelete="CASCADE")
+    )
+    milestone: Mapped[str] = mapped_column(String(16))
+    epoch: Mapped[int] = mapped_column(Integer)
+    fired_at: Mapped[datetime]
+    claimed_by: Mapped[str] = mapped_column(Text)
+
+
+class HealthSeenRow(Base):
+    """The worst findings of the latest `/db health` runs the bot saw (for App Home)."""
+
+    __tablename__ = "dbops_health_seen"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    channel_id: Mapped[str] = mapped_column(String(64))
+    actor_id: Mapped[str] = mapped_column(String(64))
+    worst: Mapped[str] = mapped_column(String(16))
+    findings: Mapped[dict[str, Any]]
 
 
 class KnownRoleRow(Base):

@@ -1,0 +1,605 @@
+"""Incidents in the state store: the incident, its timeline, its reminders, the health seen.
+
+Every replica reads and writes the same rows, so nothing about an incident lives in a
+process: a restart, or a click served by another replica, sees the same clocks and
+timeline. The races are settled by the database, as for approvals: one active incident
+per channel is a partial unique index; a reminder is sent by whoever inserts its row;
+a header edit by whoever moves its digest; the first response or communication is a
+conditional `UPDATE ... WHERE responded_at IS NULL`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, cast
+
+from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.clock import Clock, SystemClock
+from bot.state.models import (
+    DETECTED_BY,
+    INCIDENT_STATES,
+    SEVERITIES,
+    ApprovalRow,
+    AuditRow,
+    DetectedBy,
+    HealthSeenRow,
+    IncidentEventRow,
+    IncidentReminderRow,
+    IncidentRow,
+    IncidentState,
+    Severity,
+)
+from bot.state.store import Approval, StateStore, StateStoreError, _approval, _known, _utc
+
+# The milestones a first event can reach by itself (the others have their own commands).
+FirstMilestone = Literal["responded", "communicated"]
+ACTIVE_STATES: tuple[IncidentState, ...] = ("open", "resolved", "reopened")
+HEALTH_KEPT = timedelta(days=2)  # health seen is kept this long (App Home, detection)
+WATCHDOG = "watchdog"  # the actor id the watchdog records its health runs under
+
+
+class IncidentExists(StateStoreError):
+    """The channel already has an active incident (the partial unique index said so)."""
+
+    def __init__(self, existing: Incident | None) -> None:
+        self.existing = existing
+        what = f"incident #{existing.id} ({existing.title})" if existing else "an incident"
+        super().__init__(f"this channel already has {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    id: int
+    channel_id: str
+    origin_channel_id: str | None
+    title: str
+    severity: Severity
+    commander_id: str
+    state: IncidentState
+    created_by: str
+    detected_at: datetime
+    detected_by: DetectedBy
+    started_at: datetime
+    responded_at: datetime | None
+    communicated_at: datetime | None
+    resolved_at: datetime | None
+    recovered_at: datetime | None
+    recovery_evidence: Mapping[str, Any] | None
+    header_ts: str | None
+    header_digest: str | None
+    reopened: int
+    updated_at: datetime
+    version: int
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentEvent:
+    id: int
+    incident_id: int
+    at: datetime
+    kind: str
+    actor_id: str
+    text: str
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSeen:
+    at: datetime
+    channel_id: str
+    actor_id: str
+    worst: str
+    findings: Sequence[Mapping[str, Any]]
+
+
+# Audit actions that join the timeline of the channel's incident: (kind, text template).
+# Templates read the audit detail; `count`/`affected` are the rows the plan or run touched.
+AUDIT_TIMELINE: dict[str, tuple[str, str]] = {
+    "approval.requested": ("approval", "requested `{remedy}` ({count} rows planned)"),
+    "approval.approved": ("approval", "approved `{remedy}`"),
+    "approval.rejected": ("approval", "rejected `{remedy}`"),
+    "approval.expired": ("approval", "approval of `{remedy}` expired"),
+    "approval.cancelled": ("approval", "approval of `{remedy}` cancelled: {reason}"),
+    "remedy.executed": ("remedy", "`{remedy}` done: {affected} rows changed. {summary}"),
+    "remedy.failed": ("remedy", "`{remedy}` failed: {error}"),
+    "remedy.aborted": ("remedy", "`{remedy}` aborted: {summary}"),
+    "approval.swept": ("remedy", "`{remedy}` decided after a process died (landed: {landed})"),
+}
+# Decisions a person makes count as the incident's first response.
+HUMAN_AUDIT = frozenset({"approval.requested", "approval.approved", "approval.rejected"})
+
+
+def _esc(value: object) -> str:
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class _Blank(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+class IncidentStore:
+    """Incident methods on the state store's engine (each one short transaction)."""
+
+    def __init__(self, store: StateStore, clock: Clock | None = None) -> None:
+        self._store = store
+        self.clock: Clock = clock or SystemClock()
+
+    @classmethod
+    def attach(cls, store: StateStore, clock: Clock | None = None) -> IncidentStore:
+        """The incident store, hooked into the audit trail: every audited approval step in
+        a channel with an active incident joins its timeline (the one place it happens)."""
+        incidents = cls(store, clock)
+        store.audit_hook = incidents.join_audit
+        return incidents
+
+    @property
+    def state_store(self) -> StateStore:
+        return self._store
+
+    # -- incidents ----------------------------------------------------------------------------
+
+    async def open_incident(
+        self,
+        *,
+        channel_id: str,
+        title: str,
+        severity: Severity,
+        commander_id: str,
+        created_by: str,
+        started_at: datetime,
+        detected_at: datetime,
+        detected_by: DetectedBy,
+        origin_channel_id: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Incident:
+        """Open an incident with its first timeline event; `IncidentExists` if the channel
+        has one already (also when another replica won the race a moment ago)."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}")
+        if detected_by not in DETECTED_BY:
+            raise ValueError(f"detected_by must be one of {DETECTED_BY}")
+        at = _utc(started_at)
+        row = IncidentRow(
+            channel_id=channel_id,
+            origin_channel_id=origin_channel_id,
+            title=title,
+            severity=severity,
+            commander_id=commander_id,
+            state="open",
+            created_by=created_by,
+            detected_at=_utc(detected_at),
+            detected_by=detected_by,
+            started_at=at,
+            responded_at=None,
+            communicated_at=None,
+            resolved_at=None,
+            recovered_at=None,
+            recovery_evidence=None,
+            header_ts=None,
+            header_digest=None,
+            reopened=0,
+            updated_at=at,
+            version=1,
+        )
+        try:
+            async with self._store._tx() as session:
+                session.add(row)
+                await session.flush()
+                session.add(
+                    IncidentEventRow(
+                        incident_id=row.id,
+                        at=at,
+                        kind="started",
+                        actor_id=created_by,
+                        text=f"incident started: {title} ({severity})",
+                        detail=dict(detail or {}),
+                    )
+                )
+        except IntegrityError:
+            raise IncidentExists(await self.active_in(channel_id)) from None
+        return _incident(row)
+
+    async def get(self, incident_id: int) -> Incident | None:
+        async with self._store._tx(write=False) as session:
+            row = await session.get(IncidentRow, incident_id)
+            return None if row is None else _incident(row)
+
+    async def active_in(self, channel_id: str) -> Incident | None:
+        """The channel's incident that is not yet recovered, if any."""
+        stmt = select(IncidentRow).where(
+            IncidentRow.channel_id == channel_id, _active(IncidentRow.state)
+        )
+        async with self._store._tx(write=False) as session:
+            row = (await session.scalars(stmt)).one_or_none()
+            return None if row is None else _incident(row)
+
+    async def active(self) -> list[Incident]:
+        stmt = select(IncidentRow).where(_active(IncidentRow.state)).order_by(IncidentRow.id)
+        async with self._store._tx(write=False) as session:
+            return [_incident(row) for row in (await session.scalars(stmt)).all()]
+
+    async def latest_in(self, channel_id: str) -> Incident | None:
+        """The channel's most recent incident, active or not (for `reopen`)."""
+        stmt = (
+            select(IncidentRow)
+            .where(IncidentRow.channel_id == channel_id)
+            .order_by(IncidentRow.id.desc())
+            .limit(1)
+        )
+        async with self._store._tx(write=False) as session:
+            row = (await session.scalars(stmt)).one_or_none()
+            return None if row is None else _incident(row)
+
+    async def change(
+        self,
+        incident: Incident,
+        *,
+        from_states: Iterable[IncidentState],
+        values: Mapping[str, Any],
+        event: tuple[str, str, str, Mapping[str, Any]],
+        at: datetime,
+    ) -> Incident | None:
+        """One conditional change of an incident plus its timeline event, atomically.
+
+        `event` is (kind, actor, text, detail). None when the incident is no longer in
+        one of `from_states` (another replica or person acted first). `IncidentExists`
+        when reopening would give the channel a second active incident.
+        """
+        when = _utc(at)
+        stmt = (
+            update(IncidentRow)
+            .where(IncidentRow.id == incident.id, IncidentRow.state.in_(tuple(from_states)))
+            .values(**dict(values), updated_at=when, version=IncidentRow.version + 1)
+            .returning(IncidentRow)
+            .execution_options(synchronize_session=False)
+        )
+        kind, actor, text, detail = event
+        try:
+            async with self._store._tx() as session:
+                row = (await session.scalars(stmt)).one_or_none()
+                if row is None:
+                    return None
+                session.add(
+                    IncidentEventRow(
+                        incident_id=incident.id,
+                        at=when,
+                        kind=kind,
+                        actor_id=actor,
+                        text=text,
+                        detail=dict(detail),
+                    )
+                )
+                return _incident(row)
+        except IntegrityError:
+            raise IncidentExists(await self.active_in(incident.channel_id)) from None
+
+    async def mark_detected(self, incident_id: int, at: datetime, by: DetectedBy) -> bool:
+        """An earlier detection than the start (the watchdog's first critical finding);
+        never overrides `--since`, never moves detection later. True if it moved."""
+        when = _utc(at)
+        stmt = (
+            update(IncidentRow)
+            .where(
+                IncidentRow.id == incident_id,
+                IncidentRow.detected_by != "since",
+                IncidentRow.detected_at > when,
+            )
+            .values(detected_at=when, detected_by=by, version=IncidentRow.version + 1)
+            .returning(IncidentRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._store._tx() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    # -- the timeline -------------------------------------------------------------------------
+
+    async def add_event(
+        self,
+        incident_id: int,
+        *,
+        kind: str,
+        actor_id: str,
+        text: str,
+        at: datetime,
+        detail: Mapping[str, Any] | None = None,
+        reaches: Iterable[FirstMilestone] = (),
+    ) -> IncidentEvent:
+        """Append to the timeline; `reaches` sets those milestones if not yet reached."""
+        async with self._store._tx() as session:
+            return await _add_event(
+                session, incident_id, kind, actor_id, text, _utc(at), detail or {}, reaches
+            )
+
+    async def add_event_in(
+        self,
+        channel_id: str,
+        *,
+        kind: str,
+        actor_id: str,
+        text: str,
+        at: datetime,
+        detail: Mapping[str, Any] | None = None,
+        reaches: Iterable[FirstMilestone] = (),
+    ) -> IncidentEvent | None:
+        """Append to the timeline of the channel's active incident, if it has one."""
+        async with self._store._tx() as session:
+            incident_id = await _active_id(session, channel_id)
+            if incident_id is None:
+                return None
+            return await _add_event(
+                session, incident_id, kind, actor_id, text, _utc(at), detail or {}, reaches
+            )
+
+    async def timeline(self, incident_id: int) -> list[IncidentEvent]:
+        stmt = (
+            select(IncidentEventRow)
+            .where(IncidentEventRow.incident_id == incident_id)
+            .order_by(IncidentEventRow.at, IncidentEventRow.id)
+        )
+        async with self._store._tx(write=False) as session:
+            return [_event(row) for row in (await session.scalars(stmt)).all()]
+
+    async def join_audit(self, session: AsyncSession, row: AuditRow) -> None:
+        """The audit hook: an approval step in a channel with an active incident joins its
+        timeline in the audit's own transaction (so neither exists without the other)."""
+        spec = AUDIT_TIMELINE.get(row.action)
+        if spec is None:
+            return
+        channel_id = row.channel_id
+        approval = await session.get(ApprovalRow, row.approval_id) if row.approval_id else None
+        if channel_id is None and approval is not None:
+            channel_id = approval.channel_id
+        if channel_id is None:
+            return
+        incident_id = await _active_id(session, channel_id)
+        if incident_id is None:
+            return
+        kind, template = spec
+        # Summaries and errors come from the database: never markup in the timeline.
+        values = _Blank({key: _esc(value) for key, value in row.detail.items()})
+        if approval is not None:
+            values.setdefault("remedy", approval.remedy)
+            values.setdefault("count", (approval.plan or {}).get("count", "?"))
+        text = template.format_map(values)
+        detail = {"audit": row.action, "approval_id": row.approval_id, **row.detail}
+        human = row.action in HUMAN_AUDIT and row.actor_id != "bot"
+        await _add_event(
+            session,
+            incident_id,
+            kind,
+            row.actor_id,
+            text,
+            _utc(self.clock.now()),
+            detail,
+            ("responded",) if human else (),
+        )
+
+    # -- reminders and the header -------------------------------------------------------------
+
+    async def claim_reminder(
+        self, incident_id: int, milestone: str, epoch: int, *, at: datetime, claimer: str
+    ) -> bool:
+        """True for exactly one caller per (incident, milestone, epoch), across replicas."""
+        values = {
+            "incident_id": incident_id,
+            "milestone": milestone,
+            "epoch": epoch,
+            "fired_at": _utc(at),
+            "claimed_by": claimer,
+        }
+        keys = ["incident_id", "milestone", "epoch"]
+        async with self._store._tx() as session:
+            if self._store.engine.dialect.name == "postgresql":
+                pg = pg_insert(IncidentReminderRow).values(values)
+                stmt = pg.on_conflict_do_nothing(index_elements=keys).returning(
+                    IncidentReminderRow.id
+                )
+            else:
+                lite = sqlite_insert(IncidentReminderRow).values(values)
+                stmt = lite.on_conflict_do_nothing(index_elements=keys).returning(
+                    IncidentReminderRow.id
+                )
+            return (await session.execute(stmt)).first() is not None
+
+    async def release_reminder(self, incident_id: int, milestone: str, epoch: int) -> None:
+        """Undo a claim whose reminder could not be sent."""
+        stmt = delete(IncidentReminderRow).where(
+            IncidentReminderRow.incident_id == incident_id,
+            IncidentReminderRow.milestone == milestone,
+            IncidentReminderRow.epoch == epoch,
+        )
+        async with self._store._tx() as session:
+            await session.execute(stmt)
+
+    async def set_header(self, incident_id: int, *, header_ts: str, digest: str) -> None:
+        stmt = (
+            update(IncidentRow)
+            .where(IncidentRow.id == incident_id)
+            .values(header_ts=header_ts, header_digest=digest)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._store._tx() as session:
+            await session.execute(stmt)
+
+    async def claim_header_edit(
+        self, incident_id: int, *, old: str | None, new: str | None
+    ) -> bool:
+        """Move the header digest from what was read to the new one: True for one caller,
+        who then edits the message (the others see it already current)."""
+        where = (
+            IncidentRow.header_digest.is_(None)
+            if old is None
+            else (IncidentRow.header_digest == old)
+        )
+        stmt = (
+            update(IncidentRow)
+            .where(IncidentRow.id == incident_id, where)
+            .values(header_digest=new)
+            .returning(IncidentRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._store._tx() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    # -- what App Home shows ------------------------------------------------------------------
+
+    async def note_health(
+        self,
+        *,
+        channel_id: str,
+        actor_id: str,
+        worst: str,
+        findings: Sequence[Mapping[str, Any]],
+        at: datetime,
+    ) -> None:
+        row = HealthSeenRow(
+            at=_utc(at),
+            channel_id=channel_id,
+            actor_id=actor_id,
+            worst=worst,
+            findings={"findings": [dict(f) for f in findings]},
+        )
+        async with self._store._tx() as session:
+            session.add(row)
+            stale = HealthSeenRow.at < row.at - HEALTH_KEPT
+            await session.execute(delete(HealthSeenRow).where(stale))
+
+    async def first_critical_since(self, since: datetime) -> datetime | None:
+        """When the watchdog's current run of critical health checks began (None if its
+        latest check since then was not critical, or it saw none)."""
+        mine = (HealthSeenRow.actor_id == WATCHDOG, HealthSeenRow.at >= _utc(since))
+        last_fine = (
+            select(func.coalesce(func.max(HealthSeenRow.id), 0))
+            .where(*mine, HealthSeenRow.worst != "crit")
+            .scalar_subquery()
+        )
+        stmt = select(func.min(HealthSeenRow.at)).where(
+            *mine, HealthSeenRow.worst == "crit", HealthSeenRow.id > last_fine
+        )
+        async with self._store._tx(write=False) as session:
+            found = (await session.execute(stmt)).scalar_one_or_none()
+        if found is None:
+            return None
+        # an aggregate bypasses the column type on SQLite: read it back as aware UTC
+        return found if isinstance(found, datetime) and found.tzinfo else _parse_utc(found)
+
+    async def latest_health(self) -> HealthSeen | None:
+        stmt = select(HealthSeenRow).order_by(HealthSeenRow.id.desc()).limit(1)
+        async with self._store._tx(write=False) as session:
+            row = (await session.scalars(stmt)).one_or_none()
+        if row is None:
+            return None
+        return HealthSeen(
+            at=row.at,
+            channel_id=row.channel_id,
+            actor_id=row.actor_id,
+            worst=row.worst,
+            findings=tuple(row.findings.get("findings", [])),
+        )
+
+    async def pending_approvals(self, now: datetime | None = None) -> list[Approval]:
+        stmt = (
+            select(ApprovalRow)
+            .where(ApprovalRow.state == "pending", ApprovalRow.expires_at > _utc(now))
+            .order_by(ApprovalRow.created_at, ApprovalRow.id)
+        )
+        async with self._store._tx(write=False) as session:
+            return [_approval(row) for row in (await session.scalars(stmt)).all()]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _active(state: Any) -> ColumnElement[bool]:
+    return cast(ColumnElement[bool], state.in_(ACTIVE_STATES))
+
+
+async def _active_id(session: AsyncSession, channel_id: str) -> int | None:
+    stmt = select(IncidentRow.id).where(
+        IncidentRow.channel_id == channel_id, _active(IncidentRow.state)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def _add_event(
+    session: AsyncSession,
+    incident_id: int,
+    kind: str,
+    actor_id: str,
+    text: str,
+    at: datetime,
+    detail: Mapping[str, Any],
+    reaches: Iterable[FirstMilestone],
+) -> IncidentEvent:
+    row = IncidentEventRow(
+        incident_id=incident_id, at=at, kind=kind, actor_id=actor_id, text=text, detail=dict(detail)
+    )
+    session.add(row)
+    for milestone in reaches:
+        column = {
+            "responded": IncidentRow.responded_at,
+            "communicated": IncidentRow.communicated_at,
+        }[milestone]
+        await session.execute(
+            update(IncidentRow)
+            .where(IncidentRow.id == incident_id, column.is_(None))
+            .values({column.key: at, "version": IncidentRow.version + 1})
+            .execution_options(synchronize_session=False)
+        )
+    await session.flush()
+    return _event(row)
+
+
+def _parse_utc(value: Any) -> datetime:
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _incident(row: IncidentRow) -> Incident:
+    return Incident(
+        id=row.id,
+        channel_id=row.channel_id,
+        origin_channel_id=row.origin_channel_id,
+        title=row.title,
+        severity=cast(Severity, _known(row.severity, SEVERITIES)),
+        commander_id=row.commander_id,
+        state=cast(IncidentState, _known(row.state, INCIDENT_STATES)),
+        created_by=row.created_by,
+        detected_at=row.detected_at,
+        detected_by=cast(DetectedBy, _known(row.detected_by, DETECTED_BY)),
+        started_at=row.started_at,
+        responded_at=row.responded_at,
+        communicated_at=row.communicated_at,
+        resolved_at=row.resolved_at,
+        recovered_at=row.recovered_at,
+        recovery_evidence=row.recovery_evidence,
+        header_ts=row.header_ts,
+        header_digest=row.header_digest,
+        reopened=row.reopened,
+        updated_at=row.updated_at,
+        version=row.version,
+    )
+
+
+def _event(row: IncidentEventRow) -> IncidentEvent:
+    return IncidentEvent(
+        id=row.id,
+        incident_id=row.incident_id,
+        at=row.at,
+        kind=row.kind,
+        actor_id=row.actor_id,
+        text=row.text,
+        detail=row.detail,
+    )
