@@ -23,6 +23,7 @@ from bot.state import IncidentStore, StateStore, open_store
 from bot.state.baselines import StoreBaselines
 from commands import incident
 from commands.base import Command, Report, UsageError, role_rank
+from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 
 CONSOLE_CHANNEL = "console"
@@ -97,11 +98,11 @@ async def diagnose_from_console(
             print(getattr(result, "text", result), file=sys.stderr)
             return 2
         sys.stdout.write(render.to_text(result))
-        await console_incidents(engine.store, settings).on_command(
-            CONSOLE_CHANNEL, user_id, text.strip(), result
-        )
-    # The remedies a report asks for (`recover`'s steps), each requested as this user, as
-    # Slack does.
+        incidents = console_incidents(engine.store, settings)
+        await incidents.on_command(CONSOLE_CHANNEL, user_id, text.strip(), result)
+        if recovery_verified(result):  # a clean `recover`: full recovery reached
+            await incidents.mark_recovered(CONSOLE_CHANNEL, recovery_evidence(result), user_id)
+    # The remedies the report asks for (`recover`'s steps), requested as this person.
     status = 0
     for follow in result.follow_ups:
         status = max(status, await request_from_console(settings, follow, user_id))

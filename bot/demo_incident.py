@@ -39,7 +39,7 @@ from bot.watchdog import Watchdog
 from commands import incident as incident_cmd
 from commands.base import Report
 from commands.fixture.faults import FaultInjector
-from commands.recover import is_clean, take_baseline
+from commands.recover import recovery_evidence, recovery_verified, take_baseline
 from commands.remedies.base import REMEDIES
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,9 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
         walk.say(f"{ONCALL} verifies the recovery against the baseline (`recover --dry-run`)")
         report = await walk.diagnose(ONCALL, "recover --dry-run")
         await record_verification(incidents, CONSOLE_CHANNEL, ONCALL, report)
-        if is_clean(report):
+        if recovery_verified(report):  # as in Slack and the console: full recovery reached
             await incidents.mark_recovered(
-                CONSOLE_CHANNEL, {"verification": "clean"}, actor_id=ONCALL
+                CONSOLE_CHANNEL, recovery_evidence(report), actor_id=ONCALL
             )
         else:
             missing.append("full recovery: the verification was not clean")

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     sweep_margin_s: float = Field(default=30.0, ge=0)
     verify_timeout_s: float = Field(default=10.0, gt=0)  # a remedy's read-only verification
+    # /db recover's baseline: the target's row counts every this many seconds (0: never),
+    # kept this many days in the state store.
+    baseline_interval_s: float = Field(default=3600.0, ge=0)
+    baseline_keep_days: float = Field(default=7.0, gt=0)
     # Incidents: the operators' SLA targets in seconds from detection (SLA__RESPONSE_S=1800,
     # SLA__REMIND_AT=0.8 …) and how often reminders and headers are checked.
     sla: SlaTargets = Field(default_factory=SlaTargets)
@@ -117,10 +121,6 @@ class Settings(BaseSettings):
     watchdog_incident_severity: Severity = "sev2"
     # A directory whose user.md.j2 / tech.md.j2 replace the incident templates shipped.
     template_dir: Path | None = None
-    # /db recover's baseline: the target's row counts every this many seconds (0: never),
-    # kept this many days in the state store.
-    baseline_interval_s: float = Field(default=3600.0, ge=0)
-    baseline_keep_days: float = Field(default=7.0, gt=0)
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
 

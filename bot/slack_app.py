@@ -40,6 +40,7 @@ from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
 from commands import incident
 from commands.base import Command, Finding, Report, UsageError, role_rank
+from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,8 @@ class SlackFrontend:
         try:
             await self.incidents.on_command(channel, user, text, report)
             await record_verification(self.incidents, channel, user, report)
+            if recovery_verified(report):  # a clean `/db recover`: full recovery reached
+                await self.incidents.mark_recovered(channel, recovery_evidence(report), user)
         except Exception:
             log.exception("could not add /db %s to the incident timeline of %s", text, channel)
 

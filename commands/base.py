@@ -82,7 +82,8 @@ class Report(BaseModel):
     findings: list[Finding] = Field(default_factory=list)
     # Remedies the command asks the bot to request on the requester's behalf, each as
     # the text after `/db` (e.g. "recover-users"); each gets its own approval thread.
-    follow_ups: list[str] = Field(default_factory=list)
+    # Not part of the report's JSON (`--json` keeps title, target, findings).
+    follow_ups: list[str] = Field(default_factory=list, exclude=True)
 
     def sorted(self) -> Report:
         """A copy with the worst findings first (stable within one status)."""

@@ -451,11 +451,18 @@ def baseline_moment(asked: str | None, now: datetime) -> datetime:
     return moment if moment <= now else moment - timedelta(days=1)
 
 
-def is_clean(report: Report) -> bool:
-    """Counts back to the baseline, no orphan, views populated and current."""
+def recovery_verified(report: Report) -> bool:
+    """A clean recovery verification: compared with a baseline, counts back to it, no
+    orphan, views populated and current. False for any other report."""
     verification = [f for f in report.findings if not f.check.startswith("step: ")]
     has_baseline = any(f.check == "baseline" and f.status is Status.OK for f in verification)
     return has_baseline and all(f.status is Status.OK for f in verification)
+
+
+def recovery_evidence(report: Report) -> dict[str, Any]:
+    """What an incident keeps of the clean verification that closed its recovery clock."""
+    baseline = next((f.summary for f in report.findings if f.check == "baseline"), None)
+    return {"baseline": baseline, "percentages": percentages(report)}
 
 
 @register_command(
@@ -488,7 +495,7 @@ async def recover(ctx: Context, args: list[str]) -> Report:
     )
     if ctx.baselines is not None and not measured.errors:
         await _keep(ctx, baseline_counts(measured))
-    if is_clean(report) and ctx.on_recovery_verified is not None:
+    if recovery_verified(report) and ctx.on_recovery_verified is not None:
         try:
             await ctx.on_recovery_verified(report)
         except Exception:

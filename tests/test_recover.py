@@ -386,3 +386,35 @@ async def test_recover_from_the_console_requests_the_steps(
     assert "Recovery verification" in asked.stdout
     assert asked.stdout.count("is pending: python -m bot approve") == 1  # recover-users
     assert "Recover users from audit_log" in asked.stdout
+
+
+async def test_a_clean_recover_in_an_incident_channel_marks_full_recovery(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    """Over Slack: with the incident open and the counts back to the baseline, `/db recover`
+    closes its full-recovery clock with the verification as evidence."""
+    channel = "C0RECOVERED"
+    settings = bot_settings(leaps_dsn, fake_slack, role_map={"U0ALICE": "REVIEWER"}, coalesce_s=0)
+    async with running_bot(settings, fake_slack) as bot:
+
+        async def command(text: str) -> None:
+            assert (await bot.slash(text, channel=channel, user="U0ALICE")).status == 200
+            for _ in range(400):
+                if len(bot.service.tracker) == 0:
+                    return
+                await asyncio.sleep(0.05)
+
+        incidents = bot.service.incidents
+        assert incidents is not None
+        await command("incident start Restore after data loss sev2")
+        incident = await incidents.store.active_in(channel)
+        assert incident is not None
+        await command("recover")  # no baseline yet: not clean, the clock keeps running
+        assert await incidents.store.active_in(channel) is not None
+        await bot.service.take_baseline()
+        await command("recover")
+        assert await incidents.store.active_in(channel) is None
+        done = await incidents.store.get(incident.id)
+        assert done is not None and done.state == "recovered"
+        assert done.recovery_evidence is not None
+        assert done.recovery_evidence["percentages"]["users"] == 100.0

@@ -25,7 +25,10 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "dedupe-ledger-events",
         "kill-idle",
         "reconcile-points",
+        "recover-learn",
+        "recover-users",
         "refresh-views",
+        "rematch-kajabi",
         "terminate",
     ]
 

@@ -4,7 +4,7 @@ A row per check; the replica whose conditional UPDATE (or INSERT) moves a check 
 `crit` or back out of it is the one that posts, so one problem is one alert.
 
 Revision ID: 0006
-Revises: 0004, 0005 (joins the incidents and baselines heads)
+Revises: 0005
 Create Date: 2026-11-30
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | Sequence[str] | None = ("0004", "0005")
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
