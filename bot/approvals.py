@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
+from datetime import datetime
 from functools import partial
 from typing import Any, Literal
 
@@ -136,11 +137,16 @@ class ApprovalEngine:
     ) -> str:
         """Plan the remedy and either run it (no approval needed) or post it for approval.
 
-        Returns the approval id. Raises UsageError for arguments the plan refuses, and
+        Returns the approval id, or "" when the plan found nothing to do: then only the
+        requester is told (privately), the channel gets nothing and no approval exists; the
+        audit trail keeps the request. Raises UsageError for arguments the plan refuses, and
         NotPosted when Slack would not take the thread (the approval is then cancelled:
         nobody could have seen it to approve it).
         """
         plan = await remedy.plan(self.ctx, args)
+        if plan.count == 0:
+            await self._nothing_to_do(remedy, args, plan, user_id, channel_id)
+            return ""
         policy = self.policy(remedy)
         needed = policy.approvers if plan.needs_approval else 0
         approval = await self.store.create_approval(
@@ -163,13 +169,8 @@ class ApprovalEngine:
             channel_id=channel_id,
             detail={"remedy": remedy.name, "args": args, "count": plan.count, "needed": needed},
         )
-        verb = "runs" if needed == 0 else "requests"
         try:
-            thread_ts = await self.notifier.post_request(
-                channel_id,
-                f"<@{user_id}> {verb} `/db {render.esc(' '.join([remedy.name, *args]))}`"
-                + f" — {render.esc(plan.title)} (approval `{approval.id}`)",
-            )
+            thread_ts = await self.notifier.post_request(channel_id, self._parent(approval, plan))
             approval = await self._post_plan(approval, plan, thread_ts)
         except SlackClientError as exc:
             await self._cancel_unposted(approval, user_id, exc)
@@ -180,6 +181,50 @@ class ApprovalEngine:
         if needed == 0:
             await self.execute(approval.id, actor_id=user_id)
         return approval.id
+
+    async def _nothing_to_do(
+        self, remedy: Remedy, args: list[str], plan: Plan, user_id: str, channel_id: str
+    ) -> None:
+        await self.store.audit(
+            "remedy.nothing_to_do",
+            actor_id=user_id,
+            channel_id=channel_id,
+            detail={"remedy": remedy.name, "args": args, "summary": plan.summary},
+        )
+        await self.notifier.tell(
+            channel_id,
+            user_id,
+            f"`/db {' '.join([remedy.name, *args])}`: nothing to do: {plan.summary}",
+            None,
+        )
+
+    def _mention_groups(self, approver_role: str) -> list[str]:
+        """User groups (ROLE_GROUPS) whose role is the approver role: they are the ones
+        who can act, so the parent message pings them."""
+        return [g for g, role in self.settings.role_groups.items() if role == approver_role]
+
+    def _parent(
+        self,
+        approval: Approval,
+        plan: Plan,
+        approvers: list[str] | None = None,
+        outcome: Outcome | None = None,
+        rejected_by: list[str] | None = None,
+    ) -> str:
+        return render.approval_parent(
+            approval_id=approval.id,
+            plan=plan,
+            requester_id=approval.requester_id,
+            command="/db " + " ".join([approval.remedy, *approval.args]),
+            needed=approval.needed_approvals,
+            expires_at=approval.expires_at,
+            mention_groups=self._mention_groups(approval.approver_role),
+            state=approval.state,
+            changed_at=approval.updated_at if approval.is_terminal else None,
+            approved_by=approvers,
+            rejected_by=rejected_by,
+            outcome=outcome,
+        )
 
     async def _cancel_unposted(self, approval: Approval, user_id: str, exc: Exception) -> None:
         reason = f"cancelled: the plan could not be posted in Slack ({exc}); nothing was changed"
@@ -203,8 +248,14 @@ class ApprovalEngine:
         return fresh
 
     def _render(
-        self, approval: Approval, plan: Plan, decided: list[str], outcome: Outcome | None = None
+        self,
+        approval: Approval,
+        plan: Plan,
+        decided: list[str],
+        outcome: Outcome | None = None,
+        decided_at: dict[str, datetime] | None = None,
     ) -> render.SlackMessage:
+        remedy = REMEDIES.get(approval.remedy)
         return render.approval_message(
             approval_id=approval.id,
             plan=plan,
@@ -217,6 +268,9 @@ class ApprovalEngine:
             outcome=outcome,
             limits=self.executor.limits,
             button_value=self.sign(approval.id, approval.channel_id),
+            decided_at=decided_at,
+            changed_at=approval.updated_at if approval.state != "pending" else None,
+            destroys_data=bool(remedy and remedy.destroys_data),
         )
 
     async def _update(
@@ -225,9 +279,23 @@ class ApprovalEngine:
         if not approval.message_ts:
             return
         plan = Plan.model_validate(approval.plan)
-        message = self._render(approval, plan, decided, outcome)
+        decisions = await self.store.decisions(approval.id)
+        times = {d.user_id: d.decided_at for d in decisions if d.decision == "approve"}
+        message = self._render(approval, plan, decided, outcome, times)
         try:
             await self.notifier.update_plan(approval.channel_id, approval.message_ts, message)
+            if approval.is_terminal and approval.thread_ts:
+                await self.notifier.update_request(
+                    approval.channel_id,
+                    approval.thread_ts,
+                    self._parent(
+                        approval,
+                        plan,
+                        decided,
+                        outcome,
+                        rejected_by=[d.user_id for d in decisions if d.decision == "reject"],
+                    ),
+                )
         except SlackClientError:  # the state store holds the truth; Slack shows it late
             log.exception("could not update the plan message of %s", approval.id)
 
@@ -500,7 +568,9 @@ class ApprovalEngine:
         """
         limit_s = self.executor.statement_timeout_ms / 1000 + self.settings.sweep_margin_s
         decided: list[str] = []
-        for stuck in await self.store.stuck_executing(limit_s):
+        # a sweep that took a row over owns it for its verification and a margin
+        lease_s = self.settings.verify_timeout_s + self.settings.sweep_margin_s
+        for stuck in await self.store.stuck_executing(limit_s, sweep_lease_s=lease_s):
             try:
                 if await self.ctx.gateway.read(partial(remedy_running, approval_id=stuck.id)):
                     continue

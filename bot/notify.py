@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.render import SlackMessage, unesc
+from bot.render import SlackMessage, plain_dates, unesc
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class Notifier(Protocol):
         ...
 
     async def update_plan(self, channel_id: str, ts: str, message: SlackMessage) -> None: ...
+
+    async def update_request(self, channel_id: str, ts: str, text: str) -> None:
+        """The parent message again, once the approval is final: the outcome in the channel."""
+        ...
 
     async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
         """A private note to one person (ephemeral in Slack)."""
@@ -56,6 +60,12 @@ class SlackNotifier:
             )
         except SlackClientError as exc:
             log.warning("could not update plan message %s: %s", ts, exc)
+
+    async def update_request(self, channel_id: str, ts: str, text: str) -> None:
+        try:
+            await self.client.chat_update(channel=channel_id, ts=ts, text=text)
+        except SlackClientError as exc:
+            log.warning("could not update request message %s: %s", ts, exc)
 
     async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
         try:
@@ -85,7 +95,7 @@ class ConsoleNotifier:
         for block in message.blocks_json():
             text = block.get("text")
             if isinstance(text, dict) and text.get("text"):
-                self.out.write(unesc(str(text["text"]).replace("```", "")) + "\n")
+                self.out.write(unesc(plain_dates(str(text["text"])).replace("```", "")) + "\n")
             elif block.get("type") == "actions":
                 self.out.write(
                     "[Approve] [Reject]  (python -m bot approve|reject <id> --user U…)\n"
@@ -93,7 +103,7 @@ class ConsoleNotifier:
         self.out.flush()
 
     async def post_request(self, channel_id: str, text: str) -> str:
-        self.out.write(unesc(text.replace("`", "")) + "\n")
+        self.out.write(_plain(text) + "\n")
         return f"console.{next(self._ts)}"
 
     async def post_plan(self, channel_id: str, thread_ts: str, message: SlackMessage) -> str:
@@ -104,6 +114,15 @@ class ConsoleNotifier:
         self.out.write("— updated —\n")
         self._print_blocks(message)
 
-    async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
-        self.out.write(f"(to {user_id}) {unesc(text.replace('`', ''))}\n")
+    async def update_request(self, channel_id: str, ts: str, text: str) -> None:
+        self.out.write(_plain(text) + "\n")
         self.out.flush()
+
+    async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
+        self.out.write(f"(to {user_id}) {_plain(text)}\n")
+        self.out.flush()
+
+
+def _plain(text: str) -> str:
+    """A Slack mrkdwn line as the console shows it: values as written, times in UTC ISO."""
+    return unesc(plain_dates(text).replace("`", ""))

@@ -1,8 +1,9 @@
 """One Report, three renderings: Block Kit for Slack, text for the console, JSON for scripts.
 
 Slack limits are respected here, in one place: at most 50 blocks a message and 3000
-characters a section; what is cut is counted, and tables too big for a message are
-handed back as CSV files for the caller to upload.
+characters a section; what is cut is counted, and a cut table carries a button that
+fetches it whole as CSV. Times in Slack are `<!date>` tokens so every reader sees their
+own time zone; the console sees UTC ISO.
 
 Every value from the database or a user passes `esc` on its way into mrkdwn (code spans
 included: Slack reads `<!channel>` inside backticks too); plain_text fields and the
@@ -14,9 +15,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +27,7 @@ from slack_sdk.models.blocks import (
     ActionsBlock,
     Block,
     ButtonElement,
+    ConfirmObject,
     ContextBlock,
     DividerBlock,
     HeaderBlock,
@@ -39,6 +43,8 @@ MAX_SECTION_CHARS = 3000
 MAX_HEADER_CHARS = 150
 ROWS_IN_MESSAGE = 5
 CELL_CHARS = 60
+MAX_BUTTON_VALUE = 2000
+FULL_TABLE = "dbops_full_table"  # action id of the "Full table as CSV" button
 
 ICON = {
     Status.CRIT: ":red_circle:",
@@ -60,6 +66,47 @@ def unesc(text: str) -> str:
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
+def utc_iso(value: datetime) -> str:
+    """The console's and the fallback's way to write a time: UTC, ISO 8601, to the second."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def slack_date(value: datetime) -> str:
+    """A time each Slack reader sees in their own zone; clients that cannot render the
+    token show the UTC text after the bar."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    epoch = int(value.timestamp())
+    return f"<!date^{epoch}^{{date_short_pretty}} {{time}}|{utc_iso(value)}>"
+
+
+_DATE_TOKEN = re.compile(r"<!date\^\d+\^[^|>]*\|([^>]*)>")
+
+
+_UTC_ISO = re.compile(r"\b(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})Z\b")
+
+
+def slack_times(text: str) -> str:
+    """UTC ISO times that commands write in summaries (as `utc_iso` does) become Slack
+    date tokens; commands know nothing of Slack, the console keeps the ISO text."""
+
+    def token(match: re.Match[str]) -> str:
+        try:
+            at = datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
+        except ValueError:
+            return match.group(0)
+        return slack_date(at)
+
+    return _UTC_ISO.sub(token, text)
+
+
+def plain_dates(text: str) -> str:
+    """Slack date tokens back to their UTC fallback, for the console."""
+    return _DATE_TOKEN.sub(r"\1", text)
+
+
 @dataclass(frozen=True)
 class Markup:
     """How a rendering writes values and emphasis: Slack mrkdwn, or the console's text."""
@@ -78,6 +125,9 @@ class Markup:
     def pre(self, text: str) -> str:
         return f"```{text}```" if self.slack else text
 
+    def when(self, value: datetime) -> str:
+        return slack_date(value) if self.slack else utc_iso(value)
+
 
 MRKDWN = Markup(slack=True)
 PLAIN = Markup(slack=False)
@@ -87,7 +137,6 @@ PLAIN = Markup(slack=False)
 class SlackMessage:
     text: str
     blocks: list[Block]
-    files: list[tuple[str, str]] = field(default_factory=list)  # (filename, csv text)
     console: str = ""  # the same message as the console shows it (values as written)
 
     def blocks_json(self) -> list[dict[str, Any]]:
@@ -100,7 +149,7 @@ def cell(value: Any, limit: int = CELL_CHARS) -> str:
     if isinstance(value, float):
         text = f"{value:.1f}"
     elif isinstance(value, datetime):
-        text = value.isoformat(timespec="seconds")
+        text = utc_iso(value) if value.tzinfo else value.isoformat(timespec="seconds")
     elif isinstance(value, list | tuple):
         text = ",".join(str(v) for v in value)
     else:
@@ -144,16 +193,34 @@ def rows_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
-def _finding_section(f: Finding) -> SectionBlock:
-    text = f"{ICON[f.status]} *{LABEL[f.status]}  {esc(f.check)}*\n{esc(f.summary)}"
+def _table_cut(f: Finding, shown_whole: bool) -> bool:
+    return bool(f.rows) and f.status not in (Status.OK, Status.SKIPPED) and not shown_whole
+
+
+def _full_table_button(f: Finding) -> ButtonElement:
+    return ButtonElement(
+        text=f"Full table ({len(f.rows)} rows) as CSV", action_id=FULL_TABLE, value=f.check
+    )
+
+
+def _finding_section(f: Finding, table_buttons: bool = False) -> SectionBlock:
+    summary = slack_times(esc(f.summary))
+    text = f"{ICON[f.status]} *{LABEL[f.status]}  {esc(f.check)}*\n{summary}"
     if f.hint:
-        text += f"\n_next:_ {esc(f.hint)}"
+        text += f"\n_next:_ {slack_times(esc(f.hint))}"
     table = esc(rows_table(f.rows)) if f.status not in (Status.OK, Status.SKIPPED) else ""
+    shown_whole = len(f.rows) <= ROWS_IN_MESSAGE
     if table:
         room = MAX_SECTION_CHARS - len(text) - 10
         if room > 200:
+            shown_whole = shown_whole and len(table) <= room
             text += "\n```" + cut(table, room) + "```"
-    return SectionBlock(text=MarkdownTextObject(text=cut(text, MAX_SECTION_CHARS)))
+        else:
+            shown_whole = False
+    button = _full_table_button(f) if table_buttons and _table_cut(f, shown_whole) else None
+    return SectionBlock(
+        text=MarkdownTextObject(text=cut(text, MAX_SECTION_CHARS)), accessory=button
+    )
 
 
 def _tally(report: Report) -> str:
@@ -161,7 +228,10 @@ def _tally(report: Report) -> str:
     return ", ".join(f"{counts[s]} {s.value}" for s in Status if counts[s]) or "no findings"
 
 
-def to_slack(report: Report) -> SlackMessage:
+def to_slack(report: Report, table_buttons: bool = False) -> SlackMessage:
+    """With `table_buttons`, a cut table gets a "Full table as CSV" button whose value is
+    the check's name: one rendering serves every asker, and the caller puts its own signed
+    reference in each copy (`sign_table_buttons`). Without, the cut is only counted."""
     report = report.sorted()
     blocks: list[Block] = [
         HeaderBlock(text=cut(f"{report.title}: {report.worst.value.upper()}", MAX_HEADER_CHARS)),
@@ -172,19 +242,34 @@ def to_slack(report: Report) -> SlackMessage:
     ]
     room = MAX_BLOCKS - len(blocks) - 1  # keep one for the "left out" note
     shown = report.findings[:room]
-    blocks += [_finding_section(f) for f in shown]
+    blocks += [_finding_section(f, table_buttons) for f in shown]
     left = len(report.findings) - len(shown)
     if left:
         blocks.append(
             ContextBlock(elements=[MarkdownTextObject(text=f"… {left} more findings not shown")])
         )
-    files = [
-        (f"{f.check.replace(' ', '_').replace(':', '')}.csv", rows_csv(f.rows))
-        for f in shown
-        if len(f.rows) > ROWS_IN_MESSAGE and f.status not in (Status.OK, Status.SKIPPED)
-    ]
     fallback = f"{report.title} of {report.target}: {report.worst.value.upper()} ({_tally(report)})"
-    return SlackMessage(text=esc(fallback), blocks=blocks, files=files)
+    return SlackMessage(text=esc(fallback), blocks=blocks)
+
+
+def sign_table_buttons(
+    blocks: list[dict[str, Any]], sign: Callable[[str], str]
+) -> list[dict[str, Any]]:
+    """Put `sign(check)` in each full-table button of rendered blocks (fresh dicts from
+    `blocks_json`); a button whose value would pass Slack's limit is dropped."""
+    for block in blocks:
+        button = block.get("accessory")
+        if isinstance(button, dict) and button.get("action_id") == FULL_TABLE:
+            value = sign(str(button.get("value", "")))
+            if len(value) > MAX_BUTTON_VALUE:
+                del block["accessory"]
+            else:
+                button["value"] = value
+    return blocks
+
+
+def csv_filename(check: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", check).strip("_") + ".csv"
 
 
 def to_text(report: Report) -> str:
@@ -244,6 +329,7 @@ CONSOLE_STATE_LINE = {
     "aborted": "aborted",
     "rejected": "rejected",
     "expired": "expired",
+    "cancelled": "cancelled",
 }
 
 
@@ -285,24 +371,37 @@ def approval_message(
     outcome: Outcome | None,
     limits: str,
     button_value: str,
+    decided_at: Mapping[str, datetime] | None = None,
+    changed_at: datetime | None = None,
+    destroys_data: bool = False,
 ) -> SlackMessage:
-    """The plan message of an approval thread, rendered anew on every change of state."""
+    """The plan message of an approval thread, rendered anew on every change of state.
+
+    `decided_at` gives each approver's time, `changed_at` the time the approval reached a
+    state other than pending; `destroys_data` puts a confirmation dialog on Approve.
+    """
+    times = decided_at or {}
 
     def sections(m: Markup) -> list[str]:
         """The message's sections, for Slack (escaped mrkdwn) or the console (as written)."""
         mention = (lambda u: f"<@{esc(u)}>") if m.slack else str
-        who = ", ".join(mention(u) for u in approved_by)
+        who = ", ".join(
+            f"{mention(u)} ({m.when(times[u])})" if u in times else mention(u) for u in approved_by
+        )
         status = STATE_LINE.get(state, state) if m.slack else CONSOLE_STATE_LINE.get(state, state)
         if state == "pending":
             status += (
                 f": {max(0, needed - len(approved_by))} more of {needed} approver(s) with role "
                 f"{m.v(approver_role)} (not {mention(requester_id)}); expires "
-                f"{expires_at.strftime('%H:%M UTC')}"
+                f"{m.when(expires_at)}"
             )
             if who:
                 status += f"; approved by {who}"
-        elif who:
-            status += f" (approved by {who})"
+        else:
+            if changed_at is not None:
+                status += f" {m.when(changed_at)}"
+            if who:
+                status += f" (approved by {who})"
         if outcome is not None:
             status += f"\n{m.v(outcome.summary)}"
             if outcome.affected or outcome.backed_up:
@@ -336,6 +435,7 @@ def approval_message(
                         action_id="dbops_approve",
                         value=button_value,
                         style="primary",
+                        confirm=destroy_confirm(plan) if destroys_data else None,
                     ),
                     ButtonElement(
                         text="Reject", action_id="dbops_reject", value=button_value, style="danger"
@@ -346,3 +446,75 @@ def approval_message(
     text = f"Approval {approval_id}: {plan.title} — {state}"
     console = "\n".join([f"Approval {approval_id}: {plan.title}", *sections(PLAIN)])
     return SlackMessage(text=esc(text), blocks=blocks, console=console)
+
+
+def destroy_confirm(plan: Plan) -> ConfirmObject:
+    """Approve on a data-destroying remedy asks once more, naming what goes and how much."""
+    backup = esc(plan.backup or "no backup is taken")
+    text = (
+        f"This deletes or overwrites *{plan.count}* rows: {esc(plan.summary)}\n"
+        f"Backup: {backup}. Approve?"
+    )
+    return ConfirmObject(
+        title=cut(f"Delete or overwrite {plan.count} rows?", 100),
+        text=MarkdownTextObject(text=cut(text, 300)),
+        confirm="Approve",
+        deny="Cancel",
+        style="danger",
+    )
+
+
+PARENT_LINE = {
+    "done": ":white_check_mark: done",
+    "failed": ":x: failed",
+    "aborted": ":no_entry: aborted",
+    "rejected": ":no_entry_sign: rejected",
+    "expired": ":alarm_clock: expired",
+    "cancelled": ":heavy_multiplication_x: cancelled",
+}
+
+
+def approval_parent(
+    *,
+    approval_id: str,
+    plan: Plan,
+    requester_id: str,
+    command: str,
+    needed: int,
+    expires_at: datetime,
+    mention_groups: list[str],
+    state: str = "pending",
+    changed_at: datetime | None = None,
+    approved_by: list[str] | None = None,
+    rejected_by: list[str] | None = None,
+    outcome: Outcome | None = None,
+) -> str:
+    """The channel message a plan's thread hangs from: who asks for what, whom it waits
+    for, and once final the outcome, so the channel reads it without opening the thread.
+    Slack mrkdwn (values escaped); the console turns it back with `unesc`/`plain_dates`."""
+    verb = "runs" if needed == 0 else "requests"
+    lines = [
+        f"<@{esc(requester_id)}> {verb} `{esc(command)}` — {esc(plan.title)}"
+        f" (approval `{approval_id}`)"
+    ]
+    if state == "pending":
+        if needed:
+            groups = " ".join(f"<!subteam^{esc(g)}>" for g in mention_groups)
+            wait = f"waiting for {needed} approver(s); expires {slack_date(expires_at)}"
+            lines.append(f"{groups} {wait}" if groups else wait)
+        return "\n".join(lines)
+    final = PARENT_LINE.get(state, state)
+    if changed_at is not None:
+        final += f" {slack_date(changed_at)}"
+    if state == "rejected" and rejected_by:
+        final += " by " + ", ".join(f"<@{esc(u)}>" for u in rejected_by)
+    elif approved_by:
+        final += " (approved by " + ", ".join(f"<@{esc(u)}>" for u in approved_by) + ")"
+    if outcome is not None:
+        final += f": {esc(outcome.summary)}"
+        if outcome.affected or outcome.backed_up:
+            final += f" (affected {outcome.affected}, backed up {outcome.backed_up})"
+        if outcome.error and outcome.error not in outcome.summary:
+            final += f"; database said: `{esc(cut(outcome.error, 300))}`"
+    lines.append(final)
+    return "\n".join(lines)

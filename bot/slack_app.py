@@ -8,9 +8,13 @@ refuses (bot not in the channel, rate limit after retries).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -35,7 +39,7 @@ from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, pre
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
 from commands import incident
-from commands.base import Report, UsageError, role_rank
+from commands.base import Command, Finding, Report, UsageError, role_rank
 from commands.remedies.base import Remedy
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,48 @@ def _ephemeral(text: str) -> dict[str, Any]:
     return {"response_type": "ephemeral", "text": render.esc(text)}
 
 
+@dataclass(frozen=True)
+class TableRef:
+    """What a "Full table as CSV" button points at: the command to run again and its check.
+
+    A signed reference instead of rows kept in the state store: the value stays small,
+    any replica can answer the click (even after a restart) without new tables, and the
+    clicker gets the rows as they are now, checked against their own role.
+    """
+
+    text: str  # the command text after /db
+    check: str
+    user: str  # who asked; an ephemeral reply's button is theirs alone
+    channel: str
+    public: bool  # the reply was in channel (upload there), else ephemeral (upload to a DM)
+
+
+class TableSigner:
+    def __init__(self, secret: str) -> None:
+        self._key = hashlib.sha256(("dbops-full-table:" + secret).encode()).digest()
+
+    def _mac(self, payload: str) -> str:
+        return hmac.new(self._key, payload.encode(), "sha256").hexdigest()[:32]
+
+    def sign(self, ref: TableRef) -> str:
+        payload = json.dumps(
+            [ref.text, ref.check, ref.user, ref.channel, int(ref.public)],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return f"{self._mac(payload)}.{payload}"
+
+    def verify(self, value: str) -> TableRef | None:
+        mac, _, payload = value.partition(".")
+        if not mac or not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        try:
+            text, check, user, channel, public = json.loads(payload)
+        except ValueError:
+            return None
+        return TableRef(str(text), str(check), str(user), str(channel), bool(public))
+
+
 class SlackFrontend:
     """Listeners and reply delivery; owns nothing the router does not give it."""
 
@@ -98,9 +144,12 @@ class SlackFrontend:
             raise_error_for_unhandled_request=False,
         )
         self._last_rendered: tuple[Report, render.SlackMessage] | None = None
+        secret = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
+        self.tables = TableSigner(secret)
         self.app.command("/db")(self.on_db)
         self.app.action(APPROVE)(self.on_button)
         self.app.action(REJECT)(self.on_button)
+        self.app.action(render.FULL_TABLE)(self.on_full_table)
         self.app.event("app_home_opened")(self.on_home)
         self.app.error(self.on_error)
 
@@ -197,7 +246,7 @@ class SlackFrontend:
             await respond(**_ephemeral("The bot's state store is not open yet; try again."))
             return "error"
         try:
-            await self.engine.request(
+            approval_id = await self.engine.request(
                 remedy,
                 args,
                 user_id=str(body.get("user_id", "")),
@@ -218,7 +267,7 @@ class SlackFrontend:
             log.warning("state store unavailable, %s refused: %s", remedy.name, first_line(exc))
             await respond(**_ephemeral(STATE_STORE_DOWN.format(name=remedy.name)))
             return "refused"
-        return "requested"
+        return "requested" if approval_id else "nothing"
 
     async def _incident(self, args: list[str], body: dict[str, Any], respond: AsyncRespond) -> str:
         if self.incidents is None:
@@ -311,6 +360,113 @@ class SlackFrontend:
             except SlackClientError:
                 log.exception("could not report error %s", error_id)
 
+    async def on_full_table(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        actions = body.get("actions") or [{}]
+        action = actions[0] if isinstance(actions[0], dict) else {}
+        channel = body.get("channel") or {}
+        container = body.get("container") or {}
+        user = str((body.get("user") or {}).get("id", ""))
+        channel_id = str(channel.get("id") or container.get("channel_id") or "")
+        message_ts = str(container.get("message_ts") or "")
+        value = str(action.get("value", ""))
+        self.tracker.spawn(self._full_table(value, user, channel_id, message_ts), name="full table")
+
+    async def _full_table(self, value: str, user: str, channel: str, message_ts: str) -> None:
+        """Run the referenced diagnostic again and upload the check's rows as CSV: in the
+        report's thread when the reply was in channel, else in a DM with the clicker."""
+        try:
+            ref = self.tables.verify(value)
+            if ref is None or ref.channel != channel or (not ref.public and ref.user != user):
+                metrics.COMMANDS.labels("full-table", "tampered").inc()
+                log.warning("refused a full-table button from %s in %s", user, channel)
+                if self.engine is not None:
+                    await self.engine.store.audit(
+                        "payload.tampered",
+                        actor_id=user,
+                        channel_id=channel,
+                        detail={"value": value[:80], "action": render.FULL_TABLE},
+                    )
+                await self._whisper(channel, user, "This button is not valid here.")
+                return
+            pre = preflight(ref.text)
+            if isinstance(pre, Answer) or not isinstance(pre[0], Command):
+                await self._whisper(channel, user, "This button no longer points at a report.")
+                return
+            cmd, args = pre
+            refusal = await self._authorize(user, cmd)
+            if refusal:
+                metrics.COMMANDS.labels("full-table", "refused").inc()
+                await self._whisper(
+                    channel,
+                    user,
+                    f"Full table of `/db {ref.text}`: {refusal}",
+                )
+                return
+            report = await self.dispatcher.run_command(cmd, args)
+            finding = (
+                next((f for f in report.findings if f.check == ref.check), None)
+                if isinstance(report, Report)
+                else None
+            )
+            if finding is None or not finding.rows:
+                await self._whisper(
+                    channel,
+                    user,
+                    f"`/db {ref.text}` has no rows for {ref.check} any more.",
+                )
+                return
+            await self._upload_table(ref, finding, user, channel, message_ts)
+            metrics.COMMANDS.labels("full-table", "ok").inc()
+        except Exception:
+            error_id = new_error_id()
+            log.exception("full table for %s failed (error id %s)", user, error_id)
+            await self._whisper(
+                channel, user, f"Something went wrong fetching the table (error id `{error_id}`)."
+            )
+
+    async def _upload_table(
+        self, ref: TableRef, finding: Finding, user: str, channel: str, message_ts: str
+    ) -> None:
+        client = self.app.client
+        asked, check = render.esc(ref.text), render.esc(finding.check)
+        comment = (
+            f"`/db {asked}`: {check}, {len(finding.rows)} rows as of "
+            f"{render.slack_date(datetime.now(UTC))}"
+        )
+        content = render.rows_csv(finding.rows)
+        filename = render.csv_filename(finding.check)
+        if ref.public:
+            try:
+                await client.files_upload_v2(
+                    channel=channel,
+                    thread_ts=message_ts or None,
+                    filename=filename,
+                    title=filename,
+                    content=content,
+                    initial_comment=comment,
+                )
+                return
+            except SlackApiError as exc:  # e.g. not_in_channel: the clicker still gets it
+                metrics.SLACK_ERRORS.labels("files.completeUploadExternal").inc()
+                log.warning("CSV upload to %s failed (%s); sent by DM", channel, _slack_reason(exc))
+        opened = await client.conversations_open(users=user)
+        dm = str((opened.get("channel") or {}).get("id", ""))
+        await client.files_upload_v2(
+            channel=dm, filename=filename, title=filename, content=content, initial_comment=comment
+        )
+        await self._whisper(channel, user, f"The full table of {finding.check} is in your DM.")
+
+    async def _whisper(self, channel: str, user: str, text: str) -> None:
+        """A private note; it echoes the command text and check names, so nothing in it
+        is markup (like `_ephemeral`)."""
+        try:
+            await self.app.client.chat_postEphemeral(
+                channel=channel, user=user, text=render.esc(text)
+            )
+        except SlackClientError as exc:
+            log.warning("could not tell %s: %s (%s)", user, text, _slack_reason(exc))
+
     def in_channel(self, channel_id: str) -> bool:
         return (
             self.settings.reply_visibility is Visibility.IN_CHANNEL
@@ -330,22 +486,24 @@ class SlackFrontend:
     def _render(self, report: Report) -> render.SlackMessage:
         """Render once per report: a burst of commands shares one coalesced report."""
         if self._last_rendered is None or self._last_rendered[0] is not report:
-            self._last_rendered = (report, render.to_slack(report))
+            self._last_rendered = (report, render.to_slack(report, table_buttons=True))
         return self._last_rendered[1]
 
     async def deliver(self, body: dict[str, Any], report: Report, respond: AsyncRespond) -> None:
-        message = self._render(report)
         channel, user = str(body.get("channel_id", "")), str(body.get("user_id", ""))
         client = self.app.client
         public = self.in_channel(channel) or await self._has_incident(channel)
+        message = self._render(report)
+        asked = TableRef(str(body.get("text") or "").strip(), "", user, channel, public)
+        blocks = render.sign_table_buttons(
+            message.blocks_json(), lambda check: self.tables.sign(replace(asked, check=check))
+        )
         try:
             if public:
-                await client.chat_postMessage(
-                    channel=channel, text=message.text, blocks=message.blocks_json()
-                )
+                await client.chat_postMessage(channel=channel, text=message.text, blocks=blocks)
             else:
                 await client.chat_postEphemeral(
-                    channel=channel, user=user, text=message.text, blocks=message.blocks_json()
+                    channel=channel, user=user, text=message.text, blocks=blocks
                 )
         except SlackClientError as exc:
             method = "chat.postMessage" if public else "chat.postEphemeral"
@@ -353,19 +511,9 @@ class SlackFrontend:
             log.warning("%s failed (%s); replying through response_url", method, _slack_reason(exc))
             await respond(
                 text=message.text,
-                blocks=message.blocks_json(),
+                blocks=blocks,
                 response_type="in_channel" if public else "ephemeral",
             )
-            return
-        if public:
-            for filename, content in message.files:
-                try:
-                    await client.files_upload_v2(
-                        channel=channel, filename=filename, content=content, title=filename
-                    )
-                except SlackClientError as exc:
-                    metrics.SLACK_ERRORS.labels("files.upload").inc()
-                    log.warning("upload of %s failed: %s", filename, _slack_reason(exc))
 
     async def _tell_user(self, respond: AsyncRespond, text: str) -> None:
         try:

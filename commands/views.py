@@ -346,6 +346,11 @@ async def _refresh_records(ctx: Context) -> tuple[RefreshRecords | None, str]:
     return records, "no refresh recorded by the bot"
 
 
+def _iso(value: datetime) -> str:
+    """UTC ISO 8601: the console shows it as is, Slack as each reader's local time."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _last_refresh(
     record: Mapping[str, Any] | None, now: datetime, missing: str
 ) -> tuple[str, Status]:
@@ -357,15 +362,23 @@ def _last_refresh(
     mode = record.get("mode") or "?"
     if error:
         when = human_duration((now - (finished or started)).total_seconds()) if started else "?"
-        return f"last refresh by the bot failed {when} ago ({mode}): {error}", Status.WARN
+        at = f" at {_iso(finished or started)}" if started else ""
+        return f"last refresh by the bot failed {when} ago{at} ({mode}): {error}", Status.WARN
     if finished is None:
         since = human_duration((now - started).total_seconds()) if started else "?"
-        return f"a refresh by the bot ({mode}) started {since} ago and has not finished", Status.OK
+        at = f" at {_iso(started)}" if started else ""
+        return (
+            f"a refresh by the bot ({mode}) started {since} ago{at} and has not finished",
+            Status.OK,
+        )
     took = f", took {human_duration((finished - started).total_seconds())}" if started else ""
     rows = record.get("rows")
     rows_text = f", {rows:,} rows" if isinstance(rows, int) else ""
     ago = human_duration((now - finished).total_seconds())
-    return f"last refreshed by the bot {ago} ago ({mode}{rows_text}{took})", Status.OK
+    return (
+        f"last refreshed by the bot {ago} ago ({mode}{rows_text}{took}), at {_iso(finished)}",
+        Status.OK,
+    )
 
 
 def view_finding(v: MatView, record: Mapping[str, Any] | None, missing: str) -> Finding:

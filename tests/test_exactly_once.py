@@ -110,7 +110,11 @@ async def test_kill_9_mid_remedy_ends_failed_by_verification_in_a_new_process(
                 summary = str(final.outcome["summary"])
                 assert summary.startswith("process died during execution; verification found")
                 assert "did not commit" in summary
-                (update,) = await fake_slack.wait_for("chat.update", timeout=10)
+                (update,) = await fake_slack.wait_for(
+                    "chat.update",  # the plan's; the parent message is updated as well
+                    timeout=10,
+                    predicate=lambda c: c.params.get("ts") == plan.response["ts"],
+                )
                 assert "failed" in json.dumps(update.params) and "process died" in json.dumps(
                     update.params
                 )

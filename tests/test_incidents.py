@@ -466,8 +466,8 @@ def test_the_console_runs_incidents_through_the_same_service(tmp_path: Path) -> 
     assert plain.returncode == 2 and "--user" in plain.stderr
 
 
-def test_console_diagnostics_and_approvals_join_the_console_incident(
-    leaps_dsn: str, tmp_path: Path
+async def test_console_diagnostics_and_approvals_join_the_console_incident(
+    leaps_dsn: str, tmp_path: Path, idle: Victims
 ) -> None:
     from tests.test_cli import bot_cli
 
@@ -480,11 +480,18 @@ def test_console_diagnostics_and_approvals_join_the_console_incident(
     health = bot_cli("run", "health", "--user", "U0ONCALL", env=env)
     assert health.returncode == 0, health.stderr
     assert "Database health" in health.stdout
+    await idle.open(1)
+    await asyncio.sleep(0.3)
     asked = bot_cli("run", "kill-idle 0", "--user", "U0ONCALL", env=env)
     assert asked.returncode == 0, asked.stderr
+    approval_id = asked.stdout.split("approval ")[-1].split()[0]
+    done = bot_cli("approve", approval_id, "--user", "U0LEAD", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
     timeline = bot_cli("run", "incident timeline", "--user", "U0LEAD", env=env).stdout
     assert "U0ONCALL ran /db health: " in timeline.replace("<@", "").replace(">", "")
-    assert "requested kill-idle" in timeline
+    assert "requested kill-idle (1 rows planned)" in timeline
+    assert "approved kill-idle" in timeline
+    assert "kill-idle done: 1 rows changed" in timeline
 
 
 async def test_replies_go_in_channel_while_an_incident_is_open(ibot: RunningBot) -> None:

@@ -15,6 +15,7 @@ from bot import render
 from bot.notify import ConsoleNotifier
 from commands.base import Finding, Report, Status
 from commands.remedies.base import Outcome, Plan, PlanStep
+from tests.fakeslack import block_errors
 
 statuses = st.sampled_from(list(Status))
 texts = st.text(max_size=4000)
@@ -36,8 +37,9 @@ findings = st.builds(
 @given(found=st.lists(findings, max_size=80))
 def test_slack_message_respects_limits(found: list[Finding]) -> None:
     report = Report(title="Database health", target="h:5432/db", findings=found)
-    message = render.to_slack(report)
-    blocks = message.blocks_json()
+    message = render.to_slack(report, table_buttons=True)
+    blocks = render.sign_table_buttons(message.blocks_json(), lambda check: "signed." + check * 30)
+    assert not block_errors(blocks)
     assert len(blocks) <= render.MAX_BLOCKS
     for block in blocks:
         if block["type"] == "section":
@@ -69,20 +71,47 @@ def test_worst_first_everywhere() -> None:
     assert report.worst is Status.CRIT
 
 
-def test_big_tables_go_as_csv_and_are_counted_in_the_message() -> None:
+def test_cut_tables_offer_the_full_table_button() -> None:
     many = [{"pid": i, "query": "SELECT 1"} for i in range(30)]
+    few = [{"pid": i, "query": "SELECT 1"} for i in range(3)]
     report = Report(
         title="t",
         target="x",
         findings=[
-            Finding(check="blocked sessions", status=Status.CRIT, summary="30 blocked", rows=many)
+            Finding(check="blocked sessions", status=Status.CRIT, summary="30 blocked", rows=many),
+            Finding(check="idle in transaction", status=Status.WARN, summary="3", rows=few),
+            Finding(check="by user", status=Status.OK, summary="fine", rows=many),
         ],
     )
-    message = render.to_slack(report)
-    assert "25 more rows" in json.dumps(message.blocks_json())
-    ((name, content),) = message.files
-    assert name == "blocked_sessions.csv"
-    assert content.count("\n") == 31
+    message = render.to_slack(report, table_buttons=True)
+    blocks = render.sign_table_buttons(message.blocks_json(), lambda check: f"ref:{check}")
+    assert "25 more rows" in json.dumps(blocks)
+    buttons = [b["accessory"] for b in blocks if "accessory" in b]
+    assert buttons == [
+        {
+            "type": "button",
+            "text": {"type": "plain_text", "text": "Full table (30 rows) as CSV", "emoji": True},
+            "action_id": render.FULL_TABLE,
+            "value": "ref:blocked sessions",
+        }
+    ]
+    assert not any("accessory" in b for b in render.to_slack(report).blocks_json())
+    too_long = render.sign_table_buttons(message.blocks_json(), lambda check: "x" * 2001)
+    assert not any("accessory" in b for b in too_long)
+    csv_text = render.rows_csv(many)
+    assert csv_text.count("\n") == 31
+    assert render.csv_filename("guard: AMPLIFY quota") == "guard_AMPLIFY_quota.csv"
+
+
+def test_utc_times_in_summaries_become_slack_dates() -> None:
+    summary = "last refreshed by the bot 5m00s ago (plain), at 2026-11-30T07:45:12Z"
+    report = Report(
+        title="t", target="x", findings=[Finding(check="v", status=Status.OK, summary=summary)]
+    )
+    slack = json.dumps(render.to_slack(report).blocks_json())
+    assert "at <!date^1796024712^{date_short_pretty} {time}|2026-11-30T07:45:12Z>" in slack
+    assert "at 2026-11-30T07:45:12Z" in render.to_text(report)
+    assert render.plain_dates(render.slack_times(summary)) == summary
 
 
 # --- values are data, not markup ------------------------------------------------------------
@@ -192,6 +221,9 @@ def approval(plan: Plan, outcome: Outcome | None, state: str = "pending") -> ren
     )
 
 
+DATE_TOKEN = r"<!date\^\d+\^\{date_short_pretty\} \{time\}\|[0-9TZ:-]+>"  # the bot's own times
+
+
 @settings(max_examples=40, deadline=None)
 @given(value=hostile, state=st.sampled_from(["pending", "failed", "done"]))
 def test_approval_message_escapes_every_value_but_keeps_its_mentions(
@@ -201,7 +233,7 @@ def test_approval_message_escapes_every_value_but_keeps_its_mentions(
     message = approval(plan, outcome, state)
     for text in mrkdwn_texts(message):
         # the bot's own mentions (requester, approvers) stay controls, on purpose
-        assert_no_controls(text, allowed=r"<@U0(REQ|ANN)>")
+        assert_no_controls(text, allowed=r"<@U0(REQ|ANN)>|" + DATE_TOKEN)
     assert "<@U0ANN>" in json.dumps(message.blocks_json())
 
 

@@ -472,6 +472,25 @@ async def test_a_stuck_approval_is_taken_over_once_and_finished_by_the_taker(
     assert await store.take_over(claimed, claimer="sweeper:c") is None
 
 
+async def test_a_sweep_leaves_a_taken_over_approval_to_its_taker_until_the_lease_ends(
+    store: StateStore,
+) -> None:
+    made = await new_approval(store)
+    await approve(store, made.id, "U0ANN")
+    claimed = await store.claim(made.id, claimer="proc-dead")
+    assert claimed is not None
+    later = claimed.updated_at + timedelta(seconds=120)
+    (stuck,) = await store.stuck_executing(60, now=later, sweep_lease_s=40)
+    taken = await store.take_over(stuck, claimer="sweeper:a", now=later)
+    assert taken is not None
+    # a second sweep while the first still verifies: nothing for it to take
+    soon = later + timedelta(seconds=5)
+    assert await store.stuck_executing(60, now=soon, sweep_lease_s=40) == []
+    # the taker died too: after its lease the row is stuck again, and taken once more
+    (again,) = await store.stuck_executing(60, now=later + timedelta(seconds=41), sweep_lease_s=40)
+    assert await store.take_over(again, claimer="sweeper:b", now=soon) is not None
+
+
 async def test_cancel_ends_only_a_pending_approval(store: StateStore) -> None:
     made = await new_approval(store)
     assert await store.cancel(made.id, outcome={"summary": "not posted"})

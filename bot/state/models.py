@@ -111,6 +111,7 @@ class ApprovalRow(Base):
     outcome: Mapped[dict[str, Any] | None]
     version: Mapped[int] = mapped_column(Integer)
     origin: Mapped[str] = mapped_column(String(16), server_default="slack")
+    taken_over_at: Mapped[datetime | None]  # a sweeper's take-over; `updated_at` keeps the claim
 
 
 class DecisionRow(Base):

@@ -25,7 +25,7 @@ from typing import Any, Literal, Self, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, distinct, event, func, select, text, update
+from sqlalchemy import Connection, distinct, event, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -613,11 +613,15 @@ class StateStore:
         async with self._tx() as session:
             return (await session.execute(stmt)).first() is not None
 
-    async def take_over(self, approval: Approval, *, claimer: str) -> Approval | None:
+    async def take_over(
+        self, approval: Approval, *, claimer: str, now: datetime | None = None
+    ) -> Approval | None:
         """Claim an `executing` approval whose process is presumed dead, exactly once.
 
         Conditional on the version read, so of two processes sweeping at once one gets
-        the row and the other None. `updated_at` stays: it dates the original claim.
+        the row and the other None. `updated_at` stays: it dates the original claim;
+        `taken_over_at` dates this one, so a later sweep leaves the row to this sweeper
+        while it verifies (`stuck_executing`).
         """
         stmt = (
             update(ApprovalRow)
@@ -626,7 +630,7 @@ class StateStore:
                 ApprovalRow.state == "executing",
                 ApprovalRow.version == approval.version,
             )
-            .values(claimed_by=claimer, version=ApprovalRow.version + 1)
+            .values(claimed_by=claimer, taken_over_at=_utc(now), version=ApprovalRow.version + 1)
             .returning(ApprovalRow)
             .execution_options(synchronize_session=False)
         )
@@ -660,17 +664,24 @@ class StateStore:
             return [_approval(row) for row in (await session.scalars(stmt)).all()]
 
     async def stuck_executing(
-        self, older_than_s: float, now: datetime | None = None
+        self, older_than_s: float, now: datetime | None = None, *, sweep_lease_s: float = 60.0
     ) -> list[Approval]:
         """Executing for longer than `older_than_s`: never retried, only decided.
 
         The sweeper (`ApprovalEngine.sweep`) takes them over and lets the remedy's own
-        verification decide.
+        verification decide. One taken over less than `sweep_lease_s` ago belongs to the
+        sweeper that took it (it may still be verifying); after that it is stuck again.
         """
-        cutoff = _utc(now) - timedelta(seconds=older_than_s)
+        at = _utc(now)
+        cutoff = at - timedelta(seconds=older_than_s)
+        lease = at - timedelta(seconds=sweep_lease_s)
         stmt = (
             select(ApprovalRow)
-            .where(ApprovalRow.state == "executing", ApprovalRow.updated_at <= cutoff)
+            .where(
+                ApprovalRow.state == "executing",
+                ApprovalRow.updated_at <= cutoff,
+                or_(ApprovalRow.taken_over_at.is_(None), ApprovalRow.taken_over_at <= lease),
+            )
             .order_by(ApprovalRow.updated_at, ApprovalRow.id)
         )
         async with self._tx(write=False) as session:

@@ -1,9 +1,11 @@
-"""Approvals: the terminal state `cancelled` and where a request came from (`origin`).
+"""Approvals: the terminal state `cancelled`, where a request came from (`origin`), and
+when a sweeper took a stuck execution over (`taken_over_at`).
 
 `cancelled`: the plan could not be shown (Slack refused the thread), so nobody could
 approve it. `origin`: `slack` or `console`; only console requests are approvable from
-the console. Rows from before this revision are slack's, except the console's own
-channel id, which the console has always used.
+the console. `taken_over_at`: a sweep that is still verifying owns the row; another
+sweep leaves it alone until that one is presumed dead too. Rows from before this revision
+are slack's, except the console's own channel id, which the console has always used.
 
 SQLite cannot alter a CHECK constraint: the table is rebuilt (batch mode). Dropping the
 old table would cascade into the decisions (foreign keys are on), so they are kept
@@ -46,7 +48,9 @@ def _alter(states: str, *, add_origin: bool) -> None:
             batch.create_check_constraint(
                 "ck_dbops_approvals_origin", sa.text(f"origin IN ({_ORIGINS})")
             )
+            batch.add_column(sa.Column("taken_over_at", sa.DateTime(timezone=True), nullable=True))
         else:
+            batch.drop_column("taken_over_at")
             batch.drop_constraint("ck_dbops_approvals_origin", type_="check")
             batch.drop_column("origin")
     if sqlite:
