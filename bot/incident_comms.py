@@ -38,6 +38,7 @@ from bot.render import SlackMessage, esc, unesc
 from bot.state import Incident
 from bot.tasks import TaskTracker
 from commands.base import Report
+from commands.incident import who
 from commands.incident_comms import AUDIENCES, Audience, Summary, Template
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,11 @@ class IncidentComms:
                 at=self.incidents.now(),
                 detail=detail,
             )
+        try:  # the team sees it in the thread, not only the clicker
+            note = SlackMessage(text=f"{who(user_id)} {said}.", blocks=[])
+            await self.publisher.post(incident.channel_id, note, thread_ts=incident.header_ts)
+        except SlackClientError:
+            log.exception("could not note the post of the %s template", kind)
         return f"The {label} was posted to <#{target}>."
 
     def register(self, app: AsyncApp, tracker: TaskTracker) -> None:

@@ -224,6 +224,8 @@ async def test_posting_from_the_preview_records_the_communication_once(ibot: Run
         (ALICE, f"posted the user notification to <#{USERS_CHANNEL}>")
     ]
     assert posts[0].detail["ts"] == posted[0].response["ts"] if posted[0].response else False
+    noted = posts_in(fake, CHANNEL, f"<@{ALICE}> posted the user notification to <#{USERS_CHANNEL}")
+    assert len(noted) == 1 and noted[0].params.get("thread_ts") == incident.header_ts
 
 
 def sla_table(call: Call) -> dict[str, list[str]]:
