@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from jinja2 import TemplateError
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -33,10 +34,11 @@ from bot.incident_facts import (
 )
 from bot.incident_summary import summary_markdown, summary_message
 from bot.incidents import IncidentService, Reply
-from bot.render import SlackMessage, unesc
+from bot.render import SlackMessage, esc, unesc
 from bot.state import Incident
 from bot.tasks import TaskTracker
 from commands.base import Report
+from commands.incident import who
 from commands.incident_comms import AUDIENCES, Audience, Summary, Template
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ class IncidentComms:
             await store.timeline(incident.id),
             self.incidents.targets,
             now,
-            await store.pending_approvals(now),
+            await store.pending_approvals(),  # approvals expire by the system clock
         )
 
     async def render(self, incident: Incident, audience: Audience) -> str:
@@ -162,6 +164,8 @@ class IncidentComms:
             text = await self.render(incident, audience)
         except templates.MissingValue as exc:
             return _note(f"Not rendered: {exc.explain(name)}. Nothing was posted.")
+        except TemplateError as exc:  # an override with a mistake in it
+            return _note(f"`{name}` cannot be rendered: {esc(exc)}. Nothing was posted.")
         message = templates.preview(audience, text, incident.id, incident.origin_channel_id)
         await self.publisher.post(incident.channel_id, message, thread_ts=incident.header_ts)
         where = "the incident thread" if incident.header_ts else "this channel"
@@ -211,6 +215,8 @@ class IncidentComms:
             text = await self.render(incident, kind)
         except templates.MissingValue as exc:
             return f"Not posted: {exc.explain(name)}."
+        except TemplateError as exc:
+            return f"Not posted: `{name}` cannot be rendered: {esc(exc)}."
         milestone, epoch = post_key(kind, preview_ts, target)
         claimed = await store.claim_reminder(
             incident.id, milestone, epoch, at=self.incidents.now(), claimer=self.incidents.claimer
@@ -238,6 +244,11 @@ class IncidentComms:
                 at=self.incidents.now(),
                 detail=detail,
             )
+        try:  # the team sees it in the thread, not only the clicker
+            note = SlackMessage(text=f"{who(user_id)} {said}.", blocks=[])
+            await self.publisher.post(incident.channel_id, note, thread_ts=incident.header_ts)
+        except SlackClientError:
+            log.exception("could not note the post of the %s template", kind)
         return f"The {label} was posted to <#{target}>."
 
     def register(self, app: AsyncApp, tracker: TaskTracker) -> None:

@@ -304,6 +304,9 @@ def template_values(f: Facts) -> dict[str, Any]:
         "on_call": Mrkdwn(who(inc.commander_id)),
         "actions": [Mrkdwn(a.line()) for a in f.actions],
         "rows_changed": sum(a.affected or 0 for a in f.actions),
+        "views_refreshed": any(
+            a.remedy.startswith("refresh") and a.outcome == "done" for a in f.actions
+        ),
         "next_steps": [Mrkdwn(s) for s in next_steps(f)],
     }
     if inc.resolved_at is not None:
@@ -322,10 +325,9 @@ def template_values(f: Facts) -> dict[str, Any]:
         )
         if lost:
             window = max(0.0, (inc.detected_at - v.baseline_at).total_seconds())
-            values["data_loss_window"] = (
-                f"up to {human_duration(window)} (writes between {v.baseline_at:%H:%M} and "
-                f"{hhmm(inc.detected_at)})"
-            )
+            between = f"between {v.baseline_at:%H:%M} and {hhmm(inc.detected_at)}"
+            values["data_loss_between"] = between
+            values["data_loss_window"] = f"up to {human_duration(window)} (writes {between})"
         else:
             values["data_loss_window"] = f"none measured against the {hhmm(v.baseline_at)} baseline"
     return values

@@ -224,6 +224,8 @@ async def test_posting_from_the_preview_records_the_communication_once(ibot: Run
         (ALICE, f"posted the user notification to <#{USERS_CHANNEL}>")
     ]
     assert posts[0].detail["ts"] == posted[0].response["ts"] if posted[0].response else False
+    noted = posts_in(fake, CHANNEL, f"<@{ALICE}> posted the user notification to <#{USERS_CHANNEL}")
+    assert len(noted) == 1 and noted[0].params.get("thread_ts") == incident.header_ts
 
 
 def sla_table(call: Call) -> dict[str, list[str]]:
@@ -311,3 +313,21 @@ def test_the_console_prints_the_summary_on_resolve_and_the_file(tmp_path: Path) 
     file = run("incident summary --file")
     assert "# Incident #1: Console drill" in file and "## Timeline (3 events, UTC)" in file
     assert "update: We're on it" in file.split("## Timeline")[1]
+
+
+async def test_an_override_is_previewed_and_a_broken_one_is_refused(
+    ibot: RunningBot, tmp_path: Path
+) -> None:
+    comms = ibot.service.comms
+    assert comms is not None
+    comms.template_dir = tmp_path  # as TEMPLATE_DIR would set it
+    (tmp_path / "user.md.j2").write_text("Ours: {{ title }}, {{ duration }} so far\n")
+    (tmp_path / "tech.md.j2").write_text("Broken: {{ title \n")
+    await command(ibot, "incident start Override <drill>")
+    clock_of(ibot).advance(minutes=3)
+    await command(ibot, "incident template user")
+    text = blocks_text(preview_of(ibot))
+    assert "Ours: Override &lt;drill&gt;, 3m00s so far" in text
+    await command(ibot, "incident template tech")
+    await ibot.fake.wait_for("response_url", count=2)
+    assert any("`tech.md.j2` cannot be rendered" in t for t in told(ibot.fake))
