@@ -149,7 +149,7 @@ async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: T
     )
     missing = await walk_incident(walk_settings, dsn, out)
     if missing:
-        out.write("\nNot walked in this build: " + "; ".join(missing) + "\n")
+        out.write("\nThe incident did not end as planned: " + "; ".join(missing) + "\n")
     out.write("═══ End of the incident; now the health and integrity showcase ═══\n\n")
     out.flush()
 

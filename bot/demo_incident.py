@@ -9,12 +9,13 @@ Steps, each printed as it happens:
 1. a baseline of the target's counts, the way the watchdog leader takes one every hour;
 2. the watchdog's tick on the healthy database, then `leaderboard_totals` is left
    unpopulated (the fault injector), and the next tick posts it and opens the incident;
-3. the on-call engineer runs `health` and posts an update (response, communication);
+3. the on-call engineer takes command, runs `views` and posts an update (response,
+   communication);
 4. `refresh-views` is requested, refused for self-approval, approved by the lead, run;
-5. the watchdog's next tick posts the recovery; the commander resolves;
+5. the watchdog's next tick posts the recovery; `views` confirms; resolving posts the
+   summary;
 6. `recover` verifies against the baseline and marks the incident fully recovered;
-7. the summary with every SLA (posted on resolve, and again once fully recovered), and
-   the whole timeline.
+7. the summary again, every SLA met, with the data impact, and the whole timeline.
 """
 
 from __future__ import annotations
