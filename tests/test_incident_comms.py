@@ -15,11 +15,11 @@ import pytest
 
 from bot import incident_templates as templates
 from bot.incident_comms import record_verification
-from bot.incident_facts import verification_from_report
+from bot.incident_facts import last_verification, verification_from_report
 from commands.base import Finding, Report, Status
 from tests import test_incidents
-from tests.conftest import RunningBot
-from tests.fakeslack import Call
+from tests.conftest import RunningBot, bot_settings, running_bot
+from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import signed_headers
 from tests.test_approvals import ADMIN, REQUESTER, Victims, plan_message, press, settle
 from tests.test_incidents import (
@@ -331,3 +331,35 @@ async def test_an_override_is_previewed_and_a_broken_one_is_refused(
     await command(ibot, "incident template tech")
     await ibot.fake.wait_for("response_url", count=2)
     assert any("`tech.md.j2` cannot be rendered" in t for t in told(ibot.fake))
+
+
+async def test_a_real_recover_feeds_the_templates_and_the_summary(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    """`/db recover` in the incident channel: its verification joins the timeline, and the
+    tech alert and the summary read their figures from it."""
+    channel = "C0RECOVERED"
+    settings = bot_settings(leaps_dsn, fake_slack, role_map={ALICE: "REVIEWER"}, coalesce_s=0)
+    async with running_bot(settings, fake_slack) as bot:
+        incidents, comms = bot.service.incidents, bot.service.comms
+        assert incidents is not None and comms is not None
+        await command(bot, "incident start Restore drill sev2", channel=channel)
+        incident = await incidents.store.active_in(channel)
+        assert incident is not None
+        await bot.service.take_baseline()
+        await command(bot, "recover", channel=channel)
+        events = await incidents.store.timeline(incident.id)
+        verification = last_verification(events)
+        assert verification is not None and verification.clean
+        assert {m.name: m.pct for m in verification.metrics}["users"] == 100.0
+        done = await incidents.store.get(incident.id)
+        assert done is not None and done.state == "recovered"  # the clean verification
+        text = await comms.render(done, "tech")
+        assert "Recovery complete" in text and "• users: 100 %" in text
+        assert "no rows missing against the" in text
+        summary = (await comms.summary(done, file=False)).message
+        assert "(clean)" in blocks_text_of(summary.blocks_json())
+
+
+def blocks_text_of(blocks: list[dict[str, object]]) -> str:
+    return json.dumps(blocks)
