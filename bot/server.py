@@ -193,10 +193,15 @@ class Service:
             await asyncio.sleep(interval_s)
 
     async def _incident_ticks(self, incidents: IncidentService, interval_s: float) -> None:
-        """SLA reminders and header clocks, every `interval_s` (each tick a tracked task)."""
+        """SLA reminders and header clocks, every `interval_s` (each tick a tracked task).
+
+        A tick still running when the next is due is not doubled: under a slow state store
+        or Slack, ticks would otherwise pile up behind each other."""
+        running: asyncio.Task[Any] | None = None
         while True:
             await asyncio.sleep(interval_s)
-            self.tracker.spawn(incidents.tick(), name="incident tick")
+            if running is None or running.done():
+                running = self.tracker.spawn(incidents.tick(), name="incident tick")
 
     async def _may_post(self, user_id: str) -> str | None:
         """Posting a template needs what any `/db incident` command needs."""

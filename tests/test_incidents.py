@@ -537,7 +537,7 @@ async def test_a_long_timeline_and_title_stay_within_slack_limits(ibot: RunningB
 async def test_the_service_timer_reminds_once_by_itself(
     leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:
-    settings = bot_settings(leaps_dsn, fake_slack, incident_tick_s=0.05)
+    settings = bot_settings(leaps_dsn, fake_slack, incident_tick_s=0.2)
     async with running_bot(settings, fake_slack) as bot:
         clock = ManualClock(T0)
         service(bot).clock = clock
@@ -546,7 +546,7 @@ async def test_the_service_timer_reminds_once_by_itself(
         await fake_slack.wait_for(
             "chat.postMessage", predicate=lambda c: ":alarm_clock:" in str(c.params.get("text"))
         )
-        await asyncio.sleep(0.5)  # ten more ticks
+        await asyncio.sleep(1.0)  # five more ticks
         assert len(posts_in(fake_slack, CHANNEL, ":alarm_clock:")) == 1
         incident = await active(bot)
         assert "*Response* (target 30m00s): 5m00s left" in header_now(fake_slack, incident)
