@@ -323,8 +323,17 @@ def template_values(f: Facts) -> dict[str, Any]:
             if lost
             else f"no rows missing against the {hhmm(v.baseline_at)} baseline"
         )
-        if lost:
-            window = max(0.0, (inc.detected_at - v.baseline_at).total_seconds())
+        if lost and v.baseline_at > inc.detected_at:
+            # A baseline taken after detection may already hold the loss: no window to
+            # state, only the way to measure one.
+            values["data_loss_between"] = f"before {hhmm(inc.detected_at)}"
+            values["data_loss_window"] = (
+                f"not measured: the {hhmm(v.baseline_at)} baseline is newer than detection "
+                f"({hhmm(inc.detected_at)}); compare with an older one: "
+                f"`/db recover --baseline HH:MM`"
+            )
+        elif lost:
+            window = (inc.detected_at - v.baseline_at).total_seconds()
             between = f"between {v.baseline_at:%H:%M} and {hhmm(inc.detected_at)}"
             values["data_loss_between"] = between
             values["data_loss_window"] = f"up to {human_duration(window)} (writes {between})"

@@ -103,6 +103,9 @@ async def test_a_whole_incident_and_its_summary(
         blocks_text(alert)
     )
     assert (await active(wbot)).communicated_at == T0 + timedelta(minutes=20)
+    # The baseline (wall clock) is newer than the detection (T0 on the test's clock): it may
+    # already hold the loss, so no window is claimed, only how to measure one.
+    assert "not measured: the" in blocks_text(alert) and "between" not in blocks_text(alert)
 
     # T0+40m: /db recover verifies against the baseline and requests what it can.
     clock.set(T0 + timedelta(minutes=40))
