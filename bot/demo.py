@@ -24,7 +24,7 @@ from bot.settings import Settings
 from bot.tasks import wait_for_signal
 from commands.base import Report, Thresholds
 from commands.fixture.faults import FaultInjector
-from commands.fixture.seed import build_fixture
+from commands.fixture.seed import an_admin_id, build_fixture
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ async def leak_idle_sessions(dsn: str, n: int) -> list[psycopg.AsyncConnection[A
 async def demo_service_user(dsn: str) -> str:
     """A LEAPS admin of the demo data for REMEDY_SERVICE_USER_ID: the console has no Slack
     profiles, so remedies act as the service identity (a rejection names its reviewer)."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute("SELECT id FROM users WHERE role = 'ADMIN' ORDER BY id LIMIT 1")
-        row = await cur.fetchone()
-    return str(row[0]) if row else ""
+    return await an_admin_id(dsn) or ""
 
 
 def keep_instructions(dsn: str, run_dir: Path, service_user_id: str = "") -> str:
