@@ -209,10 +209,21 @@ class Service:
             self.settings.diagnostics_role, await self.roles.resolve(user_id), "diagnose"
         )
 
-    async def take_baseline(self) -> None:
+    async def take_baseline(self) -> bool:
         """One snapshot of the target's counts for `/db recover` (the watchdog's leader
-        may take this over: it is one call)."""
+        takes it over: it is one call). None while an incident is open: a snapshot of a
+        damaged database would become the baseline a recovery is measured against, and
+        `/db recover` would call the loss 100 %. Returns whether one was taken."""
+        if self.incidents is not None:
+            open_now = await self.incidents.store.active()
+            if open_now:
+                log.info(
+                    "baseline skipped: incident %s is open; the last one before it stays",
+                    ", ".join(str(i.id) for i in open_now),
+                )
+                return False
         await take_baseline(self.ctx)
+        return True
 
     async def _baseline_every(self, interval_s: float) -> None:
         """A baseline at start-up and every `interval_s`, each a tracked task."""

@@ -343,10 +343,10 @@ async def test_a_real_recover_feeds_the_templates_and_the_summary(
     async with running_bot(settings, fake_slack) as bot:
         incidents, comms = bot.service.incidents, bot.service.comms
         assert incidents is not None and comms is not None
+        assert await bot.service.take_baseline()  # the healthy state, before the incident
         await command(bot, "incident start Restore drill sev2", channel=channel)
         incident = await incidents.store.active_in(channel)
         assert incident is not None
-        await bot.service.take_baseline()
         await command(bot, "recover", channel=channel)
         events = await incidents.store.timeline(incident.id)
         verification = last_verification(events)

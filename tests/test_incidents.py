@@ -17,6 +17,7 @@ from bot.clock import ManualClock
 from bot.incidents import IncidentService, SlackIncidents
 from bot.slack_app import make_web_client
 from bot.state import Incident, IncidentStore, open_store
+from bot.state.baselines import StoreBaselines
 from commands.incident import SlaTargets, Start
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
@@ -550,3 +551,20 @@ async def test_the_service_timer_reminds_once_by_itself(
         assert len(posts_in(fake_slack, CHANNEL, ":alarm_clock:")) == 1
         incident = await active(bot)
         assert "*Response* (target 30m00s): 5m00s left" in header_now(fake_slack, incident)
+
+
+async def test_no_baseline_is_taken_while_an_incident_is_open(ibot: RunningBot) -> None:
+    """A snapshot of the damaged database must not become what recovery is measured by."""
+    baselines = ibot.service.ctx.baselines
+    assert isinstance(baselines, StoreBaselines)
+    target = ibot.service.ctx.gateway.target
+    before = len(await baselines.all(target))
+    assert await ibot.service.take_baseline()
+    assert len(await baselines.all(target)) == before + 1
+    await command(ibot, "incident start Submissions lost sev1")
+    assert not await ibot.service.take_baseline()
+    await command(ibot, "incident resolve")
+    assert not await ibot.service.take_baseline()  # resolved, not yet recovered
+    await command(ibot, "incident recovered")
+    assert await ibot.service.take_baseline()
+    assert len(await baselines.all(target)) == before + 2
