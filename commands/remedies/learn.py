@@ -13,18 +13,15 @@ from psycopg import sql
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import acting_notes, triggers_reading
 from commands.remedies.base import (
-    Execution,
     LockScope,
     Outcome,
     Plan,
     PlanStep,
     Remedy,
     RemedyAbort,
-    Verification,
     Writer,
     add_remedy,
     check_count,
-    nothing_planned,
 )
 from commands.remedies.rowsets import (
     APPROVAL_PLACEHOLDER,
@@ -33,11 +30,11 @@ from commands.remedies.rowsets import (
     Part,
     backup_display,
     backup_sql,
-    backups_hold,
     check_parts,
     count_rows,
     lock_and_backup,
     plural,
+    verify_backup_of,
 )
 
 DEDUPE_LEARN_NAME = "dedupe-learn"
@@ -273,12 +270,6 @@ async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
-async def verify_dedupe_learn(db: Reader, plan: Plan, run: Execution) -> Verification:
-    if (trivial := nothing_planned(plan)) is not None:
-        return trivial
-    return await backups_hold(db, run.approval_id, {"submissions": plan.count})
-
-
 DEDUPE_LEARN = add_remedy(
     Remedy(
         name=DEDUPE_LEARN_NAME,
@@ -287,7 +278,7 @@ DEDUPE_LEARN = add_remedy(
         "duplicates as a reviewer (backed up)",
         plan=plan_dedupe_learn,
         apply=apply_dedupe_learn,
-        verify=verify_dedupe_learn,
+        verify=verify_backup_of("submissions"),
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,

@@ -35,12 +35,12 @@ from commands.remedies.rowsets import (
     Part,
     backup_display,
     backup_sql,
-    backups_hold,
     check_parts,
     count_rows,
     delete_sql,
     lock_and_backup,
     plural,
+    verify_backup_of,
 )
 
 DEDUPE_EVENTS_NAME = "dedupe-ledger-events"
@@ -339,12 +339,6 @@ async def apply_reconcile(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
-async def verify_dedupe_events(db: Reader, plan: Plan, run: Execution) -> Verification:
-    if (trivial := nothing_planned(plan)) is not None:
-        return trivial
-    return await backups_hold(db, run.approval_id, {"points_ledger": plan.count})
-
-
 async def verify_reconcile(db: Reader, plan: Plan, run: Execution) -> Verification:
     """The inserted awards carry the approval id: they are there exactly when it committed."""
     if (trivial := nothing_planned(plan)) is not None:
@@ -383,7 +377,7 @@ DEDUPE_EVENTS = add_remedy(
         "and delete the rest",
         plan=plan_dedupe_events,
         apply=apply_dedupe_events,
-        verify=verify_dedupe_events,
+        verify=verify_backup_of("points_ledger"),
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,

@@ -47,8 +47,8 @@ from commands.remedies.rowsets import (
     SAMPLE,
     backup_display,
     backup_sql,
-    backups_hold,
     plural,
+    verify_backup_of,
 )
 
 RECOVER_USERS_NAME = "recover-users"
@@ -534,12 +534,6 @@ async def apply_rematch(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
-async def verify_rematch(db: Reader, plan: Plan, run: Execution) -> Verification:
-    if (trivial := nothing_planned(plan)) is not None:
-        return trivial
-    return await backups_hold(db, run.approval_id, {"kajabi_events": plan.count})
-
-
 # --- recover-learn ------------------------------------------------------------------
 
 _LEARN_TAGS_SQL = """
@@ -774,7 +768,7 @@ REMATCH_KAJABI = add_remedy(
         "(case-insensitive; backed up)",
         plan=plan_rematch,
         apply=apply_rematch,
-        verify=verify_rematch,
+        verify=verify_backup_of("kajabi_events"),
         approver_role="ADMIN",
         approvers=1,
     )

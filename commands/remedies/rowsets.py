@@ -27,12 +27,15 @@ from pydantic import BaseModel
 from commands.base import BACKUP_SCHEMA, Reader
 from commands.remedies.base import (
     DriftError,
+    Execution,
     Plan,
     RowCountError,
     Verification,
+    Verifier,
     Writer,
     backup_name,
     check_drift,
+    nothing_planned,
 )
 
 SAMPLE = 20
@@ -149,3 +152,15 @@ async def backups_hold(db: Reader, approval_id: str, expected: dict[str, int]) -
         landed = landed and held == planned
         found.append(f"{name} holds {held} of the {planned} planned rows")
     return Verification(landed=landed, found="; ".join(found))
+
+
+def verify_backup_of(table: str) -> Verifier:
+    """The verification of a remedy that backs up exactly its planned rows of one table
+    before changing them: nothing planned has landed; else the backup must hold them."""
+
+    async def verify(db: Reader, plan: Plan, run: Execution) -> Verification:
+        if (trivial := nothing_planned(plan)) is not None:
+            return trivial
+        return await backups_hold(db, run.approval_id, {table: plan.count})
+
+    return verify
