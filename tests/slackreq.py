@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 from urllib.parse import urlencode
 
 from slack_sdk.signature import SignatureVerifier
@@ -58,9 +59,13 @@ def action_body(
     channel: str,
     message_ts: str,
     response_url: str = "http://127.0.0.1:9/response/none",
+    block_id: str = "approval",
+    state: dict[str, Any] | None = None,
+    message_text: str = "plan",
 ) -> str:
-    """A block_actions payload as Slack posts it when a button is pressed."""
-    payload = {
+    """A block_actions payload as Slack posts it when a button is pressed (with the
+    message's input values in `state`, as Slack adds them, when given)."""
+    payload: dict[str, Any] = {
         "type": "block_actions",
         "team": {"id": "T0001", "domain": "leaps"},
         "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0001"},
@@ -69,16 +74,18 @@ def action_body(
         "container": {"type": "message", "message_ts": message_ts, "channel_id": channel},
         "trigger_id": "1337.42.efgh",
         "channel": {"id": channel, "name": "incident"},
-        "message": {"type": "message", "ts": message_ts, "text": "plan"},
+        "message": {"type": "message", "ts": message_ts, "text": message_text},
         "response_url": response_url,
         "actions": [
             {
                 "action_id": action_id,
-                "block_id": "approval",
+                "block_id": block_id,
                 "value": value,
                 "type": "button",
                 "action_ts": f"{time.time():.6f}",
             }
         ],
     }
+    if state is not None:
+        payload["state"] = state
     return urlencode({"payload": json.dumps(payload)})

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlencode
 
 import pytest
 
@@ -20,7 +18,7 @@ from commands.base import Finding, Report, Status
 from tests import test_incidents
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
-from tests.slackreq import signed_headers
+from tests.slackreq import action_body, signed_headers
 from tests.test_approvals import ADMIN, REQUESTER, Victims, plan_message, press, settle
 from tests.test_incidents import (
     ALICE,
@@ -94,29 +92,17 @@ async def press_post(bot: RunningBot, preview: Call, user: str, target: str | No
     )
     ts = str(preview.response["ts"]) if preview.response else ""
     picked = {"type": "conversations_select", "selected_conversation": target}
-    payload = {
-        "type": "block_actions",
-        "team": {"id": "T0001", "domain": "leaps"},
-        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0001"},
-        "api_app_id": "A0DBOPS",
-        "token": "legacy-token-unused",
-        "container": {"type": "message", "message_ts": ts, "channel_id": CHANNEL},
-        "trigger_id": "1337.42.efgh",
-        "channel": {"id": CHANNEL, "name": "incident"},
-        "message": {"type": "message", "ts": ts, "text": "preview"},
-        "state": {"values": {templates.PICK_BLOCK: {templates.PICK: picked}}},
-        "response_url": bot.fake.response_url(user),
-        "actions": [
-            {
-                "action_id": templates.POST,
-                "block_id": templates.PICK_BLOCK,
-                "value": button["value"],
-                "type": "button",
-                "action_ts": f"{time.time():.6f}",
-            }
-        ],
-    }
-    body = urlencode({"payload": json.dumps(payload)})
+    body = action_body(
+        action_id=templates.POST,
+        value=str(button["value"]),
+        user=user,
+        channel=CHANNEL,
+        message_ts=ts,
+        response_url=bot.fake.response_url(user),
+        block_id=templates.PICK_BLOCK,
+        state={"values": {templates.PICK_BLOCK: {templates.PICK: picked}}},
+        message_text="preview",
+    )
     resp = await bot.http.post(f"{bot.url}/slack/events", data=body, headers=signed_headers(body))
     await resp.read()
     assert resp.status == 200
