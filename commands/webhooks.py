@@ -41,6 +41,7 @@ from commands.remedies.recovery import (
     email_sources_sql,
     rematch_sql_for,
 )
+from commands.remedies.rowsets import plural
 
 REMATCH_EMAILS = "rematch-emails"
 REPROCESS = "reprocess-webhooks"
@@ -119,8 +120,8 @@ async def check_unprocessed(t: Thresholds, db: Reader) -> Finding:
     return Finding(
         check=UNPROCESSED,
         status=Status.WARN if stuck else Status.OK,
-        summary=f"{n} events wait to be processed, the oldest for {oldest}; {stuck} of them "
-        f"for over {human_duration(t.webhook_stuck_s)}",
+        summary=f"{plural(n, 'event')} not processed yet, the oldest received {oldest} ago; "
+        f"{stuck} of them over {human_duration(t.webhook_stuck_s)} ago",
         rows=sample,
         hint=f"`/db {REPROCESS}` awards their LEARN points (once per Kajabi event id) and "
         "marks them processed"
@@ -138,7 +139,7 @@ async def check_alert(t: Thresholds, db: Reader) -> Finding:
     return Finding(
         check=ALERT,
         status=Status.CRIT if over else Status.OK,
-        summary=f"{n} events have waited unmatched for over {wait} (alert above "
+        summary=f"{plural(n, 'event')} unmatched for over {wait} (alert above "
         f"{t.webhook_unmatched_max}): {unprocessed} not processed, {nuf} {NO_USER}, "
         f"{n - unprocessed - nuf} processed with no user or one who no longer exists",
         hint=f"`/db {REPROCESS}` for the unprocessed, `/db {REMATCH_EMAILS}` for e-mails "
@@ -168,8 +169,8 @@ async def check_emails(t: Thresholds, db: Reader) -> Finding:
     return Finding(
         check=EMAILS,
         status=Status.WARN,
-        summary=f"{one + many} {NO_USER} events match a user when case is ignored: {one} "
-        f"exactly one user, {many} several; {read}",
+        summary=f"{plural(one + many, NO_USER + ' event')} match a user when case is ignored: "
+        f"{one} exactly one user, {many} several; {read}",
         rows=sample,
         hint=f"`/db {REMATCH_EMAILS}` links the {one} with one match (backed up); events "
         "matching several users are left to a person",
@@ -184,7 +185,8 @@ async def check_duplicates(t: Thresholds, db: Reader) -> Finding:
     return Finding(
         check=DUPLICATES,
         status=Status.WARN,
-        summary=f"{groups} payloads were received more than once ({extra} extra rows)",
+        summary=f"{plural(groups, 'payload')} received more than once "
+        f"({plural(extra, 'extra row')})",
         rows=await db.fetch(_DUPLICATES_SAMPLE_SQL, {"sample": t.max_rows}),
         hint=f"`/db {DEDUPE_WEBHOOKS}` keeps the earliest of each, backs up and deletes "
         "the rest (two approvals)",
