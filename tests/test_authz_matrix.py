@@ -91,6 +91,15 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
             accounts, unmatched = int(remedy == "recover-users"), int(remedy == "rematch-kajabi")
             await faults.data_loss(0.1, accounts=accounts, unmatched=unmatched, kajabi_only=True)
         return []
+    if remedy in ("rematch-emails", "reprocess-webhooks", "dedupe-webhooks"):
+        if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:
+            if remedy == "rematch-emails":
+                await faults.miscased_unmatched_events(1)
+            elif remedy == "reprocess-webhooks":
+                await faults.unmatched_webhook_backlog(1)
+            else:
+                await faults.duplicate_webhook_payloads(1)
+        return []
     (pid,) = await rig.victims.open(1)
     await asyncio.sleep(0.05)
     return ["0"] if remedy == "kill-idle" else [str(pid)]

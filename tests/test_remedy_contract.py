@@ -23,12 +23,15 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "cleanup-orphans",
         "dedupe-learn",
         "dedupe-ledger-events",
+        "dedupe-webhooks",
         "kill-idle",
         "reconcile-points",
         "recover-learn",
         "recover-users",
         "refresh-views",
+        "rematch-emails",
         "rematch-kajabi",
+        "reprocess-webhooks",
         "terminate",
     ]
 
