@@ -6,6 +6,7 @@ the approvals over signed Slack requests."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, LiteralString
 
 import psycopg
@@ -243,6 +244,7 @@ async def test_reprocess_awards_once_marks_all_and_reports_the_failure(
     ledger_before = await fetch(leaps_dsn, "SELECT count(*) FROM points_ledger")
 
     plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
+    claimed = datetime.now(UTC)
     assert plan.count == 7
     assert plan.summary.startswith(
         "process 7 unprocessed Kajabi events, oldest first: award 4 a LEARN (20 points, "
@@ -291,6 +293,13 @@ async def test_reprocess_awards_once_marks_all_and_reports_the_failure(
         "SELECT count(*), min(actor_id) FROM audit_log WHERE action = 'INSERT_points_ledger'",
     )
     assert audited == [(4, admin.user_id)]  # production's audit trigger saw who acted
+
+    async def verify(db: Any) -> Any:
+        return await REPROCESS_WEBHOOKS.verify(db, plan, Execution("apv-re1", "bot", claimed))
+
+    assert (await ctx.gateway.read(verify)).landed
+    claimed = datetime.now(UTC) + timedelta(minutes=1)  # a claim after the change: not ours
+    assert not (await ctx.gateway.read(verify)).landed
 
     # Run twice: only the failing event is left, and nothing more is paid.
     again = await REPROCESS_WEBHOOKS.plan(ctx, [])

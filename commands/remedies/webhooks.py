@@ -383,7 +383,9 @@ async def verify_reprocess(db: Reader, plan: Plan, run: Execution) -> Verificati
     if (trivial := nothing_planned(plan)) is not None:
         return trivial
     ids = plan.private(ReprocessData).ids
-    since = run.claimed_at.astimezone(UTC).replace(tzinfo=None) if run.claimed_at else None
+    since = run.claimed_at
+    if since is not None and since.tzinfo is not None:  # the columns hold naive UTC
+        since = since.astimezone(UTC).replace(tzinfo=None)
     rows = await db.fetch(
         "SELECT count(*) AS n FROM kajabi_events WHERE id = ANY(%s)"
         " AND processed_at IS NOT NULL AND (%s::timestamp IS NULL OR processed_at >= %s)",
