@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, LiteralString
 
 import psycopg
+import pytest
 import pytest_asyncio
 from psycopg import sql
 
@@ -17,7 +18,7 @@ from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands import webhooks as wh
-from commands.base import BACKUP_SCHEMA, Finding, LeapsIdentity, Report, Status
+from commands.base import BACKUP_SCHEMA, Finding, LeapsIdentity, Report, Status, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.integrity import DUPLICATE_EVENTS, integrity
 from commands.remedies.base import REMEDIES, Execution, backup_name
@@ -247,18 +248,18 @@ async def test_reprocess_awards_once_marks_all_and_reports_the_failure(
     claimed = datetime.now(UTC)
     assert plan.count == 7
     assert plan.summary.startswith(
-        "process 7 unprocessed Kajabi events, oldest first: award 4 a LEARN (20 points, "
-        "source WEBHOOK), mark 1 already awarded as matched, mark 1 NO_USER_FOUND; "
-        "1 expected to fail"
+        "process 7 unprocessed Kajabi events, oldest first, each in a savepoint of its own: "
+        "4 LEARNs awarded (20 points each), 1 already paid, 0 of other tags (matched, no "
+        "award), 1 NO_USER_FOUND (source WEBHOOK); 1 to be left unprocessed"
     )
     will = {t["id"]: t["will"] for t in plan.targets}
-    assert will[nomail] == "fail" and will[retry] == "mark" and will[stranger[0]] == "mark"
+    assert (will[nomail], will[retry], will[stranger[0]]) == ("fail", "already", "no_user")
 
     state, outcome = await Executor(leaps_dsn).apply(REPROCESS_WEBHOOKS, plan, "apv-re1", admin)
     assert state == "done", outcome
     assert outcome.summary.startswith(
-        "processed 6 of 7 planned events: awarded 4 LEARNs (20 points each), 1 already "
-        "awarded, 1 NO_USER_FOUND; 1 left unprocessed"
+        "processed 6 of 7 planned events: 4 LEARNs awarded (20 points each), 1 already "
+        "paid, 0 of other tags (matched, no award), 1 NO_USER_FOUND; 1 left unprocessed"
     )
     assert outcome.affected == 6
     assert outcome.rows[0]["id"] == nomail and "no e-mail" in str(outcome.rows[0]["reason"])
@@ -322,12 +323,51 @@ async def test_an_event_paid_before_its_handler_died_is_not_paid_again(
     # The application awarded, then crashed before marking: the event is unprocessed again.
     await fetch(leaps_dsn, "UPDATE kajabi_events SET processed_at = NULL WHERE id = %s", (ids[0],))
     plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
-    assert plan.count == 1 and "award 0 a LEARN" in plan.summary
+    assert plan.count == 1 and ": 0 LEARNs awarded" in plan.summary
     state, outcome = await Executor(leaps_dsn).apply(REPROCESS_WEBHOOKS, plan, "apv-b", admin)
     assert state == "done", outcome
-    assert "awarded 0 LEARNs" in outcome.summary and "1 already awarded" in outcome.summary
+    assert ": 0 LEARNs awarded" in outcome.summary and "1 already paid" in outcome.summary
     assert len(await webhook_awards(leaps_dsn)) == 2
     assert (await events(leaps_dsn, ids))[ids[0]][0] is True
+
+
+async def test_learn_is_not_paid_twice_to_a_user_who_holds_it(
+    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    event, user = await faults.repeated_learn_event()
+    (fresh,) = await faults.unprocessed_webhook_events(1)
+    plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
+    assert plan.count == 2 and ": 1 LEARN awarded" in plan.summary
+    assert "1 to be left unprocessed" in plan.summary
+    state, outcome = await Executor(leaps_dsn).apply(
+        REPROCESS_WEBHOOKS, plan, "apv-twice", await staff(leaps_dsn)
+    )
+    assert state == "done", outcome
+    assert outcome.rows[0]["id"] == event
+    assert str(outcome.rows[0]["reason"]).startswith(f"user {user} already holds 20 LEARN points")
+    assert await events(leaps_dsn, [event, fresh]) == {
+        event: (False, None),
+        fresh: (True, (await user_of_email(leaps_dsn, [fresh]))[fresh]),
+    }
+    assert [r[8]["kajabi_event"] for r in await webhook_awards(leaps_dsn)] == [fresh]
+
+
+async def test_other_tags_are_matched_without_award_and_no_known_tag_refuses(
+    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    (newsletter,) = await faults.unprocessed_webhook_events(1, tag="LEAPS Newsletter")
+    plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
+    assert "1 of other tags (matched, no award)" in plan.summary
+    state, outcome = await Executor(leaps_dsn).apply(REPROCESS_WEBHOOKS, plan, "apv-tag")
+    assert state == "done" and "0 LEARNs awarded" in outcome.summary, outcome
+    owner = (await user_of_email(leaps_dsn, [newsletter]))[newsletter]
+    assert await events(leaps_dsn, [newsletter]) == {newsletter: (True, owner)}
+    assert await webhook_awards(leaps_dsn) == []
+
+    await faults.unprocessed_webhook_events(1)
+    await fetch(leaps_dsn, "DELETE FROM learn_tag_grants")
+    with pytest.raises(UsageError, match="cannot tell which Kajabi events complete LEARN"):
+        await REPROCESS_WEBHOOKS.plan(ctx, [])
 
 
 async def test_a_refused_event_is_rolled_back_alone_and_the_others_go_ahead(
@@ -353,7 +393,7 @@ async def test_a_refused_event_is_rolled_back_alone_and_the_others_go_ahead(
         REPROCESS_WEBHOOKS, plan, "apv-refuse", await staff(leaps_dsn)
     )
     assert state == "done", outcome
-    assert "awarded 2 LEARNs" in outcome.summary and "1 left unprocessed" in outcome.summary
+    assert ": 2 LEARNs awarded" in outcome.summary and "1 left unprocessed" in outcome.summary
     failure = outcome.rows[0]
     assert failure["id"] == victim
     assert failure["reason"] == (
@@ -450,7 +490,7 @@ async def test_each_remedy_approved_over_slack(
     async with running_bot(settings, fake_slack) as bot:
         for text, approvers, expect in (
             ("rematch-emails", [ADMIN], "re-matched 2 Kajabi events"),
-            ("reprocess-webhooks", [ADMIN], "processed 4 of 4 planned events: awarded 2"),
+            ("reprocess-webhooks", [ADMIN], "processed 4 of 4 planned events: 2 LEARNs awarded"),
             ("dedupe-webhooks", [ADMIN, ADMIN2], "deleted 2 repeated Kajabi events"),
         ):
             fake_slack.reset()

@@ -15,11 +15,15 @@ Choices where the guide is silent:
   retry (a second row, same payload) then pays once. The insert checks the key first
   (the unique index may be gone on a damaged database) and says `ON CONFLICT DO
   NOTHING` for a concurrent writer.
+* Only LEARN-tag events pay (tags read from learn_tag_grants, as `recover-learn` reads
+  them; with none known the plan refuses rather than pay every event as the guide
+  would); events of other tags are matched and marked without an award.
+* LEARN is earned once: an event whose user already holds LEARN points (another Kajabi
+  event id) is not paid twice.
 * An event is left unprocessed and reported, with its reason, when it has no e-mail,
-  when its e-mail matches several users, when its tag is not a LEARN tag (tags come
-  from learn_tag_grants; with none known every event counts as LEARN, as in the guide),
-  or when the database refuses its award or update (a SAVEPOINT per event rolls back
-  that event alone). The others continue.
+  when its e-mail matches several users, when its user already holds LEARN, or when the
+  database refuses its award or update (a SAVEPOINT per event rolls back that event
+  alone). The others continue.
 * The plan binds the unprocessed events it counted (their ids); at execution every one
   of them must still be unprocessed (else drift) and each must end processed or
   reported (`check_count` on the sum), so a failure is an outcome, not a rollback.
@@ -31,6 +35,7 @@ and deletes the rest, as `dedupe-ledger-events` does for the ledger.
 from __future__ import annotations
 
 from datetime import UTC
+from typing import NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -106,7 +111,7 @@ async def plan_rematch_emails(ctx: Context, args: list[str]) -> Plan:
 LEDGER_ACTIVITY = "LEARN"
 LEDGER_SOURCE = "WEBHOOK"
 EXTERNAL_SOURCE = "kajabi"
-LEDGER_ID_PREFIX = "whk_"
+LEDGER_ID_PREFIX = "reprocess_"
 SAVEPOINT = sql.Identifier("dbops_webhook_event")
 # Kajabi's own id of an event: what the ledger's idempotency key holds.
 _EXTERNAL_ID = "coalesce(nullif(btrim(e.event_id), ''), e.payload ->> 'id', e.id)"
@@ -126,7 +131,10 @@ WITH ev AS (
 )
 SELECT ev.*, coalesce(m.users, ARRAY[]::text[]) AS users,
        EXISTS (SELECT 1 FROM points_ledger AS l WHERE l.external_event_id = ev.external_id)
-         AS awarded
+         AS awarded,
+       (SELECT coalesce(sum(l.delta_points), 0) FROM points_ledger AS l
+        WHERE cardinality(m.users) = 1 AND l.user_id = m.users[1]
+          AND l.activity_code = %(activity)s)::bigint AS learn_points
 FROM ev JOIN m ON m.id = ev.id
 ORDER BY ev.received_at, ev.id
 """  # noqa: S608 (constant fragments of this module)
@@ -165,18 +173,51 @@ class ReprocessData(BaseModel):
     points: int  # LEARN's default_points when planned
 
 
-def verdict(row: Row, tags: list[str]) -> tuple[str, str]:
-    """What processing will do with one event: award | mark | fail, and why."""
-    users = list(row["users"] or [])
+class Verdict(NamedTuple):
+    """What processing does with one event: `kind` is award | already | other_tag |
+    no_user | fail; `user_match` what the event is marked with (None: left unprocessed)."""
+
+    kind: str
+    user_match: str | None
+    reason: str
+
+
+KINDS = ("award", "already", "other_tag", "no_user", "fail")
+
+
+def verdict(row: Row, tags: list[str], paid: dict[str, str]) -> Verdict:
+    """One event's fate, as the application's handler would decide it, more carefully.
+    `paid`: users this run has awarded a LEARN, with the event that did.
+
+    Events of other tags are matched and marked, never paid. LEARN is earned once: a user
+    who already holds LEARN points (another Kajabi event id: a tag removed and added
+    again) is not paid twice; such an event is left for a person rather than marked, so
+    nothing is decided silently."""
+    users = [str(u) for u in row["users"] or []]
     if not row["mail"]:
-        return "fail", "no e-mail in the event (email column, payload.contact.email, payload.email)"
-    if tags and row["tag"] not in tags:
-        return "fail", f"tag {row['tag']!r} is not a LEARN tag ({', '.join(tags)})"
+        return Verdict(
+            "fail",
+            None,
+            "no e-mail in the event (email column, payload.contact.email, payload.email)",
+        )
     if len(users) > 1:
-        return "fail", "its e-mail matches several users, ignoring case: left to a person"
+        return Verdict("fail", None, "its e-mail matches several users, ignoring case")
     if not users:
-        return "mark", NO_USER
-    return ("mark" if row["awarded"] else "award"), str(users[0])
+        return Verdict("no_user", NO_USER, "no user has its e-mail")
+    user = users[0]
+    if row["tag"] not in tags:
+        return Verdict("other_tag", user, f"tag {row['tag']!r} is not a LEARN tag: no award")
+    if row["awarded"]:
+        return Verdict("already", user, f"{row['external_id']} is already in the ledger")
+    if int(row["learn_points"] or 0) > 0:
+        return Verdict(
+            "fail",
+            None,
+            f"user {user} already holds {row['learn_points']} LEARN points from another event",
+        )
+    if user in paid:
+        return Verdict("fail", None, f"user {user} was just paid LEARN by event {paid[user]}")
+    return Verdict("award", user, f"{row['external_id']} pays LEARN")
 
 
 async def ledger_source(db: Reader | Writer) -> sql.Identifier:
@@ -200,13 +241,30 @@ async def _learn_points(db: Reader | Writer) -> int:
     return int(rows[0]["default_points"])
 
 
-def _forecast(rows: list[Row], tags: list[str]) -> dict[str, int]:
-    counts = {"award": 0, "already": 0, "no_user": 0, "fail": 0}
+def _forecast(rows: list[Row], tags: list[str]) -> tuple[dict[str, int], list[Row]]:
+    """What the events will come to, in order (as `apply` goes), and a sample of them."""
+    counts = dict.fromkeys(KINDS, 0)
+    paid: dict[str, str] = {}
+    sample: list[Row] = []
     for r in rows:
-        action, why = verdict(r, tags)
-        key = action if action != "mark" else ("no_user" if why == NO_USER else "already")
-        counts[key] += 1
-    return counts
+        v = verdict(r, tags, paid)
+        if v.kind == "award" and v.user_match:
+            paid[v.user_match] = str(r["id"])
+        counts[v.kind] += 1
+        if len(sample) < SAMPLE:
+            sample.append(
+                {"id": r["id"], "event_id": r["event_id"], "received_at": r["received_at"]}
+                | {"will": v.kind, "user_match": v.user_match, "why": v.reason}
+            )
+    return counts, sample
+
+
+def _tally(counts: dict[str, int], points: int) -> str:
+    return (
+        f"{plural(counts['award'], 'LEARN')} awarded ({points} points each), "
+        f"{counts['already']} already paid, {counts['other_tag']} of other tags (matched, "
+        f"no award), {counts['no_user']} {NO_USER}"
+    )
 
 
 async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
@@ -218,30 +276,26 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
         return (
             await learn_tags(db),
             await _learn_points(db),
-            await db.fetch(_EVENTS_SQL, {"ids": None}),
+            await db.fetch(_EVENTS_SQL, {"ids": None, "activity": LEDGER_ACTIVITY}),
         )
 
     tags, points, rows = await ctx.gateway.read(survey)
-    n = len(rows)
-    f = _forecast(rows, tags)
-    targets = []
-    for r in rows[:SAMPLE]:
-        action, why = verdict(r, tags)
-        targets.append(
-            {"id": r["id"], "event_id": r["event_id"], "received_at": r["received_at"]}
-            | {"will": action, "detail": why}
+    if rows and not tags:
+        raise UsageError(
+            "learn_tag_grants holds no tag, so the bot cannot tell which Kajabi events "
+            "complete LEARN; it will not guess"
         )
+    n = len(rows)
+    f, targets = _forecast(rows, tags)
     warnings = [
-        f"tags counted as LEARN (learn_tag_grants): {', '.join(tags)}"
-        if tags
-        else "learn_tag_grants names no tag: every event counts as a LEARN, as in the guide",
+        f"tags counted as LEARN (learn_tag_grants): {', '.join(tags)}",
         "e-mail read from the email column, else payload.contact.email, else payload.email; "
         "the idempotency key is Kajabi's event id (event_id, else payload id)",
     ]
     if f["fail"]:
         warnings.append(
             f"{plural(f['fail'], 'event')} will be left unprocessed and reported (see "
-            "'detail'); the others still go ahead"
+            "'why'); the others still go ahead"
         )
     if f["award"]:
         warnings += await plan_notes(ctx, ["points_ledger"], "INSERT")
@@ -250,10 +304,9 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
         args=list(args),
         title="Reprocess unprocessed Kajabi events",
         summary=(
-            f"process {plural(n, 'unprocessed Kajabi event')}, oldest first: award "
-            f"{f['award']} a LEARN ({points} points, source {LEDGER_SOURCE}), mark "
-            f"{f['already']} already awarded as matched, mark {f['no_user']} {NO_USER}; "
-            f"{f['fail']} expected to fail; each in a savepoint of its own"
+            f"process {plural(n, 'unprocessed Kajabi event')}, oldest first, each in a "
+            f"savepoint of its own: {_tally(f, points)} (source {LEDGER_SOURCE}); "
+            f"{f['fail']} to be left unprocessed"
             if n
             else "no Kajabi event waits to be processed; nothing to do"
         ),
@@ -304,29 +357,37 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
         return Outcome(ok=True, summary="no event to reprocess; nothing was changed")
     try:
         enum_type = await ledger_source(writer)
+        now_points = await _learn_points(writer)
     except UsageError as exc:
         raise RemedyAbort(str(exc)) from exc
     locked = await writer.fetch(_LOCK_SQL, (data.ids,))
     check_drift(plan, len(locked), "unprocessed events")
-    rows = await writer.fetch(_EVENTS_SQL, {"ids": data.ids})
+    if now_points != data.points:
+        raise RemedyAbort(
+            f"drift: LEARN is now worth {now_points} points, the plan said {data.points}; "
+            "nothing was changed, request it again"
+        )
+    rows = await writer.fetch(_EVENTS_SQL, {"ids": data.ids, "activity": LEDGER_ACTIVITY})
     actor = writer.identity.user_id if writer.identity else None
+    paid: dict[str, str] = {}
+    counts = dict.fromkeys(KINDS, 0)
     done: list[Row] = []
     failed: list[Row] = []
-    awarded = 0
     for r in rows:
-        action, why = verdict(r, data.tags)
-        if action == "fail":
-            failed.append({"id": r["id"], "event_id": r["event_id"], "reason": why})
+        v = verdict(r, data.tags, paid)
+        if v.user_match is None:
+            counts["fail"] += 1
+            failed.append({"id": r["id"], "event_id": r["event_id"], "reason": v.reason})
             continue
         await writer.execute(sql.SQL("SAVEPOINT {}").format(SAVEPOINT))
         try:
             inserted = 0
-            if why != NO_USER:
+            if v.kind == "award":
                 inserted = await writer.execute(
                     award_sql(enum_type),
                     {
                         "ledger_id": LEDGER_ID_PREFIX + str(r["id"]),
-                        "user": why,
+                        "user": v.user_match,
                         "activity": LEDGER_ACTIVITY,
                         "source": LEDGER_SOURCE,
                         "points": data.points,
@@ -337,18 +398,22 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
                         "event": r["id"],
                     },
                 )
-            marked = await writer.execute(_MARK_SQL, (why, r["id"]))
+            marked = await writer.execute(_MARK_SQL, (v.user_match, r["id"]))
         except psycopg.Error as exc:
             await writer.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT))
             await writer.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
+            counts["fail"] += 1
             failed.append({"id": r["id"], "event_id": r["event_id"], "reason": _refusal(exc)})
             continue
         await writer.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
         if marked != 1:
             raise RowCountError(f"rows of event {r['id']} marked processed", 1, marked)
-        awarded += inserted
+        kind = v.kind if v.kind != "award" or inserted else "already"  # paid meanwhile
+        counts[kind] += 1
+        if kind == "award":
+            paid[v.user_match] = str(r["id"])
         done.append(
-            {"id": r["id"], "event_id": r["event_id"], "user_match": why, "awarded": inserted}
+            {"id": r["id"], "event_id": r["event_id"], "user_match": v.user_match, "did": kind}
         )
     check_count(plan, len(done) + len(failed), "events processed or reported")
     left = await writer.fetch(
@@ -361,11 +426,9 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
             summary=f"verification failed: {left[0]['n']} planned events are unprocessed, "
             f"{len(failed)} were reported; rolled back",
         )
-    no_user = sum(1 for d in done if d["user_match"] == NO_USER)
     summary = (
-        f"processed {len(done)} of {plural(plan.count, 'planned event')}: awarded "
-        f"{plural(awarded, 'LEARN')} ({data.points} points each), "
-        f"{len(done) - awarded - no_user} already awarded, {no_user} {NO_USER}"
+        f"processed {len(done)} of {plural(plan.count, 'planned event')}: "
+        f"{_tally(counts, data.points)}"
     )
     if failed:
         summary += f"; {len(failed)} left unprocessed, each with its reason below"
