@@ -3,7 +3,8 @@ measured in the same run.
 
 On an embedded PostgreSQL holding the scale fixture (`bench/scale.py`, `--users` users,
 10 submissions, 20 ledger rows and one Kajabi event each) with webhook faults injected
-(`--backlog` unprocessed events from unknown addresses, `--dupes` repeated payloads),
+(`--backlog` unprocessed events from unknown addresses, `--learners` unprocessed LEARN
+events of users, `--dupes` repeated payloads),
 this times, warm, median of `--runs`:
 
 (a) the bot's `/db webhooks`, whole (its repeated-external_event_id finding is
@@ -16,7 +17,8 @@ this times, warm, median of `--runs`:
 (e) one set-based UPDATE marking the same events processed, rolled back: the floor of
     touching those rows at all.
 
-    python bench/webhooks.py [--users 20000] [--backlog 1000] [--dupes 100] [--runs 3]
+    python bench/webhooks.py [--users 20000] [--backlog 1000] [--learners 200] [--dupes 100]
+                             [--runs 3]
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ async def main() -> None:
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--backlog", type=int, default=1_000)
     ap.add_argument("--dupes", type=int, default=100)
+    ap.add_argument("--learners", type=int, default=200, help="unprocessed events that pay")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     pg = EmbeddedPostgres(settings=SCALE_SERVER_SETTINGS)
@@ -141,12 +144,22 @@ async def main() -> None:
             faults={},
             seed=0,
         )
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            # The scale fixture's events are newsletter tags and it grants no LEARN tag;
+            # reprocess-webhooks reads the LEARN tag from learn_tag_grants, so give it one.
+            await conn.execute(
+                "INSERT INTO learn_tag_grants (id, user_id, tag_name)"
+                " SELECT 'bench_grant', min(id), %s FROM users",
+                (FaultInjector.KAJABI_LEARN_TAG.lower(),),
+            )
         async with FaultInjector(dsn) as faults:
             await faults.unmatched_webhook_backlog(args.backlog)
+            await faults.unprocessed_webhook_events(args.learners, old=args.learners // 2)
             await faults.duplicate_webhook_payloads(args.dupes)
         print(
             f"scale fixture: {counts['users']:,} users, {counts['points_ledger']:,} ledger "
-            f"rows, {counts['kajabi_events']:,} Kajabi events + {args.backlog} unprocessed, "
+            f"rows, {counts['kajabi_events']:,} Kajabi events + {args.backlog} unprocessed from "
+            f"strangers, {args.learners} unprocessed LEARN events, "
             f"{args.dupes} repeated; built in {time.perf_counter() - started:.1f} s"
         )
         copy_dsn = pg.create_database("leaps_webhooks_copy", template="leaps_webhooks_bench")
