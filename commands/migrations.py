@@ -431,6 +431,11 @@ def _enum_values(expected: Mapping[str, list[str]], live: Mapping[str, list[str]
     return drifts
 
 
+def _relation_of(index_key: str) -> str:
+    """The relation a unique-index key (`rel USING method (columns)`) belongs to."""
+    return index_key.partition(" USING ")[0]
+
+
 def compare(expected: Mapping[str, Any], live: Mapping[str, Any]) -> list[Drift]:
     """What the live objects lack, add or changed, per kind; empty when they match."""
     drifts: list[Drift] = []
@@ -441,7 +446,15 @@ def compare(expected: Mapping[str, Any], live: Mapping[str, Any]) -> list[Drift]
     exp_trg, got_trg = expected.get("triggers", {}), live.get("triggers", {})
     drifts += _names("triggers", exp_trg, got_trg)
     drifts += _changed("triggers", exp_trg, got_trg, show=lambda f: f"runs {f}()")
-    exp_idx, got_idx = expected.get("unique_indexes", {}), live.get("unique_indexes", {})
+    # A relation missing or extra is one finding: its unique indexes are not listed again.
+    kinds = ("tables", "views", "materialized_views")
+    exp_rels = {r for k in kinds for r in expected.get(k, {})}
+    got_rels = {r for k in kinds for r in live.get(k, {})}
+    on_both = exp_rels & got_rels
+    exp_idx, got_idx = (
+        {k: v for k, v in side.get("unique_indexes", {}).items() if _relation_of(k) in on_both}
+        for side in (expected, live)
+    )
     drifts += [
         Drift("unique_indexes", d.object, d.change, exp_idx.get(d.object), got_idx.get(d.object))
         for d in _names("unique_indexes", exp_idx, got_idx)
