@@ -209,7 +209,8 @@ async def plan_resolve(ctx: Context, args: list[str]) -> Plan:
     where = f"{schema}.{MIGRATIONS_TABLE}"
     steps = [
         PlanStep(
-            sql=f"SELECT pg_try_advisory_xact_lock({PRISMA_LOCK_KEY})",
+            sql="SELECT pg_try_advisory_xact_lock(%s) AS got",
+            params=[PRISMA_LOCK_KEY],
             note="Prisma's own migrate lock, for this transaction: no `prisma migrate` runs "
             "meanwhile; if one holds it, nothing is changed",
         ),
