@@ -468,9 +468,9 @@ def compare(expected: Mapping[str, Any], live: Mapping[str, Any]) -> list[Drift]
 
 
 _DRIFT_HINT = (
-    "the database no longer matches the migrations: compare with `prisma migrate diff "
-    "--from-migrations prisma/migrations --to-schema-datasource prisma/schema.prisma` and "
-    "restore what is missing in a new migration rather than by hand"
+    "the database no longer matches the migrations: `prisma migrate diff "
+    "--from-schema-datasource prisma/schema.prisma --to-schema-datamodel prisma/schema.prisma "
+    "--script` prints the SQL that brings it back; apply that as a new migration, not by hand"
 )
 
 
