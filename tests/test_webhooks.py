@@ -495,6 +495,10 @@ async def test_each_remedy_approved_over_slack(
         ):
             fake_slack.reset()
             plan = await request(bot, text)
+            plan_text = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
+            if text == "reprocess-webhooks":
+                assert "each in a savepoint of its own" in plan_text
+                assert "failure does not undo the others" in plan_text
             for approver in approvers:
                 await press(bot, plan, approver)
                 await settle(bot)

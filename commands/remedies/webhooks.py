@@ -291,6 +291,9 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
         f"tags counted as LEARN (learn_tag_grants): {', '.join(tags)}",
         "e-mail read from the email column, else payload.contact.email, else payload.email; "
         "the idempotency key is Kajabi's event id (event_id, else payload id)",
+        f"the count bound is these {plural(n, 'event')} by id: each must still be "
+        "unprocessed when approved (else drift, nothing changes), and each ends processed "
+        "or reported with its reason; one event's failure does not undo the others",
     ]
     if f["fail"]:
         warnings.append(
