@@ -331,6 +331,32 @@ async def test_an_event_paid_before_its_handler_died_is_not_paid_again(
     assert (await events(leaps_dsn, ids))[ids[0]][0] is True
 
 
+async def test_without_the_unique_index_a_retry_is_still_paid_once(
+    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    """The idempotency index is gone (a damaged database): the award checks the key first."""
+    await faults.duplicate_external_events(1)  # drops points_ledger_external_event_id_key
+    ids = await faults.unprocessed_webhook_events(1)
+    await fetch(
+        leaps_dsn,
+        "INSERT INTO kajabi_events (id, received_at, payload, event_id, tag_name_raw,"
+        " tag_name_norm, email) SELECT id || '_retry', received_at + interval '1 second',"
+        " payload || '{\"retry\": 1}', event_id, tag_name_raw, tag_name_norm, email"
+        " FROM kajabi_events WHERE id = %s",
+        (ids[0],),
+    )
+    plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
+    assert plan.count == 2 and ": 1 LEARN awarded (20 points each), 1 already paid" in plan.summary
+    state, outcome = await Executor(leaps_dsn).apply(REPROCESS_WEBHOOKS, plan, "apv-noidx")
+    assert state == "done", outcome
+    # The second row of the same Kajabi event finds the key the first one just paid.
+    assert ": 1 LEARN awarded (20 points each), 1 already paid" in outcome.summary
+    assert "left unprocessed" not in outcome.summary
+    assert len(await webhook_awards(leaps_dsn)) == 1
+    both = await events(leaps_dsn, [ids[0], ids[0] + "_retry"])
+    assert len(both) == 2 and all(processed for processed, _m in both.values())
+
+
 async def test_learn_is_not_paid_twice_to_a_user_who_holds_it(
     ctx: RunContext, faults: FaultInjector, leaps_dsn: str
 ) -> None:

@@ -185,9 +185,15 @@ class Verdict(NamedTuple):
 KINDS = ("award", "already", "other_tag", "no_user", "fail")
 
 
-def verdict(row: Row, tags: list[str], paid: dict[str, str]) -> Verdict:
+class Paid(NamedTuple):
+    """What this run has paid so far: user -> the event row that paid, and the keys."""
+
+    users: dict[str, str]
+    keys: set[str]
+
+
+def verdict(row: Row, tags: list[str], paid: Paid) -> Verdict:
     """One event's fate, as the application's handler would decide it, more carefully.
-    `paid`: users this run has awarded a LEARN, with the event that did.
 
     Events of other tags are matched and marked, never paid. LEARN is earned once: a user
     who already holds LEARN points (another Kajabi event id: a tag removed and added
@@ -207,7 +213,7 @@ def verdict(row: Row, tags: list[str], paid: dict[str, str]) -> Verdict:
     user = users[0]
     if row["tag"] not in tags:
         return Verdict("other_tag", user, f"tag {row['tag']!r} is not a LEARN tag: no award")
-    if row["awarded"]:
+    if row["awarded"] or row["external_id"] in paid.keys:
         return Verdict("already", user, f"{row['external_id']} is already in the ledger")
     if int(row["learn_points"] or 0) > 0:
         return Verdict(
@@ -215,8 +221,8 @@ def verdict(row: Row, tags: list[str], paid: dict[str, str]) -> Verdict:
             None,
             f"user {user} already holds {row['learn_points']} LEARN points from another event",
         )
-    if user in paid:
-        return Verdict("fail", None, f"user {user} was just paid LEARN by event {paid[user]}")
+    if user in paid.users:
+        return Verdict("fail", None, f"user {user} was just paid LEARN by event {paid.users[user]}")
     return Verdict("award", user, f"{row['external_id']} pays LEARN")
 
 
@@ -244,12 +250,13 @@ async def _learn_points(db: Reader | Writer) -> int:
 def _forecast(rows: list[Row], tags: list[str]) -> tuple[dict[str, int], list[Row]]:
     """What the events will come to, in order (as `apply` goes), and a sample of them."""
     counts = dict.fromkeys(KINDS, 0)
-    paid: dict[str, str] = {}
+    paid = Paid({}, set())
     sample: list[Row] = []
     for r in rows:
         v = verdict(r, tags, paid)
         if v.kind == "award" and v.user_match:
-            paid[v.user_match] = str(r["id"])
+            paid.users[v.user_match] = str(r["id"])
+            paid.keys.add(str(r["external_id"]))
         counts[v.kind] += 1
         if len(sample) < SAMPLE:
             sample.append(
@@ -372,7 +379,7 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
         )
     rows = await writer.fetch(_EVENTS_SQL, {"ids": data.ids, "activity": LEDGER_ACTIVITY})
     actor = writer.identity.user_id if writer.identity else None
-    paid: dict[str, str] = {}
+    paid = Paid({}, set())
     counts = dict.fromkeys(KINDS, 0)
     done: list[Row] = []
     failed: list[Row] = []
@@ -414,7 +421,8 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
         kind = v.kind if v.kind != "award" or inserted else "already"  # paid meanwhile
         counts[kind] += 1
         if kind == "award":
-            paid[v.user_match] = str(r["id"])
+            paid.users[v.user_match] = str(r["id"])
+            paid.keys.add(str(r["external_id"]))
         done.append(
             {"id": r["id"], "event_id": r["event_id"], "user_match": v.user_match, "did": kind}
         )
