@@ -65,6 +65,9 @@ class Plan(BaseModel):
     limits: str = ""
     needs_approval: bool = True
     locks: LockScope = Field(default_factory=LockScope)
+    # A higher approver role this plan needs than its remedy's (set-role granting ADMIN
+    # needs a SUPERADMIN); the engine asks for the higher of the two. None: the remedy's.
+    approver_role: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # the remedy's own; see `private`
 
     def fingerprint(self) -> str:
