@@ -85,16 +85,18 @@ SELECT id, handle, email, created_at, count(*) OVER ()::int AS total
 FROM users WHERE role::text = 'SUPERADMIN' ORDER BY created_at, id LIMIT %s
 """
 # Accounts one Slack e-mail matches once case is ignored: the bot (and `identity_for_email`)
-# resolves such a person to the highest role among them.
-_CASE_DUPLICATES_SQL = """
-SELECT lower(btrim(email)) AS email, count(*)::int AS accounts,
-       string_agg(handle || ' (' || coalesce(role::text, 'no role') || ')', ', '
-                  ORDER BY handle) AS users,
-       count(DISTINCT role::text)::int AS roles,
-       count(*) OVER ()::int AS total
+# resolves such a person to the highest role among them. lower() on every row is the
+# cost, so the keys come from one hash aggregate and the accounts are read only when
+# there are some (an aggregate listing them made the planner sort every address).
+_CASE_DUPLICATE_KEYS_SQL = """
+SELECT lower(btrim(email)) AS email, count(*)::int AS accounts
 FROM users WHERE email IS NOT NULL AND btrim(email) <> ''
 GROUP BY 1 HAVING count(*) > 1
-ORDER BY 2 DESC, 1 LIMIT %s
+"""
+_CASE_DUPLICATE_ACCOUNTS_SQL = """
+SELECT lower(btrim(email)) AS email, handle, coalesce(role::text, 'no role') AS role
+FROM users WHERE lower(btrim(email)) = ANY(%s::text[])
+ORDER BY handle
 """
 _BLANK_SQL = """
 SELECT id, handle, email, role::text AS role, created_at, count(*) OVER ()::int AS total
@@ -232,26 +234,47 @@ def guard_finding(guards: list[Guard]) -> Finding:
     )
 
 
-def case_duplicates_finding(rows: list[Row]) -> Finding:
-    n = _total(rows)
-    if not n:
+def case_duplicates_finding(rows: list[Row], total: int) -> Finding:
+    """`rows`: one per shared e-mail (the most accounts first), with its `accounts` and
+    `users` ("handle (ROLE), ..."), `roles` the distinct roles among them."""
+    if not total:
         return Finding(
             check="e-mail case duplicates",
             status=Status.OK,
             summary="no two users share an e-mail once case is ignored",
         )
-    mixed = sum(1 for r in rows if int(r["roles"]) > 1)
+    mixed = sum(1 for r in rows if r["roles"] > 1)
     return Finding(
         check="e-mail case duplicates",
         status=Status.CRIT if mixed else Status.WARN,
-        summary=f"{n} e-mails belong to several users once case is ignored (the unique index "
-        "is case-sensitive); a person signing in with one is matched to the highest role "
-        "among them"
+        summary=f"{total} e-mails belong to several users once case is ignored (the unique "
+        "index is case-sensitive); a person signing in with one is matched to the highest "
+        "role among them"
         + (f"; {mixed} of those shown have accounts with different roles" if mixed else ""),
         rows=[{k: r[k] for k in ("email", "accounts", "users")} for r in rows],
         hint="merge or remove the duplicate account (a person's decision), then "
         "`/db set-role` if a role is wrong",
     )
+
+
+async def case_duplicates(db: Reader, limit: int) -> tuple[list[Row], int]:
+    keys = await db.fetch(_CASE_DUPLICATE_KEYS_SQL)
+    top = sorted(keys, key=lambda k: (-int(k["accounts"]), str(k["email"])))[:limit]
+    if not top:
+        return [], 0
+    accounts = await db.fetch(_CASE_DUPLICATE_ACCOUNTS_SQL, ([k["email"] for k in top],))
+    rows = []
+    for k in top:
+        mine = [a for a in accounts if a["email"] == k["email"]]
+        rows.append(
+            {
+                "email": k["email"],
+                "accounts": k["accounts"],
+                "users": ", ".join(f"{a['handle']} ({a['role']})" for a in mine),
+                "roles": len({a["role"] for a in mine}),
+            }
+        )
+    return rows, len(keys)
 
 
 def blank_finding(check: str, column: str, rows: list[Row], why: str) -> Finding:
@@ -274,6 +297,7 @@ class Survey:
     superadmins: list[Row] = field(default_factory=list)
     guards: list[Guard] = field(default_factory=list)
     duplicates: list[Row] = field(default_factory=list)
+    duplicated_emails: int = 0
     no_email: list[Row] = field(default_factory=list)
     no_handle: list[Row] = field(default_factory=list)
 
@@ -290,7 +314,7 @@ async def survey_roles(db: Reader, limit: int) -> Survey:
     s.invalid = await db.fetch(_INVALID_SQL, (roles, limit))
     s.superadmins = await db.fetch(_SUPERADMINS_SQL, (limit,))
     s.guards = await guards_on(db, ["users"], "UPDATE")
-    s.duplicates = await db.fetch(_CASE_DUPLICATES_SQL, (limit,))
+    s.duplicates, s.duplicated_emails = await case_duplicates(db, limit)
     for col, attr in (("email", "no_email"), ("handle", "no_handle")):
         query = sql.SQL(_BLANK_SQL).format(col=sql.Identifier(col)).as_string(None)
         setattr(s, attr, await db.fetch(query, (limit,)))
@@ -306,7 +330,7 @@ def overview(s: Survey) -> list[Finding]:
         invalid_finding(s.invalid),
         superadmin_finding(s.superadmins),
         guard_finding(s.guards),
-        case_duplicates_finding(s.duplicates),
+        case_duplicates_finding(s.duplicates, s.duplicated_emails),
         blank_finding(
             "users without e-mail",
             "e-mail",
