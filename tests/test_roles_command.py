@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 from typing import Any, LiteralString
 
 import psycopg
+import pytest
 import pytest_asyncio
 
 from bot.gateway import TargetGateway
 from bot.router import Dispatcher, RunContext
-from commands.base import Finding, Report, Status, Thresholds
+from commands.base import Finding, Report, Status, Thresholds, UsageError
 from commands.fixture.faults import FaultInjector
+from commands.remedies.base import Execution, Plan
+from commands.remedies.roles import SET_ROLE
 from commands.roles import column_finding, identity_for_email, role_for_email
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import FakeSlack
@@ -248,6 +251,23 @@ async def test_set_role_before_and_after_as_the_admin_approver(
         await settle(bot)
         final = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
         assert "is now REVIEWER" in final and f"acted as LEAPS user {admin_id} (ADMIN" in final
+        # the verification that decides an execution whose process died says so too
+        store = bot.service.store
+        assert store is not None
+        (done,) = [e for e in await store.audit_trail(limit=50) if e.action == "remedy.executed"]
+        assert done.approval_id is not None
+        approval = await store.get_approval(done.approval_id)
+        assert approval is not None
+        stored = Plan.model_validate(approval.plan)
+        gateway = bot.service.ctx.gateway
+        landed = await gateway.read(
+            lambda db: SET_ROLE.verify(db, stored, Execution(approval.id, ADMIN))
+        )
+        assert landed.landed and "is REVIEWER" in landed.found
+        other = await gateway.read(
+            lambda db: SET_ROLE.verify(db, stored, Execution("never-ran", ADMIN))
+        )
+        assert not other.landed
     assert await role_of(leaps_dsn, target) == "REVIEWER"
     assert await backup_rows(leaps_dsn) == [(target, "PARTICIPANT")]
     audited = await fetch(
@@ -372,3 +392,19 @@ async def test_a_reviewer_cannot_request_set_role(leaps_dsn: str, fake_slack: Fa
         told = json.dumps((await answer_to(fake_slack, REVIEWER)).params)
         assert "You need the role ADMIN" in told
         assert not [c for c in fake_slack.calls_to("chat.postMessage") if c.params.get("thread_ts")]
+
+
+async def test_set_role_refuses_an_e_mail_shared_by_two_accounts(
+    dispatcher: Dispatcher, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    ((original, duplicate),) = await faults.mis_cased_emails(1)
+    ((email, handle),) = await fetch(
+        leaps_dsn, "SELECT email, handle FROM users WHERE id = %s", (original,)
+    )
+    with pytest.raises(UsageError, match="2 LEAPS users match"):
+        await SET_ROLE.plan(dispatcher.ctx, [email, "REVIEWER"])
+    plan = await SET_ROLE.plan(dispatcher.ctx, [handle, "REVIEWER"])  # a handle is exact
+    assert plan.count == 1 and plan.targets[0]["id"] == original and plan.approver_role is None
+    assert duplicate != original
+    with pytest.raises(UsageError, match="not a role"):
+        await SET_ROLE.plan(dispatcher.ctx, [handle, "MODERATOR"])
