@@ -14,9 +14,10 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import Dispatcher, RunContext
-from commands.base import Finding, Report, Status, Thresholds, UsageError
+from commands.base import Finding, LeapsIdentity, Report, Status, Thresholds, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import Execution, Plan
 from commands.remedies.roles import SET_ROLE
@@ -408,3 +409,24 @@ async def test_set_role_refuses_an_e_mail_shared_by_two_accounts(
     assert duplicate != original
     with pytest.raises(UsageError, match="not a role"):
         await SET_ROLE.plan(dispatcher.ctx, [handle, "MODERATOR"])
+
+
+async def test_set_role_repairs_an_invalid_role_through_the_executor(
+    leaps_dsn: str, dispatcher: Dispatcher, faults: FaultInjector
+) -> None:
+    """The repair `/db roles` points to for a drifted value: an ADMIN acting, as the
+    executor sets it for the transaction; the guard is present and lets it through."""
+    user = await faults.invalid_role("MODERATOR")
+    admin_id, _h, _e = await user_of(leaps_dsn, "ADMIN")
+    ((handle,),) = await fetch(leaps_dsn, "SELECT handle FROM users WHERE id = %s", (user,))
+    plan = await SET_ROLE.plan(dispatcher.ctx, [handle, "PARTICIPANT"])
+    assert plan.count == 1 and plan.approver_role is None
+    assert plan.targets[0]["role"] == "MODERATOR"
+    acting = LeapsIdentity(admin_id, "ADMIN", "test")
+    state, outcome = await Executor(leaps_dsn).apply(SET_ROLE, plan, "roles-test-1", acting)
+    assert (state, outcome.affected, outcome.backed_up) == ("done", 1, 1), outcome
+    assert await role_of(leaps_dsn, user) == "PARTICIPANT"
+    report = await report_of(dispatcher, "roles")
+    assert finding(report, "invalid roles").status is Status.OK
+    again = await Executor(leaps_dsn).apply(SET_ROLE, plan, "roles-test-2", acting)
+    assert again[0] == "aborted" and "drift" in again[1].summary  # the plan no longer holds
