@@ -5,6 +5,7 @@ changes approved over the Slack path, passing or refused by production's role gu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -430,3 +431,14 @@ async def test_set_role_repairs_an_invalid_role_through_the_executor(
     assert finding(report, "invalid roles").status is Status.OK
     again = await Executor(leaps_dsn).apply(SET_ROLE, plan, "roles-test-2", acting)
     assert again[0] == "aborted" and "drift" in again[1].summary  # the plan no longer holds
+
+
+def test_a_plan_without_its_own_approver_role_hashes_as_before_the_field() -> None:
+    """Approvals pending across the upgrade that added `Plan.approver_role` still match."""
+    plan = Plan(remedy="kill-idle", args=[], title="t", summary="s", steps=[], count=1)
+    dumped = plan.model_dump(mode="json")
+    del dumped["approver_role"]
+    before = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+    assert plan.fingerprint() == before
+    raised = plan.model_copy(update={"approver_role": "SUPERADMIN"})
+    assert raised.fingerprint() != before  # the approval binds the role it asked for
