@@ -111,6 +111,12 @@ LIMIT %(limit)s
 """
 
 
+def refuse_nul(words: list[str]) -> None:
+    """PostgreSQL text cannot hold NUL: said as a usage error, not a database error."""
+    if any("\x00" in w for w in words):
+        raise UsageError("a user is named without NUL characters: a mention, handle or e-mail")
+
+
 def _total(rows: list[Row]) -> int:
     return int(rows[0]["total"]) if rows else 0
 
@@ -399,6 +405,7 @@ async def roles(ctx: Context, args: list[str]) -> Report:
     words = [a for a in args if a.strip()]
     if len(words) > 1:
         raise UsageError("`roles` takes at most one user: a Slack mention, a handle or an e-mail")
+    refuse_nul(words)
     gw = ctx.gateway
     if not words:
         state: dict[str, Survey] = {}

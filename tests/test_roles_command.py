@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from bot.executor import Executor
 from bot.gateway import TargetGateway
-from bot.router import Dispatcher, RunContext
+from bot.router import Answer, Dispatcher, RunContext
 from commands.base import Finding, LeapsIdentity, Report, Status, Thresholds, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import Execution, Plan
@@ -410,6 +410,10 @@ async def test_set_role_refuses_an_e_mail_shared_by_two_accounts(
     assert duplicate != original
     with pytest.raises(UsageError, match="not a role"):
         await SET_ROLE.plan(dispatcher.ctx, [handle, "MODERATOR"])
+    with pytest.raises(UsageError, match="NUL"):
+        await SET_ROLE.plan(dispatcher.ctx, [handle + "\x00", "REVIEWER"])
+    refused = await dispatcher.run("roles a\x00b")
+    assert isinstance(refused, Answer) and refused.outcome == "usage" and "NUL" in refused.text
 
 
 async def test_set_role_repairs_an_invalid_role_through_the_executor(

@@ -37,7 +37,7 @@ from commands.remedies.base import (
     nothing_planned,
 )
 from commands.remedies.rowsets import APPROVAL_PLACEHOLDER, backup_display, backup_sql, backups_hold
-from commands.roles import COLUMN_SQL, STAFF, lookup
+from commands.roles import COLUMN_SQL, STAFF, lookup, refuse_nul
 
 SET_ROLE_NAME = "set-role"
 USAGE = "/db set-role <@user|email|handle> <ROLE>"
@@ -81,6 +81,7 @@ def parse_args(args: list[str]) -> tuple[str, str]:
     words = [a.strip() for a in args if a.strip()]
     if len(words) != 2:
         raise UsageError(f"usage: `{USAGE}` with ROLE one of {', '.join(ROLES)}")
+    refuse_nul(words)
     role = words[1].upper()
     if role not in ROLES:
         raise UsageError(
