@@ -103,6 +103,8 @@ SELECT id, handle, email, role::text AS role, created_at, count(*) OVER ()::int 
 FROM users WHERE {col} IS NULL OR btrim({col}) = ''
 ORDER BY created_at DESC, id LIMIT %s
 """
+# Every case variant, not only the exact match (quota's lookup stops at the exact one, by
+# the unique index): a second account under a mis-cased e-mail is what this must show.
 _LOOKUP_SQL = """
 SELECT id, handle, name, email, role::text AS role, created_at FROM users
 WHERE {col} = %(value)s OR lower({col}) = lower(%(value)s)

@@ -241,11 +241,13 @@ async def test_set_role_before_and_after_as_the_admin_approver(
     leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:
     admin_id, _super, target = await slack_bot_for_roles(leaps_dsn, fake_slack)
-    (handle,) = (await fetch(leaps_dsn, "SELECT handle FROM users WHERE id = %s", (target,)))[0]
+    ((email,),) = await fetch(leaps_dsn, "SELECT email FROM users WHERE id = %s", (target,))
+    fake_slack.add_user("U0PART", email=email.upper())  # named by a mention
     settings = bot_settings(leaps_dsn, fake_slack, role_map=ROLE_MAP)
     assert await role_of(leaps_dsn, target) == "PARTICIPANT"
     async with running_bot(settings, fake_slack) as bot:
-        plan = await request(bot, f"set-role {handle} reviewer")
+        plan = await request(bot, "set-role <@U0PART|part> reviewer")
+        assert plan.params["blocks"] and target in json.dumps(plan.params)
         plan_text = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
         assert "trg_validate_role_change" in plan_text
         assert re.search(r"approver\(s\) with role \W*ADMIN\b", plan_text)
