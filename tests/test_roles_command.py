@@ -448,3 +448,25 @@ def test_a_plan_without_its_own_approver_role_hashes_as_before_the_field() -> No
     assert plan.fingerprint() == before
     raised = plan.model_copy(update={"approver_role": "SUPERADMIN"})
     assert raised.fingerprint() != before  # the approval binds the role it asked for
+
+
+async def test_a_null_role_is_invalid_and_set_role_gives_one(
+    leaps_dsn: str, dispatcher: Dispatcher, faults: FaultInjector
+) -> None:
+    user = await faults.null_role()
+    report = await report_of(dispatcher, "roles")
+    invalid = finding(report, "invalid roles")
+    assert invalid.status is Status.CRIT and invalid.rows[0]["id"] == user
+    assert invalid.rows[0]["role"] is None and "NULL" in invalid.summary
+    assert "NULL allowed" in finding(report, "role column").summary
+    ((handle,),) = await fetch(leaps_dsn, "SELECT handle FROM users WHERE id = %s", (user,))
+    one = finding(await report_of(dispatcher, f"roles {handle}"), "user")
+    assert one.status is Status.CRIT and "without a role" in one.summary
+    plan = await SET_ROLE.plan(dispatcher.ctx, [handle, "PARTICIPANT"])
+    assert plan.count == 1 and "from no role to PARTICIPANT" in plan.summary
+    admin_id, _h, _e = await user_of(leaps_dsn, "ADMIN")
+    state, outcome = await Executor(leaps_dsn).apply(
+        SET_ROLE, plan, "roles-null-1", LeapsIdentity(admin_id, "ADMIN", "test")
+    )
+    assert state == "done", outcome
+    assert await role_of(leaps_dsn, user) == "PARTICIPANT"
