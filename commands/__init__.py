@@ -1,7 +1,17 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, recover, remedies, roles, views
+from commands import (
+    connections,
+    health,
+    integrity,
+    migrations,  # part A: /db migrations
+    quota,
+    recover,
+    remedies,
+    roles,  # part E: /db roles
+    views,
+)
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -13,6 +23,7 @@ __all__ = [
     "connections",
     "health",
     "integrity",
+    "migrations",
     "quota",
     "recover",
     "remedies",
