@@ -1,7 +1,7 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, recover, remedies, views
+from commands import connections, export, health, integrity, quota, recover, remedies, views
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Report",
     "Status",
     "connections",
+    "export",
     "health",
     "integrity",
     "quota",
