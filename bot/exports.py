@@ -152,6 +152,7 @@ class SlackExports:
     client: AsyncWebClient
     store: Callable[[], StateStore | None] = lambda: None
     limits: ExportLimits = field(default_factory=ExportLimits)
+    progress_every_s: float = PROGRESS_EVERY_S
     running: dict[str, Running] = field(default_factory=dict)
 
     async def handle(
@@ -257,7 +258,9 @@ class SlackExports:
             return "error"
         ts = str(posted.get("ts", ""))
         channel = str(posted.get("channel") or entry.channel)
-        progress = _Progress(self.client, channel, ts, f"{asked} by {by}", entry)
+        progress = _Progress(
+            self.client, channel, ts, f"{asked} by {by}", entry, self.progress_every_s
+        )
         await self._audit(
             "export.started", entry, {"kind": request.kind.name, "since": _since(request)}
         )
@@ -367,13 +370,14 @@ class _Progress:
     ts: str
     head: str
     entry: Running
+    every_s: float
     last: float = field(default_factory=time.monotonic)
     task: asyncio.Task[bool] | None = None
 
     def rows(self, rows: int) -> None:
         self.entry.rows = rows
         now = time.monotonic()
-        if now - self.last < PROGRESS_EVERY_S or (self.task is not None and not self.task.done()):
+        if now - self.last < self.every_s or (self.task is not None and not self.task.done()):
             return
         self.last = now
         self.task = asyncio.ensure_future(
