@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import aiohttp
 import psycopg
+from psycopg import errors as pgerrors
 from psycopg.rows import dict_row
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -273,13 +274,10 @@ class SlackExports:
                         conn, request, out, limits=self.limits, on_progress=progress.rows
                     )
                 except psycopg.Error as exc:
-                    return await self._failed(
-                        progress,
-                        tell,
-                        entry,
-                        request,
-                        f"the database refused it: {first_line(exc)}",
-                    )
+                    return await self._failed(progress, tell, entry, request, _db_reason(exc))
+                except OSError as exc:  # the temporary file: a full or read-only disk
+                    why = f"the temporary file could not be written ({exc.strerror or exc})"
+                    return await self._failed(progress, tell, entry, request, why)
             await progress.settle()
             if written.size > SLACK_MAX_FILE_BYTES:
                 return await self._failed(
@@ -351,6 +349,18 @@ class SlackExports:
         return "error"
 
 
+def _db_reason(exc: psycopg.Error) -> str:
+    """The database's own words, and what to do about the usual ones."""
+    why = f"the database refused it: {first_line(exc)}"
+    if isinstance(exc, pgerrors.QueryCanceled):
+        return why + " (export less with --since)"
+    if isinstance(exc, pgerrors.LockNotAvailable):
+        return why + " (a session holds the table exclusively: see /db connections)"
+    if isinstance(exc, pgerrors.ObjectNotInPrerequisiteState):
+        return why + " (/db refresh-views populates it)"
+    return why
+
+
 def _since(request: ExportRequest) -> str | None:
     return request.since.isoformat() if request.since else None
 
@@ -396,7 +406,7 @@ class _Progress:
         try:
             await self.client.chat_update(channel=self.channel, ts=self.ts, text=text)
             return True
-        except SlackClientError as exc:
+        except Exception as exc:  # a progress line is never worth the export
             log.warning("could not update the export's progress (%s)", _reason(exc))
             return False
 

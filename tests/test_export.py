@@ -23,6 +23,7 @@ from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
 from commands.base import Report, Status, Thresholds, UsageError
 from commands.export import KINDS, ExportLimits, parse
+from commands.fixture.faults import FaultInjector
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
 from tests.test_cli import bot_cli
@@ -380,3 +381,17 @@ async def test_python_m_bot_export_writes_the_csv_to_stdout(leaps_dsn: str) -> N
         bot_cli, "export", "ledger", "--since", "soon", env={"DATABASE_URL": leaps_dsn}
     )
     assert bad.returncode == 2 and "is not a date" in bad.stderr
+
+
+async def test_an_unpopulated_leaderboard_fails_with_the_database_reason_and_the_fix(
+    ebot: RunningBot, faults: FaultInjector
+) -> None:
+    await faults.unpopulated_view("leaderboard_totals")
+    await ebot.slash("export leaderboard", channel=CHANNEL, user=ASKER)
+    await ebot.fake.wait_for(
+        "chat.update", predicate=lambda c: "failed" in str(c.params.get("text")), timeout=30
+    )
+    await settle(ebot)
+    text = str(ebot.fake.calls_to("chat.update")[-1].params["text"])
+    assert "has not been populated" in text and "/db refresh-views populates it" in text
+    assert not ebot.fake.calls_to("files.getUploadURLExternal")
