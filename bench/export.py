@@ -6,9 +6,9 @@ thousand users and `--rows` ledger rows made with generate_series, inserted with
 run per row), then in the same run:
 
 (a) the bot's export: `bot.exports.write_csv` on the export's own connection into a file,
-    the code `/db export` and `python -m bot export` run; its peak RSS growth is
-    `ru_maxrss` after minus before (the process's high-water mark; the data lives in the
-    server, so what grows here is what the export holds);
+    the code `/db export` and `python -m bot export` run; its peak RSS growth is the
+    resident set sampled at every chunk minus the one before (and `ru_maxrss` after
+    minus before, whichever is larger);
 (b) the baseline: `psql -c "COPY (the same SELECT) TO STDOUT …" > file`, as an engineer
     would export by hand (psycopg's synchronous copy into a file when psql is missing).
 
@@ -82,20 +82,37 @@ def build(dsn: str, users: int, rows: int) -> None:
         conn.execute("VACUUM ANALYZE points_ledger")
 
 
+def rss_bytes() -> int:
+    """The process's resident set now (Linux: /proc/self/statm), for sampling."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
 async def bot_export(dsn: str, path: Path) -> tuple[int, float, float]:
-    """(rows, seconds, peak RSS growth in MB) of the bot's export into `path`."""
+    """(rows, seconds, peak RSS growth in MB) of the bot's export into `path`.
+
+    The growth is the larger of two measures: the resident set sampled at every chunk
+    against the one before, and `ru_maxrss` after against before (which misses growth
+    that stays under an earlier high-water mark, hence the sampling)."""
     request = parse(["ledger"])
     conn = await connect(dsn)
+    peak = start = rss_bytes()
+
+    def sample(_rows: int) -> None:
+        nonlocal peak
+        peak = max(peak, rss_bytes())
+
     try:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
         with path.open("wb") as out:
-            written = await write_csv(conn, request, out)
+            written = await write_csv(conn, request, out, on_progress=sample)
         seconds = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     finally:
         await conn.close()
-    return written.rows, seconds, (after - before) / 1024
+    growth = max((peak - start) / 1024 / 1024, (after - before) / 1024)
+    return written.rows, seconds, growth
 
 
 def copy_statement(dsn: str, query: ExportQuery) -> str:

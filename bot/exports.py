@@ -117,11 +117,14 @@ async def write_csv(
     """Stream the export into `out` (a file; writes go to a thread, disks can be slow)."""
     started = time.perf_counter()
     rows = size = 0
-    async for chunk in stream_csv(conn, build_query(request), limits):
-        await asyncio.to_thread(out.write, chunk.data)
-        rows, size = chunk.rows, size + len(chunk.data)
-        if on_progress is not None:
-            on_progress(rows)
+    # Closed here, not by the garbage collector, when writing fails: the caller then closes
+    # the connection, which may still be mid-COPY.
+    async with contextlib.aclosing(stream_csv(conn, build_query(request), limits)) as chunks:
+        async for chunk in chunks:
+            await asyncio.to_thread(out.write, chunk.data)
+            rows, size = chunk.rows, size + len(chunk.data)
+            if on_progress is not None:
+                on_progress(rows)
     await asyncio.to_thread(out.flush)
     return Written(rows, size, time.perf_counter() - started)
 

@@ -26,7 +26,7 @@ table, and its readers are engineers.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
@@ -63,6 +63,7 @@ class Kind:
     since_column: str  # rows with this at or after the date (UTC) are kept
     order_by: tuple[str, ...]
     describes: str
+    since_naive: bool = False  # the since column is a naive `timestamp` holding UTC
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -115,6 +116,7 @@ KINDS: dict[str, Kind] = {
             since_column="created_at",
             order_by=("created_at", "id"),
             describes="submissions by creation time; --since on created_at",
+            since_naive=True,
         ),
         Kind(
             name="ledger",
@@ -137,7 +139,6 @@ KINDS: dict[str, Kind] = {
         ),
     )
 }
-_NAIVE_SINCE = {"submissions"}  # their since column is a naive UTC timestamp
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def build_query(request: ExportRequest) -> ExportQuery:
         start = datetime.combine(request.since, time(), tzinfo=UTC)
         # A naive column compares with a naive UTC value (an aware one would be converted
         # with the session's TimeZone); the transaction sets UTC either way.
-        bound: datetime = start.replace(tzinfo=None) if kind.name in _NAIVE_SINCE else start
+        bound: datetime = start.replace(tzinfo=None) if kind.since_naive else start
         where = sql.SQL(" WHERE {} >= %s").format(sql.Identifier(kind.since_column))
         params = (bound,)
     select = sql.SQL("SELECT {} FROM {}{} ORDER BY {}").format(
@@ -252,7 +253,7 @@ class Chunk:
 
 async def stream_csv(
     conn: psycopg.AsyncConnection[Any], query: ExportQuery, limits: ExportLimits | None = None
-) -> AsyncIterator[Chunk]:
+) -> AsyncGenerator[Chunk, None]:
     """The CSV of `query` in chunks of about `limits.chunk_bytes`, header first.
 
     PostgreSQL sends one CopyData message per row of a `COPY TO`, so counting messages
