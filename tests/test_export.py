@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
@@ -195,7 +196,8 @@ async def test_each_kind_is_uploaded_to_the_thread_and_equals_the_table(
     assert_matches(uploaded(ebot.fake, complete), rows, kind)
     final = ebot.fake.calls_to("chat.update")[-1]
     assert final.params["ts"] == progress.response["ts"]
-    assert f"done, {len(rows):,} rows" in final.params["text"]
+    done = rf"done, {len(rows):,} rows, \d+ (B|kB|MB) in [\dhms]+; the file is in this thread\."
+    assert re.search(done, str(final.params["text"])), final.params["text"]
     assert f"{len(rows):,} rows" in complete.params["initial_comment"]
     assert leftovers() == before
 
