@@ -325,6 +325,9 @@ class SlackExports:
                 },
             )
             return "ok"
+        except asyncio.CancelledError:  # the bot is stopping: say so, then stop
+            await self._failed(progress, tell, entry, request, "the bot stopped during it")
+            raise
         except Exception:
             error_id = uuid.uuid4().hex[:8]
             log.exception("export of %s failed (error id %s)", request.kind.name, error_id)

@@ -397,3 +397,27 @@ async def test_an_unpopulated_leaderboard_fails_with_the_database_reason_and_the
     text = str(ebot.fake.calls_to("chat.update")[-1].params["text"])
     assert "has not been populated" in text and "/db refresh-views populates it" in text
     assert not ebot.fake.calls_to("files.getUploadURLExternal")
+
+
+async def test_a_bot_stopping_mid_export_says_so_and_leaves_no_file(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    before = leftovers()
+    settings = bot_settings(leaps_dsn, fake_slack, incident_channels=[CHANNEL])
+    async with await psycopg.AsyncConnection.connect(leaps_dsn) as holder:
+        await holder.execute("LOCK TABLE points_ledger IN ACCESS EXCLUSIVE MODE")
+        async with running_bot(settings, fake_slack) as bot:
+            bot.service.slack.exports.limits = ExportLimits(lock_timeout_ms=120_000)
+            await bot.slash("export ledger", channel=CHANNEL, user=ASKER)
+            await export_waiting_for_lock(leaps_dsn)
+        # the bot has stopped (its tracker cancelled the export after its grace period)
+        final = fake_slack.calls_to("chat.update")[-1]
+        assert final.params["ts"] == progress_of(fake_slack).response["ts"]
+        assert "failed: the bot stopped during it. Nothing was uploaded." in final.params["text"]
+        assert not fake_slack.calls_to("files.getUploadURLExternal")
+        assert leftovers() == before
+        cur = await holder.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dbops-bot'"
+            " AND query LIKE 'COPY%%' AND state <> 'idle'"
+        )
+        assert await cur.fetchone() == (0,)  # its session went with it
