@@ -3,6 +3,7 @@ the remedies register themselves in `commands.remedies.REMEDIES`."""
 
 from commands import (
     connections,
+    export,  # part G: /db export
     health,
     integrity,
     migrations,  # part A: /db migrations
@@ -21,6 +22,7 @@ __all__ = [
     "Report",
     "Status",
     "connections",
+    "export",
     "health",
     "integrity",
     "migrations",
