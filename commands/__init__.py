@@ -3,12 +3,14 @@ the remedies register themselves in `commands.remedies.REMEDIES`."""
 
 from commands import (
     connections,
+    export,  # part G: /db export
     health,
     integrity,
     migrations,  # part A: /db migrations
     quota,
     recover,
     remedies,
+    roles,  # part E: /db roles
     views,
     webhooks,  # part D: /db webhooks
 )
@@ -21,12 +23,14 @@ __all__ = [
     "Report",
     "Status",
     "connections",
+    "export",
     "health",
     "integrity",
     "migrations",
     "quota",
     "recover",
     "remedies",
+    "roles",
     "views",
     "webhooks",
 ]

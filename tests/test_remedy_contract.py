@@ -33,6 +33,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "rematch-emails",
         "rematch-kajabi",
         "reprocess-webhooks",
+        "set-role",
         "terminate",
     ]
 
