@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import Any
 
 from commands.base import (
     Context,
@@ -104,8 +105,9 @@ ORDER BY count(*) DESC, min(received_at) LIMIT %(sample)s
 """
 
 
-def _n(value: object) -> int:
-    return int(value) if isinstance(value, int | float | str) else 0
+def _n(value: Any) -> int:
+    """A count from a row; NULL (no row matched an aggregate) is 0."""
+    return int(value or 0)
 
 
 async def check_unprocessed(t: Thresholds, db: Reader) -> Finding:
