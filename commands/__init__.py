@@ -1,7 +1,7 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, recover, remedies, views
+from commands import connections, health, indexes, integrity, quota, recover, remedies, views
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Status",
     "connections",
     "health",
+    "indexes",
     "integrity",
     "quota",
     "recover",
