@@ -95,6 +95,11 @@ class _TxWriter:
         if self._session is None:
             raise RuntimeError("this writer has no session to run a step outside a transaction")
         s = self._session
+        # The last parameterised query's unnamed portal keeps its snapshot (and so this
+        # transaction's xmin) until another portal replaces it; CREATE INDEX CONCURRENTLY
+        # waits for every older snapshot, ours included, until the lock timeout. A
+        # simple-protocol statement drops that portal and its snapshot with it.
+        await self._conn.execute("SELECT 1", prepare=False)
         async with await psycopg.AsyncConnection.connect(
             s.dsn, application_name=APPLICATION_NAME, connect_timeout=5, autocommit=True
         ) as conn:

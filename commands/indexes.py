@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
@@ -104,10 +104,13 @@ SELECT i.indexrelid::bigint AS oid, i.indrelid::bigint AS table_oid,
        i.indclass::oid[]::bigint[] AS opclasses,
        i.indcollation::oid[]::bigint[] AS collations,
        i.indoption::int2[]::int[] AS options,
-       pg_get_expr(i.indexprs, i.indrelid) AS exprs,
-       pg_get_expr(i.indpred, i.indrelid) AS predicate,
+       i.indexprs IS NOT NULL AS has_exprs, i.indpred IS NOT NULL AS partial,
        con.conname::text AS "constraint",
        pg_get_indexdef(i.indexrelid) AS definition,
+       format('CREATE %sINDEX %s ON %s%s.%s USING ',
+              CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END, quote_ident(c.relname),
+              CASE WHEN c.relkind = 'I' THEN 'ONLY ' ELSE '' END,
+              quote_ident(n.nspname), quote_ident(t.relname)) AS head,
        ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true)
                FROM generate_series(1, i.indnkeyatts) AS k) AS columns
 FROM pg_index i
@@ -203,8 +206,9 @@ class Index:
     opclasses: tuple[int, ...]
     collations: tuple[int, ...]
     options: tuple[int, ...]
-    exprs: str | None
+    exprs: str | None  # the definition's tail when some key is an expression, else None
     predicate: str | None
+    tail: str
     constraint: str | None
     definition: str
     columns: tuple[str, ...]
@@ -232,8 +236,7 @@ class Index:
             self.opclasses,
             self.collations,
             self.options,
-            self.exprs,
-            self.predicate,
+            self.tail,
         )
 
     @property
@@ -268,7 +271,18 @@ class Index:
         }
 
 
+def _tail(r: Row) -> str:
+    """The definition after `... ON table USING `: method, keys, expressions, INCLUDE,
+    storage parameters and predicate, as PostgreSQL prints them, name left out."""
+    definition, head = str(r["definition"]), str(r["head"])
+    if definition.startswith(head):
+        return definition[len(head) :]
+    return definition.split(" USING ", 1)[-1]
+
+
 def _index(r: Row) -> Index:
+    tail = _tail(r)
+    predicate = tail.split(" WHERE ", 1)[1] if r["partial"] and " WHERE " in tail else None
     return Index(
         oid=int(r["oid"]),
         table_oid=int(r["table_oid"]),
@@ -287,8 +301,9 @@ def _index(r: Row) -> Index:
         opclasses=tuple(int(k) for k in r["opclasses"]),
         collations=tuple(int(k) for k in r["collations"]),
         options=tuple(int(k) for k in r["options"]),
-        exprs=r["exprs"],
-        predicate=r["predicate"],
+        exprs=tail if r["has_exprs"] else None,
+        predicate=predicate,
+        tail=tail,
         constraint=r["constraint"],
         definition=str(r["definition"]),
         columns=tuple(str(c) for c in r["columns"]),
@@ -296,8 +311,10 @@ def _index(r: Row) -> Index:
 
 
 async def load_indexes(db: Reader) -> list[Index]:
-    """Every index outside the system schemas, from the catalog alone (no lock taken on
-    any table or index, so a remedy can recheck with it while DDL runs elsewhere)."""
+    """Every index outside the system schemas, from the catalog alone: no lock taken on
+    any table or index, so a remedy can recheck with it and then run DROP INDEX
+    CONCURRENTLY, which waits for every lock on the table. (`pg_get_expr` would lock the
+    table; the predicate and expressions are read from `pg_get_indexdef`, which does not.)"""
     return [_index(r) for r in await db.fetch(_INDEXES_SQL)]
 
 
@@ -423,9 +440,12 @@ def overlaps(indexes: Sequence[Index]) -> list[tuple[Index, Index]]:
         for i in indexes
         if i.is_valid and i.method == "btree" and i.exprs is None and i.nkey == i.natts
     ]
+    twins: dict[tuple[Any, ...], int] = {}
+    for i in plain:
+        twins[i.signature] = twins.get(i.signature, 0) + 1
     found = []
     for a in plain:
-        if a.protected is not None:
+        if a.protected is not None or twins[a.signature] > 1:  # a duplicate: listed as such
             continue
         for b in plain:
             if b.oid == a.oid or b.table_oid != a.table_oid or b.nkey <= a.nkey:
@@ -504,9 +524,10 @@ def _since(row: Row | None) -> str:
         return "since statistics began"
     reset, started = row.get("stats_reset"), row.get("started")
     if isinstance(reset, datetime):
-        return f"since the statistics were reset at {reset:%Y-%m-%d %H:%M} UTC"
+        return f"since the statistics were reset at {reset.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
     if isinstance(started, datetime):
-        return f"since statistics began (never reset; server up since {started:%Y-%m-%d %H:%M})"
+        up = started.astimezone(UTC)
+        return f"since statistics began (never reset; server up since {up:%Y-%m-%d %H:%M} UTC)"
     return "since statistics began"
 
 
@@ -527,7 +548,7 @@ async def check_unused(db: Reader, min_bytes: int) -> Finding:
         return Finding(
             check="unused indexes",
             status=Status.OK,
-            summary=f"no unused index of {human_size(min_bytes)} or more ({since})",
+            summary=f"no unused index of {human_size(min_bytes)} or more; scans counted {since}",
         )
     total = sum(i.bytes or 0 for i in unused)
     return Finding(
