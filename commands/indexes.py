@@ -396,39 +396,31 @@ def serves(
     ] == list(desc)
 
 
+def _keeper_first(i: Index) -> tuple[bool, bool, int, int]:
+    """Which of equal indexes stays: the one backing a constraint, else a unique one,
+    else the most scanned, else the oldest."""
+    return (i.constraint is None and not i.is_primary, not i.is_unique, -(i.scans or 0), i.oid)
+
+
 def duplicate_groups(indexes: Sequence[Index]) -> list[list[Index]]:
-    """Valid indexes with equal signatures, each group's keeper first: the one backing a
-    constraint, else a unique one, else the most scanned, else the oldest."""
+    """Valid indexes with equal signatures, each group's keeper first."""
     groups: dict[tuple[Any, ...], list[Index]] = {}
     for i in indexes:
         if i.is_valid and i.is_ready:
             groups.setdefault(i.signature, []).append(i)
-    ordered = []
-    for members in groups.values():
-        if len(members) > 1:
-            members.sort(
-                key=lambda i: (
-                    i.constraint is None and not i.is_primary,
-                    not i.is_unique,
-                    -(i.scans or 0),
-                    i.oid,
-                )
-            )
-            ordered.append(members)
+    ordered = [sorted(g, key=_keeper_first) for g in groups.values() if len(g) > 1]
     return sorted(ordered, key=lambda g: (g[0].qualified_table, g[0].name))
 
 
 def twin_of(index: Index, indexes: Sequence[Index]) -> Index | None:
-    """Another valid index with exactly `index`'s definition: the one that stays."""
-    for group in duplicate_groups([*indexes, index] if index not in indexes else indexes):
-        if any(i.oid == index.oid for i in group):
-            others = [i for i in group if i.oid != index.oid]
-            return others[0] if others else None
-    # `index` itself may be invalid (a half-done drop): look for a valid twin anyway.
-    for other in indexes:
-        if other.oid != index.oid and other.is_valid and other.signature == index.signature:
-            return other
-    return None
+    """Another valid index with exactly `index`'s definition (the one that stays when
+    `index` goes), or None. `index` itself may be invalid: a half-done drop."""
+    twins = [
+        i
+        for i in indexes
+        if i.oid != index.oid and i.is_valid and i.is_ready and i.signature == index.signature
+    ]
+    return min(twins, key=_keeper_first) if twins else None
 
 
 def overlaps(indexes: Sequence[Index]) -> list[tuple[Index, Index]]:

@@ -311,20 +311,31 @@ async def test_a_cancelled_build_leaves_no_invalid_index_and_says_so(
     assert not verdict.landed
 
 
+@pytest.mark.parametrize(
+    ("statement_ms", "lock_ms", "said"),
+    [(60_000, 300, "lock timeout"), (300, 60_000, "statement timeout")],
+)
 async def test_a_timed_out_build_that_cannot_clean_up_names_what_remains(
-    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+    ctx: RunContext,
+    faults: FaultInjector,
+    leaps_dsn: str,
+    statement_ms: int,
+    lock_ms: int,
+    said: str,
 ) -> None:
+    """The executor's limits hold on the build's own session too; while the writer it
+    waits for stays, the cleanup cannot drop the INVALID index either, and says so."""
     await faults.drop_index("points_ledger_user_id_created_at_idx")
     plan = await CREATE_INDEX.plan(ctx, [NEWEST])
     writer = await psycopg.AsyncConnection.connect(leaps_dsn)
     try:
         await writer.execute("UPDATE points_ledger SET meta = meta WHERE false")
-        executor = Executor(leaps_dsn, lock_timeout_ms=300)
+        executor = Executor(leaps_dsn, statement_timeout_ms=statement_ms, lock_timeout_ms=lock_ms)
         state, outcome = await executor.apply(CREATE_INDEX, plan, "apv-ci4")
     finally:
         await writer.close()
     assert state == "failed"
-    assert "lock timeout" in outcome.summary
+    assert f"canceling statement due to {said}" in outcome.summary
     drop = f'DROP INDEX CONCURRENTLY "public"."{NEWEST}"'
     assert "could not be dropped" in outcome.summary and drop in outcome.summary
     finding = (await report(ctx))["invalid indexes"]
@@ -372,6 +383,28 @@ async def test_drop_index_aborts_when_the_twin_is_gone(
     state, outcome = await Executor(leaps_dsn).apply(DROP_INDEX, plan, "apv-di2")
     assert state == "aborted" and "drift" in outcome.summary
     assert await index_state(leaps_dsn, DUPLICATE) is True
+
+
+async def test_a_drop_stopped_midway_leaves_it_invalid_and_can_be_requested_again(
+    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    await faults.duplicate_index()
+    plan = await DROP_INDEX.plan(ctx, [DUPLICATE])
+    writer = await psycopg.AsyncConnection.connect(leaps_dsn)
+    try:
+        await writer.execute("UPDATE submissions SET updated_at = updated_at WHERE false")
+        executor = Executor(leaps_dsn, lock_timeout_ms=300)
+        state, outcome = await executor.apply(DROP_INDEX, plan, "apv-di3")
+    finally:
+        await writer.close()
+    assert state == "failed"
+    assert "it is left INVALID" in outcome.summary and "request drop-index again" in outcome.summary
+    assert "CREATE INDEX submissions_user_id_copy_idx" in outcome.summary  # the definition
+    assert await index_state(leaps_dsn, DUPLICATE) is False
+    again = await DROP_INDEX.plan(ctx, [DUPLICATE])
+    state, outcome = await Executor(leaps_dsn).apply(DROP_INDEX, again, "apv-di4")
+    assert state == "done", outcome
+    assert await index_state(leaps_dsn, DUPLICATE) is None
 
 
 @pytest.mark.parametrize(

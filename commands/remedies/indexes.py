@@ -307,6 +307,16 @@ async def apply_create_index(writer: Writer, plan: Plan) -> Outcome:
     started = time.perf_counter()
     try:
         await writer.run_outside_transaction(stmt)
+    except psycopg.errors.DuplicateTable as exc:
+        # Someone took the name since the recheck: what carries it is theirs, not ours.
+        raise OutsideStepFailed(
+            Outcome(
+                ok=False,
+                summary=f"CREATE INDEX CONCURRENTLY failed: {_first_line(exc)}; the name was "
+                "taken meanwhile, nothing was built and nothing dropped",
+                error=_first_line(exc),
+            )
+        ) from exc
     except psycopg.Error as exc:
         cleanup = await _drop_leftover(writer, data.schema_name, data.name)
         raise OutsideStepFailed(
