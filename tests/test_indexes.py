@@ -11,15 +11,17 @@ from typing import Any, LiteralString
 import psycopg
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import Finding, Report, Status, UsageError
 from commands.fixture.faults import FaultInjector
-from commands.indexes import RECOMMENDED, indexes, normalise_predicate
+from commands.indexes import RECOMMENDED, indexes, normalise_predicate, parse_min_size
 from commands.remedies.base import REMEDIES, Execution
-from commands.remedies.indexes import CREATE_INDEX, DROP_INDEX
+from commands.remedies.indexes import CREATE_INDEX, DROP_INDEX, parse_create_args
 from tests.conftest import FAST_THRESHOLDS, bot_settings, running_bot
 from tests.fakeslack import FakeSlack
 from tests.test_approvals import CHANNEL, message_text, press, request, settle
@@ -190,6 +192,18 @@ async def test_an_index_leading_a_wider_one_is_an_overlap(
     await faults.drop_index("points_ledger_user_id_created_at_idx")
     found = (await report(ctx))["overlapping indexes"]
     assert "public.points_ledger_user_id_idx" not in column(found, "index")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=60), max_size=4))
+def test_any_arguments_parse_or_are_refused_plainly(args: list[str]) -> None:
+    """User text is parsed in Python only (names are then looked up in the catalog and
+    never written into SQL): anything else than a usage error is a bug."""
+    for parse in (parse_min_size, parse_create_args):
+        try:
+            parse(args)
+        except UsageError:
+            pass
 
 
 async def test_bad_size_argument(ctx: RunContext) -> None:

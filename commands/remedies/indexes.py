@@ -135,7 +135,7 @@ def create_statement(data: CreateData) -> sql.Composed:
     return stmt
 
 
-def _parse_create(args: list[str]) -> tuple[str, list[KeyColumn], str | None, str | None]:
+def parse_create_args(args: list[str]) -> tuple[str, list[KeyColumn], str | None, str | None]:
     """(table, columns, predicate, recommended name) from `<name>` or `table(col, ...)`."""
     text = " ".join(args).strip()
     if not text:
@@ -170,7 +170,7 @@ def index_name(table: str, columns: Sequence[KeyColumn], taken: set[str]) -> str
 
 
 async def plan_create_index(ctx: Context, args: list[str]) -> Plan:
-    table_name, cols, where, rec_name = _parse_create(args)
+    table_name, cols, where, rec_name = parse_create_args(args)
 
     async def survey(db: Reader) -> tuple[CreateData, list[Index], Row, Row]:
         table = await find_table(db, table_name)
