@@ -4,6 +4,12 @@ Statement and lock timeouts are set for the transaction; any exception rolls the
 remedy back (backup copy included), and the user sees the database's own error. Rows
 are backed up into schema `dbops_backup`, in tables named after the approval.
 
+A statement PostgreSQL refuses inside a transaction block (CREATE / DROP INDEX
+CONCURRENTLY) goes through `Writer.run_outside_transaction`: its own autocommit session
+with the same limits and identity, while the guarded transaction stays open around it.
+Such a step commits by itself; a remedy whose step failed cleans up and raises
+`OutsideStepFailed`, and the approval ends failed with the remedy's own account.
+
 The transaction holds an advisory lock named after the approval for as long as it runs,
 so another process can tell a remedy still running (its backend alive, even when the
 bot process that started it is gone) from one whose transaction has ended.
