@@ -1,7 +1,17 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, indexes, integrity, quota, recover, remedies, views
+from commands import (
+    connections,
+    health,
+    indexes,  # part C: /db indexes
+    integrity,
+    migrations,  # part A: /db migrations
+    quota,
+    recover,
+    remedies,
+    views,
+)
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -14,6 +24,7 @@ __all__ = [
     "health",
     "indexes",
     "integrity",
+    "migrations",
     "quota",
     "recover",
     "remedies",
