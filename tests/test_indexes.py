@@ -13,14 +13,23 @@ import pytest
 import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
-from bot.executor import Executor
+from bot.executor import Executor, execution_lock_key
 from bot.gateway import TargetGateway
 from bot.router import RunContext
-from commands.base import Finding, Report, Status, UsageError
+from commands.base import Context, Finding, LeapsIdentity, Reader, Report, Status, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.indexes import RECOMMENDED, indexes, normalise_predicate, parse_min_size
-from commands.remedies.base import REMEDIES, Execution
+from commands.remedies.base import (
+    REMEDIES,
+    Execution,
+    Outcome,
+    Plan,
+    Remedy,
+    Verification,
+    Writer,
+)
 from commands.remedies.indexes import CREATE_INDEX, DROP_INDEX, parse_create_args
 from tests.conftest import FAST_THRESHOLDS, bot_settings, running_bot
 from tests.fakeslack import FakeSlack
@@ -358,6 +367,53 @@ async def test_a_timed_out_build_that_cannot_clean_up_names_what_remains(
         lambda db: CREATE_INDEX.verify(db, plan, Execution("apv-ci4", "bot"))
     )
     assert not verdict.landed and "INVALID" in verdict.found
+
+
+async def _probe_plan(ctx: Context, args: list[str]) -> Plan:
+    return Plan(remedy="probe", args=args, title="probe", summary="probe", steps=[], count=0)
+
+
+async def _probe_apply(writer: Writer, plan: Plan) -> Outcome:
+    key = sql.Literal(execution_lock_key(writer.approval_id))
+    await writer.run_outside_transaction(
+        sql.SQL(
+            "CREATE TABLE outside_probe AS SELECT current_setting('app.user_id', true) AS uid,"
+            " current_setting('app.user_role', true) AS role,"
+            " current_setting('statement_timeout') AS statement_timeout,"
+            " current_setting('lock_timeout') AS lock_timeout,"
+            " current_setting('application_name') AS app,"
+            " pg_backend_pid() AS pid, pg_try_advisory_xact_lock({}) AS lock_free"
+        ).format(key)
+    )
+    (mine,) = await writer.fetch("SELECT pg_backend_pid() AS pid")
+    return Outcome(ok=True, summary="probed", rows=[mine])
+
+
+async def _probe_verify(db: Reader, plan: Plan, run: Execution) -> Verification:
+    return Verification(landed=True, found="a probe")
+
+
+# A remedy of this test only (never registered): what the outside step's session is.
+OUTSIDE_PROBE = Remedy(
+    name="probe", usage="", summary="", plan=_probe_plan, apply=_probe_apply, verify=_probe_verify
+)
+
+
+async def test_the_outside_step_has_the_transactions_limits_and_identity(
+    ctx: RunContext, leaps_dsn: str
+) -> None:
+    identity = LeapsIdentity("u-admin-1", "ADMIN", "a test identity")
+    executor = Executor(leaps_dsn, statement_timeout_ms=12_345, lock_timeout_ms=678)
+    plan = await OUTSIDE_PROBE.plan(ctx, [])
+    state, outcome = await executor.apply(OUTSIDE_PROBE, plan, "apv-probe", identity)
+    assert state == "done", outcome
+    ((uid, role, statement, lock, app, pid, lock_free),) = await fetch(
+        leaps_dsn, "SELECT * FROM outside_probe"
+    )
+    assert (uid, role, app) == ("u-admin-1", "ADMIN", "dbops-bot")
+    assert (statement, lock) == ("12345ms", "678ms")
+    # Its own session, while the guarded transaction held the approval's lock around it.
+    assert pid != outcome.rows[0]["pid"] and lock_free is False
 
 
 # --- drop-index ---------------------------------------------------------------------
