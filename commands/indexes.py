@@ -170,6 +170,11 @@ WHERE con.contype = 'f'
 ORDER BY n.nspname, t.relname, con.conname
 """
 
+_FOREIGN_KEYS_SQL = """
+SELECT con.conrelid::bigint AS table_oid, con.conname::text AS name, con.conkey::int[] AS keys
+FROM pg_constraint con WHERE con.contype = 'f'
+"""
+
 _TABLE_SQL = """
 SELECT c.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS "table",
        c.relkind::text AS kind
@@ -528,19 +533,56 @@ def _listing(items: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def serves_foreign_key(index: Index, keys: Sequence[int]) -> bool:
+    """An index the referencing side of a foreign key can use: its leading key columns
+    are the key's columns (in any order), no expression, no predicate."""
+    n = len(keys)
+    return (
+        index.is_valid
+        and index.exprs is None
+        and index.predicate is None
+        and index.nkey >= n
+        and sorted(index.keys[:n]) == sorted(keys)
+    )
+
+
+async def foreign_key_supporters(db: Reader, indexes: Sequence[Index]) -> set[int]:
+    """For each foreign key, the one index that keeps its deletes and key updates from
+    scanning the referencing table (the keeper among those that serve it): never
+    offered as unused, since its scans are the referential actions nobody counts."""
+    supporters: set[int] = set()
+    for fk in await db.fetch(_FOREIGN_KEYS_SQL):
+        serving = [
+            i
+            for i in indexes
+            if i.table_oid == int(fk["table_oid"]) and serves_foreign_key(i, fk["keys"])
+        ]
+        if serving:
+            supporters.add(min(serving, key=_keeper_first).oid)
+    return supporters
+
+
 async def check_unused(db: Reader, min_bytes: int) -> Finding:
-    indexes = [i for i in await load_indexes(db) if i.is_valid and i.protected is None]
-    await measure(db, indexes)
+    valid = [i for i in await load_indexes(db) if i.is_valid]
+    await measure(db, valid)
+    supporters = await foreign_key_supporters(db, valid)
     since = _since(next(iter(await db.fetch(_STATS_SINCE_SQL)), None))
-    unused = sorted(
-        (i for i in indexes if i.scans == 0 and (i.bytes or 0) >= min_bytes),
-        key=lambda i: -(i.bytes or 0),
+    never = [
+        i for i in valid if i.protected is None and i.scans == 0 and (i.bytes or 0) >= min_bytes
+    ]
+    unused = sorted((i for i in never if i.oid not in supporters), key=lambda i: -(i.bytes or 0))
+    kept = len(never) - len(unused)
+    kept_note = (
+        f"; {kept} more never scanned but the only index of a foreign key, not listed"
+        if kept
+        else ""
     )
     if not unused:
         return Finding(
             check="unused indexes",
             status=Status.OK,
-            summary=f"no unused index of {human_size(min_bytes)} or more; scans counted {since}",
+            summary=f"no unused index of {human_size(min_bytes)} or more; scans counted "
+            f"{since}{kept_note}",
         )
     total = sum(i.bytes or 0 for i in unused)
     return Finding(
@@ -548,7 +590,8 @@ async def check_unused(db: Reader, min_bytes: int) -> Finding:
         status=Status.WARN,
         summary=f"{len(unused)} index(es) never scanned {since}, {human_size(total)} "
         "written on every change: "
-        + _listing([f"{i.qualified} ({human_size(i.bytes)})" for i in unused]),
+        + _listing([f"{i.qualified} ({human_size(i.bytes)})" for i in unused])
+        + kept_note,
         rows=[i.row(fix=concurrently_drop(i)) for i in unused],
         hint="scans on read replicas are not counted here: check them, then drop by hand "
         "with the row's `fix` (the bot's drop-index removes exact duplicates only)",
