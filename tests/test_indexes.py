@@ -352,16 +352,23 @@ async def test_a_timed_out_build_that_cannot_clean_up_names_what_remains(
     """The executor's limits hold on the build's own session too; while the writer it
     waits for stays, the cleanup cannot drop the INVALID index either, and says so."""
     await faults.drop_index("points_ledger_user_id_created_at_idx")
-    plan = await CREATE_INDEX.plan(ctx, [NEWEST])
     writer = await psycopg.AsyncConnection.connect(leaps_dsn)
     try:
         await writer.execute("UPDATE points_ledger SET meta = meta WHERE false")
+        plan = await CREATE_INDEX.plan(ctx, [NEWEST])
+        pid = writer.info.backend_pid
+        assert any(
+            f"public.points_ledger is locked now by pid {pid}" in w and "RowExclusiveLock" in w
+            for w in plan.warnings
+        ), plan.warnings
         executor = Executor(leaps_dsn, statement_timeout_ms=statement_ms, lock_timeout_ms=lock_ms)
         state, outcome = await executor.apply(CREATE_INDEX, plan, "apv-ci4")
     finally:
         await writer.close()
     assert state == "failed"
     assert f"canceling statement due to {said}" in outcome.summary
+    assert f"sessions locking the table: pid {pid}" in outcome.summary
+    assert outcome.offers == [f"terminate {pid}"]
     drop = f'DROP INDEX CONCURRENTLY "public"."{NEWEST}"'
     assert "could not be dropped" in outcome.summary and drop in outcome.summary
     finding = (await report(ctx))["invalid indexes"]

@@ -81,11 +81,33 @@ SELECT count(*)::int AS n, max(extract(epoch FROM now() - xact_start))::float AS
 FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
 """
+# Sessions with a lock on the table: a concurrent build or drop waits for every one that
+# writes (and a drop for every one at all) to end its transaction.
+_LOCKERS_SQL = """
+SELECT l.pid, string_agg(DISTINCT l.mode, '+') AS mode,
+       coalesce(nullif(a.application_name, ''), a.usename::text, '?') AS who,
+       extract(epoch FROM now() - a.xact_start)::float AS xact_s
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.relation = %s::oid AND l.granted AND l.pid <> pg_backend_pid()
+GROUP BY l.pid, a.application_name, a.usename, a.xact_start
+ORDER BY l.pid
+"""
 _TABLE_SIZE_SQL = """
 SELECT pg_total_relation_size(%s::oid)::bigint AS bytes,
        greatest(reltuples, 0)::bigint AS est_rows
 FROM pg_class WHERE oid = %s::oid
 """
+
+
+async def _lockers(db: Reader | Writer, table_oid: int) -> list[Row]:
+    return await db.fetch(_LOCKERS_SQL, (table_oid,))
+
+
+def _describe_lockers(rows: Sequence[Row]) -> str:
+    return ", ".join(
+        f"pid {r['pid']} ({r['who']}, {r['mode']}, transaction open {human_duration(r['xact_s'])})"
+        for r in rows
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -200,6 +222,7 @@ async def plan_create_index(ctx: Context, args: list[str]) -> Plan:
         ]
         (size,) = await db.fetch(_TABLE_SIZE_SQL, (table.oid, table.oid))
         (open_tx,) = await db.fetch(_OPEN_TRANSACTIONS_SQL)
+        open_tx["lockers"] = await _lockers(db, table.oid)
         data = CreateData(
             schema_name=table.schema,
             table=table.name,
@@ -220,7 +243,14 @@ async def plan_create_index(ctx: Context, args: list[str]) -> Plan:
         "session with the same timeouts and commits by itself; if it fails, the INVALID "
         "index it leaves is dropped with DROP INDEX CONCURRENTLY"
     ]
-    if open_tx["n"]:
+    if open_tx["lockers"]:
+        warnings.append(
+            f"{data.schema_name}.{data.table} is locked now by "
+            + _describe_lockers(open_tx["lockers"])
+            + ": the build waits for each writer to end its transaction, up to the lock "
+            "timeout"
+        )
+    elif open_tx["n"]:
         warnings.append(
             f"{open_tx['n']} other transaction(s) are open now (oldest "
             f"{human_duration(open_tx['oldest_s'])}): the build waits for those that "
@@ -318,12 +348,16 @@ async def apply_create_index(writer: Writer, plan: Plan) -> Outcome:
             )
         ) from exc
     except psycopg.Error as exc:
+        lockers = await _lockers(writer, data.table_oid)
         cleanup = await _drop_leftover(writer, data.schema_name, data.name)
+        waited = f"; sessions locking the table: {_describe_lockers(lockers)}" if lockers else ""
         raise OutsideStepFailed(
             Outcome(
                 ok=False,
-                summary=f"CREATE INDEX CONCURRENTLY failed: {_first_line(exc)}; {cleanup}",
+                summary=f"CREATE INDEX CONCURRENTLY failed: {_first_line(exc)}; {cleanup}{waited}",
                 error=_first_line(exc),
+                rows=lockers,
+                offers=[f"terminate {r['pid']}" for r in lockers],
             )
         ) from exc
     seconds = time.perf_counter() - started
