@@ -609,8 +609,15 @@ async def check_invalid(db: Reader) -> Finding:
         summary=f"{len(invalid)} invalid index(es), never used by queries"
         + (" but still written on every change" if any(i.is_ready for i in invalid) else "")
         + " (a failed CREATE INDEX CONCURRENTLY leaves them): "
-        + _listing([f"{i.qualified} ({human_size(i.bytes)})" for i in invalid]),
-        rows=[i.row(fix=concurrently_drop(i)) for i in invalid],
+        + _listing([f"{i.qualified} ({human_size(i.bytes)})" for i in invalid])
+        + (
+            "; a unique one among them still refuses duplicate values on every write"
+            if any(i.is_ready and i.is_unique for i in invalid)
+            else ""
+        ),
+        rows=[
+            i.row(written=i.is_ready, unique=i.is_unique, fix=concurrently_drop(i)) for i in invalid
+        ],
         hint="drop it with the row's `fix`, then build it again if it is wanted "
         "(`/db create-index table(columns)`)",
     )

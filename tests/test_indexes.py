@@ -177,6 +177,9 @@ async def test_an_invalid_index_left_by_a_failed_concurrent_build_is_found(
     (row,) = finding.rows
     assert row["index"] == f"public.{name}"
     assert row["fix"] == f'DROP INDEX CONCURRENTLY "public"."{name}"'
+    # The unique build failed before the index was ready: it refuses nothing.
+    assert (row["unique"], row["written"]) == (True, False)
+    assert "still refuses duplicate values" not in finding.summary
 
 
 async def test_a_foreign_key_without_index_is_found(ctx: RunContext, faults: FaultInjector) -> None:
