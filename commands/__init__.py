@@ -1,8 +1,17 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, recover, remedies, views
-from commands import leaderboard as leaderboard  # registers /db leaderboard
+from commands import (
+    analytics,
+    connections,
+    health,
+    integrity,
+    leaderboard,
+    quota,
+    recover,
+    remedies,
+    views,
+)
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -11,9 +20,11 @@ __all__ = [
     "Finding",
     "Report",
     "Status",
+    "analytics",
     "connections",
     "health",
     "integrity",
+    "leaderboard",
     "quota",
     "recover",
     "remedies",

@@ -71,10 +71,10 @@ class Definition:
 
     @property
     def joined_with_ledger(self) -> list[str]:
-        """Relations summed together with points_ledger, users last (joined by its key
-        it rarely multiplies; another table joined by user does)."""
+        """Relations joined to points_ledger before its sum, `users` only when alone:
+        joined by its key it cannot multiply ledger rows, another table joined by user can."""
         others = [t for t in self.sum_tables if t != "points_ledger"]
-        return sorted(others, key=lambda t: (t == "users", t))
+        return [t for t in others if t != "users"] or others
 
 
 def _children(node: Any) -> Iterator[Any]:
