@@ -29,6 +29,7 @@ from commands.base import (
     human_size,
     register,
 )
+from commands.leaderboard import JIT_OFF
 from commands.views import (
     COUNT_LIMIT_BYTES,
     MatView,
@@ -180,6 +181,7 @@ class ViewState:
 
 
 async def _examine(db: Reader, v: MatView) -> ViewState:
+    await db.fetch(JIT_OFF)  # as for /db leaderboard: compiling would cost more than running
     state = ViewState(v)
     (meta,) = await db.fetch(_VIEWDEF_SQL, (v.oid,))
     # pg_get_viewdef's text runs as a subquery: the database's own, never user input.
