@@ -29,7 +29,7 @@ from commands.base import (
     human_size,
     register,
 )
-from commands.leaderboard import JIT_OFF
+from commands.leaderboard import JIT_OFF, locked_finding
 from commands.views import (
     COUNT_LIMIT_BYTES,
     MatView,
@@ -388,6 +388,9 @@ async def analytics(ctx: Context, args: list[str]) -> Report:
                     summary=f"{v.qualified} is {human_size(v.bytes)}: not compared row by row",
                 )
             )
+            continue
+        if v.readers_blocked_by:
+            findings.append(locked_finding(v, f"view {v.name}"))
             continue
         record: Any = None
         if records is not None:

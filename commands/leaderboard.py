@@ -37,7 +37,7 @@ from commands.base import (
     UsageError,
     register,
 )
-from commands.views import MatView, load_views, select_views
+from commands.views import MatView, describe_lock, load_views, select_views
 
 LEADERBOARDS = ("leaderboard_totals", "leaderboard_30d")
 # Ledger rows a view named with this suffix counts (its definition's window).
@@ -335,9 +335,6 @@ async def compare(db: Reader, view: MatView) -> Comparison:
     stored_note = ""
     if not view.populated:
         stored_note = "not populated: the application's reads of it fail"
-    elif view.readers_blocked_by:
-        pids = ", ".join(str(lk["pid"]) for lk in view.readers_blocked_by)
-        stored_note = f"its rows were not read: pid {pids} holds or awaits ACCESS EXCLUSIVE"
     stored_read = not stored_note
     stored: sql.Composable = sql.SQL(_NO_STORED)
     if stored_read:
@@ -595,6 +592,21 @@ def findings_for(c: Comparison, max_rows: int) -> list[Finding]:
     return findings
 
 
+def locked_finding(view: MatView, check: str) -> Finding:
+    """pg_get_viewdef takes ACCESS SHARE on the view, like reading its rows: while a
+    session holds or awaits ACCESS EXCLUSIVE neither can be read, so say who and stop."""
+    holders = view.readers_blocked_by
+    pids = ", ".join(describe_lock(lk) for lk in holders[:3])
+    return Finding(
+        check=check,
+        status=Status.SKIPPED,
+        summary=f"{view.qualified} cannot be read, nor its definition: {pids} holds or "
+        "awaits ACCESS EXCLUSIVE on it",
+        rows=holders[:3],
+        hint=f"when it is safe to end it: `/db terminate {holders[0]['pid']}` (needs approval)",
+    )
+
+
 @register(
     "leaderboard",
     usage="/db leaderboard [view ...]",
@@ -633,6 +645,9 @@ async def leaderboard(ctx: Context, args: list[str]) -> Report:
     chosen = select_views(boards, args)
     findings: list[Finding] = []
     for view in chosen:
+        if view.readers_blocked_by:
+            findings.append(locked_finding(view, f"{view.name}: vs ledger"))
+            continue
         results: list[Finding] = []
 
         async def check(db: Reader, view: MatView = view, out: list[Finding] = results) -> Finding:

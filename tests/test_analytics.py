@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -165,6 +166,21 @@ async def test_definition_that_disagrees_is_not_fixed_by_a_refresh(
         finding.rows
         and finding.rows[0]["view_participants"] > finding.rows[0]["table_participants"]
     )
+
+
+async def test_locked_view_names_the_holder(ctx: RunContext, leaps_dsn: str) -> None:
+    holder = await psycopg.AsyncConnection.connect(leaps_dsn, application_name="lock-holder")
+    try:
+        await holder.execute("REFRESH MATERIALIZED VIEW cohort_metrics")
+        found = by_check(await analytics(ctx, []))
+        locked = found["view cohort_metrics"]
+        assert locked.status is Status.SKIPPED
+        assert f"pid {holder.info.backend_pid} (lock-holder" in locked.summary
+        assert "cohort_metrics vs base tables" not in found
+        assert found["school_metrics vs base tables"].status is Status.OK
+    finally:
+        await holder.rollback()
+        await holder.close()
 
 
 async def test_arguments_are_refused(ctx: RunContext) -> None:

@@ -174,6 +174,45 @@ async def test_unpopulated_view_is_filled_by_a_refresh(
     assert verdict.hint and "/db refresh-views leaderboard_totals" in verdict.hint
 
 
+async def test_locked_view_names_the_holder(ctx: RunContext, leaps_dsn: str) -> None:
+    """A refresh left in an open transaction holds ACCESS EXCLUSIVE: neither the view's
+    rows nor its definition (pg_get_viewdef locks the view) can be read. The report
+    arrives at once, names the holder, and checks the other view."""
+    holder = await psycopg.AsyncConnection.connect(leaps_dsn, application_name="lock-holder")
+    try:
+        await holder.execute("REFRESH MATERIALIZED VIEW leaderboard_totals")
+        found = by_check(await leaderboard(ctx, []))
+        verdict = found[f"{TOTALS}: vs ledger"]
+        assert verdict.status is Status.SKIPPED
+        pid = holder.info.backend_pid
+        assert f"pid {pid} (lock-holder, AccessExclusiveLock)" in verdict.summary
+        assert verdict.hint and f"/db terminate {pid}" in verdict.hint
+        assert found[f"{THIRTY}: vs ledger"].status is Status.OK
+    finally:
+        await holder.rollback()
+        await holder.close()
+
+
+async def test_missing_group_is_named(ctx: RunContext, leaps_dsn: str) -> None:
+    """Points grouped by user and activity: one row per pair. Without a unique index on
+    user_id (it could not be built), as a hand-written migration might leave it."""
+    await run(
+        leaps_dsn,
+        "DROP MATERIALIZED VIEW leaderboard_30d",
+        "CREATE MATERIALIZED VIEW leaderboard_30d AS"
+        " SELECT u.id AS user_id, u.handle, sum(l.delta_points)::bigint AS total_points"
+        " FROM users u JOIN points_ledger l ON l.user_id = u.id"
+        " WHERE u.role = 'PARTICIPANT' AND l.event_time >= now() - interval '30 days'"
+        " GROUP BY u.id, u.handle, l.activity_code HAVING sum(l.delta_points) > 0",
+    )
+    verdict = by_check(await leaderboard(ctx, [THIRTY]))[f"{THIRTY}: vs ledger"]
+    assert verdict.status is Status.CRIT
+    assert "users appear in several rows (a missing group)" in verdict.summary
+    assert "grouped by `u.id, u.handle, l.activity_code`, not by user alone" in verdict.summary
+    diff = by_check(await leaderboard(ctx, [THIRTY]))[f"{THIRTY}: point differences"]
+    assert any(r["rows_shown"] > 1 for r in diff.rows)
+
+
 async def test_unknown_view_is_a_usage_error(ctx: RunContext) -> None:
     with pytest.raises(UsageError, match="no materialized view `activity_metrics`"):
         await leaderboard(ctx, ["activity_metrics"])
