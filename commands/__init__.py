@@ -7,6 +7,7 @@ from commands import (
     health,
     integrity,
     leaderboard,
+    migrations,  # part A: /db migrations
     quota,
     recover,
     remedies,
@@ -25,6 +26,7 @@ __all__ = [
     "health",
     "integrity",
     "leaderboard",
+    "migrations",
     "quota",
     "recover",
     "remedies",
