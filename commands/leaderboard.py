@@ -204,7 +204,7 @@ WITH stored AS MATERIALIZED (
   SELECT l.user_id::text AS user_id, sum(l.delta_points)::bigint AS pts
     FROM points_ledger AS l {window} GROUP BY 1
 ), eligible AS MATERIALIZED (
-  SELECT {alias}.id::text AS user_id FROM users AS {alias} {user_filter}
+  {eligible}
 ), expected AS (
   SELECT e.user_id FROM eligible e JOIN ledger g ON g.user_id = e.user_id WHERE g.pts > 0
 ), keyed AS (
@@ -312,6 +312,18 @@ def _window_sql(window: str | None, keyword: str = "WHERE") -> sql.Composable:
     )
 
 
+def _eligible_sql(d: Definition) -> sql.Composable:
+    """Who may be on the board: the users the definition's own conditions admit (printed
+    from the same catalog text). A definition whose FROM names no `users` (it reads them
+    in a CTE, say) admits whom it gives now: missing users are then found only when a
+    refresh would add them."""
+    if d.users_alias is None:
+        return sql.SQL("SELECT user_id FROM live")
+    alias = sql.Identifier(d.users_alias)
+    where = sql.SQL("WHERE ") + sql.SQL(d.user_filter) if d.user_filter else sql.SQL("")
+    return sql.SQL("SELECT {}.id::text AS user_id FROM users AS {} {}").format(alias, alias, where)
+
+
 def _window(view: MatView) -> str | None:
     return next((w for suffix, w in WINDOWS.items() if view.name.endswith(suffix)), None)
 
@@ -341,17 +353,12 @@ async def compare(db: Reader, view: MatView) -> Comparison:
         stored = sql.SQL("{} FROM {} AS v GROUP BY 1").format(
             sql.SQL(_STORED), sql.Identifier(view.schema, view.name)
         )
-    alias = definition.users_alias or "u"
     query = sql.SQL(_COMPARE).format(
         stored=stored,
         definition=sql.SQL(text),  # pg_get_viewdef's text: the database's own, not input
         window=_window_sql(window),
-        alias=sql.Identifier(alias),
-        # conditions printed from the same catalog text
+        eligible=_eligible_sql(definition),
         stored_read=sql.SQL("TRUE" if stored_read else "FALSE"),
-        user_filter=sql.SQL("WHERE ") + sql.SQL(definition.user_filter)
-        if definition.user_filter
-        else sql.SQL(""),
     )
     fetched = await db.fetch(query.as_string())
     rows = [
@@ -483,7 +490,8 @@ def findings_for(c: Comparison, max_rows: int) -> list[Finding]:
         "shown_users": shown if c.stored_read else None,
         "ledger_users": expected,
         "definition_users": c.live,
-        "user_filter": c.definition.user_filter,
+        "user_filter": c.definition.user_filter
+        or ("(none: every user)" if c.definition.users_alias else "(whom the definition gives)"),
     }
     how = explain_definition(c) if definition_wrong else []
 

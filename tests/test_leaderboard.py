@@ -213,6 +213,27 @@ async def test_missing_group_is_named(ctx: RunContext, leaps_dsn: str) -> None:
     assert any(r["rows_shown"] > 1 for r in diff.rows)
 
 
+async def test_definition_reading_users_in_a_cte_is_not_called_wrong(
+    ctx: RunContext, leaps_dsn: str
+) -> None:
+    """No `users` in the top-level FROM: who belongs is whom the definition gives."""
+    await run(
+        leaps_dsn,
+        "DROP MATERIALIZED VIEW leaderboard_30d",
+        "CREATE MATERIALIZED VIEW leaderboard_30d AS"
+        " WITH board AS (SELECT u.id, u.handle FROM users u WHERE u.role = 'PARTICIPANT'),"
+        " pts AS (SELECT l.user_id, sum(l.delta_points)::bigint AS total_points"
+        "   FROM points_ledger l WHERE l.event_time >= now() - interval '30 days'"
+        "   GROUP BY l.user_id)"
+        " SELECT b.id AS user_id, b.handle, p.total_points FROM board b"
+        " JOIN pts p ON p.user_id = b.id WHERE p.total_points > 0",
+        "CREATE UNIQUE INDEX ON leaderboard_30d (user_id)",
+    )
+    verdict = by_check(await leaderboard(ctx, [THIRTY]))[f"{THIRTY}: vs ledger"]
+    assert verdict.status is Status.OK, verdict.summary
+    assert verdict.rows[0]["user_filter"] == "(whom the definition gives)"
+
+
 async def test_unknown_view_is_a_usage_error(ctx: RunContext) -> None:
     with pytest.raises(UsageError, match="no materialized view `activity_metrics`"):
         await leaderboard(ctx, ["activity_metrics"])
