@@ -45,6 +45,8 @@ WINDOWS = {"_30d": "30 days"}
 REFRESH = "/db refresh-views"
 # Users whose points are explained source by source, at most (one small ledger read).
 ATTRIBUTE_USERS = 5000
+# Longest part of a definition quoted in a summary (a section holds 3,000 characters).
+QUOTE_CHARS = 400
 
 # --- the view's definition ----------------------------------------------------------
 
@@ -420,7 +422,7 @@ def explain_definition(c: Comparison) -> list[str]:
         joined = d.joined_with_ledger
         if joined and d.sum_from:
             text += (
-                f": joins that multiply rows: sum(delta_points) is taken over `{d.sum_from}`, so "
+                f": joins that multiply rows: sum(delta_points) is taken over `{_cut(d.sum_from)}`, so "
                 f"each ledger row counts once per matching row of {', '.join(joined)} "
                 "(double counting)"
             )
@@ -429,7 +431,7 @@ def explain_definition(c: Comparison) -> list[str]:
         lost = sum((r.ledger or 0) - (r.live or 0) for r in under)
         text = f"{len(under)} users get fewer points than the ledger gives ({-lost:+,})"
         if d.sum_where:
-            text += f": a filter drops ledger rows: `WHERE {d.sum_where}`"
+            text += f": a filter drops ledger rows: `WHERE {_cut(d.sum_where)}`"
         source, explained = _dropped_source(c, under)
         if source:
             text += (
@@ -440,13 +442,18 @@ def explain_definition(c: Comparison) -> list[str]:
     if several:
         text = f"{len(several)} users appear in several rows (a missing group)"
         if d.sum_group:
-            text += f": the points are grouped by `{d.sum_group}`, not by user alone"
+            text += f": the points are grouped by `{_cut(d.sum_group)}`, not by user alone"
         parts.append(text)
     if intruders:
         parts.append(f"{len(intruders)} users appear that should not (filter or points <= 0)")
     if d.parse_error:
         parts.append(f"the definition could not be parsed to say where ({d.parse_error})")
     return parts
+
+
+def _cut(text: str, limit: int = QUOTE_CHARS) -> str:
+    """A part of the definition short enough for one line of a Slack message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _dropped_source(c: Comparison, under: list[UserRow]) -> tuple[str | None, int]:
