@@ -422,7 +422,8 @@ def explain_definition(c: Comparison) -> list[str]:
         joined = d.joined_with_ledger
         if joined and d.sum_from:
             text += (
-                f": joins that multiply rows: sum(delta_points) is taken over `{_cut(d.sum_from)}`, so "
+                ": joins that multiply rows: sum(delta_points) is taken over "
+                f"`{_cut(d.sum_from)}`, so "
                 f"each ledger row counts once per matching row of {', '.join(joined)} "
                 "(double counting)"
             )
