@@ -50,7 +50,11 @@ SELECT (SELECT count(*) FROM users) AS users,
        (SELECT count(*) FROM points_ledger) AS points_ledger
 """
 
-_VIEWDEF_SQL = "SELECT pg_get_viewdef(%s::oid, true) AS definition"
+_VIEWDEF_SQL = """
+SELECT pg_get_viewdef(%s::oid, true) AS definition,
+       array(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns
+"""
 
 # A view's rows against its definition run now, both ways, duplicates counted. The
 # definition is pg_get_viewdef's text: the database's own, never user input.
@@ -74,6 +78,7 @@ class Measure:
     columns: tuple[str, ...]
     view_sql: str
     base_sql: str
+    needs: tuple[str, ...]  # the view's columns `view_sql` reads
 
 
 _PER_USER_POINTS = "(SELECT user_id, sum(delta_points) AS pts FROM points_ledger GROUP BY 1)"
@@ -89,6 +94,7 @@ MEASURES: tuple[Measure, ...] = (
     Measure(
         view="activity_metrics",
         per="activity",
+        needs=("activity_code", "total_submissions", "points_awarded"),
         columns=("submissions", "points"),
         view_sql="SELECT m.activity_code::text AS key, m.total_submissions::bigint AS submissions,"
         " m.points_awarded::bigint AS points FROM {source} AS m",
@@ -105,6 +111,7 @@ SELECT a.code::text AS key, coalesce(s.n, 0)::bigint AS submissions,
     Measure(
         view="cohort_metrics",
         per="cohort",
+        needs=("cohort", "participants", "total_points"),
         columns=("participants", "total_points"),
         view_sql="SELECT m.cohort::text AS key, m.participants::bigint AS participants,"
         " m.total_points::bigint AS total_points FROM {source} AS m",
@@ -113,6 +120,7 @@ SELECT a.code::text AS key, coalesce(s.n, 0)::bigint AS submissions,
     Measure(
         view="school_metrics",
         per="school",
+        needs=("school", "participants", "total_points"),
         columns=("participants", "total_points"),
         view_sql="SELECT m.school::text AS key, m.participants::bigint AS participants,"
         " m.total_points::bigint AS total_points FROM {source} AS m",
@@ -121,6 +129,7 @@ SELECT a.code::text AS key, coalesce(s.n, 0)::bigint AS submissions,
     Measure(
         view="time_series_metrics",
         per="day",
+        needs=("day", "submissions", "points_awarded"),
         columns=("submissions", "points"),
         view_sql="SELECT m.day::text AS key, sum(m.submissions)::bigint AS submissions,"
         " sum(m.points_awarded)::bigint AS points FROM {source} AS m GROUP BY 1",
@@ -178,12 +187,13 @@ class ViewState:
     stored_diff: list[Row] | None = None  # None: not measured
     live_diff: list[Row] | None = None
     newest_day: str | None = None
+    lacking: list[str] | None = None  # columns the base-table comparison needs, not there
 
 
 async def _examine(db: Reader, v: MatView) -> ViewState:
     await db.fetch(JIT_OFF)  # as for /db leaderboard: compiling would cost more than running
     state = ViewState(v)
-    (meta,) = await db.fetch(_VIEWDEF_SQL, (v.oid,))
+    (meta,) = await db.fetch(_VIEWDEF_SQL, (v.oid, v.oid))
     # pg_get_viewdef's text runs as a subquery: the database's own, never user input.
     definition = sql.SQL(str(meta["definition"]).strip().rstrip(";"))
     readable = v.populated and not v.uncounted
@@ -199,7 +209,10 @@ async def _examine(db: Reader, v: MatView) -> ViewState:
         state.definition_rows = int(row["n"])
         state.fresh_note = v.uncounted or "not populated"
     m = MEASURED.get(v.name)
-    if m is not None:
+    lacking = sorted(set(m.needs) - set(meta["columns"] or ())) if m else []
+    if lacking:
+        state.lacking = lacking
+    elif m is not None:
         live = sql.SQL("({}) ").format(definition)
         state.live_diff = await db.fetch(_compare_sql(m, live).as_string())
         if readable:
@@ -269,6 +282,14 @@ def _gap(row: Row, columns: tuple[str, ...]) -> int:
 
 def _measure_finding(s: ViewState, m: Measure, max_rows: int) -> Finding:
     check = f"{m.view} vs base tables"
+    if s.lacking:
+        return Finding(
+            check=check,
+            status=Status.WARN,
+            summary=f"{m.view} has no column {', '.join(s.lacking)}: its counts cannot be "
+            "compared with the base tables",
+            hint="the view differs from the schema the application expects: `/db migrations`",
+        )
     live = s.live_diff or []
     stored = s.stored_diff
     what = " and ".join(m.columns)

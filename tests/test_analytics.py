@@ -183,6 +183,18 @@ async def test_locked_view_names_the_holder(ctx: RunContext, leaps_dsn: str) -> 
         await holder.close()
 
 
+async def test_view_without_the_expected_columns(ctx: RunContext, leaps_dsn: str) -> None:
+    await run(
+        leaps_dsn, "ALTER MATERIALIZED VIEW cohort_metrics RENAME COLUMN total_points TO points"
+    )
+    found = by_check(await analytics(ctx, []))
+    counts = found["cohort_metrics vs base tables"]
+    assert counts.status is Status.WARN
+    assert "has no column total_points" in counts.summary
+    assert counts.hint and "/db migrations" in counts.hint
+    assert found["view cohort_metrics"].status is Status.OK  # freshness still measured
+
+
 async def test_arguments_are_refused(ctx: RunContext) -> None:
     with pytest.raises(UsageError):
         await analytics(ctx, ["now"])
