@@ -4,6 +4,7 @@ the remedies register themselves in `commands.remedies.REMEDIES`."""
 from commands import (
     analytics,
     connections,
+    export,  # part G: /db export
     health,
     integrity,
     leaderboard,
@@ -11,6 +12,7 @@ from commands import (
     quota,
     recover,
     remedies,
+    roles,  # part E: /db roles
     views,
 )
 from commands.base import REGISTRY, Command, Finding, Report, Status
@@ -23,6 +25,7 @@ __all__ = [
     "Status",
     "analytics",
     "connections",
+    "export",
     "health",
     "integrity",
     "leaderboard",
@@ -30,5 +33,6 @@ __all__ = [
     "quota",
     "recover",
     "remedies",
+    "roles",
     "views",
 ]
