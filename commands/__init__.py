@@ -2,14 +2,18 @@
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
 from commands import (
+    analytics,
     connections,
+    export,  # part G: /db export
     health,
     indexes,  # part C: /db indexes
     integrity,
+    leaderboard,
     migrations,  # part A: /db migrations
     quota,
     recover,
     remedies,
+    roles,  # part E: /db roles
     views,
 )
 from commands.base import REGISTRY, Command, Finding, Report, Status
@@ -20,13 +24,17 @@ __all__ = [
     "Finding",
     "Report",
     "Status",
+    "analytics",
     "connections",
+    "export",
     "health",
     "indexes",
     "integrity",
+    "leaderboard",
     "migrations",
     "quota",
     "recover",
     "remedies",
+    "roles",
     "views",
 ]

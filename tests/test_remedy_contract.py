@@ -32,6 +32,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "recover-users",
         "refresh-views",
         "rematch-kajabi",
+        "set-role",
         "terminate",
     ]
 
