@@ -2,10 +2,13 @@
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
 from commands import (
+    analytics,
     connections,
     export,  # part G: /db export
     health,
+    indexes,  # part C: /db indexes
     integrity,
+    leaderboard,
     migrations,  # part A: /db migrations
     quota,
     recover,
@@ -22,10 +25,13 @@ __all__ = [
     "Finding",
     "Report",
     "Status",
+    "analytics",
     "connections",
     "export",
     "health",
+    "indexes",
     "integrity",
+    "leaderboard",
     "migrations",
     "quota",
     "recover",
