@@ -142,20 +142,24 @@ excess AS (
 led AS (
   SELECT l.user_id, count(*) AS n, sum(l.delta_points) AS pts,
          count(*) FILTER (WHERE l.k IS NULL) AS other @LED_COLS@
-  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger) l
+  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger OFFSET 0) l
   GROUP BY l.user_id
 ),
 sub AS (
   SELECT s.user_id, count(*) AS n, count(*) FILTER (WHERE s.k IS NULL) AS other @SUB_COLS@,
-         count(*) FILTER (WHERE s.k = %(learn)s
-                            AND s.status IN ('PENDING', 'APPROVED')) AS open_learn,
+         count(*) FILTER (WHERE s.k = %(learn)s AND s.open) AS open_learn,
          coalesce(sum(
-           2 * CASE WHEN s.payload ->> %(peers)s ~ '^\\s*-?[0-9]{1,9}\\s*$'
-                    THEN (s.payload ->> %(peers)s)::int ELSE 0 END
-           + CASE WHEN s.payload ->> %(students)s ~ '^\\s*-?[0-9]{1,9}\\s*$'
-                  THEN (s.payload ->> %(students)s)::int ELSE 0 END
-         ) FILTER (WHERE s.k = %(amplify)s AND s.status = 'APPROVED'), 0) AS amplify
-  FROM (SELECT user_id, status, payload, @K_OF_CODE@ AS k FROM submissions) s
+           2 * CASE WHEN s.peers ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.peers::int ELSE 0 END
+           + CASE WHEN s.students ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.students::int ELSE 0 END
+         ) FILTER (WHERE s.amplify), 0) AS amplify
+  FROM (SELECT user_id, k, approved, status IN ('PENDING', 'APPROVED') AS open,
+               k = %(amplify)s AND approved AS amplify,
+               CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(peers)s END AS peers,
+               CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(students)s END AS students
+        FROM (SELECT user_id, status, payload, status = 'APPROVED' AS approved,
+                     @K_OF_CODE@ AS k
+              FROM submissions OFFSET 0) r
+        OFFSET 0) s
   GROUP BY s.user_id
 ),
 per_user AS MATERIALIZED (
@@ -172,7 +176,8 @@ pairs AS (
   FROM per_user u
   CROSS JOIN LATERAL (VALUES @PAIR_VALUES@) AS v(k, approved, led_n, led_pts, expected)
   LEFT JOIN excess x ON x.user_id = u.user_id AND x.k = v.k
-  WHERE u.user_ok AND (v.approved > 0 OR v.led_n > 0)
+  WHERE u.user_ok AND (@SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess))
+    AND (v.approved > 0 OR v.led_n > 0)
 ),
 problems AS (
   SELECT 'sub_no_user' AS kind, user_id, NULL::int AS k, sub_n AS n,
@@ -228,23 +233,27 @@ def pass_sql(activities: int) -> str:
         f" coalesce(sum(l.delta_points) FILTER (WHERE l.k = {i}), 0) AS lp{i}"
         for i in ks
     )
-    sub = "".join(
-        f", count(*) FILTER (WHERE s.k = {i} AND s.status = 'APPROVED') AS sa{i}" for i in ks
-    )
+    sub = "".join(f", count(*) FILTER (WHERE s.k = {i} AND s.approved) AS sa{i}" for i in ks)
     user = "".join(
         f", coalesce(s.sa{i}, 0) AS sa{i}, coalesce(l.ln{i}, 0) AS ln{i},"
         f" coalesce(l.lp{i}, 0) AS lp{i}"
         for i in ks
     )
     user += ", coalesce(s.other, 0) AS sub_other, coalesce(l.other, 0) AS led_other"
-    values = ", ".join(
-        f"({i}, u.sa{i}, u.ln{i}, u.lp{i},"
-        f" CASE WHEN {i} = %(amplify)s THEN u.amplify"
-        f" ELSE u.sa{i} * greatest((%(points)s::int[])[{i}], 0) END)"
+    due = {
+        i: f"CASE WHEN {i} = %(amplify)s THEN u.amplify"
+        f" ELSE u.sa{i} * greatest((%(points)s::int[])[{i}], 0) END"
         for i in ks
-    )
+    }
+    values = ", ".join(f"({i}, u.sa{i}, u.ln{i}, u.lp{i}, {due[i]})" for i in ks)
     if not values:
         values = "(0, 0, 0, 0, 0)"
+    # Users whose raw sums already agree everywhere (and who have no replayed event, whose
+    # excess would change `counted`) cannot hold a problem pair: only the others are
+    # unfolded into one row per activity.
+    suspect = " OR ".join(
+        f"(u.ln{i} = 0 AND {due[i]} > 0) OR (u.ln{i} > 0 AND u.lp{i} <> {due[i]})" for i in ks
+    )
     # A CASE over bound codes: per row, far cheaper than array_position() on an array.
     k_of_code = (
         "CASE activity_code " + " ".join(f"WHEN %(code{i})s THEN {i}" for i in ks) + " END"
@@ -257,6 +266,7 @@ def pass_sql(activities: int) -> str:
         .replace("@SUB_COLS@", sub)
         .replace("@USER_COLS@", user)
         .replace("@PAIR_VALUES@", values)
+        .replace("@SUSPECT@", f"({suspect})" if suspect else "false")
     )
 
 
