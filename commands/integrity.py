@@ -33,6 +33,8 @@ SAMPLE = 10
 # The one aggregate pass groups a few hundred thousand (user, activity) pairs on a
 # big database; below this the hash tables spill to disk and the pass slows severalfold.
 WORK_MEM = "64MB"
+# Parallel workers for the pass (see _tune): none, as measured on 2 cores.
+PARALLEL_WORKERS = 0
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -318,16 +320,19 @@ async def _tune(db: Reader) -> None:
     less; hash aggregates over sequential scans rather than a walk of the user_id index
     with a heap fetch per row (measured slower); and no parallel workers.
 
-    Parallel workers were measured at 100,000 users on the 2-core machine the bench runs
-    on, with the other checks running beside the pass as they do: two workers cost 18 %
-    more server CPU (each builds a partial hash table of every user, which the leader
-    merges) and gave no shorter wall time; the second core is better spent on the
-    attachment check, which runs concurrently on its own connection."""
+    Parallel workers (PARALLEL_WORKERS) were measured at 100,000 users on the 2-core
+    machine the bench runs on, the whole command interleaved four times each way: none
+    4.8 s wall / 4.7 s server CPU, one 5.9 / 5.7, two 5.4 / 5.9 (medians). Each worker
+    builds a partial hash table of every user, which the leader merges again; the second
+    core is better spent on the attachment check, which runs concurrently on its own
+    connection."""
     await db.fetch(
         "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
-        " set_config('max_parallel_workers_per_gather', '0', true),"
+        " set_config('max_parallel_workers_per_gather', %s, true),"
+        " set_config('parallel_setup_cost', '10', true),"
+        " set_config('parallel_tuple_cost', '0.0001', true),"
         " set_config('enable_indexscan', 'off', true)",
-        (WORK_MEM,),
+        (WORK_MEM, str(PARALLEL_WORKERS)),
     )
 
 
