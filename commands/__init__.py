@@ -1,7 +1,20 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, recover, remedies, views
+from commands import (
+    analytics,
+    connections,
+    export,  # part G: /db export
+    health,
+    integrity,
+    leaderboard,
+    migrations,  # part A: /db migrations
+    quota,
+    recover,
+    remedies,
+    roles,  # part E: /db roles
+    views,
+)
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -10,11 +23,16 @@ __all__ = [
     "Finding",
     "Report",
     "Status",
+    "analytics",
     "connections",
+    "export",
     "health",
     "integrity",
+    "leaderboard",
+    "migrations",
     "quota",
     "recover",
     "remedies",
+    "roles",
     "views",
 ]

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest_asyncio
@@ -19,7 +20,7 @@ from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
-from commands.base import ROLES, LeapsIdentity, role_rank
+from commands.base import ROLES, LeapsIdentity, Reader, Row, role_rank
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import REMEDIES
 from tests.conftest import FAST_THRESHOLDS, bot_settings
@@ -29,6 +30,7 @@ from tests.test_approvals import Victims
 CHANNEL = "C0MATRIX"
 REQUESTER = "U0REQ"
 PLAIN_VIEW = "time_series_metrics"
+_migrations = itertools.count()  # part A: migration-resolve's failed migrations
 
 
 @dataclass
@@ -69,6 +71,16 @@ async def rig(
     await store.close()
 
 
+SET_ROLE_USER_SQL = (
+    "SELECT handle, role::text AS role FROM users WHERE role::text IN ('PARTICIPANT', 'REVIEWER')"
+    " ORDER BY id LIMIT 1"
+)
+
+
+async def fetch_rows(query: str, db: Reader) -> list[Row]:
+    return await db.fetch(query)
+
+
 async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     """Arguments, and a fresh problem, so that the remedy's plan needs an approval."""
     if remedy == "refresh-views":
@@ -85,12 +97,19 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "reconcile-points":
         await faults.missing_awards(1)
         return []
+    if remedy == "migration-resolve":  # part A: a new failed migration each time
+        name = f"20251101{next(_migrations):06d}_matrix"
+        await faults.failed_migration(name)
+        return [name, "--rolled-back"]
     if remedy in ("recover-users", "rematch-kajabi", "recover-learn"):
         # a loss the last run did not recover is still there; fixture users are few
         if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:
             accounts, unmatched = int(remedy == "recover-users"), int(remedy == "rematch-kajabi")
             await faults.data_loss(0.1, accounts=accounts, unmatched=unmatched, kajabi_only=True)
         return []
+    if remedy == "set-role":  # one user, back and forth, so every plan changes a row
+        (user,) = await rig.gateway.read(partial(fetch_rows, SET_ROLE_USER_SQL))
+        return [str(user["handle"]), "REVIEWER" if user["role"] == "PARTICIPANT" else "PARTICIPANT"]
     (pid,) = await rig.victims.open(1)
     await asyncio.sleep(0.05)
     return ["0"] if remedy == "kill-idle" else [str(pid)]

@@ -65,12 +65,18 @@ class Plan(BaseModel):
     limits: str = ""
     needs_approval: bool = True
     locks: LockScope = Field(default_factory=LockScope)
+    # A higher approver role this plan needs than its remedy's (set-role granting ADMIN
+    # needs a SUPERADMIN); the engine asks for the higher of the two. None: the remedy's.
+    approver_role: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # the remedy's own; see `private`
 
     def fingerprint(self) -> str:
         """What an approval binds: the whole plan (SQL, parameters, counted rows, targets,
         locks, the remedy's data), as JSON, so the stored copy hashes the same."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        dumped = self.model_dump(mode="json")
+        if dumped["approver_role"] is None:  # as plans hashed before the field existed
+            del dumped["approver_role"]
+        blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def private(self, model: type[M]) -> M:
