@@ -25,7 +25,7 @@ from typing import Any, Literal
 from slack_sdk.errors import SlackClientError
 
 from bot import render
-from bot.authz import RoleResolver, allowed
+from bot.authz import ResolvedRole, RoleResolver, approval_refusal
 from bot.executor import Executor, remedy_running
 from bot.identity import acting_identity
 from bot.notify import Notifier
@@ -352,9 +352,10 @@ class ApprovalEngine:
         if approval.state != "pending":
             await self._tell(click, approval, await self._who_acted(approval))
             return
-        role = await self.roles.role_of(click.user_id, purpose="approve")  # never a stale role
+        resolved = await self.roles.resolve(click.user_id)
+        role = resolved.role_for("approve")  # never a stale role
         decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
-        refusal = self._refusal(approval, click.user_id, role, decision, click.origin)
+        refusal = self._refusal(approval, click.user_id, resolved, decision, click.origin)
         if refusal:
             await self.store.audit(
                 "approval.refused",
@@ -364,6 +365,7 @@ class ApprovalEngine:
                 detail={
                     "decision": decision,
                     "role": role,
+                    "role_origin": resolved.describe(),
                     "reason": refusal,
                     "origin": click.origin,
                 },
@@ -401,7 +403,12 @@ class ApprovalEngine:
         await self.execute(approval.id, actor_id=click.user_id, click=click)
 
     def _refusal(
-        self, approval: Approval, user_id: str, role: str, decision: str, origin: Origin
+        self,
+        approval: Approval,
+        user_id: str,
+        resolved: ResolvedRole,
+        decision: str,
+        origin: Origin,
     ) -> str | None:
         if decision == "approve" and origin == "console" and approval.origin != "console":
             return (
@@ -412,12 +419,7 @@ class ApprovalEngine:
             return None  # withdrawing one's own request is always allowed
         if decision == "approve" and user_id == approval.requester_id:
             return "You cannot approve your own request; another person must."
-        if not allowed(role, approval.approver_role):
-            return (
-                f"You cannot {decision} `{approval.id}`: it needs the role "
-                f"{approval.approver_role}, yours is {role}."
-            )
-        return None
+        return approval_refusal(approval.approver_role, resolved, f"{decision} `{approval.id}`")
 
     async def _approvers(self, approval_id: str) -> list[str]:
         decisions = await self.store.decisions(approval_id)

@@ -105,6 +105,20 @@ def refusal(needed: str, resolved: ResolvedRole, purpose: Purpose) -> str | None
     return f"You need the role {needed} for this; yours is {resolved.describe()}."
 
 
+def approval_refusal(needed: str, resolved: ResolvedRole, doing: str) -> str | None:
+    """None when `resolved` may approve or reject (`doing`), else the reason: like
+    `refusal`, the role's origin and, for a last known role, since when, so the approver
+    knows whether to fix ROLE_MAP, a user group, LEAPS, or wait for the lookup."""
+    if allowed(resolved.role_for("approve"), needed):
+        return None
+    if resolved.stale and allowed(resolved.role, needed):
+        return (
+            f"You cannot {doing}: it needs the role {needed}, checked now; yours is "
+            f"{resolved.describe()}. A last known role counts for diagnostics only."
+        )
+    return f"You cannot {doing}: it needs the role {needed}, yours is {resolved.describe()}."
+
+
 class _Unavailable(Exception):
     """A source could not answer now (as opposed to answering "no role")."""
 
