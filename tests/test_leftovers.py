@@ -5,12 +5,21 @@ never-seen person costs one role lookup; the two button signers share one keyed 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TypeVar
 
+import pytest
+
+from commands.base import REGISTRY, Command, Context, Finding, Reader, Report, Status
+from commands.roles import role_for_email
 from tests.conftest import bot_settings, running_bot
 from tests.fakeslack import FakeSlack
 from tests.test_approvals import REQUESTER, Victims, button_value, press, request, settle
 from tests.test_roles import leaps_email
+
+T = TypeVar("T")
 
 # --- 1. an approver's refusal names the role's origin ------------------------------------
 
@@ -81,3 +90,79 @@ async def test_an_approver_refusal_names_where_the_role_came_from(
             assert "the last known role from" in refused["U0STALE"]["role_origin"]
     finally:
         await victims.close()
+
+
+# --- 2. a burst by one never-seen person costs one role lookup ---------------------------
+
+PROBE = "burst-probe"
+
+
+@pytest.fixture
+def probe_command() -> Iterator[str]:
+    """A cheap diagnostic that needs REVIEWER, registered for one test only."""
+
+    async def diagnose(ctx: Context, args: list[str]) -> Report:
+        finding = Finding(check="probe", status=Status.OK, summary="answered")
+        return Report(title="Probe", target=ctx.gateway.target, findings=[finding])
+
+    REGISTRY[PROBE] = Command(PROBE, f"/db {PROBE}", "test", "REVIEWER", diagnose)
+    try:
+        yield PROBE
+    finally:
+        del REGISTRY[PROBE]
+
+
+async def test_a_burst_by_a_never_seen_person_looks_the_role_up_once(
+    leaps_dsn: str, fake_slack: FakeSlack, probe_command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_slack.add_user("U0BURST", email=await leaps_email(leaps_dsn, "REVIEWER"))
+    fake_slack.set_usergroup("S0ONCALL", ["U0SOMEONE"])
+    settings = bot_settings(
+        leaps_dsn, fake_slack, diagnostics_role="REVIEWER", role_groups={"S0ONCALL": "ADMIN"}
+    )
+    async with running_bot(settings, fake_slack) as bot:
+        # the LEAPS lookups, seen where they reach the target (the gateway itself still reads)
+        gateway = bot.service.gateway
+        real_read = gateway.read
+        lookups: list[str] = []
+
+        async def read(fn: Callable[[Reader], Awaitable[T]]) -> T:
+            if isinstance(fn, partial) and fn.func is role_for_email:
+                lookups.append(str(fn.args[0]))
+            return await real_read(fn)
+
+        monkeypatch.setattr(gateway, "read", read)
+        sent = await asyncio.gather(*(bot.slash(probe_command, user="U0BURST") for _ in range(20)))
+        assert all(r.status == 200 for r in sent)
+        answers = await fake_slack.wait_for(
+            "chat.postEphemeral",
+            count=20,
+            timeout=30,
+            predicate=lambda c: c.params.get("user") == "U0BURST",
+        )
+        await settle(bot)
+        assert len(answers) == 20
+        assert all("answered" in str(a.params.get("blocks")) for a in answers)
+        assert not fake_slack.calls_to("response_url")  # nobody was refused
+        assert [c.params["user"] for c in fake_slack.calls_to("users.info")] == ["U0BURST"]
+        assert len(fake_slack.calls_to("usergroups.users.list")) == 1
+        assert len(lookups) == 1
+        resolved = await bot.service.roles.resolve("U0BURST")
+        assert (resolved.role, resolved.source, resolved.stale) == ("REVIEWER", "leaps", False)
+
+
+async def test_a_failed_lookup_is_shared_by_the_burst_waiting_for_it(
+    leaps_dsn: str, fake_slack: FakeSlack, probe_command: str
+) -> None:
+    """Slack failing for a burst: one users.info (and the SDK's retries), every command
+    refused with the reason."""
+    fake_slack.add_user("U0BURST", email=await leaps_email(leaps_dsn, "REVIEWER"))
+    settings = bot_settings(leaps_dsn, fake_slack, diagnostics_role="REVIEWER")
+    async with running_bot(settings, fake_slack) as bot:
+        fake_slack.fail_next("users.info", status=500, times=3)  # the first try and 2 retries
+        await asyncio.gather(*(bot.slash(probe_command, user="U0BURST") for _ in range(10)))
+        refused = await fake_slack.wait_for("response_url", count=10, timeout=30)
+        await settle(bot)
+        assert len(refused) == 10
+        assert all("Slack did not answer users.info" in str(r.params["text"]) for r in refused)
+        assert len(fake_slack.calls_to("users.info")) == 3
