@@ -11,8 +11,6 @@ the thread's plan message is updated on every change of state.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import os
 import socket
@@ -28,6 +26,7 @@ from bot import render
 from bot.authz import ResolvedRole, RoleResolver, approval_refusal
 from bot.executor import Executor, remedy_running
 from bot.identity import acting_identity
+from bot.keyed_mac import APPROVAL_BUTTON, KeyedMac, button_secret
 from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
@@ -100,8 +99,8 @@ class ApprovalEngine:
         self.notifier = notifier
         self.roles = roles
         self.claimer = process_id()
-        key = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
-        self._key = hashlib.sha256(("dbops-approval:" + key).encode()).digest()
+        secret = button_secret(settings.slack_signing_secret, settings.slack_bot_token)
+        self._mac = KeyedMac.for_purpose(APPROVAL_BUTTON, secret, hex_chars=24)
 
     # --- policy and button values ----------------------------------------------------
 
@@ -121,15 +120,12 @@ class ApprovalEngine:
         return policy
 
     def sign(self, approval_id: str, channel_id: str) -> str:
-        mac = hmac.new(self._key, f"{approval_id}|{channel_id}".encode(), "sha256").hexdigest()
-        return f"{approval_id}.{mac[:24]}"
+        return f"{approval_id}.{self._mac.sign(f'{approval_id}|{channel_id}')}"
 
     def verify(self, value: str, channel_id: str) -> str | None:
         approval_id, _, mac = value.partition(".")
-        expected = self.sign(approval_id, channel_id)
-        # bytes: compare_digest refuses str with non-ASCII characters (a tampered value may have)
-        genuine = hmac.compare_digest(expected.encode(), value.encode())
-        return approval_id if genuine and mac else None
+        genuine = self._mac.matches(f"{approval_id}|{channel_id}", mac)
+        return approval_id if genuine else None
 
     # --- request ------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ never-seen person costs one role lookup; the two button signers share one keyed 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -12,11 +15,23 @@ from typing import TypeVar
 
 import pytest
 
+from bot import render
+from bot.approvals import APPROVE
+from bot.keyed_mac import APPROVAL_BUTTON, FULL_TABLE_BUTTON, KeyedMac
 from commands.base import REGISTRY, Command, Context, Finding, Reader, Report, Status
 from commands.roles import role_for_email
-from tests.conftest import bot_settings, running_bot
+from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import FakeSlack
-from tests.test_approvals import REQUESTER, Victims, button_value, press, request, settle
+from tests.slackreq import action_body, signed_headers
+from tests.test_approvals import (
+    REQUESTER,
+    Victims,
+    audit_actions,
+    button_value,
+    press,
+    request,
+    settle,
+)
 from tests.test_roles import leaps_email
 
 T = TypeVar("T")
@@ -166,3 +181,62 @@ async def test_a_failed_lookup_is_shared_by_the_burst_waiting_for_it(
         assert len(refused) == 10
         assert all("Slack did not answer users.info" in str(r.params["text"]) for r in refused)
         assert len(fake_slack.calls_to("users.info")) == 3
+
+
+# --- 3. one keyed MAC for both button signers -------------------------------------------
+
+
+async def click(bot: RunningBot, action_id: str, value: str) -> None:
+    body = action_body(
+        action_id=action_id,
+        value=value,
+        user="U0ALICE",
+        channel="C0GENERAL",
+        message_ts="",
+        response_url=bot.fake.response_url("U0ALICE"),
+    )
+    resp = await bot.http.post(f"{bot.url}/slack/events", data=body, headers=signed_headers(body))
+    await resp.read()
+    assert resp.status == 200
+
+
+def test_each_purpose_has_its_own_key_and_posted_buttons_stay_valid() -> None:
+    secret = "s3cret"
+    approval = KeyedMac.for_purpose(APPROVAL_BUTTON, secret, hex_chars=24)
+    table = KeyedMac.for_purpose(FULL_TABLE_BUTTON, secret, hex_chars=24)
+    message = "apv-1|C0INCIDENT"
+    assert approval.key != table.key
+    assert not table.matches(message, approval.sign(message))  # no MAC crosses purposes
+    # the derivation and format the two signers had before: values already in Slack verify
+    before = hashlib.sha256(b"dbops-approval:" + secret.encode()).digest()
+    posted = hmac.new(before, message.encode(), "sha256").hexdigest()[:24]
+    assert approval.matches(message, posted)
+    engine_value = f"apv-1.{posted}"
+    assert engine_value == f"apv-1.{approval.sign(message)}"
+    # any text is an answer, never an exception
+    for mac in ("", "é" * 24, "\ud800" * 24, posted.upper(), posted + "0"):
+        assert not approval.matches(message, mac)
+    assert not approval.matches("apv-\ud800|C0INCIDENT", posted)
+    with pytest.raises(ValueError, match="plain name"):
+        KeyedMac.for_purpose("dbops-approval:x", secret, hex_chars=24)
+
+
+async def test_non_ascii_button_values_are_refused_as_tampered(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    """Both buttons, over signed HTTP: a value no signer made, in text that neither ASCII
+    nor UTF-8 takes, is refused and audited like any tampering, not an internal error."""
+    settings = bot_settings(leaps_dsn, fake_slack)
+    async with running_bot(settings, fake_slack) as bot:
+        payload = json.dumps(["health", "idle", "U0ALICE", "C0GENERAL", 0])
+        table_values = ["é" * 32 + "." + payload, "0" * 32 + "." + payload + "\ud800"]
+        for value in table_values:
+            await click(bot, render.FULL_TABLE, value)
+        for value in ("apv-é.0123456789abcdef01234567", "apv-\ud800.00", "apv-1.\ud800é"):
+            await click(bot, APPROVE, value)
+        await settle(bot)
+        told = [str(c.params.get("text", "")) for c in fake_slack.calls_to("chat.postEphemeral")]
+        assert told.count("This button is not valid here.") == 2, told
+        assert told.count("This button is not valid here; nothing was changed.") == 3, told
+        assert not [t for t in told if "Something went wrong" in t]
+        assert (await audit_actions(bot)).count("payload.tampered") == 5
