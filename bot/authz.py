@@ -181,6 +181,7 @@ class RoleResolver:
         except asyncio.CancelledError:
             if lookup.waiters == 1:  # the last one (shutdown): nobody is left to answer
                 lookup.task.cancel()
+                self._landed(user_id, lookup, None)  # a later command starts afresh
             raise
         finally:
             lookup.waiters -= 1

@@ -17,7 +17,10 @@ import pytest
 
 from bot import render
 from bot.approvals import APPROVE
+from bot.authz import RoleResolver
+from bot.gateway import TargetGateway
 from bot.keyed_mac import APPROVAL_BUTTON, FULL_TABLE_BUTTON, KeyedMac
+from bot.slack_app import make_web_client
 from commands.base import REGISTRY, Command, Context, Finding, Reader, Report, Status
 from commands.roles import role_for_email
 from tests.conftest import RunningBot, bot_settings, running_bot
@@ -181,6 +184,52 @@ async def test_a_failed_lookup_is_shared_by_the_burst_waiting_for_it(
         assert len(refused) == 10
         assert all("Slack did not answer users.info" in str(r.params["text"]) for r in refused)
         assert len(fake_slack.calls_to("users.info")) == 3
+
+
+def lookups_running() -> list[asyncio.Task[object]]:
+    """Role lookups still under way in this loop (a lookup nobody waits for must not be)."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") == "RoleResolver._resolve_now"
+    ]
+
+
+async def test_a_cancelled_command_leaves_the_lookup_to_the_others_and_the_last_ends_it(
+    leaps_dsn: str, fake_slack: FakeSlack
+) -> None:
+    fake_slack.add_user("U0SLOW", email=await leaps_email(leaps_dsn, "REVIEWER"))
+    settings = bot_settings(leaps_dsn, fake_slack)
+    gateway = TargetGateway(leaps_dsn, connect_timeout_s=2.0)
+    try:
+        fake_slack.latency = 1.0
+        roles = RoleResolver({}, make_web_client(settings), gateway)
+        first = asyncio.ensure_future(roles.resolve("U0SLOW"))
+        second = asyncio.ensure_future(roles.resolve("U0SLOW"))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        assert (await second).role == "REVIEWER"
+        assert first.cancelled()
+        assert len(fake_slack.calls_to("users.info")) == 1
+
+        # nobody waits any more (shutdown): the lookup stops, and a later command starts afresh
+        later = RoleResolver({}, make_web_client(settings), gateway)
+        alone = asyncio.ensure_future(later.resolve("U0SLOW"))
+        await asyncio.sleep(0.1)
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        for _ in range(30):  # its cancellation lands well before Slack would have answered
+            if not lookups_running():
+                break
+            await asyncio.sleep(0.01)
+        assert not lookups_running()
+        again = await later.resolve("U0SLOW")
+        assert (again.role, again.stale) == ("REVIEWER", False)
+        assert not lookups_running()
+    finally:
+        fake_slack.latency = 0.0
+        await gateway.close()
 
 
 # --- 3. one keyed MAC for both button signers -------------------------------------------
