@@ -149,7 +149,10 @@ class SlackFrontend:
         secret = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
         self.tables = TableSigner(secret)
         self.exports = SlackExports(
-            settings, self.app.client, lambda: self.engine.store if self.engine else None
+            settings,
+            self.app.client,
+            lambda: self.engine.store if self.engine else None,
+            incidents=lambda: self.incidents,  # an export joins the open incident's timeline
         )
         self.app.command("/db")(self.on_db)
         self.app.action(APPROVE)(self.on_button)
