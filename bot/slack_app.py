@@ -146,7 +146,10 @@ class SlackFrontend:
             button_secret(settings.slack_signing_secret, settings.slack_bot_token)
         )
         self.exports = SlackExports(
-            settings, self.app.client, lambda: self.engine.store if self.engine else None
+            settings,
+            self.app.client,
+            lambda: self.engine.store if self.engine else None,
+            incidents=lambda: self.incidents,  # an export joins the open incident's timeline
         )
         self.app.command("/db")(self.on_db)
         self.app.action(APPROVE)(self.on_button)

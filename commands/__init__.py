@@ -6,6 +6,7 @@ from commands import (
     connections,
     export,  # part G: /db export
     health,
+    indexes,  # part C: /db indexes
     integrity,
     leaderboard,
     migrations,  # part A: /db migrations
@@ -27,6 +28,7 @@ __all__ = [
     "connections",
     "export",
     "health",
+    "indexes",
     "integrity",
     "leaderboard",
     "migrations",

@@ -31,6 +31,7 @@ CHANNEL = "C0MATRIX"
 REQUESTER = "U0REQ"
 PLAIN_VIEW = "time_series_metrics"
 _migrations = itertools.count()  # part A: migration-resolve's failed migrations
+_copies = itertools.count()
 
 
 @dataclass
@@ -94,6 +95,12 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "dedupe-ledger-events":
         await faults.duplicate_external_events(1)
         return []
+    if remedy == "create-index":  # the recommended index dropped, whatever built it
+        await faults.drop_index("points_ledger_user_id_created_at_idx")
+        await faults.drop_index("points_ledger_by_user_newest")
+        return ["points_ledger_by_user_newest"]
+    if remedy == "drop-index":
+        return [await faults.duplicate_index(name=f"submissions_user_id_copy_{next(_copies)}")]
     if remedy == "reconcile-points":
         await faults.missing_awards(1)
         return []

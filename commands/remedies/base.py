@@ -95,6 +95,16 @@ class Outcome(BaseModel):
     offers: list[str] = Field(default_factory=list)  # follow-up commands, e.g. "terminate 42"
 
 
+class OutsideStepFailed(Exception):
+    """A step run outside the transaction failed after it may have changed the database;
+    the remedy has cleaned up what it could and its outcome says what is left. The
+    executor rolls back the guarded transaction and reports the outcome as failed."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.summary)
+        self.outcome = outcome
+
+
 class RemedyAbort(Exception):
     """The plan no longer holds; nothing was changed. The message is shown as is."""
 
@@ -143,6 +153,19 @@ class Writer(Protocol):
 
     async def backup_table(self, name: str) -> sql.Identifier:
         """`dbops_backup."<approval>_<name>"`, the schema created if missing."""
+        ...
+
+    async def run_outside_transaction(
+        self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> None:
+        """Run one statement that PostgreSQL refuses inside a transaction block (CREATE
+        or DROP INDEX CONCURRENTLY) on its own autocommit session of the admin DSN, with
+        the same timeouts, application_name and identity. It commits on its own: the
+        guarded transaction's rollback cannot undo it, so a remedy that uses it cleans up
+        after a failure itself and raises `OutsideStepFailed`. The guarded transaction
+        must hold no lock on the table meanwhile (read the catalog only), or the
+        statement waits for it until the lock timeout.
+        """
         ...
 
 
