@@ -12,6 +12,10 @@ a session-level advisory lock on the target, held by the export's own connection
 so to the other replicas (PostgreSQL drops it with the connection, so a crashed export
 never blocks the next one). The other replica then names the session holding it and,
 from the shared audit trail, who started it.
+
+In a channel with an open incident, the export joins its timeline like a diagnostic:
+who started which, then its rows and size or why it failed, so the summary shows what
+data left the database during the incident.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import metrics, render
 from bot.gateway import first_line, normalise_scheme
+from bot.incidents import IncidentService
 from bot.settings import Settings
 from bot.state import StateStore
+from bot.state.incidents import FirstMilestone
 from commands.base import APPLICATION_NAME, Row, UsageError, human_duration, human_size
 from commands.export import (
     KINDS,
@@ -155,6 +161,7 @@ class SlackExports:
     settings: Settings
     client: AsyncWebClient
     store: Callable[[], StateStore | None] = lambda: None
+    incidents: Callable[[], IncidentService | None] = lambda: None
     limits: ExportLimits = field(default_factory=ExportLimits)
     progress_every_s: float = PROGRESS_EVERY_S
     running: dict[str, Running] = field(default_factory=dict)
@@ -219,6 +226,33 @@ class SlackExports:
         except Exception:
             log.exception("could not audit %s", action)
 
+    async def _timeline(
+        self,
+        entry: Running,
+        text: str,
+        detail: dict[str, Any],
+        reaches: tuple[FirstMilestone, ...] = (),
+    ) -> None:
+        """The channel's open incident, if any, gets the step; a timeline that cannot be
+        written never costs the export (as for diagnostics)."""
+        service = self.incidents()
+        if service is None:
+            return
+        try:
+            event = await service.store.add_event_in(
+                entry.channel,
+                kind="export",
+                actor_id=entry.user,
+                text=text,
+                at=service.now(),
+                detail=detail,
+                reaches=reaches,
+            )
+            if event is not None:
+                await service.refresh_header(event.incident_id)
+        except Exception:
+            log.exception("could not add an export to the incident timeline of %s", entry.channel)
+
     async def _export(
         self, request: ExportRequest, entry: Running, tell: Callable[[str], Awaitable[None]]
     ) -> str:
@@ -227,9 +261,12 @@ class SlackExports:
         try:
             conn = await connect(self.settings.database_url, self.settings.connect_timeout_s)
         except psycopg.Error as exc:
-            await tell(
-                f"Export of `{kind}` not started: cannot reach the database "
-                f"({render.esc(first_line(exc))})."
+            why = f"cannot reach the database ({render.esc(first_line(exc))})"
+            await tell(f"Export of `{kind}` not started: {why}.")
+            await self._timeline(
+                entry,
+                f"`/db export {render.esc(request.describe())}` not started: {why}",
+                {"kind": kind, "since": _since(request), "reason": first_line(exc)},
             )
             return "error"
         try:
@@ -267,6 +304,12 @@ class SlackExports:
         )
         await self._audit(
             "export.started", entry, {"kind": request.kind.name, "since": _since(request)}
+        )
+        await self._timeline(
+            entry,
+            f"started {asked}",
+            {"kind": request.kind.name, "since": _since(request), "ts": ts},
+            ("responded",),
         )
         fd, name = tempfile.mkstemp(prefix=f"dbops-export-{request.kind.name}-", suffix=".csv")
         path = Path(name)
@@ -314,15 +357,18 @@ class SlackExports:
                 f"{asked} by {by}: done, {written.rows:,} rows, {human_size(written.size)} "
                 f"in {human_duration(written.seconds)}; the file is in this thread."
             )
-            await self._audit(
-                "export.finished",
+            finished = {
+                "kind": request.kind.name,
+                "since": _since(request),
+                "rows": written.rows,
+                "bytes": written.size,
+            }
+            await self._audit("export.finished", entry, finished)
+            await self._timeline(
                 entry,
-                {
-                    "kind": request.kind.name,
-                    "since": _since(request),
-                    "rows": written.rows,
-                    "bytes": written.size,
-                },
+                f"{asked} done: {written.rows:,} rows, {human_size(written.size)} in "
+                f"{human_duration(written.seconds)}; the file is in its thread",
+                {**finished, "seconds": round(written.seconds, 3), "ts": ts},
             )
             return "ok"
         except asyncio.CancelledError:  # the bot is stopping: say so, then stop
@@ -349,6 +395,16 @@ class SlackExports:
         asked = render.esc(request.describe())
         text = f"`/db export {asked}` failed: {render.esc(why)}. Nothing was uploaded."
         await self._audit("export.failed", entry, {"kind": request.kind.name, "reason": why})
+        await self._timeline(
+            entry,
+            f"`/db export {asked}` failed: {render.esc(why)}",
+            {
+                "kind": request.kind.name,
+                "since": _since(request),
+                "reason": why,
+                "rows": entry.rows,
+            },
+        )
         if not await progress.final(text):
             metrics.SLACK_ERRORS.labels("chat.update").inc()
             await tell(text)

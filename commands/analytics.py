@@ -33,10 +33,10 @@ from commands.leaderboard import JIT_OFF, locked_finding
 from commands.views import (
     COUNT_LIMIT_BYTES,
     MatView,
-    _last_refresh,
-    _refresh_records,
+    last_refresh,
     load_views,
     measure,
+    refresh_records,
 )
 
 REFRESH = "/db refresh-views"
@@ -398,7 +398,7 @@ async def analytics(ctx: Context, args: list[str]) -> Report:
                 hint="recreate them from the migration that defines them",
             )
         )
-    records, missing = await _refresh_records(ctx)
+    records, missing = await refresh_records(ctx)
     now = datetime.now(UTC)
     for v in found:
         if v.bytes is not None and v.bytes > COUNT_LIMIT_BYTES:
@@ -416,7 +416,7 @@ async def analytics(ctx: Context, args: list[str]) -> Report:
         record: Any = None
         if records is not None:
             record = records.get(v.qualified) or records.get(v.name)
-        refresh_text, refresh_status = _last_refresh(record, now, missing)
+        refresh_text, refresh_status = last_refresh(record, now, missing)
         out: list[ViewState] = []
 
         async def check(db: Reader, v: MatView = v, out: list[ViewState] = out) -> Finding:

@@ -193,7 +193,7 @@ def invalid_finding(rows: list[Row]) -> Finding:
         + (", …" if n > len(rows) else "")
         + "): the application's checks and the bot treat them as the lowest role",
         rows=_strip_total(rows),
-        hint="`/db set-role <handle> <ROLE>` for each (an approval per user)",
+        hint="`/db set-role <handle> [<handle> ...] <ROLE>` (one approval for the list)",
     )
 
 
