@@ -133,8 +133,9 @@ async def amplify_keys(reader: Reader) -> tuple[str, str]:
 # counts once (at its smallest delta) in `counted`, and in full in the user's total.
 # When a valid unique index guarantees there is no replay, `events_unique` is true and
 # the planner drops that second scan of the ledger (a one-time filter on a constant).
-_PASS_TEMPLATE = """
-WITH dup AS MATERIALIZED (
+# Repeated external_event_ids, one row each: the pass's `dup` and, alone,
+# `check_duplicate_events` (one definition of what a replayed award is).
+_DUP_EVENTS_SQL = """
   SELECT l.external_event_id, count(*) AS n, sum(l.delta_points) AS pts,
          min(l.delta_points) AS one_pts, min(l.user_id) AS user_id,
          array_position(%(codes)s::text[], min(l.activity_code)) AS k
@@ -142,7 +143,10 @@ WITH dup AS MATERIALIZED (
   WHERE l.external_event_id IS NOT NULL AND NOT %(events_unique)s
   GROUP BY l.external_event_id
   HAVING count(*) > 1
-),
+"""
+
+_PASS_TEMPLATE = """
+WITH dup AS MATERIALIZED (@DUP_EVENTS@),
 excess AS (
   SELECT user_id, k, sum(pts - one_pts) AS pts FROM dup GROUP BY user_id, k
 ),
@@ -268,7 +272,8 @@ def pass_sql(activities: int) -> str:
         else "NULL::int"
     )
     return (
-        _PASS_TEMPLATE.replace("@K_OF_CODE@", k_of_code)
+        _PASS_TEMPLATE.replace("@DUP_EVENTS@", _DUP_EVENTS_SQL)
+        .replace("@K_OF_CODE@", k_of_code)
         .replace("@LED_COLS@", led)
         .replace("@SUB_COLS@", sub)
         .replace("@USER_COLS@", user)
@@ -415,6 +420,33 @@ async def events_unique_index(db: Reader) -> str | None:
     """The index that makes duplicate external_event_ids impossible, if there is one."""
     rows = await db.fetch(_EVENTS_UNIQUE_SQL)
     return str(rows[0]["name"]) if rows else None
+
+
+# The sample and totals the pass gives its `dup_event` kind, from `dup` alone.
+_DUP_EVENTS_ALONE_SQL = f"""
+WITH dup AS MATERIALIZED ({_DUP_EVENTS_SQL})
+SELECT d.user_id, d.n - 1 AS n, d.one_pts AS expected, d.pts AS actual, d.external_event_id,
+       count(*) OVER ()::bigint AS units, sum(d.n - 1) OVER ()::bigint AS rows_total,
+       NULL::bigint AS net
+FROM dup d
+ORDER BY d.user_id, d.k, d.external_event_id
+LIMIT %(sample)s
+"""  # noqa: S608 (a constant of this module)
+
+
+async def check_duplicate_events(db: Reader) -> Finding:
+    """`/db integrity`'s duplicate-event finding without its whole pass: a catalog
+    read when a valid unique index rules replays out, else one GROUP BY over the
+    ledger rows that carry an event id. For `/db webhooks` and `/db health`; the
+    pass itself keeps computing `dup` (its reconciliation needs it) from the same SQL."""
+    unique_events = await events_unique_index(db)
+    if unique_events is not None:
+        return _duplicate_events([], unique_events)
+    codes = [str(a["code"]) for a in await db.fetch("SELECT code FROM activities ORDER BY code")]
+    rows = await db.fetch(
+        _DUP_EVENTS_ALONE_SQL, {"codes": codes, "events_unique": False, "sample": SAMPLE}
+    )
+    return _duplicate_events(rows)
 
 
 async def _pass_findings(db: Reader) -> list[Finding]:

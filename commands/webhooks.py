@@ -12,8 +12,9 @@ marked `NO_USER_FOUND`, or naming a user who no longer exists. The seed's handfu
 NO_USER_FOUND events (people who never signed up) is kept under the threshold for that
 reason.
 
-The repeated `external_event_id` finding is `/db integrity`'s own (its one aggregate
-pass over the ledger), not a second query for the same thing.
+The repeated `external_event_id` finding is `/db integrity`'s own, from its cheap check
+(`check_duplicate_events`: a catalog read while the unique index stands, else one
+GROUP BY over the ledger rows with an event id), not its whole aggregate pass.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from commands.base import (
     human_duration,
     register,
 )
-from commands.integrity import DUPLICATE_EVENTS, _pass_findings
+from commands.integrity import DUPLICATE_EVENTS, check_duplicate_events
 from commands.remedies.recovery import (
     EVENT_EMAIL,
     EVENT_TAG,
@@ -196,8 +197,8 @@ async def check_duplicates(t: Thresholds, db: Reader) -> Finding:
 
 
 async def check_ledger_events(db: Reader) -> Finding:
-    """`/db integrity`'s finding, from its own pass."""
-    return next(f for f in await _pass_findings(db) if f.check == DUPLICATE_EVENTS)
+    """`/db integrity`'s finding, from its cheap check rather than its whole pass."""
+    return await check_duplicate_events(db)
 
 
 @register(
