@@ -8,8 +8,8 @@ events of users, `--dupes` repeated payloads),
 this times, warm, median of `--runs`:
 
 (a) the bot's `/db webhooks`, whole (its repeated-external_event_id finding is
-    `/db integrity`'s aggregate pass over the ledger and submissions);
-(b) the same command's four webhook checks alone (without that pass);
+    `/db integrity`'s cheap check: here, with the unique index standing, a catalog read);
+(b) the same command's four webhook checks alone (without that finding);
 (c) the operators' guide's `duplicate_external_events.sql`, read at run time from
     `../shared/guide-sql/` and run as written (the guide's only webhook query kept there);
 (d) `reprocess-webhooks` on the backlog through the executor (a savepoint, an award

@@ -27,6 +27,7 @@ from commands.base import (
     register,
     shown_queries,
 )
+from commands.integrity import check_duplicate_events
 from commands.migrations import (
     MIGRATIONS_TABLE,
     Attempt,
@@ -602,7 +603,60 @@ async def check_event_id_uniqueness(db: Reader) -> Finding:
     )
 
 
+# --- the operators' webhook alerts (LEAPS_SCHEMA.md) -----------------------------
+# Raised by `/db webhooks` too; here so that the watchdog posts them, by the same
+# queries. `commands.webhooks` is imported where used: it imports the remedies, one of
+# which imports `commands.views`, which imports this module.
+
+LEDGER_EVENTS = "webhooks: duplicate external_event_id"
+
+
+async def _table_present(db: Reader, table: str) -> bool:
+    (row,) = await db.fetch("SELECT to_regclass(%s) IS NOT NULL AS present", (table,))
+    return bool(row["present"])
+
+
+async def check_webhook_backlog(th: Thresholds, db: Reader) -> Finding:
+    """Critical above the alert's threshold. Not every deployment receives Kajabi
+    webhooks: without the table there is nothing to alert on, which is no error."""
+    from commands.webhooks import ALERT, REMATCH_EMAILS, REPROCESS, check_alert
+
+    if not await _table_present(db, "kajabi_events"):
+        return Finding(
+            check=ALERT,
+            status=Status.SKIPPED,
+            summary="no kajabi_events table: this database receives no Kajabi webhooks",
+        )
+    found = await check_alert(th, db)
+    if found.status is not Status.CRIT:
+        return found
+    return found.model_copy(
+        update={
+            "hint": f"`/db webhooks` lists them; `/db {REPROCESS}` processes the unprocessed, "
+            f"`/db {REMATCH_EMAILS}` links e-mails that differ only in case"
+        }
+    )
+
+
+async def check_ledger_events(db: Reader) -> Finding:
+    """Any replayed webhook award is critical: `/db integrity`'s own check, a catalog
+    read while the unique index stands."""
+    if not await _table_present(db, "points_ledger"):
+        return Finding(
+            check=LEDGER_EVENTS,
+            status=Status.SKIPPED,
+            summary="no points_ledger table (the uniqueness guard reports it)",
+        )
+    found = await check_duplicate_events(db)
+    update: dict[str, Any] = {"check": LEDGER_EVENTS}
+    if found.hint:
+        update["hint"] = f"`/db webhooks` lists them; {found.hint}"
+    return found.model_copy(update=update)
+
+
 def health_checks(th: Thresholds) -> dict[str, Callable[[Reader], Awaitable[Finding]]]:
+    from commands.webhooks import ALERT as WEBHOOK_BACKLOG
+
     return {
         "connections": partial(check_connections, th),
         "long-running queries": partial(check_long_queries, th),
@@ -614,6 +668,8 @@ def health_checks(th: Thresholds) -> dict[str, Callable[[Reader], Awaitable[Find
         "guard: AMPLIFY quota trigger": check_quota_trigger,
         "guard: LEARN uniqueness": check_learn_uniqueness,
         "guard: external_event_id uniqueness": check_event_id_uniqueness,
+        WEBHOOK_BACKLOG: partial(check_webhook_backlog, th),
+        LEDGER_EVENTS: check_ledger_events,
     }
 
 
