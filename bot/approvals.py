@@ -270,7 +270,7 @@ class ApprovalEngine:
             approved_by=decided,
             expires_at=approval.expires_at,
             outcome=outcome,
-            limits=self.executor.limits,
+            limits=self.executor.limits_for(plan),
             button_value=self.sign(approval.id, approval.channel_id),
             decided_at=decided_at,
             changed_at=approval.updated_at if approval.state != "pending" else None,

@@ -157,11 +157,21 @@ class Executor:
         self.lock_timeout_ms = lock_timeout_ms
 
     @property
-    def limits(self) -> str:
+    def timeouts(self) -> str:
         return (
-            f"one transaction; statement_timeout {self.statement_timeout_ms} ms, "
+            f"statement_timeout {self.statement_timeout_ms} ms, "
             f"lock_timeout {self.lock_timeout_ms} ms"
         )
+
+    @property
+    def limits(self) -> str:
+        return f"one transaction; {self.timeouts}"
+
+    def limits_for(self, plan: Plan) -> str:
+        """What an approval shows: the remedy's own account of how it runs (`Plan.limits`,
+        e.g. a build outside any transaction) in place of "one transaction", and the
+        timeouts, which hold on every session the executor opens."""
+        return f"{plan.limits}; {self.timeouts}" if plan.limits else self.limits
 
     async def apply(
         self,

@@ -344,7 +344,7 @@ def plan_text(plan: Plan, limits: str = "", m: Markup = MRKDWN) -> str:
         lines[-1] += f" (tolerance ±{plan.tolerance})"
     lines.append(f"backup: {m.v(plan.backup or 'nothing is deleted or overwritten')}")
     if limits or plan.limits:
-        lines.append(f"limits: {m.v(plan.limits or limits)}")
+        lines.append(f"limits: {m.v(limits or plan.limits)}")  # the executor's includes the plan's
     lines += [f"{':warning: ' if m.slack else 'warning: '}{m.v(w)}" for w in plan.warnings]
     return "\n".join(lines)
 

@@ -115,6 +115,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# How the statement really runs, for the plan's "limits" line (the executor adds its
+# timeouts, which hold on the statement's own session too): not the executor's usual
+# one transaction.
+CREATE_LIMITS = (
+    "CREATE INDEX CONCURRENTLY outside any transaction, on its own session, committing by "
+    "itself (the guarded transaction only rechecks the catalog); if the build fails, the "
+    "INVALID index it leaves is dropped with DROP INDEX CONCURRENTLY"
+)
+DROP_LIMITS = (
+    "DROP INDEX CONCURRENTLY outside any transaction, on its own session, committing by "
+    "itself (the guarded transaction only rechecks the catalog); if it fails midway the "
+    "index is left INVALID and drop-index can be requested again"
+)
+
+
 class CreateData(BaseModel):
     schema_name: str
     table: str
@@ -289,6 +304,7 @@ async def plan_create_index(ctx: Context, args: list[str]) -> Plan:
         ],
         count=1,
         warnings=warnings,
+        limits=CREATE_LIMITS,
         locks=LockScope(relations=[data.table], modes=_CONCURRENT_CONFLICTS),
         data=data.model_dump(mode="json"),
     )
@@ -467,6 +483,7 @@ async def plan_drop_index(ctx: Context, args: list[str]) -> Plan:
             "if it fails midway the index is left INVALID (unused, still written) and "
             "drop-index can be requested again"
         ],
+        limits=DROP_LIMITS,
         locks=LockScope(relations=[index.table], modes=_CONCURRENT_CONFLICTS),
         data=DropData(
             oid=index.oid,
