@@ -9,7 +9,10 @@ this times, warm, median of `--runs`:
 
 (a) the bot's `/db webhooks`, whole (its repeated-external_event_id finding is
     `/db integrity`'s cheap check: here, with the unique index standing, a catalog read);
-(b) the same command's four webhook checks alone (without that finding);
+(b) the same command's four webhook checks alone (without that finding), and that
+    finding alone beside `/db integrity`'s whole aggregate pass, which it used to run
+    (`--ledger-dupes N` drops the unique index and repeats N event ids, so the check
+    has to scan);
 (c) the operators' guide's `duplicate_external_events.sql`, read at run time from
     `../shared/guide-sql/` and run as written (the guide's only webhook query kept there);
 (d) `reprocess-webhooks` on the backlog through the executor (a savepoint, an award
@@ -18,7 +21,7 @@ this times, warm, median of `--runs`:
     touching those rows at all.
 
     python bench/webhooks.py [--users 20000] [--backlog 1000] [--learners 200] [--dupes 100]
-                             [--runs 3]
+                             [--ledger-dupes 0] [--runs 3]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from bot.router import RunContext  # noqa: E402
 from commands import webhooks as wh  # noqa: E402
 from commands.base import Report, Thresholds  # noqa: E402
 from commands.fixture.faults import FaultInjector  # noqa: E402
+from commands.integrity import _pass_findings, check_duplicate_events  # noqa: E402
 from commands.remedies.webhooks import REPROCESS_WEBHOOKS  # noqa: E402
 
 GUIDE_SQL = ROOT.parent / "shared" / "guide-sql" / "duplicate_external_events.sql"
@@ -91,9 +95,20 @@ async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
     whole_s = await timed(whole, runs)
     checks_s = await timed(checks_only, runs)
     guide_s = await timed(guide_dup, runs)
+
+    async def dup_check() -> None:
+        await gateway.run_check("dup", check_duplicate_events)
+
+    async def whole_pass() -> None:
+        await gateway.read(_pass_findings)
+
+    dup_s = await timed(dup_check, runs)
+    pass_s = await timed(whole_pass, runs)
     print(
         f"BENCH webhooks bot_s={whole_s:.3f} checks_s={checks_s:.3f} guide_dup_s={guide_s:.3f} "
-        f"ratio_bot_guide={whole_s / guide_s:.2f} ratio_checks_guide={checks_s / guide_s:.2f}"
+        f"ratio_bot_guide={whole_s / guide_s:.2f} ratio_checks_guide={checks_s / guide_s:.2f} "
+        f"dup_check_s={dup_s:.3f} integrity_pass_s={pass_s:.3f} "
+        f"ratio_pass_dup={pass_s / max(dup_s, 1e-6):.1f}"
     )
     await gateway.close()
 
@@ -128,6 +143,7 @@ async def main() -> None:
     ap.add_argument("--backlog", type=int, default=1_000)
     ap.add_argument("--dupes", type=int, default=100)
     ap.add_argument("--learners", type=int, default=200, help="unprocessed events that pay")
+    ap.add_argument("--ledger-dupes", type=int, default=0, help="repeated external_event_ids")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     pg = EmbeddedPostgres(settings=SCALE_SERVER_SETTINGS)
@@ -141,7 +157,7 @@ async def main() -> None:
             submissions=args.users * 10,
             ledger=args.users * 20,
             kajabi=args.users,
-            faults={},
+            faults={"duplicate_external_events": args.ledger_dupes} if args.ledger_dupes else {},
             seed=0,
         )
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
