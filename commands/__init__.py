@@ -2,6 +2,7 @@
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
 from commands import connections, health, integrity, quota, recover, remedies, views
+from commands import performance as performance  # /db slow, /db explain
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
