@@ -393,7 +393,9 @@ async def explain_json(
     """The plan of `query` as PostgreSQL's JSON. With `analyze` the query runs, inside a
     savepoint rolled back afterwards; the transaction around it is read-only, so a
     statement that would write fails there before it changes anything."""
-    options = "ANALYZE, BUFFERS, VERBOSE, FORMAT JSON" if analyze else "VERBOSE, FORMAT JSON"
+    options = (
+        "ANALYZE, BUFFERS, VERBOSE, FORMAT JSON" if analyze else "VERBOSE, SUMMARY, FORMAT JSON"
+    )
     statement = sql.SQL("EXPLAIN ({}) {}").format(sql.SQL(options), sql.SQL(query))
     if not analyze:
         (row,) = await db.fetch(statement.as_string(None), params)
@@ -408,10 +410,16 @@ async def explain_json(
     return result
 
 
+# Nodes that read all of their input before returning a row: a Limit above them does
+# not stop what is below them early.
+_CONSUMERS = frozenset({"Sort", "Hash", "Aggregate"})
+
+
 def nodes(plan: dict[str, Any], limited: bool = False) -> Iterator[tuple[dict[str, Any], bool]]:
     """Every node with whether a Limit above it may stop it early."""
     yield plan, limited
-    below = limited or plan["Node Type"] == "Limit"
+    kind = plan["Node Type"]
+    below = (limited or kind == "Limit") and kind not in _CONSUMERS
     for child in plan.get("Plans", []):
         yield from nodes(child, below)
 
@@ -424,12 +432,14 @@ def _node_label(n: dict[str, Any]) -> str:
         label = "HashAggregate"
     if n.get("Parallel Aware"):
         label = f"Parallel {label}"
+    if n["Node Type"] == "Bitmap Index Scan":
+        return f"{label} on {n['Index Name']}"
     if "Index Name" in n:
         label += f" using {n['Index Name']}"
-    if "Relation Name" in n:
-        rel = f"{n['Schema']}.{n['Relation Name']}" if "Schema" in n else n["Relation Name"]
-        label += f" on {rel}"
-        if n.get("Alias") and n["Alias"] != n["Relation Name"]:
+    name = n.get("Relation Name") or n.get("Function Name") or n.get("CTE Name")
+    if name:
+        label += f" on {n['Schema']}.{name}" if "Schema" in n else f" on {name}"
+        if n.get("Alias") and n["Alias"] != name:
             label += f" {n['Alias']}"
     return label
 
@@ -446,8 +456,31 @@ _DETAILS = (
 )
 
 
+def _detail_lines(n: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in _DETAILS:
+        if key in n:
+            value = n[key]
+            text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            if key == "Sort Method" and "Sort Space Used" in n:
+                text += f"  {n.get('Sort Space Type', 'Memory')}: {n['Sort Space Used']}kB"
+            lines.append(f"{key}: {text}")
+    if "Hash Batches" in n:
+        lines.append(
+            f"Buckets: {n.get('Hash Buckets')}  Batches: {n['Hash Batches']}"
+            f"  Memory Usage: {n.get('Peak Memory Usage')}kB"
+        )
+    hit, read = n.get("Shared Hit Blocks", 0), n.get("Shared Read Blocks", 0)
+    written = n.get("Temp Written Blocks", 0)
+    if hit or read or written:
+        parts = [f"shared hit={hit}"] + ([f"read={read}"] if read else [])
+        parts += [f"temp written={written}"] if written else []
+        lines.append("Buffers: " + " ".join(parts))
+    return lines
+
+
 def plan_lines(n: dict[str, Any], depth: int = 0) -> list[str]:
-    """The plan as EXPLAIN's text format draws it, without the output column lists."""
+    """The plan drawn as EXPLAIN's text format does, without the output column lists."""
     cost = f"(cost={n['Startup Cost']:.2f}..{n['Total Cost']:.2f} rows={n['Plan Rows']})"
     if "Actual Loops" in n:
         if n["Actual Loops"] == 0:
@@ -457,23 +490,33 @@ def plan_lines(n: dict[str, Any], depth: int = 0) -> list[str]:
                 f" (actual time={n['Actual Startup Time']:.3f}..{n['Actual Total Time']:.3f}"
                 f" rows={n['Actual Rows']} loops={n['Actual Loops']})"
             )
-    pad = "  " * depth
-    arrow = "->  " if depth else ""
-    lines = [f"{pad}{arrow}{_node_label(n)}  {cost}"]
-    inner = pad + ("      " if depth else "  ")
-    for key in _DETAILS:
-        if key in n:
-            value = n[key]
-            text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-            lines.append(f"{inner}{key}: {text}")
-    if n.get("Shared Hit Blocks") or n.get("Shared Read Blocks"):
-        lines.append(
-            f"{inner}Buffers: shared hit={n.get('Shared Hit Blocks', 0)}"
-            f" read={n.get('Shared Read Blocks', 0)}"
-        )
+    head = " " * (6 * depth - 4) + "->  " if depth else ""
+    inner = " " * (6 * depth + 2)
+    lines = [f"{head}{_node_label(n)}  {cost}"]
+    lines += [inner + line for line in _detail_lines(n)]
     for child in n.get("Plans", []):
         lines += plan_lines(child, depth + 1)
     return lines
+
+
+def disk_finding(plan: dict[str, Any], work_mem: str) -> Finding | None:
+    """Sorts and hashes of an analyzed plan that outgrew work_mem and went to disk."""
+    rows: list[Row] = []
+    for n, _limited in nodes(plan):
+        if n.get("Sort Space Type") == "Disk":
+            rows.append({"node": _node_label(n), "spilled": f"{n.get('Sort Space Used')}kB"})
+        elif int(n.get("Hash Batches") or 1) > 1:
+            rows.append({"node": _node_label(n), "spilled": f"{n['Hash Batches']} batches"})
+    if not rows:
+        return None
+    return Finding(
+        check="work_mem",
+        status=Status.WARN,
+        summary=f"{len(rows)} node{'s' if len(rows) != 1 else ''} went to disk with work_mem ="
+        f" {work_mem}: " + "; ".join(f"{r['node']} ({r['spilled']})" for r in rows),
+        rows=rows,
+        hint="raise work_mem for this query (SET LOCAL work_mem) or avoid the sort with an index",
+    )
 
 
 _SIZES_SQL = """
@@ -527,7 +570,7 @@ def estimate_finding(plan: dict[str, Any], analyzed: bool) -> Finding:
     if not analyzed:
         return Finding(
             check="row estimates",
-            status=Status.SKIPPED,
+            status=Status.OK,
             summary="not compared: the query was planned, not run",
             hint="add `--analyze` to run it (read-only, rolled back) and compare",
         )
@@ -655,6 +698,10 @@ async def explain(ctx: Context, args: list[str]) -> Report:
         sizes = await db.fetch(_SIZES_SQL, {"names": scanned}) if scanned else []
         built.append(seq_scan_finding(doc["Plan"], sizes, SEQ_SCAN_MIN_ROWS))
         built.append(estimate_finding(doc["Plan"], analyze))
+        if analyze:
+            (mem,) = await db.fetch("SELECT current_setting('work_mem') AS work_mem")
+            spilled = disk_finding(doc["Plan"], str(mem["work_mem"]))
+            built.extend([spilled] if spilled else [])
         return plan_finding(query, doc, th, analyze)
 
     head = await gw.run_check("plan", run)

@@ -44,7 +44,7 @@ def finding(report: Report, check: str) -> Finding:
 async def execute(dsn: str, *statements: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for statement in statements:
-            await conn.execute(statement)  # type: ignore[arg-type]
+            await conn.execute(statement)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
