@@ -260,3 +260,25 @@ async def test_a_sort_that_outgrows_work_mem_is_named(gateway: TargetGateway) ->
     assert row["node"] == "Sort" and row["spilled"].endswith("kB")
     assert "work_mem = 64kB" in spilled.summary
     assert "Sort Method: external merge  Disk: " in "\n".join(plan_lines(doc))
+
+
+async def test_analyze_is_rolled_back_to_its_savepoint(gateway: TargetGateway) -> None:
+    """What a read-only transaction still allows (a transaction-local setting here) is
+    undone before the check goes on: the savepoint is rolled back, not released."""
+
+    async def analyze_then_look(db: Reader) -> Any:
+        await explain_json(
+            db, "SELECT set_config('dbops.marker', 'left behind', true)", {}, analyze=True
+        )
+        (row,) = await db.fetch("SELECT current_setting('dbops.marker', true) AS marker")
+        return row["marker"]
+
+    assert await gateway.read(analyze_then_look) in (None, "")
+
+    async def plan_then_look(db: Reader) -> Any:
+        await db.fetch("SELECT set_config('dbops.marker', 'kept', true)")
+        await explain_json(db, "SELECT 1", {}, analyze=True)
+        (row,) = await db.fetch("SELECT current_setting('dbops.marker', true) AS marker")
+        return row["marker"]
+
+    assert await gateway.read(plan_then_look) == "kept"  # only the explained part is undone
