@@ -138,12 +138,15 @@ def preloaded(setting: str) -> bool:
     return PGSS in (part.strip().strip('"') for part in setting.split(","))
 
 
-def _enable_hint(schema: str | None) -> str:
-    create = "CREATE EXTENSION pg_stat_statements" + (" SCHEMA extensions" if not schema else "")
-    return (
-        "add pg_stat_statements to shared_preload_libraries (a restart; on Supabase it is"
-        f" already there), then `{create}` in this database"
+def _enable_hint(schema: str | None, available: bool) -> str:
+    preload = (
+        "add pg_stat_statements to shared_preload_libraries and restart the server (on"
+        " Supabase it is preloaded already)"
     )
+    if schema is not None:
+        return preload
+    first = "" if available else "install the server's contrib package, "
+    return f"{first}{preload}, then `CREATE EXTENSION pg_stat_statements SCHEMA extensions`"
 
 
 def top_sql(schema: str, version: int, *, by_temp: bool) -> str:
@@ -189,7 +192,7 @@ async def statement_findings(db: Reader, th: Thresholds) -> list[Finding]:
                 check="top statements",
                 status=Status.SKIPPED,
                 summary=summary,
-                hint=_enable_hint(schema),
+                hint=_enable_hint(schema, bool(where["available"])),
             )
         ]
     version = int(where["version"])
