@@ -48,6 +48,10 @@ SEQ_SCAN_MIN_ROWS = 10_000
 ESTIMATE_FACTOR = 10.0
 ESTIMATE_MIN_ROWS = 100
 SAVEPOINT = "dbops_explain"
+ANALYZE_FLAGS = ("--analyze", "\u2014analyze", "\u2013analyze")
+# The plan goes in one Slack section (3000 characters) with its heading: whole lines
+# up to this many characters, so the code block is never cut open.
+PLAN_CHARS = 2500
 
 # --- /db slow: running now ------------------------------------------------------------
 
@@ -375,8 +379,9 @@ EXPLAIN_USAGE = "/db explain <leaderboard|user-submissions <@user|handle|email>|
 
 
 def parse_explain(args: list[str]) -> tuple[HotQuery, list[str], bool]:
-    analyze = "--analyze" in args
-    rest = [a for a in args if a != "--analyze"]
+    # Some Slack clients turn a typed `--` into a dash.
+    analyze = any(a in ANALYZE_FLAGS for a in args)
+    rest = [a for a in args if a not in ANALYZE_FLAGS]
     names = ", ".join(f"`{n}`" for n in HOT_QUERIES)
     if not rest or rest[0] not in HOT_QUERIES:
         given = f"unknown query `{rest[0]}`; " if rest else ""
@@ -617,7 +622,11 @@ def plan_finding(query: HotQuery, doc: dict[str, Any], th: Thresholds, analyzed:
         lines = [redact_literals(line) for line in lines]
     # A literal is shown as '…' by then; a quoted identifier could still close the block.
     lines = [line.replace("```", "'''") for line in lines]
-    shown = lines[: th.max_rows]
+    shown: list[str] = []
+    for line in lines[: th.max_rows]:
+        if sum(map(len, shown)) + len(shown) + len(line) > PLAN_CHARS:
+            break
+        shown.append(line)
     if len(lines) > len(shown):
         shown.append(f"… {len(lines) - len(shown)} more plan lines")
     timing = f"planned in {doc.get('Planning Time', 0):.1f} ms"

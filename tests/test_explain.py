@@ -282,3 +282,16 @@ async def test_analyze_is_rolled_back_to_its_savepoint(gateway: TargetGateway) -
         return row["marker"]
 
     assert await gateway.read(plan_then_look) == "kept"  # only the explained part is undone
+
+
+async def test_the_plan_is_cut_to_the_table_limit_and_a_dash_flag_counts(
+    gateway: TargetGateway,
+) -> None:
+    # Slack may turn a typed `--analyze` into `—analyze`.
+    report = await report_of(gateway, "explain review-queue \u2014analyze", Thresholds(max_rows=3))
+    plan = finding(report, "plan")
+    assert "actual time=" in plan.summary
+    body = plan.summary.split("```")[1].strip().splitlines()
+    assert len(body) == 4 and body[3] == f"… {len(plan.rows) - 3} more plan lines"
+    assert [r["line"] for r in plan.rows[:3]] == body[:3]
+    assert len(plan.rows) > 4
