@@ -379,6 +379,8 @@ EXPLAIN_USAGE = "/db explain <leaderboard|user-submissions <@user|handle|email>|
 
 
 def parse_explain(args: list[str]) -> tuple[HotQuery, list[str], bool]:
+    if any("\x00" in a for a in args):
+        raise UsageError("an argument holds a NUL character, which no name or handle has")
     # Some Slack clients turn a typed `--` into a dash.
     analyze = any(a in ANALYZE_FLAGS for a in args)
     rest = [a for a in args if a not in ANALYZE_FLAGS]

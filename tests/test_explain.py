@@ -11,11 +11,13 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import errors as pgerr
 
 from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
-from commands.base import Finding, Reader, Report, Status, Thresholds
+from commands.base import REGISTRY, Finding, Reader, Report, Status, Thresholds
 from commands.performance import (
     HOT_QUERIES,
     disk_finding,
@@ -155,6 +157,7 @@ async def test_unknown_names_and_wrong_arguments_are_usage_errors(gateway: Targe
         "explain leaderbord",
         "explain review-queue extra",
         "explain user-submissions",
+        "explain user-submissions a\x00b",
     ):
         answer = await run(gateway, text)
         assert isinstance(answer, Answer) and answer.outcome == "usage", text
@@ -295,3 +298,28 @@ async def test_the_plan_is_cut_to_the_table_limit_and_a_dash_flag_counts(
     assert len(body) == 4 and body[3] == f"… {len(plan.rows) - 3} more plan lines"
     assert [r["line"] for r in plan.rows[:3]] == body[:3]
     assert len(plan.rows) > 4
+
+
+WORDS = st.sampled_from(
+    [*HOT_QUERIES, "--analyze", "\u2014analyze", "<@U0NOBODY>", "<#C1|x>", "a@b.c", "'", "\x00"]
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(args=st.lists(st.one_of(WORDS, st.text(max_size=30)), max_size=4))
+async def test_any_arguments_get_a_report_or_a_usage_answer(
+    gateway: TargetGateway, args: list[str]
+) -> None:
+    for command in ("explain", "slow"):
+        result = await Dispatcher(RunContext(gateway, Thresholds()), coalesce_s=0.0).run_command(
+            REGISTRY[command], args
+        )
+        if isinstance(result, Answer):
+            assert result.outcome == "usage"
+        else:
+            assert isinstance(result, Report)
+            assert not [f for f in result.findings if f.status is Status.ERROR], result
