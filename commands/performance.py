@@ -345,7 +345,8 @@ class HotQuery:
     takes_user: bool = False
 
 
-# The application's hot paths, as it runs them (its ORM's SQL, the bound parameter kept).
+# The application's hot paths: the pages its users wait on, written as plain SQL over the
+# same tables, order and limit (the ORM's own text is not known here), user id bound.
 HOT_QUERIES: dict[str, HotQuery] = {
     q.name: q
     for q in (
@@ -373,8 +374,8 @@ HOT_QUERIES: dict[str, HotQuery] = {
         ),
     )
 }
-EXPLAIN_USAGE = "/db explain <leaderboard|user-submissions <@user|handle|email>|review-queue>" + (
-    " [--analyze]"
+EXPLAIN_USAGE = (
+    "/db explain <leaderboard | review-queue | user-submissions <@user|handle|email>> [--analyze]"
 )
 
 
