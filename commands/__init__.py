@@ -1,8 +1,17 @@
 """The domain: one module per command family, each registering itself in REGISTRY;
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
-from commands import connections, health, integrity, quota, recover, remedies, views
-from commands import performance as performance  # /db slow, /db explain
+from commands import (
+    connections,
+    health,
+    integrity,
+    migrations,  # part A: /db migrations
+    performance,  # part B: /db slow, /db explain
+    quota,
+    recover,
+    remedies,
+    views,
+)
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
 __all__ = [
@@ -14,6 +23,8 @@ __all__ = [
     "connections",
     "health",
     "integrity",
+    "migrations",
+    "performance",
     "quota",
     "recover",
     "remedies",

@@ -29,6 +29,7 @@ from tests.test_approvals import Victims
 CHANNEL = "C0MATRIX"
 REQUESTER = "U0REQ"
 PLAIN_VIEW = "time_series_metrics"
+_migrations = itertools.count()  # part A: migration-resolve's failed migrations
 
 
 @dataclass
@@ -85,6 +86,10 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "reconcile-points":
         await faults.missing_awards(1)
         return []
+    if remedy == "migration-resolve":  # part A: a new failed migration each time
+        name = f"20251101{next(_migrations):06d}_matrix"
+        await faults.failed_migration(name)
+        return [name, "--rolled-back"]
     if remedy in ("recover-users", "rematch-kajabi", "recover-learn"):
         # a loss the last run did not recover is still there; fixture users are few
         if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:

@@ -24,6 +24,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "dedupe-learn",
         "dedupe-ledger-events",
         "kill-idle",
+        "migration-resolve",
         "reconcile-points",
         "recover-learn",
         "recover-users",
