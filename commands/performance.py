@@ -41,6 +41,7 @@ from commands.connections import session_status
 from commands.quota import Wanted, closest_handles, resolve_argument
 
 PGSS = "pg_stat_statements"
+SUMMARY_STATEMENTS = 3
 # A sequential scan of a table this big (estimated rows) is worth a look on a hot path.
 SEQ_SCAN_MIN_ROWS = 10_000
 # The planner's row estimate this many times off the actual rows, on a node that saw or
@@ -216,10 +217,18 @@ async def statement_findings(db: Reader, th: Thresholds) -> list[Finding]:
         statement_rows(rows)
     where_text = f"{schema}.pg_stat_statements"
     if top:
-        head = top[0]
-        summary = (
-            f"{len(top)} costliest statements of this database ({where_text}); first:"
-            f" {head['calls']} calls, {head['total']} in all, {head['mean']} each"
+        # A Slack message shows the table only of findings that are not ok: the first
+        # few statements go in the summary, so that `/db slow` always names them.
+        many = (
+            f"; {len(slow)} take {human_duration(th.long_query_warn_s)} or more on average"
+            if slow
+            else ""
+        )
+        summary = f"{len(top)} costliest statements of this database ({where_text}){many}:" + (
+            "".join(
+                f"\n{r['total']} in {r['calls']} calls ({r['mean']} each): {r['query']}"
+                for r in top[:SUMMARY_STATEMENTS]
+            )
         )
     else:
         summary = f"{where_text} has recorded no statement in this database yet"
@@ -227,12 +236,7 @@ async def statement_findings(db: Reader, th: Thresholds) -> list[Finding]:
         Finding(
             check="top statements",
             status=Status.WARN if slow else Status.OK,
-            summary=summary
-            + (
-                f"; {len(slow)} take {human_duration(th.long_query_warn_s)} or more on average"
-                if slow
-                else ""
-            ),
+            summary=summary,
             rows=top,
             hint="`/db explain <name>` shows the plan of a hot query" if slow else None,
         )
