@@ -10,7 +10,13 @@ users, 1,000,000 submissions, 2,000,000 ledger rows) with each fault kind inject
 (b) the operators' guide's own SQL for the same checks, read at run time from
     `../shared/guide-sql/` (relative to the repository root) and run as written, one file
     after the other, fetching every row;
-(c) one `SELECT count(*)` over each table the checks read, one after the other.
+(c) one `SELECT count(*)` over each table the checks read, one after the other;
+(d) the bare `GROUP BY user_id` of points_ledger and then of submissions, every row fetched:
+    the floor of any exact per-user reconciliation (`group_s`, `ratio_to_group`).
+
+Beside each median wall time it prints the server CPU seconds the run cost (all of the
+server's processes, parallel workers included; `bench.scale.ServerCpu`): on a machine
+whose two cores other work shares, wall time also measures the neighbours.
 
 Then it compares answers per fault kind with what was injected (the definitions are in
 `bench.scale.inject_faults`), and times `/db quota <handle>` for random handles.
@@ -45,12 +51,11 @@ sys.path.insert(0, str(ROOT))
 from scale import (  # noqa: E402  (this directory: python bench/integrity.py)
     FAULT_COUNT_SQL,
     FAULT_KINDS,
-    SCALE_SERVER_SETTINGS,
-    build_scale_fixture,
+    ServerCpu,
     expected_findings,
+    scale_database,
 )
 
-from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import Dispatcher, RunContext  # noqa: E402
 from commands.base import Report, Status, Thresholds  # noqa: E402
@@ -91,6 +96,11 @@ BOT_FINDINGS: dict[str, tuple[str, ...]] = {
     "point_differences": ("points: differences",),
     "negative_totals": ("points: negative totals",),
 }
+# The floor: what any exact per-user reconciliation must at least do to each big table.
+GROUP_SQL: tuple[str, ...] = (
+    "SELECT user_id, count(*) FROM points_ledger GROUP BY user_id",
+    "SELECT user_id, count(*) FROM submissions GROUP BY user_id",
+)
 QUOTA_RUNS = 200
 
 
@@ -179,6 +189,15 @@ def guide_counts(rows: dict[str, Any]) -> dict[str, int | None]:
 # ----------------------------------------------------------------------------- scan
 
 
+async def run_group(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The floor, one table after the other, every row fetched; returns the groups."""
+    groups = 0
+    for query in GROUP_SQL:
+        cur = await conn.execute(query)
+        groups += len(await cur.fetchall())
+    return groups
+
+
 async def run_scan(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     for table in SCANNED_TABLES:
@@ -195,21 +214,32 @@ async def run_scan(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
 class Timed:
     seconds: list[float]
     last: Any
+    cpu: list[float]
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else math.nan
 
-async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> Timed:
-    """One untimed warm-up call, then `runs` timed ones."""
+
+async def timed(
+    fn: Callable[[], Awaitable[Any]], runs: int, server: ServerCpu | None = None
+) -> Timed:
+    """One untimed warm-up call, then `runs` timed ones (and the server CPU of each)."""
     last = await fn()
     seconds: list[float] = []
+    cpu: list[float] = []
     for _ in range(runs):
+        cpu_before = server.seconds() if server else 0.0
         started = time.perf_counter()
         last = await fn()
         seconds.append(time.perf_counter() - started)
-    return Timed(seconds, last)
+        if server:
+            cpu.append(server.seconds() - cpu_before)
+    return Timed(seconds, last, cpu)
 
 
 async def quota_p50_ms(dispatcher: Dispatcher, dsn: str, runs: int, seed: int) -> float:
@@ -251,6 +281,7 @@ def _fmt(value: int | None) -> str:
 async def bench(dsn: str, injected: dict[str, int], runs: int, seed: int) -> None:
     has_quota = load_commands()
     files = guide_sql()
+    server = await ServerCpu.of(dsn)
     expected = expected_findings(injected)
     gateway = TargetGateway(dsn, check_timeout_ms=600_000, pool_max_size=4)
     # A zero coalescing window: every run is a real run, not a share of the previous one.
@@ -263,12 +294,13 @@ async def bench(dsn: str, injected: dict[str, int], runs: int, seed: int) -> Non
                 raise SystemExit(f"/db integrity did not answer with a report: {result!r}")
             return result
 
-        bot_t = await timed(bot, runs)
+        bot_t = await timed(bot, runs, server)
         async with await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, application_name="bench-guide"
         ) as conn:
-            guide_t = await timed(lambda: run_guide(conn, files), runs)
-            scan_t = await timed(lambda: run_scan(conn), runs)
+            guide_t = await timed(lambda: run_guide(conn, files), runs, server)
+            scan_t = await timed(lambda: run_scan(conn), runs, server)
+            group_t = await timed(lambda: run_group(conn), runs, server)
         p50: float = math.nan
         if has_quota:
             p50 = await quota_p50_ms(dispatcher, dsn, QUOTA_RUNS, seed)
@@ -300,19 +332,30 @@ async def bench(dsn: str, injected: dict[str, int], runs: int, seed: int) -> Non
         ("bot /db integrity", bot_t),
         ("guide SQL", guide_t),
         ("count(*) scan", scan_t),
+        ("GROUP BY user_id", group_t),
     ):
         each = ", ".join(f"{s:.2f}" for s in t.seconds)
-        print(f"{label:20} median {t.median:.2f} s  (runs: {each})")
+        cpu = f"  server CPU median {t.cpu_median:.2f} s" if t.cpu else ""
+        print(f"{label:20} median {t.median:.2f} s  (runs: {each}){cpu}")
     print(f"scanned rows: {scan_t.last}")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"load average at the end (1/5/15 min, {os.cpu_count()} CPUs): {load}")
     if not has_quota:
         print("commands/quota.py does not exist: no quota timing")
     bot_s, guide_s, scan_s = bot_t.median, guide_t.median, scan_t.median
+    group_s = group_t.median
+    cpu = ""
+    if server:
+        bot_c, guide_c, group_c = bot_t.cpu_median, guide_t.cpu_median, group_t.cpu_median
+        cpu = (
+            f" bot_cpu_s={bot_c:.2f} guide_cpu_s={guide_c:.2f} group_cpu_s={group_c:.2f}"
+            f" cpu_ratio_to_group={bot_c / group_c:.2f} cpu_speedup_vs_guide={guide_c / bot_c:.2f}"
+        )
     print(
         f"BENCH integrity bot_s={bot_s:.2f} guide_s={guide_s:.2f} scan_s={scan_s:.2f} "
         f"ratio_to_scan={bot_s / scan_s:.2f} speedup_vs_guide={guide_s / bot_s:.2f} "
-        f"bot_correct={bot_ok}/{n} guide_correct={guide_ok}/{n}"
+        f"group_s={group_s:.2f} ratio_to_group={bot_s / group_s:.2f} "
+        f"bot_correct={bot_ok}/{n} guide_correct={guide_ok}/{n}{cpu}"
     )
     print(f"BENCH quota p50_ms={p50:.1f}" if not math.isnan(p50) else "BENCH quota p50_ms=nan")
 
@@ -329,29 +372,14 @@ async def main() -> None:
         injected = await injected_counts(args.dsn)
         await bench(args.dsn, injected, args.runs, args.seed)
         return
-    pg = EmbeddedPostgres(settings=SCALE_SERVER_SETTINGS)
-    pg.start()
-    try:
-        dsn = pg.create_database("leaps_integrity_bench")
-        started = time.perf_counter()
-        counts = await build_scale_fixture(
-            dsn,
-            users=args.users,
-            submissions=args.users * 10,
-            ledger=args.users * 20,
-            kajabi=args.users,
-            faults=dict.fromkeys(FAULT_KINDS, args.faults),
-            seed=args.seed,
-        )
-        print(
-            f"scale fixture: {counts['users']:,} users, {counts['submissions']:,} submissions, "
-            f"{counts['points_ledger']:,} ledger rows, {counts['submission_attachments']:,} "
-            f"attachments, built in {time.perf_counter() - started:.1f} s"
-        )
+    async with scale_database(
+        "leaps_integrity_bench",
+        users=args.users,
+        faults=dict.fromkeys(FAULT_KINDS, args.faults),
+        seed=args.seed,
+    ) as (dsn, counts):
         injected = {kind: counts[f"fault:{kind}"] for kind in FAULT_KINDS}
         await bench(dsn, injected, args.runs, args.seed)
-    finally:
-        pg.stop()
 
 
 if __name__ == "__main__":

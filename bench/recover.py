@@ -42,9 +42,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scale import SCALE_SERVER_SETTINGS, build_scale_fixture  # noqa: E402
+from scale import scale_database  # noqa: E402
 
-from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.executor import Executor  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
@@ -218,26 +217,8 @@ async def main() -> None:
     ap.add_argument("--unmatched", type=int, default=50, help="events left unmatched by case")
     ap.add_argument("--runs", type=int, default=3, help="timed runs of each (median reported)")
     args = ap.parse_args()
-    pg = EmbeddedPostgres(settings=SCALE_SERVER_SETTINGS)
-    pg.start()
-    try:
-        dsn = pg.create_database("leaps_recover_bench")
-        started = time.perf_counter()
-        counts = await build_scale_fixture(
-            dsn,
-            users=args.users,
-            submissions=args.users * 10,
-            ledger=args.users * 20,
-            kajabi=args.users,
-        )
-        print(
-            f"scale fixture: {counts['users']:,} users, {counts['submissions']:,} submissions, "
-            f"{counts['points_ledger']:,} ledger rows, built in "
-            f"{time.perf_counter() - started:.1f} s"
-        )
+    async with scale_database("leaps_recover_bench", users=args.users) as (dsn, _counts):
         await bench(dsn, args.pct, args.unmatched, args.runs)
-    finally:
-        pg.stop()
 
 
 if __name__ == "__main__":

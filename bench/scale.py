@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, LiteralString
 
@@ -665,6 +668,100 @@ def expected_findings(faults: dict[str, int]) -> dict[str, int]:
 
 async def _fault_count(conn: Conn, kind: str) -> int:
     return await _scalar(conn, sql.SQL(FAULT_COUNT_SQL[kind]))
+
+
+# ------------------------------------------------------------------------ for benches
+
+
+@contextlib.asynccontextmanager
+async def scale_database(
+    name: str,
+    *,
+    users: int,
+    faults: dict[str, int] | None = None,
+    seed: int = 0,
+) -> AsyncIterator[tuple[str, dict[str, int]]]:
+    """A private server holding the scale fixture at `users` users (10 submissions, 20
+    ledger rows and one Kajabi event each): yields (dsn, counts as build_scale_fixture
+    returns them) and stops the server afterwards. The set-up every bench repeated."""
+    pg = EmbeddedPostgres(settings=SCALE_SERVER_SETTINGS)
+    pg.start()
+    try:
+        dsn = pg.create_database(name)
+        started = time.perf_counter()
+        counts = await build_scale_fixture(
+            dsn,
+            users=users,
+            submissions=users * 10,
+            ledger=users * 20,
+            kajabi=users,
+            faults=faults,
+            seed=seed,
+        )
+        print(
+            f"scale fixture: {counts['users']:,} users, {counts['submissions']:,} submissions, "
+            f"{counts['points_ledger']:,} ledger rows, {counts['submission_attachments']:,} "
+            f"attachments, built in {time.perf_counter() - started:.1f} s"
+        )
+        yield dsn, counts
+    finally:
+        pg.stop()
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_times(pid: int) -> tuple[int, list[int]] | None:
+    """(parent pid, [utime, stime, cutime, cstime] in clock ticks) from /proc, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[1]), [int(x) for x in fields[11:15]]
+
+
+class ServerCpu:
+    """CPU seconds spent by a local server's processes: the postmaster and its live
+    children (backends, parallel workers), plus the children it has reaped (their time
+    is in its cutime/cstime), so a parallel worker that exited is still counted.
+
+    On a machine whose cores other people's tests share, a query's wall time says as much
+    about them as about it; the CPU time it costs the server does not. `None` where the
+    server is not a process of this machine (no /proc, or a remote DSN)."""
+
+    def __init__(self, postmaster: int) -> None:
+        self.postmaster = postmaster
+
+    @classmethod
+    async def of(cls, dsn: str) -> ServerCpu | None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            backend = await _scalar(conn, sql.SQL("SELECT pg_backend_pid()"))
+        return cls._local(backend)
+
+    @classmethod
+    def _local(cls, backend: int) -> ServerCpu | None:
+        own = _proc_times(backend)
+        if own is None:
+            return None
+        try:
+            cmdline = Path(f"/proc/{own[0]}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return cls(own[0]) if b"postgres" in cmdline else None
+
+    def seconds(self) -> float:
+        ticks = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            times = _proc_times(int(entry.name))
+            if times is not None and times[0] == self.postmaster:
+                ticks += times[1][0] + times[1][1]
+        own = _proc_times(self.postmaster)
+        if own is not None:
+            ticks += sum(own[1])
+        return ticks / _CLK_TCK
 
 
 # ------------------------------------------------------------------------------ script

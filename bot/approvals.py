@@ -33,6 +33,7 @@ from bot.router import RunContext
 from bot.settings import Settings
 from bot.state.models import DecisionKind, Origin
 from bot.state.store import Approval, InvalidTransition, StateStore
+from commands.base import role_rank
 from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy, Verification
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,13 @@ class ApprovalEngine:
             count = max(count, 2)
         return Policy(role, count)
 
+    def plan_policy(self, remedy: Remedy, plan: Plan) -> Policy:
+        """The remedy's policy, with the plan's own approver role where it is higher."""
+        policy = self.policy(remedy)
+        if plan.approver_role and role_rank(plan.approver_role) > role_rank(policy.approver_role):
+            return replace(policy, approver_role=plan.approver_role)
+        return policy
+
     def sign(self, approval_id: str, channel_id: str) -> str:
         mac = hmac.new(self._key, f"{approval_id}|{channel_id}".encode(), "sha256").hexdigest()
         return f"{approval_id}.{mac[:24]}"
@@ -147,7 +155,7 @@ class ApprovalEngine:
         if plan.count == 0:
             await self._nothing_to_do(remedy, args, plan, user_id, channel_id)
             return ""
-        policy = self.policy(remedy)
+        policy = self.plan_policy(remedy, plan)
         needed = policy.approvers if plan.needs_approval else 0
         approval = await self.store.create_approval(
             remedy=remedy.name,

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         help="request a remedy as this Slack user id (roles from ROLE_MAP); "
         "without it a remedy prints its plan only",
     )
+    export = sub.add_parser("export", help="a table as CSV: leaderboard, submissions or ledger")
+    export.add_argument("kind", help="leaderboard, submissions or ledger")
+    export.add_argument("--since", help="rows from this date (YYYY-MM-DD, UTC)")
+    export.add_argument("--out", default="-", help="file to write (default: stdout)")
     for verb in ("approve", "reject"):
         decide = sub.add_parser(verb, help=f"{verb} a pending remedy from the console")
         decide.add_argument("approval_id")
@@ -151,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(request_from_console(settings, args.command, args.user))
         if mode == "run":
             return asyncio.run(run_once(settings, args.command, args.json))
+        if mode == "export":
+            from bot.exports import export_from_console
+
+            what = [args.kind, *(["--since", args.since] if args.since else [])]
+            return asyncio.run(export_from_console(settings, what, args.out))
         if mode in ("approve", "reject"):
             from bot.console import decide_from_console
 

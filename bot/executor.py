@@ -4,6 +4,12 @@ Statement and lock timeouts are set for the transaction; any exception rolls the
 remedy back (backup copy included), and the user sees the database's own error. Rows
 are backed up into schema `dbops_backup`, in tables named after the approval.
 
+A statement PostgreSQL refuses inside a transaction block (CREATE / DROP INDEX
+CONCURRENTLY) goes through `Writer.run_outside_transaction`: its own autocommit session
+with the same limits and identity, while the guarded transaction stays open around it.
+Such a step commits by itself; a remedy whose step failed cleans up and raises
+`OutsideStepFailed`, and the approval ends failed with the remedy's own account.
+
 The transaction holds an advisory lock named after the approval for as long as it runs,
 so another process can tell a remedy still running (its backend alive, even when the
 bot process that started it is gone) from one whose transaction has ended.
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
@@ -24,7 +31,15 @@ from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
 from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Reader, Row, shown_queries
 from commands.guards import USER_ID_SETTING, USER_ROLE_SETTING, name_refusal
-from commands.remedies.base import Outcome, Plan, Query, Remedy, RemedyAbort, backup_name
+from commands.remedies.base import (
+    Outcome,
+    OutsideStepFailed,
+    Plan,
+    Query,
+    Remedy,
+    RemedyAbort,
+    backup_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +47,10 @@ log = logging.getLogger(__name__)
 class Aborted(Exception):
     """Raised inside the transaction so that it rolls back; carries the outcome."""
 
-    def __init__(self, outcome: Outcome) -> None:
+    def __init__(self, outcome: Outcome, state: Literal["failed", "aborted"] = "aborted") -> None:
         super().__init__(outcome.summary)
         self.outcome = outcome
+        self.state: Literal["failed", "aborted"] = state
 
 
 def execution_lock_key(approval_id: str) -> int:
@@ -55,17 +71,55 @@ async def remedy_running(db: Reader, approval_id: str) -> bool:
     return not bool(rows[0]["free"])
 
 
+@dataclass(frozen=True)
+class _Session:
+    """How a session of the remedy connects and what it sets: the outside-transaction
+    steps get the same limits as the guarded transaction."""
+
+    dsn: str
+    statement_timeout_ms: int
+    lock_timeout_ms: int
+
+
 class _TxWriter:
     def __init__(
         self,
         conn: psycopg.AsyncConnection[Any],
         approval_id: str,
         identity: LeapsIdentity | None = None,
+        session: _Session | None = None,
     ) -> None:
         self._conn = conn
         self.approval_id = approval_id
         self.identity = identity
+        self._session = session
         self._schema_ready = False
+
+    async def run_outside_transaction(
+        self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> None:
+        if self._session is None:
+            raise RuntimeError("this writer has no session to run a step outside a transaction")
+        s = self._session
+        # The last parameterised query's unnamed portal keeps its snapshot (and so this
+        # transaction's xmin) until another portal replaces it; CREATE INDEX CONCURRENTLY
+        # waits for every older snapshot, ours included, until the lock timeout. A
+        # simple-protocol statement drops that portal and its snapshot with it.
+        await self._conn.execute("SELECT 1", prepare=False)
+        async with await psycopg.AsyncConnection.connect(
+            s.dsn, application_name=APPLICATION_NAME, connect_timeout=5, autocommit=True
+        ) as conn:
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, false),"
+                " set_config('lock_timeout', %s, false)",
+                (str(s.statement_timeout_ms), str(s.lock_timeout_ms)),
+            )
+            if self.identity is not None:
+                await conn.execute(
+                    "SELECT set_config(%s, %s, false), set_config(%s, %s, false)",
+                    (USER_ID_SETTING, self.identity.user_id, USER_ROLE_SETTING, self.identity.role),
+                )
+            await conn.execute(query, params or None)
 
     async def fetch(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -158,14 +212,18 @@ class Executor:
                         (USER_ID_SETTING, identity.user_id, USER_ROLE_SETTING, identity.role),
                     )
                 try:
-                    outcome = await remedy.apply(_TxWriter(conn, approval_id, identity), plan)
+                    session = _Session(self._dsn, self.statement_timeout_ms, self.lock_timeout_ms)
+                    writer = _TxWriter(conn, approval_id, identity, session)
+                    outcome = await remedy.apply(writer, plan)
+                except OutsideStepFailed as exc:
+                    raise Aborted(exc.outcome.model_copy(update={"ok": False}), "failed") from exc
                 except RemedyAbort as exc:
                     raise Aborted(Outcome(ok=False, summary=str(exc), error=str(exc))) from exc
                 if not outcome.ok:
                     raise Aborted(outcome)
             return "done", outcome
         except Aborted as exc:
-            return "aborted", exc.outcome
+            return exc.state, exc.outcome
         except psycopg.errors.LockNotAvailable as exc:
             holders = await self._lock_holders(plan)
             return "failed", Outcome(

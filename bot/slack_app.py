@@ -32,13 +32,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from bot import metrics, render
 from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
 from bot.authz import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
+from bot.exports import SlackExports
 from bot.gateway import first_line
 from bot.incident_comms import record_verification
 from bot.incidents import IncidentService, Reply
 from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
-from commands import incident
+from commands import export, incident
 from commands.base import Command, Finding, Report, UsageError, role_rank
 from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
@@ -147,6 +148,12 @@ class SlackFrontend:
         self._last_rendered: tuple[Report, render.SlackMessage] | None = None
         secret = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
         self.tables = TableSigner(secret)
+        self.exports = SlackExports(
+            settings,
+            self.app.client,
+            lambda: self.engine.store if self.engine else None,
+            incidents=lambda: self.incidents,  # an export joins the open incident's timeline
+        )
         self.app.command("/db")(self.on_db)
         self.app.action(APPROVE)(self.on_button)
         self.app.action(REJECT)(self.on_button)
@@ -221,6 +228,9 @@ class SlackFrontend:
             if isinstance(cmd, BotCommand):
                 outcome = await self._incident(args, body, respond)
                 return
+            if isinstance(cmd, Command) and cmd.name == export.NAME:
+                outcome = await self._export(args, body, respond)
+                return
             result = await self.dispatcher.run_command(cmd, args)
             if isinstance(result, Answer):
                 outcome = result.outcome
@@ -240,6 +250,27 @@ class SlackFrontend:
         finally:
             metrics.COMMANDS.labels(cmd.name, outcome).inc()
             metrics.LATENCY.labels(cmd.name).observe(time.perf_counter() - received)
+
+    async def _export(self, args: list[str], body: dict[str, Any], respond: AsyncRespond) -> str:
+        """`/db export`: the file goes where a report would (the channel, when replies are
+        in channel there; else a DM with the requester, like a private table)."""
+        user, channel = str(body.get("user_id", "")), str(body.get("channel_id", ""))
+
+        async def tell(text: str) -> None:  # mrkdwn the exports module escaped itself
+            try:
+                await respond(text=text, response_type="ephemeral")
+            except Exception:
+                log.exception("could not tell %s: %s", user, text)
+
+        if not (self.in_channel(channel) or await self._has_incident(channel)):
+            try:
+                opened = await self.app.client.conversations_open(users=user)
+                channel = str((opened.get("channel") or {}).get("id", ""))
+            except SlackClientError as exc:
+                await tell(f"Cannot open a DM for the export ({_slack_reason(exc)}).")
+                return "error"
+            await tell("The export runs in your DM with the bot.")
+        return await self.exports.handle(args, user=user, channel=channel, tell=tell)
 
     async def _follow_up(self, report: Report, body: dict[str, Any], respond: AsyncRespond) -> None:
         """The remedies a report asks for (`/db recover`'s steps), each requested as if the

@@ -2,14 +2,19 @@
 the remedies register themselves in `commands.remedies.REMEDIES`."""
 
 from commands import (
+    analytics,
     connections,
+    export,  # part G: /db export
     health,
+    indexes,  # part C: /db indexes
     integrity,
+    leaderboard,
     migrations,  # part A: /db migrations
     performance,  # part B: /db slow, /db explain
     quota,
     recover,
     remedies,
+    roles,  # part E: /db roles
     views,
 )
 from commands.base import REGISTRY, Command, Finding, Report, Status
@@ -20,13 +25,18 @@ __all__ = [
     "Finding",
     "Report",
     "Status",
+    "analytics",
     "connections",
+    "export",
     "health",
+    "indexes",
     "integrity",
+    "leaderboard",
     "migrations",
     "performance",
     "quota",
     "recover",
     "remedies",
+    "roles",
     "views",
 ]

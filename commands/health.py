@@ -27,6 +27,15 @@ from commands.base import (
     register,
     shown_queries,
 )
+from commands.migrations import (
+    MIGRATIONS_TABLE,
+    Attempt,
+    applied_sql,
+    classify,
+    history_sql,
+    migration_schemas,
+    prisma_lock_holders,
+)
 
 EXPECTED_VIEWS = (
     "leaderboard_totals",
@@ -442,57 +451,47 @@ async def check_materialized_views(db: Reader) -> Finding:
     )
 
 
-_MIGRATIONS_SQL = """
-SELECT migration_name, started_at, finished_at, rolled_back_at, applied_steps_count,
-       left(coalesce(logs, ''), 300) AS logs,
-       CASE WHEN finished_at IS NULL AND rolled_back_at IS NULL THEN 'failed'
-            WHEN rolled_back_at IS NOT NULL THEN 'rolled back'
-            ELSE 'applied' END AS outcome,
-       EXISTS (SELECT 1 FROM _prisma_migrations later
-               WHERE later.migration_name = m.migration_name
-                 AND later.finished_at IS NOT NULL AND later.rolled_back_at IS NULL) AS reapplied
-FROM _prisma_migrations m
-ORDER BY started_at DESC
-"""
-
-
 async def check_migrations(db: Reader) -> Finding:
-    (present,) = await db.fetch("SELECT to_regclass('_prisma_migrations') IS NOT NULL AS present")
-    if not present["present"]:
+    """The history as `/db migrations` reads it (every schema that holds the table, the
+    same classification), cut to one line: health only says whether to look there."""
+    schemas = await migration_schemas(db)
+    if not schemas:
         return Finding(
             check="migrations",
-            status=Status.OK,
-            summary="table `_prisma_migrations` is absent: migrations are not tracked by Prisma "
-            "on this database, so there is no migration state to check",
+            status=Status.WARN,
+            summary=f"no `{MIGRATIONS_TABLE}` table in any schema: migrations are not tracked "
+            "by Prisma on this database, so there is no migration state to check",
+            hint="`/db migrations` compares the live schema with the expected one instead",
         )
-    rows = await db.fetch(_MIGRATIONS_SQL)
-    failed = [r for r in rows if r["outcome"] == "failed"]
-    rolled = [r for r in rows if r["outcome"] == "rolled back" and not r["reapplied"]]
-    applied = [r for r in rows if r["outcome"] == "applied"]
-    last = applied[0]["migration_name"] if applied else "none"
-    if failed:
-        status, what = (
-            Status.CRIT,
-            "failed (unfinished, not rolled back): "
-            + ", ".join(r["migration_name"] for r in failed),
+    lock = await prisma_lock_holders(db)
+    parts: list[str] = []
+    attempts: list[Attempt] = []
+    for schema in schemas:
+        found = classify(schema, await db.fetch(history_sql(schema).as_string()), bool(lock))
+        (applied,) = await db.fetch(applied_sql(schema).as_string())
+        problems = [a for a in found if a.status is not Status.OK]
+        what = "; ".join(
+            f"{len(named)} {state}: {', '.join(a.name for a in named)}"
+            for state in ("failed", "running", "rolled back")
+            if (named := [a for a in problems if a.state == state])
         )
-    elif rolled:
-        status, what = (
-            Status.WARN,
-            "rolled back and not re-applied: " + ", ".join(r["migration_name"] for r in rolled),
+        parts.append(
+            f"{schema}.{MIGRATIONS_TABLE}: {applied['n']} applied (last "
+            f"{applied['last'] or 'none'}); {what or 'none failed, none pending'}"
         )
-    else:
-        status, what = Status.OK, "none failed"
+        attempts += problems
+    worst = min((a.status for a in attempts), key=lambda s: s.severity, default=Status.OK)
     return Finding(
         check="migrations",
-        status=status,
-        summary=f"{len(applied)} applied (last {last}); {what}",
-        rows=(failed + rolled)[:20],
-        hint=(
-            "mark it resolved with `prisma migrate resolve --rolled-back <name>`, then deploy"
-            if failed
-            else None
-        ),
+        status=worst,
+        summary="; ".join(parts),
+        rows=[
+            {"schema": a.schema, "migration": a.name, "state": a.state}
+            for a in sorted(attempts, key=lambda a: a.status.severity)
+        ][:20],
+        hint="`/db migrations` shows each attempt with its log, and how to resolve it"
+        if attempts
+        else None,
     )
 
 

@@ -16,9 +16,12 @@ Speed: `points_ledger` and `submissions` are each read once, by one query that g
 each by user (one column pair per activity) and derives everything else from those two
 aggregates: orphans of both tables (the anti-join with `users` runs on the per-user
 rows, not on the raw rows), duplicate LEARN submissions, the reconciliation and
-negative totals; duplicate webhook events come from the ledger rows that carry an
-event id. Attachments get their own hash anti-join, concurrently; the foreign-key
-check is a catalog read.
+negative totals; only users whose sums disagree somewhere are unfolded per activity.
+Duplicate webhook events come from the ledger rows that carry an event id, read only
+when no valid unique index already rules them out. Attachments get their own merge
+anti-join over two indexes, concurrently on a second connection; the foreign-key check
+is a catalog read. At 100,000 users this costs the server about half the CPU it did
+(bench/integrity.py prints it beside the wall time).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ SAMPLE = 10
 # The one aggregate pass groups a few hundred thousand (user, activity) pairs on a
 # big database; below this the hash tables spill to disk and the pass slows severalfold.
 WORK_MEM = "64MB"
+# Parallel workers for the pass (see _tune): none, as measured on 2 cores.
+PARALLEL_WORKERS = 0
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -126,13 +131,15 @@ async def amplify_keys(reader: Reader) -> tuple[str, str]:
 # position in that list, NULL for a code the table does not hold (an orphan).
 # `dup` reads only ledger rows that carry an external_event_id: a replayed webhook
 # counts once (at its smallest delta) in `counted`, and in full in the user's total.
+# When a valid unique index guarantees there is no replay, `events_unique` is true and
+# the planner drops that second scan of the ledger (a one-time filter on a constant).
 _PASS_TEMPLATE = """
 WITH dup AS MATERIALIZED (
   SELECT l.external_event_id, count(*) AS n, sum(l.delta_points) AS pts,
          min(l.delta_points) AS one_pts, min(l.user_id) AS user_id,
          array_position(%(codes)s::text[], min(l.activity_code)) AS k
   FROM points_ledger l
-  WHERE l.external_event_id IS NOT NULL
+  WHERE l.external_event_id IS NOT NULL AND NOT %(events_unique)s
   GROUP BY l.external_event_id
   HAVING count(*) > 1
 ),
@@ -142,20 +149,24 @@ excess AS (
 led AS (
   SELECT l.user_id, count(*) AS n, sum(l.delta_points) AS pts,
          count(*) FILTER (WHERE l.k IS NULL) AS other @LED_COLS@
-  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger) l
+  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger OFFSET 0) l
   GROUP BY l.user_id
 ),
 sub AS (
   SELECT s.user_id, count(*) AS n, count(*) FILTER (WHERE s.k IS NULL) AS other @SUB_COLS@,
-         count(*) FILTER (WHERE s.k = %(learn)s
-                            AND s.status IN ('PENDING', 'APPROVED')) AS open_learn,
+         count(*) FILTER (WHERE s.k = %(learn)s AND s.open) AS open_learn,
          coalesce(sum(
-           2 * CASE WHEN s.payload ->> %(peers)s ~ '^\\s*-?[0-9]{1,9}\\s*$'
-                    THEN (s.payload ->> %(peers)s)::int ELSE 0 END
-           + CASE WHEN s.payload ->> %(students)s ~ '^\\s*-?[0-9]{1,9}\\s*$'
-                  THEN (s.payload ->> %(students)s)::int ELSE 0 END
-         ) FILTER (WHERE s.k = %(amplify)s AND s.status = 'APPROVED'), 0) AS amplify
-  FROM (SELECT user_id, status, payload, @K_OF_CODE@ AS k FROM submissions) s
+           2 * CASE WHEN s.peers ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.peers::int ELSE 0 END
+           + CASE WHEN s.students ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.students::int ELSE 0 END
+         ) FILTER (WHERE s.amplify), 0) AS amplify
+  FROM (SELECT user_id, k, approved, status IN ('PENDING', 'APPROVED') AS open,
+               k = %(amplify)s AND approved AS amplify,
+               CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(peers)s END AS peers,
+               CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(students)s END AS students
+        FROM (SELECT user_id, status, payload, status = 'APPROVED' AS approved,
+                     @K_OF_CODE@ AS k
+              FROM submissions OFFSET 0) r
+        OFFSET 0) s
   GROUP BY s.user_id
 ),
 per_user AS MATERIALIZED (
@@ -172,7 +183,8 @@ pairs AS (
   FROM per_user u
   CROSS JOIN LATERAL (VALUES @PAIR_VALUES@) AS v(k, approved, led_n, led_pts, expected)
   LEFT JOIN excess x ON x.user_id = u.user_id AND x.k = v.k
-  WHERE u.user_ok AND (v.approved > 0 OR v.led_n > 0)
+  WHERE u.user_ok AND (@SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess))
+    AND (v.approved > 0 OR v.led_n > 0)
 ),
 problems AS (
   SELECT 'sub_no_user' AS kind, user_id, NULL::int AS k, sub_n AS n,
@@ -228,23 +240,27 @@ def pass_sql(activities: int) -> str:
         f" coalesce(sum(l.delta_points) FILTER (WHERE l.k = {i}), 0) AS lp{i}"
         for i in ks
     )
-    sub = "".join(
-        f", count(*) FILTER (WHERE s.k = {i} AND s.status = 'APPROVED') AS sa{i}" for i in ks
-    )
+    sub = "".join(f", count(*) FILTER (WHERE s.k = {i} AND s.approved) AS sa{i}" for i in ks)
     user = "".join(
         f", coalesce(s.sa{i}, 0) AS sa{i}, coalesce(l.ln{i}, 0) AS ln{i},"
         f" coalesce(l.lp{i}, 0) AS lp{i}"
         for i in ks
     )
     user += ", coalesce(s.other, 0) AS sub_other, coalesce(l.other, 0) AS led_other"
-    values = ", ".join(
-        f"({i}, u.sa{i}, u.ln{i}, u.lp{i},"
-        f" CASE WHEN {i} = %(amplify)s THEN u.amplify"
-        f" ELSE u.sa{i} * greatest((%(points)s::int[])[{i}], 0) END)"
+    due = {
+        i: f"CASE WHEN {i} = %(amplify)s THEN u.amplify"
+        f" ELSE u.sa{i} * greatest((%(points)s::int[])[{i}], 0) END"
         for i in ks
-    )
+    }
+    values = ", ".join(f"({i}, u.sa{i}, u.ln{i}, u.lp{i}, {due[i]})" for i in ks)
     if not values:
         values = "(0, 0, 0, 0, 0)"
+    # Users whose raw sums already agree everywhere (and who have no replayed event, whose
+    # excess would change `counted`) cannot hold a problem pair: only the others are
+    # unfolded into one row per activity.
+    suspect = " OR ".join(
+        f"(u.ln{i} = 0 AND {due[i]} > 0) OR (u.ln{i} > 0 AND u.lp{i} <> {due[i]})" for i in ks
+    )
     # A CASE over bound codes: per row, far cheaper than array_position() on an array.
     k_of_code = (
         "CASE activity_code " + " ".join(f"WHEN %(code{i})s THEN {i}" for i in ks) + " END"
@@ -257,6 +273,7 @@ def pass_sql(activities: int) -> str:
         .replace("@SUB_COLS@", sub)
         .replace("@USER_COLS@", user)
         .replace("@PAIR_VALUES@", values)
+        .replace("@SUSPECT@", f"({suspect})" if suspect else "false")
     )
 
 
@@ -301,17 +318,35 @@ ORDER BY user_id, created_at DESC, id LIMIT %(sample)s
 
 
 async def _tune(db: Reader) -> None:
-    """For this transaction only: room for the hash tables; no JIT, whose compilation
-    of the pass's many expressions cost 3-6 s at 100,000 users and saved less; and
-    parallel hash aggregates over sequential scans, which the default costs deny
-    (their partial results are large) in favour of a serial walk of the user_id index
-    with a heap fetch per row, measured slower."""
+    """For the pass's transaction only: room for the hash tables; no JIT, whose
+    compilation of the pass's many expressions cost 3-6 s at 100,000 users and saved
+    less; hash aggregates over sequential scans rather than a walk of the user_id index
+    with a heap fetch per row (measured slower); and no parallel workers.
+
+    Parallel workers (PARALLEL_WORKERS) were measured at 100,000 users on the 2-core
+    machine the bench runs on, the whole command interleaved four times each way: none
+    4.8 s wall / 4.7 s server CPU, one 5.9 / 5.7, two 5.4 / 5.9 (medians). Each worker
+    builds a partial hash table of every user, which the leader merges again; the second
+    core is better spent on the attachment check, which runs concurrently on its own
+    connection."""
     await db.fetch(
         "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
+        " set_config('max_parallel_workers_per_gather', %s, true),"
         " set_config('parallel_setup_cost', '10', true),"
         " set_config('parallel_tuple_cost', '0.0001', true),"
         " set_config('enable_indexscan', 'off', true)",
-        (WORK_MEM,),
+        (WORK_MEM, str(PARALLEL_WORKERS)),
+    )
+
+
+async def _tune_attachments(db: Reader) -> None:
+    """For the attachment check's transaction only: a serial merge anti-join over the
+    two indexes (attachments by submission_id, submissions by id), both already in
+    order, instead of hashing a million submission ids; 0.43 s of server CPU against
+    0.70 s at 100,000 users. Serial, because the pass runs beside it."""
+    await db.fetch(
+        "SELECT set_config('jit', 'off', true), set_config('enable_hashjoin', 'off', true),"
+        " set_config('max_parallel_workers_per_gather', '0', true)"
     )
 
 
@@ -360,9 +395,32 @@ async def _orphan_finding(
     )
 
 
+# A unique index on external_event_id alone, valid, with no predicate or production's
+# `IS NOT NULL` one (which leaves no non-null value out): then no event can be replayed.
+_EVENTS_UNIQUE_SQL = """
+SELECT i.indexrelid::regclass::text AS name
+FROM pg_index i
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+WHERE i.indrelid = to_regclass('points_ledger')
+  AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1 AND i.indexprs IS NULL
+  AND a.attname = 'external_event_id'
+  AND (i.indpred IS NULL
+       OR pg_get_expr(i.indpred, i.indrelid) = '(external_event_id IS NOT NULL)')
+ORDER BY 1
+LIMIT 1
+"""
+
+
+async def events_unique_index(db: Reader) -> str | None:
+    """The index that makes duplicate external_event_ids impossible, if there is one."""
+    rows = await db.fetch(_EVENTS_UNIQUE_SQL)
+    return str(rows[0]["name"]) if rows else None
+
+
 async def _pass_findings(db: Reader) -> list[Finding]:
     """Everything derived from the one aggregate pass, in FINDINGS order."""
     peers, students = await amplify_keys(db)
+    unique_events = await events_unique_index(db)
     activities = await db.fetch("SELECT code, default_points FROM activities ORDER BY code")
     codes = [str(a["code"]) for a in activities]
     await _tune(db)
@@ -377,6 +435,7 @@ async def _pass_findings(db: Reader) -> list[Finding]:
             "peers": peers,
             "students": students,
             "sample": SAMPLE,
+            "events_unique": unique_events is not None,
         },
     )
     k = _kinds(rows)
@@ -423,7 +482,7 @@ async def _pass_findings(db: Reader) -> list[Finding]:
         ),
     ]
     out.append(await _duplicate_learn(db, k.get("dup_learn", [])))
-    out.append(_duplicate_events(k.get("dup_event", [])))
+    out.append(_duplicate_events(k.get("dup_event", []), unique_events))
     out += _reconciliation(k, peers, students)
     out.append(_negative_totals(k.get("negative", [])))
     return out
@@ -447,12 +506,13 @@ async def _duplicate_learn(db: Reader, pair_rows: list[Row]) -> Finding:
     )
 
 
-def _duplicate_events(pair_rows: list[Row]) -> Finding:
+def _duplicate_events(pair_rows: list[Row], unique_index: str | None = None) -> Finding:
     """external_event_ids on more than one ledger row (anywhere in the table); extra
     rows = copies beyond the first, what `dedupe-ledger-events` removes."""
     ids, extra, _net = _totals(pair_rows)
     if ids == 0:
-        return _ok(DUPLICATE_EVENTS, "every external_event_id appears on one ledger row")
+        why = f" (unique index {unique_index})" if unique_index else ""
+        return _ok(DUPLICATE_EVENTS, f"every external_event_id appears on one ledger row{why}")
     sample = [
         {
             "external_event_id": r["external_event_id"],
@@ -569,8 +629,8 @@ LIMIT %(sample)s
 
 
 async def check_orphan_attachments(db: Reader) -> Finding:
-    """Attachments whose submission is gone: one hash anti-join."""
-    await _tune(db)
+    """Attachments whose submission is gone: one merge anti-join."""
+    await _tune_attachments(db)
     rows = await db.fetch(_ATTACHMENTS_SQL, {"sample": SAMPLE})
     if not rows:
         return _ok(ATTACHMENT_NO_SUBMISSION, "every attachment has its submission")

@@ -335,7 +335,10 @@ def _as_utc(value: Any) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-async def _refresh_records(ctx: Context) -> tuple[RefreshRecords | None, str]:
+async def refresh_records(ctx: Context) -> tuple[RefreshRecords | None, str]:
+    """The bot's own refresh log and what to say when a view has no entry in it; a log
+    that cannot be read is said, never fatal, since the views' own facts still count
+    (shared with `/db analytics`)."""
     log_fn = ctx.refresh_log
     if log_fn is None:
         return None, "no refresh recorded by the bot"
@@ -351,9 +354,11 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _last_refresh(
+def last_refresh(
     record: Mapping[str, Any] | None, now: datetime, missing: str
 ) -> tuple[str, Status]:
+    """One sentence on the bot's last refresh of a view, the same in `/db views` and
+    `/db analytics`; only a failed refresh is a warning."""
     if record is None:
         return missing, Status.OK
     started = _as_utc(record.get("started_at"))
@@ -409,7 +414,7 @@ def view_finding(v: MatView, record: Mapping[str, Any] | None, missing: str) -> 
         if status is Status.OK:
             status = Status.WARN
             hint = "the holder can be ended with `/db terminate <pid>` (needs approval)"
-    refresh_text, refresh_status = _last_refresh(record, now, missing)
+    refresh_text, refresh_status = last_refresh(record, now, missing)
     parts.append(refresh_text)
     if refresh_status is Status.WARN and status is Status.OK:
         status = Status.WARN
@@ -454,7 +459,7 @@ async def views(ctx: Context, args: list[str]) -> Report:
     head = await gw.run_check("materialized views", survey)
     if head.status is not Status.OK:
         return Report(title="Materialized views", target=gw.target, findings=[head])
-    records, missing = await _refresh_records(ctx)
+    records, missing = await refresh_records(ctx)
     findings: list[Finding] = []
     for v in found:
         record = None

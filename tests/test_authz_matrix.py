@@ -7,6 +7,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest_asyncio
@@ -19,7 +20,7 @@ from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
-from commands.base import ROLES, LeapsIdentity, role_rank
+from commands.base import ROLES, LeapsIdentity, Reader, Row, role_rank
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import REMEDIES
 from tests.conftest import FAST_THRESHOLDS, bot_settings
@@ -30,6 +31,7 @@ CHANNEL = "C0MATRIX"
 REQUESTER = "U0REQ"
 PLAIN_VIEW = "time_series_metrics"
 _migrations = itertools.count()  # part A: migration-resolve's failed migrations
+_copies = itertools.count()
 
 
 @dataclass
@@ -70,6 +72,16 @@ async def rig(
     await store.close()
 
 
+SET_ROLE_USER_SQL = (
+    "SELECT handle, role::text AS role FROM users WHERE role::text IN ('PARTICIPANT', 'REVIEWER')"
+    " ORDER BY id LIMIT 1"
+)
+
+
+async def fetch_rows(query: str, db: Reader) -> list[Row]:
+    return await db.fetch(query)
+
+
 async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     """Arguments, and a fresh problem, so that the remedy's plan needs an approval."""
     if remedy == "refresh-views":
@@ -83,6 +95,12 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "dedupe-ledger-events":
         await faults.duplicate_external_events(1)
         return []
+    if remedy == "create-index":  # the recommended index dropped, whatever built it
+        await faults.drop_index("points_ledger_user_id_created_at_idx")
+        await faults.drop_index("points_ledger_by_user_newest")
+        return ["points_ledger_by_user_newest"]
+    if remedy == "drop-index":
+        return [await faults.duplicate_index(name=f"submissions_user_id_copy_{next(_copies)}")]
     if remedy == "reconcile-points":
         await faults.missing_awards(1)
         return []
@@ -96,6 +114,9 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
             accounts, unmatched = int(remedy == "recover-users"), int(remedy == "rematch-kajabi")
             await faults.data_loss(0.1, accounts=accounts, unmatched=unmatched, kajabi_only=True)
         return []
+    if remedy == "set-role":  # one user, back and forth, so every plan changes a row
+        (user,) = await rig.gateway.read(partial(fetch_rows, SET_ROLE_USER_SQL))
+        return [str(user["handle"]), "REVIEWER" if user["role"] == "PARTICIPANT" else "PARTICIPANT"]
     (pid,) = await rig.victims.open(1)
     await asyncio.sleep(0.05)
     return ["0"] if remedy == "kill-idle" else [str(pid)]

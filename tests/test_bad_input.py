@@ -149,7 +149,8 @@ def new_errors(fz: Fuzz) -> list[str]:
 COMMAND_WORDS = [
     "help", "health", "connections", "views", "integrity", "quota", "kill-idle", "cancel",
     "terminate", "refresh-views", "cleanup-orphans", "dedupe-learn", "reconcile-points",
-    "dedupe-ledger-events", "HEALTH", "nonsense",
+    "dedupe-ledger-events", "roles", "set-role", "indexes", "create-index", "drop-index",
+    "HEALTH", "nonsense",
 ]  # fmt: skip
 slack_ids = st.text("UCWGDT0123456789ABXYZ", min_size=0, max_size=12)
 mentions = st.one_of(

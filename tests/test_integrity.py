@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
+import psycopg
 import pytest
 import pytest_asyncio
 from psycopg.conninfo import conninfo_to_dict
@@ -206,6 +207,57 @@ async def test_amplify_keys_follow_the_live_function(leaps_dsn: str, faults: Fau
         await gateway.close()
     assert ig.keys_in_source(None) == ig.SNAKE_KEYS
     assert ig.keys_in_source("x := NEW.payload ->> 'studentsTrained';") == ig.CAMEL_KEYS
+
+
+async def test_replays_are_read_only_where_no_unique_index_rules_them_out(
+    leaps_dsn: str, faults: FaultInjector
+) -> None:
+    # Production's partial unique index: the ledger's event ids need not be read at all.
+    report, _elapsed = await run_integrity(leaps_dsn)
+    clean = by_name(report)[ig.DUPLICATE_EVENTS]
+    assert clean.status is Status.OK
+    assert "(unique index points_ledger_external_event_id_key)" in clean.summary
+    # A unique index that leaves the replayed copies out (another predicate) proves
+    # nothing: the copies must still be found and counted.
+    await faults.duplicate_external_events(3)
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE UNIQUE INDEX ledger_events_but_copies ON points_ledger (external_event_id)"
+            " WHERE id NOT LIKE 'dup%'"
+        )
+    gateway = TargetGateway(leaps_dsn)
+    try:
+        assert await gateway.read(ig.events_unique_index) is None
+    finally:
+        await gateway.close()
+    report, _elapsed = await run_integrity(leaps_dsn)
+    assert {k: v for k, v in counts(report).items() if v} == {ig.DUPLICATE_EVENTS: 3}
+
+
+async def test_difference_hidden_by_a_replay_in_the_raw_sum(
+    leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """A replayed award and a correction of the same size cancel in the raw per-user sums,
+    which the pass uses to pick the users it unfolds per activity; the pair still
+    differs once the replay counts once, so that user must be unfolded all the same."""
+    (event,) = await faults.duplicate_external_events(1)
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
+        # Written past the guard triggers, as damage arrives (session_replication_role).
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(
+                "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+                " created_at, event_time, meta)"
+                " SELECT 'cancel_' || id, user_id, activity_code, 'MANUAL', -delta_points,"
+                " created_at, event_time, '{}' FROM points_ledger"
+                " WHERE external_event_id = %s ORDER BY id LIMIT 1",
+                (event,),
+            )
+    report, _elapsed = await run_integrity(leaps_dsn)
+    assert {k: v for k, v in counts(report).items() if v} == {
+        ig.DUPLICATE_EVENTS: 1,
+        ig.POINT_DIFFERENCES: 1,
+    }
 
 
 # --- the medium fixture -------------------------------------------------------------

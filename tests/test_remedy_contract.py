@@ -21,8 +21,10 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
     assert sorted(REMEDIES) == [
         "cancel",
         "cleanup-orphans",
+        "create-index",
         "dedupe-learn",
         "dedupe-ledger-events",
+        "drop-index",
         "kill-idle",
         "migration-resolve",
         "reconcile-points",
@@ -30,6 +32,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "recover-users",
         "refresh-views",
         "rematch-kajabi",
+        "set-role",
         "terminate",
     ]
 

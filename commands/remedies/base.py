@@ -65,12 +65,18 @@ class Plan(BaseModel):
     limits: str = ""
     needs_approval: bool = True
     locks: LockScope = Field(default_factory=LockScope)
+    # A higher approver role this plan needs than its remedy's (set-role granting ADMIN
+    # needs a SUPERADMIN); the engine asks for the higher of the two. None: the remedy's.
+    approver_role: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # the remedy's own; see `private`
 
     def fingerprint(self) -> str:
         """What an approval binds: the whole plan (SQL, parameters, counted rows, targets,
         locks, the remedy's data), as JSON, so the stored copy hashes the same."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        dumped = self.model_dump(mode="json")
+        if dumped["approver_role"] is None:  # as plans hashed before the field existed
+            del dumped["approver_role"]
+        blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def private(self, model: type[M]) -> M:
@@ -87,6 +93,16 @@ class Outcome(BaseModel):
     rows: list[Row] = Field(default_factory=list)
     error: str | None = None
     offers: list[str] = Field(default_factory=list)  # follow-up commands, e.g. "terminate 42"
+
+
+class OutsideStepFailed(Exception):
+    """A step run outside the transaction failed after it may have changed the database;
+    the remedy has cleaned up what it could and its outcome says what is left. The
+    executor rolls back the guarded transaction and reports the outcome as failed."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.summary)
+        self.outcome = outcome
 
 
 class RemedyAbort(Exception):
@@ -137,6 +153,19 @@ class Writer(Protocol):
 
     async def backup_table(self, name: str) -> sql.Identifier:
         """`dbops_backup."<approval>_<name>"`, the schema created if missing."""
+        ...
+
+    async def run_outside_transaction(
+        self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> None:
+        """Run one statement that PostgreSQL refuses inside a transaction block (CREATE
+        or DROP INDEX CONCURRENTLY) on its own autocommit session of the admin DSN, with
+        the same timeouts, application_name and identity. It commits on its own: the
+        guarded transaction's rollback cannot undo it, so a remedy that uses it cleans up
+        after a failure itself and raises `OutsideStepFailed`. The guarded transaction
+        must hold no lock on the table meanwhile (read the catalog only), or the
+        statement waits for it until the lock timeout.
+        """
         ...
 
 
