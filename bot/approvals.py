@@ -11,8 +11,6 @@ the thread's plan message is updated on every change of state.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import os
 import socket
@@ -25,9 +23,10 @@ from typing import Any, Literal
 from slack_sdk.errors import SlackClientError
 
 from bot import render
-from bot.authz import RoleResolver, allowed
+from bot.authz import ResolvedRole, RoleResolver, approval_refusal
 from bot.executor import Executor, remedy_running
 from bot.identity import acting_identity
+from bot.keyed_mac import APPROVAL_BUTTON, KeyedMac, button_secret
 from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
@@ -100,8 +99,8 @@ class ApprovalEngine:
         self.notifier = notifier
         self.roles = roles
         self.claimer = process_id()
-        key = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
-        self._key = hashlib.sha256(("dbops-approval:" + key).encode()).digest()
+        secret = button_secret(settings.slack_signing_secret, settings.slack_bot_token)
+        self._mac = KeyedMac.for_purpose(APPROVAL_BUTTON, secret, hex_chars=24)
 
     # --- policy and button values ----------------------------------------------------
 
@@ -121,15 +120,12 @@ class ApprovalEngine:
         return policy
 
     def sign(self, approval_id: str, channel_id: str) -> str:
-        mac = hmac.new(self._key, f"{approval_id}|{channel_id}".encode(), "sha256").hexdigest()
-        return f"{approval_id}.{mac[:24]}"
+        return f"{approval_id}.{self._mac.sign(f'{approval_id}|{channel_id}')}"
 
     def verify(self, value: str, channel_id: str) -> str | None:
         approval_id, _, mac = value.partition(".")
-        expected = self.sign(approval_id, channel_id)
-        # bytes: compare_digest refuses str with non-ASCII characters (a tampered value may have)
-        genuine = hmac.compare_digest(expected.encode(), value.encode())
-        return approval_id if genuine and mac else None
+        genuine = self._mac.matches(f"{approval_id}|{channel_id}", mac)
+        return approval_id if genuine else None
 
     # --- request ------------------------------------------------------------------------
 
@@ -352,9 +348,10 @@ class ApprovalEngine:
         if approval.state != "pending":
             await self._tell(click, approval, await self._who_acted(approval))
             return
-        role = await self.roles.role_of(click.user_id, purpose="approve")  # never a stale role
+        resolved = await self.roles.resolve(click.user_id)
+        role = resolved.role_for("approve")  # never a stale role
         decision: DecisionKind = "approve" if click.action_id == APPROVE else "reject"
-        refusal = self._refusal(approval, click.user_id, role, decision, click.origin)
+        refusal = self._refusal(approval, click.user_id, resolved, decision, click.origin)
         if refusal:
             await self.store.audit(
                 "approval.refused",
@@ -364,6 +361,7 @@ class ApprovalEngine:
                 detail={
                     "decision": decision,
                     "role": role,
+                    "role_origin": resolved.describe(),
                     "reason": refusal,
                     "origin": click.origin,
                 },
@@ -401,7 +399,12 @@ class ApprovalEngine:
         await self.execute(approval.id, actor_id=click.user_id, click=click)
 
     def _refusal(
-        self, approval: Approval, user_id: str, role: str, decision: str, origin: Origin
+        self,
+        approval: Approval,
+        user_id: str,
+        resolved: ResolvedRole,
+        decision: str,
+        origin: Origin,
     ) -> str | None:
         if decision == "approve" and origin == "console" and approval.origin != "console":
             return (
@@ -412,12 +415,7 @@ class ApprovalEngine:
             return None  # withdrawing one's own request is always allowed
         if decision == "approve" and user_id == approval.requester_id:
             return "You cannot approve your own request; another person must."
-        if not allowed(role, approval.approver_role):
-            return (
-                f"You cannot {decision} `{approval.id}`: it needs the role "
-                f"{approval.approver_role}, yours is {role}."
-            )
-        return None
+        return approval_refusal(approval.approver_role, resolved, f"{decision} `{approval.id}`")
 
     async def _approvers(self, approval_id: str) -> list[str]:
         decisions = await self.store.decisions(approval_id)

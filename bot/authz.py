@@ -105,8 +105,30 @@ def refusal(needed: str, resolved: ResolvedRole, purpose: Purpose) -> str | None
     return f"You need the role {needed} for this; yours is {resolved.describe()}."
 
 
+def approval_refusal(needed: str, resolved: ResolvedRole, doing: str) -> str | None:
+    """None when `resolved` may approve or reject (`doing`), else the reason: like
+    `refusal`, the role's origin and, for a last known role, since when, so the approver
+    knows whether to fix ROLE_MAP, a user group, LEAPS, or wait for the lookup."""
+    if allowed(resolved.role_for("approve"), needed):
+        return None
+    if resolved.stale and allowed(resolved.role, needed):
+        return (
+            f"You cannot {doing}: it needs the role {needed}, checked now; yours is "
+            f"{resolved.describe()}. A last known role counts for diagnostics only."
+        )
+    return f"You cannot {doing}: it needs the role {needed}, yours is {resolved.describe()}."
+
+
 class _Unavailable(Exception):
     """A source could not answer now (as opposed to answering "no role")."""
+
+
+@dataclass
+class _Lookup:
+    """One user's resolution under way, and how many commands wait for it."""
+
+    task: asyncio.Future[ResolvedRole]
+    waiters: int = 0
 
 
 class RoleResolver:
@@ -132,6 +154,7 @@ class RoleResolver:
         self._emails: dict[str, tuple[str | None, str | None, float]] = {}
         self._members: dict[str, tuple[frozenset[str] | None, str | None, float]] = {}
         self._member_locks: dict[str, asyncio.Lock] = {}
+        self._inflight: dict[str, _Lookup] = {}
         self._leaps_down_until = 0.0
 
     async def role_of(self, user_id: str, purpose: Purpose = "approve") -> str:
@@ -144,6 +167,30 @@ class RoleResolver:
         hit = self._cache.get(user_id)
         if hit and hit[1] > time.monotonic():
             return hit[0]
+        # A burst of commands by someone not yet cached waits for one lookup, not one each:
+        # users.info and the LEAPS query are paid once, and a failure is shared, not retried.
+        lookup = self._inflight.get(user_id)
+        if lookup is None:
+            lookup = _Lookup(asyncio.ensure_future(self._resolve_now(user_id)))
+            self._inflight[user_id] = lookup
+            lookup.task.add_done_callback(partial(self._landed, user_id, lookup))
+        lookup.waiters += 1
+        try:
+            # shielded: one waiter cancelled (its command's task) leaves the lookup to the rest
+            return await asyncio.shield(lookup.task)
+        except asyncio.CancelledError:
+            if lookup.waiters == 1:  # the last one (shutdown): nobody is left to answer
+                lookup.task.cancel()
+                self._landed(user_id, lookup, None)  # a later command starts afresh
+            raise
+        finally:
+            lookup.waiters -= 1
+
+    def _landed(self, user_id: str, lookup: _Lookup, _: object) -> None:
+        if self._inflight.get(user_id) is lookup:
+            del self._inflight[user_id]
+
+    async def _resolve_now(self, user_id: str) -> ResolvedRole:
         try:
             resolved = await self._lookup(user_id)
         except _Unavailable as exc:

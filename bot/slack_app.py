@@ -8,8 +8,6 @@ refuses (bot not in the channel, rate limit after retries).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -36,6 +34,7 @@ from bot.exports import SlackExports
 from bot.gateway import first_line
 from bot.incident_comms import record_verification
 from bot.incidents import IncidentService, Reply
+from bot.keyed_mac import FULL_TABLE_BUTTON, KeyedMac, button_secret
 from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.tasks import TaskTracker
@@ -98,10 +97,7 @@ class TableRef:
 
 class TableSigner:
     def __init__(self, secret: str) -> None:
-        self._key = hashlib.sha256(("dbops-full-table:" + secret).encode()).digest()
-
-    def _mac(self, payload: str) -> str:
-        return hmac.new(self._key, payload.encode(), "sha256").hexdigest()[:32]
+        self._mac = KeyedMac.for_purpose(FULL_TABLE_BUTTON, secret, hex_chars=32)
 
     def sign(self, ref: TableRef) -> str:
         payload = json.dumps(
@@ -109,11 +105,11 @@ class TableSigner:
             separators=(",", ":"),
             ensure_ascii=False,
         )
-        return f"{self._mac(payload)}.{payload}"
+        return f"{self._mac.sign(payload)}.{payload}"
 
     def verify(self, value: str) -> TableRef | None:
         mac, _, payload = value.partition(".")
-        if not mac or not hmac.compare_digest(mac, self._mac(payload)):
+        if not self._mac.matches(payload, mac):
             return None
         try:
             text, check, user, channel, public = json.loads(payload)
@@ -146,8 +142,9 @@ class SlackFrontend:
             raise_error_for_unhandled_request=False,
         )
         self._last_rendered: tuple[Report, render.SlackMessage] | None = None
-        secret = settings.slack_signing_secret or settings.slack_bot_token or "dbops"
-        self.tables = TableSigner(secret)
+        self.tables = TableSigner(
+            button_secret(settings.slack_signing_secret, settings.slack_bot_token)
+        )
         self.exports = SlackExports(
             settings,
             self.app.client,

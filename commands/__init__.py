@@ -16,6 +16,7 @@ from commands import (
     remedies,
     roles,  # part E: /db roles
     views,
+    webhooks,  # part D: /db webhooks
 )
 from commands.base import REGISTRY, Command, Finding, Report, Status
 
@@ -39,4 +40,5 @@ __all__ = [
     "remedies",
     "roles",
     "views",
+    "webhooks",
 ]

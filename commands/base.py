@@ -270,6 +270,11 @@ class Thresholds(BaseModel):
     # Query text from pg_stat_activity can hold `PASSWORD '…'` or personal data: string
     # literals are shown as '…' unless this is on (SHOW_QUERY_LITERALS=true).
     show_query_literals: bool = False
+    # /db webhooks: the operators' alert (more than this many Kajabi events waiting
+    # unmatched for longer than this), and the age at which an unprocessed one is stuck.
+    webhook_unmatched_max: int = 50
+    webhook_unmatched_wait_s: float = 900.0
+    webhook_stuck_s: float = 3600.0
 
 
 Diagnose = Callable[[Context, list[str]], Awaitable[Report]]

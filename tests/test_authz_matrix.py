@@ -117,6 +117,15 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "set-role":  # one user, back and forth, so every plan changes a row
         (user,) = await rig.gateway.read(partial(fetch_rows, SET_ROLE_USER_SQL))
         return [str(user["handle"]), "REVIEWER" if user["role"] == "PARTICIPANT" else "PARTICIPANT"]
+    if remedy in ("rematch-emails", "reprocess-webhooks", "dedupe-webhooks"):
+        if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:
+            if remedy == "rematch-emails":
+                await faults.miscased_unmatched_events(1)
+            elif remedy == "reprocess-webhooks":
+                await faults.unmatched_webhook_backlog(1)
+            else:
+                await faults.duplicate_webhook_payloads(1)
+        return []
     (pid,) = await rig.victims.open(1)
     await asyncio.sleep(0.05)
     return ["0"] if remedy == "kill-idle" else [str(pid)]

@@ -24,6 +24,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "create-index",
         "dedupe-learn",
         "dedupe-ledger-events",
+        "dedupe-webhooks",
         "drop-index",
         "kill-idle",
         "migration-resolve",
@@ -31,7 +32,9 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "recover-learn",
         "recover-users",
         "refresh-views",
+        "rematch-emails",
         "rematch-kajabi",
+        "reprocess-webhooks",
         "set-role",
         "terminate",
     ]

@@ -19,6 +19,7 @@ became recoverable meanwhile is left to the next `/db recover`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
@@ -381,48 +382,89 @@ async def verify_recover_users(db: Reader, plan: Plan, run: Execution) -> Verifi
 # --- rematch-kajabi -----------------------------------------------------------------
 
 # Where an event's e-mail is: the column, Kajabi's contact object, or the guide's key.
-_EVENT_EMAIL = (
+EVENT_EMAIL = (
     "lower(btrim(coalesce(nullif(btrim(e.email), ''), e.payload -> 'contact' ->> 'email',"
     " e.payload ->> 'email')))"
 )
-_EMAIL_SOURCES_SQL = """
-SELECT count(*) FILTER (WHERE nullif(btrim(email), '') IS NOT NULL) AS email_column,
-       count(*) FILTER (WHERE payload -> 'contact' ->> 'email' IS NOT NULL) AS contact_email,
-       count(*) FILTER (WHERE payload ->> 'email' IS NOT NULL) AS payload_email,
+# Which events a re-match looks at (constant conditions on `e`, chosen by key):
+# `rematch-kajabi` every processed event not linked to an existing user, `rematch-emails`
+# (webhooks) the events the webhook matcher marked NO_USER_FOUND.
+REMATCH_SCOPES = {
+    "unmatched": "e.processed_at IS NOT NULL"
+    " AND (e.user_match IS NULL OR e.user_match = %(none)s"
+    " OR NOT EXISTS (SELECT 1 FROM users AS x WHERE x.id = e.user_match))",
+    "no_user_found": "e.user_match = %(none)s",
+}
+
+
+def email_sources_sql(scope: str) -> str:
+    """How many events of `scope` carry an e-mail in each place `EVENT_EMAIL` reads."""
+    return f"""
+SELECT count(*) FILTER (WHERE nullif(btrim(e.email), '') IS NOT NULL) AS email_column,
+       count(*) FILTER (WHERE e.payload -> 'contact' ->> 'email' IS NOT NULL) AS contact_email,
+       count(*) FILTER (WHERE e.payload ->> 'email' IS NOT NULL) AS payload_email,
        count(*) AS events
-FROM kajabi_events WHERE processed_at IS NOT NULL
-"""
-_REMATCH = f"""
+FROM kajabi_events AS e WHERE {REMATCH_SCOPES[scope]}
+"""  # noqa: S608 (constant fragments of this module)
+
+
+def rematch_sql_for(scope: str, tail: str) -> str:
+    """`m`: each event of `scope` with the users its e-mail matches (`matches`, and the
+    one `user_id` when there is one), followed by `tail`."""
+    return f"""
 WITH ev AS (
-  SELECT e.id, e.event_id, e.user_match, {_EVENT_EMAIL} AS mail
+  SELECT e.id, e.event_id, e.user_match, {EVENT_EMAIL} AS mail
   FROM kajabi_events AS e
-  WHERE e.processed_at IS NOT NULL
-    AND (e.user_match IS NULL OR e.user_match = %(none)s
-         OR NOT EXISTS (SELECT 1 FROM users AS x WHERE x.id = e.user_match))
+  WHERE {REMATCH_SCOPES[scope]}
 ), m AS (
-  SELECT ev.id, ev.event_id, ev.user_match, min(u.id) AS user_id, count(u.id) AS matches
+  SELECT ev.id, ev.event_id, ev.user_match, ev.mail, min(u.id) AS user_id,
+         min(u.email) AS user_email, count(u.id) AS matches
   FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
-  GROUP BY ev.id, ev.event_id, ev.user_match
-)"""  # noqa: S608 (constant fragments of this module)
-_REMATCH_SURVEY_SQL = (
-    _REMATCH + "\nSELECT count(*) FILTER (WHERE matches = 1) AS one,"
+  GROUP BY ev.id, ev.event_id, ev.user_match, ev.mail
+)
+{tail}"""  # noqa: S608 (constant fragments of this module)
+
+
+REMATCH_SURVEY_TAIL = (
+    "SELECT count(*) FILTER (WHERE matches = 1) AS one,"
     " count(*) FILTER (WHERE matches > 1) AS many, count(*) FILTER (WHERE matches = 0) AS none"
     " FROM m"
 )
-_REMATCH_PAIRS_SQL = _REMATCH + "\nSELECT id, user_id FROM m WHERE matches = 1 ORDER BY id"
-_REMATCH_SAMPLE_SQL = (
-    _REMATCH + "\nSELECT id, event_id, user_match AS was, user_id AS now FROM m"
+_REMATCH_PAIRS_TAIL = "SELECT id, user_id FROM m WHERE matches = 1 ORDER BY id"
+_REMATCH_SAMPLE_TAIL = (
+    "SELECT id, event_id, user_match AS was, user_id AS now FROM m"
     " WHERE matches = 1 ORDER BY id LIMIT %(sample)s"
 )
-_REMATCH_RECOUNT_SQL = (
-    _REMATCH + "\nSELECT count(*) AS n FROM m JOIN unnest(%(ids)s::text[], %(users)s::text[])"
+_REMATCH_RECOUNT_TAIL = (
+    "SELECT count(*) AS n FROM m JOIN unnest(%(ids)s::text[], %(users)s::text[])"
     " AS p(i, u) ON p.i = m.id AND p.u = m.user_id WHERE m.matches = 1"
+)
+
+
+@dataclass(frozen=True)
+class RematchKind:
+    """What distinguishes one re-match remedy from another: its name and scope."""
+
+    name: str
+    scope: str  # a key of REMATCH_SCOPES
+    title: str
+    events: str  # "processed Kajabi event"
+    was: str  # what user_match holds now, for the summary
+
+
+REMATCH_KAJABI_KIND = RematchKind(
+    REMATCH_NAME,
+    "unmatched",
+    "Re-match Kajabi events to users by e-mail",
+    "processed Kajabi event",
+    f"now '{NO_USER}', empty or a user who no longer exists",
 )
 
 
 class RematchData(BaseModel):
     ids: list[str]
     users: list[str]  # the user each event is matched to, in the order of ids
+    scope: str = "unmatched"  # a key of REMATCH_SCOPES
 
 
 def rematch_sql(backup: sql.Identifier) -> sql.Composed:
@@ -434,21 +476,33 @@ def rematch_sql(backup: sql.Identifier) -> sql.Composed:
 
 
 async def plan_rematch(ctx: Context, args: list[str]) -> Plan:
-    _no_args(REMATCH_NAME, args)
+    return await plan_rematch_kind(ctx, args, REMATCH_KAJABI_KIND)
+
+
+async def plan_rematch_kind(ctx: Context, args: list[str], kind: RematchKind) -> Plan:
+    _no_args(kind.name, args)
     params = {"none": NO_USER, "sample": SAMPLE}
 
     async def survey(db: Reader) -> tuple[Row, Row, list[Row], list[Row]]:
-        sources = (await db.fetch(_EMAIL_SOURCES_SQL))[0]
-        counted = (await db.fetch(_REMATCH_SURVEY_SQL, params))[0]
-        pairs = await db.fetch(_REMATCH_PAIRS_SQL, params)
-        sample = await db.fetch(_REMATCH_SAMPLE_SQL, params) if pairs else []
+        sources = (await db.fetch(email_sources_sql(kind.scope), params))[0]
+        counted = (await db.fetch(rematch_sql_for(kind.scope, REMATCH_SURVEY_TAIL), params))[0]
+        pairs = await db.fetch(rematch_sql_for(kind.scope, _REMATCH_PAIRS_TAIL), params)
+        sample = (
+            await db.fetch(rematch_sql_for(kind.scope, _REMATCH_SAMPLE_TAIL), params)
+            if pairs
+            else []
+        )
         return sources, counted, pairs, sample
 
     sources, counted, pairs, targets = await ctx.gateway.read(survey)
-    data = RematchData(ids=[str(p["id"]) for p in pairs], users=[str(p["user_id"]) for p in pairs])
+    data = RematchData(
+        ids=[str(p["id"]) for p in pairs],
+        users=[str(p["user_id"]) for p in pairs],
+        scope=kind.scope,
+    )
     n = len(data.ids)
     warnings = [
-        "e-mail format found in the processed events: "
+        f"e-mail format found in the {kind.events}s it looks at ({kind.was}): "
         f"the email column in {sources['email_column']}, payload.contact.email in "
         f"{sources['contact_email']}, payload.email (the guide's key) in "
         f"{sources['payload_email']} of {sources['events']}; read in that order, compared "
@@ -461,16 +515,15 @@ async def plan_rematch(ctx: Context, args: list[str]) -> Plan:
         )
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_kajabi_events")
     return Plan(
-        remedy=REMATCH_NAME,
+        remedy=kind.name,
         args=list(args),
-        title="Re-match Kajabi events to users by e-mail",
+        title=kind.title,
         summary=(
-            f"set user_match of {plural(n, 'processed Kajabi event')} (now "
-            f"'{NO_USER}', empty or a user who no longer exists) to the one user whose "
-            f"e-mail matches case-insensitively; {int(counted['none'])} still match nobody"
+            f"set user_match of {plural(n, kind.events)} ({kind.was}) to the one user "
+            f"whose e-mail matches case-insensitively; {int(counted['none'])} still match "
+            "nobody"
             if n
-            else "no unmatched processed Kajabi event matches exactly one user by e-mail; "
-            "nothing to do"
+            else f"no {kind.events} ({kind.was}) matches exactly one user by e-mail; nothing to do"
         ),
         steps=[
             PlanStep(
@@ -507,7 +560,9 @@ async def apply_rematch(writer: Writer, plan: Plan) -> Outcome:
         "SELECT id FROM kajabi_events WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (data.ids,)
     )
     now = await _count(
-        writer, _REMATCH_RECOUNT_SQL, {"none": NO_USER, "ids": data.ids, "users": data.users}
+        writer,
+        rematch_sql_for(data.scope, _REMATCH_RECOUNT_TAIL),
+        {"none": NO_USER, "ids": data.ids, "users": data.users},
     )
     if len(locked) != plan.count or now != plan.count:
         raise DriftError("events still matching their planned user", plan.count, now, 0)
@@ -539,7 +594,7 @@ async def apply_rematch(writer: Writer, plan: Plan) -> Outcome:
 _LEARN_TAGS_SQL = """
 SELECT DISTINCT lower(btrim(tag_name::text)) AS tag FROM learn_tag_grants ORDER BY 1
 """
-_EVENT_TAG = (
+EVENT_TAG = (
     "lower(btrim(coalesce(e.tag_name_norm::text, e.tag_name_raw, e.payload -> 'tag' ->> 'name')))"
 )
 # One processed LEARN-tag event per existing user without a live LEARN submission
@@ -550,7 +605,7 @@ WITH ev AS (
   SELECT DISTINCT ON (u.id) e.id AS event_row, e.event_id, u.id AS user_id,
          e.processed_at, e.tag_name_raw, e.payload
   FROM kajabi_events AS e JOIN users AS u ON u.id = e.user_match
-  WHERE e.processed_at IS NOT NULL AND {_EVENT_TAG} = ANY(%(tags)s)
+  WHERE e.processed_at IS NOT NULL AND {EVENT_TAG} = ANY(%(tags)s)
   ORDER BY u.id, e.processed_at, e.id
 ), due AS (
   SELECT ev.* FROM ev

@@ -1,0 +1,602 @@
+"""The webhook repairs of the operators' guide: `rematch-emails`, `reprocess-webhooks` and
+`dedupe-webhooks`.
+
+`rematch-emails` is `rematch-kajabi` (recovery.py) scoped to the events the webhook
+matcher marked NO_USER_FOUND: the same query, backup and verification. Linking an event
+does not pay its LEARN points; the plan says which steps do.
+
+`reprocess-webhooks` does what the guide's handler does for each unprocessed event,
+oldest first: find the user by e-mail (ignoring case), award LEARN with the ledger's
+idempotency key, mark the event processed (`user_match` = the user, or NO_USER_FOUND).
+Choices where the guide is silent:
+
+* The idempotency key is Kajabi's event id (`event_id`, else the payload's `id`, else
+  the row id), as the seed's awards carry it, not the row id the guide uses: a Kajabi
+  retry (a second row, same payload) then pays once. The insert checks the key first
+  (the unique index may be gone on a damaged database) and says `ON CONFLICT DO
+  NOTHING` for a concurrent writer.
+* Only LEARN-tag events pay (tags read from learn_tag_grants, as `recover-learn` reads
+  them; with none known the plan refuses rather than pay every event as the guide
+  would); events of other tags are matched and marked without an award.
+* LEARN is earned once: an event whose user already holds LEARN points (another Kajabi
+  event id) is not paid twice.
+* An event is left unprocessed and reported, with its reason, when it has no e-mail,
+  when its e-mail matches several users, when its user already holds LEARN, or when the
+  database refuses its award or update (a SAVEPOINT per event rolls back that event
+  alone). The others continue.
+* The plan binds the unprocessed events it counted (their ids); at execution every one
+  of them must still be unprocessed (else drift) and each must end processed or
+  reported (`check_count` on the sum), so a failure is an outcome, not a rollback.
+
+`dedupe-webhooks` keeps the earliest row of each payload (received_at, then id), backs up
+and deletes the rest, as `dedupe-ledger-events` does for the ledger.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import NamedTuple
+
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel
+
+from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.guards import plan_notes
+from commands.remedies.base import (
+    Execution,
+    LockScope,
+    Outcome,
+    Plan,
+    PlanStep,
+    Remedy,
+    RemedyAbort,
+    RowCountError,
+    Verification,
+    Writer,
+    add_remedy,
+    check_count,
+    check_drift,
+    nothing_planned,
+)
+from commands.remedies.ledger import _SOURCE_TYPE_SQL
+from commands.remedies.recovery import (
+    EVENT_EMAIL,
+    EVENT_TAG,
+    NO_USER,
+    RematchKind,
+    apply_rematch,
+    learn_tags,
+    plan_rematch_kind,
+)
+from commands.remedies.rowsets import (
+    APPROVAL_PLACEHOLDER,
+    SAMPLE,
+    Counts,
+    Part,
+    backup_display,
+    backup_sql,
+    check_parts,
+    count_rows,
+    delete_sql,
+    lock_and_backup,
+    plural,
+    verify_backup_of,
+)
+from commands.webhooks import DEDUPE_WEBHOOKS, DUPLICATE_PAYLOAD, REMATCH_EMAILS, REPROCESS
+
+# --- rematch-emails -----------------------------------------------------------------
+
+REMATCH_EMAILS_KIND = RematchKind(
+    REMATCH_EMAILS,
+    "no_user_found",
+    "Re-match NO_USER_FOUND Kajabi events by e-mail, ignoring case",
+    "Kajabi event",
+    f"marked '{NO_USER}'",
+)
+
+
+async def plan_rematch_emails(ctx: Context, args: list[str]) -> Plan:
+    plan = await plan_rematch_kind(ctx, args, REMATCH_EMAILS_KIND)
+    if plan.count:
+        plan.warnings.append(
+            "linking pays nothing: these events were processed without an award; "
+            "`/db recover-learn` then `/db reconcile-points` award their LEARN"
+        )
+    return plan
+
+
+# --- reprocess-webhooks -------------------------------------------------------------
+
+LEDGER_ACTIVITY = "LEARN"
+LEDGER_SOURCE = "WEBHOOK"
+EXTERNAL_SOURCE = "kajabi"
+LEDGER_ID_PREFIX = "reprocess_"
+SAVEPOINT = sql.Identifier("dbops_webhook_event")
+# Kajabi's own id of an event: what the ledger's idempotency key holds.
+_EXTERNAL_ID = "coalesce(nullif(btrim(e.event_id), ''), e.payload ->> 'id', e.id)"
+
+# Each unprocessed event (all, or the planned ids) with the users its e-mail matches
+# (a hash join: users.email has no index on lower()) and whether its key is paid.
+_EVENTS_SQL = f"""
+WITH ev AS (
+  SELECT e.id, e.event_id, e.received_at, {_EXTERNAL_ID} AS external_id,
+         {EVENT_EMAIL} AS mail, {EVENT_TAG} AS tag
+  FROM kajabi_events AS e
+  WHERE e.processed_at IS NULL AND (%(ids)s::text[] IS NULL OR e.id = ANY(%(ids)s::text[]))
+), m AS (
+  SELECT ev.id, array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL) AS users
+  FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
+  GROUP BY ev.id
+)
+SELECT ev.*, coalesce(m.users, ARRAY[]::text[]) AS users,
+       EXISTS (SELECT 1 FROM points_ledger AS l WHERE l.external_event_id = ev.external_id)
+         AS awarded,
+       (SELECT coalesce(sum(l.delta_points), 0) FROM points_ledger AS l
+        WHERE cardinality(m.users) = 1 AND l.user_id = m.users[1]
+          AND l.activity_code = %(activity)s)::bigint AS learn_points
+FROM ev JOIN m ON m.id = ev.id
+ORDER BY ev.received_at, ev.id
+"""  # noqa: S608 (constant fragments of this module)
+_LOCK_SQL = (
+    "SELECT id FROM kajabi_events WHERE id = ANY(%s) AND processed_at IS NULL"
+    " ORDER BY id FOR UPDATE"
+)
+_LEARN_POINTS_SQL = "SELECT default_points FROM activities WHERE code = %s"
+_MARK_SQL = (
+    "UPDATE kajabi_events SET processed_at = now() AT TIME ZONE 'UTC', user_match = %s"
+    " WHERE id = %s AND processed_at IS NULL"
+)
+
+
+def award_sql(enum_type: sql.Identifier) -> sql.Composed:
+    """One event's LEARN award, unless its Kajabi id is already in the ledger; the
+    event's own time (created_at_utc, else received_at) is the award's event_time."""
+    return sql.SQL(
+        "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+        " external_source, external_event_id, created_at, event_time, meta)"
+        " SELECT %(ledger_id)s::text, %(user)s::text, %(activity)s::text, %(source)s::{},"
+        " %(points)s::integer, %(external_source)s::text, %(external)s::text,"
+        " now() AT TIME ZONE 'UTC', coalesce(e.created_at_utc, e.received_at AT TIME ZONE 'UTC'),"
+        " jsonb_build_object('kajabi_event', e.id, 'reason', 'dbops-bot reprocess-webhooks',"
+        " 'approval', %(approval)s::text, 'acting_user', %(actor)s::text)"
+        " FROM kajabi_events AS e WHERE e.id = %(event)s"
+        " AND NOT EXISTS (SELECT 1 FROM points_ledger AS l"
+        "   WHERE l.external_event_id = %(external)s::text)"
+        " ON CONFLICT DO NOTHING"
+    ).format(enum_type)
+
+
+class ReprocessData(BaseModel):
+    ids: list[str]  # the unprocessed events counted, oldest first
+    tags: list[str]  # LEARN tags (learn_tag_grants); empty: every event is a LEARN
+    points: int  # LEARN's default_points when planned
+
+
+class Verdict(NamedTuple):
+    """What processing does with one event: `kind` is award | already | other_tag |
+    no_user | fail; `user_match` what the event is marked with (None: left unprocessed)."""
+
+    kind: str
+    user_match: str | None
+    reason: str
+
+
+KINDS = ("award", "already", "other_tag", "no_user", "fail")
+
+
+class Paid(NamedTuple):
+    """What this run has paid so far: user -> the event row that paid, and the keys."""
+
+    users: dict[str, str]
+    keys: set[str]
+
+
+def verdict(row: Row, tags: list[str], paid: Paid) -> Verdict:
+    """One event's fate, as the application's handler would decide it, more carefully.
+
+    Events of other tags are matched and marked, never paid. LEARN is earned once: a user
+    who already holds LEARN points (another Kajabi event id: a tag removed and added
+    again) is not paid twice; such an event is left for a person rather than marked, so
+    nothing is decided silently."""
+    users = [str(u) for u in row["users"] or []]
+    if not row["mail"]:
+        return Verdict(
+            "fail",
+            None,
+            "no e-mail in the event (email column, payload.contact.email, payload.email)",
+        )
+    if len(users) > 1:
+        return Verdict("fail", None, "its e-mail matches several users, ignoring case")
+    if not users:
+        return Verdict("no_user", NO_USER, "no user has its e-mail")
+    user = users[0]
+    if row["tag"] not in tags:
+        return Verdict("other_tag", user, f"tag {row['tag']!r} is not a LEARN tag: no award")
+    if row["awarded"] or row["external_id"] in paid.keys:
+        return Verdict("already", user, f"{row['external_id']} is already in the ledger")
+    if int(row["learn_points"] or 0) > 0:
+        return Verdict(
+            "fail",
+            None,
+            f"user {user} already holds {row['learn_points']} LEARN points from another event",
+        )
+    if user in paid.users:
+        return Verdict("fail", None, f"user {user} was just paid LEARN by event {paid.users[user]}")
+    return Verdict("award", user, f"{row['external_id']} pays LEARN")
+
+
+async def ledger_source(db: Reader | Writer) -> sql.Identifier:
+    """The live enum of points_ledger.source, which must hold WEBHOOK."""
+    rows = await db.fetch(_SOURCE_TYPE_SQL)
+    if not rows or rows[0]["kind"] != "e":
+        raise UsageError("points_ledger.source is not an enum here; the bot will not guess")
+    labels = [str(v) for v in rows[0]["labels"] or []]
+    if LEDGER_SOURCE not in labels:
+        raise UsageError(
+            f"the ledger source enum {rows[0]['type']} has no {LEDGER_SOURCE} (it has "
+            f"{', '.join(labels)}); the bot will not invent one"
+        )
+    return sql.Identifier(str(rows[0]["schema"]), str(rows[0]["type"]))
+
+
+async def _learn_points(db: Reader | Writer) -> int:
+    rows = await db.fetch(_LEARN_POINTS_SQL, (LEDGER_ACTIVITY,))
+    if not rows:
+        raise UsageError("activities has no LEARN row; there is nothing to award")
+    return int(rows[0]["default_points"])
+
+
+def _forecast(rows: list[Row], tags: list[str]) -> tuple[dict[str, int], list[Row]]:
+    """What the events will come to, in order (as `apply` goes), and a sample of them."""
+    counts = dict.fromkeys(KINDS, 0)
+    paid = Paid({}, set())
+    sample: list[Row] = []
+    for r in rows:
+        v = verdict(r, tags, paid)
+        if v.kind == "award" and v.user_match:
+            paid.users[v.user_match] = str(r["id"])
+            paid.keys.add(str(r["external_id"]))
+        counts[v.kind] += 1
+        if len(sample) < SAMPLE:
+            sample.append(
+                {"id": r["id"], "event_id": r["event_id"], "received_at": r["received_at"]}
+                | {"will": v.kind, "user_match": v.user_match, "why": v.reason}
+            )
+    return counts, sample
+
+
+def _tally(counts: dict[str, int], points: int) -> str:
+    return (
+        f"{plural(counts['award'], 'LEARN')} awarded ({points} points each), "
+        f"{counts['already']} already paid, {counts['other_tag']} of other tags (matched, "
+        f"no award), {counts['no_user']} {NO_USER}"
+    )
+
+
+async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
+    if [a for a in args if a.strip()]:
+        raise UsageError(f"`{REPROCESS}` takes no arguments")
+
+    async def survey(db: Reader) -> tuple[list[str], int, list[Row]]:
+        await ledger_source(db)
+        return (
+            await learn_tags(db),
+            await _learn_points(db),
+            await db.fetch(_EVENTS_SQL, {"ids": None, "activity": LEDGER_ACTIVITY}),
+        )
+
+    tags, points, rows = await ctx.gateway.read(survey)
+    if rows and not tags:
+        raise UsageError(
+            "learn_tag_grants holds no tag, so the bot cannot tell which Kajabi events "
+            "complete LEARN; it will not guess"
+        )
+    n = len(rows)
+    f, targets = _forecast(rows, tags)
+    warnings = [
+        f"tags counted as LEARN (learn_tag_grants): {', '.join(tags)}",
+        "e-mail read from the email column, else payload.contact.email, else payload.email; "
+        "the idempotency key is Kajabi's event id (event_id, else payload id)",
+        f"the count bound is these {plural(n, 'event')} by id: each must still be "
+        "unprocessed when approved (else drift, nothing changes), and each ends processed "
+        "or reported with its reason; one event's failure does not undo the others",
+    ]
+    if f["fail"]:
+        warnings.append(
+            f"{plural(f['fail'], 'event')} will be left unprocessed and reported (see "
+            "'why'); the others still go ahead"
+        )
+    if f["award"]:
+        warnings += await plan_notes(ctx, ["points_ledger"], "INSERT")
+    return Plan(
+        remedy=REPROCESS,
+        args=list(args),
+        title="Reprocess unprocessed Kajabi events",
+        summary=(
+            f"process {plural(n, 'unprocessed Kajabi event')}, oldest first, each in a "
+            f"savepoint of its own: {_tally(f, points)} (source {LEDGER_SOURCE}); "
+            f"{f['fail']} to be left unprocessed"
+            if n
+            else "no Kajabi event waits to be processed; nothing to do"
+        ),
+        steps=[
+            PlanStep(sql=_LOCK_SQL, params=["<the planned ids>"], note=f"locks; recounts: {n}"),
+            PlanStep(
+                sql=award_sql(sql.Identifier("<ledger source enum>")).as_string(),
+                params=[
+                    f"{LEDGER_ID_PREFIX}<event row id>",
+                    "<matched user>",
+                    LEDGER_ACTIVITY,
+                    LEDGER_SOURCE,
+                    str(points),
+                    EXTERNAL_SOURCE,
+                    "<Kajabi event id>",
+                    APPROVAL_PLACEHOLDER,
+                    "<acting identity>",
+                ],
+                note="per event with one matching user, inside SAVEPOINT dbops_webhook_event",
+            ),
+            PlanStep(
+                sql=_MARK_SQL,
+                params=["<user id or NO_USER_FOUND>", "<event row id>"],
+                note="per event; must touch exactly one row",
+            ),
+        ],
+        targets=targets,
+        count=n,
+        warnings=warnings,
+        needs_approval=n > 0,
+        locks=LockScope(relations=["kajabi_events", "points_ledger"]),
+        data=ReprocessData(ids=[str(r["id"]) for r in rows], tags=tags, points=points).model_dump(
+            mode="json"
+        ),
+    )
+
+
+def _refusal(exc: psycopg.Error) -> str:
+    diag = getattr(exc, "diag", None)
+    state = getattr(diag, "sqlstate", None) if diag is not None else None
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"the database refused: {state}: {text}" if state else f"the database refused: {text}"
+
+
+async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
+    data = plan.private(ReprocessData)
+    if plan.count == 0:
+        return Outcome(ok=True, summary="no event to reprocess; nothing was changed")
+    try:
+        enum_type = await ledger_source(writer)
+        now_points = await _learn_points(writer)
+    except UsageError as exc:
+        raise RemedyAbort(str(exc)) from exc
+    locked = await writer.fetch(_LOCK_SQL, (data.ids,))
+    check_drift(plan, len(locked), "unprocessed events")
+    if now_points != data.points:
+        raise RemedyAbort(
+            f"drift: LEARN is now worth {now_points} points, the plan said {data.points}; "
+            "nothing was changed, request it again"
+        )
+    rows = await writer.fetch(_EVENTS_SQL, {"ids": data.ids, "activity": LEDGER_ACTIVITY})
+    actor = writer.identity.user_id if writer.identity else None
+    paid = Paid({}, set())
+    counts = dict.fromkeys(KINDS, 0)
+    done: list[Row] = []
+    failed: list[Row] = []
+    for r in rows:
+        v = verdict(r, data.tags, paid)
+        if v.user_match is None:
+            counts["fail"] += 1
+            failed.append({"id": r["id"], "event_id": r["event_id"], "reason": v.reason})
+            continue
+        await writer.execute(sql.SQL("SAVEPOINT {}").format(SAVEPOINT))
+        try:
+            inserted = 0
+            if v.kind == "award":
+                inserted = await writer.execute(
+                    award_sql(enum_type),
+                    {
+                        "ledger_id": LEDGER_ID_PREFIX + str(r["id"]),
+                        "user": v.user_match,
+                        "activity": LEDGER_ACTIVITY,
+                        "source": LEDGER_SOURCE,
+                        "points": data.points,
+                        "external_source": EXTERNAL_SOURCE,
+                        "external": r["external_id"],
+                        "approval": writer.approval_id,
+                        "actor": actor,
+                        "event": r["id"],
+                    },
+                )
+            marked = await writer.execute(_MARK_SQL, (v.user_match, r["id"]))
+        except psycopg.Error as exc:
+            await writer.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT))
+            await writer.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
+            counts["fail"] += 1
+            failed.append({"id": r["id"], "event_id": r["event_id"], "reason": _refusal(exc)})
+            continue
+        await writer.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
+        if marked != 1:
+            raise RowCountError(f"rows of event {r['id']} marked processed", 1, marked)
+        kind = v.kind if v.kind != "award" or inserted else "already"  # paid meanwhile
+        counts[kind] += 1
+        if kind == "award":
+            paid.users[v.user_match] = str(r["id"])
+            paid.keys.add(str(r["external_id"]))
+        done.append(
+            {"id": r["id"], "event_id": r["event_id"], "user_match": v.user_match, "did": kind}
+        )
+    check_count(plan, len(done) + len(failed), "events processed or reported")
+    left = await writer.fetch(
+        "SELECT count(*) AS n FROM kajabi_events WHERE id = ANY(%s) AND processed_at IS NULL",
+        (data.ids,),
+    )
+    if int(left[0]["n"]) != len(failed):
+        return Outcome(
+            ok=False,
+            summary=f"verification failed: {left[0]['n']} planned events are unprocessed, "
+            f"{len(failed)} were reported; rolled back",
+        )
+    summary = (
+        f"processed {len(done)} of {plural(plan.count, 'planned event')}: "
+        f"{_tally(counts, data.points)}"
+    )
+    if failed:
+        summary += f"; {len(failed)} left unprocessed, each with its reason below"
+    return Outcome(
+        ok=True,
+        summary=summary,
+        affected=len(done),
+        rows=failed + done[: max(0, SAMPLE - len(failed))],
+    )
+
+
+async def verify_reprocess(db: Reader, plan: Plan, run: Execution) -> Verification:
+    """The events the plan bound that were processed since the execution was claimed:
+    one transaction marked them all, or none."""
+    if (trivial := nothing_planned(plan)) is not None:
+        return trivial
+    ids = plan.private(ReprocessData).ids
+    since = run.claimed_at
+    if since is not None and since.tzinfo is not None:  # the columns hold naive UTC
+        since = since.astimezone(UTC).replace(tzinfo=None)
+    rows = await db.fetch(
+        "SELECT count(*) AS n FROM kajabi_events WHERE id = ANY(%s)"
+        " AND processed_at IS NOT NULL AND (%s::timestamp IS NULL OR processed_at >= %s)",
+        (ids, since, since),
+    )
+    n = int(rows[0]["n"])
+    return Verification(
+        landed=n > 0, found=f"{n} of the {plan.count} planned events are processed since"
+    )
+
+
+# --- dedupe-webhooks ----------------------------------------------------------------
+
+PAYLOAD_PART = Part("duplicates", "kajabi_events", "e", DUPLICATE_PAYLOAD, "repeated Kajabi events")
+_PAYLOAD_SAMPLE = (
+    "e.id, e.event_id, e.received_at, e.processed_at, e.user_match,"
+    " (SELECT k.id FROM kajabi_events AS k WHERE k.payload = e.payload"
+    " ORDER BY k.received_at, k.id LIMIT 1) AS kept_row"
+)
+_REFERENCED_SQL = f"""
+SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM learn_tag_grants AS g
+                                      WHERE g.kajabi_event_id = e.id)) AS grants,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM points_ledger AS l
+                                      WHERE l.meta ->> 'kajabi_event' = e.id)) AS ledger
+FROM kajabi_events AS e WHERE {DUPLICATE_PAYLOAD}
+"""  # noqa: S608 (constant fragments of this module)
+
+
+async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
+    if [a for a in args if a.strip()]:
+        raise UsageError(f"`{DEDUPE_WEBHOOKS}` takes no arguments")
+
+    async def survey(db: Reader) -> tuple[int, Row, list[Row]]:
+        n = await count_rows(db, PAYLOAD_PART.count_sql())
+        if not n:
+            return n, {}, []
+        refs = (await db.fetch(_REFERENCED_SQL))[0]
+        return n, refs, await db.fetch(PAYLOAD_PART.sample_sql(_PAYLOAD_SAMPLE).as_string())
+
+    n, refs, targets = await ctx.gateway.read(survey)
+    warnings: list[str] = []
+    if n and (int(refs["grants"]) or int(refs["ledger"])):
+        warnings.append(
+            f"of the rows to delete, {refs['grants']} are named by learn_tag_grants and "
+            f"{refs['ledger']} by a ledger award's meta.kajabi_event; those references "
+            "will name a row that is only in the backup"
+        )
+    backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_kajabi_events")
+    return Plan(
+        remedy=DEDUPE_WEBHOOKS,
+        args=list(args),
+        title="Delete Kajabi events received more than once",
+        summary=(
+            f"delete {plural(n, 'Kajabi event')} whose payload an earlier row already holds, "
+            "keeping the earliest of each (received_at, then id)"
+            if n
+            else "no payload was received twice; nothing to do"
+        ),
+        steps=[
+            PlanStep(sql=PAYLOAD_PART.lock_sql().as_string(), note=f"locks and recounts: {n}"),
+            PlanStep(
+                sql=backup_sql("kajabi_events", backup).as_string(),
+                params=["<the locked ids>"],
+                note="whole rows, before the delete",
+            ),
+            PlanStep(
+                sql=delete_sql("kajabi_events", backup).as_string(),
+                note="deletes exactly the backed-up rows; the count must match the plan",
+            ),
+            PlanStep(sql=PAYLOAD_PART.count_sql().as_string(), note="verification: must be 0"),
+        ],
+        targets=targets,
+        count=n,
+        backup=f"whole rows copied first into {backup_display('kajabi_events')}" if n else None,
+        warnings=warnings,
+        needs_approval=n > 0,
+        locks=LockScope(relations=["kajabi_events"]),
+        data=Counts(counts={"duplicates": n}).model_dump(mode="json"),
+    )
+
+
+async def apply_dedupe_webhooks(writer: Writer, plan: Plan) -> Outcome:
+    await check_parts(writer, plan, [PAYLOAD_PART], plan.private(Counts).counts)
+    if plan.count == 0:
+        return Outcome(ok=True, summary="no repeated payload; nothing was changed")
+    backup, copied = await lock_and_backup(writer, PAYLOAD_PART, plan.count)
+    deleted = await writer.execute(delete_sql("kajabi_events", backup))
+    check_count(plan, deleted, "Kajabi events")
+    if await count_rows(writer, PAYLOAD_PART.count_sql()):
+        return Outcome(ok=False, summary="verification failed: repeated payloads remain")
+    return Outcome(
+        ok=True,
+        summary=f"deleted {plural(deleted, 'repeated Kajabi event')}, backed up in "
+        f"{backup.as_string()}; every payload now appears once",
+        affected=deleted,
+        backed_up=copied,
+        backup_table=backup.as_string(),
+        rows=[{"table": "kajabi_events", "deleted": deleted, "backup": backup.as_string()}],
+    )
+
+
+REMATCH_EMAILS_REMEDY = add_remedy(
+    Remedy(
+        name=REMATCH_EMAILS,
+        usage=f"/db {REMATCH_EMAILS}",
+        summary=f"link {NO_USER} Kajabi events to the one user whose e-mail matches "
+        "ignoring case (backed up)",
+        plan=plan_rematch_emails,
+        apply=apply_rematch,
+        verify=verify_backup_of("kajabi_events"),
+        approver_role="ADMIN",
+        approvers=1,
+    )
+)
+REPROCESS_WEBHOOKS = add_remedy(
+    Remedy(
+        name=REPROCESS,
+        usage=f"/db {REPROCESS}",
+        summary="process waiting Kajabi events: award LEARN once per Kajabi event id, mark "
+        "each processed; failures reported, the others go ahead",
+        plan=plan_reprocess,
+        apply=apply_reprocess,
+        verify=verify_reprocess,
+        approver_role="ADMIN",
+        approvers=1,
+    )
+)
+DEDUPE_WEBHOOKS_REMEDY = add_remedy(
+    Remedy(
+        name=DEDUPE_WEBHOOKS,
+        usage=f"/db {DEDUPE_WEBHOOKS}",
+        summary="keep the earliest of each repeated Kajabi payload, back up and delete the rest",
+        plan=plan_dedupe_webhooks,
+        apply=apply_dedupe_webhooks,
+        verify=verify_backup_of("kajabi_events"),
+        approver_role="ADMIN",
+        approvers=2,
+        destroys_data=True,
+    )
+)
