@@ -65,7 +65,7 @@ def test_help_on_one_command_and_one_section() -> None:
     one = help_answer(["cleanup-orphans"], markup=False)
     assert one.outcome == "help"
     assert "`/db cleanup-orphans" in one.text
-    assert "approved by 1 x ADMIN" in one.text
+    assert "approved by 2 x ADMIN" in one.text  # it destroys data
     assert "guide: Data Integrity Problems → Orphaned Records" in one.text
 
     by_words = help_answer(["email", "MATCHING"], markup=False)
