@@ -10,7 +10,7 @@ from __future__ import annotations
 from psycopg import sql
 from pydantic import BaseModel
 
-from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import amplify_keys
 from commands.remedies.base import (
@@ -34,11 +34,10 @@ from commands.remedies.rowsets import (
     Counts,
     Part,
     backup_display,
-    backup_sql,
     check_parts,
     count_rows,
-    delete_sql,
-    lock_and_backup,
+    delete_part,
+    delete_part_steps,
     plural,
     verify_backup_of,
 )
@@ -86,7 +85,6 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
 
     n, stats, targets = await ctx.gateway.read(survey)
     notes = await plan_notes(ctx, ["points_ledger"], "DELETE") if n else []
-    backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_points_ledger")
     return Plan(
         remedy=DEDUPE_EVENTS_NAME,
         args=list(args),
@@ -98,19 +96,7 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
             if n
             else "no external_event_id appears twice in the ledger; nothing to do"
         ),
-        steps=[
-            PlanStep(sql=EVENT_PART.lock_sql().as_string(), note=f"locks and recounts: {n}"),
-            PlanStep(
-                sql=backup_sql("points_ledger", backup).as_string(),
-                params=["<the locked ids>"],
-                note="whole rows, before the delete",
-            ),
-            PlanStep(
-                sql=delete_sql("points_ledger", backup).as_string(),
-                note="deletes exactly the backed-up rows; the count must match the plan",
-            ),
-            PlanStep(sql=EVENT_PART.count_sql().as_string(), note="verification: must be 0"),
-        ],
+        steps=delete_part_steps(EVENT_PART, n),
         targets=targets,
         count=n,
         backup=f"whole rows copied first into {backup_display('points_ledger')}" if n else None,
@@ -125,10 +111,9 @@ async def apply_dedupe_events(writer: Writer, plan: Plan) -> Outcome:
     await check_parts(writer, plan, [EVENT_PART], plan.private(Counts).counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no repeated external event; nothing was changed")
-    backup, copied = await lock_and_backup(writer, EVENT_PART, plan.count)
-    deleted = await writer.execute(delete_sql("points_ledger", backup))
-    check_count(plan, deleted, "ledger rows")
-    if await count_rows(writer, EVENT_PART.count_sql()):
+    done = await delete_part(writer, plan, EVENT_PART)
+    backup, copied, deleted = done.backup, done.copied, done.deleted
+    if done.remaining:
         return Outcome(ok=False, summary="verification failed: repeated events remain; rolled back")
     return Outcome(
         ok=True,

@@ -29,11 +29,13 @@ from commands.remedies.base import (
     DriftError,
     Execution,
     Plan,
+    PlanStep,
     RowCountError,
     Verification,
     Verifier,
     Writer,
     backup_name,
+    check_count,
     check_drift,
     nothing_planned,
 )
@@ -133,6 +135,41 @@ class Counts(BaseModel):
     """The planned count of each part, which `check_parts` holds the recount to."""
 
     counts: dict[str, int]
+
+
+def delete_part_steps(part: Part, n: int) -> list[PlanStep]:
+    """The plan's steps for a remedy that deletes one part's rows (`delete_part`)."""
+    backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_{part.table}")
+    return [
+        PlanStep(sql=part.lock_sql().as_string(), note=f"locks and recounts: {n}"),
+        PlanStep(
+            sql=backup_sql(part.table, backup).as_string(),
+            params=["<the locked ids>"],
+            note="whole rows, before the delete",
+        ),
+        PlanStep(
+            sql=delete_sql(part.table, backup).as_string(),
+            note="deletes exactly the backed-up rows; the count must match the plan",
+        ),
+        PlanStep(sql=part.count_sql().as_string(), note="verification: must be 0"),
+    ]
+
+
+@dataclass(frozen=True)
+class DeletedPart:
+    backup: sql.Identifier
+    copied: int
+    deleted: int
+    remaining: int  # rows of the part after the delete: 0 unless something else added some
+
+
+async def delete_part(writer: Writer, plan: Plan, part: Part) -> DeletedPart:
+    """Lock, back up and delete exactly the planned rows of one part (the plan's count
+    already rechecked by `check_parts`), then recount what the part still holds."""
+    backup, copied = await lock_and_backup(writer, part, plan.count)
+    deleted = await writer.execute(delete_sql(part.table, backup))
+    check_count(plan, deleted, part.what)
+    return DeletedPart(backup, copied, deleted, await count_rows(writer, part.count_sql()))
 
 
 async def backups_hold(db: Reader, approval_id: str, expected: dict[str, int]) -> Verification:

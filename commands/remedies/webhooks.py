@@ -41,7 +41,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
-from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.remedies.base import (
     Execution,
@@ -75,11 +75,10 @@ from commands.remedies.rowsets import (
     Counts,
     Part,
     backup_display,
-    backup_sql,
     check_parts,
     count_rows,
-    delete_sql,
-    lock_and_backup,
+    delete_part,
+    delete_part_steps,
     plural,
     verify_backup_of,
 )
@@ -507,7 +506,6 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
             f"{refs['ledger']} by a ledger award's meta.kajabi_event; those references "
             "will name a row that is only in the backup"
         )
-    backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_kajabi_events")
     return Plan(
         remedy=DEDUPE_WEBHOOKS,
         args=list(args),
@@ -518,19 +516,7 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
             if n
             else "no payload was received twice; nothing to do"
         ),
-        steps=[
-            PlanStep(sql=PAYLOAD_PART.lock_sql().as_string(), note=f"locks and recounts: {n}"),
-            PlanStep(
-                sql=backup_sql("kajabi_events", backup).as_string(),
-                params=["<the locked ids>"],
-                note="whole rows, before the delete",
-            ),
-            PlanStep(
-                sql=delete_sql("kajabi_events", backup).as_string(),
-                note="deletes exactly the backed-up rows; the count must match the plan",
-            ),
-            PlanStep(sql=PAYLOAD_PART.count_sql().as_string(), note="verification: must be 0"),
-        ],
+        steps=delete_part_steps(PAYLOAD_PART, n),
         targets=targets,
         count=n,
         backup=f"whole rows copied first into {backup_display('kajabi_events')}" if n else None,
@@ -545,10 +531,9 @@ async def apply_dedupe_webhooks(writer: Writer, plan: Plan) -> Outcome:
     await check_parts(writer, plan, [PAYLOAD_PART], plan.private(Counts).counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no repeated payload; nothing was changed")
-    backup, copied = await lock_and_backup(writer, PAYLOAD_PART, plan.count)
-    deleted = await writer.execute(delete_sql("kajabi_events", backup))
-    check_count(plan, deleted, "Kajabi events")
-    if await count_rows(writer, PAYLOAD_PART.count_sql()):
+    done = await delete_part(writer, plan, PAYLOAD_PART)
+    backup, copied, deleted = done.backup, done.copied, done.deleted
+    if done.remaining:
         return Outcome(ok=False, summary="verification failed: repeated payloads remain")
     return Outcome(
         ok=True,
