@@ -128,21 +128,23 @@ SAVEPOINT = sql.Identifier("dbops_webhook_event")
 _EXTERNAL_ID = "coalesce(nullif(btrim(e.event_id), ''), e.payload ->> 'id', e.id)"
 
 # Each unprocessed event (all, or the planned ids) with the users its e-mail matches
-# (a hash join: users.email has no index on lower()). Whether its key is paid and what
-# LEARN its user holds are read after, for all events at once (`_with_ledger`).
+# (a hash join: users.email has no index on lower()), grouped in the same pass: a
+# second join of the events to their grouped matches was planned as a nested loop
+# (quadratic in the events) when the statistics promised one unprocessed row. Whether
+# its key is paid and what LEARN its user holds are read after, for all events at
+# once (`_with_ledger`).
 _EVENTS_SQL = f"""
 WITH ev AS (
   SELECT e.id, e.event_id, e.received_at, {_EXTERNAL_ID} AS external_id,
          {EVENT_EMAIL} AS mail, {EVENT_TAG} AS tag
   FROM kajabi_events AS e
   WHERE e.processed_at IS NULL AND (%(ids)s::text[] IS NULL OR e.id = ANY(%(ids)s::text[]))
-), m AS (
-  SELECT ev.id, array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL) AS users
-  FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
-  GROUP BY ev.id
 )
-SELECT ev.*, coalesce(m.users, ARRAY[]::text[]) AS users
-FROM ev JOIN m ON m.id = ev.id
+SELECT ev.id, ev.event_id, ev.received_at, ev.external_id, ev.mail, ev.tag,
+       coalesce(array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL),
+                ARRAY[]::text[]) AS users
+FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
+GROUP BY ev.id, ev.event_id, ev.received_at, ev.external_id, ev.mail, ev.tag
 ORDER BY ev.received_at, ev.id
 """  # noqa: S608 (constant fragments of this module)
 # The keys among these the ledger holds. The keys are a bound array, so the planner
