@@ -65,11 +65,20 @@ def _configure_logging(settings: Settings) -> None:
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.approvals import refresh_history
     from bot.gateway import gateway_from_settings
-    from bot.router import Answer, Dispatcher, RunContext, help_text
+    from bot.router import Answer, Dispatcher, RunContext, help_answer, parse
     from bot.state import open_store
     from bot.state.baselines import StoreBaselines
+    from commands.base import UsageError
     from commands.remedies.base import Plan
 
+    try:
+        name, words = parse(text)
+    except UsageError:
+        name, words = "", []  # the dispatcher says what is wrong with it
+    if name == "help":  # needs no database; printed without Slack's markup
+        helped = help_answer(words, markup=False)
+        print(helped.text, file=sys.stdout if helped.outcome == "help" else sys.stderr)
+        return 0 if helped.outcome == "help" else EXIT_CONFIG
     settings.require("database_url")
     assert settings.database_url is not None
     gateway = gateway_from_settings(settings)
@@ -90,11 +99,8 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         if store is not None:
             await store.close()
     if isinstance(result, Answer):
-        print(
-            help_text(markup=False) if result.outcome == "help" else result.text,
-            file=sys.stderr if result.outcome != "help" else sys.stdout,
-        )
-        return 0 if result.outcome == "help" else EXIT_CONFIG
+        print(result.text, file=sys.stderr)
+        return EXIT_CONFIG
     if isinstance(result, Plan):
         if as_json:
             sys.stdout.write(result.model_dump_json(indent=2) + "\n")

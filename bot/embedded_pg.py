@@ -295,6 +295,15 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
 
 
+_PGSS = "pg_stat_statements"
+
+
+def _has_library(bin_dir: Path, name: str) -> bool:
+    """A server module beside the binaries: lib/ (Debian) or lib/postgresql/ (source builds)."""
+    lib = bin_dir.parent / "lib"
+    return any((d / f"{name}.so").exists() for d in (lib, lib / "postgresql"))
+
+
 class _ServerExited(EmbeddedPostgresError):
     """The postmaster died during start-up; distinguished so a lost port race can be retried."""
 
@@ -531,6 +540,9 @@ class EmbeddedPostgres:
 
     def _server_command(self, bin_dir: Path, run_dir: Path) -> list[str]:
         settings = dict(self._settings)
+        if "shared_preload_libraries" not in settings and _has_library(bin_dir, _PGSS):
+            # What Supabase preloads too: `/db slow` and its tests read statement history.
+            settings["shared_preload_libraries"] = _PGSS
         if "unix_socket_directories" not in settings:
             too_long = len(str(run_dir)) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH
             settings["unix_socket_directories"] = "" if too_long else str(run_dir)

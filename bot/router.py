@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import commands  # noqa: F401  (fills the registry)
-from commands import incident
+from commands import guide, incident
 from commands.base import (
     REGISTRY,
     BaselineStore,
@@ -128,8 +128,51 @@ def help_text(markup: bool = True) -> str:
     lines.append("*Incidents*")
     for usage in incident.SUBCOMMANDS.values():
         lines.append(f"• `{usage}`")
-    lines.append("• `/db help` — this list")
+    lines.append("• `/db help` — this list; `/db help <command|guide section>` — one of them")
+    lines.append(b("The troubleshooting guide") + ", section by section")
+    for chapter, sections in guide.chapters():
+        cited = " · ".join(
+            f"{s.heading}: " + ", ".join(f"`{c}`" for c in s.commands) for s in sections
+        )
+        lines.append(f"• {chapter} — {cited}")
     return "\n".join(lines)
+
+
+def help_answer(words: list[str], markup: bool = True) -> Answer:
+    """`/db help [what]`: the whole list, or one command or guide section."""
+    return help_for(words, markup) if words else Answer(help_text(markup), "help")
+
+
+def help_for(words: list[str], markup: bool = True) -> Answer:
+    """`/db help <command>`: its usage, who may run and approve it, and the guide sections
+    it serves; `/db help <words of a guide heading>`: those sections and their commands."""
+    b = (lambda s: f"*{s}*") if markup else str
+    phrase = " ".join(words)
+    target = find(phrase.lower()) if len(words) == 1 else None
+    if target is not None:
+        lines = [f"`{target.usage}` — {target.summary}"]
+        if isinstance(target, Remedy):
+            approvers = f"{target.approvers} x {target.approver_role}"
+            lines.append(f"requested by {target.role} or above, approved by {approvers}")
+        else:
+            lines.append(f"role {target.role} or above")
+        for section in guide.sections_for(target.name):
+            lines.append(f"guide: {section.chapter} → {section.heading}")
+        return Answer("\n".join(lines), "help")
+    sections = guide.find_sections(phrase)
+    if not sections:
+        return Answer(
+            f"no command or guide section called `{phrase}`.\n"
+            "Type `/db help` for every command and section.",
+            "unknown",
+        )
+    lines = []
+    for section in sections:
+        lines.append(b(f"{section.chapter} → {section.heading}"))
+        for name in section.commands:
+            usage = usage_of(name.split()[0])
+            lines.append(f"• `/db {name}`" + (f" — `{usage}`" if usage else ""))
+    return Answer("\n".join(lines), "help")
 
 
 def unknown_text(name: str) -> str:
@@ -159,7 +202,7 @@ def preflight(text: str) -> Answer | tuple[Target, list[str]]:
     except UsageError as exc:
         return Answer(str(exc), "usage")
     if name == "help":
-        return Answer(help_text(), "help")
+        return help_answer(args)
     cmd = find(name)
     if cmd is None:
         return Answer(unknown_text(name), "unknown")

@@ -10,6 +10,7 @@ from commands import (
     integrity,
     leaderboard,
     migrations,  # part A: /db migrations
+    performance,  # part B: /db slow, /db explain
     quota,
     recover,
     remedies,
@@ -33,6 +34,7 @@ __all__ = [
     "integrity",
     "leaderboard",
     "migrations",
+    "performance",
     "quota",
     "recover",
     "remedies",
