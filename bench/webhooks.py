@@ -18,7 +18,11 @@ this times, warm, median of `--runs`:
 (d) `reprocess-webhooks` on the backlog through the executor (a savepoint, an award
     attempt and an update per event), applied once on a copy of the database, against
 (e) one set-based UPDATE marking the same events processed, rolled back: the floor of
-    touching those rows at all.
+    touching those rows at all;
+(f) `reprocess-webhooks`' plan (its survey reads which keys the ledger holds) against
+    one pass counting the ledger's rows that carry an external_event_id: without the
+    unique index (`--ledger-dupes`) the survey should cost about that pass, not a pass
+    per event.
 
     python bench/webhooks.py [--users 20000] [--backlog 1000] [--learners 200] [--dupes 100]
                              [--ledger-dupes 0] [--runs 3]
@@ -52,6 +56,7 @@ from commands import webhooks as wh  # noqa: E402
 from commands.base import Report, Thresholds  # noqa: E402
 from commands.fixture.faults import FaultInjector  # noqa: E402
 from commands.integrity import _pass_findings, check_duplicate_events  # noqa: E402
+from commands.remedies.base import Plan  # noqa: E402
 from commands.remedies.webhooks import REPROCESS_WEBHOOKS  # noqa: E402
 
 GUIDE_SQL = ROOT.parent / "shared" / "guide-sql" / "duplicate_external_events.sql"
@@ -114,7 +119,20 @@ async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
 
     copy_gw = TargetGateway(copy_dsn)
     copy_ctx = RunContext(copy_gw, Thresholds())
-    plan = await REPROCESS_WEBHOOKS.plan(copy_ctx, [])
+
+    async def plan_once() -> Plan:
+        return await REPROCESS_WEBHOOKS.plan(copy_ctx, [])
+
+    async def ledger_pass() -> None:
+        await copy_gw.read(
+            lambda db: db.fetch(
+                "SELECT count(*) AS n FROM points_ledger WHERE external_event_id IS NOT NULL"
+            )
+        )
+
+    plan_s = await timed(plan_once, runs)
+    pass_s = await timed(ledger_pass, runs)
+    plan = await plan_once()
     ids = list(plan.data["ids"])
     async with await psycopg.AsyncConnection.connect(copy_dsn) as conn:
         started = time.perf_counter()
@@ -133,7 +151,8 @@ async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
     print(
         f"BENCH reprocess_webhooks events={len(ids)} apply_s={apply_s:.3f} "
         f"set_update_s={floor_s:.3f} ratio={apply_s / max(floor_s, 1e-6):.1f} "
-        f"per_event_ms={1000 * apply_s / max(len(ids), 1):.2f}"
+        f"per_event_ms={1000 * apply_s / max(len(ids), 1):.2f} plan_s={plan_s:.3f} "
+        f"ledger_pass_s={pass_s:.3f} ratio_plan_pass={plan_s / max(pass_s, 1e-6):.1f}"
     )
 
 

@@ -5,6 +5,7 @@ the approvals over signed Slack requests."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, LiteralString
@@ -355,6 +356,104 @@ async def test_without_the_unique_index_a_retry_is_still_paid_once(
     assert len(await webhook_awards(leaps_dsn)) == 1
     both = await events(leaps_dsn, [ids[0], ids[0] + "_retry"])
     assert len(both) == 2 and all(processed for processed, _m in both.values())
+
+
+async def key_rows(dsn: str, key: str) -> int:
+    rows = await fetch(
+        dsn, "SELECT count(*) FROM points_ledger WHERE external_event_id = %s", (key,)
+    )
+    return int(rows[0][0])
+
+
+async def test_without_the_unique_index_and_with_duplicates_plan_and_apply_agree(
+    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    """A damaged ledger (index gone, keys held twice): the once-read set of paid keys
+    decides as the per-event probe did, and the run locks the ledger first."""
+    twice = await faults.duplicate_external_events(2)  # drops the index; 2 keys held twice
+    ids = await faults.unprocessed_webhook_events(3)
+    # ids[0] replayed under a key the ledger holds twice; ids[1] retried by Kajabi.
+    for source, suffix, event_id in ((ids[0], "_replay", twice[0]), (ids[1], "_retry", None)):
+        await fetch(
+            leaps_dsn,
+            "INSERT INTO kajabi_events (id, received_at, payload, event_id, tag_name_raw,"
+            " tag_name_norm, email) SELECT id || %s, received_at + interval '1 second',"
+            " payload || '{\"retry\": 1}', coalesce(%s, event_id), tag_name_raw,"
+            " tag_name_norm, email FROM kajabi_events WHERE id = %s",
+            (suffix, event_id, source),
+        )
+    tally = ": 3 LEARNs awarded (20 points each), 2 already paid"
+    plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
+    assert plan.count == 5 and tally in plan.summary, plan.summary
+    assert {t["id"]: t["will"] for t in plan.targets} == {
+        ids[0]: "award",
+        ids[0] + "_replay": "already",
+        ids[1]: "award",
+        ids[1] + "_retry": "already",
+        ids[2]: "award",
+    }
+    assert any("locks points_ledger against writes" in w for w in plan.warnings)
+    assert plan.steps[0].sql.startswith("LOCK TABLE points_ledger IN SHARE ROW EXCLUSIVE")
+    assert "(now: missing)" in str(plan.steps[0].note)
+    state, outcome = await Executor(leaps_dsn).apply(
+        REPROCESS_WEBHOOKS, plan, "apv-damaged", await staff(leaps_dsn)
+    )
+    assert state == "done", outcome
+    assert tally in outcome.summary and "left unprocessed" not in outcome.summary
+    awards = await webhook_awards(leaps_dsn)
+    assert sorted(r[8]["kajabi_event"] for r in awards) == sorted([ids[0], ids[1], ids[2]])
+    assert len({r[6] for r in awards}) == 3
+    assert [await key_rows(leaps_dsn, k) for k in twice] == [2, 2]  # left for dedupe
+    done = await events(leaps_dsn, [*ids, ids[0] + "_replay", ids[1] + "_retry"])
+    assert len(done) == 5 and all(processed for processed, _m in done.values())
+
+
+async def test_without_the_unique_index_a_concurrent_award_waits_for_the_ledger_lock(
+    ctx: RunContext, faults: FaultInjector, leaps_dsn: str
+) -> None:
+    """The webhook handler pays a key in an open transaction while the remedy runs: with
+    no index to refuse the second row, the remedy's ledger lock makes it wait for the
+    handler's commit and then see the key as paid."""
+    await faults.duplicate_external_events(1)
+    (event,) = await faults.unprocessed_webhook_events(1)
+    plan = await REPROCESS_WEBHOOKS.plan(ctx, [])
+    assert ": 1 LEARN awarded" in plan.summary
+    (key, user) = (
+        await fetch(
+            leaps_dsn,
+            "SELECT e.event_id, u.id FROM kajabi_events e JOIN users u ON lower(u.email) ="
+            " lower(e.email) WHERE e.id = %s",
+            (event,),
+        )
+    )[0]
+    async with await psycopg.AsyncConnection.connect(leaps_dsn) as handler:
+        await handler.execute(
+            "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+            " external_source, external_event_id, event_time) VALUES"
+            " ('handler_award', %s, 'LEARN', 'WEBHOOK', 20, 'kajabi', %s, now())",
+            (user, key),
+        )
+        run = asyncio.create_task(
+            Executor(leaps_dsn, lock_timeout_ms=20_000).apply(REPROCESS_WEBHOOKS, plan, "apv-race")
+        )
+        waiting: Rows = []
+        for _ in range(200):
+            waiting = await fetch(
+                leaps_dsn,
+                "SELECT l.mode FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE NOT l.granted AND l.relation = 'points_ledger'::regclass"
+                " AND a.application_name = 'dbops-bot'",
+            )
+            if waiting or run.done():
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == [("ShareRowExclusiveLock",)]
+        await handler.commit()
+    state, outcome = await run
+    assert state == "done", outcome
+    assert ": 0 LEARNs awarded" in outcome.summary and "1 already paid" in outcome.summary
+    assert await key_rows(leaps_dsn, str(key)) == 1
+    assert await events(leaps_dsn, [event]) == {event: (True, user)}
 
 
 async def test_learn_is_not_paid_twice_to_a_user_who_holds_it(

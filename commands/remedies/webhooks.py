@@ -12,9 +12,19 @@ Choices where the guide is silent:
 
 * The idempotency key is Kajabi's event id (`event_id`, else the payload's `id`, else
   the row id), as the seed's awards carry it, not the row id the guide uses: a Kajabi
-  retry (a second row, same payload) then pays once. The insert checks the key first
-  (the unique index may be gone on a damaged database) and says `ON CONFLICT DO
-  NOTHING` for a concurrent writer.
+  retry (a second row, same payload) then pays once. Which keys the ledger already
+  holds is read once, for all the events together (one pass over the ledger's keys
+  when the unique index on external_event_id is gone: a probe per event would scan the
+  ledger once per event, which at 20k users does not finish within the statement
+  timeout); keys this run pays are added to that set as it goes.
+* Against a concurrent writer of the same key: with the unique index standing, the
+  insert says `ON CONFLICT DO NOTHING` (an award that lost the race counts as already
+  paid). Without it (a damaged database) nothing in the table stops a second row, so
+  `apply` first takes `SHARE ROW EXCLUSIVE` on points_ledger, which every INSERT,
+  UPDATE and DELETE waits for (and a second run of this remedy too): the set of paid
+  keys, read after the lock, stays true until commit. An advisory lock per key would
+  not do: the application's webhook handler takes none. The lock is taken before the
+  events are locked, as the handler writes the ledger before it marks its event.
 * Only LEARN-tag events pay (tags read from learn_tag_grants, as `recover-learn` reads
   them; with none known the plan refuses rather than pay every event as the guide
   would); events of other tags are matched and marked without an award.
@@ -43,6 +53,7 @@ from pydantic import BaseModel
 
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
+from commands.integrity import events_unique_index
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -116,27 +127,39 @@ SAVEPOINT = sql.Identifier("dbops_webhook_event")
 _EXTERNAL_ID = "coalesce(nullif(btrim(e.event_id), ''), e.payload ->> 'id', e.id)"
 
 # Each unprocessed event (all, or the planned ids) with the users its e-mail matches
-# (a hash join: users.email has no index on lower()) and whether its key is paid.
+# (a hash join: users.email has no index on lower()), grouped in the same pass: a
+# second join of the events to their grouped matches was planned as a nested loop
+# (quadratic in the events) when the statistics promised one unprocessed row. Whether
+# its key is paid and what LEARN its user holds are read after, for all events at
+# once (`_with_ledger`).
 _EVENTS_SQL = f"""
 WITH ev AS (
   SELECT e.id, e.event_id, e.received_at, {_EXTERNAL_ID} AS external_id,
          {EVENT_EMAIL} AS mail, {EVENT_TAG} AS tag
   FROM kajabi_events AS e
   WHERE e.processed_at IS NULL AND (%(ids)s::text[] IS NULL OR e.id = ANY(%(ids)s::text[]))
-), m AS (
-  SELECT ev.id, array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL) AS users
-  FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
-  GROUP BY ev.id
 )
-SELECT ev.*, coalesce(m.users, ARRAY[]::text[]) AS users,
-       EXISTS (SELECT 1 FROM points_ledger AS l WHERE l.external_event_id = ev.external_id)
-         AS awarded,
-       (SELECT coalesce(sum(l.delta_points), 0) FROM points_ledger AS l
-        WHERE cardinality(m.users) = 1 AND l.user_id = m.users[1]
-          AND l.activity_code = %(activity)s)::bigint AS learn_points
-FROM ev JOIN m ON m.id = ev.id
+SELECT ev.id, ev.event_id, ev.received_at, ev.external_id, ev.mail, ev.tag,
+       coalesce(array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL),
+                ARRAY[]::text[]) AS users
+FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
+GROUP BY ev.id, ev.event_id, ev.received_at, ev.external_id, ev.mail, ev.tag
 ORDER BY ev.received_at, ev.id
 """  # noqa: S608 (constant fragments of this module)
+# The keys among these the ledger holds. The keys are a bound array, so the planner
+# sees how many there are: an index scan under the unique index, else one seq scan
+# with a hashed `= ANY` (a correlated EXISTS per event was planned as one seq scan per
+# event when the statistics of kajabi_events promised a single unprocessed row).
+_PAID_SQL = (
+    "SELECT DISTINCT l.external_event_id AS key FROM points_ledger AS l"
+    " WHERE l.external_event_id = ANY(%s::text[])"
+)
+# The LEARN points each of these users holds (points_ledger_user_id_idx).
+_HELD_SQL = (
+    "SELECT l.user_id, sum(l.delta_points)::bigint AS points FROM points_ledger AS l"
+    " WHERE l.user_id = ANY(%s::text[]) AND l.activity_code = %s GROUP BY l.user_id"
+)
+_LEDGER_LOCK_SQL = "LOCK TABLE points_ledger IN SHARE ROW EXCLUSIVE MODE"
 _LOCK_SQL = (
     "SELECT id FROM kajabi_events WHERE id = ANY(%s) AND processed_at IS NULL"
     " ORDER BY id FOR UPDATE"
@@ -149,8 +172,10 @@ _MARK_SQL = (
 
 
 def award_sql(enum_type: sql.Identifier) -> sql.Composed:
-    """One event's LEARN award, unless its Kajabi id is already in the ledger; the
-    event's own time (created_at_utc, else received_at) is the award's event_time."""
+    """One event's LEARN award; the event's own time (created_at_utc, else received_at)
+    is the award's event_time. Whether its Kajabi id is already in the ledger was
+    decided before (`_with_ledger`, under the ledger lock when no unique index stands);
+    `ON CONFLICT DO NOTHING` covers a concurrent writer while the index stands."""
     return sql.SQL(
         "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
         " external_source, external_event_id, created_at, event_time, meta)"
@@ -160,8 +185,6 @@ def award_sql(enum_type: sql.Identifier) -> sql.Composed:
         " jsonb_build_object('kajabi_event', e.id, 'reason', 'dbops-bot reprocess-webhooks',"
         " 'approval', %(approval)s::text, 'acting_user', %(actor)s::text)"
         " FROM kajabi_events AS e WHERE e.id = %(event)s"
-        " AND NOT EXISTS (SELECT 1 FROM points_ledger AS l"
-        "   WHERE l.external_event_id = %(external)s::text)"
         " ON CONFLICT DO NOTHING"
     ).format(enum_type)
 
@@ -239,6 +262,28 @@ async def ledger_source(db: Reader | Writer) -> sql.Identifier:
     return sql.Identifier(str(rows[0]["schema"]), str(rows[0]["type"]))
 
 
+async def _with_ledger(db: Reader | Writer, ids: list[str] | None) -> list[Row]:
+    """The unprocessed events (`ids`, or all) with `awarded` (their Kajabi id is in the
+    ledger) and `learn_points` (the LEARN points of their one matching user, else 0):
+    three set-wise reads, whatever the ledger's indexes, instead of two probes per event."""
+    rows = await db.fetch(_EVENTS_SQL, {"ids": ids})
+    keys = sorted({str(r["external_id"]) for r in rows})
+    paid = {str(r["key"]) for r in await db.fetch(_PAID_SQL, (keys,))} if keys else set()
+    one_user = {str(r["id"]): str(r["users"][0]) for r in rows if len(r["users"] or []) == 1}
+    held: dict[str, int] = {}
+    if one_user:
+        for h in await db.fetch(_HELD_SQL, (sorted(set(one_user.values())), LEDGER_ACTIVITY)):
+            held[str(h["user_id"])] = int(h["points"])
+    return [
+        r
+        | {
+            "awarded": str(r["external_id"]) in paid,
+            "learn_points": held.get(one_user[str(r["id"])], 0) if str(r["id"]) in one_user else 0,
+        }
+        for r in rows
+    ]
+
+
 async def _learn_points(db: Reader | Writer) -> int:
     rows = await db.fetch(_LEARN_POINTS_SQL, (LEDGER_ACTIVITY,))
     if not rows:
@@ -277,15 +322,16 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError(f"`{REPROCESS}` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[list[str], int, list[Row]]:
+    async def survey(db: Reader) -> tuple[list[str], int, list[Row], str | None]:
         await ledger_source(db)
         return (
             await learn_tags(db),
             await _learn_points(db),
-            await db.fetch(_EVENTS_SQL, {"ids": None, "activity": LEDGER_ACTIVITY}),
+            await _with_ledger(db, None),
+            await events_unique_index(db),
         )
 
-    tags, points, rows = await ctx.gateway.read(survey)
+    tags, points, rows, unique_index = await ctx.gateway.read(survey)
     if rows and not tags:
         raise UsageError(
             "learn_tag_grants holds no tag, so the bot cannot tell which Kajabi events "
@@ -308,6 +354,13 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
         )
     if f["award"]:
         warnings += await plan_notes(ctx, ["points_ledger"], "INSERT")
+    if n and unique_index is None:
+        warnings.append(
+            "points_ledger has no unique index on external_event_id (a damaged database): "
+            "the run locks points_ledger against writes (SHARE ROW EXCLUSIVE) until it "
+            "commits, so no webhook can pay a key between the check and the award; the "
+            "application's ledger writes wait meanwhile"
+        )
     return Plan(
         remedy=REPROCESS,
         args=list(args),
@@ -320,6 +373,11 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
             else "no Kajabi event waits to be processed; nothing to do"
         ),
         steps=[
+            PlanStep(
+                sql=_LEDGER_LOCK_SQL,
+                note="only while points_ledger has no valid unique index on external_event_id "
+                f"(now: {'missing' if unique_index is None else unique_index}); first",
+            ),
             PlanStep(sql=_LOCK_SQL, params=["<the planned ids>"], note=f"locks; recounts: {n}"),
             PlanStep(
                 sql=award_sql(sql.Identifier("<ledger source enum>")).as_string(),
@@ -369,6 +427,8 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
         now_points = await _learn_points(writer)
     except UsageError as exc:
         raise RemedyAbort(str(exc)) from exc
+    if await events_unique_index(writer) is None:
+        await writer.execute(_LEDGER_LOCK_SQL)
     locked = await writer.fetch(_LOCK_SQL, (data.ids,))
     check_drift(plan, len(locked), "unprocessed events")
     if now_points != data.points:
@@ -376,7 +436,7 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
             f"drift: LEARN is now worth {now_points} points, the plan said {data.points}; "
             "nothing was changed, request it again"
         )
-    rows = await writer.fetch(_EVENTS_SQL, {"ids": data.ids, "activity": LEDGER_ACTIVITY})
+    rows = await _with_ledger(writer, data.ids)
     actor = writer.identity.user_id if writer.identity else None
     paid = Paid({}, set())
     counts = dict.fromkeys(KINDS, 0)
