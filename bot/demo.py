@@ -151,6 +151,32 @@ async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: T
     out.flush()
 
 
+async def inject_guide_faults(faults: FaultInjector) -> None:
+    """A fault for each of the guide's later sections: Kajabi webhooks waiting and
+    mis-matched, a payload received twice, a role outside the four, a recommended index
+    dropped and another one doubled."""
+    await faults.unmatched_webhook_backlog(55)
+    await faults.miscased_unmatched_events(2)
+    await faults.duplicate_webhook_payloads(2)
+    await faults.invalid_role()
+    await faults.drop_index()
+    await faults.duplicate_index()
+
+
+async def show_the_rest_of_the_guide(
+    faults: FaultInjector, dsn: str, settings: Settings, out: TextIO
+) -> None:
+    out.write(
+        "injecting faults: 55 unmatched Kajabi events, mis-cased e-mails, repeated payloads, "
+        "an invalid role, a dropped and a duplicated index …\n\n"
+    )
+    out.flush()
+    await inject_guide_faults(faults)
+    for text in ("webhooks", "roles", "indexes", "leaderboard"):
+        out.write(render.to_text(await demo_report(dsn, settings, text)) + "\n")
+        out.flush()
+
+
 async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.stdout) -> int:
     out.write("dbops-bot demo: starting an embedded PostgreSQL …\n")
     out.flush()
@@ -170,6 +196,7 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
             # data first: the blocking chain below would stall these writes and reads
             await inject_data_faults(faults)
             out.write(render.to_text(await demo_report(dsn, settings, "integrity")) + "\n")
+            await show_the_rest_of_the_guide(faults, dsn, settings, out)
             out.write(
                 "injecting faults: idle-in-transaction session, blocking chain, unpopulated "
                 "leaderboard_totals, failed migration, disabled quota trigger …\n\n"

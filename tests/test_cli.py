@@ -121,7 +121,7 @@ def test_unknown_command_on_the_console(leaps_dsn: str) -> None:
     assert "`health`" in done.stderr
 
 
-def test_demo_names_all_five_faults() -> None:
+def test_demo_names_all_five_faults_and_the_later_sections() -> None:
     done = bot_cli("demo", timeout=120)
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -133,6 +133,19 @@ def test_demo_names_all_five_faults() -> None:
         ("materialized views", "leaderboard_totals"),
         ("migrations", "failed"),
         ("guard: AMPLIFY quota trigger", "disabled"),
+    ]:
+        line = next((ln for ln in flagged if f"] {check}:" in ln), None)
+        assert line is not None, f"{check} not flagged in:\n{text}"
+        assert detail in line, line
+    # the later sections of the guide, each with the fault the demo injected for it
+    for check, detail in [
+        ("webhooks: unmatched backlog (alert)", "alert above 50"),
+        ("webhooks: NO_USER_FOUND with a matching user", "2 NO_USER_FOUND events match"),
+        ("webhooks: duplicate payloads", "2 payloads received more than once"),
+        ("invalid roles", "MODERATOR"),
+        ("duplicate indexes", "submissions_user_id_copy_idx"),
+        ("recommended indexes", "points_ledger(user_id, created_at DESC)"),
+        ("leaderboard_totals: vs ledger", "stale"),
     ]:
         line = next((ln for ln in flagged if f"] {check}:" in ln), None)
         assert line is not None, f"{check} not flagged in:\n{text}"
