@@ -24,7 +24,7 @@ from bot.settings import Settings
 from bot.tasks import wait_for_signal
 from commands.base import Report, Thresholds
 from commands.fixture.faults import FaultInjector
-from commands.fixture.seed import an_admin_id, build_fixture
+from commands.fixture.seed import add_statement_statistics, an_admin_id, build_fixture
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ async def show_the_rest_of_the_guide(
     )
     out.flush()
     await inject_guide_faults(faults)
-    for text in ("webhooks", "roles", "indexes", "leaderboard"):
+    for text in ("webhooks", "roles", "indexes", "leaderboard", "slow"):
         out.write(render.to_text(await demo_report(dsn, settings, text)) + "\n")
         out.flush()
 
@@ -185,6 +185,7 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
     try:
         dsn = await asyncio.to_thread(pg.create_database, DEMO_DB)
         counts = await build_fixture(dsn)
+        await add_statement_statistics(dsn)  # as on Supabase, for `/db slow`
         out.write("LEAPS fixture built: " + ", ".join(f"{n} {t}" for t, n in counts.items()) + "\n")
         await walk_demo_incident(settings, dsn, pg.data_dir.parent, out)
         out.write(

@@ -150,6 +150,9 @@ def test_demo_names_all_five_faults_and_the_later_sections() -> None:
         line = next((ln for ln in flagged if f"] {check}:" in ln), None)
         assert line is not None, f"{check} not flagged in:\n{text}"
         assert detail in line, line
+    # `/db slow` reads pg_stat_statements where Supabase keeps it (the demo creates it there)
+    assert "] top statements: 20 costliest statements of this database" in out
+    assert "(extensions.pg_stat_statements)" in out
 
 
 async def test_console_approval_flow(leaps_dsn: str, tmp_path: Path) -> None:
