@@ -12,22 +12,25 @@ fixes *that* damage:
   once in the reconciliation: it is reported as a duplicate event, which
   `dedupe-ledger-events` repairs, and not as a point difference.
 
-Speed: `points_ledger` and `submissions` are each read once, by one query that groups
-each by user (one column pair per activity) and derives everything else from those two
-aggregates: orphans of both tables (the anti-join with `users` runs on the per-user
+Speed: `points_ledger` and `submissions` are read by one query that groups each by
+user (one column pair per activity) and derives everything else from those two
+aggregates, run as two shards at once over two ranges of user ids (each scans the
+tables and aggregates only its users: the aggregation is the cost, and it splits): orphans of both tables (the anti-join with `users` runs on the per-user
 rows, not on the raw rows), duplicate LEARN submissions, the reconciliation and
 negative totals; only users whose sums disagree somewhere are unfolded per activity.
 Duplicate webhook events come from the ledger rows that carry an event id, read only
 when no valid unique index already rules them out. Attachments get their own merge
 anti-join over two indexes, concurrently on a second connection; the foreign-key check
-is a catalog read. At 100,000 users this costs the server about half the CPU it did
-(bench/integrity.py prints it beside the wall time).
+is a catalog read. At 100,000 users on 2 cores: 2.8 s against the guide's 5.2 s
+(bench/integrity.py, which prints server CPU beside the wall time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from commands.base import Context, Finding, Gateway, Reader, Report, Row, Status, UsageError
 from commands.base import register as register_command
@@ -38,6 +41,10 @@ SAMPLE = 10
 WORK_MEM = "64MB"
 # Parallel workers for the pass (see _tune): none, as measured on 2 cores.
 PARALLEL_WORKERS = 0
+# The pass runs as this many queries at once, each on its own pooled connection and
+# over the users whose id hashes to it (see `_run_pass`): two, for the two cores of the
+# machines measured; the gateway's pool (4) also holds the attachment and key checks.
+SHARDS = 2
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -153,7 +160,8 @@ excess AS (
 led AS (
   SELECT l.user_id, count(*) AS n, sum(l.delta_points) AS pts,
          count(*) FILTER (WHERE l.k IS NULL) AS other @LED_COLS@
-  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger OFFSET 0) l
+  FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger
+        WHERE @SHARD@ OFFSET 0) l
   GROUP BY l.user_id
 ),
 sub AS (
@@ -169,7 +177,7 @@ sub AS (
                CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(students)s END AS students
         FROM (SELECT user_id, status, payload, status = 'APPROVED' AS approved,
                      @K_OF_CODE@ AS k
-              FROM submissions OFFSET 0) r
+              FROM submissions WHERE @SHARD@ OFFSET 0) r
         OFFSET 0) s
   GROUP BY s.user_id
 ),
@@ -218,9 +226,11 @@ problems AS (
   WHERE (led_n = 0 AND expected > 0) OR (led_n > 0 AND counted <> expected)
   UNION ALL
   SELECT 'dup_event', user_id, k, n - 1, one_pts, pts, external_event_id FROM dup
+  WHERE %(first)s
 ),
 ranked AS (
-  SELECT p.*, row_number() OVER (PARTITION BY kind ORDER BY user_id, k, external_event_id) AS rn,
+  SELECT p.*, row_number() OVER (PARTITION BY kind ORDER BY user_id COLLATE "C", k,
+                                 external_event_id COLLATE "C") AS rn,
          count(*) OVER (PARTITION BY kind) AS units,
          sum(n) OVER (PARTITION BY kind) AS rows_total,
          sum(coalesce(actual, 0) - coalesce(expected, 0)) OVER (PARTITION BY kind) AS net
@@ -236,8 +246,15 @@ ORDER BY r.kind, r.rn
 """
 
 
-def pass_sql(activities: int) -> str:
-    """The pass for `activities` activities (positions 1..n); values are all bound."""
+def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
+    """The pass for `activities` activities (positions 1..n), over the user ids from
+    `%(lower)s` (with `lower`) up to `%(upper)s` (with `upper`, excluded): a shard of the
+    users, so every row of a user, and every finding about that user, falls in one shard.
+    A range rather than a hash, because the planner estimates a range from the column's
+    histogram (a hash condition it guessed at 0.5 % of the rows, and sorted a million rows
+    on disk instead of hashing them). Values are all bound. Replayed events are read whole
+    by every shard (a replay's rows may name two users; each shard needs the excess of
+    its own users) and reported by the first shard only."""
     ks = range(1, activities + 1)
     led = "".join(
         f", count(*) FILTER (WHERE l.k = {i}) AS ln{i},"
@@ -279,6 +296,16 @@ def pass_sql(activities: int) -> str:
         .replace("@USER_COLS@", user)
         .replace("@PAIR_VALUES@", values)
         .replace("@SUSPECT@", f"({suspect})" if suspect else "false")
+        .replace(
+            "@SHARD@",
+            " AND ".join(
+                [
+                    *(["user_id >= %(lower)s"] if lower else []),
+                    *(["user_id < %(upper)s"] if upper else []),
+                ]
+            )
+            or "true",
+        )
     )
 
 
@@ -331,9 +358,9 @@ async def _tune(db: Reader) -> None:
     Parallel workers (PARALLEL_WORKERS) were measured at 100,000 users on the 2-core
     machine the bench runs on, the whole command interleaved four times each way: none
     4.8 s wall / 4.7 s server CPU, one 5.9 / 5.7, two 5.4 / 5.9 (medians). Each worker
-    builds a partial hash table of every user, which the leader merges again; the second
-    core is better spent on the attachment check, which runs concurrently on its own
-    connection."""
+    builds a partial hash table of every user, which the leader merges again. The cores
+    are used instead by running the pass as shards over ranges of users (`_run_pass`),
+    each hashing only its own users, beside the attachment check on its own connection."""
     await db.fetch(
         "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
         " set_config('max_parallel_workers_per_gather', %s, true),"
@@ -449,27 +476,166 @@ async def check_duplicate_events(db: Reader) -> Finding:
     return _duplicate_events(rows)
 
 
-async def _pass_findings(db: Reader) -> list[Finding]:
-    """Everything derived from the one aggregate pass, in FINDINGS order."""
+@dataclass(frozen=True)
+class _PassInputs:
+    """What the pass and the findings built from it read from the catalog first."""
+
+    peers: str
+    students: str
+    unique_events: str | None
+    codes: list[str]
+    points: list[int]
+
+
+async def _pass_inputs(db: Reader) -> _PassInputs:
     peers, students = await amplify_keys(db)
     unique_events = await events_unique_index(db)
     activities = await db.fetch("SELECT code, default_points FROM activities ORDER BY code")
-    codes = [str(a["code"]) for a in activities]
+    return _PassInputs(
+        peers,
+        students,
+        unique_events,
+        [str(a["code"]) for a in activities],
+        [int(a["default_points"]) for a in activities],
+    )
+
+
+# Evenly spaced values of points_ledger.user_id from the planner's own statistics: where
+# the shards of the pass split the users (any split is exact; an even one is fastest).
+_BOUNDS_SQL = """
+SELECT b[round(i * (cardinality(b) - 1)::numeric / %(shards)s)::int + 1] AS bound
+FROM (SELECT histogram_bounds::text::text[] AS b FROM pg_stats
+      WHERE schemaname = current_schema() AND tablename = 'points_ledger'
+        AND attname = 'user_id' AND histogram_bounds IS NOT NULL) h,
+     generate_series(1, %(shards)s - 1) AS i
+ORDER BY i
+"""
+
+
+async def shard_bounds(db: Reader, shards: int) -> list[str]:
+    """Where the pass's `shards` ranges of user ids meet; none (one shard) while the
+    ledger has no statistics yet."""
+    rows = await db.fetch(_BOUNDS_SQL, {"shards": shards})
+    bounds = sorted({str(r["bound"]) for r in rows if r["bound"] is not None})
+    return bounds if len(bounds) == shards - 1 else []
+
+
+async def _pass_rows(
+    db: Reader, inputs: _PassInputs, lower: str | None = None, upper: str | None = None
+) -> list[Row]:
+    codes = inputs.codes
     await _tune(db)
-    rows = await db.fetch(
-        pass_sql(len(codes)),
+    return await db.fetch(
+        pass_sql(len(codes), lower is not None, upper is not None),
         {
             **{f"code{i}": code for i, code in enumerate(codes, start=1)},
             "codes": codes,
-            "points": [int(a["default_points"]) for a in activities],
+            "points": inputs.points,
             "amplify": codes.index("AMPLIFY") + 1 if "AMPLIFY" in codes else 0,
             "learn": codes.index("LEARN") + 1 if "LEARN" in codes else 0,
-            "peers": peers,
-            "students": students,
+            "peers": inputs.peers,
+            "students": inputs.students,
             "sample": SAMPLE,
-            "events_unique": unique_events is not None,
+            "events_unique": inputs.unique_events is not None,
+            "lower": lower,
+            "upper": upper,
+            "first": lower is None,
         },
     )
+
+
+def merge_shards(shard_rows: list[list[Row]]) -> list[Row]:
+    """The rows one unsharded pass would give: per kind the totals summed over the
+    shards (each problem is in exactly one) and the first SAMPLE rows in the pass's own
+    order (user_id and event id by code point, the `C` collation the pass sorts by)."""
+    totals: dict[str, list[int]] = {}
+    by_kind: dict[str, list[Row]] = {}
+    for rows in shard_rows:
+        for kind, group in _kinds(rows).items():
+            units, rows_total, net = _totals(group)
+            t = totals.setdefault(kind, [0, 0, 0])
+            t[0], t[1], t[2] = t[0] + units, t[1] + rows_total, t[2] + net
+            by_kind.setdefault(kind, []).extend(group)
+    merged: list[Row] = []
+    for kind in sorted(by_kind):
+        ordered = sorted(
+            by_kind[kind],
+            key=lambda r: (
+                str(r["user_id"]),
+                r["activity_code"] is None,
+                str(r["activity_code"] or ""),
+                r["external_event_id"] is None,
+                str(r["external_event_id"] or ""),
+            ),
+        )
+        units, rows_total, net = totals[kind]
+        merged += [
+            {**r, "units": units, "rows_total": rows_total, "net": net} for r in ordered[:SAMPLE]
+        ]
+    return merged
+
+
+async def _pass_findings(db: Reader) -> list[Finding]:
+    """Everything derived from the aggregate pass, run whole in this one transaction."""
+    inputs = await _pass_inputs(db)
+    return await _findings_of(db, inputs, await _pass_rows(db, inputs))
+
+
+async def _run_pass(
+    gw: Gateway, shards: int = SHARDS, bounds: list[str] | None = None
+) -> list[Finding]:
+    """The pass as `shards` queries at once, each in its own read-only transaction on its
+    own pooled connection over one range of user ids (`bounds`, else from the ledger's
+    statistics), then the findings from the merged rows (their samples read in one
+    more). Each shard reads both tables but aggregates only its users, so the
+    aggregation, nearly all of the pass's cost, is split across the server's cores; a
+    parallel plan was measured slower (see `_tune`). The shards' snapshots differ by
+    milliseconds; every row of a user is in one shard, so each finding is consistent."""
+    if bounds is None and shards > 1:
+        box: list[str] = []
+
+        async def read_bounds(db: Reader) -> Finding:
+            box[:] = await shard_bounds(db, shards)
+            return _ok(PASS_FINDINGS[0], "")
+
+        await gw.run_check("integrity: shard bounds", read_bounds)
+        bounds = box
+    edges: list[str | None] = [None, *(bounds or []), None]
+    ranges = list(itertools.pairwise(edges))
+    done: list[tuple[_PassInputs, list[Row]] | None] = [None] * len(ranges)
+
+    def shard_check(i: int) -> Callable[[Reader], Awaitable[Finding]]:
+        async def check(db: Reader) -> Finding:
+            inputs = await _pass_inputs(db)
+            done[i] = (inputs, await _pass_rows(db, inputs, *ranges[i]))
+            return _ok(PASS_FINDINGS[0], "")
+
+        return check
+
+    results = await asyncio.gather(
+        *(
+            gw.run_check(f"integrity: pass {i + 1}/{len(ranges)}", shard_check(i))
+            for i in range(len(ranges))
+        )
+    )
+    failed = next((r for r in results if r.status is not Status.OK), None)
+    parts = [d for d in done if d is not None]
+    if failed is not None or len(parts) != len(ranges):
+        status = failed.status if failed else Status.ERROR
+        summary = failed.summary if failed else "a shard of the pass gave no rows"
+        return [Finding(check=n, status=status, summary=summary) for n in PASS_FINDINGS]
+    inputs = parts[0][0]
+    rows = merge_shards([p[1] for p in parts])
+
+    async def findings(db: Reader) -> list[Finding]:
+        return await _findings_of(db, inputs, rows)
+
+    return await _run_group(gw, PASS_FINDINGS, findings)
+
+
+async def _findings_of(db: Reader, inputs: _PassInputs, rows: list[Row]) -> list[Finding]:
+    """The findings of the pass's rows, in FINDINGS order (samples read by key)."""
+    peers, students, unique_events = inputs.peers, inputs.students, inputs.unique_events
     k = _kinds(rows)
     out = [
         await _orphan_finding(
@@ -770,7 +936,7 @@ async def integrity(ctx: Context, args: list[str]) -> Report:
         raise UsageError("`integrity` takes no arguments")
     gw = ctx.gateway
     grouped, attachments, fks = await asyncio.gather(
-        _run_group(gw, PASS_FINDINGS, _pass_findings),
+        _run_pass(gw),
         gw.run_check(ATTACHMENT_NO_SUBMISSION, check_orphan_attachments),
         gw.run_check(FOREIGN_KEYS, check_foreign_keys),
     )

@@ -321,3 +321,57 @@ async def test_integrity_over_slack(bot: RunningBot, faults: FaultInjector) -> N
     assert "/db dedupe-learn" in text
     assert "/db reconcile-points" in text
     assert "points_ledger.user_id → users" in text
+
+
+async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
+    leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """The pass split over users by hash (`_run_pass`) against the same pass run whole in
+    one transaction: every finding equal, samples included, whatever the shard count.
+    More faults of a kind than SAMPLE, so the merge must cut each kind's rows right."""
+    await inject_all(faults)
+    await faults.missing_awards(ig.SAMPLE + 5)
+    await faults.duplicate_external_events(ig.SAMPLE + 3)
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
+        await conn.execute("ANALYZE points_ledger")  # the shard bounds come from its histogram
+        ids = [
+            r[0] for r in await (await conn.execute("SELECT id FROM users ORDER BY id")).fetchall()
+        ]
+    gateway = TargetGateway(leaps_dsn, check_timeout_ms=60_000)
+    try:
+        whole = await gateway.read(ig._pass_findings)
+        for shards in (1, 2, 3):
+            assert await ig._run_pass(gateway, shards) == whole, shards
+        assert len(await gateway.read(lambda db: ig.shard_bounds(db, 3))) == 2
+        # any split is exact: an empty first range, a bound equal to an id, uneven ranges
+        for bounds in ([ids[0]], [ids[len(ids) // 2]], [ids[3], ids[-3]]):
+            assert await ig._run_pass(gateway, bounds=bounds) == whole, bounds
+    finally:
+        await gateway.close()
+    by = {f.check: f for f in whole}
+    assert count(by[ig.MISSING_AWARDS]) == 10 + ig.SAMPLE + 5
+    assert len(by[ig.MISSING_AWARDS].rows) == ig.SAMPLE
+    assert count(by[ig.DUPLICATE_EVENTS]) == 9 + ig.SAMPLE + 3
+
+
+def test_merge_cuts_each_kind_to_the_sample_in_order_with_summed_totals() -> None:
+    def row(kind: str, user: str, units: int, code: str | None = None) -> dict[str, object]:
+        return {
+            "kind": kind,
+            "user_id": user,
+            "activity_code": code,
+            "external_event_id": None,
+            "n": 1,
+            "units": units,
+            "rows_total": units * 2,
+            "net": -units,
+        }
+
+    first = [row("missing", f"u{i:02d}", 12, "LEARN") for i in range(0, 24, 2)][: ig.SAMPLE]
+    second = [row("missing", f"u{i:02d}", 12, "LEARN") for i in range(1, 24, 2)][: ig.SAMPLE]
+    second.append(row("negative", "z", 1))
+    merged = ig.merge_shards([first, second])
+    missing = [r for r in merged if r["kind"] == "missing"]
+    assert [r["user_id"] for r in missing] == [f"u{i:02d}" for i in range(ig.SAMPLE)]
+    assert {(r["units"], r["rows_total"], r["net"]) for r in missing} == {(24, 48, -24)}
+    assert [(r["user_id"], r["units"]) for r in merged if r["kind"] == "negative"] == [("z", 1)]
