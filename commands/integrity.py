@@ -15,8 +15,9 @@ fixes *that* damage:
 Speed: `points_ledger` and `submissions` are read by one query that groups each by
 user (one column pair per activity) and derives everything else from those two
 aggregates, run as two shards at once over two ranges of user ids (each scans the
-tables and aggregates only its users: the aggregation is the cost, and it splits): orphans of both tables (the anti-join with `users` runs on the per-user
-rows, not on the raw rows), duplicate LEARN submissions, the reconciliation and
+tables and aggregates only its users: the aggregation is the cost, and it splits):
+orphans of both tables (the anti-join with `users` runs on the per-user rows, not on
+the raw rows), duplicate LEARN submissions, the reconciliation and
 negative totals; only users whose sums disagree somewhere are unfolded per activity.
 Duplicate webhook events come from the ledger rows that carry an event id, read only
 when no valid unique index already rules them out. Attachments get their own merge
