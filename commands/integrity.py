@@ -590,25 +590,26 @@ async def _run_pass(
     statistics), then the findings from the merged rows (their samples read in one
     more). Each shard reads both tables but aggregates only its users, so the
     aggregation, nearly all of the pass's cost, is split across the server's cores; a
-    parallel plan was measured slower (see `_tune`). The shards' snapshots differ by
-    milliseconds; every row of a user is in one shard, so each finding is consistent."""
-    if bounds is None and shards > 1:
-        box: list[str] = []
+    parallel plan was measured slower (see `_tune`). The catalog facts and the bounds are
+    read once, before the shards. The shards' snapshots differ by milliseconds; every row
+    of a user is in one shard, so each finding is consistent."""
+    prepared: list[tuple[_PassInputs, list[str]]] = []
 
-        async def read_bounds(db: Reader) -> Finding:
-            box[:] = await shard_bounds(db, shards)
-            return _ok(PASS_FINDINGS[0], "")
+    async def prepare(db: Reader) -> Finding:
+        split = bounds if bounds is not None or shards < 2 else await shard_bounds(db, shards)
+        prepared.append((await _pass_inputs(db), split or []))
+        return _ok(PASS_FINDINGS[0], "")
 
-        await gw.run_check("integrity: shard bounds", read_bounds)
-        bounds = box
-    edges: list[str | None] = [None, *(bounds or []), None]
-    ranges = list(itertools.pairwise(edges))
-    done: list[tuple[_PassInputs, list[Row]] | None] = [None] * len(ranges)
+    ready = await gw.run_check("integrity: pass inputs", prepare)
+    if ready.status is not Status.OK or not prepared:
+        return _all_pass_findings(ready)
+    inputs, split = prepared[0]
+    ranges = list(itertools.pairwise([None, *split, None]))
+    done: list[list[Row] | None] = [None] * len(ranges)
 
     def shard_check(i: int) -> Callable[[Reader], Awaitable[Finding]]:
         async def check(db: Reader) -> Finding:
-            inputs = await _pass_inputs(db)
-            done[i] = (inputs, await _pass_rows(db, inputs, *ranges[i]))
+            done[i] = await _pass_rows(db, inputs, *ranges[i])
             return _ok(PASS_FINDINGS[0], "")
 
         return check
@@ -622,16 +623,20 @@ async def _run_pass(
     failed = next((r for r in results if r.status is not Status.OK), None)
     parts = [d for d in done if d is not None]
     if failed is not None or len(parts) != len(ranges):
-        status = failed.status if failed else Status.ERROR
-        summary = failed.summary if failed else "a shard of the pass gave no rows"
-        return [Finding(check=n, status=status, summary=summary) for n in PASS_FINDINGS]
-    inputs = parts[0][0]
-    rows = merge_shards([p[1] for p in parts])
+        return _all_pass_findings(failed)
+    rows = merge_shards(parts)
 
     async def findings(db: Reader) -> list[Finding]:
         return await _findings_of(db, inputs, rows)
 
     return await _run_group(gw, PASS_FINDINGS, findings)
+
+
+def _all_pass_findings(failed: Finding | None) -> list[Finding]:
+    """Every finding of the pass saying why it could not be made."""
+    status = failed.status if failed else Status.ERROR
+    summary = failed.summary if failed else "a part of the pass gave no rows"
+    return [Finding(check=n, status=status, summary=summary) for n in PASS_FINDINGS]
 
 
 async def _findings_of(db: Reader, inputs: _PassInputs, rows: list[Row]) -> list[Finding]:
