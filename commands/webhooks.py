@@ -196,11 +196,6 @@ async def check_duplicates(t: Thresholds, db: Reader) -> Finding:
     )
 
 
-async def check_ledger_events(db: Reader) -> Finding:
-    """`/db integrity`'s finding, from its cheap check rather than its whole pass."""
-    return await check_duplicate_events(db)
-
-
 @register(
     "webhooks",
     usage="/db webhooks",
@@ -215,6 +210,6 @@ async def webhooks(ctx: Context, args: list[str]) -> Report:
         gw.run_check(ALERT, partial(check_alert, t)),
         gw.run_check(EMAILS, partial(check_emails, t)),
         gw.run_check(DUPLICATES, partial(check_duplicates, t)),
-        gw.run_check(DUPLICATE_EVENTS, check_ledger_events),
+        gw.run_check(DUPLICATE_EVENTS, check_duplicate_events),
     )
     return Report(title="Kajabi webhooks", target=gw.target, findings=list(findings)).sorted()
