@@ -81,14 +81,33 @@ class Measure:
     needs: tuple[str, ...]  # the view's columns `view_sql` reads
 
 
-_PER_USER_POINTS = "(SELECT user_id, sum(delta_points) AS pts FROM points_ledger GROUP BY 1)"
+_PER_GROUP_VIEW = (
+    "SELECT m.{col}::text AS key, m.participants::bigint AS participants,"
+    " m.total_points::bigint AS total_points FROM {source} AS m"
+)
 _PER_GROUP_BASE = """
 SELECT coalesce(u.{col}, '(none)')::text AS key, count(*)::bigint AS participants,
        coalesce(sum(p.pts), 0)::bigint AS total_points
-  FROM users u LEFT JOIN {points} p ON p.user_id = u.id
+  FROM users u
+  LEFT JOIN (SELECT user_id, sum(delta_points) AS pts FROM points_ledger GROUP BY 1) p
+    ON p.user_id = u.id
  WHERE u.role = 'PARTICIPANT'
  GROUP BY 1
 """
+
+
+def _per_group(view: str, col: str) -> Measure:
+    """cohort_metrics and school_metrics: participants and their points per `col` (one
+    of this module's two column names, never input)."""
+    return Measure(
+        view=view,
+        per=col,
+        needs=(col, "participants", "total_points"),
+        columns=("participants", "total_points"),
+        view_sql=_PER_GROUP_VIEW.replace("{col}", col),
+        base_sql=_PER_GROUP_BASE.replace("{col}", col),
+    )
+
 
 MEASURES: tuple[Measure, ...] = (
     Measure(
@@ -108,24 +127,8 @@ SELECT a.code::text AS key, coalesce(s.n, 0)::bigint AS submissions,
     ON l.activity_code = a.code
 """,
     ),
-    Measure(
-        view="cohort_metrics",
-        per="cohort",
-        needs=("cohort", "participants", "total_points"),
-        columns=("participants", "total_points"),
-        view_sql="SELECT m.cohort::text AS key, m.participants::bigint AS participants,"
-        " m.total_points::bigint AS total_points FROM {source} AS m",
-        base_sql=_PER_GROUP_BASE.replace("{col}", "cohort").replace("{points}", _PER_USER_POINTS),
-    ),
-    Measure(
-        view="school_metrics",
-        per="school",
-        needs=("school", "participants", "total_points"),
-        columns=("participants", "total_points"),
-        view_sql="SELECT m.school::text AS key, m.participants::bigint AS participants,"
-        " m.total_points::bigint AS total_points FROM {source} AS m",
-        base_sql=_PER_GROUP_BASE.replace("{col}", "school").replace("{points}", _PER_USER_POINTS),
-    ),
+    _per_group("cohort_metrics", "cohort"),
+    _per_group("school_metrics", "school"),
     Measure(
         view="time_series_metrics",
         per="day",
