@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from floor import floor_server  # noqa: E402
+from timing import pct  # noqa: E402  (this directory: python bench/...)
 
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from commands.fixture.seed import build_fixture  # noqa: E402
@@ -155,11 +156,6 @@ def process_cpu_s(pid: int) -> float:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def main() -> None:

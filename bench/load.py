@@ -31,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ack_latency import keep_busy, pct, raw_request, read_response  # noqa: E402
+from ack_latency import keep_busy, raw_request, read_response  # noqa: E402
 from floor import floor_server  # noqa: E402
+from timing import pct  # noqa: E402
 
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from commands.fixture.seed import build_fixture  # noqa: E402

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -25,14 +24,14 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from timing import command_ms  # noqa: E402  (this directory: python bench/...)
+
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import Dispatcher, RunContext  # noqa: E402
-from commands.base import Report, Status, Thresholds  # noqa: E402
+from commands.base import Status, Thresholds  # noqa: E402
 from commands.fixture.faults import FaultInjector  # noqa: E402
 from commands.fixture.seed import build_fixture  # noqa: E402
-
-WARMUP = 3
 
 
 async def grow(dsn: str, history: int, platform_tables: int) -> None:
@@ -54,21 +53,6 @@ async def grow(dsn: str, history: int, platform_tables: int) -> None:
             )
 
 
-async def timed(d: Dispatcher, text: str, runs: int) -> tuple[list[float], Report]:
-    report: Report | None = None
-    for _ in range(WARMUP):
-        await d.run(text)
-    times: list[float] = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        result = await d.run(text)
-        times.append((time.perf_counter() - started) * 1000)
-        assert isinstance(result, Report), result
-        report = result
-    assert report is not None
-    return times, report
-
-
 async def main(runs: int, history: int, platform_tables: int) -> None:
     server = EmbeddedPostgres()
     server.start()
@@ -81,10 +65,10 @@ async def main(runs: int, history: int, platform_tables: int) -> None:
         gateway = TargetGateway(dsn, check_timeout_ms=60_000)
         try:
             d = Dispatcher(RunContext(gateway, Thresholds()), coalesce_s=0)
-            mig, report = await timed(d, "migrations", runs)
+            mig, report = await command_ms(d, "migrations", runs)
             assert report.findings[0].status is Status.CRIT, report.findings[0]
             assert not [f for f in report.findings if f.check.startswith("schema drift:")]
-            health, _ = await timed(d, "health", runs)
+            health, _ = await command_ms(d, "health", runs)
         finally:
             await gateway.close()
     finally:

@@ -35,19 +35,15 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from timing import WARMUP, pct  # noqa: E402  (this directory: python bench/...)
+
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import Dispatcher, RunContext  # noqa: E402
 from commands.base import Report, Status, Thresholds  # noqa: E402
 from commands.fixture.seed import build_fixture  # noqa: E402
 
-WARMUP = 3
 EMAIL_RUNS = 50
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def pick_users(dsn: str, n: int, seed: int) -> list[tuple[str, str]]:

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scale import scale_database  # noqa: E402
+from timing import median_s  # noqa: E402  (this directory: python bench/...)
 
 from bot.executor import Executor  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
@@ -113,16 +112,6 @@ async def run_guide(dsn: str, text: str) -> list[list[Any]]:
         return results
 
 
-async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> float:
-    await fn()
-    seconds: list[float] = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await fn()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
-
-
 async def bench(dsn: str, pct: float, unmatched: int, runs: int) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(_LEARN_EVENTS_SQL, {"tag": LEARN_TAG})
@@ -152,8 +141,8 @@ async def bench(dsn: str, pct: float, unmatched: int, runs: int) -> None:
         )
 
         guide = GUIDE_FILE.read_text(encoding="utf-8")
-        verify_s = await timed(lambda: measure(ctx), runs)
-        guide_s = await timed(lambda: run_guide(dsn, guide), runs)
+        verify_s = await median_s(lambda: measure(ctx), runs)
+        guide_s = await median_s(lambda: run_guide(dsn, guide), runs)
         started = time.perf_counter()
         report = await recover(ctx, ["--dry-run"])
         dry_run_s = time.perf_counter() - started

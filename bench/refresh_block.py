@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scale import build_scale_fixture  # noqa: E402  (this directory: python bench/...)
+from timing import pct  # noqa: E402  (this directory: python bench/...)
 
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.executor import Executor  # noqa: E402
@@ -74,11 +75,6 @@ class Run:
     refresh_ms: float  # the REFRESH statement alone, as the remedy timed it
     view_rows: int
     latencies_ms: list[float]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def reader(dsn: str, ready: asyncio.Event, stop: asyncio.Event, out: list[float]) -> None:

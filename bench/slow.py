@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -25,13 +24,13 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from timing import command_ms  # noqa: E402  (this directory: python bench/...)
+
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import Dispatcher, RunContext  # noqa: E402
-from commands.base import Report, Status, Thresholds  # noqa: E402
+from commands.base import Status, Thresholds  # noqa: E402
 from commands.fixture.seed import build_fixture  # noqa: E402
-
-WARMUP = 3
 
 
 async def fill_statements(dsn: str, statements: int) -> float:
@@ -47,21 +46,6 @@ async def fill_statements(dsn: str, statements: int) -> float:
         cur = await conn.execute("SELECT sum(length(query)) FROM extensions.pg_stat_statements")
         row = await cur.fetchone()
     return int(row[0] if row else 0) / 1e6
-
-
-async def timed(d: Dispatcher, text: str, runs: int) -> tuple[list[float], Report]:
-    report: Report | None = None
-    for _ in range(WARMUP):
-        await d.run(text)
-    times: list[float] = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        result = await d.run(text)
-        times.append((time.perf_counter() - started) * 1000)
-        assert isinstance(result, Report), result
-        report = result
-    assert report is not None
-    return times, report
 
 
 async def main(runs: int, users: int, statements: int, sleepers: int) -> None:
@@ -88,7 +72,7 @@ async def main(runs: int, users: int, statements: int, sleepers: int) -> None:
                 "explain review-queue",
                 "explain review-queue --analyze",
             ):
-                results[text], report = await timed(d, text, runs)
+                results[text], report = await command_ms(d, text, runs)
                 assert not [f for f in report.findings if f.status is Status.ERROR], report
                 if text == "slow":
                     running = next(f for f in report.findings if f.check == "running queries")

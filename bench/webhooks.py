@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
@@ -46,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scale import SCALE_SERVER_SETTINGS, build_scale_fixture  # noqa: E402
+from timing import median_s  # noqa: E402  (this directory: python bench/...)
 
 import commands  # noqa: E402, F401  (registers the commands and remedies)
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
@@ -60,16 +58,6 @@ from commands.remedies.base import Plan  # noqa: E402
 from commands.remedies.webhooks import REPROCESS_WEBHOOKS  # noqa: E402
 
 GUIDE_SQL = ROOT.parent / "shared" / "guide-sql" / "duplicate_external_events.sql"
-
-
-async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> float:
-    await fn()  # warm
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
@@ -97,9 +85,9 @@ async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
     report = await whole()
     for f in report.findings:
         print(f"  {f.status.value:5} {f.check}: {f.summary}")
-    whole_s = await timed(whole, runs)
-    checks_s = await timed(checks_only, runs)
-    guide_s = await timed(guide_dup, runs)
+    whole_s = await median_s(whole, runs)
+    checks_s = await median_s(checks_only, runs)
+    guide_s = await median_s(guide_dup, runs)
 
     async def dup_check() -> None:
         await gateway.run_check("dup", check_duplicate_events)
@@ -107,8 +95,8 @@ async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
     async def whole_pass() -> None:
         await gateway.read(_pass_findings)
 
-    dup_s = await timed(dup_check, runs)
-    pass_s = await timed(whole_pass, runs)
+    dup_s = await median_s(dup_check, runs)
+    pass_s = await median_s(whole_pass, runs)
     print(
         f"BENCH webhooks bot_s={whole_s:.3f} checks_s={checks_s:.3f} guide_dup_s={guide_s:.3f} "
         f"ratio_bot_guide={whole_s / guide_s:.2f} ratio_checks_guide={checks_s / guide_s:.2f} "
@@ -130,8 +118,8 @@ async def bench(dsn: str, copy_dsn: str, runs: int) -> None:
             )
         )
 
-    plan_s = await timed(plan_once, runs)
-    pass_s = await timed(ledger_pass, runs)
+    plan_s = await median_s(plan_once, runs)
+    pass_s = await median_s(ledger_pass, runs)
     plan = await plan_once()
     ids = list(plan.data["ids"])
     async with await psycopg.AsyncConnection.connect(copy_dsn) as conn:
