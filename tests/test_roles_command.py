@@ -20,7 +20,7 @@ from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
 from commands.base import Finding, LeapsIdentity, Report, Status, Thresholds, UsageError
 from commands.fixture.faults import FaultInjector
-from commands.remedies.base import Execution, Plan
+from commands.remedies.base import Execution, Plan, Verification
 from commands.remedies.roles import SET_ROLE
 from commands.roles import column_finding, identity_for_email, role_for_email
 from tests.conftest import RunningBot, bot_settings, running_bot
@@ -219,6 +219,21 @@ async def slack_bot_for_roles(dsn: str, fake: FakeSlack, **overrides: Any) -> tu
     return admin_id, super_id, participant_id
 
 
+async def verify_executed(bot: RunningBot, approval_id: str | None = None) -> Verification:
+    """set-role's verification of the plan the bot executed, as the sweeper would run it
+    for an approval whose process died (`approval_id` another approval's, to see it tell
+    them apart)."""
+    store = bot.service.store
+    assert store is not None
+    (done,) = [e for e in await store.audit_trail(limit=50) if e.action == "remedy.executed"]
+    assert done.approval_id is not None
+    approval = await store.get_approval(done.approval_id)
+    assert approval is not None
+    stored = Plan.model_validate(approval.plan)
+    run = Execution(approval_id or approval.id, ADMIN)
+    return await bot.service.ctx.gateway.read(lambda db: SET_ROLE.verify(db, stored, run))
+
+
 async def backup_rows(dsn: str) -> list[tuple[Any, ...]]:
     tables = await fetch(
         dsn,
@@ -256,21 +271,9 @@ async def test_set_role_before_and_after_as_the_admin_approver(
         final = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
         assert "is now REVIEWER" in final and f"acted as LEAPS user {admin_id} (ADMIN" in final
         # the verification that decides an execution whose process died says so too
-        store = bot.service.store
-        assert store is not None
-        (done,) = [e for e in await store.audit_trail(limit=50) if e.action == "remedy.executed"]
-        assert done.approval_id is not None
-        approval = await store.get_approval(done.approval_id)
-        assert approval is not None
-        stored = Plan.model_validate(approval.plan)
-        gateway = bot.service.ctx.gateway
-        landed = await gateway.read(
-            lambda db: SET_ROLE.verify(db, stored, Execution(approval.id, ADMIN))
-        )
+        landed = await verify_executed(bot)
         assert landed.landed and "is REVIEWER" in landed.found
-        other = await gateway.read(
-            lambda db: SET_ROLE.verify(db, stored, Execution("never-ran", ADMIN))
-        )
+        other = await verify_executed(bot, approval_id="never-ran")
         assert not other.landed
     assert await role_of(leaps_dsn, target) == "REVIEWER"
     assert await backup_rows(leaps_dsn) == [(target, "PARTICIPANT")]

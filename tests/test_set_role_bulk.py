@@ -21,7 +21,6 @@ from bot.gateway import TargetGateway
 from bot.router import Dispatcher, RunContext
 from commands.base import LeapsIdentity, Thresholds, UsageError
 from commands.fixture.faults import FaultInjector
-from commands.remedies.base import Execution, Plan
 from commands.remedies.roles import MAX_USERS, SET_ROLE, SetRoleData, parse_args
 from tests.conftest import bot_settings, running_bot
 from tests.fakeslack import FakeSlack
@@ -37,6 +36,7 @@ from tests.test_roles_command import (
     role_of,
     slack_bot_for_roles,
     user_of,
+    verify_executed,
 )
 
 
@@ -240,17 +240,7 @@ async def test_bulk_promotion_before_and_after_with_one_approval(
         final = message_text(fake_slack, CHANNEL, ts)
         assert "4 users are now REVIEWER" in final
         assert f"acted as LEAPS user {admin_id} (ADMIN" in final
-        store = bot.service.store
-        assert store is not None
-        (done,) = [e for e in await store.audit_trail(limit=50) if e.action == "remedy.executed"]
-        assert done.approval_id is not None
-        approval = await store.get_approval(done.approval_id)
-        assert approval is not None
-        stored = Plan.model_validate(approval.plan)
-        gateway = bot.service.ctx.gateway
-        landed = await gateway.read(
-            lambda db: SET_ROLE.verify(db, stored, Execution(approval.id, ADMIN))
-        )
+        landed = await verify_executed(bot)
         assert landed.landed and "holds 4 of the 4 planned rows" in landed.found
     assert set((await roles_of(leaps_dsn, ids)).values()) == {"REVIEWER"}
     assert sorted(await backup_rows(leaps_dsn)) == sorted((i, "PARTICIPANT") for i in ids)
