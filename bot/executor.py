@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 
 from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
+from commands.audit_trail import AuditRecorder, audit_trail
 from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Reader, Row, shown_queries
 from commands.guards import USER_ID_SETTING, USER_ROLE_SETTING, name_refusal
 from commands.remedies.base import (
@@ -71,6 +72,21 @@ async def remedy_running(db: Reader, approval_id: str) -> bool:
     return not bool(rows[0]["free"])
 
 
+def _identity_settings(
+    identity: LeapsIdentity, audit: AuditRecorder, *, local: bool
+) -> tuple[str, tuple[str, ...]]:
+    """The statement that makes a session act as `identity`, as the application does:
+    `app.user_role` always; `app.user_id` only where the live audit trigger can write its
+    row (else it stays unset, the trigger skips, and the bot writes the row: rule 11)."""
+    scope = "true" if local else "false"
+    if audit.by_bot:
+        return f"SELECT set_config(%s, %s, {scope})", (USER_ROLE_SETTING, identity.role)
+    return (
+        f"SELECT set_config(%s, %s, {scope}), set_config(%s, %s, {scope})",
+        (USER_ID_SETTING, identity.user_id, USER_ROLE_SETTING, identity.role),
+    )
+
+
 @dataclass(frozen=True)
 class _Session:
     """How a session of the remedy connects and what it sets: the outside-transaction
@@ -88,12 +104,14 @@ class _TxWriter:
         approval_id: str,
         identity: LeapsIdentity | None = None,
         session: _Session | None = None,
+        audit: AuditRecorder | None = None,
     ) -> None:
         self._conn = conn
         self.approval_id = approval_id
         self.identity = identity
         self._session = session
         self._schema_ready = False
+        self.audit = audit or AuditRecorder.off()
 
     async def run_outside_transaction(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -115,10 +133,7 @@ class _TxWriter:
                 (str(s.statement_timeout_ms), str(s.lock_timeout_ms)),
             )
             if self.identity is not None:
-                await conn.execute(
-                    "SELECT set_config(%s, %s, false), set_config(%s, %s, false)",
-                    (USER_ID_SETTING, self.identity.user_id, USER_ROLE_SETTING, self.identity.role),
-                )
+                await conn.execute(*_identity_settings(self.identity, self.audit, local=False))
             await conn.execute(query, params or None)
 
     async def fetch(
@@ -216,14 +231,14 @@ class Executor:
                         execution_lock_key(approval_id),
                     ),
                 )
+                # Rule 11: where the live audit trigger refuses writes made with
+                # app.user_id, act without it and write the audit rows ourselves.
+                recorder = AuditRecorder(await audit_trail(_TxWriter(conn, approval_id)), identity)
                 if identity is not None:
-                    await conn.execute(
-                        "SELECT set_config(%s, %s, true), set_config(%s, %s, true)",
-                        (USER_ID_SETTING, identity.user_id, USER_ROLE_SETTING, identity.role),
-                    )
+                    await conn.execute(*_identity_settings(identity, recorder, local=True))
                 try:
                     session = _Session(self._dsn, self.statement_timeout_ms, self.lock_timeout_ms)
-                    writer = _TxWriter(conn, approval_id, identity, session)
+                    writer = _TxWriter(conn, approval_id, identity, session, recorder)
                     outcome = await remedy.apply(writer, plan)
                 except OutsideStepFailed as exc:
                     raise Aborted(exc.outcome.model_copy(update={"ok": False}), "failed") from exc
@@ -231,6 +246,14 @@ class Executor:
                     raise Aborted(Outcome(ok=False, summary=str(exc), error=str(exc))) from exc
                 if not outcome.ok:
                     raise Aborted(outcome)
+                if recorder.written:
+                    outcome = outcome.model_copy(
+                        update={
+                            "summary": f"{outcome.summary}; {recorder.written} audit_log rows "
+                            "written by the bot (the live audit trigger refuses writes made "
+                            "with app.user_id)"
+                        }
+                    )
             return "done", outcome
         except Aborted as exc:
             return exc.state, exc.outcome

@@ -155,3 +155,21 @@ async def running_bot(settings: Settings, fake: FakeSlack) -> AsyncIterator[Runn
 async def bot(leaps_dsn: str, fake_slack: FakeSlack) -> AsyncIterator[RunningBot]:
     async with running_bot(bot_settings(leaps_dsn, fake_slack), fake_slack) as running:
         yield running
+
+
+# The audit trail in both forms (LEAPS_SCHEMA.md, Audit): the fixture's function supplies
+# the id itself; production's inserts without one over a column with no default, so every
+# write made with app.user_id set is refused. Row-writing remedies are tested on both.
+AUDIT_VARIANTS = ("fixture", "production")
+
+
+@pytest.fixture(params=AUDIT_VARIANTS)
+def audit_variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def make_audit_variant(dsn: str, variant: str) -> None:
+    """Give the LEAPS copy at `dsn` the audit trail `variant` ("fixture": as built)."""
+    if variant == "production":
+        async with FaultInjector(dsn) as injector:
+            await injector.production_audit_trail()

@@ -26,11 +26,12 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from psycopg import sql
 from pydantic import BaseModel, Field
 
+from commands.audit_trail import AuditRecorder
 from commands.base import Context, LeapsIdentity, Reader, Row
 
 Query = str | sql.SQL | sql.Composed
@@ -51,6 +52,38 @@ class LockScope(BaseModel):
     modes: list[str] = Field(default_factory=list)  # empty: any mode
 
 
+class Preflight(BaseModel):
+    """The apply tried at plan time in a transaction that was rolled back.
+
+    `accepted`: the database took it (`affected` of the `tried` rows); `refused`: a
+    trigger or constraint refused it (`guard`, `error` with personal data masked), and no
+    approval opens; `inconclusive`: the try hit a lock or statement timeout, or a trigger
+    on the way calls out of the database, so the approval opens and says why.
+    """
+
+    status: Literal["accepted", "refused", "inconclusive"]
+    planned: int  # rows the plan counted
+    tried: int  # rows the try covered (a sample when the plan is bigger than the limit)
+    affected: int = 0
+    ms: float = 0.0
+    identity: str = ""  # who the try acted as, e.g. "app.user_role ADMIN, reviewer u_12 (...)"
+    guard: str | None = None  # the trigger or constraint that refused
+    error: str | None = None  # the database's message, personal data masked
+    reason: str = ""  # inconclusive: why
+
+    def describe(self) -> str:
+        of = f" (of {self.planned} planned)" if self.tried != self.planned else ""
+        if self.status == "accepted":
+            return (
+                f"the database accepted it: {self.affected} rows changed, {self.tried} rows "
+                f"tried{of}, rolled back, {self.ms:.0f} ms"
+            )
+        if self.status == "refused":
+            by = f" by {self.guard}" if self.guard else ""
+            return f"the database refused it{by}: {self.error or 'no message'} (rolled back)"
+        return f"inconclusive: {self.reason}; tried {self.tried} rows{of}, rolled back"
+
+
 class Plan(BaseModel):
     remedy: str
     args: list[str]
@@ -69,13 +102,21 @@ class Plan(BaseModel):
     # needs a SUPERADMIN); the engine asks for the higher of the two. None: the remedy's.
     approver_role: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # the remedy's own; see `private`
+    # Who writes LEAPS's audit rows for this change and why (the live trigger, or the bot
+    # where the trigger refuses writes made with app.user_id); None: the plan writes no
+    # audited rows or was made before the field existed.
+    audit: str | None = None
+    # What the database said when the apply was tried and rolled back before approval
+    # (DESIGN.md rule 10); None: not tried (see `Remedy.not_tried`) or an older plan.
+    preflight: Preflight | None = None
 
     def fingerprint(self) -> str:
         """What an approval binds: the whole plan (SQL, parameters, counted rows, targets,
         locks, the remedy's data), as JSON, so the stored copy hashes the same."""
         dumped = self.model_dump(mode="json")
-        if dumped["approver_role"] is None:  # as plans hashed before the field existed
-            del dumped["approver_role"]
+        for key in ("approver_role", "audit", "preflight"):
+            if dumped[key] is None:  # as plans hashed before the field existed
+                del dumped[key]
         blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -142,6 +183,11 @@ class Writer(Protocol):
     # Who the transaction acts as in LEAPS (app.user_id / app.user_role are set to it),
     # or None when nobody could be named; a status change names it as reviewer.
     identity: LeapsIdentity | None
+    # Writes LEAPS's audit rows where the live audit trigger cannot (it refuses writes
+    # made with app.user_id, so the transaction does not set it): call `before(table,
+    # ids)` ahead of an UPDATE or DELETE and `after(table, op, ids)` after every change
+    # of an audited table; where the trigger works both do nothing.
+    audit: AuditRecorder
 
     async def fetch(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -192,6 +238,9 @@ class Verification(BaseModel):
 
 
 Planner = Callable[[Context, list[str]], Awaitable[Plan]]
+# A plan cut down to at most n of its rows, whose apply changes exactly those (count =
+# the rows kept): how a change bigger than PREFLIGHT_MAX_ROWS is tried before approval.
+Sampler = Callable[[Plan, int], Plan]
 Applier = Callable[[Writer, Plan], Awaitable[Outcome]]
 
 
@@ -233,6 +282,13 @@ class Remedy:
     # logged and never changes the outcome.
     started: StartedHook = no_start
     finished: FinishedHook = no_finish
+    # Rule 10: a remedy whose apply is one transaction of DML on LEAPS rows is tried at
+    # plan time and rolled back (`preflight`), on `sample(plan, n)` when it is bigger
+    # than the limit (None: always tried whole). The others say what they checked
+    # instead, in `not_tried`, shown in the plan.
+    preflight: bool = False
+    sample: Sampler | None = None
+    not_tried: str = ""
 
 
 REMEDIES: dict[str, Remedy] = {}
