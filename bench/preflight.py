@@ -78,7 +78,7 @@ async def timed_ms(runs: int, fn: Callable[[], Awaitable[T]]) -> tuple[float, T]
 
 async def bench(dsn: str, users: int, rows: int, runs: int, max_rows: int) -> None:
     await inject(dsn, users, rows)
-    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None)
     gateway = TargetGateway(dsn, check_timeout_ms=60_000, pool_max_size=4)
     ctx = RunContext(gateway, Thresholds())
     executor = Executor(
