@@ -355,6 +355,17 @@ async def test_a_reviewer_requests_what_an_admin_approves(
     assert "own LEAPS account, a REVIEWER" in own
 
 
+async def test_a_remedy_never_tried_says_why_and_what_it_checked(
+    pbot: RunningBot, faults: FaultInjector
+) -> None:
+    await faults.unpopulated_view("leaderboard_totals")
+    plan = await request(pbot, "refresh-views leaderboard_totals")
+    text = message_text(pbot.fake, CHANNEL, str(plan.response["ts"]))
+    assert "not tried before approval: a trial REFRESH would take the view" in text
+    assert "The plan checked instead each view" in text
+    assert "tried before approval: the database" not in text
+
+
 async def test_a_connection_lost_during_commit_is_decided_by_verification(
     leaps_dsn: str, pbot: RunningBot
 ) -> None:

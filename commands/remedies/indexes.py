@@ -559,8 +559,8 @@ async def verify_drop_index(db: Reader, plan: Plan, run: Execution) -> Verificat
 
 # Rule 10: never tried before approval: CONCURRENTLY runs outside any transaction.
 _INDEX_NOT_TRIED = (
-    "{verb} INDEX CONCURRENTLY cannot run inside a transaction, so no ROLLBACK could undo a "
-    "try. The plan checked instead the live catalog: {checked}"
+    "an index {verb} that runs CONCURRENTLY cannot run inside a transaction, so no ROLLBACK "
+    "could undo a try. The plan checked instead the live catalog: {checked}"
 )
 
 CREATE_INDEX = add_remedy(
@@ -575,7 +575,7 @@ CREATE_INDEX = add_remedy(
         approver_role="ADMIN",
         approvers=1,
         not_tried=_INDEX_NOT_TRIED.format(
-            verb="CREATE",
+            verb="build",
             checked="the table and columns exist, no valid index already serves them, the "
             "table's size, and the open transactions the build would wait for",
         ),
@@ -593,7 +593,7 @@ DROP_INDEX = add_remedy(
         approver_role="ADMIN",
         approvers=1,
         not_tried=_INDEX_NOT_TRIED.format(
-            verb="DROP",
+            verb="drop",
             checked="the index is an exact duplicate of another valid index, which stays, and "
             "is not one the bot protects; its definition is kept to recreate it",
         ),
