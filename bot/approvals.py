@@ -24,14 +24,15 @@ from slack_sdk.errors import SlackClientError
 
 from bot import render
 from bot.authz import ResolvedRole, RoleResolver, approval_refusal
-from bot.executor import Executor, remedy_running
-from bot.identity import acting_identity
+from bot.executor import UNKNOWN_COMMIT, ApplyState, Executor, remedy_running
+from bot.identity import acting_identity, preflight_identity
 from bot.keyed_mac import APPROVAL_BUTTON, KeyedMac, button_secret
 from bot.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
 from bot.state.models import DecisionKind, Origin
 from bot.state.store import Approval, InvalidTransition, StateStore
+from commands.audit_trail import audit_trail
 from commands.base import role_rank
 from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy, Verification
 
@@ -141,9 +142,10 @@ class ApprovalEngine:
     ) -> str:
         """Plan the remedy and either run it (no approval needed) or post it for approval.
 
-        Returns the approval id, or "" when the plan found nothing to do: then only the
-        requester is told (privately), the channel gets nothing and no approval exists; the
-        audit trail keeps the request. Raises UsageError for arguments the plan refuses, and
+        Returns the approval id, or "" when the plan found nothing to do or the database
+        refused the change when it was tried (rule 10): then only the requester is told
+        (privately), the channel gets nothing and no approval exists; the audit trail
+        keeps the request. Raises UsageError for arguments the plan refuses, and
         NotPosted when Slack would not take the thread (the approval is then cancelled:
         nobody could have seen it to approve it).
         """
@@ -152,6 +154,12 @@ class ApprovalEngine:
             await self._nothing_to_do(remedy, args, plan, user_id, channel_id)
             return ""
         policy = self.plan_policy(remedy, plan)
+        if remedy.preflight:
+            # Before the approval exists, so that its fingerprint binds what was tried.
+            plan = await self._preflight(remedy, plan, policy, user_id)
+            if plan.preflight is not None and plan.preflight.status == "refused":
+                await self._refused(remedy, args, plan, user_id, channel_id)
+                return ""
         needed = policy.approvers if plan.needs_approval else 0
         approval = await self.store.create_approval(
             remedy=remedy.name,
@@ -185,6 +193,53 @@ class ApprovalEngine:
         if needed == 0:
             await self.execute(approval.id, actor_id=user_id)
         return approval.id
+
+    async def _preflight(self, remedy: Remedy, plan: Plan, policy: Policy, user_id: str) -> Plan:
+        """The plan with the database's answer to a rolled-back try of it (`preflight`)
+        and the path its audit rows take (`audit`), acting as the approver role."""
+        identity = await preflight_identity(
+            user_id, policy.approver_role, self.roles, self.ctx.gateway
+        )
+        tried = await self.executor.preflight(
+            remedy,
+            plan,
+            identity,
+            max_rows=self.settings.preflight_max_rows,
+            role=policy.approver_role,
+        )
+        log.info("preflight of %s: %s", remedy.name, tried.describe())
+        audit = plan.audit or (await self.ctx.gateway.read(audit_trail)).plan_note()
+        return plan.model_copy(update={"preflight": tried, "audit": audit})
+
+    async def _refused(
+        self, remedy: Remedy, args: list[str], plan: Plan, user_id: str, channel_id: str
+    ) -> None:
+        """The database refused the tried change: no approval, the requester is told why."""
+        tried = plan.preflight
+        assert tried is not None
+        command = " ".join([remedy.name, *args])
+        await self.store.audit(
+            "approval.refused_by_database",
+            actor_id=user_id,
+            channel_id=channel_id,
+            detail={
+                "remedy": remedy.name,
+                "args": args,
+                "count": plan.count,
+                "tried": tried.tried,
+                "guard": tried.guard,
+                "error": tried.error,
+                "identity": tried.identity,
+            },
+        )
+        await self.notifier.tell(
+            channel_id,
+            user_id,
+            f"`/db {render.esc(command)}`: no approval was opened, because "
+            f"{render.esc(tried.describe())}. It was tried before approval "
+            f"({render.esc(tried.identity)}) and nothing was changed.",
+            None,
+        )
 
     async def _nothing_to_do(
         self, remedy: Remedy, args: list[str], plan: Plan, user_id: str, channel_id: str
@@ -275,6 +330,7 @@ class ApprovalEngine:
             decided_at=decided_at,
             changed_at=approval.updated_at if approval.state != "pending" else None,
             destroys_data=bool(remedy and remedy.destroys_data),
+            not_tried=remedy.not_tried if remedy and not remedy.preflight else "",
         )
 
     async def _update(
@@ -485,9 +541,30 @@ class ApprovalEngine:
             self.ctx.gateway,
             self.ctx.service_identity,
         )
-        state, outcome = await self.executor.apply(remedy, plan, claimed.id, identity)
+        applied, outcome = await self.executor.apply(remedy, plan, claimed.id, identity)
+        state, outcome = await self._decided(claimed, actor_id, applied, outcome)
         await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
         return state, outcome
+
+    async def _decided(
+        self, claimed: Approval, actor_id: str, state: ApplyState, outcome: Outcome
+    ) -> tuple[FinalState, Outcome]:
+        """An execution whose COMMIT nobody can vouch for (the connection was lost during
+        it) is decided by the remedy's verification, as an interrupted one is (rule 9)."""
+        if state != "unknown":
+            return state, outcome
+        verdict = await self._verify(claimed, actor_id)
+        landed = verdict is not None and verdict.landed
+        found = f"verification found {verdict.found}" if verdict else "verification could not run"
+        # "unknown: the connection was lost during COMMIT; verification found … (acted as …)"
+        summary = outcome.summary.replace(UNKNOWN_COMMIT, f"{UNKNOWN_COMMIT}; {found}", 1)
+        return ("done" if landed else "failed"), outcome.model_copy(
+            update={
+                "ok": landed,
+                "summary": summary,
+                "error": None if landed else outcome.error or "connection lost during COMMIT",
+            }
+        )
 
     async def _interrupted(
         self, claimed: Approval, actor_id: str, approvers: list[str], why: str

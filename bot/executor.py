@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,11 +33,18 @@ from bot.gateway import first_line, normalise_scheme
 from bot.settings import Settings
 from commands.audit_trail import AuditRecorder, audit_trail
 from commands.base import APPLICATION_NAME, BACKUP_SCHEMA, LeapsIdentity, Reader, Row, shown_queries
-from commands.guards import USER_ID_SETTING, USER_ROLE_SETTING, name_refusal
+from commands.guards import (
+    USER_ID_SETTING,
+    USER_ROLE_SETTING,
+    mask_personal,
+    name_refusal,
+    triggers_calling_out,
+)
 from commands.remedies.base import (
     Outcome,
     OutsideStepFailed,
     Plan,
+    Preflight,
     Query,
     Remedy,
     RemedyAbort,
@@ -43,6 +52,12 @@ from commands.remedies.base import (
 )
 
 log = logging.getLogger(__name__)
+
+# The end of an execution: "unknown" when the connection was lost during COMMIT, so
+# nobody can say whether it committed; the engine asks the remedy's verification.
+ApplyState = Literal["done", "failed", "aborted", "unknown"]
+UNKNOWN_COMMIT = "unknown: the connection was lost during COMMIT"
+PREFLIGHT_PREFIX = "preflight-"
 
 
 class Aborted(Exception):
@@ -165,11 +180,17 @@ class Executor:
         statement_timeout_ms: int = 60_000,
         lock_timeout_ms: int = 2_000,
         show_query_literals: bool = False,
+        preflight_statement_timeout_ms: int = 5_000,
+        preflight_lock_timeout_ms: int = 1_000,
     ) -> None:
         self._dsn = normalise_scheme(dsn)
         self.show_query_literals = show_query_literals
         self.statement_timeout_ms = statement_timeout_ms
         self.lock_timeout_ms = lock_timeout_ms
+        # The preflight is a short unapproved write on production: the diagnostics'
+        # per-check statement timeout and short lock timeout, never a remedy's.
+        self.preflight_statement_timeout_ms = preflight_statement_timeout_ms
+        self.preflight_lock_timeout_ms = preflight_lock_timeout_ms
 
     @property
     def timeouts(self) -> str:
@@ -194,12 +215,14 @@ class Executor:
         plan: Plan,
         approval_id: str,
         identity: LeapsIdentity | None = None,
-    ) -> tuple[Literal["done", "failed", "aborted"], Outcome]:
-        """Returns the final state (done | aborted | failed) and the outcome.
+    ) -> tuple[ApplyState, Outcome]:
+        """Returns the final state (done | aborted | failed | unknown) and the outcome.
 
         `identity` is who the remedy acts as in LEAPS: set as `app.user_id` and
         `app.user_role` for this transaction only, as the application does, and named in
         the outcome. Never a trigger disabled: a guard's refusal rolls back and is shown.
+        "unknown": the connection was lost during COMMIT; the caller decides it with the
+        remedy's verification, never by guessing.
         """
         state, outcome = await self._apply(remedy, plan, approval_id, identity)
         acted = f"acted as {identity.describe()}" if identity else "acted as no LEAPS user"
@@ -211,7 +234,8 @@ class Executor:
         plan: Plan,
         approval_id: str,
         identity: LeapsIdentity | None,
-    ) -> tuple[Literal["done", "failed", "aborted"], Outcome]:
+    ) -> tuple[ApplyState, Outcome]:
+        committing = False
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._dsn, application_name=APPLICATION_NAME, connect_timeout=5
@@ -254,6 +278,7 @@ class Executor:
                             "with app.user_id)"
                         }
                     )
+                committing = True  # leaving the block commits (deferred triggers run now)
             return "done", outcome
         except Aborted as exc:
             return exc.state, exc.outcome
@@ -277,6 +302,18 @@ class Executor:
             error = first_line(exc)
             diag = getattr(exc, "diag", None)
             sqlstate = getattr(diag, "sqlstate", None) if diag is not None else None
+            if committing and _connection_lost(conn, sqlstate):
+                log.warning(
+                    "remedy %s (%s): connection lost during COMMIT: %s",
+                    remedy.name,
+                    approval_id,
+                    error,
+                )
+                return "unknown", Outcome(
+                    ok=False,
+                    summary=UNKNOWN_COMMIT,
+                    error=f"{sqlstate}: {error}" if sqlstate else error,
+                )
             guard = await _guard_of(conn, diag)
             log.warning("remedy %s (%s) failed: %s (%s)", remedy.name, approval_id, error, guard)
             return "failed", Outcome(
@@ -288,6 +325,138 @@ class Executor:
             )
         finally:
             await conn.close()
+
+    async def preflight(
+        self,
+        remedy: Remedy,
+        plan: Plan,
+        identity: LeapsIdentity | None,
+        *,
+        max_rows: int,
+        role: str | None = None,
+    ) -> Preflight:
+        """Try the remedy's apply now, before anyone approves it, and roll it back
+        whatever happened (DESIGN.md rule 10): what the database says of the change.
+
+        A plan bigger than `max_rows` is tried on `remedy.sample(plan, max_rows)` when the
+        remedy has a sampler. The try runs as `_apply` does (audit path, writer, backup
+        tables and advisory lock under a throwaway approval id), with the diagnostics'
+        short lock and statement timeouts: it never waits for a lock. `identity` is who
+        it acts as (`app.user_role` its role); with None, only `app.user_role` = `role`
+        is set. Never raises for the database's answer.
+        """
+        tried = plan
+        if remedy.sample is not None and plan.count > max_rows:
+            tried = remedy.sample(plan, max_rows)
+        user_role = identity.role if identity else role
+        who = (
+            f"app.user_role {user_role}, reviewer {identity.user_id} ({identity.via})"
+            if identity
+            else f"app.user_role {user_role or 'not set'}, no LEAPS account"
+        )
+        base = Preflight(status="inconclusive", planned=plan.count, tried=tried.count, identity=who)
+        approval_id = f"{PREFLIGHT_PREFIX}{uuid.uuid4().hex}"
+        started = time.perf_counter()
+
+        def ms() -> float:
+            return (time.perf_counter() - started) * 1000
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, application_name=APPLICATION_NAME, connect_timeout=5
+            )
+        except psycopg.Error as exc:
+            return base.model_copy(
+                update={"reason": f"could not connect: {mask_personal(first_line(exc))}"}
+            )
+        affected = 0
+        outcome: Outcome | None = None
+        callouts: list[str] = []
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('statement_timeout', %s, true),"
+                    " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
+                    (
+                        str(self.preflight_statement_timeout_ms),
+                        str(self.preflight_lock_timeout_ms),
+                        execution_lock_key(approval_id),
+                    ),
+                )
+                recorder = AuditRecorder(await audit_trail(_TxWriter(conn, approval_id)), identity)
+                if identity is not None:
+                    await conn.execute(*_identity_settings(identity, recorder, local=True))
+                elif user_role:
+                    await conn.execute(
+                        "SELECT set_config(%s, %s, true)", (USER_ROLE_SETTING, user_role)
+                    )
+                writer = _TriedWriter(conn, approval_id, identity, None, recorder)
+                outcome = await remedy.apply(writer, tried)
+                affected = outcome.affected
+                # Before the rollback: what a rollback cannot take back.
+                callouts = await triggers_calling_out(writer)
+                raise psycopg.Rollback()
+        except OutsideStepFailed as exc:
+            return base.model_copy(update={"reason": exc.outcome.summary, "ms": ms()})
+        except RemedyAbort as exc:
+            return base.model_copy(update={"reason": str(exc), "ms": ms()})
+        except psycopg.errors.LockNotAvailable:
+            holders = await self._lock_holders(plan)
+            held = (
+                " (held by "
+                + ", ".join(f"pid {h['pid']} ({h['app'] or h['user']})" for h in holders)
+                + ")"
+                if holders
+                else ""
+            )
+            reason = (
+                f"a lock was held{held}; the try gave up after its "
+                f"{self.preflight_lock_timeout_ms} ms lock_timeout rather than wait"
+            )
+            return base.model_copy(update={"reason": reason, "ms": ms()})
+        except psycopg.errors.QueryCanceled:
+            reason = (
+                f"the try ran past its {self.preflight_statement_timeout_ms} ms statement_timeout"
+            )
+            return base.model_copy(update={"reason": reason, "ms": ms()})
+        except psycopg.Error as exc:
+            diag = getattr(exc, "diag", None)
+            sqlstate = getattr(diag, "sqlstate", None) if diag is not None else None
+            error = mask_personal(first_line(exc))
+            if _not_an_answer(conn, sqlstate):
+                reason = f"the try could not finish: {error}"
+                return base.model_copy(update={"reason": reason, "ms": ms()})
+            detail = getattr(diag, "message_detail", None) if diag is not None else None
+            if detail:
+                error = f"{error} ({mask_personal(first_line(detail))})"
+            guard = await _guard_of(conn, diag)
+            return base.model_copy(
+                update={
+                    "status": "refused",
+                    "guard": guard,
+                    "error": f"{sqlstate}: {error}" if sqlstate else error,
+                    "ms": ms(),
+                }
+            )
+        finally:
+            await conn.close()
+        elapsed = ms()
+        if callouts:
+            reason = (
+                "a trigger on a table it changed calls out of the database, which a "
+                "rollback cannot take back: " + "; ".join(callouts)
+            )
+            return base.model_copy(update={"reason": reason, "affected": affected, "ms": elapsed})
+        if outcome is None or not outcome.ok:
+            said = outcome.summary if outcome is not None else "no outcome"
+            return base.model_copy(
+                update={
+                    "reason": f"the remedy's own check failed: {mask_personal(said)}",
+                    "affected": affected,
+                    "ms": elapsed,
+                }
+            )
+        return base.model_copy(update={"status": "accepted", "affected": affected, "ms": elapsed})
 
     async def _lock_holders(self, plan: Plan) -> list[Row]:
         """Who holds or queues for the locks the remedy waited for (`plan.locks`)."""
@@ -378,6 +547,36 @@ async def _guard_of(conn: psycopg.AsyncConnection[Any], diag: Any) -> str | None
         return None
 
 
+def _connection_lost(conn: psycopg.AsyncConnection[Any], sqlstate: str | None) -> bool:
+    """The server's answer did not arrive: the connection broke or was closed by an
+    administrator or a shutdown (57P01-57P03), or a connection exception (08)."""
+    if conn.broken or conn.closed or sqlstate is None:
+        return True
+    return sqlstate.startswith(("08", "57P"))
+
+
+def _not_an_answer(conn: psycopg.AsyncConnection[Any], sqlstate: str | None) -> bool:
+    """An error that says nothing of whether the database accepts the change: a lost
+    connection, a deadlock or serialization failure (class 40), resources (53),
+    operator intervention (57), a system error (58)."""
+    if _connection_lost(conn, sqlstate):
+        return True
+    return (sqlstate or "")[:2] in ("40", "53", "57", "58")
+
+
+class _TriedWriter(_TxWriter):
+    """The writer of a preflight: a step outside the transaction would commit by itself,
+    so the try stops there (inconclusive) instead of running it."""
+
+    async def run_outside_transaction(
+        self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> None:
+        raise RemedyAbort(
+            "the remedy runs a step outside its transaction, which a rollback cannot "
+            "undo, so the try stopped before it"
+        )
+
+
 def executor_from_settings(settings: Settings) -> Executor:
     """Remedies run on ADMIN_DATABASE_URL when set, else on DATABASE_URL."""
     settings.require("database_url")
@@ -386,4 +585,6 @@ def executor_from_settings(settings: Settings) -> Executor:
         statement_timeout_ms=settings.remedy_statement_timeout_ms,
         lock_timeout_ms=settings.remedy_lock_timeout_ms,
         show_query_literals=settings.thresholds.show_query_literals,
+        preflight_statement_timeout_ms=settings.check_timeout_ms,
+        preflight_lock_timeout_ms=settings.lock_timeout_ms,
     )

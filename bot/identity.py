@@ -1,4 +1,5 @@
-"""Who an approved remedy acts as in LEAPS (DESIGN.md approval rule 8).
+"""Who an approved remedy acts as in LEAPS (DESIGN.md approval rule 8), and who its
+preflight acts as before anyone approved it (rule 10).
 
 Production's guard triggers read `app.user_id` / `app.user_role` and refuse status
 changes without a staff role, so a remedy acts as a person the application would let do
@@ -15,7 +16,7 @@ from functools import partial
 
 from bot.authz import RoleResolver
 from commands.base import Gateway, LeapsIdentity
-from commands.guards import STAFF_ROLES
+from commands.guards import STAFF_ROLES, account_holding
 from commands.roles import identity_for_email
 
 log = logging.getLogger(__name__)
@@ -48,3 +49,35 @@ async def acting_identity(
             return found
         unprivileged = unprivileged or found
     return service or unprivileged
+
+
+async def preflight_identity(
+    requester: str, role: str, roles: RoleResolver, gateway: Gateway
+) -> LeapsIdentity | None:
+    """Who a preflight acts as: `app.user_role` the approver role `role` (the try asks
+    what the approvers could do), and as the reviewer the requester's LEAPS account when
+    it holds a staff role, else one LEAPS account holding `role`, picked read-only. So a
+    REVIEWER can request what an ADMIN approves. None when no account can be named (the
+    try then sets `app.user_role` alone)."""
+    email = await roles.email_of(requester) if requester != BOT_ACTOR else None
+    if email:
+        try:
+            found = await gateway.read(partial(identity_for_email, email))
+        except Exception as exc:  # the target may be the thing that is sick
+            log.warning("LEAPS identity lookup for %s failed: %s", requester, exc)
+            found = None
+        if found is not None and found.role in STAFF_ROLES:
+            return LeapsIdentity(
+                found.user_id,
+                role,
+                f"the requester <@{requester}>'s own LEAPS account, a {found.role}",
+            )
+    picked = await gateway.read(partial(account_holding, role=role))
+    if picked is None:
+        return None
+    return LeapsIdentity(
+        picked,
+        role,
+        f"picked read-only as one LEAPS account holding {role}: the requester has no "
+        "LEAPS account with a staff role",
+    )

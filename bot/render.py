@@ -333,8 +333,10 @@ CONSOLE_STATE_LINE = {
 }
 
 
-def plan_text(plan: Plan, limits: str = "", m: Markup = MRKDWN) -> str:
-    """The plan as an engineer reviews it: what, how many, the exact SQL, backup, limits."""
+def plan_text(plan: Plan, limits: str = "", m: Markup = MRKDWN, not_tried: str = "") -> str:
+    """The plan as an engineer reviews it: what, how many, the exact SQL, backup, limits,
+    what the database said when the change was tried and rolled back (or why it was not
+    tried: `not_tried`), and who writes LEAPS's audit rows."""
     lines = [
         m.b(m.v(plan.title)),
         m.v(plan.summary),
@@ -345,6 +347,18 @@ def plan_text(plan: Plan, limits: str = "", m: Markup = MRKDWN) -> str:
     lines.append(f"backup: {m.v(plan.backup or 'nothing is deleted or overwritten')}")
     if limits or plan.limits:
         lines.append(f"limits: {m.v(limits or plan.limits)}")  # the executor's includes the plan's
+    if plan.preflight is not None:
+        tried = plan.preflight
+        icon = ""
+        if m.slack:
+            icon = ":white_check_mark: " if tried.status == "accepted" else ":warning: "
+        lines.append(f"{icon}tried before approval: {m.v(tried.describe())}")
+        if tried.identity:
+            lines.append(f"tried as: {m.v(tried.identity)}")
+    elif not_tried:
+        lines.append(f"not tried before approval: {m.v(not_tried)}")
+    if plan.audit:
+        lines.append(f"audit: {m.v(plan.audit)}")
     lines += [f"{':warning: ' if m.slack else 'warning: '}{m.v(w)}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -374,11 +388,13 @@ def approval_message(
     decided_at: Mapping[str, datetime] | None = None,
     changed_at: datetime | None = None,
     destroys_data: bool = False,
+    not_tried: str = "",
 ) -> SlackMessage:
     """The plan message of an approval thread, rendered anew on every change of state.
 
     `decided_at` gives each approver's time, `changed_at` the time the approval reached a
-    state other than pending; `destroys_data` puts a confirmation dialog on Approve.
+    state other than pending; `destroys_data` puts a confirmation dialog on Approve;
+    `not_tried` says why a remedy never preflighted was not tried before approval.
     """
     times = decided_at or {}
 
@@ -413,7 +429,10 @@ def approval_message(
             if outcome.offers:
                 status += "\nnext: " + ", ".join(m.code(m.v(f"/db {o}")) for o in outcome.offers)
         room = MAX_SECTION_CHARS - 6
-        texts = [cut(status, MAX_SECTION_CHARS), cut(plan_text(plan, limits, m), MAX_SECTION_CHARS)]
+        texts = [
+            cut(status, MAX_SECTION_CHARS),
+            cut(plan_text(plan, limits, m, not_tried), MAX_SECTION_CHARS),
+        ]
         if plan.targets:
             texts.append(m.pre(cut(m.v(rows_table(plan.targets, 15)), room)))
         texts.append(m.pre(cut(m.v(steps_text(plan)), room)))

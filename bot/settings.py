@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     allow_superuser_kill: bool = False
     remedy_statement_timeout_ms: int = Field(default=60_000, ge=100)
     remedy_lock_timeout_ms: int = Field(default=2_000, ge=10)
+    # Before an approval opens, a row-writing remedy is tried and rolled back (DESIGN.md
+    # rule 10), with CHECK_TIMEOUT_MS / LOCK_TIMEOUT_MS; a bigger change is tried on a
+    # sample of this many of its rows.
+    preflight_max_rows: int = Field(default=1000, ge=1)
     # Who a remedy acts as in LEAPS when the approver has no LEAPS account with a staff
     # role (matched by Slack e-mail): a LEAPS users.id, and the app.user_role it sets.
     remedy_service_user_id: str | None = None

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 
-from commands.base import Context, LeapsIdentity, Reader
+from commands.base import ELIDED, Context, LeapsIdentity, Reader, redact_literals
 
 STAFF_ROLES = ("REVIEWER", "ADMIN", "SUPERADMIN")  # may change a submission's status
 USER_ROLE_SETTING = "app.user_role"
@@ -92,10 +92,16 @@ async def guards_on(db: Reader, tables: list[str], event: str) -> list[Guard]:
 
 
 def guard_note(guards: list[Guard], event: str) -> str | None:
-    """One plan line naming the triggers the change meets, or None when there are none."""
+    """One plan line naming the triggers the change will meet, or None when there are none.
+
+    Read from the catalog only, so it claims no acceptance: whether they accept the change
+    is the preflight's answer (DESIGN.md rule 10), shown on its own line of the plan.
+    """
     if not guards:
         return None
-    return f"the {event} meets production's triggers: " + "; ".join(g.describe() for g in guards)
+    return f"the {event} will meet these triggers (tried below before approval): " + "; ".join(
+        g.describe() for g in guards
+    )
 
 
 async def name_refusal(
@@ -174,3 +180,73 @@ async def triggers_reading(db: Reader, table: str, event: str, text: str) -> lis
     `text` (a payload key, a setting): how a plan learns that a guard is live."""
     rows = await db.fetch(_TRIGGERS_READING_SQL, (table, _EVENT_BITS[event], text))
     return [str(r["trigger"]) for r in rows]
+
+
+# --- the preflight (DESIGN.md rule 10) ----------------------------------------------
+
+# Personal data in a database message: e-mails anywhere, the values of a `Key (...)=(...)`
+# detail (unique and foreign key violations) and of a `Failing row contains (...)` one.
+_EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_KEY_VALUES = re.compile(r"(Key \([^)]*\)=)\((?:[^()]|\([^()]*\))*\)")
+_FAILING_ROW = re.compile(r"(Failing row contains )\(.*\)", re.DOTALL)
+
+
+def mask_personal(text: str) -> str:
+    """A database message as a plan may show it: e-mails and the values of key and
+    failing-row details shown as '…'. (A message is prose, not SQL: `redact_literals`
+    would read an apostrophe as an opening quote and hide the rest.)"""
+    text = _KEY_VALUES.sub(lambda m: f"{m.group(1)}({ELIDED})", text)
+    text = _FAILING_ROW.sub(lambda m: f"{m.group(1)}({ELIDED})", text)
+    return _EMAIL.sub(ELIDED, text)
+
+
+# The tables this transaction inserted, updated or deleted rows of (pg_stat_xact_* counts
+# the current transaction, rolled back or not), and the enabled triggers on them whose
+# function's source mentions a way out of the database.
+_CHANGED_TABLE_TRIGGERS_SQL = """
+SELECT c.relname::text AS "table", t.tgname::text AS trigger, p.proname::text AS function,
+       p.prosrc AS source
+FROM pg_stat_xact_user_tables AS s
+JOIN pg_class AS c ON c.oid = s.relid
+JOIN pg_trigger AS t ON t.tgrelid = s.relid
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE s.n_tup_ins + s.n_tup_upd + s.n_tup_del > 0
+  AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+  AND p.prosrc ~* '(dblink|http|pg_net|net\\.)'
+ORDER BY c.relname, t.tgname
+"""
+# Calls that leave the database: dblink's, the http extension's, pg_net's (net.http_*).
+_CALL_OUT = re.compile(r"\b(dblink\w*|http(?:_\w+)?|net\.http_\w+)\s*\(", re.IGNORECASE)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+def calls_out(source: str) -> str | None:
+    """The first call out of the database in a function's source (string literals and
+    comments aside: "must be http(s)" in a message is no call), or None."""
+    code = _COMMENTS.sub(" ", redact_literals(source))
+    found = _CALL_OUT.search(code)
+    return found.group(1) if found else None
+
+
+async def triggers_calling_out(db: Reader) -> list[str]:
+    """Triggers on the tables the current transaction changed whose function calls out
+    of the database (dblink, http, pg_net): what a rollback cannot take back, so a try
+    that met one is inconclusive. Run inside the transaction, before it ends."""
+    found = []
+    for r in await db.fetch(_CHANGED_TABLE_TRIGGERS_SQL):
+        call = calls_out(str(r["source"]))
+        if call:
+            found.append(f"{r['trigger']} on {r['table']} ({r['function']}() calls {call})")
+    return found
+
+
+_ACCOUNT_OF_ROLE_SQL = """
+SELECT id FROM users WHERE role::text = %s ORDER BY created_at, id LIMIT 1
+"""
+
+
+async def account_holding(db: Reader, role: str) -> str | None:
+    """One LEAPS account holding `role` (the oldest), read-only: whom a preflight names
+    as reviewer when the requester has no staff account of their own."""
+    rows = await db.fetch(_ACCOUNT_OF_ROLE_SQL, (role,))
+    return str(rows[0]["id"]) if rows else None

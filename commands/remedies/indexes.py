@@ -557,6 +557,12 @@ async def verify_drop_index(db: Reader, plan: Plan, run: Execution) -> Verificat
     )
 
 
+# Rule 10: never tried before approval: CONCURRENTLY runs outside any transaction.
+_INDEX_NOT_TRIED = (
+    "an index {verb} that runs CONCURRENTLY cannot run inside a transaction, so no ROLLBACK "
+    "could undo a try. The plan checked instead the live catalog: {checked}"
+)
+
 CREATE_INDEX = add_remedy(
     Remedy(
         name=CREATE_INDEX_NAME,
@@ -568,6 +574,11 @@ CREATE_INDEX = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
+        not_tried=_INDEX_NOT_TRIED.format(
+            verb="build",
+            checked="the table and columns exist, no valid index already serves them, the "
+            "table's size, and the open transactions the build would wait for",
+        ),
     )
 )
 DROP_INDEX = add_remedy(
@@ -581,5 +592,10 @@ DROP_INDEX = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
+        not_tried=_INDEX_NOT_TRIED.format(
+            verb="drop",
+            checked="the index is an exact duplicate of another valid index, which stays, and "
+            "is not one the bot protects; its definition is kept to recreate it",
+        ),
     )
 )

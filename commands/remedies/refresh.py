@@ -273,5 +273,12 @@ REFRESH_VIEWS = add_remedy(
         approvers=1,
         started=journal_started,
         finished=journal_finished,
+        # Rule 10: a trial refresh would hold the very locks the plan must weigh (a plain
+        # refresh's ACCESS EXCLUSIVE stops every reader), and would do the whole work.
+        not_tried="a trial REFRESH would take the view's locks (a plain one its ACCESS "
+        "EXCLUSIVE lock) and do the whole work only to roll it back, and CONCURRENTLY cannot "
+        "run in a transaction. The plan checked instead each view's refresh mode from the "
+        "catalog (a unique index for CONCURRENTLY, populated or not) and the sessions it "
+        "would wait for",
     )
 )

@@ -581,6 +581,15 @@ async def verify_cancel(db: Reader, plan: Plan, run: Execution) -> Verification:
     return Verification(landed=True, found=f"pid {pid} no longer runs the planned statement")
 
 
+# Rule 10: never tried before approval, since a signal sent cannot be rolled back.
+_SIGNAL_NOT_TRIED = (
+    "a signal to a backend is not transactional: ROLLBACK cannot bring back a session or "
+    "statement it ended. The plan checked instead the exact sessions (pid and backend "
+    "start, state and times, role; never the bot's own, server processes or, unless "
+    "allowed, superusers), and apply re-checks each condition in the statement that "
+    "signals"
+)
+
 KILL_IDLE = add_remedy(
     Remedy(
         name="kill-idle",
@@ -592,6 +601,7 @@ KILL_IDLE = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
+        not_tried=_SIGNAL_NOT_TRIED,
     )
 )
 TERMINATE = add_remedy(
@@ -605,6 +615,7 @@ TERMINATE = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
+        not_tried=_SIGNAL_NOT_TRIED,
     )
 )
 CANCEL = add_remedy(
@@ -618,5 +629,6 @@ CANCEL = add_remedy(
         role="REVIEWER",
         approver_role="REVIEWER",
         approvers=1,
+        not_tried=_SIGNAL_NOT_TRIED,
     )
 )
