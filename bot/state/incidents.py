@@ -3,8 +3,10 @@
 Every replica reads and writes the same rows, so nothing about an incident lives in a
 process: a restart, or a click served by another replica, sees the same clocks and
 timeline. The races are settled by the database, as for approvals: one active incident
-per channel is a partial unique index; a reminder is sent by whoever inserts its row;
-a header edit by whoever moves its digest; the first response or communication is a
+per channel is a partial unique index; a reminder (or a template post) is sent by whoever
+claims its row, and counts as sent only once Slack answered ok (`sent_at`): a failed
+attempt frees the claim, a dead process's claim expires, and the next tick sends it; a
+header edit by whoever moves its digest; the first response or communication is a
 conditional `UPDATE ... WHERE responded_at IS NULL`.
 """
 
