@@ -203,13 +203,14 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
                 "leaderboard_totals, failed migration, disabled quota trigger …\n\n"
             )
             out.flush()
+            # `users` is read now: the blocking chain below queues every reader of it
+            service = await demo_service_user(dsn) if keep else ""
             await faults.inject_demo_faults()
             await asyncio.sleep(SETTLE_S)
             report = await demo_report(dsn, settings)
             out.write(render.to_text(report))
             if keep:
                 leaked = await leak_idle_sessions(dsn, 3)
-                service = await demo_service_user(dsn)
                 out.write(keep_instructions(dsn, pg.data_dir.parent, service))
                 out.flush()
                 try:

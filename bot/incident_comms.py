@@ -20,7 +20,6 @@ from typing import Any, Protocol, TextIO
 
 from jinja2 import TemplateError
 from slack_bolt.async_app import AsyncAck, AsyncApp
-from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import incident_templates as templates
@@ -34,6 +33,7 @@ from bot.incident_facts import (
 )
 from bot.incident_summary import summary_markdown, summary_message
 from bot.incidents import IncidentService, Reply
+from bot.notify import SLACK_FAILURES
 from bot.render import SlackMessage, esc, unesc
 from bot.state import Incident
 from bot.tasks import TaskTracker
@@ -134,6 +134,7 @@ class IncidentComms:
         self.authorize = authorize
         incidents.comms = self.handle
         incidents.on_resolved.append(self.post_summary)
+        incidents.retries.append(self.retry_unsent)
 
     async def facts(self, incident: Incident) -> Facts:
         store = self.incidents.store
@@ -218,17 +219,52 @@ class IncidentComms:
         except TemplateError as exc:
             return f"Not posted: `{name}` cannot be rendered: {esc(exc)}."
         milestone, epoch = post_key(kind, preview_ts, target)
+        payload = {
+            "audience": kind,
+            "channel": target,
+            "preview_ts": preview_ts,
+            "user": user_id,
+            "told": channel_id,
+        }
         claimed = await store.claim_reminder(
-            incident.id, milestone, epoch, at=self.incidents.now(), claimer=self.incidents.claimer
+            incident.id,
+            milestone,
+            epoch,
+            at=self.incidents.now(),
+            claimer=self.incidents.claimer,
+            payload=payload,
         )
         if not claimed:
             return f"This preview was already posted to <#{target}>."
+        label = AUDIENCES[kind]
+        if not await self._send(incident, kind, text, milestone, epoch, payload):
+            return (
+                f"Slack did not take the post to <#{target}> yet; "
+                f"the bot posts the {label} at its next check."
+            )
+        return f"The {label} was posted to <#{target}>."
+
+    async def _send(
+        self,
+        incident: Incident,
+        kind: Audience,
+        text: str,
+        milestone: str,
+        epoch: int,
+        payload: dict[str, Any],
+    ) -> bool:
+        """Post a claimed template; only once Slack answered ok is it marked sent and
+        recorded. Any failure (refused, timed out, connection dropped) frees the claim
+        for the next tick (`retry_unsent`)."""
+        store = self.incidents.store
+        target, user_id, preview_ts = payload["channel"], payload["user"], payload["preview_ts"]
         try:
             ts = await self.publisher.post(target, templates.message(kind, text))
-        except SlackClientError:
+        except SLACK_FAILURES:
             await store.release_reminder(incident.id, milestone, epoch)
-            log.exception("could not post the %s template to %s", kind, target)
-            return f"Slack refused the post to <#{target}>; nothing was posted. Try again."
+            log.exception("could not post the %s template to %s; retried next tick", kind, target)
+            return False
+        await store.mark_reminder_sent(incident.id, milestone, epoch, at=self.incidents.now())
         label = AUDIENCES[kind]
         detail = {"template": kind, "channel": target, "ts": ts, "preview_ts": preview_ts}
         said = f"posted the {label} to <#{target}>"
@@ -247,9 +283,59 @@ class IncidentComms:
         try:  # the team sees it in the thread, not only the clicker
             note = SlackMessage(text=f"{who(user_id)} {said}.", blocks=[])
             await self.publisher.post(incident.channel_id, note, thread_ts=incident.header_ts)
-        except SlackClientError:
+        except SLACK_FAILURES:
             log.exception("could not note the post of the %s template", kind)
-        return f"The {label} was posted to <#{target}>."
+        return True
+
+    async def retry_unsent(self) -> int:
+        """Every tick: template posts Slack did not answer ok are posted again (rendered
+        again: the figures of the moment it goes out), each once across replicas."""
+        store = self.incidents.store
+        sent = 0
+        for unsent in await store.unsent_posts(self.incidents.now()):
+            audience = str(unsent.payload.get("audience", ""))
+            if not unsent.milestone.startswith("tpl-") or audience not in templates.TEMPLATE_FILES:
+                continue
+            claimed = await store.claim_reminder(
+                unsent.incident_id,
+                unsent.milestone,
+                unsent.epoch,
+                at=self.incidents.now(),
+                claimer=self.incidents.claimer,
+                payload=unsent.payload,
+            )
+            incident = await store.get(unsent.incident_id) if claimed else None
+            if incident is None:
+                continue
+            kind: Audience = "user" if audience == "user" else "tech"
+            target, user = str(unsent.payload["channel"]), str(unsent.payload["user"])
+            try:
+                text = await self.render(incident, kind)
+            except (templates.MissingValue, TemplateError) as exc:
+                await store.forget_reminder(unsent.incident_id, unsent.milestone, unsent.epoch)
+                await self._tell(
+                    str(unsent.payload.get("told") or incident.channel_id),
+                    user,
+                    f"The {AUDIENCES[kind]} for <#{target}> no longer renders "
+                    f"({esc(exc)}); it was not posted.",
+                )
+                continue
+            if await self._send(
+                incident, kind, text, unsent.milestone, unsent.epoch, unsent.payload
+            ):
+                sent += 1
+                await self._tell(
+                    str(unsent.payload.get("told") or incident.channel_id),
+                    user,
+                    f"The {AUDIENCES[kind]} was posted to <#{target}>.",
+                )
+        return sent
+
+    async def _tell(self, channel_id: str, user_id: str, text: str) -> None:
+        try:
+            await self.publisher.tell(channel_id, user_id, text)
+        except SLACK_FAILURES:
+            log.exception("could not tell %s: %s", user_id, text)
 
     def register(self, app: AsyncApp, tracker: TaskTracker) -> None:
         """This feature's own listeners: the picker (acknowledged, read at the click) and
@@ -295,10 +381,7 @@ class IncidentComms:
         except Exception:
             log.exception("posting a template for %s failed", user_id)
             said = "Something went wrong posting that template; nothing was recorded."
-        try:
-            await self.publisher.tell(channel_id, user_id, said)
-        except SlackClientError:
-            log.exception("could not tell %s: %s", user_id, said)
+        await self._tell(channel_id, user_id, said)
 
 
 async def record_verification(

@@ -17,12 +17,12 @@ Entry points for the other parts of the bot:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TextIO
 
-from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.approvals import process_id
@@ -34,8 +34,10 @@ from bot.incident_views import (
     home_view,
     timeline_message,
 )
-from bot.render import SlackMessage
+from bot.notify import SLACK_FAILURES
+from bot.render import SlackMessage, esc
 from bot.state import Incident, IncidentExists, IncidentStore
+from bot.state.incidents import WATCHDOG
 from bot.state.models import DetectedBy
 from commands.base import Report
 from commands.incident import (
@@ -178,11 +180,13 @@ def _note(text: str, public: bool = False) -> Reply:
 
 
 Resolved = Callable[[Incident], Awaitable[None]]
+# Run by every tick: posts to retry (template posts Slack did not answer ok); returns how many.
+Retry = Callable[[], Awaitable[int]]
 # `template` and `summary` (bot.incident_comms): (request, incident, user) -> reply.
 Comms = Callable[[Template | Summary, Incident, str], Awaitable[Reply]]
 
 
-def _reason(exc: SlackClientError) -> str:
+def _reason(exc: Exception) -> str:
     if isinstance(exc, SlackApiError):
         return str(exc.response.get("error", exc.response.status_code))
     return type(exc).__name__
@@ -195,10 +199,15 @@ class IncidentService:
         slack: IncidentSlack,
         targets: SlaTargets,
         clock: Clock | None = None,
+        oncall_groups: Sequence[str] = (),
     ) -> None:
         self.store = store
         self.slack = slack
         self.targets = targets
+        # Slack user groups (ROLE_GROUPS) a reminder of an incident the watchdog opened
+        # mentions: its commander is the watchdog, which no one reads as "me".
+        self.oncall_groups = list(oncall_groups)
+        self.retries: list[Retry] = []
         if clock is not None:
             self.store.clock = clock
         self.claimer = process_id()
@@ -269,7 +278,7 @@ class IncidentService:
         if request.new_channel:
             try:
                 target = await self._new_channel(request.title, now, user_id)
-            except SlackClientError as exc:
+            except SLACK_FAILURES as exc:
                 log.warning("conversations.create failed: %s", exc)
                 return _note(
                     f"Slack would not create the incident channel ({_reason(exc)}); "
@@ -317,7 +326,7 @@ class IncidentService:
             if created is not None:
                 try:
                     await self.slack.invite(created, user_id)
-                except SlackClientError:
+                except SLACK_FAILURES:
                     log.exception("could not invite %s to %s", user_id, created)
                 return created
         return None
@@ -330,21 +339,21 @@ class IncidentService:
         message = header_message(incident, self.targets, self.now())
         try:
             ts = await self.slack.post(incident.channel_id, message)
-        except SlackClientError:
+        except SLACK_FAILURES:
             log.exception("could not post the header of incident %s", incident.id)
             await self.store.claim_header_edit(incident.id, old=POSTING, new=None)  # retry
             return False
         await self.store.set_header(incident.id, header_ts=ts, digest=digest(message))
         try:
             await self.slack.pin(incident.channel_id, ts)
-        except SlackClientError:
+        except SLACK_FAILURES:
             log.exception("could not pin the header of incident %s", incident.id)
         return True
 
     async def _post(self, channel: str, text: str) -> bool:
         try:
             await self.slack.post(channel, SlackMessage(text=text, blocks=[]))
-        except SlackClientError:
+        except SLACK_FAILURES:
             log.exception("could not post to %s: %s", channel, text)
             return False
         return True
@@ -549,7 +558,7 @@ class IncidentService:
             return
         try:
             await self.slack.update(incident.channel_id, incident.header_ts, message)
-        except SlackClientError:
+        except SLACK_FAILURES:
             log.exception("could not edit the header of incident %s", incident.id)
             await self.store.claim_header_edit(incident.id, old=new, new="retry")
 
@@ -568,13 +577,20 @@ class IncidentService:
                 if not claimed:
                     continue
                 text = reminder_text(clock, incident.commander_id)
+                if incident.created_by == WATCHDOG and self.oncall_groups:
+                    groups = " ".join(f"<!subteam^{esc(g)}>" for g in self.oncall_groups)
+                    text = f"{groups} {text}"
                 if not await self._post(incident.channel_id, text):
-                    # Slack refused even after the SDK's retries: give the claim back, so
-                    # the next tick (here or on another replica) tries again.
+                    # Not answered ok (refused after the SDK's retries, timed out, the
+                    # connection dropped): give the claim back, so the next tick (here or
+                    # on another replica) tries again.
                     await self.store.release_reminder(
                         incident.id, clock.milestone, incident.reopened
                     )
                     continue
+                await self.store.mark_reminder_sent(
+                    incident.id, clock.milestone, incident.reopened, at=now
+                )
                 sent += 1
                 await self.store.add_event(
                     incident.id,
@@ -586,6 +602,11 @@ class IncidentService:
                     detail={"milestone": clock.milestone},
                 )
             await self.refresh_header(incident.id)
+        for retry in self.retries:
+            try:
+                await retry()
+            except Exception:
+                log.exception("retrying unsent posts failed")
         return sent
 
     async def publish_home(self, user_id: str) -> None:

@@ -11,12 +11,19 @@ import logging
 import sys
 from typing import Protocol, TextIO
 
+import aiohttp
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.render import SlackMessage, plain_dates, unesc
 
 log = logging.getLogger(__name__)
+
+# Every way a Web API call can fail to be answered ok, once the SDK's own retries are
+# spent: Slack's refusal (`SlackApiError`), and the transport: a timeout (`TimeoutError`,
+# which `asyncio.TimeoutError` is), a dropped or refused connection (`aiohttp.ClientError`,
+# `ConnectionError`). A post that ended in one of these was not sent, and is tried again.
+SLACK_FAILURES: tuple[type[Exception], ...] = (SlackClientError, aiohttp.ClientError, OSError)
 
 
 class Notifier(Protocol):
@@ -58,13 +65,13 @@ class SlackNotifier:
             await self.client.chat_update(
                 channel=channel_id, ts=ts, text=message.text, blocks=message.blocks_json()
             )
-        except SlackClientError as exc:
+        except SLACK_FAILURES as exc:
             log.warning("could not update plan message %s: %s", ts, exc)
 
     async def update_request(self, channel_id: str, ts: str, text: str) -> None:
         try:
             await self.client.chat_update(channel=channel_id, ts=ts, text=text)
-        except SlackClientError as exc:
+        except SLACK_FAILURES as exc:
             log.warning("could not update request message %s: %s", ts, exc)
 
     async def tell(self, channel_id: str, user_id: str, text: str, thread_ts: str | None) -> None:
@@ -72,7 +79,7 @@ class SlackNotifier:
             await self.client.chat_postEphemeral(
                 channel=channel_id, user=user_id, text=text, thread_ts=thread_ts
             )
-        except SlackClientError as exc:
+        except SLACK_FAILURES as exc:
             log.warning("could not tell %s: %s (%s)", user_id, text, exc)
 
 

@@ -113,6 +113,7 @@ class Service:
             IncidentStore.attach(self.store, self.clock),
             SlackIncidents(self.slack.app.client),
             self.settings.sla,
+            oncall_groups=list(self.settings.role_groups),
         )
         self.slack.incidents = self.incidents
         self.comms = IncidentComms(

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from slack_sdk.errors import SlackClientError
-
 from bot.clock import Clock, SystemClock
 from bot.leader import Leadership
+from bot.notify import SLACK_FAILURES
 from bot.render import SlackMessage, cut, esc
 from bot.router import Dispatcher
 from bot.state.incidents import WATCHDOG
@@ -127,12 +126,18 @@ class Watchdog:
                 continue
             prev = known.get(finding.check)
             old = prev.status if prev else None
-            if old == new:
+            alerted = prev.alerted if prev else False
+            if old != new:
+                if not await self.store.move(
+                    finding.check, old, new, summary=finding.summary, at=at
+                ):
+                    continue  # moved meanwhile by another process: its news, not ours
+            elif not alerted and new != "crit":
                 continue
-            if not await self.store.move(finding.check, old, new, summary=finding.summary, at=at):
-                continue  # moved meanwhile by another process: its news, not ours
-            if (new == "crit") != (old == "crit"):
-                changes.append(Change(finding.check, old, new, finding))
+            # what Slack last accepted differs from now: news (again, if not posted before)
+            if (new == "crit") != alerted:
+                was = old if old != new else ("crit" if alerted else None)
+                changes.append(Change(finding.check, was, new, finding))
         turned = [c for c in changes if c.new == "crit"]
         cleared = [c for c in changes if c.new != "crit"]
         if turned and await self._announce(turned, critical_message(result.target, turned)):
@@ -159,18 +164,19 @@ class Watchdog:
             )
 
     async def _announce(self, changes: Sequence[Change], message: SlackMessage) -> bool:
-        """Post; when Slack refuses even after the SDK's retries, give the moves back so the
-        next tick (here or on the next leader) tries again."""
+        """Post; only once Slack answered ok are the checks marked alerted. When it fails
+        (an API error after the SDK's retries, a timeout, a dropped connection) nothing is
+        marked, so the next tick (here or on the next leader) posts it again."""
         assert self.ops_channel is not None
         try:
             await self.poster.post(self.ops_channel, message)
-        except SlackClientError:
-            log.exception("watchdog: could not post to %s", self.ops_channel)
-            for c in changes:
-                await self.store.move(
-                    c.check, c.new, c.old or "ok", summary="(alert not posted)", at=self.clock.now()
-                )
+        except SLACK_FAILURES:
+            log.exception(
+                "watchdog: could not post to %s; the next tick tries again", self.ops_channel
+            )
             return False
+        for c in changes:
+            await self.store.mark_alerted(c.check, c.new)
         return True
 
     async def _incident(self, turned: Sequence[Change]) -> None:

@@ -3,7 +3,10 @@
 Tests and benchmarks point the real ``slack_sdk`` / Bolt clients at it (``base_url=fake.api_url``)
 so the code under test runs unmodified: every call is recorded as a :class:`Call`, answers have
 the shapes real Slack uses, and failures (429 with ``Retry-After``, 5xx, ``ok: false``) can be
-injected per method with :meth:`FakeSlack.fail_next`.
+injected per method with :meth:`FakeSlack.fail_next`; so can the transport's failures, with
+:meth:`FakeSlack.hang_next` (no answer until past the client's timeout) and
+:meth:`FakeSlack.drop_next` (the connection closed without an answer). A hung or dropped call
+is recorded with ``status`` 0 and no response, and has no effect: nothing is posted.
 
 Where real Slack rejects something a bot commonly gets wrong (more than 50 blocks, a section
 over 3000 characters, editing an ephemeral message, a stale ``trigger_id``, a bot token on
@@ -59,6 +62,7 @@ _MAX_MESSAGE_BLOCKS = 50
 _MAX_VIEW_BLOCKS = 100
 _TRIGGER_TTL = 3.0
 _TS_BASE = 1_700_000_000
+HANG_CAP_S = 60.0  # a hung call is answered by nothing; past this its connection is closed
 
 
 @dataclass
@@ -97,6 +101,13 @@ class _Failure:
     status: int
     retry_after: int
     error: str | None
+
+
+@dataclass
+class _Stall:
+    """A call never answered: ``hang`` keeps the connection open, else it is dropped."""
+
+    hang: bool
 
 
 @dataclass
@@ -256,6 +267,8 @@ class FakeSlack:
 
         self._files: dict[str, _Upload] = {}
         self._failures: dict[str, list[_Failure]] = {}
+        self._stalls: dict[str, list[_Stall]] = {}
+        self._unhang = asyncio.Event()
         self._overrides: dict[str, Handler] = {}
         self._triggers: dict[str, float] = {}
         self._ids = itertools.count(1)
@@ -310,6 +323,7 @@ class FakeSlack:
         if self._runner is not None:
             return
         self._tick = asyncio.Event()
+        self._unhang = asyncio.Event()
         app = web.Application(client_max_size=100 * 1024 * 1024)
         app.router.add_route("*", "/api/{method}", self._handle_api)
         app.router.add_post("/response/{token}", self._handle_response_url)
@@ -328,6 +342,7 @@ class FakeSlack:
         runner, self._runner = self._runner, None
         if runner is None:
             return
+        self._unhang.set()  # hung calls end now
         for ws in list(self._sockets):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(code=1001, message=b"server stopping"), 1.0)
@@ -370,6 +385,7 @@ class FakeSlack:
         self.calls.clear()
         self.socket_acks.clear()
         self._failures.clear()
+        self._stalls.clear()
 
     # ------------------------------------------------------------------ test controls
 
@@ -442,6 +458,24 @@ class FakeSlack:
         """
         entry = _Failure(status=status, retry_after=retry_after, error=error)
         self._failures.setdefault(method, []).extend(entry for _ in range(times))
+
+    def hang_next(self, method: str, *, times: int = 1) -> None:
+        """Leave the next ``times`` calls to ``method`` unanswered, the connection open, until
+        the fake stops (or ``HANG_CAP_S``): the client gives up at its own timeout."""
+        self._stalls.setdefault(method, []).extend(_Stall(hang=True) for _ in range(times))
+
+    def drop_next(self, method: str, *, times: int = 1) -> None:
+        """Close the connection of the next ``times`` calls to ``method`` without an answer
+        (the client sees the server disconnect; slack_sdk retries that a few times)."""
+        self._stalls.setdefault(method, []).extend(_Stall(hang=False) for _ in range(times))
+
+    def answered_ok(self, method: str) -> list[Call]:
+        """The calls to ``method`` that Slack answered ``ok`` (what really took effect)."""
+        return [
+            c
+            for c in self.calls_to(method)
+            if isinstance(c.response, dict) and c.response.get("ok") is True
+        ]
 
     def respond(self, method: str, answer: JSONDict | Handler) -> None:
         """Override the answer to ``method``: a fixed body or a function of the call."""
@@ -654,6 +688,9 @@ class FakeSlack:
         else:
             params, body = {}, await request.read()
         call = Call(method, params, dict(request.headers), at, path=request.path, body=body)
+        stalls = self._stalls.get(method)
+        if stalls:
+            return await self._stall(request, call, stalls.pop(0))
         if self.latency:
             await asyncio.sleep(self.latency)
         response: web.StreamResponse
@@ -674,6 +711,19 @@ class FakeSlack:
             observe(call)
         self._notify()
         return response
+
+    async def _stall(self, request: web.Request, call: Call, stall: _Stall) -> web.Response:
+        call.status = 0  # never answered: no response, no effect
+        self.calls.append(call)
+        for observe in FakeSlack.observers:
+            observe(call)
+        self._notify()
+        if stall.hang:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unhang.wait(), HANG_CAP_S)
+        if request.transport is not None:
+            request.transport.close()  # the answer below is never written
+        return web.Response(status=500)
 
     @staticmethod
     def _failure_response(failure: _Failure) -> web.Response:

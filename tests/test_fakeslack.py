@@ -19,6 +19,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.say.async_say import AsyncSay
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
@@ -143,6 +144,32 @@ async def test_server_error_then_success_with_sdk_retry_handler(fake: FakeSlack)
     resp = await client.users_info(user="U1")
     assert resp["user"]["name"] == "alice"
     assert [c.status for c in fake.calls_to("users.info")] == [500, 500, 200]
+
+
+async def test_a_hung_call_times_out_the_client_and_posts_nothing(fake: FakeSlack) -> None:
+    client = AsyncWebClient(base_url=fake.api_url, token="xoxb-test", timeout=1)
+    fake.hang_next("chat.postMessage")
+    with pytest.raises(TimeoutError):
+        await client.chat_postMessage(channel="C1", text="lost")
+    resp = await client.chat_postMessage(channel="C1", text="sent")
+    assert [c.status for c in fake.calls_to("chat.postMessage")] == [0, 200]
+    assert [c.params["text"] for c in fake.answered_ok("chat.postMessage")] == ["sent"]
+    assert [m["text"] for m in fake.messages.values()] == ["sent"]
+    assert resp["ok"] is True
+
+
+async def test_a_dropped_connection_is_retried_by_the_sdk_then_raised(fake: FakeSlack) -> None:
+    handler = AsyncConnectionErrorRetryHandler(
+        max_retry_count=1, interval_calculator=FixedValueRetryIntervalCalculator(0.01)
+    )
+    client = AsyncWebClient(base_url=fake.api_url, token="xoxb-test", retry_handlers=[handler])
+    fake.drop_next("chat.postMessage", times=3)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await client.chat_postMessage(channel="C1", text="lost")
+    resp = await client.chat_postMessage(channel="C1", text="retried")  # the third drop
+    assert resp["ok"] is True
+    assert [c.status for c in fake.calls_to("chat.postMessage")] == [0, 0, 0, 200]
+    assert [m["text"] for m in fake.messages.values()] == ["retried"]
 
 
 async def test_users_info_and_lookup_by_email(fake: FakeSlack, client: AsyncWebClient) -> None:

@@ -23,6 +23,7 @@ from bot.demo import DEMO_ROLES, DEMO_THRESHOLDS, demo_service_user
 from bot.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
 from bot.leader import FileLeadership, PgAdvisoryLeadership, leadership_for
 from bot.state import IncidentStore, open_store
+from bot.state.watchdog import WatchdogStore
 from bot.watchdog import Watchdog
 from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
 from tests.conftest import STATE_DIR, RunningBot, bot_settings, running_bot
@@ -175,6 +176,8 @@ async def test_failover_a_killed_leader_is_replaced_within_one_interval(
         await fake_slack.wait_for(
             "chat.postMessage", timeout=4 * interval, predicate=alert_about(QUOTA_CHECK)
         )
+        # killed between Slack's ok and its marking, the alert would rightly go out again
+        await until_alerted(state_url, QUOTA_CHECK)
 
         leader.proc.kill()  # no clean shutdown: the lock goes with its connection
         await leader.proc.wait()
@@ -191,6 +194,20 @@ async def test_failover_a_killed_leader_is_replaced_within_one_interval(
         assert len(mentioning(ops_texts(fake_slack, "critical"), QUOTA_CHECK)) == 1
         assert len(mentioning(ops_texts(fake_slack, "critical"), VIEWS_CHECK)) == 1
         print(f"failover: the next alert {took:.1f} s after kill -9 (interval {interval:g} s)")
+
+
+async def until_alerted(state_url: str, check: str) -> None:
+    """Until the leader has marked the alert about `check` sent (Slack answered ok)."""
+    store = await open_store(state_url)
+    try:
+        for _ in range(200):
+            state = (await WatchdogStore(store).checks()).get(check)
+            if state is not None and state.alerted:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+    raise AssertionError(f"the alert about {check} was not marked sent")
 
 
 def alert_about(check: str) -> Callable[[Call], bool]:

@@ -3,8 +3,10 @@
 Every replica reads and writes the same rows, so nothing about an incident lives in a
 process: a restart, or a click served by another replica, sees the same clocks and
 timeline. The races are settled by the database, as for approvals: one active incident
-per channel is a partial unique index; a reminder is sent by whoever inserts its row;
-a header edit by whoever moves its digest; the first response or communication is a
+per channel is a partial unique index; a reminder (or a template post) is sent by whoever
+claims its row, and counts as sent only once Slack answered ok (`sent_at`): a failed
+attempt frees the claim, a dead process's claim expires, and the next tick sends it; a
+header edit by whoever moves its digest; the first response or communication is a
 conditional `UPDATE ... WHERE responded_at IS NULL`.
 """
 
@@ -43,6 +45,20 @@ FirstMilestone = Literal["responded", "communicated"]
 ACTIVE_STATES: tuple[IncidentState, ...] = ("open", "resolved", "reopened")
 HEALTH_KEPT = timedelta(days=2)  # health seen is kept this long (App Home, detection)
 WATCHDOG = "watchdog"  # the actor id the watchdog records its health runs under
+# A claimed post not answered within this is the claim of a dead process: claimed again.
+# Longer than the Slack client's worst case (its timeout times its attempts, and backoff).
+CLAIM_LEASE = timedelta(minutes=2)
+FREE = ""  # `claimed_by` of a claim whose attempt failed: the next tick takes it
+
+
+@dataclass(frozen=True, slots=True)
+class UnsentPost:
+    """A claimed post (a template) that Slack has not answered ok yet."""
+
+    incident_id: int
+    milestone: str
+    epoch: int
+    payload: dict[str, Any]
 
 
 class IncidentExists(StateStoreError):
@@ -389,39 +405,97 @@ class IncidentStore:
     # -- reminders and the header -------------------------------------------------------------
 
     async def claim_reminder(
-        self, incident_id: int, milestone: str, epoch: int, *, at: datetime, claimer: str
+        self,
+        incident_id: int,
+        milestone: str,
+        epoch: int,
+        *,
+        at: datetime,
+        claimer: str,
+        payload: Mapping[str, Any] | None = None,
     ) -> bool:
-        """True for exactly one caller per (incident, milestone, epoch), across replicas."""
-        values = {
+        """True for exactly one caller per (incident, milestone, epoch), across replicas,
+        until it is sent: a claim whose attempt failed (`release_reminder`), or that a dead
+        process left for longer than `CLAIM_LEASE`, is claimed again. Only
+        `mark_reminder_sent` (after Slack answered ok) makes it once and for all."""
+        values: dict[str, Any] = {
             "incident_id": incident_id,
             "milestone": milestone,
             "epoch": epoch,
             "fired_at": _utc(at),
             "claimed_by": claimer,
+            "payload": dict(payload) if payload is not None else None,
         }
         keys = ["incident_id", "milestone", "epoch"]
+        row = IncidentReminderRow
+        again = row.sent_at.is_(None) & (
+            (row.claimed_by == FREE) | (row.fired_at < _utc(at) - CLAIM_LEASE)
+        )
+        take = {"fired_at": values["fired_at"], "claimed_by": claimer}
+        if payload is not None:
+            take["payload"] = values["payload"]
         async with self._store._tx() as session:
             if self._store.engine.dialect.name == "postgresql":
-                pg = pg_insert(IncidentReminderRow).values(values)
-                stmt = pg.on_conflict_do_nothing(index_elements=keys).returning(
-                    IncidentReminderRow.id
-                )
+                pg = pg_insert(row).values(values)
+                stmt = pg.on_conflict_do_update(
+                    index_elements=keys, set_=take, where=again
+                ).returning(row.id)
             else:
-                lite = sqlite_insert(IncidentReminderRow).values(values)
-                stmt = lite.on_conflict_do_nothing(index_elements=keys).returning(
-                    IncidentReminderRow.id
-                )
+                lite = sqlite_insert(row).values(values)
+                stmt = lite.on_conflict_do_update(
+                    index_elements=keys, set_=take, where=again
+                ).returning(row.id)
             return (await session.execute(stmt)).first() is not None
 
     async def release_reminder(self, incident_id: int, milestone: str, epoch: int) -> None:
-        """Undo a claim whose reminder could not be sent."""
-        stmt = delete(IncidentReminderRow).where(
-            IncidentReminderRow.incident_id == incident_id,
-            IncidentReminderRow.milestone == milestone,
-            IncidentReminderRow.epoch == epoch,
-        )
+        """A claim whose post Slack did not answer ok: free for the next tick to send."""
         async with self._store._tx() as session:
-            await session.execute(stmt)
+            await session.execute(
+                update(IncidentReminderRow)
+                .where(*_reminder_key(incident_id, milestone, epoch))
+                .where(IncidentReminderRow.sent_at.is_(None))
+                .values(claimed_by=FREE)
+                .execution_options(synchronize_session=False)
+            )
+
+    async def forget_reminder(self, incident_id: int, milestone: str, epoch: int) -> None:
+        """Drop a claim that will never be sent (a template that no longer renders)."""
+        async with self._store._tx() as session:
+            await session.execute(
+                delete(IncidentReminderRow).where(*_reminder_key(incident_id, milestone, epoch))
+            )
+
+    async def mark_reminder_sent(
+        self, incident_id: int, milestone: str, epoch: int, *, at: datetime
+    ) -> None:
+        """Slack answered ok: sent, never again."""
+        async with self._store._tx() as session:
+            await session.execute(
+                update(IncidentReminderRow)
+                .where(*_reminder_key(incident_id, milestone, epoch))
+                .where(IncidentReminderRow.sent_at.is_(None))
+                .values(sent_at=_utc(at))
+                .execution_options(synchronize_session=False)
+            )
+
+    async def unsent_posts(self, at: datetime) -> list[UnsentPost]:
+        """Claims with a payload (template posts) not sent and free to claim at `at`: a
+        failed attempt, or one a dead process left past its lease."""
+        row = IncidentReminderRow
+        stmt = (
+            select(row)
+            .where(
+                row.sent_at.is_(None),
+                row.payload.is_not(None),
+                (row.claimed_by == FREE) | (row.fired_at < _utc(at) - CLAIM_LEASE),
+            )
+            .order_by(row.id)
+        )
+        async with self._store._tx(write=False) as session:
+            rows = (await session.scalars(stmt)).all()
+        return [
+            UnsentPost(r.incident_id, r.milestone, r.epoch, dict(r.payload or {})) for r in rows
+        ]
 
     async def set_header(self, incident_id: int, *, header_ts: str, digest: str) -> None:
         stmt = (
@@ -524,6 +598,14 @@ class IncidentStore:
 
 def _active(state: Any) -> ColumnElement[bool]:
     return cast(ColumnElement[bool], state.in_(ACTIVE_STATES))
+
+
+def _reminder_key(incident_id: int, milestone: str, epoch: int) -> list[ColumnElement[bool]]:
+    return [
+        IncidentReminderRow.incident_id == incident_id,
+        IncidentReminderRow.milestone == milestone,
+        IncidentReminderRow.epoch == epoch,
+    ]
 
 
 async def _active_id(session: AsyncSession, channel_id: str) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy import (
     text as sql_text,
@@ -255,8 +257,11 @@ class IncidentReminderRow(Base):
     )
     milestone: Mapped[str] = mapped_column(String(16))
     epoch: Mapped[int] = mapped_column(Integer)
-    fired_at: Mapped[datetime]
-    claimed_by: Mapped[str] = mapped_column(Text)
+    fired_at: Mapped[datetime]  # when claimed (a claim of a dead process expires)
+    claimed_by: Mapped[str] = mapped_column(Text)  # "": a failed attempt, free to claim
+    # NULL until Slack answered ok: the next tick sends it again
+    sent_at: Mapped[datetime | None]
+    payload: Mapped[dict[str, Any] | None]  # what a template post needs to be retried
 
 
 class HealthSeenRow(Base):
@@ -295,6 +300,8 @@ class WatchdogCheckRow(Base):
     summary: Mapped[str] = mapped_column(Text)
     changed_at: Mapped[datetime]  # when it entered this status (a crit: first seen)
     seen_at: Mapped[datetime]
+    # the last alert Slack accepted was the critical one; posted while it differs from status
+    alerted: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 BASELINE_KINDS = ("hourly", "verification")

@@ -1,7 +1,8 @@
 """The watchdog's memory: the last alerting status of each health check.
 
 Kept in the state store rather than in the process, so that a restart or a new leader
-does not post a problem that was already posted. Every move is a conditional write
+does not post a problem that was already posted, and does post one that was not: a check
+is `alerted` only once Slack answered ok to its critical alert. Every move is a conditional write
 (compare-and-set on the old status): should two processes ever both act as leader,
 only one of them wins each move, and only the winner posts.
 """
@@ -29,6 +30,12 @@ class CheckState:
     summary: str
     changed_at: datetime
     seen_at: datetime
+    alerted: bool = False  # the last alert Slack accepted was the critical one
+
+    @property
+    def unannounced(self) -> bool:
+        """Its crossing into or out of critical has not been posted yet."""
+        return (self.status == "crit") != self.alerted
 
 
 class WatchdogStore:
@@ -39,7 +46,14 @@ class WatchdogStore:
         async with self._store._tx(write=False) as session:
             rows = (await session.scalars(select(WatchdogCheckRow))).all()
         return {
-            r.check: CheckState(r.check, r.status, r.summary, r.changed_at, r.seen_at)  # type: ignore[arg-type]
+            r.check: CheckState(
+                r.check,
+                r.status,  # type: ignore[arg-type]
+                r.summary,
+                r.changed_at,
+                r.seen_at,
+                r.alerted,
+            )
             for r in rows
         }
 
@@ -53,7 +67,7 @@ class WatchdogStore:
         at: datetime,
     ) -> bool:
         """Move `check` from `old` (None: never seen) to `new`; True for the one caller
-        whose write landed."""
+        whose write landed. What was alerted stays: `mark_alerted` moves it once posted."""
         when = _utc(at)
         async with self._store._tx() as session:
             if old is None:
@@ -79,6 +93,19 @@ class WatchdogStore:
                 update(WatchdogCheckRow)
                 .where(WatchdogCheckRow.check == check, WatchdogCheckRow.status == old)
                 .values(status=new, summary=summary, changed_at=when, seen_at=when)
+                .returning(WatchdogCheckRow.check)
+                .execution_options(synchronize_session=False)
+            )
+            return moved.first() is not None
+
+    async def mark_alerted(self, check: str, status: CheckStatus) -> bool:
+        """Slack answered ok to the alert about `check` being `status` (critical, or back
+        from it): only now is it announced. False when the status moved meanwhile."""
+        async with self._store._tx() as session:
+            moved = await session.execute(
+                update(WatchdogCheckRow)
+                .where(WatchdogCheckRow.check == check, WatchdogCheckRow.status == status)
+                .values(alerted=status == "crit")
                 .returning(WatchdogCheckRow.check)
                 .execution_options(synchronize_session=False)
             )

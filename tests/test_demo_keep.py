@@ -1,0 +1,110 @@
+"""`python -m bot demo --keep` as a new user runs it (what `make run ARGS='demo --keep'`
+does): it prints the DATABASE_URL of its PostgreSQL with the faults still in place, `python
+-m bot run "health"` reports against it from another process, and Ctrl-C stops the demo and
+its PostgreSQL within seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_LIMIT_S = 180.0  # the whole demo until the DSN is printed, on a busy machine
+STOP_LIMIT_S = 10.0  # "within seconds"
+
+
+def new_user_env() -> dict[str, str]:
+    """A shell with nothing of the bot's configured (no Slack, no database)."""
+    keep = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "PG_BIN")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env |= {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+def exported(line: str) -> dict[str, str]:
+    """The variables of the printed `export A='…' B=… ` line, as the shell reads them."""
+    words = shlex.split(line.strip().removeprefix("export "))
+    return dict(word.split("=", 1) for word in words)
+
+
+async def read_until_export(out: asyncio.StreamReader, seen: list[str]) -> dict[str, str]:
+    while True:
+        raw = await out.readline()
+        if not raw:
+            raise AssertionError("the demo ended without printing DATABASE_URL:\n" + "".join(seen))
+        line = raw.decode("utf-8", "replace")
+        seen.append(line)
+        if line.strip().startswith("export DATABASE_URL="):
+            return exported(line)
+
+
+def refused(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=2):
+            return False
+    except psycopg.OperationalError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C is SIGINT")
+async def test_demo_keep_serves_its_database_until_ctrl_c() -> None:
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "demo",
+        "--keep",
+        cwd=ROOT,
+        env=new_user_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    seen: list[str] = []
+    try:
+        assert demo.stdout is not None
+        variables = await asyncio.wait_for(read_until_export(demo.stdout, seen), DEMO_LIMIT_S)
+        dsn = variables["DATABASE_URL"]
+        assert "REMEDY_SERVICE_USER_ID" in variables  # looked up before the blocking chain
+        run = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            "run",
+            "health",
+            cwd=ROOT,
+            env=new_user_env() | variables,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(run.communicate(), 60)
+        report = out.decode()
+        assert run.returncode == 0, err.decode()
+        port = urlsplit(dsn).port
+        assert f"reachability: connected to 127.0.0.1:{port}/leaps" in report
+        # the demo's faults are still there: the blocking chain it injected on `users`
+        assert "blocked sessions" in report and "users" in report, report
+        assert "disabled" in report  # the quota trigger
+        state_url = variables["STATE_DATABASE_URL"]
+        run_dir = Path(state_url.removeprefix("sqlite:///")).parent
+        assert run_dir.is_dir()
+
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = await asyncio.wait_for(demo.communicate(), STOP_LIMIT_S)
+        seen.append(rest.decode("utf-8", "replace"))
+        assert demo.returncode == 0, "".join(seen)
+        assert "Traceback" not in "".join(seen)
+        assert refused(dsn), "the demo's PostgreSQL still accepts connections"
+        assert not run_dir.exists(), f"{run_dir} was left behind"
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+            sys.stderr.write("".join(seen))
