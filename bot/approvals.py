@@ -197,9 +197,13 @@ class ApprovalEngine:
     async def _preflight(self, remedy: Remedy, plan: Plan, policy: Policy, user_id: str) -> Plan:
         """The plan with the database's answer to a rolled-back try of it (`preflight`)
         and the path its audit rows take (`audit`), acting as the approver role."""
-        identity = await preflight_identity(
-            user_id, policy.approver_role, self.roles, self.ctx.gateway
-        )
+        try:
+            identity = await preflight_identity(
+                user_id, policy.approver_role, self.roles, self.ctx.gateway
+            )
+        except Exception as exc:  # the target may be the thing that is sick
+            log.warning("preflight identity of %s failed: %s", remedy.name, exc)
+            identity = None
         tried = await self.executor.preflight(
             remedy,
             plan,
@@ -208,7 +212,13 @@ class ApprovalEngine:
             role=policy.approver_role,
         )
         log.info("preflight of %s: %s", remedy.name, tried.describe())
-        audit = plan.audit or (await self.ctx.gateway.read(audit_trail)).plan_note()
+        audit = plan.audit
+        if audit is None:
+            try:
+                audit = (await self.ctx.gateway.read(audit_trail)).plan_note()
+            except Exception as exc:  # the plan still opens; the executor reads it again
+                log.warning("could not read the audit trail for %s: %s", remedy.name, exc)
+                audit = "audit path unknown: the catalog could not be read at plan time"
         return plan.model_copy(update={"preflight": tried, "audit": audit})
 
     async def _refused(
