@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import pytest_asyncio
 
 from bot.approvals import APPROVE, ApprovalEngine, Click
@@ -113,6 +114,11 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
         if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:
             accounts, unmatched = int(remedy == "recover-users"), int(remedy == "rematch-kajabi")
             await faults.data_loss(0.1, accounts=accounts, unmatched=unmatched, kajabi_only=True)
+        return []
+    if remedy == "fix-audit-id":  # production's column again: no default (the fixture's
+        # own audit function supplies its ids, so the other remedies do not notice)
+        async with await psycopg.AsyncConnection.connect(rig.victims.dsn, autocommit=True) as c:
+            await c.execute("ALTER TABLE audit_log ALTER COLUMN id DROP DEFAULT")
         return []
     if remedy == "set-role":  # one user, back and forth, so every plan changes a row
         (user,) = await rig.gateway.read(partial(fetch_rows, SET_ROLE_USER_SQL))
