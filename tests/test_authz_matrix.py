@@ -21,6 +21,7 @@ from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
+from commands.audit_trail import audit_trail
 from commands.base import ROLES, LeapsIdentity, Reader, Row, role_rank
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import REMEDIES
@@ -85,6 +86,18 @@ async def fetch_rows(query: str, db: Reader) -> list[Row]:
 
 async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     """Arguments, and a fresh problem, so that the remedy's plan needs an approval."""
+    if remedy == "fix-audit-id":  # production's audit trail, again
+        try:
+            await faults.production_audit_trail()
+        except LookupError:  # the function is production's already: the default goes
+            async with await psycopg.AsyncConnection.connect(rig.victims.dsn) as conn:
+                await conn.execute("ALTER TABLE audit_log ALTER COLUMN id DROP DEFAULT")
+        return []
+    if (await rig.gateway.read(audit_trail)).path == "bot":  # fixed, as fix-audit-id leaves it
+        async with await psycopg.AsyncConnection.connect(rig.victims.dsn) as conn:
+            await conn.execute(
+                "ALTER TABLE audit_log ALTER COLUMN id SET DEFAULT gen_random_uuid()::text"
+            )
     if remedy == "refresh-views":
         return [PLAIN_VIEW]
     if remedy == "cleanup-orphans":
@@ -114,11 +127,6 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
         if (await REMEDIES[remedy].plan(rig.engine.ctx, [])).count == 0:
             accounts, unmatched = int(remedy == "recover-users"), int(remedy == "rematch-kajabi")
             await faults.data_loss(0.1, accounts=accounts, unmatched=unmatched, kajabi_only=True)
-        return []
-    if remedy == "fix-audit-id":  # production's column again: no default (the fixture's
-        # own audit function supplies its ids, so the other remedies do not notice)
-        async with await psycopg.AsyncConnection.connect(rig.victims.dsn, autocommit=True) as c:
-            await c.execute("ALTER TABLE audit_log ALTER COLUMN id DROP DEFAULT")
         return []
     if remedy == "set-role":  # one user, back and forth, so every plan changes a row
         (user,) = await rig.gateway.read(partial(fetch_rows, SET_ROLE_USER_SQL))

@@ -58,8 +58,8 @@ NOT_TRIED = (
     "queue behind the application's audit writes (and they behind it). The plan checked "
     "the catalog instead: the defect is present now (the live audit function inserts "
     "without an id, pg_proc) and audit_log.id has no default (pg_attrdef), its type takes "
-    "the default, and gen_random_uuid() exists; with a default already there it plans "
-    "nothing"
+    "the default, and gen_random_uuid() exists; with a default already there, or no "
+    "audit function omitting the id (the fixture's supplies its own), it plans nothing"
 )
 
 
@@ -72,7 +72,7 @@ class AuditIdData(BaseModel):
     old_default: str | None  # None: no default (what production has)
     old_identity: str | None
     new_default: str  # the expression set
-    defect: str | None  # trail.defect() at plan time; None: the trail accepts writes already
+    defect: str | None  # trail.defect() at plan time (a plan is made only when present)
 
 
 def alter_statement(data: AuditIdData) -> sql.Composed:
@@ -118,12 +118,23 @@ async def plan_fix_audit_id(ctx: Context, args: list[str]) -> Plan:
     if column is None:
         raise UsageError(f"this database has no `{AUDIT_TABLE}.id` column: nothing to fix")
     defined = describe_audit_id(column)
+    nothing: str | None = None
     if column["default"] or column["identity"]:
+        nothing = f"{AUDIT_TABLE}.id already has a default ({defined})"
+    elif defect is None and path == "none":
+        nothing = f"no enabled trigger writes {AUDIT_TABLE} rows ({AUDIT_TABLE}.id: {defined})"
+    elif defect is None:
+        nothing = (
+            f"the live audit function ({', '.join(f'{f}()' for f in functions)}) supplies its "
+            f"own ids ({AUDIT_TABLE}.id: {defined}), so writes made with app.user_id are "
+            "accepted"
+        )
+    if nothing is not None:
         return Plan(
             remedy=FIX_AUDIT_ID,
             args=list(args),
             title=TITLE,
-            summary=f"{AUDIT_TABLE}.id already has a default ({defined}): nothing to do",
+            summary=f"{nothing}: nothing to do",
             steps=[],
             count=0,
             needs_approval=False,
@@ -155,20 +166,11 @@ async def plan_fix_audit_id(ctx: Context, args: list[str]) -> Plan:
         "commits (milliseconds): it waits for audit writes in flight, up to the lock "
         "timeout, and every audited write waits behind it meanwhile",
     ]
-    if defect is None:
-        warnings.append(
-            "the live audit trail accepts writes made with app.user_id today (its function "
-            "supplies the id, or no trigger writes audit_log): the default changes nothing "
-            "now, and keeps a later function that omits the id from refusing every write"
-        )
-        why = "no audit function omits the id today"
-    else:
-        why = defect
     return Plan(
         remedy=FIX_AUDIT_ID,
         args=list(args),
         title=TITLE,
-        summary=f"set {AUDIT_TABLE}.id's default to {expr}: {why}. Afterwards writes made "
+        summary=f"set {AUDIT_TABLE}.id's default to {expr}: {defect}. Afterwards writes made "
         "with app.user_id are accepted and the live trigger writes their audit rows "
         "(the application's ORM keeps sending its own ids)",
         steps=[
