@@ -11,6 +11,11 @@ live database is what drifts: the check reads only the catalog, read-only, and l
 per kind what is missing, extra or changed. Only the expected schema is compared, so
 the bot's own backups (schema `dbops_backup`) and the platform's schemas never count.
 
+LEAPS's audit trail is listed too (`check_audit_trail`, which `/db health` runs as well):
+production's audit function inserts its audit_log row without an id while the column has
+no default, a defect of the schema the application's migrations should fix; the finding
+names `/db fix-audit-id` and the Prisma migration to add.
+
 Migration logs hold SQL and error text: they are shown cut short, with string literals
 redacted and connection-string passwords masked, like every query text of the bot.
 """

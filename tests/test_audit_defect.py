@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from bot.clock import ManualClock
 from bot.gateway import TargetGateway
-from bot.router import Dispatcher, RunContext
+from bot.router import Dispatcher, RunContext, help_answer, help_text
 from bot.state import IncidentStore
 from commands.audit_trail import audit_trail
 from commands.base import Finding, Reader, Report, Status
@@ -286,3 +286,12 @@ async def test_nothing_to_do_on_the_fixture(leaps_dsn: str, fake_slack: FakeSlac
         actions = [e.action for e in await bot.service.store.audit_trail(limit=50)]
         assert "remedy.nothing_to_do" in actions and "approval.requested" not in actions
     assert await id_default(leaps_dsn) is None
+
+
+def test_help_lists_it_with_its_approver_and_guide_sections() -> None:
+    one = help_answer(["fix-audit-id"], markup=False)
+    assert one.outcome == "help"
+    assert "approved by 1 x SUPERADMIN" in one.text
+    assert "guide: Migration Problems → Schema Drift Issues" in one.text
+    assert "guide: Emergency Recovery → Data Loss Scenarios" in one.text
+    assert "`fix-audit-id`" in help_text(markup=False)

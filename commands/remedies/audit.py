@@ -79,8 +79,8 @@ def alter_statement(data: AuditIdData) -> sql.Composed:
     """The one change; the expression is one of AUDIT_ID_DEFAULTS (repo data, never input)."""
     if data.new_default not in AUDIT_ID_DEFAULTS.values():
         raise ValueError("an expression that is not one of the audit id defaults")
-    return sql.SQL("ALTER TABLE public.audit_log ALTER COLUMN {} SET DEFAULT {}").format(
-        sql.Identifier("id"), sql.SQL(data.new_default)
+    return sql.SQL("ALTER TABLE public.audit_log ALTER COLUMN id SET DEFAULT {}").format(
+        sql.SQL(data.new_default)
     )
 
 
