@@ -39,7 +39,7 @@ SECTIONS: tuple[Section, ...] = (
         ("connections", "kill-idle", "cancel", "terminate"),
     ),
     Section(_MIGRATIONS, "Migration Failures", ("migrations", "migration-resolve")),
-    Section(_MIGRATIONS, "Schema Drift Issues", ("migrations",)),
+    Section(_MIGRATIONS, "Schema Drift Issues", ("migrations", "fix-audit-id")),
     Section(
         _PERFORMANCE,
         "Slow Queries",
@@ -73,7 +73,7 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         _RECOVERY,
         "Data Loss Scenarios",
-        ("recover", "recover-users", "rematch-kajabi", "recover-learn"),
+        ("recover", "recover-users", "rematch-kajabi", "recover-learn", "fix-audit-id"),
     ),
     Section(_RECOVERY, "Communication Templates", ("incident template",)),
     Section(_RECOVERY, "Recovery Verification", ("recover",)),

@@ -29,9 +29,11 @@ from commands.base import (
 )
 from commands.integrity import check_duplicate_events
 from commands.migrations import (
+    AUDIT_CHECK,
     MIGRATIONS_TABLE,
     Attempt,
     applied_sql,
+    check_audit_trail,
     classify,
     history_sql,
     migration_schemas,
@@ -668,6 +670,9 @@ def health_checks(th: Thresholds) -> dict[str, Callable[[Reader], Awaitable[Find
         "guard: AMPLIFY quota trigger": check_quota_trigger,
         "guard: LEARN uniqueness": check_learn_uniqueness,
         "guard: external_event_id uniqueness": check_event_id_uniqueness,
+        # a warning at worst: a latent defect, so it opens no incident (the watchdog and
+        # detection react to critical checks only)
+        AUDIT_CHECK: check_audit_trail,
         WEBHOOK_BACKLOG: partial(check_webhook_backlog, th),
         LEDGER_EVENTS: check_ledger_events,
     }

@@ -11,6 +11,11 @@ live database is what drifts: the check reads only the catalog, read-only, and l
 per kind what is missing, extra or changed. Only the expected schema is compared, so
 the bot's own backups (schema `dbops_backup`) and the platform's schemas never count.
 
+LEAPS's audit trail is listed too (`check_audit_trail`, which `/db health` runs as well):
+production's audit function inserts its audit_log row without an id while the column has
+no default, a defect of the schema the application's migrations should fix; the finding
+names `/db fix-audit-id` and the Prisma migration to add.
+
 Migration logs hold SQL and error text: they are shown cut short, with string literals
 redacted and connection-string passwords masked, like every query text of the bot.
 """
@@ -28,6 +33,7 @@ from typing import Any
 
 from psycopg import sql
 
+from commands.audit_trail import AUDIT_TABLE, audit_trail
 from commands.base import (
     Context,
     Finding,
@@ -266,6 +272,110 @@ async def history_findings(ctx: Context) -> list[Finding]:
             summary += f"; `prisma migrate` lock held by pid {', '.join(map(str, lock))}"
         findings.append(Finding(check=f"migrations {where}", status=worst, summary=summary))
     return findings
+
+
+# --- the audit trail's id (LEAPS_SCHEMA.md, Audit) ---------------------------------------
+
+FIX_AUDIT_ID = "fix-audit-id"
+AUDIT_CHECK = "audit trail"
+# What `fix-audit-id` runs, by audit_log.id's type (LEAPS: text).
+AUDIT_ID_DEFAULTS = {"text": "gen_random_uuid()::text", "uuid": "gen_random_uuid()"}
+# The application's side of the fix: Prisma introspects the default as this expression,
+# so its schema must say so too, or `prisma migrate diff` / `migrate dev` see drift.
+PRISMA_AUDIT_ID = 'id String @id @default(dbgenerated("(gen_random_uuid())::text"))'
+PRISMA_AUDIT_MIGRATION = "audit_log_id_default"
+PRISMA_AUDIT_SQL = (
+    'ALTER TABLE "audit_log" ALTER COLUMN "id" SET DEFAULT (gen_random_uuid())::text;'
+)
+
+_AUDIT_ID_COLUMN_SQL = """
+SELECT format_type(a.atttypid, a.atttypmod) AS type, a.atttypid::regtype::text AS base_type,
+       a.attnotnull AS not_null, pg_get_expr(d.adbin, d.adrelid) AS "default",
+       nullif(a.attidentity::text, '') AS identity,
+       to_regprocedure('gen_random_uuid()') IS NOT NULL AS uuid_available
+FROM pg_attribute AS a
+LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = to_regclass('public.audit_log') AND a.attname = 'id' AND NOT a.attisdropped
+"""
+
+
+async def audit_id_column(db: Reader) -> Row | None:
+    """audit_log.id as the catalog has it (type, NOT NULL, default, identity), and whether
+    gen_random_uuid() exists; None without the table or the column."""
+    rows = await db.fetch(_AUDIT_ID_COLUMN_SQL)
+    return rows[0] if rows else None
+
+
+def describe_audit_id(column: Row) -> str:
+    """`text NOT NULL, no default` and the like: the column's definition in one phrase."""
+    if column["default"]:
+        default = f"DEFAULT {column['default']}"
+    else:
+        default = "GENERATED AS IDENTITY" if column["identity"] else "no default"
+    return f"{column['type']}{' NOT NULL' if column['not_null'] else ''}, {default}"
+
+
+def audit_fix_hint() -> str:
+    return (
+        f"`/db {FIX_AUDIT_ID}` sets `ALTER TABLE audit_log ALTER COLUMN id SET DEFAULT "
+        f"{AUDIT_ID_DEFAULTS['text']}` (one SUPERADMIN approves); then add it to the "
+        f"application as a Prisma migration (`{PRISMA_AUDIT_MIGRATION}`: `{PRISMA_AUDIT_ID}` "
+        "in schema.prisma), or Prisma sees the default as drift"
+    )
+
+
+async def check_audit_trail(db: Reader) -> Finding:
+    """Production's latent defect (LEAPS_SCHEMA.md, Audit), from the catalog: the live
+    audit function inserts its audit_log row without an id, and the column has no
+    default, so every write made with `app.user_id` set is refused. A warning, not an
+    outage: the application's writes without app.user_id pass, and the bot's remedies
+    write their audit rows themselves meanwhile (DESIGN.md rule 11)."""
+    column = await audit_id_column(db)
+    if column is None:
+        return Finding(
+            check=AUDIT_CHECK,
+            status=Status.SKIPPED,
+            summary=f"no `{AUDIT_TABLE}.id` column: this database keeps no LEAPS audit trail",
+        )
+    trail = await audit_trail(db)
+    tables = sorted({t.table for t in trail.triggers})
+    rows: list[Row] = [
+        {
+            "function": f"{t.function}()",
+            "trigger": t.trigger,
+            "table": t.table,
+            "events": "/".join(t.events),
+            "update_of": ", ".join(t.columns) or None,
+            "omits_id": t.function in trail.omitting,
+        }
+        for t in trail.triggers
+    ]
+    defined = describe_audit_id(column)
+    defect = trail.defect()
+    if defect is not None:
+        return Finding(
+            check=AUDIT_CHECK,
+            status=Status.WARN,
+            summary=f"{defect} ({AUDIT_TABLE}.id: {defined}); audited tables: "
+            f"{', '.join(tables)}. A latent defect, not an outage: the application's writes "
+            "without app.user_id pass, and the bot's remedies write their audit rows "
+            "themselves until it is fixed",
+            rows=rows,
+            hint=audit_fix_hint(),
+        )
+    if trail.path == "none":
+        summary = f"no enabled trigger writes {AUDIT_TABLE} rows ({AUDIT_TABLE}.id: {defined})"
+    else:
+        how = (
+            f"{AUDIT_TABLE}.id defaults to {trail.id_default}"
+            if trail.id_default
+            else "the live function supplies the id"
+        )
+        summary = (
+            f"{', '.join(f'{f}()' for f in trail.functions)} writes {AUDIT_TABLE} rows for "
+            f"{', '.join(tables)}; {how}: writes made with app.user_id are accepted"
+        )
+    return Finding(check=AUDIT_CHECK, status=Status.OK, summary=summary, rows=rows)
 
 
 # --- schema drift -----------------------------------------------------------------------
@@ -547,9 +657,13 @@ async def drift_report(ctx: Context) -> list[Finding]:
 async def migrations(ctx: Context, args: list[str]) -> Report:
     if args:
         raise UsageError("`migrations` takes no arguments")
-    history, drift = await asyncio.gather(history_findings(ctx), drift_report(ctx))
+    history, drift, audit = await asyncio.gather(
+        history_findings(ctx),
+        drift_report(ctx),
+        ctx.gateway.run_check(AUDIT_CHECK, check_audit_trail),
+    )
     return Report(
         title="Migrations and schema drift",
         target=ctx.gateway.target,
-        findings=[*history, *drift],
+        findings=[*history, *drift, audit],
     ).sorted()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import pytest_asyncio
 
 from bot.approvals import APPROVE, ApprovalEngine, Click
@@ -20,6 +21,7 @@ from bot.notify import SlackNotifier
 from bot.router import RunContext
 from bot.slack_app import make_web_client
 from bot.state import StateStore, open_store
+from commands.audit_trail import audit_trail
 from commands.base import ROLES, LeapsIdentity, Reader, Row, role_rank
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import REMEDIES
@@ -84,6 +86,18 @@ async def fetch_rows(query: str, db: Reader) -> list[Row]:
 
 async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     """Arguments, and a fresh problem, so that the remedy's plan needs an approval."""
+    if remedy == "fix-audit-id":  # production's audit trail, again
+        try:
+            await faults.production_audit_trail()
+        except LookupError:  # the function is production's already: the default goes
+            async with await psycopg.AsyncConnection.connect(rig.victims.dsn) as conn:
+                await conn.execute("ALTER TABLE audit_log ALTER COLUMN id DROP DEFAULT")
+        return []
+    if (await rig.gateway.read(audit_trail)).path == "bot":  # fixed, as fix-audit-id leaves it
+        async with await psycopg.AsyncConnection.connect(rig.victims.dsn) as conn:
+            await conn.execute(
+                "ALTER TABLE audit_log ALTER COLUMN id SET DEFAULT gen_random_uuid()::text"
+            )
     if remedy == "refresh-views":
         return [PLAIN_VIEW]
     if remedy == "cleanup-orphans":

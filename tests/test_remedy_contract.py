@@ -26,6 +26,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "dedupe-ledger-events",
         "dedupe-webhooks",
         "drop-index",
+        "fix-audit-id",
         "kill-idle",
         "migration-resolve",
         "reconcile-points",
