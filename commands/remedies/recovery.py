@@ -995,7 +995,7 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
     if held:
         warnings.append(
             "users with a processed LEARN event who hold a LEARN submission, whatever its "
-            "status, are skipped (recovery never undoes a reviewer, as the guide's rule): "
+            "status, are skipped, as the guide's rule does (recovery never undoes a reviewer): "
             + ", ".join(f"{r['status']} {r['n']}" for r in held)
         )
     audit = None
