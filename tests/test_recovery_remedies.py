@@ -471,7 +471,7 @@ async def test_the_plan_message_shows_the_insert(
         limits="",
         button_value="x",
     )
-    shown = [b.text.text for b in message.blocks if getattr(b, "text", None) is not None]
+    shown = [str(b["text"]["text"]) for b in message.blocks_json() if b.get("type") == "section"]
     steps = next(t for t in shown if "INSERT INTO users" in t)
     insert = steps[steps.index("INSERT INTO users") :]
     assert "jsonb_populate_record(NULL::users" in insert and "RETURNING id" in insert
