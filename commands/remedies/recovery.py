@@ -463,10 +463,21 @@ async def plan_recover_users(ctx: Context, args: list[str]) -> Plan:
     above = sorted(
         (role for role in image_roles if role_rank(role) > role_rank(LEAST_ROLE)), key=role_rank
     )
-    for t in targets:
-        t["restored_as"] = (
-            _restored_as(data, t["image_role"]) if t["verdict"] == "recoverable" else "-"
-        )
+    targets = [  # the image's role and the role restored, side by side
+        {
+            "id": t["id"],
+            "handle": t["handle"],
+            "image_role": t["image_role"],
+            "restored_as": (
+                _restored_as(data, t["image_role"]) if t["verdict"] == "recoverable" else "-"
+            ),
+            "verdict": t["verdict"],
+            "latest": t["latest"],
+            "audit_at": t["audit_at"],
+            "audit_id": t["audit_id"],
+        }
+        for t in targets
+    ]
     warnings = [f"audit format found: {fmt.describe()}"]
     if n and override:
         warnings.append(
