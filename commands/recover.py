@@ -39,6 +39,7 @@ from commands.base import (
 )
 from commands.base import register as register_command
 from commands.remedies.base import REMEDIES, Plan
+from commands.remedies.recovery import INCLUDE_DELETED, deleted_on_purpose
 
 log = logging.getLogger(__name__)
 
@@ -487,6 +488,21 @@ async def recover(ctx: Context, args: list[str]) -> Report:
         *integrity_findings(measured, base),
     ]
     step_list, requested = step_findings(steps, measured, dry_run)
+    try:  # users deleted on purpose after the baseline: never requested, only named
+        deleted = await deleted_on_purpose(ctx)
+    except Exception:
+        log.exception("could not count the users deleted on purpose")
+        deleted = 0
+    if deleted:
+        step_list.append(
+            Finding(
+                check=f"step: recover-users {INCLUDE_DELETED}",
+                status=Status.WARN,
+                summary=f"{deleted} missing users were deleted on purpose (their latest audit "
+                "row is a DELETE) after the latest baseline; not restored unless asked",
+                hint=f"/db recover-users {INCLUDE_DELETED}",
+            )
+        )
     report = Report(
         title="Recovery verification" + (" (dry run: nothing requested)" if dry_run else ""),
         target=target,

@@ -19,13 +19,19 @@ became recoverable meanwhile is left to the next `/db recover`.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from psycopg import sql
-from pydantic import BaseModel
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel, Field
 
-from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
+from commands.audit_trail import Op, audit_trail
+from commands.base import BACKUP_SCHEMA, ROLES, Context, Reader, Row, UsageError, role_rank
 from commands.guards import plan_notes
 from commands.remedies.base import (
     DriftError,
@@ -69,6 +75,13 @@ async def _count(db: Reader | Writer, query: str, params: Any = ()) -> int:
     return int(rows[0]["n"]) if rows else 0
 
 
+async def audit_note(db: Reader, writes: list[tuple[str, Op]]) -> str | None:
+    """The plan's `audit`: which path LEAPS's audit rows of these writes take and why;
+    None when no live audit trigger covers them."""
+    trail = await audit_trail(db)
+    return trail.plan_note() if any(trail.audited(t, op) for t, op in writes) else None
+
+
 # --- recover-users ------------------------------------------------------------------
 
 _AUDIT_FUNCTIONS_SQL = """
@@ -83,6 +96,11 @@ _IMAGE_KEY = r"'(\w+)'\s*,\s*(?:to_jsonb|row_to_json|to_json)\(\s*{}\s*\)"
 _LABEL_KEY = r"'(\w+)'\s*,\s*{}\b"
 GUIDE_ACTION = "user_created"  # the guide's assumption: meta user_id, name, email, handle
 ABSENT = "-"  # a meta key no row has: that format's part of the query finds nothing
+KEEP_ROLES = "--keep-roles"
+INCLUDE_DELETED = "--include-deleted"
+ROLE_COLUMN = "role"
+LEAST_ROLE = ROLES[0]  # PARTICIPANT: what the guide restores everyone as
+LISTED = 10  # ids named in a warning
 
 
 class AuditFormat(BaseModel):
@@ -144,6 +162,10 @@ async def audit_format(db: Reader) -> AuditFormat:
 
 
 # Every user an audit row shows, latest row per id; `missing` are those not in users.
+# Rows of one id with equal times (one transaction's now()) are ordered by what they do,
+# a DELETE after an UPDATE after an INSERT, then by their id, so the same rows always
+# give the same image. A user whose latest row is a DELETE was removed on purpose
+# (`deleted`), unless deleted after %(since)s (`--include-deleted`: the latest baseline).
 _USER_IMAGES = """
 WITH img AS (
   SELECT a.id AS audit_id, a.created_at AS audit_at,
@@ -160,7 +182,9 @@ WITH img AS (
 ), latest AS (
   SELECT DISTINCT ON (img ->> 'id') img ->> 'id' AS id, audit_id, audit_at, op, img
   FROM img WHERE img ->> 'id' IS NOT NULL
-  ORDER BY img ->> 'id', audit_at DESC, audit_id DESC
+  ORDER BY img ->> 'id', audit_at DESC,
+           CASE op WHEN 'DELETE' THEN 3 WHEN 'UPDATE' THEN 2 WHEN 'INSERT' THEN 1 ELSE 0 END
+             DESC, audit_id DESC
 ), missing AS (
   SELECT l.* FROM latest AS l WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.id = l.id)
 ), taken AS (
@@ -170,26 +194,46 @@ WITH img AS (
         JOIN users AS u ON u.kajabi_contact_id = m.img ->> 'kajabi_contact_id'
   UNION SELECT m.id FROM missing AS m JOIN users AS u ON u.ref_code = m.img ->> 'ref_code'
 ), judged AS (
-  SELECT m.*, CASE WHEN m.op = 'DELETE' THEN 'deleted'
+  SELECT m.*, CASE WHEN m.op = 'DELETE'
+                        AND NOT coalesce(m.audit_at > %(since)s::timestamp, false)
+                   THEN 'deleted'
                    WHEN m.id IN (SELECT id FROM taken) THEN 'taken'
                    ELSE 'recoverable' END AS verdict
   FROM missing AS m
 )"""
 
-_USERS_SURVEY_SQL = _USER_IMAGES + "\nSELECT verdict, count(*) AS n FROM judged GROUP BY verdict"
-_USERS_GROUPS_SQL = (
+_USERS_SURVEY_SQL = (
+    _USER_IMAGES + "\nSELECT verdict, count(*) AS n,"
+    " count(*) FILTER (WHERE op = 'DELETE' AND audit_at > %(baseline)s::timestamp) AS after"
+    " FROM judged GROUP BY verdict"
+)
+# One row per user to recover: the image's keys (its columns), role and referrers.
+_USERS_ROWS_SQL = (
     _USER_IMAGES  # noqa: S608 (constant fragments of this module)
-    + "\nSELECT ARRAY(SELECT jsonb_object_keys(img) ORDER BY 1) AS keys,"
-    " array_agg(id ORDER BY id) AS ids FROM judged WHERE verdict = 'recoverable'"
-    " GROUP BY 1 ORDER BY 1"
+    + "\nSELECT id, ARRAY(SELECT jsonb_object_keys(img) ORDER BY 1) AS keys,"
+    " img ->> 'role' AS role, ARRAY(SELECT img ->> c FROM unnest(%(refs)s::text[]) AS c)"
+    " AS refs FROM judged WHERE verdict = 'recoverable' ORDER BY id"
 )
 _USERS_SAMPLE_SQL = (
-    _USER_IMAGES + "\nSELECT id, img ->> 'handle' AS handle, verdict, audit_id, audit_at"
-    " FROM judged ORDER BY verdict DESC, id LIMIT %(sample)s"
+    _USER_IMAGES + "\nSELECT id, img ->> 'handle' AS handle, img ->> 'role' AS image_role,"
+    " verdict, op AS latest, audit_id, audit_at FROM judged"
+    " ORDER BY CASE verdict WHEN 'recoverable' THEN 0 WHEN 'deleted' THEN 1 ELSE 2 END, id"
+    " LIMIT %(sample)s"
 )
-_USERS_RECOUNT_SQL = (
+_USERS_DELETED_SQL = (
+    _USER_IMAGES + "\nSELECT id, audit_at FROM judged WHERE verdict = 'deleted'"
+    " ORDER BY audit_at DESC, id LIMIT %(sample)s"
+)
+# What `--include-deleted` would add: deleted after the baseline, and no clash.
+_USERS_DELETED_AFTER_SQL = (
     _USER_IMAGES
-    + "\nSELECT count(*) AS n FROM judged WHERE verdict = 'recoverable' AND id = ANY(%(ids)s)"
+    + "\nSELECT count(*) AS n FROM judged WHERE verdict = 'recoverable' AND op = 'DELETE'"
+)
+# Reads (and so recounts) the images of the planned users, which the INSERT then takes.
+_USERS_READ_SQL = (
+    _USER_IMAGES
+    + "\nSELECT id, img FROM judged WHERE verdict = 'recoverable' AND id = ANY(%(ids)s)"
+    " ORDER BY id"
 )
 
 _USER_COLUMNS_SQL = """
@@ -204,6 +248,7 @@ SELECT a.attname::text AS name FROM pg_constraint AS c
 JOIN pg_attribute AS a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
 WHERE c.contype = 'f' AND c.conrelid = to_regclass('users') AND c.confrelid = c.conrelid
   AND array_length(c.conkey, 1) = 1
+ORDER BY 1
 """
 
 
@@ -214,29 +259,37 @@ class UserGroup(BaseModel):
 
 class RecoverUsersData(BaseModel):
     format: AuditFormat
+    # One INSERT each, in this order: referrers come before the users who name them.
     groups: list[UserGroup]
     self_refs: list[str]
+    # Values that replace the image's ({"role": "PARTICIPANT"} unless --keep-roles).
+    override: dict[str, str] = Field(default_factory=dict)
+    # --include-deleted: users deleted after this moment (UTC, the latest baseline's
+    # time) come back too; None: a latest DELETE keeps a user away.
+    since: datetime | None = None
 
     @property
     def ids(self) -> list[str]:
         return [i for g in self.groups for i in g.ids]
 
 
-def _params(fmt: AuditFormat, **more: Any) -> dict[str, Any]:
+def _params(fmt: AuditFormat, since: datetime | None = None, **more: Any) -> dict[str, Any]:
     return {
         "op": fmt.op_key,
         "new": fmt.new_key,
         "old": fmt.old_key,
         "tbl": fmt.table_key,
         "guide": GUIDE_ACTION,
+        "since": since,
         **more,
     }
 
 
 def insert_users_sql(group: UserGroup, self_refs: list[str]) -> sql.Composed:
-    """The audit row's values, typed by the live table (`jsonb_populate_record`); columns
-    the row does not hold take the table's default; a reference to a user who neither
-    exists nor comes back with this step is left empty rather than refused."""
+    """The audit rows' images (read and recounted first, in the same transaction), typed
+    by the live table (`jsonb_populate_record`) after the plan's overrides (the role);
+    columns an image does not hold take the table's default; a reference to a user who
+    neither exists nor comes back with this step is left empty rather than refused."""
 
     def value(col: str) -> sql.Composable:
         ref = sql.SQL("r.{}").format(sql.Identifier(col))
@@ -248,92 +301,285 @@ def insert_users_sql(group: UserGroup, self_refs: list[str]) -> sql.Composed:
         ).format(r=ref)
 
     return sql.SQL(
-        _USER_IMAGES  # noqa: S608 (constant fragments; identifiers composed)
-        + "\nINSERT INTO users ({cols})"
-        " SELECT {vals} FROM judged AS j, jsonb_populate_record(NULL::users, j.img) AS r"
-        " WHERE j.verdict = 'recoverable' AND j.id = ANY(%(ids)s) ORDER BY j.id"
+        "INSERT INTO users ({cols})\nSELECT {vals}\n"
+        "FROM jsonb_array_elements(%(images)s::jsonb) WITH ORDINALITY AS j(img, n),\n"
+        "     jsonb_populate_record(NULL::users, j.img || %(override)s::jsonb) AS r\n"
+        "ORDER BY j.n RETURNING id"
     ).format(
         cols=sql.SQL(", ").join(map(sql.Identifier, group.columns)),
         vals=sql.SQL(", ").join(value(c) for c in group.columns),
     )
 
 
+def insert_order(
+    columns: Mapping[str, tuple[str, ...]], referrers: Mapping[str, set[str]]
+) -> list[UserGroup]:
+    """The INSERTs, one per set of columns, ordered so that a user's referrer is in an
+    earlier INSERT or the same one (a foreign key is checked at the end of a statement):
+    each round takes, per set of columns, the users whose referrers are all in already
+    or come along in this set. A referral cycle across sets would never be free: it
+    is inserted as it is, and the database says no."""
+    left = set(columns)
+    groups: list[UserGroup] = []
+    kinds = sorted(set(columns.values()))
+    while left:
+        progressed = False
+        for kind in kinds:
+            batch = {i for i in left if columns[i] == kind}
+            while True:  # drop those waiting for a referrer neither in nor in this batch
+                waiting = {i for i in batch if referrers[i] & left - batch}
+                if not waiting:
+                    break
+                batch -= waiting
+            if batch:
+                groups.append(UserGroup(columns=list(kind), ids=sorted(batch)))
+                left -= batch
+                progressed = True
+        if not progressed:
+            for kind in kinds:
+                stuck = sorted(i for i in left if columns[i] == kind)
+                if stuck:
+                    groups.append(UserGroup(columns=list(kind), ids=stuck))
+            break
+    return groups
+
+
+async def _latest_unflagged_baseline_at(ctx: Context) -> datetime | None:
+    """When the latest baseline was taken (UTC, naive like audit_log.created_at), or None.
+
+    TODO(H6): baselines gain a "flagged" mark (taken while counts fell); this must then
+    skip flagged baselines and return the latest unflagged one's time. Today it is the
+    newest hourly baseline's.
+    """
+    if ctx.baselines is None:
+        return None
+    base = await ctx.baselines.latest_before(ctx.gateway.target, datetime.now(UTC))
+    if base is None:
+        return None
+    return base.taken_at.astimezone(UTC).replace(tzinfo=None)
+
+
+async def deleted_on_purpose(ctx: Context) -> int:
+    """Users whose latest audit row is a DELETE made after the latest baseline and who
+    could come back (no clash with a user now there): what `/db recover-users
+    --include-deleted` restores beyond `/db recover-users`. 0 without a baseline."""
+    since = await _latest_unflagged_baseline_at(ctx)
+    if since is None:
+        return 0
+
+    async def count(db: Reader) -> int:
+        fmt = await audit_format(db)
+        return await _count(db, _USERS_DELETED_AFTER_SQL, _params(fmt, since))
+
+    return await ctx.gateway.read(count)
+
+
+def _parse_users_args(args: list[str]) -> tuple[bool, bool]:
+    words = [a.strip() for a in args if a.strip()]
+    unknown = [w for w in words if w not in (KEEP_ROLES, INCLUDE_DELETED)]
+    if unknown:
+        raise UsageError(
+            f"`{RECOVER_USERS_NAME}` takes `{KEEP_ROLES}` and `{INCLUDE_DELETED}`, "
+            f"not `{unknown[0]}`"
+        )
+    return KEEP_ROLES in words, INCLUDE_DELETED in words
+
+
+def _users_steps(data: RecoverUsersData) -> list[PlanStep]:
+    n = len(data.ids)
+    steps = [
+        PlanStep(
+            sql=insert_users_sql(g, data.self_refs).as_string(),
+            params=[
+                f"<the images of {plural(len(g.ids), 'planned user')}, read by the last step>",
+                data.override,
+                "<the planned ids>",
+            ],
+            note=f"INSERT {k} of {len(data.groups)}: {plural(len(g.ids), 'user')} with the "
+            f"columns {', '.join(g.columns)}; the count must match the plan",
+        )
+        for k, g in enumerate(data.groups, start=1)
+    ]
+    steps.append(
+        PlanStep(
+            sql=_USERS_READ_SQL.strip(),
+            params=["<the audit format's keys>", "<the planned ids>"],
+            note=f"runs first: reads the planned users' images and recounts them: {n}",
+        )
+    )
+    return steps
+
+
+def _restored_as(data: RecoverUsersData, image_role: Any) -> str:
+    return data.override.get(ROLE_COLUMN) or (str(image_role) if image_role else "(default)")
+
+
 async def plan_recover_users(ctx: Context, args: list[str]) -> Plan:
-    _no_args(RECOVER_USERS_NAME, args)
+    keep_roles, include_deleted = _parse_users_args(args)
+    baseline = await _latest_unflagged_baseline_at(ctx)
+    if include_deleted and baseline is None:
+        raise UsageError(
+            f"`{INCLUDE_DELETED}` restores users deleted after the latest baseline, and "
+            "there is no baseline yet; nothing to compare with, so nothing is planned"
+        )
+    since = baseline if include_deleted else None
 
     async def survey(
         db: Reader,
-    ) -> tuple[AuditFormat, dict[str, int], list[Row], list[Row], list[str], list[str]]:
+    ) -> tuple[AuditFormat, dict[str, Row], list[Row], list[Row], list[Row], list[str], list[str]]:
         fmt = await audit_format(db)
-        verdicts = {
-            str(r["verdict"]): int(r["n"]) for r in await db.fetch(_USERS_SURVEY_SQL, _params(fmt))
-        }
-        groups = await db.fetch(_USERS_GROUPS_SQL, _params(fmt))
-        sample = await db.fetch(_USERS_SAMPLE_SQL, _params(fmt, sample=SAMPLE))
-        columns = [str(r["name"]) for r in await db.fetch(_USER_COLUMNS_SQL)]
         refs = [str(r["name"]) for r in await db.fetch(_SELF_REFS_SQL)]
-        return fmt, verdicts, groups, sample, columns, refs
+        params = _params(fmt, since, baseline=baseline, refs=refs, sample=SAMPLE)
+        verdicts = {str(r["verdict"]): r for r in await db.fetch(_USERS_SURVEY_SQL, params)}
+        rows = await db.fetch(_USERS_ROWS_SQL, params)
+        sample = await db.fetch(_USERS_SAMPLE_SQL, params)
+        deleted = await db.fetch(_USERS_DELETED_SQL, params) if "deleted" in verdicts else []
+        columns = [str(r["name"]) for r in await db.fetch(_USER_COLUMNS_SQL)]
+        return fmt, verdicts, rows, sample, deleted, columns, refs
 
-    fmt, verdicts, raw_groups, targets, columns, refs = await ctx.gateway.read(survey)
-    groups: list[UserGroup] = []
+    fmt, verdicts, rows, targets, deleted, columns, refs = await ctx.gateway.read(survey)
+    override = {} if keep_roles or ROLE_COLUMN not in columns else {ROLE_COLUMN: LEAST_ROLE}
+    kinds: dict[str, tuple[str, ...]] = {}
+    referrers: dict[str, set[str]] = {}
     dropped: set[str] = set()
-    for g in raw_groups:
-        keys = {str(k) for k in g["keys"]}
+    for r in rows:
+        keys = {str(k) for k in r["keys"]} | set(override)
         dropped |= keys - set(columns)
-        groups.append(
-            UserGroup(columns=[c for c in columns if c in keys], ids=[str(i) for i in g["ids"]])
-        )
-    data = RecoverUsersData(format=fmt, groups=groups, self_refs=refs)
+        kinds[str(r["id"])] = tuple(c for c in columns if c in keys)
+        referrers[str(r["id"])] = {str(i) for i in r["refs"] if i is not None}
+    planned = set(kinds)
+    referrers = {i: (refs_ & planned) - {i} for i, refs_ in referrers.items()}
+    data = RecoverUsersData(
+        format=fmt,
+        groups=insert_order(kinds, referrers),
+        self_refs=refs,
+        override=override,
+        since=since,
+    )
+    if any("id" not in g.columns for g in data.groups):
+        raise UsageError("an audit row image has no id; the bot will not invent user ids")
     n = len(data.ids)
+    image_roles = Counter(str(r["role"] or "(none)") for r in rows)
+    above = sorted(
+        (role for role in image_roles if role_rank(role) > role_rank(LEAST_ROLE)), key=role_rank
+    )
+    targets = [  # the image's role and the role restored, side by side
+        {
+            "id": t["id"],
+            "handle": t["handle"],
+            "image_role": t["image_role"],
+            "restored_as": (
+                _restored_as(data, t["image_role"]) if t["verdict"] == "recoverable" else "-"
+            ),
+            "verdict": t["verdict"],
+            "latest": t["latest"],
+            "audit_at": t["audit_at"],
+            "audit_id": t["audit_id"],
+        }
+        for t in targets
+    ]
     warnings = [f"audit format found: {fmt.describe()}"]
-    if verdicts.get("deleted"):
+    if n and override:
         warnings.append(
-            f"{plural(verdicts['deleted'], 'user')} whose latest audit row is a DELETE "
-            "(removed through the application) are not brought back"
+            f"every user comes back as {LEAST_ROLE}, as the guide restores them; their "
+            f"imaged roles: {_roles_text(image_roles)}"
+            + (f"; `/db {RECOVER_USERS_NAME} {KEEP_ROLES}` restores those" if above else "")
+            + (" (it needs a SUPERADMIN approver)" if above else "")
+        )
+    elif n:
+        warnings.append(
+            f"{KEEP_ROLES}: every user comes back with their imaged role: "
+            f"{_roles_text(image_roles)}"
+            + (
+                f"; {', '.join(above)} above {LEAST_ROLE}, so a SUPERADMIN approves"
+                if above
+                else ""
+            )
+        )
+    deleted_n = int(verdicts["deleted"]["n"]) if "deleted" in verdicts else 0
+    after = int(verdicts["deleted"]["after"]) if "deleted" in verdicts else 0
+    if deleted_n:
+        listed = ", ".join(f"{d['id']} ({d['audit_at']:%Y-%m-%d %H:%M})" for d in deleted[:LISTED])
+        more = f" and {deleted_n - LISTED} more" if deleted_n > LISTED else ""
+        line = (
+            f"{plural(deleted_n, 'user')} whose latest audit row is a DELETE were deleted on "
+            f"purpose and are not brought back: {listed}{more}"
+        )
+        if after and not include_deleted and baseline is not None:
+            line += (
+                f"; {after} of them were deleted after the {baseline:%Y-%m-%d %H:%M} UTC "
+                f"baseline: `/db {RECOVER_USERS_NAME} {INCLUDE_DELETED}` restores those"
+            )
+        warnings.append(line)
+    if include_deleted and since is not None:
+        back = sum(1 for r in targets if r["verdict"] == "recoverable" and r["latest"] == "DELETE")
+        warnings.append(
+            f"{INCLUDE_DELETED}: users deleted after the {since:%Y-%m-%d %H:%M} UTC baseline "
+            f"(the latest) come back too{f', {back} of the rows shown' if back else ''}"
         )
     if verdicts.get("taken"):
         warnings.append(
-            f"{plural(verdicts['taken'], 'user')} whose e-mail, handle, Kajabi contact or "
-            "ref code another user now holds are left to a person"
+            f"{plural(int(verdicts['taken']['n']), 'user')} whose e-mail, handle, Kajabi "
+            "contact or ref code another user now holds are left to a person"
         )
     if dropped:
         warnings.append(f"audit keys with no live column are not written: {sorted(dropped)}")
-    if any("id" not in g.columns for g in groups):
-        raise UsageError("an audit row image has no id; the bot will not invent user ids")
+    if len(data.groups) > 1 and refs:
+        warnings.append(
+            f"{len(data.groups)} INSERTs, referrers ({', '.join(refs)}) before the users who "
+            "name them"
+        )
+    audit = None
     if n:
         warnings += await plan_notes(ctx, ["users"], "INSERT")
-    steps = [
-        PlanStep(
-            sql=_USERS_RECOUNT_SQL.strip(), params=["<the planned ids>"], note=f"recounts: {n}"
-        )
-    ]
-    steps += [
-        PlanStep(
-            sql=insert_users_sql(g, refs).as_string(),
-            params=[f"<{plural(len(g.ids), 'planned id')}>"],
-            note=f"{len(g.ids)} rows with the columns {', '.join(g.columns)}",
-        )
-        for g in groups
-    ]
+        audit = await ctx.gateway.read(partial(audit_note, writes=[("users", "INSERT")]))
+    superadmin = keep_roles and bool(above)
     return Plan(
         remedy=RECOVER_USERS_NAME,
         args=list(args),
         title="Recover users from audit_log",
         summary=(
             f"insert {plural(n, 'user')} missing from users, each as its latest audit row "
-            "shows it (same id; columns the row lacks take their defaults); nothing is "
-            "overwritten, so there is no backup"
+            "shows it (same id; columns the row lacks take their defaults), "
+            + (f"as {LEAST_ROLE}" if override else "with their imaged roles")
+            + "; nothing is overwritten, so there is no backup"
             if n
             else "every user audit_log shows is in users (or was deleted on purpose, or "
             "clashes with a user now there); nothing to do"
         ),
-        steps=steps,
+        steps=_users_steps(data),
         targets=targets,
         count=n,
         warnings=warnings,
         needs_approval=n > 0,
         locks=LockScope(relations=["users"]),
+        approver_role="SUPERADMIN" if superadmin else None,
         data=data.model_dump(mode="json"),
+        audit=audit,
+    )
+
+
+def _roles_text(roles: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(roles.items(), key=lambda kv: role_rank(kv[0])))
+
+
+def sample_recover_users(plan: Plan, n: int) -> Plan:
+    """The first n users in INSERT order (so referrers before those who name them)."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(RecoverUsersData)
+    keep = set(data.ids[:n])
+    groups = [
+        UserGroup(columns=g.columns, ids=[i for i in g.ids if i in keep]) for g in data.groups
+    ]
+    cut = data.model_copy(update={"groups": [g for g in groups if g.ids]})
+    return plan.model_copy(
+        update={
+            "count": len(keep),
+            "steps": _users_steps(cut),
+            "targets": [t for t in plan.targets if t.get("id") in keep],
+            "data": cut.model_dump(mode="json"),
+        }
     )
 
 
@@ -349,15 +595,23 @@ async def apply_recover_users(writer: Writer, plan: Plan) -> Outcome:
     ):
         raise RemedyAbort("drift: the live audit format changed since the plan; request it again")
     ids = data.ids
-    now = await _count(writer, _USERS_RECOUNT_SQL, _params(fmt, ids=ids))
-    if now != plan.count:
-        raise DriftError("recoverable users", plan.count, now, 0)
-    inserted = 0
+    read = await writer.fetch(_USERS_READ_SQL, _params(fmt, data.since, ids=ids))
+    if len(read) != plan.count:
+        raise DriftError("recoverable users", plan.count, len(read), 0)
+    images = {str(r["id"]): r["img"] for r in read}
+    inserted: list[str] = []
     for group in data.groups:
-        inserted += await writer.execute(
-            insert_users_sql(group, data.self_refs), _params(fmt, ids=group.ids, all_ids=ids)
+        got = await writer.fetch(
+            insert_users_sql(group, data.self_refs),
+            {
+                "images": Jsonb([images[i] for i in group.ids]),
+                "override": Jsonb(data.override),
+                "all_ids": ids,
+            },
         )
-    check_count(plan, inserted, "users")
+        inserted += [str(r["id"]) for r in got]
+    check_count(plan, len(inserted), "users")
+    await writer.audit.after(writer, "users", "INSERT", inserted)
     rows = await writer.fetch(
         "SELECT id, handle, role::text AS role, created_at FROM users WHERE id = ANY(%s)"
         " ORDER BY id LIMIT %s",
@@ -365,8 +619,10 @@ async def apply_recover_users(writer: Writer, plan: Plan) -> Outcome:
     )
     return Outcome(
         ok=True,
-        summary=f"recovered {plural(inserted, 'user')} from audit_log ({data.format.describe()})",
-        affected=inserted,
+        summary=f"recovered {plural(len(inserted), 'user')} from audit_log"
+        + (f" as {data.override[ROLE_COLUMN]}" if ROLE_COLUMN in data.override else "")
+        + f" ({data.format.describe()})",
+        affected=len(inserted),
         rows=rows,
     )
 
@@ -514,6 +770,11 @@ async def plan_rematch_kind(ctx: Context, args: list[str], kind: RematchKind) ->
             "left to a person"
         )
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_kajabi_events")
+    audit = (
+        await ctx.gateway.read(partial(audit_note, writes=[("kajabi_events", "UPDATE")]))
+        if n
+        else None
+    )
     return Plan(
         remedy=kind.name,
         args=list(args),
@@ -549,6 +810,23 @@ async def plan_rematch_kind(ctx: Context, args: list[str], kind: RematchKind) ->
         needs_approval=n > 0,
         locks=LockScope(relations=["kajabi_events"]),
         data=data.model_dump(mode="json"),
+        audit=audit,
+    )
+
+
+def sample_rematch(plan: Plan, n: int) -> Plan:
+    """The first n planned events with their users (rematch-kajabi and rematch-emails)."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(RematchData)
+    cut = data.model_copy(update={"ids": data.ids[:n], "users": data.users[:n]})
+    keep = set(cut.ids)
+    return plan.model_copy(
+        update={
+            "count": len(cut.ids),
+            "targets": [t for t in plan.targets if t.get("id") in keep],
+            "data": cut.model_dump(mode="json"),
+        }
     )
 
 
@@ -570,8 +848,12 @@ async def apply_rematch(writer: Writer, plan: Plan) -> Outcome:
     copied = await writer.execute(backup_sql("kajabi_events", backup), (data.ids,))
     if copied != plan.count:
         raise RowCountError("events copied to the backup", plan.count, copied)
+    # kajabi_events is not audited in LEAPS; where a deployment audits it and its
+    # trigger cannot write the rows, the bot does.
+    await writer.audit.before(writer, "kajabi_events", data.ids)
     updated = await writer.execute(rematch_sql(backup), (data.ids, data.users))
     check_count(plan, updated, "Kajabi events")
+    await writer.audit.after(writer, "kajabi_events", "UPDATE", data.ids)
     rows = await writer.fetch(
         sql.SQL(
             "SELECT e.id, e.event_id, b.user_match AS was, e.user_match AS now"
@@ -597,9 +879,10 @@ SELECT DISTINCT lower(btrim(tag_name::text)) AS tag FROM learn_tag_grants ORDER 
 EVENT_TAG = (
     "lower(btrim(coalesce(e.tag_name_norm::text, e.tag_name_raw, e.payload -> 'tag' ->> 'name')))"
 )
-# One processed LEARN-tag event per existing user without a live LEARN submission
-# (PENDING or APPROVED: the partial unique index and the single-attempt guard allow no
-# second one); the earliest event, as it awarded the LEARN.
+# One processed LEARN-tag event per existing user who holds no LEARN submission at all:
+# recovery never undoes a reviewer, so a REJECTED or REVOKED one keeps the user out as
+# the guide's rule does (and PENDING or APPROVED: the partial unique index and the
+# single-attempt guard allow no second one); the earliest event, as it awarded the LEARN.
 _LEARN = f"""
 WITH ev AS (
   SELECT DISTINCT ON (u.id) e.id AS event_row, e.event_id, u.id AS user_id,
@@ -610,13 +893,19 @@ WITH ev AS (
 ), due AS (
   SELECT ev.* FROM ev
   WHERE NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.user_id = ev.user_id
-                    AND s.activity_code = 'LEARN' AND s.status IN ('PENDING', 'APPROVED'))
+                    AND s.activity_code = 'LEARN')
     AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = %(prefix)s || ev.event_row)
 )"""  # noqa: S608 (constant fragments of this module)
 _LEARN_PAIRS_SQL = _LEARN + "\nSELECT event_row, user_id FROM due ORDER BY event_row"
 _LEARN_SAMPLE_SQL = (
     _LEARN + "\nSELECT event_row AS kajabi_event, event_id, user_id, processed_at FROM due"
     " ORDER BY event_row LIMIT %(sample)s"
+)
+# The users with a processed LEARN-tag event skipped for the LEARN they hold, by status.
+_LEARN_HELD_SQL = (
+    _LEARN + "\nSELECT s.status::text AS status, count(DISTINCT ev.user_id) AS n FROM ev"
+    " JOIN submissions AS s ON s.user_id = ev.user_id AND s.activity_code = 'LEARN'"
+    " GROUP BY 1 ORDER BY 1"
 )
 _LEARN_RECOUNT_SQL = (
     _LEARN + "\nSELECT count(*) AS n FROM due JOIN unnest(%(ids)s::text[], %(users)s::text[])"
@@ -663,7 +952,7 @@ def insert_learn_sql(status_type: sql.Identifier, visibility_type: sql.Identifie
         " 'Recovered by dbops-bot from Kajabi event ' || coalesce(d.event_id, d.event_row),"
         " d.processed_at, now() AT TIME ZONE 'UTC'"
         " FROM due AS d JOIN unnest(%(ids)s::text[], %(users)s::text[]) AS p(i, u)"
-        " ON p.i = d.event_row AND p.u = d.user_id ORDER BY d.event_row"
+        " ON p.i = d.event_row AND p.u = d.user_id ORDER BY d.event_row RETURNING id"
     ).format(st=status_type, vt=visibility_type)
 
 
@@ -683,17 +972,18 @@ async def learn_tags(db: Reader) -> list[str]:
 async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
     _no_args(RECOVER_LEARN_NAME, args)
 
-    async def survey(db: Reader) -> tuple[list[str], list[Row], list[Row], Row]:
+    async def survey(db: Reader) -> tuple[list[str], list[Row], list[Row], Row, list[Row]]:
         tags = await learn_tags(db)
         if not tags:
-            return tags, [], [], {}
+            return tags, [], [], {}, []
         params = {"tags": tags, "prefix": LEARN_ID_PREFIX, "sample": SAMPLE}
         pairs = await db.fetch(_LEARN_PAIRS_SQL, params)
         sample = await db.fetch(_LEARN_SAMPLE_SQL, params) if pairs else []
         payload = (await db.fetch(_PRODUCT_PAYLOAD_SQL))[0]
-        return tags, pairs, sample, payload
+        held = await db.fetch(_LEARN_HELD_SQL, params)
+        return tags, pairs, sample, payload, held
 
-    tags, pairs, targets, payload = await ctx.gateway.read(survey)
+    tags, pairs, targets, payload, held = await ctx.gateway.read(survey)
     if not tags:
         raise UsageError(
             "learn_tag_grants holds no tag, so the bot cannot tell which Kajabi events "
@@ -713,18 +1003,26 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
         "the inserted submissions are APPROVED and name the identity the remedy acts as as "
         "reviewer; their ledger awards are `/db reconcile-points`'s, next",
     ]
+    if held:
+        warnings.append(
+            "users with a processed LEARN event who hold a LEARN submission, whatever its "
+            "status, are skipped, as the guide's rule does (recovery never undoes a reviewer): "
+            + ", ".join(f"{r['status']} {r['n']}" for r in held)
+        )
+    audit = None
     if n:
         warnings += await plan_notes(ctx, ["submissions"], "INSERT")
+        audit = await ctx.gateway.read(partial(audit_note, writes=[("submissions", "INSERT")]))
     return Plan(
         remedy=RECOVER_LEARN_NAME,
         args=list(args),
         title="Recover LEARN submissions from processed Kajabi events",
         summary=(
             f"insert {plural(n, 'APPROVED LEARN submission')} (id "
-            f"'{LEARN_ID_PREFIX}<event id>') for users whose processed LEARN-tag event has no "
-            "PENDING or APPROVED LEARN submission; nothing is overwritten, so there is no backup"
+            f"'{LEARN_ID_PREFIX}<event id>') for users with a processed LEARN-tag event and "
+            "no LEARN submission at all; nothing is overwritten, so there is no backup"
             if n
-            else "every user with a processed LEARN-tag Kajabi event has a live LEARN "
+            else "every user with a processed LEARN-tag Kajabi event has a LEARN "
             "submission; nothing to do"
         ),
         steps=[
@@ -747,6 +1045,23 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
         needs_approval=n > 0,
         locks=LockScope(relations=["submissions"]),
         data=data.model_dump(mode="json"),
+        audit=audit,
+    )
+
+
+def sample_recover_learn(plan: Plan, n: int) -> Plan:
+    """The first n planned events (and their users)."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(LearnRecoveryData)
+    cut = data.model_copy(update={"ids": data.ids[:n], "users": data.users[:n]})
+    keep = set(cut.ids)
+    return plan.model_copy(
+        update={
+            "count": len(cut.ids),
+            "targets": [t for t in plan.targets if t.get("kajabi_event") in keep],
+            "data": cut.model_dump(mode="json"),
+        }
     )
 
 
@@ -768,7 +1083,7 @@ async def apply_recover_learn(writer: Writer, plan: Plan) -> Outcome:
     now = await _count(writer, _LEARN_RECOUNT_SQL, params)
     if now != plan.count:
         raise DriftError("recoverable LEARN submissions", plan.count, now, 0)
-    inserted = await writer.execute(
+    got = await writer.fetch(
         insert_learn_sql(await _type_of(writer, "status"), await _type_of(writer, "visibility")),
         {
             **params,
@@ -778,7 +1093,11 @@ async def apply_recover_learn(writer: Writer, plan: Plan) -> Outcome:
             "reviewer": writer.identity.user_id,
         },
     )
+    inserted = len(got)
     check_count(plan, inserted, "LEARN submissions")
+    # No live trigger audits a submission's INSERT today; where one does and cannot
+    # write its rows itself, the bot writes them.
+    await writer.audit.after(writer, "submissions", "INSERT", [str(r["id"]) for r in got])
     rows = await writer.fetch(
         "SELECT id, user_id, status::text AS status, payload ->> 'course_name' AS course_name"
         " FROM submissions WHERE id = ANY(%s) ORDER BY id LIMIT %s",
@@ -806,13 +1125,16 @@ async def verify_recover_learn(db: Reader, plan: Plan, run: Execution) -> Verifi
 RECOVER_USERS = add_remedy(
     Remedy(
         name=RECOVER_USERS_NAME,
-        usage="/db recover-users",
-        summary="insert users missing from users as their latest audit_log row shows them",
+        usage=f"/db recover-users [{KEEP_ROLES}] [{INCLUDE_DELETED}]",
+        summary="insert users missing from users as their latest audit_log row shows them, "
+        f"as {LEAST_ROLE} unless {KEEP_ROLES}",
         plan=plan_recover_users,
         apply=apply_recover_users,
         verify=verify_recover_users,
         approver_role="ADMIN",
         approvers=1,
+        preflight=True,
+        sample=sample_recover_users,
     )
 )
 REMATCH_KAJABI = add_remedy(
@@ -826,6 +1148,8 @@ REMATCH_KAJABI = add_remedy(
         verify=verify_backup_of("kajabi_events"),
         approver_role="ADMIN",
         approvers=1,
+        preflight=True,
+        sample=sample_rematch,
     )
 )
 RECOVER_LEARN = add_remedy(
@@ -838,5 +1162,7 @@ RECOVER_LEARN = add_remedy(
         verify=verify_recover_learn,
         approver_role="ADMIN",
         approvers=1,
+        preflight=True,
+        sample=sample_recover_learn,
     )
 )
