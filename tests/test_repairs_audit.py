@@ -7,14 +7,16 @@ app.user_role set, and audit_log gets the same rows: one per changed row of an a
 table, with the acting user, the action, the target and the old and new row images
 (compared here with the backup copy and the rows as they are now).
 
-A plan bigger than the preflight's limit is tried on `remedy.sample(plan, n)`: applied
-through the executor, the sample changes exactly its n rows (the first by id of each
-part), and the whole plan, applied to an identical copy, still changes all of them.
+A plan bigger than the preflight's limit is tried on `remedy.sample(plan, n)`: tried
+through the executor and rolled back, it changes n rows and leaves nothing behind;
+applied, exactly its n rows (the first by id of each part); and the whole plan, applied
+to an identical copy, still changes all of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -28,7 +30,7 @@ from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import LeapsIdentity
 from commands.fixture.faults import FaultInjector
-from commands.remedies.base import Plan, Remedy
+from commands.remedies.base import Outcome, Plan, Remedy, RemedyAbort, Writer
 from commands.remedies.learn import DEDUPE_LEARN
 from commands.remedies.ledger import DEDUPE_EVENTS, RECONCILE_POINTS, RECONCILE_SOURCE
 from commands.remedies.orphans import CLEANUP_ORPHANS, orphan_shares
@@ -36,6 +38,7 @@ from commands.remedies.rowsets import fair_shares
 from tests.conftest import FAST_THRESHOLDS, make_audit_variant
 from tests.test_repairs import (
     backup_ident,
+    backup_tables,
     fetch,
     leaps_user,
     orphan_submissions_with_attachments,
@@ -282,6 +285,26 @@ def changed_ids(
     return out
 
 
+class _RolledBack(RemedyAbort):
+    """Raised after the remedy's apply, so the executor rolls its transaction back."""
+
+
+async def tried(dsn: str, remedy: Remedy, plan: Plan, who: LeapsIdentity) -> Outcome:
+    """The remedy's apply run through the executor in a transaction that is then rolled
+    back (as the preflight tries it): its outcome."""
+    seen: list[Outcome] = []
+
+    async def apply_then_roll_back(writer: Writer, p: Plan) -> Outcome:
+        seen.append(await remedy.apply(writer, p))
+        raise _RolledBack("tried, rolled back")
+
+    trial = replace(remedy, apply=apply_then_roll_back)
+    state, outcome = await Executor(dsn).apply(trial, plan, "apv-try", who)
+    assert state == "aborted" and "tried, rolled back" in outcome.summary, outcome
+    (done,) = seen
+    return done
+
+
 async def sample_and_whole(
     pg: EmbeddedPostgres,
     dsn: str,
@@ -304,6 +327,12 @@ async def sample_and_whole(
     sampled = remedy.sample(plan, n)
     assert sampled.count == n and sampled.fingerprint() != plan.fingerprint()
     assert remedy.sample(plan, plan.count) == plan  # small enough: tried whole
+
+    untouched = await snapshot(dsn, (*names, "audit_log"))
+    trial = await tried(dsn, remedy, sampled, who)
+    assert trial.ok and trial.affected == n, trial
+    assert await snapshot(dsn, (*names, "audit_log")) == untouched
+    assert await backup_tables(dsn) == []
 
     before = await snapshot(dsn, names)
     state, outcome = await Executor(dsn).apply(remedy, sampled, "apv-sample", who)
