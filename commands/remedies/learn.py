@@ -28,12 +28,15 @@ from commands.remedies.rowsets import (
     SAMPLE,
     Counts,
     Part,
+    audit_note,
     backup_display,
     backup_sql,
     check_parts,
     count_rows,
-    lock_and_backup,
+    lock_and_backup_ids,
     plural,
+    sample_parts,
+    sampled_parts,
     verify_backup_of,
 )
 
@@ -153,10 +156,11 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
 
     async def survey(
         db: Reader,
-    ) -> tuple[int, int, list[Row], list[Row], int, list[str], list[str], list[Row]]:
+    ) -> tuple[int, int, list[Row], list[Row], int, list[str], list[str], list[Row], str | None]:
         cert_guards = await triggers_reading(db, "submissions", "UPDATE", CERTIFICATE_KEY)
         part = learn_part(bool(cert_guards))
         n = await count_rows(db, part.count_sql())
+        audit = await audit_note(db, [("submissions", "UPDATE")]) if n else None
         users = await db.fetch(
             "SELECT count(DISTINCT s.user_id) AS n FROM submissions AS s WHERE "  # noqa: S608
             + part.condition
@@ -166,9 +170,10 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
         n_decide = int((await db.fetch(NEEDS_DECISION_COUNT_SQL))[0]["n"]) if decide else 0
         notes = await acting_notes(db, ["submissions"], "UPDATE", ctx.service_identity) if n else []
         held = await db.fetch(_HELD_SQL) if cert_guards else []
-        return n, int(users[0]["n"]), sample, decide, n_decide, notes, cert_guards, held
+        return n, int(users[0]["n"]), sample, decide, n_decide, notes, cert_guards, held, audit
 
-    n, users, targets, decide, n_decide, notes, cert_guards, held = await ctx.gateway.read(survey)
+    survey_result = await ctx.gateway.read(survey)
+    n, users, targets, decide, n_decide, notes, cert_guards, held, audit = survey_result
     part = learn_part(bool(cert_guards))
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_submissions")
     warnings = [*notes, *_decision_lines(decide, n_decide)]
@@ -203,8 +208,9 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
             PlanStep(
                 sql=reject_sql(backup).as_string(),
                 params=["<the acting LEAPS user id>", APPROVAL_PLACEHOLDER],
-                note="as the acting identity (app.user_id / app.user_role set for this "
-                "transaction); the count must match the plan",
+                note="as the acting identity (app.user_role set for this transaction, and "
+                "app.user_id where LEAPS's audit trigger can write its row); the count must "
+                "match the plan",
             ),
             PlanStep(sql=part.count_sql().as_string(), note="verification: must be 0"),
         ],
@@ -219,6 +225,7 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
             needs_decision=[str(r["user_id"]) for r in decide],
             certificate_guards=cert_guards,
         ).model_dump(mode="json"),
+        audit=audit,
     )
 
 
@@ -231,7 +238,7 @@ async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
             f"({', '.join(data.certificate_guards) or 'none'} then, "
             f"{', '.join(now_guards) or 'none'} now); nothing was changed, request it again"
         )
-    part = learn_part(bool(now_guards))
+    (part,) = sampled_parts([learn_part(bool(now_guards))], data)
     await check_parts(writer, plan, [part], data.counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no duplicate LEARN submission; nothing was changed")
@@ -241,12 +248,18 @@ async def apply_dedupe_learn(writer: Writer, plan: Plan) -> Outcome:
             "a LEAPS account (matched by Slack e-mail) and REMEDY_SERVICE_USER_ID is not "
             "set; nothing was changed"
         )
-    backup, copied = await lock_and_backup(writer, part, plan.count)
-    updated = await writer.execute(
-        reject_sql(backup), (writer.identity.user_id, writer.approval_id)
+    backup, ids = await lock_and_backup_ids(writer, part, plan.count)
+    copied = len(ids)
+    await writer.audit.before(writer, "submissions", ids)
+    rejected = await writer.fetch(
+        reject_sql(backup) + sql.SQL(" RETURNING s.id"),
+        (writer.identity.user_id, writer.approval_id),
     )
+    await writer.audit.after(writer, "submissions", "UPDATE", [str(r["id"]) for r in rejected])
+    updated = len(rejected)
     check_count(plan, updated, "LEARN submissions")
-    if await count_rows(writer, part.count_sql()):
+    rest = part.changed(ids)
+    if await count_rows(writer, rest.count_sql(), rest.params):
         return Outcome(
             ok=False, summary="verification failed: duplicate LEARN submissions remain; rolled back"
         )
@@ -282,5 +295,7 @@ DEDUPE_LEARN = add_remedy(
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,
+        preflight=True,
+        sample=sample_parts(LearnData),
     )
 )

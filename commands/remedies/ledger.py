@@ -33,12 +33,15 @@ from commands.remedies.rowsets import (
     SAMPLE,
     Counts,
     Part,
+    audit_note,
     backup_display,
     check_parts,
     count_rows,
     delete_part,
     delete_part_steps,
     plural,
+    sample_parts,
+    sampled_parts,
     verify_backup_of,
 )
 
@@ -50,6 +53,9 @@ class ReconcileData(BaseModel):
     keys: tuple[str, str]  # the AMPLIFY payload keys check_amplify_quota() reads
     source: str
     pairs: int
+    # A sample of the plan (`sample_reconcile`): only the first this many missing awards
+    # by submission id are inserted; None: all of them.
+    sample: int | None = None
 
 
 DUPLICATE_EVENT = (
@@ -71,8 +77,9 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-ledger-events` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[int, Row, list[Row]]:
+    async def survey(db: Reader) -> tuple[int, Row, list[Row], str | None]:
         n = await count_rows(db, EVENT_PART.count_sql())
+        audit = await audit_note(db, [("points_ledger", "DELETE")]) if n else None
         stats = (
             await db.fetch(
                 "SELECT count(DISTINCT l.external_event_id) AS events,"  # noqa: S608
@@ -81,9 +88,9 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
             )
         )[0]
         sample = await db.fetch(EVENT_PART.sample_sql(_EVENT_SAMPLE).as_string()) if n else []
-        return n, stats, sample
+        return n, stats, sample, audit
 
-    n, stats, targets = await ctx.gateway.read(survey)
+    n, stats, targets, audit = await ctx.gateway.read(survey)
     notes = await plan_notes(ctx, ["points_ledger"], "DELETE") if n else []
     return Plan(
         remedy=DEDUPE_EVENTS_NAME,
@@ -104,14 +111,17 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
         needs_approval=n > 0,
         locks=LockScope(relations=["points_ledger"]),
         data=Counts(counts={"events": n}).model_dump(mode="json"),
+        audit=audit,
     )
 
 
 async def apply_dedupe_events(writer: Writer, plan: Plan) -> Outcome:
-    await check_parts(writer, plan, [EVENT_PART], plan.private(Counts).counts)
+    data = plan.private(Counts)
+    (part,) = sampled_parts([EVENT_PART], data)
+    await check_parts(writer, plan, [part], data.counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no repeated external event; nothing was changed")
-    done = await delete_part(writer, plan, EVENT_PART)
+    done = await delete_part(writer, plan, part)
     backup, copied, deleted = done.backup, done.copied, done.deleted
     if done.remaining:
         return Outcome(ok=False, summary="verification failed: repeated events remain; rolled back")
@@ -201,13 +211,24 @@ DUE_COUNT_SQL = (
     _DUE + "\nSELECT count(*) AS n, coalesce(sum(points), 0)::bigint AS points,"
     " count(DISTINCT (user_id, activity_code)) AS pairs FROM due WHERE points > 0"
 )
+# A sample's recount: the first n due awards by submission id (n bound last).
+DUE_FIRST_COUNT_SQL = (
+    _DUE + "\nSELECT count(*) AS n FROM (SELECT 1 FROM due WHERE points > 0"  # noqa: S608
+    " ORDER BY submission_id LIMIT %s) AS q"
+)
+# A sample's verification: which of its submissions still lack their award.
+DUE_AMONG_COUNT_SQL = (
+    _DUE + "\nSELECT count(*) AS n FROM due WHERE points > 0 AND submission_id = ANY(%s)"
+)
 DUE_SAMPLE_SQL = (
     _DUE + "\nSELECT submission_id, user_id, activity_code, points, awarded_at FROM due"
     f" WHERE points > 0 ORDER BY submission_id LIMIT {SAMPLE}"
 )
 
 
-def insert_awards_sql(enum_type: sql.Identifier) -> sql.Composed:
+def insert_awards_sql(enum_type: sql.Identifier, first: bool = False) -> sql.Composed:
+    """The awards of every due submission, or with `first` (a sample) only the first n
+    by submission id (n bound after the approval id); returns the rows inserted."""
     return sql.Composed(
         [
             sql.SQL(
@@ -224,6 +245,8 @@ def insert_awards_sql(enum_type: sql.Identifier) -> sql.Composed:
                 " 'dbops-bot reconcile-points', 'approval', %s::text)"
                 " FROM due AS d WHERE d.points > 0"
             ),
+            sql.SQL(" ORDER BY d.submission_id LIMIT %s" if first else ""),
+            sql.SQL(" RETURNING id, meta ->> 'submission_id' AS submission_id"),
         ]
     )
 
@@ -234,14 +257,16 @@ async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
 
     async def survey(
         db: Reader,
-    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], Row, list[Row]]:
+    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], Row, list[Row], str | None]:
         keys = await amplify_keys(db)
         source = await live_source(db)
         counted = (await db.fetch(DUE_COUNT_SQL, keys))[0]
-        sample = await db.fetch(DUE_SAMPLE_SQL, keys) if int(counted["n"]) else []
-        return keys, source, counted, sample
+        due = int(counted["n"])
+        sample = await db.fetch(DUE_SAMPLE_SQL, keys) if due else []
+        audit = await audit_note(db, [("points_ledger", "INSERT")]) if due else None
+        return keys, source, counted, sample, audit
 
-    keys, (enum_type, source, labels), counted, targets = await ctx.gateway.read(survey)
+    keys, (enum_type, source, labels), counted, targets, audit = await ctx.gateway.read(survey)
     n = int(counted["n"])
     notes = await plan_notes(ctx, ["points_ledger"], "INSERT") if n else []
     return Plan(
@@ -277,6 +302,7 @@ async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
         data=ReconcileData(keys=keys, source=source, pairs=int(counted["pairs"])).model_dump(
             mode="json"
         ),
+        audit=audit,
     )
 
 
@@ -298,15 +324,27 @@ async def apply_reconcile(writer: Writer, plan: Plan) -> Outcome:
             f"drift: the ledger source would now be {source}, the plan said "
             f"{data.source}; nothing was changed, request it again"
         )
-    now = int((await writer.fetch(DUE_COUNT_SQL, keys))[0]["n"])
+    first = data.sample
+    if first is None:
+        now = int((await writer.fetch(DUE_COUNT_SQL, keys))[0]["n"])
+    else:
+        now = int((await writer.fetch(DUE_FIRST_COUNT_SQL, (*keys, first)))[0]["n"])
     check_drift(plan, now, "missing awards")
     if plan.count == 0:
         return Outcome(ok=True, summary="no missing award; nothing was changed")
-    inserted = await writer.execute(
-        insert_awards_sql(enum_type), (*keys, source, RECONCILE_SOURCE, writer.approval_id)
+    params = (*keys, source, RECONCILE_SOURCE, writer.approval_id)
+    awarded = await writer.fetch(
+        insert_awards_sql(enum_type, first is not None),
+        params if first is None else (*params, first),
     )
+    await writer.audit.after(writer, "points_ledger", "INSERT", [str(r["id"]) for r in awarded])
+    inserted = len(awarded)
     check_count(plan, inserted, "ledger awards")
-    left = int((await writer.fetch(DUE_COUNT_SQL, keys))[0]["n"])
+    if first is None:
+        left = int((await writer.fetch(DUE_COUNT_SQL, keys))[0]["n"])
+    else:
+        subs = [str(r["submission_id"]) for r in awarded]
+        left = int((await writer.fetch(DUE_AMONG_COUNT_SQL, (*keys, subs)))[0]["n"])
     if left:
         return Outcome(ok=False, summary=f"verification failed: {left} awards still missing")
     rows = await writer.fetch(
@@ -321,6 +359,17 @@ async def apply_reconcile(writer: Writer, plan: Plan) -> Outcome:
         "no approved submission's (user, activity) lacks its awards now",
         affected=inserted,
         rows=rows,
+    )
+
+
+def sample_reconcile(plan: Plan, n: int) -> Plan:
+    """The plan cut down to its first n missing awards by submission id."""
+    if plan.count <= n:
+        return plan
+    kept = max(n, 0)
+    data = plan.private(ReconcileData).model_copy(update={"sample": kept})
+    return plan.model_copy(
+        update={"count": kept, "tolerance": 0, "data": data.model_dump(mode="json")}
     )
 
 
@@ -351,6 +400,8 @@ RECONCILE_POINTS = add_remedy(
         approver_role="ADMIN",
         approvers=1,
         destroys_data=False,
+        preflight=True,
+        sample=sample_reconcile,
     )
 )
 
@@ -366,5 +417,7 @@ DEDUPE_EVENTS = add_remedy(
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,
+        preflight=True,
+        sample=sample_parts(Counts),
     )
 )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from psycopg import sql
 
+from commands.audit_trail import Op
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.remedies.base import (
+    DriftError,
     Execution,
     LockScope,
     Outcome,
@@ -25,14 +27,20 @@ from commands.remedies.rowsets import (
     SAMPLE,
     Counts,
     Part,
+    audit_note,
     backup_display,
+    backup_ids,
     backup_sql,
     backups_hold,
     check_parts,
     count_rows,
+    delete_backed_up,
     delete_sql,
-    lock_and_backup,
+    fair_shares,
+    lock_ids,
     plural,
+    sample_parts,
+    sampled_parts,
 )
 
 CLEANUP_ORPHANS_NAME = "cleanup-orphans"
@@ -182,15 +190,17 @@ async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
     tables = orphan_tables(args)
     parts = orphan_parts(tables)
 
-    async def survey(db: Reader) -> tuple[dict[str, int], list[Row], list[Row]]:
+    async def survey(db: Reader) -> tuple[dict[str, int], list[Row], list[Row], str | None]:
         counts = {p.key: await count_rows(db, p.count_sql()) for p in parts}
         sample: list[Row] = []
         for p in parts:
             if counts[p.key] and len(sample) < SAMPLE:
                 sample += await db.fetch(p.sample_sql(_SAMPLE_COLUMNS[p.key]).as_string())
-        return counts, sample[:SAMPLE], await _unhandled_dependents(db, tables)
+        changes: list[tuple[str, Op]] = [(p.table, "DELETE") for p in parts if counts[p.key]]
+        audit = await audit_note(db, changes) if changes else None
+        return counts, sample[:SAMPLE], await _unhandled_dependents(db, tables), audit
 
-    counts, targets, dependents = await ctx.gateway.read(survey)
+    counts, targets, dependents, audit = await ctx.gateway.read(survey)
     deleting = sorted({p.table for p in parts if counts[p.key]})
     notes = await plan_notes(ctx, deleting, "DELETE") if deleting else []
     total = sum(counts.values())
@@ -254,6 +264,7 @@ async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
         needs_approval=total > 0,
         locks=LockScope(relations=sorted({p.table for p in parts})),
         data=OrphanData(tables=tables, counts=counts).model_dump(mode="json"),
+        audit=audit,
     )
 
 
@@ -277,7 +288,7 @@ async def _no_unsaved_attachments(writer: Writer, backup: sql.Identifier) -> Non
 
 async def apply_cleanup_orphans(writer: Writer, plan: Plan) -> Outcome:
     data = plan.private(OrphanData)
-    parts = orphan_parts(data.tables)
+    parts = sampled_parts(orphan_parts(data.tables), data)
     planned = data.counts
     await check_parts(writer, plan, parts, planned)
     if plan.count == 0:
@@ -285,19 +296,32 @@ async def apply_cleanup_orphans(writer: Writer, plan: Plan) -> Outcome:
     rows: list[Row] = []
     backups: list[str] = []
     total = 0
-    for m in _merged([p for p in parts if planned.get(p.key)]):
-        expected = sum(planned.get(p.key, 0) for p in parts if p.table == m.table)
-        backup, copied = await lock_and_backup(writer, m, expected)
-        if m.table == "submissions":
+    locked: dict[str, list[str]] = {}
+    for table in dict.fromkeys(p.table for p in parts if planned.get(p.key)):
+        # Children before parents; a table's parts (attachments: orphans and children of
+        # orphans) locked each, then backed up and deleted together.
+        group = [p for p in parts if p.table == table and planned.get(p.key)]
+        what = " and ".join(p.what for p in group)
+        ids: list[str] = []
+        for p in group:
+            locked[p.key] = await lock_ids(writer, p)
+            if len(locked[p.key]) != planned[p.key]:
+                raise DriftError(p.what, planned[p.key], len(locked[p.key]), 0)
+            ids += locked[p.key]
+        backup, copied = await backup_ids(writer, table, ids, what)
+        if table == "submissions":
             await _no_unsaved_attachments(writer, backup)
-        deleted = await writer.execute(delete_sql(m.table, backup))
+        deleted = len(await delete_backed_up(writer, table, backup, ids))
         if deleted != copied:
-            raise RowCountError(m.what, copied, deleted)
+            raise RowCountError(what, copied, deleted)
         total += deleted
         backups.append(backup.as_string())
-        rows.append({"table": m.table, "deleted": deleted, "backup": backup.as_string()})
+        rows.append({"table": table, "deleted": deleted, "backup": backup.as_string()})
     check_count(plan, total, "orphaned rows")
-    left = {p.key: await count_rows(writer, p.count_sql()) for p in parts}
+    left: dict[str, int] = {}
+    for p in parts:
+        rest = p.changed(locked.get(p.key, []))
+        left[p.key] = await count_rows(writer, rest.count_sql(), rest.params)
     if any(left.values()):
         still = ", ".join(f"{n} {k}" for k, n in left.items() if n)
         return Outcome(
@@ -312,6 +336,21 @@ async def apply_cleanup_orphans(writer: Writer, plan: Plan) -> Outcome:
         backup_table=", ".join(backups),
         rows=rows,
     )
+
+
+def orphan_shares(counts: dict[str, int], n: int) -> dict[str, int]:
+    """A sample's rows per part: fair shares, except that orphaned submissions are tried
+    only with every attachment of theirs (deleting one takes its attachments along, and
+    those must be backed up and deleted first); when those do not fit, none are."""
+    children, subs = counts.get("child_attachments", 0), counts.get("submissions", 0)
+    if not (children and subs):
+        return fair_shares(counts, n)
+    if children < n:
+        others = {k: c for k, c in counts.items() if k != "child_attachments"}
+        return fair_shares(others, n - children) | {"child_attachments": children}
+    return fair_shares({k: c for k, c in counts.items() if k != "submissions"}, n) | {
+        "submissions": 0
+    }
 
 
 async def verify_cleanup_orphans(db: Reader, plan: Plan, run: Execution) -> Verification:
@@ -336,5 +375,7 @@ CLEANUP_ORPHANS = add_remedy(
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,
+        preflight=True,
+        sample=sample_parts(OrphanData, orphan_shares),
     )
 )
