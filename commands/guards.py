@@ -21,7 +21,7 @@ USER_ROLE_SETTING = "app.user_role"
 USER_ID_SETTING = "app.user_id"
 
 # tgtype bits (pg_trigger.h): 2 BEFORE, 4 INSERT, 8 DELETE, 16 UPDATE, 64 INSTEAD OF.
-_TRIGGERS_SQL = """
+_TRIGGERS_SQL = r"""
 SELECT c.relname::text AS "table", t.tgname::text AS trigger, p.proname::text AS function,
        t.tgenabled <> 'D' AS enabled,
        CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE' WHEN t.tgtype & 64 <> 0 THEN 'INSTEAD OF'
@@ -30,7 +30,8 @@ SELECT c.relname::text AS "table", t.tgname::text AS trigger, p.proname::text AS
                           CASE WHEN t.tgtype & 8 <> 0 THEN 'DELETE' END,
                           CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' END], NULL) AS events,
        position(%s in p.prosrc) > 0 AS reads_role,
-       position(%s in p.prosrc) > 0 AS reads_user
+       position(%s in p.prosrc) > 0 AS reads_user,
+       p.prosrc ~* 'insert\s+into\s+("?public"?\.)?"?audit_log"?' AS audits
 FROM pg_trigger AS t
 JOIN pg_class AS c ON c.oid = t.tgrelid
 JOIN pg_proc AS p ON p.oid = t.tgfoid
@@ -62,6 +63,7 @@ class Guard:
     events: tuple[str, ...]
     reads_role: bool
     reads_user: bool
+    audits: bool = False  # writes audit_log rows (reads app.user_role for them, guards nothing)
 
     def describe(self) -> str:
         settings = ((USER_ROLE_SETTING, self.reads_role), (USER_ID_SETTING, self.reads_user))
@@ -85,6 +87,7 @@ async def guards_on(db: Reader, tables: list[str], event: str) -> list[Guard]:
             events=tuple(str(e) for e in r["events"] or ()),
             reads_role=bool(r["reads_role"]),
             reads_user=bool(r["reads_user"]),
+            audits=bool(r["audits"]),
         )
         for r in rows
     ]
@@ -139,7 +142,7 @@ async def acting_notes(
     notes.append(who + (service.describe() if service else "nobody (no REMEDY_SERVICE_USER_ID)"))
     if service is not None and not await db.fetch(_USER_SQL, (service.user_id,)):
         notes.append(f"the service identity {service.user_id} is not a LEAPS user")
-    role_guards = [g.trigger for g in guards if g.reads_role]
+    role_guards = [g.trigger for g in guards if g.reads_role and not g.audits]
     if role_guards and (service is None or service.role not in STAFF_ROLES):
         notes.append(
             f"{', '.join(role_guards)} refuses this {event} unless {USER_ROLE_SETTING} is "
