@@ -200,7 +200,7 @@ async def test_a_sampled_set_role_changes_exactly_its_users(
     assert outcome.affected == 2
     ids = [i for i, _h in users]
     query: LiteralString = "SELECT id, role::text FROM users WHERE id = ANY(%s)"
-    roles = dict(await fetch(leaps_dsn, query, (ids,)))
+    roles: dict[str, str] = dict(await fetch(leaps_dsn, query, (ids,)))
     assert roles == {ids[0]: "REVIEWER", ids[1]: "REVIEWER", ids[2]: "PARTICIPANT"}
     assert len(await audit_rows(leaps_dsn, "UPDATE_users", ids)) == 2
     rest = await SET_ROLE.plan(ctx, [*(h for _i, h in users), "REVIEWER"])
@@ -276,7 +276,7 @@ async def test_a_sampled_rematch_links_exactly_its_events(
     assert cut.data["ids"] == events[:2] and cut.data["users"] == plan.data["users"][:2]
     outcome = await run(leaps_dsn, REMATCH_EMAILS_REMEDY, cut, "apv-rm-cut")
     assert outcome.affected == 2
-    marks = dict(
+    marks: dict[str, str] = dict(
         await fetch(
             leaps_dsn, "SELECT id, user_match FROM kajabi_events WHERE id = ANY(%s)", (events,)
         )
@@ -297,7 +297,7 @@ async def test_a_sampled_migration_resolve_marks_exactly_its_attempts(
     cut = sampled(MIGRATION_RESOLVE, plan, 1)
     outcome = await run(leaps_dsn, MIGRATION_RESOLVE, cut, "apv-mr-cut")
     assert outcome.affected == 1
-    states = dict(
+    states: dict[str, bool] = dict(
         await fetch(
             leaps_dsn,
             "SELECT id, rolled_back_at IS NOT NULL FROM _prisma_migrations"
