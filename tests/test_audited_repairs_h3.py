@@ -242,7 +242,7 @@ async def test_a_sampled_dedupe_deletes_the_first_duplicates_and_holds_the_whole
     assert plan.count == 4
     copies = sorted(f"{o}_again{k}" for o in originals for k in (1, 2))
     cut = sampled(DEDUPE_WEBHOOKS_REMEDY, plan, 3)
-    assert cut.data == {"counts": plan.data["counts"], "sample": 3}
+    assert cut.data == {"counts": plan.data["counts"], "sample": {"duplicates": 3}}
     outcome = await run(leaps_dsn, DEDUPE_WEBHOOKS_REMEDY, cut, "apv-dd-cut")
     assert (outcome.affected, outcome.backed_up) == (3, 3)
     left = await fetch(

@@ -646,11 +646,11 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
 
 
 class DedupeWebhooksData(Counts):
-    """The planned count (`counts`, which the recount is held to) and, in a sampled plan
-    only, how many of the duplicates to delete: the first `sample` by id. An unsampled
-    plan stores `Counts` alone, as before samples existed."""
+    """The planned count (`counts`, which the whole recount is held to) and, in a sampled
+    plan only, how many of the duplicates to delete (`sample`, by part): the first ones
+    by id. An unsampled plan stores `Counts` alone, as before samples existed."""
 
-    sample: int | None = None
+    sample: dict[str, int] | None = None
 
 
 def sample_dedupe_webhooks(plan: Plan, n: int) -> Plan:
@@ -660,7 +660,7 @@ def sample_dedupe_webhooks(plan: Plan, n: int) -> Plan:
     if plan.count <= n:
         return plan
     data = DedupeWebhooksData.model_validate(plan.data)
-    kept = DedupeWebhooksData(counts=data.counts, sample=n)
+    kept = DedupeWebhooksData(counts=data.counts, sample={PAYLOAD_PART.key: n})
     return plan.model_copy(
         update={
             "count": n,
@@ -676,9 +676,10 @@ def _first_sql(n: int) -> sql.Composed:
     return sql.SQL("{} LIMIT {}").format(PAYLOAD_PART.lock_sql(), sql.Literal(n))
 
 
-async def _apply_dedupe_sample(writer: Writer, plan: Plan, data: DedupeWebhooksData) -> Outcome:
+async def _apply_dedupe_sample(
+    writer: Writer, plan: Plan, data: DedupeWebhooksData, n: int
+) -> Outcome:
     """A sampled plan (preflight): the whole plan's drift check, then the first n rows."""
-    n = plan.count
     planned = sum(data.counts.values())
     whole = plan.model_copy(update={"count": planned})
     await check_parts(writer, whole, [PAYLOAD_PART], data.counts)
@@ -707,7 +708,7 @@ async def _apply_dedupe_sample(writer: Writer, plan: Plan, data: DedupeWebhooksD
 async def apply_dedupe_webhooks(writer: Writer, plan: Plan) -> Outcome:
     data = DedupeWebhooksData.model_validate(plan.data)
     if data.sample is not None:
-        return await _apply_dedupe_sample(writer, plan, data)
+        return await _apply_dedupe_sample(writer, plan, data, data.sample[PAYLOAD_PART.key])
     await check_parts(writer, plan, [PAYLOAD_PART], data.counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no repeated payload; nothing was changed")
