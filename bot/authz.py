@@ -6,6 +6,17 @@ when the target (or Slack) cannot answer, the last role known from within `ROLE_
 still lets a known person diagnose the outage, but a role that could not be checked now never
 requests or approves a change. A failed lookup is retried after a short pause, not at once, so
 a burst of commands during an outage does not queue on a dead target.
+
+A role change made by the bot (`set-role`) takes effect at once on every replica, though
+each keeps its own cache: the change bumps a per-e-mail version in the shared state store
+and replaces the kept role of the Slack users whose LEAPS role was read by that e-mail
+(`leaps_role_changed`). A resolver notes that version before each LEAPS lookup, and before
+it answers from its cache with a role read from LEAPS it reads the version again (one
+primary-key read of a small table): when it moved, it looks the role up anew. Reading on
+each resolve rather than once per tick costs a read per command, which is small beside the
+command itself, and leaves no window in which another replica still answers with the old
+role. While the state store cannot answer, the cache is trusted (for at most the TTL) and
+the store is not asked again for a short pause, so a sick store never slows every command.
 """
 
 from __future__ import annotations
@@ -123,6 +134,18 @@ class _Unavailable(Exception):
     """A source could not answer now (as opposed to answering "no role")."""
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """A resolved role, until when it is trusted, and for a role read from LEAPS the
+    e-mail it was read by and that e-mail's role-change version seen before the read
+    (None: not known, so the first successful read of the version looks it up anew)."""
+
+    resolved: ResolvedRole
+    until: float
+    email: str | None = None
+    version: int | None = None
+
+
 @dataclass
 class _Lookup:
     """One user's resolution under way, and how many commands wait for it."""
@@ -150,12 +173,13 @@ class RoleResolver:
         self._ttl = ttl_s
         self._stale_max_s = stale_max_s
         self.store = store  # set once the state store is open; roles work without it
-        self._cache: dict[str, tuple[ResolvedRole, float]] = {}
+        self._cache: dict[str, _Cached] = {}
         self._emails: dict[str, tuple[str | None, str | None, float]] = {}
         self._members: dict[str, tuple[frozenset[str] | None, str | None, float]] = {}
         self._member_locks: dict[str, asyncio.Lock] = {}
         self._inflight: dict[str, _Lookup] = {}
         self._leaps_down_until = 0.0
+        self._store_down_until = 0.0
 
     async def role_of(self, user_id: str, purpose: Purpose = "approve") -> str:
         """The role that counts for `purpose`: a stale role only for diagnostics."""
@@ -165,8 +189,8 @@ class RoleResolver:
         if user_id in self._map:
             return ResolvedRole(self._map[user_id], "map", _now())
         hit = self._cache.get(user_id)
-        if hit and hit[1] > time.monotonic():
-            return hit[0]
+        if hit and hit.until > time.monotonic() and not await self._changed_since(hit):
+            return hit.resolved
         # A burst of commands by someone not yet cached waits for one lookup, not one each:
         # users.info and the LEAPS query are paid once, and a failure is shared, not retried.
         lookup = self._inflight.get(user_id)
@@ -191,17 +215,19 @@ class RoleResolver:
             del self._inflight[user_id]
 
     async def _resolve_now(self, user_id: str) -> ResolvedRole:
+        email: str | None = None
+        version: int | None = None
         try:
-            resolved = await self._lookup(user_id)
+            resolved, email, version = await self._lookup(user_id)
         except _Unavailable as exc:
             level = logging.WARNING if self._client is not None else logging.DEBUG
             log.log(level, "role of %s: %s", user_id, exc)
             resolved = await self._last_known(user_id, str(exc))
             ttl = min(self._ttl, FAILED_LOOKUP_TTL_S)
         else:
-            await self._remember(user_id, resolved)
+            await self._remember(user_id, resolved, email, version)
             ttl = self._ttl
-        self._cache[user_id] = (resolved, time.monotonic() + ttl)
+        self._cache[user_id] = _Cached(resolved, time.monotonic() + ttl, email, version)
         return resolved
 
     async def email_of(self, user_id: str) -> str | None:
@@ -214,17 +240,22 @@ class RoleResolver:
 
     # --- the sources, in order --------------------------------------------------------
 
-    async def _lookup(self, user_id: str) -> ResolvedRole:
+    async def _lookup(self, user_id: str) -> tuple[ResolvedRole, str | None, int | None]:
+        """The role, and for one read from LEAPS the e-mail (lower case) and the version
+        of its role changes read before the LEAPS lookup (so a change committed after
+        the lookup read the old role is seen by the version moving)."""
         if self._client is None:
             raise _Unavailable("the console knows only ROLE_MAP")
         group = await self._group_role(user_id)
         if group is not None:
-            return ResolvedRole(group[0], "group", _now(), detail=group[1])
+            return ResolvedRole(group[0], "group", _now(), detail=group[1]), None, None
         email = await self._email(user_id)
         if not email:
-            return ResolvedRole(LOWEST, "default", _now())
+            return ResolvedRole(LOWEST, "default", _now()), None, None
+        key = email.strip().lower()
         if time.monotonic() < self._leaps_down_until:
             raise _Unavailable("the LEAPS database did not answer")
+        version = await self._change_version(key)
         try:
             role = await self._gateway.read(partial(role_for_email, email))
         except Exception as exc:  # the target may be the thing that is sick
@@ -232,8 +263,8 @@ class RoleResolver:
             self._leaps_down_until = time.monotonic() + LEAPS_BACKOFF_S
             raise _Unavailable("the LEAPS database did not answer") from exc
         if role not in ROLES:
-            return ResolvedRole(LOWEST, "default", _now())
-        return ResolvedRole(role, "leaps", _now())
+            return ResolvedRole(LOWEST, "default", _now()), key, version
+        return ResolvedRole(role, "leaps", _now()), key, version
 
     async def _group_role(self, user_id: str) -> tuple[str, str] | None:
         """The highest role among the configured groups the user is in, with that group."""
@@ -296,7 +327,9 @@ class RoleResolver:
 
     # --- the last known role ----------------------------------------------------------
 
-    async def _remember(self, user_id: str, resolved: ResolvedRole) -> None:
+    async def _remember(
+        self, user_id: str, resolved: ResolvedRole, email: str | None, version: int | None
+    ) -> None:
         if self.store is None:
             return
         try:
@@ -307,9 +340,99 @@ class RoleResolver:
                     source=resolved.source,
                     detail=resolved.detail,
                     at=resolved.resolved_at,
+                    email=email,
+                    seen_version=version,
                 )
         except Exception as exc:  # roles must keep working while the state store is sick
             log.warning("could not keep the role of %s in the state store: %s", user_id, exc)
+
+    # --- role changes made by the bot -------------------------------------------------
+
+    async def _change_version(self, email: str) -> int | None:
+        """The version of the role changes of `email` in the state store; None when there
+        is no store or it cannot answer now (then it is not asked again for a while)."""
+        if self.store is None or time.monotonic() < self._store_down_until:
+            return None
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                return await self.store.role_change_version(email)
+        except Exception as exc:
+            log.warning("could not read the role changes of %s: %s", email, exc)
+            self._store_down_until = time.monotonic() + LEAPS_BACKOFF_S
+            return None
+
+    async def _changed_since(self, hit: _Cached) -> bool:
+        """Whether a set-role (on any replica) changed the LEAPS role a cached answer was
+        read by since it was cached. Only roles read by an e-mail depend on it; while
+        the store cannot say, the cache is trusted until its TTL."""
+        if hit.email is None or hit.resolved.stale:
+            return False
+        now = await self._change_version(hit.email)
+        return now is not None and now != hit.version
+
+    async def leaps_role_changed(self, email: str, role: str) -> list[str]:
+        """The bot changed the LEAPS role of the user with this e-mail to `role` (a
+        set-role that landed). Forgets this replica's cached roles read by that e-mail,
+        bumps the change version every other replica checks before answering from its
+        cache, and replaces the kept (last known) role of the Slack users whose role came
+        from it. Returns what still decides such a person's role over LEAPS: ROLE_MAP or
+        a Slack user group (the Slack user found by the e-mail, and by the kept rows)."""
+        key = email.strip().lower()
+        notes: list[str] = []
+        for user_id, cached in list(self._cache.items()):
+            if cached.email == key:
+                del self._cache[user_id]
+        slack_ids: set[str] = set()
+        if self.store is not None:
+            try:
+                async with asyncio.timeout(STORE_TIMEOUT_S):
+                    _, known = await self.store.leaps_role_changed(key, role)
+                slack_ids |= {k.user_id for k in known}
+            except Exception as exc:
+                log.warning("could not record the role change of %s: %s", email, exc)
+                notes.append(
+                    "the state store could not record the change, so other replicas may "
+                    f"answer with the old role for up to {human_duration(self._ttl)}"
+                )
+        slack_ids |= {u for u, (mail, _, _) in self._emails.items() if mail and mail.lower() == key}
+        slack_ids |= await self._slack_ids_by_email(email)
+        for user_id in sorted(slack_ids):
+            if user_id in self._map:
+                notes.append(
+                    f"ROLE_MAP gives Slack user {user_id} the role {self._map[user_id]}, "
+                    f"which still wins over the new LEAPS role {role} in the bot"
+                )
+                continue
+            try:
+                group = await self._group_role(user_id)
+            except _Unavailable as exc:
+                notes.append(
+                    f"whether a Slack user group decides the role of Slack user {user_id} "
+                    f"could not be checked: {exc}"
+                )
+                continue
+            if group is not None:
+                notes.append(
+                    f"the Slack user group {group[1]} gives Slack user {user_id} the role "
+                    f"{group[0]}, which still wins over the new LEAPS role {role} in the bot"
+                )
+        return notes
+
+    async def _slack_ids_by_email(self, email: str) -> set[str]:
+        """The Slack user with this profile e-mail (users.lookupByEmail), if Slack says."""
+        if self._client is None:
+            return set()
+        try:
+            answer = await self._client.users_lookupByEmail(email=email)
+        except SlackApiError as exc:
+            if exc.response.get("error") not in {"users_not_found", *_NO_SUCH_USER}:
+                log.warning("users.lookupByEmail failed: %s", exc)
+            return set()
+        except SlackClientError as exc:
+            log.warning("users.lookupByEmail failed: %s", exc)
+            return set()
+        found = (answer.get("user") or {}).get("id")
+        return {str(found)} if found else set()
 
     async def _last_known(self, user_id: str, failure: str) -> ResolvedRole:
         known = await self._stored(user_id)

@@ -48,6 +48,7 @@ async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
         roles = RoleResolver(
             settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
         )
+        ctx.role_changed = roles.leaps_role_changed  # a set-role here reaches every replica
         IncidentStore.attach(store)  # console approvals join the console's incident
         yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
     finally:

@@ -30,6 +30,7 @@ from commands.base import (
     RefreshJournal,
     RefreshLog,
     Report,
+    RoleChanged,
     SlackEmail,
     Thresholds,
     UsageError,
@@ -53,6 +54,7 @@ class RunContext:
     service_identity: LeapsIdentity | None = None  # REMEDY_SERVICE_USER_ID / _ROLE
     baselines: BaselineStore | None = None  # the state store's row-count snapshots
     on_recovery_verified: RecoveryHook | None = None  # the incidents part listens here
+    role_changed: RoleChanged | None = None  # the role resolver: set-role takes effect now
 
 
 @dataclass

@@ -73,6 +73,7 @@ class Service:
         )
         self.slack.roles = self.roles
         self.ctx.slack_email = self.roles.email_of  # `/db quota @user` reads the profile e-mail
+        self.ctx.role_changed = self.roles.leaps_role_changed  # set-role takes effect now
         self.executor = executor_from_settings(settings)
         self.store: StateStore | None = None
         self.engine: ApprovalEngine | None = None

@@ -166,6 +166,10 @@ RefreshRecords = Mapping[str, Mapping[str, Any]]
 RefreshLog = Callable[[], Awaitable[RefreshRecords]]
 # A Slack user id to the profile e-mail (None when Slack has none or cannot say).
 SlackEmail = Callable[[str], Awaitable[str | None]]
+# A LEAPS user's role was changed (their e-mail, the new role): the bot replaces the
+# cached and stored role of the Slack users it knows by that e-mail on every replica,
+# and returns notes where ROLE_MAP or a Slack user group still decides their role.
+RoleChanged = Callable[[str, str], Awaitable[list[str]]]
 
 
 class RefreshJournal(Protocol):
@@ -248,6 +252,11 @@ class Context(Protocol):
     @property
     def service_identity(self) -> LeapsIdentity | None:
         """Who remedies act as when no approver has a LEAPS staff account (settings)."""
+        ...
+
+    @property
+    def role_changed(self) -> RoleChanged | None:
+        """None where no role resolver listens (a one-off run without the bot's roles)."""
         ...
 
 

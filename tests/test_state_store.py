@@ -47,6 +47,7 @@ TABLES = {
 TABLES |= {"dbops_incidents", "dbops_incident_events", "dbops_incident_reminders"}
 TABLES |= {"dbops_health_seen"}
 TABLES |= {"dbops_watchdog_checks"}
+TABLES |= {"dbops_role_changes"}
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 

@@ -287,6 +287,22 @@ class KnownRoleRow(Base):
     source: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
     resolved_at: Mapped[datetime]
+    # The Slack profile e-mail (lower case) its LEAPS role was read by; None for a role
+    # from a user group, or a row kept before 0009. A set-role finds the rows to replace by it.
+    email: Mapped[str | None] = mapped_column(String(320), index=True)
+
+
+class RoleChangeRow(Base):
+    """A LEAPS role change the bot made, per e-mail (lower case): `version` grows with each
+    one, and every replica's resolver compares it with the version it saw when it cached
+    a role read by that e-mail, so a set-role on one replica takes effect on all at once."""
+
+    __tablename__ = "dbops_role_changes"
+
+    email: Mapped[str] = mapped_column(String(320), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime]
 
 
 class WatchdogCheckRow(Base):

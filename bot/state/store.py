@@ -52,6 +52,7 @@ from bot.state.models import (
     Origin,
     RefreshLogRow,
     RefreshMode,
+    RoleChangeRow,
 )
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class KnownRole:
     source: str
     detail: str | None
     resolved_at: datetime
+    email: str | None = None  # the Slack e-mail its LEAPS role was read by (lower case)
 
 
 # -- engines and migrations -----------------------------------------------------------------
@@ -816,14 +818,25 @@ class StateStore:
         source: str,
         detail: str | None = None,
         at: datetime | None = None,
-    ) -> None:
-        """Keep the role just resolved (one row per user, the latest wins)."""
+        email: str | None = None,
+        seen_version: int | None = None,
+    ) -> bool:
+        """Keep the role just resolved (one row per user, the latest wins); False when it
+        was not kept.
+
+        `email` is the Slack e-mail the LEAPS role was read by, and `seen_version` the
+        version of that e-mail's role changes read before the LEAPS lookup: when a
+        set-role has bumped it since (`leaps_role_changed`), the role just read may
+        predate the change, and the row the change wrote is kept instead.
+        """
+        key = _email_key(email)
         values = {
             "user_id": user_id,
             "role": role,
             "source": source,
             "detail": detail,
             "resolved_at": _utc(at),
+            "email": key,
         }
         changed = {k: v for k, v in values.items() if k != "user_id"}
         stmt = (
@@ -836,23 +849,91 @@ class StateStore:
             .on_conflict_do_update(index_elements=["user_id"], set_=changed)
         )
         async with self._tx() as session:
+            if key is not None and seen_version is not None:
+                now = await _change_version(session, key, lock=self._dialect == "postgresql")
+                if now != seen_version:
+                    return False
             await session.execute(stmt)
+        return True
 
     async def known_role(self, user_id: str) -> KnownRole | None:
         async with self._tx(write=False) as session:
             row = await session.get(KnownRoleRow, user_id)
             if row is None:
                 return None
-            return KnownRole(
-                user_id=row.user_id,
-                role=row.role,
-                source=row.source,
-                detail=row.detail,
-                resolved_at=row.resolved_at,
-            )
+            return _known_role(row)
+
+    async def role_change_version(self, email: str) -> int:
+        """How many LEAPS role changes of this e-mail the bot has made (0: none): one
+        primary-key read, which every replica's resolver makes before it trusts a role it
+        cached by that e-mail."""
+        async with self._tx(write=False) as session:
+            return await _change_version(session, _email_key(email) or "", lock=False)
+
+    async def leaps_role_changed(
+        self, email: str, role: str, at: datetime | None = None
+    ) -> tuple[int, list[KnownRole]]:
+        """A set-role changed the LEAPS role of the user with this e-mail: bump its change
+        version (every replica's cached role read by it is then out of date) and replace
+        the kept role of every Slack user whose role came from it. Returns the new
+        version and every kept row of that e-mail (a user group's row is left as it is:
+        the group still decides)."""
+        key = _email_key(email) or ""
+        when = _utc(at)
+        values = {"email": key, "version": 1, "role": role, "changed_at": when}
+        bump = {"version": RoleChangeRow.version + 1, "role": role, "changed_at": when}
+        upsert = (
+            pg_insert(RoleChangeRow)
+            .values(values)
+            .on_conflict_do_update(index_elements=["email"], set_=bump)
+            if self._dialect == "postgresql"
+            else sqlite_insert(RoleChangeRow)
+            .values(values)
+            .on_conflict_do_update(index_elements=["email"], set_=bump)
+        ).returning(RoleChangeRow.version)
+        replace = (
+            update(KnownRoleRow)
+            .where(KnownRoleRow.email == key, KnownRoleRow.source.in_(("leaps", "default")))
+            .values(role=role, source="leaps", detail=None, resolved_at=when)
+        )
+        async with self._tx() as session:
+            version = int((await session.execute(upsert)).scalar_one())
+            await session.execute(replace)
+            rows = (
+                await session.scalars(
+                    select(KnownRoleRow)
+                    .where(KnownRoleRow.email == key)
+                    .order_by(KnownRoleRow.user_id)
+                )
+            ).all()
+            return version, [_known_role(r) for r in rows]
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _email_key(email: str | None) -> str | None:
+    """E-mails compare ignoring case and surrounding blanks, as the role lookup does."""
+    key = (email or "").strip().lower()
+    return key or None
+
+
+async def _change_version(session: AsyncSession, key: str, *, lock: bool) -> int:
+    stmt = select(RoleChangeRow.version).where(RoleChangeRow.email == key)
+    if lock:  # held until the write that depends on it commits
+        stmt = stmt.with_for_update()
+    return int((await session.scalar(stmt)) or 0)
+
+
+def _known_role(row: KnownRoleRow) -> KnownRole:
+    return KnownRole(
+        user_id=row.user_id,
+        role=row.role,
+        source=row.source,
+        detail=row.detail,
+        resolved_at=row.resolved_at,
+        email=row.email,
+    )
 
 
 def _utc(value: datetime | None) -> datetime:

@@ -17,6 +17,9 @@ same history it would after the CLI:
 Only a failed migration is resolved: any other name is refused before an approval is
 asked. The transaction takes Prisma's own advisory lock, so no `prisma migrate` runs
 meanwhile, and the failed rows are copied whole into the backup table first.
+
+Its apply is one transaction of DML, so the plan is tried before approval and rolled
+back (DESIGN.md rule 10); `_prisma_migrations` is not audited by LEAPS's trigger.
 """
 
 from __future__ import annotations
@@ -313,6 +316,25 @@ async def apply_resolve(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
+def sample_resolve(plan: Plan, n: int) -> Plan:
+    """One migration's failed attempts are a handful of rows: the plan is tried whole. A
+    plan of more than n attempts (never seen) is cut to its first n ids, which its apply
+    locks, backs up and marks, and nothing else (`--applied` still adds its one record)."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(ResolveData)
+    kept = data.model_copy(update={"ids": data.ids[:n]})
+    ids = set(kept.ids)
+    return plan.model_copy(
+        update={
+            "count": len(kept.ids),
+            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
+            "data": kept.model_dump(),
+        },
+        deep=True,
+    )
+
+
 async def verify_resolve(db: Reader, plan: Plan, run: Execution) -> Verification:
     """Landed when the backup (made inside the transaction) holds the planned rows and
     none of them reads back as failed."""
@@ -341,5 +363,7 @@ MIGRATION_RESOLVE = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
+        preflight=True,
+        sample=sample_resolve,
     )
 )

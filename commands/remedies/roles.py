@@ -16,6 +16,12 @@ mis-cased duplicate e-mail is refused, naming the accounts), the rules hold for 
 the one transaction backs up every row, changes exactly the planned ones and reads all of
 them back. At most MAX_USERS are named at once, so that the approval message lists every
 user with their change (a reviewer approves what they can read).
+
+`users` UPDATE OF role is audited: the change calls `writer.audit` around its UPDATE, so
+LEAPS's audit_log gets its rows whether the live trigger writes them or refuses writes
+made with app.user_id (production; the bot then writes them). The apply is one
+transaction, tried at plan time and rolled back (DESIGN.md rule 10). Once it landed, the
+`finished` hook makes the new role count in the bot at once, on every replica.
 """
 
 from __future__ import annotations
@@ -91,10 +97,11 @@ def read_back_sql(backup: sql.Identifier) -> sql.Composed:
 
 def update_sql(backup: sql.Identifier) -> sql.Composed:
     """Changes exactly the backed-up rows, each only while it still holds the role the
-    backup took (so one statement serves users of different roles)."""
+    backup took (so one statement serves users of different roles); the ids changed are
+    what LEAPS's audit rows name."""
     return sql.SQL(
         "UPDATE users AS t SET role = %s FROM {} AS b WHERE t.id = b.id"
-        " AND t.role::text IS NOT DISTINCT FROM b.role::text"
+        " AND t.role::text IS NOT DISTINCT FROM b.role::text RETURNING t.id"
     ).format(backup)
 
 
@@ -404,8 +411,13 @@ async def apply_set_role(writer: Writer, plan: Plan) -> Outcome:
                 f"{_names([c for c in data.users if c.user_id in data.demoted])} would leave "
                 "no SUPERADMIN now; nothing was changed"
             )
-    updated = await writer.execute(update_sql(backup), (data.new_role,))
+    # Rule 11: users UPDATE OF role is audited; where the live trigger refuses writes
+    # made with app.user_id the bot writes LEAPS's audit rows (else these do nothing).
+    await writer.audit.before(writer, "users", data.ids)
+    changed = [str(r["id"]) for r in await writer.fetch(update_sql(backup), (data.new_role,))]
+    updated = len(changed)
     check_count(plan, updated, "users")
+    await writer.audit.after(writer, "users", "UPDATE", changed)
     now = {str(r["id"]): r["role"] for r in await writer.fetch(read_back_sql(backup))}
     wrong = [c for c in data.users if now.get(c.user_id) != data.new_role]
     if wrong:
@@ -439,6 +451,47 @@ async def apply_set_role(writer: Writer, plan: Plan) -> Outcome:
     )
 
 
+def sample_set_role(plan: Plan, n: int) -> Plan:
+    """The plan cut down to its first n changing users (at most MAX_USERS are planned, so
+    a plan is normally tried whole): its apply locks, backs up and changes exactly the
+    users its data names, under the same rules (a SUPERADMIN approver still needed when
+    the whole plan needs one)."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(SetRoleData)
+    kept = data.model_copy(update={"users": data.users[:n]})
+    ids = set(kept.ids)
+    return plan.model_copy(
+        update={
+            "count": len(kept.users),
+            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
+            "data": kept.model_dump(mode="json"),
+        },
+        deep=True,
+    )
+
+
+async def set_role_finished(ctx: Context, plan: Plan, run: Execution, outcome: Outcome) -> None:
+    """A role change that landed takes effect in the bot now, on every replica: the
+    changed people's cached and stored roles are replaced (`ctx.role_changed`, by their
+    LEAPS e-mail), and the outcome (not yet posted when this runs) says where ROLE_MAP
+    or a Slack user group still decides a person's role in the bot over the new LEAPS
+    role."""
+    if not outcome.ok or plan.count == 0 or ctx.role_changed is None:
+        return
+    data = plan.private(SetRoleData)
+    emails = {str(t["id"]): t.get("email") for t in plan.targets}
+    notes: list[str] = []
+    for change in data.users:
+        email = emails.get(change.user_id)
+        if not email:
+            continue
+        for note in await ctx.role_changed(str(email), data.new_role):
+            notes.append(f"`{change.handle}`: {note}")
+    if notes:
+        outcome.summary = f"{outcome.summary}; in the bot: {'; '.join(notes)}"
+
+
 async def verify_set_role(db: Reader, plan: Plan, run: Execution) -> Verification:
     """Landed when the transaction committed (its backup exists, with every planned row)
     and every role reads back."""
@@ -467,5 +520,8 @@ SET_ROLE = add_remedy(
         role="ADMIN",
         approver_role="ADMIN",
         approvers=1,
+        finished=set_role_finished,
+        preflight=True,
+        sample=sample_set_role,
     )
 )

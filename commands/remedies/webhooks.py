@@ -40,6 +40,16 @@ Choices where the guide is silent:
 
 `dedupe-webhooks` keeps the earliest row of each payload (received_at, then id), backs up
 and deletes the rest, as `dedupe-ledger-events` does for the ledger.
+
+All three are tried at plan time and rolled back (DESIGN.md rule 10). A plan bigger than
+the preflight's limit is tried on a sample (`Remedy.sample`): the re-matches and
+reprocess-webhooks bind their events by id, so the sample is the first n of them (the
+oldest n for reprocess, whose verdicts depend only on the events before them);
+dedupe-webhooks binds a count, so its sample carries `sample = n` and its apply, still
+holding the whole count to the plan, deletes the first n duplicates by id. The awards of
+reprocess-webhooks are `points_ledger` inserts, audited: their audit rows are written by
+the live trigger or, where it refuses writes made with app.user_id, by the bot
+(`writer.audit`). kajabi_events is not audited.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import events_unique_index
 from commands.remedies.base import (
+    DriftError,
     Execution,
     LockScope,
     Outcome,
@@ -75,6 +86,7 @@ from commands.remedies.recovery import (
     EVENT_EMAIL,
     EVENT_TAG,
     NO_USER,
+    RematchData,
     RematchKind,
     apply_rematch,
     learn_tags,
@@ -86,10 +98,12 @@ from commands.remedies.rowsets import (
     Counts,
     Part,
     backup_display,
+    backup_sql,
     check_parts,
     count_rows,
     delete_part,
     delete_part_steps,
+    delete_sql,
     plural,
     verify_backup_of,
 )
@@ -114,6 +128,25 @@ async def plan_rematch_emails(ctx: Context, args: list[str]) -> Plan:
             "`/db recover-learn` then `/db reconcile-points` award their LEARN"
         )
     return plan
+
+
+def sample_rematch(plan: Plan, n: int) -> Plan:
+    """A re-match (`rematch-emails`, and `rematch-kajabi`, whose apply is the same) cut
+    down to its first n planned events: `apply_rematch` locks, recounts, backs up and
+    updates exactly the (event, user) pairs its data binds, so it changes those n."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(RematchData)
+    kept = RematchData(ids=data.ids[:n], users=data.users[:n], scope=data.scope)
+    ids = set(kept.ids)
+    return plan.model_copy(
+        update={
+            "count": len(kept.ids),
+            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
+            "data": kept.model_dump(mode="json"),
+        },
+        deep=True,
+    )
 
 
 # --- reprocess-webhooks -------------------------------------------------------------
@@ -185,7 +218,7 @@ def award_sql(enum_type: sql.Identifier) -> sql.Composed:
         " jsonb_build_object('kajabi_event', e.id, 'reason', 'dbops-bot reprocess-webhooks',"
         " 'approval', %(approval)s::text, 'acting_user', %(actor)s::text)"
         " FROM kajabi_events AS e WHERE e.id = %(event)s"
-        " ON CONFLICT DO NOTHING"
+        " ON CONFLICT DO NOTHING RETURNING id"
     ).format(enum_type)
 
 
@@ -452,7 +485,7 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
         try:
             inserted = 0
             if v.kind == "award":
-                inserted = await writer.execute(
+                awarded = await writer.fetch(
                     award_sql(enum_type),
                     {
                         "ledger_id": LEDGER_ID_PREFIX + str(r["id"]),
@@ -466,6 +499,11 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
                         "actor": actor,
                         "event": r["id"],
                     },
+                )
+                inserted = len(awarded)
+                # inside the savepoint: an event rolled back takes its audit row along
+                await writer.audit.after(
+                    writer, "points_ledger", "INSERT", [str(a["id"]) for a in awarded]
                 )
             marked = await writer.execute(_MARK_SQL, (v.user_match, r["id"]))
         except psycopg.Error as exc:
@@ -507,6 +545,26 @@ async def apply_reprocess(writer: Writer, plan: Plan) -> Outcome:
         summary=summary,
         affected=len(done),
         rows=failed + done[: max(0, SAMPLE - len(failed))],
+    )
+
+
+def sample_reprocess(plan: Plan, n: int) -> Plan:
+    """The oldest n planned events: `apply_reprocess` locks, recounts and processes only
+    the events its data binds, in the plan's order (oldest first), and an event's fate
+    depends only on the events before it, so the sample is processed as the whole plan
+    would process them, and each ends processed or reported (the count n)."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(ReprocessData)
+    kept = data.model_copy(update={"ids": data.ids[:n]})
+    ids = set(kept.ids)
+    return plan.model_copy(
+        update={
+            "count": len(kept.ids),
+            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
+            "data": kept.model_dump(mode="json"),
+        },
+        deep=True,
     )
 
 
@@ -587,8 +645,71 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
     )
 
 
+class DedupeWebhooksData(Counts):
+    """The planned count (`counts`, which the whole recount is held to) and, in a sampled
+    plan only, how many of the duplicates to delete (`sample`, by part): the first ones
+    by id. An unsampled plan stores `Counts` alone, as before samples existed."""
+
+    sample: dict[str, int] | None = None
+
+
+def sample_dedupe_webhooks(plan: Plan, n: int) -> Plan:
+    """The plan cut down to its first n duplicates by id (`count` n). Its apply still
+    holds the whole recount to the planned count (drift), then locks, backs up and
+    deletes only the first n rows that qualify, and checks that it deleted n."""
+    if plan.count <= n:
+        return plan
+    data = DedupeWebhooksData.model_validate(plan.data)
+    kept = DedupeWebhooksData(counts=data.counts, sample={PAYLOAD_PART.key: n})
+    return plan.model_copy(
+        update={
+            "count": n,
+            "targets": sorted(plan.targets, key=lambda t: str(t.get("id")))[:n],
+            "data": kept.model_dump(mode="json"),
+        },
+        deep=True,
+    )
+
+
+def _first_sql(n: int) -> sql.Composed:
+    """The first n rows of the part by id, locked: the sampled plan's rows."""
+    return sql.SQL("{} LIMIT {}").format(PAYLOAD_PART.lock_sql(), sql.Literal(n))
+
+
+async def _apply_dedupe_sample(
+    writer: Writer, plan: Plan, data: DedupeWebhooksData, n: int
+) -> Outcome:
+    """A sampled plan (preflight): the whole plan's drift check, then the first n rows."""
+    planned = sum(data.counts.values())
+    whole = plan.model_copy(update={"count": planned})
+    await check_parts(writer, whole, [PAYLOAD_PART], data.counts)
+    ids = [str(r["id"]) for r in await writer.fetch(_first_sql(n))]
+    if len(ids) != n:
+        raise DriftError(PAYLOAD_PART.what, n, len(ids), 0)
+    backup = await writer.backup_table(PAYLOAD_PART.table)
+    copied = await writer.execute(backup_sql(PAYLOAD_PART.table, backup), (ids,))
+    if copied != n:
+        raise RowCountError(f"{PAYLOAD_PART.what} copied to the backup", n, copied)
+    deleted = await writer.execute(delete_sql(PAYLOAD_PART.table, backup))
+    check_count(plan, deleted, PAYLOAD_PART.what)
+    remaining = await count_rows(writer, PAYLOAD_PART.count_sql())
+    if remaining != planned - deleted:
+        return Outcome(ok=False, summary="verification failed: other repeated payloads went")
+    return Outcome(
+        ok=True,
+        summary=f"deleted {plural(deleted, 'repeated Kajabi event')} of the {planned} planned "
+        f"(a sample), backed up in {backup.as_string()}",
+        affected=deleted,
+        backed_up=copied,
+        backup_table=backup.as_string(),
+    )
+
+
 async def apply_dedupe_webhooks(writer: Writer, plan: Plan) -> Outcome:
-    await check_parts(writer, plan, [PAYLOAD_PART], plan.private(Counts).counts)
+    data = DedupeWebhooksData.model_validate(plan.data)
+    if data.sample is not None:
+        return await _apply_dedupe_sample(writer, plan, data, data.sample[PAYLOAD_PART.key])
+    await check_parts(writer, plan, [PAYLOAD_PART], data.counts)
     if plan.count == 0:
         return Outcome(ok=True, summary="no repeated payload; nothing was changed")
     done = await delete_part(writer, plan, PAYLOAD_PART)
@@ -617,6 +738,8 @@ REMATCH_EMAILS_REMEDY = add_remedy(
         verify=verify_backup_of("kajabi_events"),
         approver_role="ADMIN",
         approvers=1,
+        preflight=True,
+        sample=sample_rematch,
     )
 )
 REPROCESS_WEBHOOKS = add_remedy(
@@ -630,6 +753,8 @@ REPROCESS_WEBHOOKS = add_remedy(
         verify=verify_reprocess,
         approver_role="ADMIN",
         approvers=1,
+        preflight=True,
+        sample=sample_reprocess,
     )
 )
 DEDUPE_WEBHOOKS_REMEDY = add_remedy(
@@ -643,5 +768,7 @@ DEDUPE_WEBHOOKS_REMEDY = add_remedy(
         approver_role="ADMIN",
         approvers=2,
         destroys_data=True,
+        preflight=True,
+        sample=sample_dedupe_webhooks,
     )
 )
