@@ -86,11 +86,11 @@ from commands.remedies.recovery import (
     EVENT_EMAIL,
     EVENT_TAG,
     NO_USER,
-    RematchData,
     RematchKind,
     apply_rematch,
     learn_tags,
     plan_rematch_kind,
+    sample_rematch,
 )
 from commands.remedies.rowsets import (
     APPROVAL_PLACEHOLDER,
@@ -128,25 +128,6 @@ async def plan_rematch_emails(ctx: Context, args: list[str]) -> Plan:
             "`/db recover-learn` then `/db reconcile-points` award their LEARN"
         )
     return plan
-
-
-def sample_rematch(plan: Plan, n: int) -> Plan:
-    """A re-match (`rematch-emails`, and `rematch-kajabi`, whose apply is the same) cut
-    down to its first n planned events: `apply_rematch` locks, recounts, backs up and
-    updates exactly the (event, user) pairs its data binds, so it changes those n."""
-    if plan.count <= n:
-        return plan
-    data = plan.private(RematchData)
-    kept = RematchData(ids=data.ids[:n], users=data.users[:n], scope=data.scope)
-    ids = set(kept.ids)
-    return plan.model_copy(
-        update={
-            "count": len(kept.ids),
-            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
-            "data": kept.model_dump(mode="json"),
-        },
-        deep=True,
-    )
 
 
 # --- reprocess-webhooks -------------------------------------------------------------
