@@ -37,7 +37,7 @@ from bot.incident_views import (
 from bot.render import SlackMessage
 from bot.state import Incident, IncidentExists, IncidentStore
 from bot.state.models import DetectedBy
-from commands.base import Report
+from commands.base import Report, Status, UsageError
 from commands.incident import (
     Assign,
     IncidentRequest,
@@ -258,7 +258,10 @@ class IncidentService:
         """Open an incident in this channel or a new one, post and pin its header."""
         now = self.now()
         if request.since is not None:
-            detected_at, detected_by = since_datetime(request.since, now), "since"
+            try:
+                detected_at, detected_by = since_datetime(request.since, now), "since"
+            except UsageError as exc:
+                return _note(str(exc))
         elif detected_at is None:
             first = await self.store.first_critical_since(now - WATCHDOG_LOOKBACK)
             detected_at, detected_by = (first, "watchdog") if first else (now, "start")
@@ -486,6 +489,7 @@ class IncidentService:
                 for f in worst_findings(report)
             ],
             at=self.now(),
+            critical=[f.check for f in report.findings if f.status is Status.CRIT],
         )
 
     async def record_communication(
@@ -508,10 +512,27 @@ class IncidentService:
     async def mark_recovered(
         self, channel_id: str, evidence: Mapping[str, Any], actor_id: str = "bot"
     ) -> bool:
-        """A clean recovery verification: the incident is fully recovered. False when the
-        channel has no active incident."""
+        """A clean recovery verification: a resolved incident is fully recovered. An open
+        one is not closed by it (the problem may still be writing damage): the channel is
+        told "clean: resolve to close". False unless the incident was marked."""
         incident = await self.store.active_in(channel_id)
         if incident is None:
+            return False
+        if incident.state != "resolved":
+            text = (
+                f"Recovery verification clean: resolve to close. Incident #{incident.id} is "
+                f"{incident.state}; full recovery is marked by a clean `/db recover` after "
+                "`/db incident resolve`."
+            )
+            await self.store.add_event(
+                incident.id,
+                kind="verification",
+                actor_id=actor_id,
+                text="recovery verification clean: resolve to close",
+                at=self.now(),
+                detail={"clean": True, "open": True},
+            )
+            await self._post(channel_id, text)
             return False
         reply = await self._recovered(incident, actor_id, evidence)
         if reply.public:
