@@ -222,9 +222,9 @@ class Service:
 
     async def baseline_conditions(self) -> BaselineConditions:
         """What the baseline rule needs, from the incidents and the watchdog's health runs."""
-        now = self.clock.now()
         if self.incidents is None:
-            return BaselineConditions(now=now, quiet_s=self.settings.baseline_quiet_s)
+            return BaselineConditions(now=self.clock.now(), quiet_s=self.settings.baseline_quiet_s)
+        now = self.incidents.now()  # the clock incidents and health runs are dated by
         store = self.incidents.store
         return BaselineConditions(
             now=now,

@@ -235,6 +235,7 @@ class BaselineStore(Protocol):
         counts: Mapping[str, int | None],
         *,
         kind: str = "hourly",
+        now: datetime | None = None,
         db_now: datetime | None = None,
         tables: Mapping[str, TableCensus] | None = None,
         critical: Iterable[str] | None = None,

@@ -374,6 +374,7 @@ async def take_baseline(
     return await ctx.baselines.save(
         target,
         baseline_counts(m),
+        now=None if conditions is None else conditions.now,
         db_now=db_now,
         tables=tables,
         critical=None if conditions is None else conditions.critical,
