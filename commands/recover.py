@@ -762,12 +762,15 @@ def parse_args(args: list[str]) -> tuple[bool, str | None]:
 
 
 def baseline_moment(asked: str | None, now: datetime) -> datetime:
-    """The latest HH:MM (UTC) not after now; now when none was asked."""
+    """The end of the latest minute HH:MM (UTC) not after now, so that `--baseline 11:00`
+    names the baseline taken at 11:00:07; now when none was asked."""
     if asked is None:
         return now
     hour, minute = (int(p) for p in asked.split(":"))
     moment = now.astimezone(UTC).replace(hour=hour, minute=minute, second=0, microsecond=0)
-    return moment if moment <= now else moment - timedelta(days=1)
+    if moment > now:
+        moment -= timedelta(days=1)
+    return min(now, moment + timedelta(minutes=1) - timedelta(microseconds=1))
 
 
 def recovery_verified(report: Report) -> bool:
