@@ -627,3 +627,33 @@ async def test_no_baseline_while_a_check_is_newly_critical(ibot: RunningBot) -> 
     await watchdog_saw(ibot, "guard: AMPLIFY quota trigger")
     assert not await ibot.service.take_baseline()
     assert len(await baselines.all(target)) == 3
+
+
+async def test_since_iso_with_a_zone_and_detection_from_the_current_spell(
+    ibot: RunningBot,
+) -> None:
+    """`--since` in ISO 8601 with a zone is taken as given; one in the future is refused.
+    Without it, a check critical for 20 hours, then clean, then critical again dates the
+    incident to its return, not 20 hours back."""
+    await command(ibot, "incident start Future --since 2026-11-30T17:01+08:00")  # 09:01 UTC
+    assert any("is in the future" in t for t in told(ibot.fake))
+    assert await service(ibot).store.active_in(CHANNEL) is None
+    await command(ibot, "incident start Slow pages --since 2026-11-30T16:50+08:00")
+    incident = await active(ibot)
+    assert (incident.detected_at, incident.detected_by) == (T0 - timedelta(minutes=10), "since")
+    await command(ibot, "incident resolve")
+    await command(ibot, "incident recovered")
+
+    clock = clock_of(ibot)
+    for hours in range(20, 0, -1):
+        clock.set(T0 + timedelta(hours=4) - timedelta(hours=hours))
+        await watchdog_saw(ibot, "materialized views")
+    clock.set(T0 + timedelta(hours=3, minutes=30))
+    await watchdog_saw(ibot)  # all clean
+    back = T0 + timedelta(hours=3, minutes=50)
+    clock.set(back)
+    await watchdog_saw(ibot, "materialized views")
+    clock.set(T0 + timedelta(hours=4))
+    await command(ibot, "incident start Leaderboard empty again", channel="C0AGAIN")
+    again = await active(ibot, "C0AGAIN")
+    assert (again.detected_at, again.detected_by) == (back, "watchdog")
