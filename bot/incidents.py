@@ -36,6 +36,7 @@ from bot.incident_views import (
 )
 from bot.render import SlackMessage
 from bot.state import Incident, IncidentExists, IncidentStore
+from bot.state.incidents import HEALTH_KEPT
 from bot.state.models import DetectedBy
 from commands.base import Report, Status, UsageError
 from commands.incident import (
@@ -53,6 +54,7 @@ from commands.incident import (
     worst_findings,
 )
 from commands.incident_comms import Summary, Template
+from commands.recover import BaselineConditions
 
 log = logging.getLogger(__name__)
 
@@ -538,6 +540,19 @@ class IncidentService:
         if reply.public:
             await self._post(channel_id, reply.message.text)
         return reply.public
+
+    async def baseline_conditions(self, quiet_s: float) -> BaselineConditions:
+        """What the baseline rule (`commands.recover.baseline_refusal`) needs: the open
+        incidents, the latest full recovery and the checks critical in the watchdog's
+        latest health run with the start of their spells, all by this service's clock."""
+        now = self.now()
+        return BaselineConditions(
+            now=now,
+            open_incidents=tuple(i.id for i in await self.store.active()),
+            recovered_at=await self.store.last_recovered_at(),
+            quiet_s=quiet_s,
+            critical=await self.store.critical_spells(now - HEALTH_KEPT),
+        )
 
     async def note_watchdog_critical(self, channel_id: str, at: datetime) -> bool:
         """The watchdog saw a critical finding at `at`: an incident started later dates its

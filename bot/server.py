@@ -37,7 +37,6 @@ from bot.settings import Settings
 from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
 from bot.state import IncidentStore, StateStore, open_store
 from bot.state.baselines import StoreBaselines
-from bot.state.incidents import HEALTH_KEPT
 from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker, wait_for_signal
 from bot.watchdog import Watchdog
@@ -224,15 +223,7 @@ class Service:
         """What the baseline rule needs, from the incidents and the watchdog's health runs."""
         if self.incidents is None:
             return BaselineConditions(now=self.clock.now(), quiet_s=self.settings.baseline_quiet_s)
-        now = self.incidents.now()  # the clock incidents and health runs are dated by
-        store = self.incidents.store
-        return BaselineConditions(
-            now=now,
-            open_incidents=tuple(i.id for i in await store.active()),
-            recovered_at=await store.last_recovered_at(),
-            quiet_s=self.settings.baseline_quiet_s,
-            critical=await store.critical_spells(now - HEALTH_KEPT),
-        )
+        return await self.incidents.baseline_conditions(self.settings.baseline_quiet_s)
 
     async def _baseline_every(self, interval_s: float) -> None:
         """A baseline at start-up and every `interval_s`, each a tracked task."""

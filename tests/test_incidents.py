@@ -607,7 +607,7 @@ async def test_no_baseline_while_a_check_is_newly_critical(ibot: RunningBot) -> 
     await watchdog_saw(ibot, "guard: AMPLIFY quota trigger")
     assert await ibot.service.take_baseline()  # none yet: taken despite the critical check
     first = await baselines.latest(target)
-    assert first is not None and first.critical == {"guard: AMPLIFY quota trigger"}
+    assert first is not None and first.critical == frozenset({"guard: AMPLIFY quota trigger"})
     assert first.taken_at == T0 and not first.counts_only and first.flagged is None
 
     clock.advance(hours=1)

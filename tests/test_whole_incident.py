@@ -53,11 +53,12 @@ async def test_a_whole_incident_and_its_summary(
     store = wbot.service.store
     assert store is not None
 
-    # The baseline /db recover compares with, taken before anything goes wrong. Baselines are
-    # stamped by the wall clock, not the incident clock, so it is "after" T0 here: the tech
-    # alert's data-loss window (baseline to detection) is not checked by this test.
+    # The baseline /db recover compares with, taken an hour before anything goes wrong (the
+    # service stamps it by the incident clock, as it decides by it).
     baseline = await counts(leaps_dsn)
-    await wbot.service.take_baseline()
+    clock.set(T0 - timedelta(hours=1))
+    assert await wbot.service.take_baseline()
+    clock.set(T0)
 
     # T0: the incident is declared.
     await command(wbot, "incident start Data loss drill sev1", user=REQUESTER)
@@ -103,9 +104,9 @@ async def test_a_whole_incident_and_its_summary(
         blocks_text(alert)
     )
     assert (await active(wbot)).communicated_at == T0 + timedelta(minutes=20)
-    # The baseline (wall clock) is newer than the detection (T0 on the test's clock): it may
-    # already hold the loss, so no window is claimed, only how to measure one.
-    assert "not measured: the" in blocks_text(alert) and "between" not in blocks_text(alert)
+    # The baseline is an hour older than the detection: the writes of that hour may need
+    # re-entering.
+    assert "up to 1h00m (writes between 08:00 and 09:00 UTC)" in blocks_text(alert)
 
     # T0+40m: /db recover verifies against the baseline and requests what it can.
     clock.set(T0 + timedelta(minutes=40))
