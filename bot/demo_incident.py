@@ -14,7 +14,8 @@ Steps, each printed as it happens:
 4. `refresh-views` is requested, refused for self-approval, approved by the lead, run;
 5. the watchdog's next tick posts the recovery; `views` confirms; resolving posts the
    summary;
-6. `recover` verifies against the baseline and marks the incident fully recovered;
+6. `recover` verifies against the baseline and, the incident being resolved, marks it
+   fully recovered (a clean verification never closes an open incident);
 7. the summary again, every SLA met, with the data impact, and the whole timeline.
 """
 
@@ -119,10 +120,17 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
         )
 
         walk.say("the watchdog leader takes the hourly baseline of the target's counts")
-        baseline = await take_baseline(engine.ctx)
-        out.write(
-            f"baseline stored in the state store: {dict(baseline.counts) if baseline else '-'}\n"
-        )
+        # as the leader does: none while an incident is open, in the quiet hour after one
+        # recovered, or while a check is newly critical
+        conditions = await incidents.baseline_conditions(settings.baseline_quiet_s)
+        baseline = await take_baseline(engine.ctx, conditions)
+        if baseline is None:
+            missing.append("baseline: not taken (see the log for why)")
+        else:
+            out.write(
+                f"{baseline.name} stored in the state store: {dict(baseline.counts)}, and per "
+                "table the rows by day of creation (a loss cannot hide behind growth)\n"
+            )
 
         walk.say("watchdog tick: the database is healthy, nothing is posted")
         await watchdog.tick()

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 from bot.incident_views import clocks_of
 from bot.render import esc
 from bot.state import Approval, Incident, IncidentEvent
-from commands.base import Report, Status, human_duration
+from commands.base import Report, human_duration
 from commands.incident import SEVERITY_LABEL, SlaClock, SlaTargets, who
+from commands.recover import recovery_verified
 
 VERIFICATION = "verification"  # the timeline kind of a recovery verification
 _COUNT = "count: "
@@ -29,17 +30,27 @@ _BACKTICKED = re.compile(r"`([^`]+)`")
 
 
 class Metric(BaseModel):
-    """One count of a verification against its baseline (`pct` None without one)."""
+    """One count of a verification against its baseline (`pct` None without one).
+
+    Against a baseline with a census, `baseline` and `now` are the rows created at or
+    before the baseline's database time, then and now (what growth cannot hide), and
+    `total` / `baseline_total` all rows; `lost_by_day` says when the lost rows had been
+    created. An `advisory` count (approved submissions) can fall legitimately: no loss."""
 
     name: str
     label: str
     baseline: int | None = None
     now: int | None = None
     pct: float | None = None
+    total: int | None = None
+    baseline_total: int | None = None
+    lost_by_day: dict[str, int] = {}
+    advisory: bool = False
+    counts_only: bool = False
 
     @property
     def lost(self) -> int:
-        if self.baseline is None or self.now is None:
+        if self.advisory or self.baseline is None or self.now is None:
             return 0
         return max(0, self.baseline - self.now)
 
@@ -51,6 +62,8 @@ class Verification(BaseModel):
     baseline_at: datetime | None = None
     metrics: list[Metric]
     clean: bool = False
+    counts_only: bool = False  # the baseline had no census: growth can hide a loss
+    flagged: str | None = None  # the baseline was flagged (named with --baseline)
 
     @property
     def compared(self) -> list[Metric]:
@@ -63,14 +76,19 @@ def verification_from_report(report: Report, at: datetime) -> Verification | Non
     None for any other report."""
     metrics: list[Metric] = []
     baseline_at: datetime | None = None
+    counts_only, flagged = False, None
     for finding in report.findings:
         if finding.check == "baseline" and finding.rows:
-            taken = finding.rows[0].get("taken_at")
+            row = finding.rows[0]
+            taken = row.get("taken_at")
             if taken is not None:
                 baseline_at = _aware(datetime.fromisoformat(str(taken)))
+            counts_only = bool(row.get("counts_only", False))
+            flagged = None if row.get("flagged") is None else str(row["flagged"])
         if not finding.check.startswith(_COUNT):
             continue
         for row in finding.rows:
+            days = row.get("lost_by_day") or {}
             metrics.append(
                 Metric(
                     name=str(row.get("metric", finding.check[len(_COUNT) :])),
@@ -78,13 +96,24 @@ def verification_from_report(report: Report, at: datetime) -> Verification | Non
                     baseline=_int(row.get("baseline")),
                     now=_int(row.get("now")),
                     pct=None if row.get("pct") is None else float(row["pct"]),
+                    total=_int(row.get("total")),
+                    baseline_total=_int(row.get("baseline_total")),
+                    lost_by_day={str(d): int(n) for d, n in dict(days).items()},
+                    advisory=bool(row.get("advisory", False)),
+                    counts_only=bool(row.get("counts_only", False)),
                 )
             )
     if not metrics:
         return None
-    checks = [f for f in report.findings if not f.check.startswith("step: ")]
-    clean = baseline_at is not None and all(f.status is Status.OK for f in checks)
-    return Verification(at=at, baseline_at=baseline_at, metrics=metrics, clean=clean)
+    clean = baseline_at is not None and recovery_verified(report)
+    return Verification(
+        at=at,
+        baseline_at=baseline_at,
+        metrics=metrics,
+        clean=clean,
+        counts_only=counts_only,
+        flagged=flagged,
+    )
 
 
 def verification_text(v: Verification) -> str:

@@ -17,11 +17,12 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from bot.incident_facts import Facts, Verification, hhmm, pct_text
+from bot.incident_facts import Facts, Metric, Verification, hhmm, pct_text
 from bot.incident_views import DETECTED_BY, STATE_LABEL
 from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, esc, unesc
 from commands.base import human_duration
 from commands.incident import SEVERITY_LABEL, SlaClock, timeline_lines, who
+from commands.recover import days_text
 
 RESULT = {"met": "met", "missed": "MISSED", "running": "open", "overdue": "OVERDUE"}
 
@@ -59,17 +60,41 @@ def impact_lines(v: Verification | None) -> list[str]:
         return ["No recovery verification in this incident yet (`/db recover`)."]
     if v.baseline_at is None or not v.compared:
         return [f"Verified {hhmm(v.at)}, but without a baseline to compare with."]
+    notes = []
+    if v.counts_only:
+        notes.append("counts only: growth can hide a loss")
+    if v.flagged:
+        notes.append(f"a flagged baseline: {esc(v.flagged)}")
     lines = [
         f"Verified {hhmm(v.at)} against the {hhmm(v.baseline_at)} baseline"
         + (" (clean)" if v.clean else " (not clean)")
+        + (f" ({'; '.join(notes)})" if notes else "")
         + ":"
     ]
     for m in v.compared:
-        lost = f", {m.lost:,} missing" if m.lost else ""
-        now = f"{m.now:,}" if m.now is not None else "?"
-        was = f"{m.baseline:,}" if m.baseline is not None else "?"
-        lines.append(f"• {esc(m.label)}: {pct_text(m.pct)} ({now} of {was}{lost})")
+        lines.append(f"• {esc(m.label)}: {metric_text(m)}")
     return lines
+
+
+def metric_text(m: Metric) -> str:
+    """`60 % (30 of 50 created by the baseline, 20 missing, created 2026-12-01 (20); 60 in
+    all now)`, or for a counts-only or advisory count `95 % (190 of 200)`."""
+    now = f"{m.now:,}" if m.now is not None else "?"
+    was = f"{m.baseline:,}" if m.baseline is not None else "?"
+    if m.total is None:  # counts only, or approved submissions
+        fewer = ""
+        if m.advisory and m.baseline is not None and m.now is not None and m.now < m.baseline:
+            fewer = f", {m.baseline - m.now:,} fewer: revocations are not called a loss"
+        lost = f", {m.lost:,} missing" if m.lost else ""
+        return f"{pct_text(m.pct)} ({now} of {was}{lost}{fewer})"
+    lost = ""
+    if m.lost:
+        lost = f", {m.lost:,} missing"
+        if m.lost_by_day:
+            lost += ", " + days_text(m.lost_by_day)
+    return (
+        f"{pct_text(m.pct)} ({now} of {was} created by the baseline{lost}; {m.total:,} in all now)"
+    )
 
 
 def _facts_line(f: Facts) -> str:

@@ -37,9 +37,9 @@ from bot.incident_views import (
 from bot.notify import SLACK_FAILURES
 from bot.render import SlackMessage, esc
 from bot.state import Incident, IncidentExists, IncidentStore
-from bot.state.incidents import WATCHDOG
+from bot.state.incidents import HEALTH_KEPT, WATCHDOG
 from bot.state.models import DetectedBy
-from commands.base import Report
+from commands.base import Report, Status, UsageError
 from commands.incident import (
     Assign,
     IncidentRequest,
@@ -55,6 +55,7 @@ from commands.incident import (
     worst_findings,
 )
 from commands.incident_comms import Summary, Template
+from commands.recover import BaselineConditions
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,10 @@ class IncidentService:
         """Open an incident in this channel or a new one, post and pin its header."""
         now = self.now()
         if request.since is not None:
-            detected_at, detected_by = since_datetime(request.since, now), "since"
+            try:
+                detected_at, detected_by = since_datetime(request.since, now), "since"
+            except UsageError as exc:
+                return _note(str(exc))
         elif detected_at is None:
             first = await self.store.first_critical_since(now - WATCHDOG_LOOKBACK)
             detected_at, detected_by = (first, "watchdog") if first else (now, "start")
@@ -495,6 +499,7 @@ class IncidentService:
                 for f in worst_findings(report)
             ],
             at=self.now(),
+            critical=[f.check for f in report.findings if f.status is Status.CRIT],
         )
 
     async def record_communication(
@@ -517,15 +522,45 @@ class IncidentService:
     async def mark_recovered(
         self, channel_id: str, evidence: Mapping[str, Any], actor_id: str = "bot"
     ) -> bool:
-        """A clean recovery verification: the incident is fully recovered. False when the
-        channel has no active incident."""
+        """A clean recovery verification: a resolved incident is fully recovered. An open
+        one is not closed by it (the problem may still be writing damage): the channel is
+        told "clean: resolve to close". False unless the incident was marked."""
         incident = await self.store.active_in(channel_id)
         if incident is None:
+            return False
+        if incident.state != "resolved":
+            text = (
+                f"Recovery verification clean: resolve to close. Incident #{incident.id} is "
+                f"{incident.state}; full recovery is marked by a clean `/db recover` after "
+                "`/db incident resolve`."
+            )
+            await self.store.add_event(
+                incident.id,
+                kind="verification",
+                actor_id=actor_id,
+                text="recovery verification clean: resolve to close",
+                at=self.now(),
+                detail={"clean": True, "open": True},
+            )
+            await self._post(channel_id, text)
             return False
         reply = await self._recovered(incident, actor_id, evidence)
         if reply.public:
             await self._post(channel_id, reply.message.text)
         return reply.public
+
+    async def baseline_conditions(self, quiet_s: float) -> BaselineConditions:
+        """What the baseline rule (`commands.recover.baseline_refusal`) needs: the open
+        incidents, the latest full recovery and the checks critical in the watchdog's
+        latest health run with the start of their spells, all by this service's clock."""
+        now = self.now()
+        return BaselineConditions(
+            now=now,
+            open_incidents=tuple(i.id for i in await self.store.active()),
+            recovered_at=await self.store.last_recovered_at(),
+            quiet_s=quiet_s,
+            critical=await self.store.critical_spells(now - HEALTH_KEPT),
+        )
 
     async def note_watchdog_critical(self, channel_id: str, at: datetime) -> bool:
         """The watchdog saw a critical finding at `at`: an incident started later dates its

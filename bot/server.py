@@ -40,7 +40,7 @@ from bot.state.baselines import StoreBaselines
 from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker, wait_for_signal
 from bot.watchdog import Watchdog
-from commands.recover import take_baseline
+from commands.recover import BaselineConditions, take_baseline
 
 log = logging.getLogger(__name__)
 
@@ -212,20 +212,20 @@ class Service:
         )
 
     async def take_baseline(self) -> bool:
-        """One snapshot of the target's counts for `/db recover` (the watchdog's leader
-        takes it over: it is one call). None while an incident is open: a snapshot of a
-        damaged database would become the baseline a recovery is measured against, and
-        `/db recover` would call the loss 100 %. Returns whether one was taken."""
-        if self.incidents is not None:
-            open_now = await self.incidents.store.active()
-            if open_now:
-                log.info(
-                    "baseline skipped: incident %s is open; the last one before it stays",
-                    ", ".join(str(i.id) for i in open_now),
-                )
-                return False
-        await take_baseline(self.ctx)
-        return True
+        """One snapshot of the target for `/db recover` (the watchdog's leader takes it
+        over: it is one call). A snapshot of a damaged database would become the baseline
+        a recovery is measured against, and `/db recover` would call the loss 100 %: so
+        none while an incident is open, within BASELINE_QUIET_S after one recovered, or
+        while a check is critical that was not at the last baseline
+        (`commands.recover.baseline_refusal`). Returns whether one was taken."""
+        conditions = await self.baseline_conditions()
+        return await take_baseline(self.ctx, conditions) is not None
+
+    async def baseline_conditions(self) -> BaselineConditions:
+        """What the baseline rule needs, from the incidents and the watchdog's health runs."""
+        if self.incidents is None:
+            return BaselineConditions(now=self.clock.now(), quiet_s=self.settings.baseline_quiet_s)
+        return await self.incidents.baseline_conditions(self.settings.baseline_quiet_s)
 
     async def _baseline_every(self, interval_s: float) -> None:
         """A baseline at start-up and every `interval_s`, each a tracked task."""

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # kept this many days in the state store.
     baseline_interval_s: float = Field(default=3600.0, ge=0)
     baseline_keep_days: float = Field(default=7.0, gt=0)
+    # No baseline within this many seconds after an incident recovered (the data may still
+    # settle): the last one from before it stays what a recovery is measured by.
+    baseline_quiet_s: float = Field(default=3600.0, ge=0)
     # Incidents: the operators' SLA targets in seconds from detection (SLA__RESPONSE_S=1800,
     # SLA__REMIND_AT=0.8 …) and how often reminders and headers are checked.
     sla: SlaTargets = Field(default_factory=SlaTargets)

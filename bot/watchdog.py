@@ -185,7 +185,10 @@ class Watchdog:
             return
         assert self.ops_channel is not None
         now = self.clock.now()
-        first = await self.incidents.store.first_critical_since(now - LOOKBACK)
+        # the spell of the checks that turned critical: one critical for hours does not
+        # backdate the problem at hand
+        checks = [c.check for c in turned]
+        first = await self.incidents.store.first_critical_since(now - LOOKBACK, checks)
         detected = first or now
         if await self.incidents.store.active_in(self.ops_channel) is not None:
             await self.incidents.note_watchdog_critical(self.ops_channel, detected)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
@@ -187,12 +187,46 @@ class RefreshJournal(Protocol):
 
 
 @dataclass(frozen=True)
+class TableCensus:
+    """One table at a baseline: all its rows, and those created at or before the
+    baseline's database time by UTC day of creation ("YYYY-MM-DD": rows)."""
+
+    count: int
+    days: Mapping[str, int]
+
+    @property
+    def upto(self) -> int:
+        """The rows created at or before the baseline's database time."""
+        return sum(self.days.values())
+
+
+@dataclass(frozen=True)
 class Baseline:
-    """Row counts of the target at one moment, kept by the bot to compare a restore with."""
+    """The target at one moment, kept by the bot to compare a restore with.
+
+    `db_now` is the target's own `now()` when taken; `tables` its census of users,
+    submissions and ledger rows (count and per-day histogram of creation). A baseline
+    stored before they existed has neither and is "counts only": a verification against
+    it compares totals, which growth can make look whole while rows are gone."""
 
     taken_at: datetime  # aware, UTC
     counts: Mapping[str, int | None]
     kind: str = "hourly"  # "hourly" (the periodic snapshot) or "verification" (/db recover)
+    db_now: datetime | None = None
+    tables: Mapping[str, TableCensus] = field(default_factory=dict)
+    critical: frozenset[str] | None = None  # health checks critical when taken (None: unknown)
+    flagged: str | None = None  # why it is never chosen by default (its counts fell)
+    id: int | None = None
+
+    @property
+    def counts_only(self) -> bool:
+        return self.db_now is None or not self.tables
+
+    @property
+    def name(self) -> str:
+        """How reports name it: `the 09:00 baseline (2026-12-06 09:00 UTC)`."""
+        at = self.taken_at.astimezone(UTC)
+        return f"the {at:%H:%M} baseline ({at:%Y-%m-%d %H:%M} UTC)"
 
 
 class BaselineStore(Protocol):
@@ -200,12 +234,35 @@ class BaselineStore(Protocol):
     take them along)."""
 
     async def save(
-        self, target: str, counts: Mapping[str, int | None], *, kind: str = "hourly"
+        self,
+        target: str,
+        counts: Mapping[str, int | None],
+        *,
+        kind: str = "hourly",
+        now: datetime | None = None,
+        db_now: datetime | None = None,
+        tables: Mapping[str, TableCensus] | None = None,
+        critical: Iterable[str] | None = None,
+        flagged: str | None = None,
     ) -> Baseline: ...
+
+    async def latest(
+        self,
+        target: str,
+        *,
+        before: datetime | None = None,
+        include_flagged: bool = False,
+        kind: str = "hourly",
+    ) -> Baseline | None:
+        """The latest baseline (not after `before`). Flagged ones only when asked: the
+        default is the latest unflagged baseline, the one a recovery is measured by."""
+        ...
 
     async def latest_before(
         self, target: str, before: datetime, *, kind: str = "hourly"
-    ) -> Baseline | None: ...
+    ) -> Baseline | None:
+        """The latest baseline not after `before`, flagged or not (`--baseline HH:MM`)."""
+        ...
 
 
 # Called with a clean recovery verification (the incidents part marks full recovery).

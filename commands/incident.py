@@ -29,13 +29,13 @@ from commands.incident_comms import Summary, Template
 
 NAME = "incident"
 USAGE = (
-    "/db incident start <title> [sev1|sev2|sev3] [--channel] [--since HH:MM] | update <text> | "
+    "/db incident start <title> [sev1|sev2|sev3] [--channel] [--since HH:MM|ISO] | update <text> | "
     "status | assign @user | resolve | recovered | reopen | timeline | template user|tech | "
     "summary [--file]"
 )
 SUMMARY = "open an incident here (or in a new channel), keep its timeline and SLA clocks"
 SUBCOMMANDS: dict[str, str] = {
-    "start": "/db incident start <title> [sev1|sev2|sev3] [--channel] [--since HH:MM]",
+    "start": "/db incident start <title> [sev1|sev2|sev3] [--channel] [--since HH:MM|ISO]",
     "update": "/db incident update <text>",
     "status": "/db incident status",
     "assign": "/db incident assign @user",
@@ -53,6 +53,7 @@ MAX_CHANNEL_NAME = 80  # Slack's limit
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+SINCE_FORMS = "HH:MM (UTC) or ISO 8601 with a zone (2026-12-06T09:50+08:00)"
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -63,7 +64,9 @@ class Start:
     title: str
     severity: Severity
     new_channel: bool
-    since: time | None  # UTC wall-clock time the problem was detected
+    # When the problem was detected: a UTC wall-clock time (HH:MM, the latest such moment
+    # not in the future), or an ISO 8601 moment with its zone.
+    since: time | datetime | None
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _parse_start(rest: str) -> Start:
     words = _words(rest)
     severity: Severity | None = None
     new_channel = False
-    since: time | None = None
+    since: time | datetime | None = None
     title: list[str] = []
     i = 0
     while i < len(words):
@@ -135,13 +138,13 @@ def _parse_start(rest: str) -> Start:
         elif low == "--channel":
             new_channel = True
         elif low == "--since" or low.startswith("--since="):
-            value = low.partition("=")[2]
+            value = word.partition("=")[2]
             if not value:
                 i += 1
                 if i >= len(words):
-                    raise UsageError("`--since` needs a time, HH:MM (UTC)")
+                    raise UsageError(f"`--since` needs a time: {SINCE_FORMS}")
                 value = words[i]
-            since = parse_hhmm(value)
+            since = parse_since(value)
         elif low.startswith("--"):
             raise UsageError(f"unknown option `{word}`")
         else:
@@ -159,6 +162,23 @@ def parse_hhmm(value: str) -> time:
     return time(int(match.group(1)), int(match.group(2)), tzinfo=UTC)
 
 
+def parse_since(value: str) -> time | datetime:
+    """`--since`: HH:MM (UTC), or ISO 8601 with a zone (`2026-12-06T09:50+08:00`, `…Z`).
+    An ISO time without a zone is refused: whose clock would it be?"""
+    text = value.strip()
+    if _HHMM.match(text):
+        return parse_hhmm(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"`--since {value}`: give {SINCE_FORMS}") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise UsageError(
+            f"`--since {value}` has no zone: add one (`+08:00`, `Z`), or give HH:MM (UTC)"
+        )
+    return moment.astimezone(UTC)
+
+
 def parse_user(word: str) -> str:
     """A Slack mention (`<@U123>` or `<@U123|name>`) or a bare user id."""
     match = _MENTION.match(word)
@@ -169,8 +189,17 @@ def parse_user(word: str) -> str:
     raise UsageError(f"`{word}` is not a Slack user: mention them (@name)")
 
 
-def since_datetime(since: time, now: datetime) -> datetime:
-    """The latest moment at that UTC wall-clock time not after now (yesterday if needed)."""
+def since_datetime(since: time | datetime, now: datetime) -> datetime:
+    """HH:MM: the latest moment at that UTC wall-clock time not after now (yesterday if
+    needed). An ISO moment as given; `UsageError` if it is in the future."""
+    if isinstance(since, datetime):
+        if since > now:
+            raise UsageError(
+                f"`--since {since:%Y-%m-%d %H:%M} UTC` is in the future "
+                f"(now {now.astimezone(UTC):%Y-%m-%d %H:%M} UTC): detection cannot be later "
+                "than now"
+            )
+        return since.astimezone(UTC)
     at = datetime.combine(now.astimezone(UTC).date(), since.replace(tzinfo=None), tzinfo=UTC)
     return at if at <= now else at - timedelta(days=1)
 

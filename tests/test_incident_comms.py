@@ -333,6 +333,7 @@ async def test_a_real_recover_feeds_the_templates_and_the_summary(
         await command(bot, "incident start Restore drill sev2", channel=channel)
         incident = await incidents.store.active_in(channel)
         assert incident is not None
+        await command(bot, "incident resolve", channel=channel)  # a clean one closes only then
         await command(bot, "recover", channel=channel)
         events = await incidents.store.timeline(incident.id)
         verification = last_verification(events)

@@ -81,6 +81,26 @@ def test_since_is_the_latest_such_time_not_in_the_future() -> None:
     assert since_datetime(time(23, 50, tzinfo=UTC), T0) == T0 - timedelta(hours=9, minutes=10)
 
 
+def test_since_takes_iso_8601_with_a_zone() -> None:
+    """`--since` keeps HH:MM (UTC) and takes ISO 8601 with a zone; an ISO time without a
+    zone is refused (whose clock?), one in the future too."""
+    (start,) = [parse("start DB down --since 2026-11-30T16:50+08:00")]
+    assert isinstance(start, Start) and start.title == "DB down"
+    assert start.since == datetime(2026, 11, 30, 8, 50, tzinfo=UTC)
+    assert since_datetime(start.since, T0) == T0 - timedelta(minutes=10)
+    z = parse("start x --since=2026-11-29T23:05Z")
+    assert isinstance(z, Start) and z.since == datetime(2026, 11, 29, 23, 5, tzinfo=UTC)
+    hhmm = parse("start x --since 08:50")
+    assert isinstance(hhmm, Start) and hhmm.since == time(8, 50, tzinfo=UTC)
+    with pytest.raises(UsageError, match="has no zone"):
+        parse("start x --since 2026-11-30T08:50")
+    with pytest.raises(UsageError, match="ISO 8601 with a zone"):
+        parse("start x --since yesterday")
+    with pytest.raises(UsageError, match="is in the future"):
+        since_datetime(datetime(2026, 11, 30, 9, 1, tzinfo=UTC), T0)
+    assert since_datetime(T0, T0) == T0  # now is not the future
+
+
 def test_channel_names_follow_slack_rules() -> None:
     assert channel_name("DB down!", T0) == "inc-20261130-db-down"
     assert channel_name("Ünïcode — Ledger drift", T0, 2) == "inc-20261130-unicode-ledger-drift-2"

@@ -184,3 +184,64 @@ async def test_header_edit_is_claimed_by_one(store: StateStore) -> None:
     assert claims.count(True) == 1
     got = await incidents.get(incident_id)
     assert got is not None and got.header_digest == "b" and got.header_ts == "1.0"
+
+
+async def test_detection_is_the_current_critical_spell_of_the_problem_at_hand(
+    store: StateStore,
+) -> None:
+    """A check critical for 20 hours, clean, then critical again: detection is the start
+    of the new spell. Another check critical for 20 hours does not backdate a new one's
+    incident when the incident is about the new one."""
+    incidents = IncidentStore(store)
+
+    async def run(at: datetime, *critical: str) -> None:
+        await incidents.note_health(
+            channel_id="C0OPS",
+            actor_id="watchdog",
+            worst="crit" if critical else "ok",
+            findings=[{"check": c, "status": "crit", "summary": "x"} for c in critical],
+            at=at,
+            critical=critical,
+        )
+
+    since = T0 - timedelta(hours=24)
+    for hours in range(20, 0, -1):  # views critical every hour for 20 hours
+        await run(T0 - timedelta(hours=hours), "views")
+    await run(T0 - timedelta(minutes=30))  # all clean
+    await run(T0 - timedelta(minutes=10), "views")
+    await run(T0 - timedelta(minutes=5), "views")
+    assert await incidents.first_critical_since(since) == T0 - timedelta(minutes=10)
+    assert await incidents.critical_spells(since) == {"views": T0 - timedelta(minutes=10)}
+
+    # quota critical for 20 hours throughout; views turns critical now
+    for hours in range(20, 0, -1):
+        await run(T0 + timedelta(hours=1) - timedelta(hours=hours), "quota")
+    await run(T0 + timedelta(hours=1), "quota", "views")
+    later = T0 + timedelta(hours=1)
+    spells = await incidents.critical_spells(later - timedelta(hours=24))
+    assert spells == {"quota": T0 - timedelta(hours=19), "views": later}
+    # the watchdog dates the incident by the checks that turned critical
+    assert await incidents.first_critical_since(later - timedelta(hours=24), ["views"]) == later
+    # a person's start: every check critical now (the earliest spell), never before the
+    # last run in which they were all clean
+    assert await incidents.first_critical_since(later - timedelta(hours=24)) == spells["quota"]
+    # nothing critical in the latest run: no detection from the watchdog
+    await run(later + timedelta(minutes=1))
+    assert await incidents.first_critical_since(later - timedelta(hours=24)) is None
+
+
+async def test_last_recovered_at(store: StateStore) -> None:
+    incidents = IncidentStore(store)
+    assert await incidents.last_recovered_at() is None
+    made = await start(incidents)
+    incident = await incidents.get(made)
+    assert incident is not None
+    at = T0 + timedelta(hours=2)
+    await incidents.change(
+        incident,
+        from_states=("open",),
+        values={"state": "recovered", "recovered_at": at, "resolved_at": at},
+        event=("recovered", "U0ALICE", "fully recovered", {}),
+        at=at,
+    )
+    assert await incidents.last_recovered_at() == at

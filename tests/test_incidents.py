@@ -404,7 +404,8 @@ async def test_app_home_shows_incidents_approvals_and_health(
 
 async def test_watchdog_detection_and_clean_recovery_verification(ibot: RunningBot) -> None:
     """The APIs the watchdog and `/db recover` call: the first critical run of the watchdog
-    dates a later incident's detection; a clean verification fully recovers it."""
+    dates a later incident's detection; a clean verification fully recovers it once it
+    is resolved."""
     from commands.base import Finding, Report, Status
 
     incidents, clock = service(ibot), clock_of(ibot)
@@ -436,6 +437,12 @@ async def test_watchdog_detection_and_clean_recovery_verification(ibot: RunningB
     assert "*Detection* (target 15m00s): met in 14m00s" in header_now(ibot.fake, incident)
     clock.advance(hours=2)
     evidence = {"users_pct": 100.0, "submissions_pct": 97.8}
+    # open: a clean verification does not close it
+    assert not await incidents.mark_recovered(CHANNEL, evidence)
+    still = await active(ibot)
+    assert still.state == "open" and still.recovered_at is None
+    assert posts_in(ibot.fake, CHANNEL, "Recovery verification clean: resolve to close")
+    await command(ibot, "incident resolve")
     assert await incidents.mark_recovered(CHANNEL, evidence)
     done = await incidents.store.get(incident.id)
     assert done is not None and done.state == "recovered"
@@ -554,9 +561,13 @@ async def test_the_service_timer_reminds_once_by_itself(
 
 
 async def test_no_baseline_is_taken_while_an_incident_is_open(ibot: RunningBot) -> None:
-    """A snapshot of the damaged database must not become what recovery is measured by."""
+    """A snapshot of the damaged database must not become what recovery is measured by:
+    none while an incident is open or resolved, none within BASELINE_QUIET_S (1 h) after
+    it recovered."""
     baselines = ibot.service.ctx.baselines
     assert isinstance(baselines, StoreBaselines)
+    assert ibot.service.settings.baseline_quiet_s == 3600.0  # the default
+    clock = clock_of(ibot)
     target = ibot.service.ctx.gateway.target
     before = len(await baselines.all(target))
     assert await ibot.service.take_baseline()
@@ -566,5 +577,83 @@ async def test_no_baseline_is_taken_while_an_incident_is_open(ibot: RunningBot) 
     await command(ibot, "incident resolve")
     assert not await ibot.service.take_baseline()  # resolved, not yet recovered
     await command(ibot, "incident recovered")
+    assert not await ibot.service.take_baseline()  # recovered just now: the quiet hour
+    clock.advance(minutes=59)
+    assert not await ibot.service.take_baseline()
+    clock.advance(minutes=1)
     assert await ibot.service.take_baseline()
     assert len(await baselines.all(target)) == before + 2
+
+
+async def watchdog_saw(bot: RunningBot, *critical: str) -> None:
+    """A watchdog health run in which these checks were critical (and no other)."""
+    from commands.base import Finding, Report, Status
+
+    findings = [Finding(check=c, status=Status.CRIT, summary="broken") for c in critical]
+    findings.append(Finding(check="connections", status=Status.OK, summary="fine"))
+    report = Report(title="Database health", target="db", findings=findings)
+    await service(bot).note_health("C0OPS", "watchdog", report)
+
+
+async def test_no_baseline_while_a_check_is_newly_critical(ibot: RunningBot) -> None:
+    """The first baseline is taken whatever is critical; then a check critical that was
+    not at the last baseline stops them, one critical throughout does not, and one that
+    cleared and came back is newly critical again."""
+    baselines = ibot.service.ctx.baselines
+    assert isinstance(baselines, StoreBaselines)
+    target = ibot.service.ctx.gateway.target
+    clock = clock_of(ibot)
+    assert await baselines.latest(target, include_flagged=True) is None
+    await watchdog_saw(ibot, "guard: AMPLIFY quota trigger")
+    assert await ibot.service.take_baseline()  # none yet: taken despite the critical check
+    first = await baselines.latest(target)
+    assert first is not None and first.critical == frozenset({"guard: AMPLIFY quota trigger"})
+    assert first.taken_at == T0 and not first.counts_only and first.flagged is None
+
+    clock.advance(hours=1)
+    await watchdog_saw(ibot, "guard: AMPLIFY quota trigger")
+    assert await ibot.service.take_baseline()  # critical throughout: no stop
+
+    clock.advance(hours=1)
+    await watchdog_saw(ibot, "guard: AMPLIFY quota trigger", "materialized views")
+    assert not await ibot.service.take_baseline()  # views turned critical since
+    clock.advance(minutes=1)
+    await watchdog_saw(ibot, "guard: AMPLIFY quota trigger")
+    assert await ibot.service.take_baseline()  # views are fine again
+
+    clock.advance(hours=1)
+    await watchdog_saw(ibot)  # all clean, then the quota check comes back: a new spell
+    clock.advance(minutes=1)
+    await watchdog_saw(ibot, "guard: AMPLIFY quota trigger")
+    assert not await ibot.service.take_baseline()
+    assert len(await baselines.all(target)) == 3
+
+
+async def test_since_iso_with_a_zone_and_detection_from_the_current_spell(
+    ibot: RunningBot,
+) -> None:
+    """`--since` in ISO 8601 with a zone is taken as given; one in the future is refused.
+    Without it, a check critical for 20 hours, then clean, then critical again dates the
+    incident to its return, not 20 hours back."""
+    await command(ibot, "incident start Future --since 2026-11-30T17:01+08:00")  # 09:01 UTC
+    assert any("is in the future" in t for t in told(ibot.fake))
+    assert await service(ibot).store.active_in(CHANNEL) is None
+    await command(ibot, "incident start Slow pages --since 2026-11-30T16:50+08:00")
+    incident = await active(ibot)
+    assert (incident.detected_at, incident.detected_by) == (T0 - timedelta(minutes=10), "since")
+    await command(ibot, "incident resolve")
+    await command(ibot, "incident recovered")
+
+    clock = clock_of(ibot)
+    for hours in range(20, 0, -1):
+        clock.set(T0 + timedelta(hours=4) - timedelta(hours=hours))
+        await watchdog_saw(ibot, "materialized views")
+    clock.set(T0 + timedelta(hours=3, minutes=30))
+    await watchdog_saw(ibot)  # all clean
+    back = T0 + timedelta(hours=3, minutes=50)
+    clock.set(back)
+    await watchdog_saw(ibot, "materialized views")
+    clock.set(T0 + timedelta(hours=4))
+    await command(ibot, "incident start Leaderboard empty again", channel="C0AGAIN")
+    again = await active(ibot, "C0AGAIN")
+    assert (again.detected_at, again.detected_by) == (back, "watchdog")

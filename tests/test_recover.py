@@ -123,9 +123,10 @@ async def test_verification_percentages_against_a_stored_baseline(
         pct = 100.0 * after[key] / before[key]
         assert f.status is Status.CRIT
         assert f.summary.startswith(
-            f"{label} {pct:.1f} % of the {hhmm} count".replace(".0 %", " %")
+            f"{label} {pct:.1f} % of those at the {hhmm} baseline".replace(".0 %", " %")
         )
         assert f.rows[0]["now"] == after[key] and f.rows[0]["baseline"] == before[key]
+        assert f.rows[0]["total"] == after[key] and f.rows[0]["lost"] == before[key] - after[key]
     assert percentages(report)["ledger_rows"] == round(
         100.0 * after["ledger_rows"] / before["ledger_rows"], 2
     )
@@ -137,9 +138,13 @@ async def test_verification_percentages_against_a_stored_baseline(
     await StoreBaselines(store).save(ctx.gateway.target, {"users": after["users"] * 2}, now=older)
     at = (older + timedelta(minutes=1)).strftime("%H:%M")
     report = await recover(ctx, ["--dry-run", "--baseline", at])
-    assert f"compared with the {older:%H:%M} baseline" in finding(report, "baseline").summary
+    said = finding(report, "baseline")
+    assert f"compared with the {older:%H:%M} baseline ({older:%Y-%m-%d %H:%M} UTC)" in said.summary
+    # stored before the census: counts only, said, and never a clean verification
+    assert said.status is Status.WARN and "counts only" in said.summary
     assert finding(report, "count: users").summary.startswith(
-        f"users 50 % of the {older:%H:%M} count"
+        f"users 50 % of the {older:%H:%M} count ({after['users']:,} of {2 * after['users']:,};"
+        " counts only: growth can hide a loss)"
     )
     # No baseline before the moment asked: said, and not compared.
     report = await recover(
@@ -391,8 +396,9 @@ async def test_recover_from_the_console_requests_the_steps(
 async def test_a_clean_recover_in_an_incident_channel_marks_full_recovery(
     leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:
-    """Over Slack: with the incident open and the counts back to the baseline, `/db recover`
-    closes its full-recovery clock with the verification as evidence."""
+    """Over Slack: with the counts back to the baseline, `/db recover` closes a resolved
+    incident's full-recovery clock with the verification as evidence. While the incident
+    is open a clean verification does not close it: "clean: resolve to close"."""
     channel = "C0RECOVERED"
     settings = bot_settings(leaps_dsn, fake_slack, role_map={"U0ALICE": "REVIEWER"}, coalesce_s=0)
     async with running_bot(settings, fake_slack) as bot:
@@ -415,6 +421,17 @@ async def test_a_clean_recover_in_an_incident_channel_marks_full_recovery(
         # hourly snapshot would have before the loss (the counts are the same here)
         assert not await bot.service.take_baseline()
         await take_baseline(bot.service.ctx)
+        await command("recover")
+        still = await incidents.store.active_in(channel)
+        assert still is not None and still.state == "open" and still.recovered_at is None
+        told = [
+            str(c.params.get("text"))
+            for c in fake_slack.calls_to("chat.postMessage")
+            if c.params.get("channel") == channel and "resolve to close" in str(c.params)
+        ]
+        assert len(told) == 1 and told[0].startswith("Recovery verification clean: resolve to")
+        assert f"Incident #{incident.id} is open" in told[0]
+        await command("incident resolve")
         await command("recover")
         assert await incidents.store.active_in(channel) is None
         done = await incidents.store.get(incident.id)

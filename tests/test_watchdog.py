@@ -25,6 +25,7 @@ from bot.leader import FileLeadership, PgAdvisoryLeadership, leadership_for
 from bot.state import IncidentStore, open_store
 from bot.state.watchdog import WatchdogStore
 from bot.watchdog import Watchdog
+from commands import incident as incident_cmd
 from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
 from tests.conftest import STATE_DIR, RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
@@ -298,3 +299,32 @@ async def test_sqlite_state_file_elects_one_leader_by_flock() -> None:
         await first.release()
         await second.release()
     assert await leadership_for("sqlite:///:memory:").hold() is True
+
+
+async def test_a_check_critical_for_hours_does_not_backdate_a_new_problem(
+    leaps_dsn: str, faults: FaultInjector, fake_slack: FakeSlack
+) -> None:
+    """The quota trigger has been critical for 20 hours (its incident long recovered);
+    then the views break: the watchdog's new incident is detected when they broke."""
+    clock = ManualClock(datetime(2026, 11, 30, 9, 0, tzinfo=UTC))
+    async with watched_bot(leaps_dsn, fake_slack, watchdog_opens_incident=True) as bot:
+        assert bot.service.incidents is not None
+        incidents = bot.service.incidents
+        incidents.clock = clock
+        dog(bot).clock = clock
+        await faults.disable_quota_trigger()
+        await dog(bot).tick()  # critical: alert and incident
+        first = await incidents.store.active_in(OPS)
+        assert first is not None and first.detected_at == clock.now()
+        await incidents.mark_recovered(OPS, {})  # open: not closed by a verification
+        assert await incidents.store.active_in(OPS) is not None
+        await incidents.handle(incident_cmd.parse("recovered"), user_id="U0X", channel_id=OPS)
+        assert await incidents.store.active_in(OPS) is None
+        clock.advance(hours=20)
+        await dog(bot).tick()  # still critical: nothing new
+        await faults.unpopulated_view()
+        broke = clock.advance(minutes=1)
+        await dog(bot).tick()
+        second = await incidents.store.active_in(OPS)
+        assert second is not None and second.id != first.id and VIEWS_CHECK in second.title
+        assert (second.detected_at, second.detected_by) == (broke, "watchdog")

@@ -537,37 +537,67 @@ class IncidentStore:
         worst: str,
         findings: Sequence[Mapping[str, Any]],
         at: datetime,
+        critical: Iterable[str] = (),
     ) -> None:
+        """A health run seen: its worst findings (App Home) and the names of every check
+        critical in it (the detection time of an incident, and the baseline's rule)."""
         row = HealthSeenRow(
             at=_utc(at),
             channel_id=channel_id,
             actor_id=actor_id,
             worst=worst,
-            findings={"findings": [dict(f) for f in findings]},
+            findings={"findings": [dict(f) for f in findings], "critical": sorted(set(critical))},
         )
         async with self._store._tx() as session:
             session.add(row)
             stale = HealthSeenRow.at < row.at - HEALTH_KEPT
             await session.execute(delete(HealthSeenRow).where(stale))
 
-    async def first_critical_since(self, since: datetime) -> datetime | None:
-        """When the watchdog's current run of critical health checks began (None if its
-        latest check since then was not critical, or it saw none)."""
-        mine = (HealthSeenRow.actor_id == WATCHDOG, HealthSeenRow.at >= _utc(since))
-        last_fine = (
-            select(func.coalesce(func.max(HealthSeenRow.id), 0))
-            .where(*mine, HealthSeenRow.worst != "crit")
-            .scalar_subquery()
-        )
-        stmt = select(func.min(HealthSeenRow.at)).where(
-            *mine, HealthSeenRow.worst == "crit", HealthSeenRow.id > last_fine
+    async def critical_spells(
+        self, since: datetime, checks: Iterable[str] | None = None
+    ) -> dict[str, datetime]:
+        """The checks critical in the watchdog's latest health run (or those of `checks`
+        that are), each with the start of its current critical spell: the first of the
+        unbroken runs, up to the latest, in which that check was critical (never before
+        `since`). A check critical for 20 hours, then clean, then critical again, has a
+        spell from its return."""
+        stmt = (
+            select(HealthSeenRow.at, HealthSeenRow.worst, HealthSeenRow.findings)
+            .where(HealthSeenRow.actor_id == WATCHDOG, HealthSeenRow.at >= _utc(since))
+            .order_by(HealthSeenRow.id.desc())
         )
         async with self._store._tx(write=False) as session:
+            runs = (await session.execute(stmt)).all()
+        if not runs:
+            return {}
+        latest = _critical_in(runs[0].worst, runs[0].findings)
+        wanted = latest if checks is None else latest & set(checks)
+        spells: dict[str, datetime] = {}
+        for at, worst, findings in runs:  # newest first
+            still = wanted & _critical_in(worst, findings)
+            for check in still:
+                spells[check] = _parse_utc(at)
+            wanted = still
+            if not wanted:
+                break
+        return spells
+
+    async def first_critical_since(
+        self, since: datetime, checks: Iterable[str] | None = None
+    ) -> datetime | None:
+        """An incident's detection time from the problem at hand: the earliest start of
+        the current critical spell of `checks` (default: the checks critical in the
+        watchdog's latest run), never earlier than the last run in which they were all
+        clean, nor than `since`. None if none of them is critical now."""
+        spells = await self.critical_spells(since, checks)
+        return min(spells.values()) if spells else None
+
+    async def last_recovered_at(self) -> datetime | None:
+        """When the latest incident to be fully recovered was (the baselines' quiet time)."""
+        stmt = select(func.max(IncidentRow.recovered_at)).where(IncidentRow.state == "recovered")
+        async with self._store._tx(write=False) as session:
             found = (await session.execute(stmt)).scalar_one_or_none()
-        if found is None:
-            return None
-        # an aggregate bypasses the column type on SQLite: read it back as aware UTC
-        return found if isinstance(found, datetime) and found.tzinfo else _parse_utc(found)
+        return None if found is None else _parse_utc(found)
 
     async def latest_health(self) -> HealthSeen | None:
         stmt = select(HealthSeenRow).order_by(HealthSeenRow.id.desc()).limit(1)
@@ -642,6 +672,21 @@ async def _add_event(
         )
     await session.flush()
     return _event(row)
+
+
+def _critical_in(worst: str, findings: Mapping[str, Any]) -> set[str]:
+    """The checks critical in one health run. Runs seen before the names were kept hold
+    only the worst few findings: their critical ones stand in."""
+    if worst != "crit":
+        return set()
+    named = findings.get("critical")
+    if isinstance(named, list):
+        return {str(c) for c in named}
+    return {
+        str(f.get("check"))
+        for f in findings.get("findings", [])
+        if isinstance(f, Mapping) and f.get("status") == "crit"
+    }
 
 
 def _parse_utc(value: Any) -> datetime:

@@ -335,3 +335,10 @@ class BaselineRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     taken_at: Mapped[datetime]
     counts: Mapped[dict[str, Any]]
+    # Since 0007 (NULL in older rows: "counts only"): the target's own now() when taken,
+    # per table its count and per-day histogram of creation times, the health checks
+    # critical then, and why it is flagged (its counts fell: never chosen by default).
+    db_now: Mapped[datetime | None]
+    tables: Mapped[dict[str, Any] | None]
+    critical: Mapped[list[str] | None] = mapped_column(JSONDoc)
+    flagged: Mapped[str | None] = mapped_column(Text)

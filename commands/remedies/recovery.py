@@ -345,18 +345,15 @@ def insert_order(
 
 
 async def _latest_unflagged_baseline_at(ctx: Context) -> datetime | None:
-    """When the latest baseline was taken (UTC, naive like audit_log.created_at), or None.
-
-    TODO(H6): baselines gain a "flagged" mark (taken while counts fell); this must then
-    skip flagged baselines and return the latest unflagged one's time. Today it is the
-    newest hourly baseline's.
-    """
+    """When the latest unflagged baseline was taken (UTC, naive like
+    audit_log.created_at), by the database's own clock where it kept it; or None. A
+    flagged baseline (its counts fell: it may hold the damage) never counts here."""
     if ctx.baselines is None:
         return None
-    base = await ctx.baselines.latest_before(ctx.gateway.target, datetime.now(UTC))
+    base = await ctx.baselines.latest(ctx.gateway.target)
     if base is None:
         return None
-    return base.taken_at.astimezone(UTC).replace(tzinfo=None)
+    return (base.db_now or base.taken_at).astimezone(UTC).replace(tzinfo=None)
 
 
 async def deleted_on_purpose(ctx: Context) -> int:

@@ -2,7 +2,7 @@
 and a per-e-mail version of the LEAPS role changes the bot made.
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0008
 Create Date: 2026-12-07
 """
 
