@@ -514,7 +514,7 @@ async def test_dedupe_learn_plan_says_before_approval_when_the_guard_will_refuse
         assert "app.user_role" in refusal[0] and "nobody (no REMEDY_SERVICE_USER_ID)" in str(
             bare.warnings
         )
-        guards = next(w for w in bare.warnings if w.startswith("the UPDATE meets"))
+        guards = next(w for w in bare.warnings if w.startswith("the UPDATE will meet"))
         assert (
             "audit_submission_status_changes" in guards and "trg_check_certificate_hash" in guards
         )
