@@ -75,3 +75,28 @@ def test_fingerprint_binds_sql_params_count_targets_locks_and_data() -> None:
     ]
     for change in changes:
         assert _plan().model_copy(update=change).fingerprint() != base, change
+
+
+ROW_WRITERS = {
+    "dedupe-learn",
+    "reconcile-points",
+    "cleanup-orphans",
+    "dedupe-ledger-events",
+    "dedupe-webhooks",
+    "rematch-kajabi",
+    "rematch-emails",
+    "reprocess-webhooks",
+    "recover-users",
+    "recover-learn",
+    "set-role",
+    "migration-resolve",
+}
+
+
+def test_every_row_writing_remedy_is_tried_first_and_every_other_says_why_not() -> None:
+    """DESIGN.md rule 10: the remedies whose apply is one transaction of DML on LEAPS rows
+    are preflighted on a sample when large; the others say what their plan checked."""
+    tried = {name for name, r in REMEDIES.items() if r.preflight}
+    assert tried == ROW_WRITERS
+    assert all(REMEDIES[name].sample is not None for name in tried)
+    assert all(r.not_tried for name, r in REMEDIES.items() if name not in tried)
