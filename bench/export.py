@@ -5,7 +5,7 @@ thousand users and `--rows` ledger rows made with generate_series, inserted with
 `session_replication_role = replica` so the audit, notify and foreign-key triggers do not
 run per row), then in the same run:
 
-(a) the bot's export: `bot.exports.write_csv` on the export's own connection into a file,
+(a) the bot's export: `bot.slack.exports.write_csv` on the export's own connection into a file,
     the code `/db export` and `python -m bot export` run; its peak RSS growth is the
     resident set sampled at every chunk minus the one before (and `ru_maxrss` after
     minus before, whichever is larger);
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
-from bot.exports import connect, write_csv  # noqa: E402
+from bot.slack.exports import connect, write_csv  # noqa: E402
 from commands.export import ExportQuery, build_query, parse  # noqa: E402
 from commands.fixture.seed import schema_sql  # noqa: E402
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from scale import scale_database  # noqa: E402  (this directory: python bench/...)
 
-from bot.executor import Executor  # noqa: E402
+from bot.approvals.executor import Executor  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
 from bot.settings import Settings  # noqa: E402

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from scale import build_scale_fixture  # noqa: E402  (this directory: python bench/...)
 from timing import pct  # noqa: E402  (this directory: python bench/...)
 
+from bot.approvals.executor import Executor  # noqa: E402
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
-from bot.executor import Executor  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
 from commands.base import Thresholds  # noqa: E402

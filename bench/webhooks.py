@@ -46,8 +46,8 @@ from scale import SCALE_SERVER_SETTINGS, build_scale_fixture  # noqa: E402
 from timing import median_s  # noqa: E402  (this directory: python bench/...)
 
 import commands  # noqa: E402, F401  (registers the commands and remedies)
+from bot.approvals.executor import Executor  # noqa: E402
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
-from bot.executor import Executor  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
 from commands import webhooks as wh  # noqa: E402

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import commands  # noqa: F401  (fills the registry)
-from commands import guide, incident
+from commands import guide
 from commands.base import (
     REGISTRY,
     BaselineStore,
@@ -35,6 +35,7 @@ from commands.base import (
     Thresholds,
     UsageError,
 )
+from commands.incidents import lifecycle as incident
 from commands.remedies.base import REMEDIES, Plan, Remedy
 
 log = logging.getLogger(__name__)

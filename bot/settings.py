@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from commands.base import ROLES, LeapsIdentity, Thresholds
-from commands.incident import Severity, SlaTargets
+from commands.incidents.lifecycle import Severity, SlaTargets
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 

@@ -6,7 +6,7 @@ one exists. The table is looked up in every schema (a Supabase project may keep 
 outside `public`), and a database without it is a finding, not a failure.
 
 Drift is measured against `expected_schema.json`, kept beside this module and dumped
-from the fixture schema (`python -m commands.fixture.expected`), because the
+from the fixture schema (`python -m bot.console.expected`), because the
 live database is what drifts: the check reads only the catalog, read-only, and lists
 per kind what is missing, extra or changed. Only the expected schema is compared, so
 the bot's own backups (schema `dbops_backup`) and the platform's schemas never count.

@@ -21,8 +21,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from bot.embedded_pg import EmbeddedPostgres
-from bot.server import Service, build_web_app
 from bot.settings import Settings
+from bot.slack.server import Service, build_web_app
 from commands.base import Thresholds
 from commands.fixture.faults import FaultInjector
 from commands.fixture.seed import build_fixture

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from commands.audit_trail import audit_trail
 from commands.base import Context, LeapsIdentity, Reader
 from commands.remedies.base import Execution, Outcome, Plan, Remedy, Verification, Writer

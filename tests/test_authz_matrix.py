@@ -13,13 +13,13 @@ from pathlib import Path
 import psycopg
 import pytest_asyncio
 
-from bot.approvals import APPROVE, ApprovalEngine, Click
-from bot.authz import RoleResolver
-from bot.executor import Executor
+from bot.access.roles import RoleResolver
+from bot.approvals.engine import APPROVE, ApprovalEngine, Click
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
-from bot.notify import SlackNotifier
+from bot.messages.notify import SlackNotifier
 from bot.router import RunContext
-from bot.slack_app import make_web_client
+from bot.slack.app import make_web_client
 from bot.state import StateStore, open_store
 from commands.audit_trail import audit_trail
 from commands.base import ROLES, LeapsIdentity, Reader, Row, role_rank

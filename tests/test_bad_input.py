@@ -23,7 +23,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.approvals import APPROVE, REJECT
+from bot.approvals.engine import APPROVE, REJECT
 from bot.embedded_pg import EmbeddedPostgres
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack

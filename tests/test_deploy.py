@@ -218,10 +218,10 @@ async def test_metrics_add_up_across_http_workers(leaps_dsn: str, fake_slack: Fa
 DROP_PRIVILEGES = """
 import os, sys
 import aiosqlite, sqlalchemy.dialects.sqlite.aiosqlite
-import bot.cli, bot.server, bot.state.store, commands
+import bot.console.cli, bot.slack.server, bot.state.store, commands
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([]); os.setgid(gid); os.setuid(uid)
-sys.exit(bot.cli.main(sys.argv[3:]))
+sys.exit(bot.console.cli.main(sys.argv[3:]))
 """
 
 

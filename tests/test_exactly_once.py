@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bot.console import decide_from_console, request_from_console
-from bot.executor import Executor
+from bot.approvals.executor import Executor
+from bot.console.console import decide_from_console, request_from_console
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from bot.state import open_store

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from commands.base import BACKUP_SCHEMA, Context, Reader
 from commands.remedies.base import (
     Execution,

@@ -19,9 +19,9 @@ import pytest
 import pytest_asyncio
 from psycopg.rows import dict_row
 
-from bot.exports import export_from_console
 from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
+from bot.slack.exports import export_from_console
 from commands.base import Report, Status, Thresholds, UsageError
 from commands.export import KINDS, ExportLimits, parse
 from commands.fixture.faults import FaultInjector

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from bot.incidents import IncidentService
+from bot.incidents.service import IncidentService
 from bot.state import Incident, IncidentEvent
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import FakeSlack

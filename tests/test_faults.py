@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from bot.embedded_pg import EmbeddedPostgres
-from bot.server import Service, connect_socket
+from bot.slack.server import Service, connect_socket
 from commands.fixture.seed import build_fixture
 from tests.conftest import TEST_REVIEWERS, RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack, make_envelope

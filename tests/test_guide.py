@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bot.router import BOT_COMMANDS, find, help_answer, help_text
-from commands import guide, incident
+from commands import guide
 from commands.base import REGISTRY
+from commands.incidents import lifecycle as incident
 from commands.remedies.base import REMEDIES
 from tests.conftest import RunningBot
 from tests.test_cli import bot_cli

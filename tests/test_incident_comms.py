@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import incident_templates as templates
-from bot.incident_comms import record_verification
-from bot.incident_facts import last_verification, verification_from_report
+from bot.incidents import templates
+from bot.incidents.comms import record_verification
+from bot.incidents.facts import last_verification, verification_from_report
 from commands.base import Finding, Report, Status
 from tests import test_incidents
 from tests.conftest import RunningBot, bot_settings, running_bot

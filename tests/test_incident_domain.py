@@ -8,7 +8,7 @@ from datetime import UTC, datetime, time, timedelta
 import pytest
 
 from commands.base import Finding, Report, Status, UsageError
-from commands.incident import (
+from commands.incidents.lifecycle import (
     Assign,
     Milestones,
     Simple,

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest_asyncio
 
 from bot.clock import ManualClock
-from bot.incidents import IncidentService, SlackIncidents
-from bot.slack_app import make_web_client
+from bot.incidents.service import IncidentService, SlackIncidents
+from bot.slack.app import make_web_client
 from bot.state import Incident, IncidentStore, open_store
 from bot.state.baselines import StoreBaselines
-from commands.incident import SlaTargets, Start
+from commands.incidents.lifecycle import SlaTargets, Start
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import signed_headers

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
-from bot.render import PLAIN, plan_text
+from bot.messages.render import PLAIN, plan_text
 from bot.router import RunContext
 from commands.fixture.faults import FaultInjector
 from commands.remedies.base import REMEDIES

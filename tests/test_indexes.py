@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from bot.executor import Executor, execution_lock_key
+from bot.approvals.executor import Executor, execution_lock_key
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import Context, Finding, LeapsIdentity, Reader, Report, Status, UsageError

@@ -17,8 +17,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from bot import render
 from bot.gateway import MASK, UNPARSEABLE, TargetGateway, describe_target, mask_dsn
+from bot.messages import render
 from bot.router import Dispatcher, RunContext
 from bot.settings import load_settings
 from commands.base import Report, Thresholds, redact_literals, shown_queries

@@ -15,12 +15,12 @@ from typing import TypeVar
 
 import pytest
 
-from bot import render
-from bot.approvals import APPROVE
-from bot.authz import RoleResolver
+from bot.access.roles import RoleResolver
+from bot.approvals.engine import APPROVE
 from bot.gateway import TargetGateway
-from bot.keyed_mac import APPROVAL_BUTTON, FULL_TABLE_BUTTON, KeyedMac
-from bot.slack_app import make_web_client
+from bot.messages import render
+from bot.messages.keyed_mac import APPROVAL_BUTTON, FULL_TABLE_BUTTON, KeyedMac
+from bot.slack.app import make_web_client
 from commands.base import REGISTRY, Command, Context, Finding, Reader, Report, Status
 from commands.roles import role_for_email
 from tests.conftest import RunningBot, bot_settings, running_bot

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from psycopg import sql
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
 from commands import migrations as mg
@@ -89,7 +89,7 @@ async def test_clean_fixture_has_no_failed_migration_and_no_drift(ctx: RunContex
 
 async def test_expected_file_is_the_fixture_dump(leaps_dsn: str) -> None:
     """The committed expected objects are what the dump script writes for the fixture:
-    regenerate with `python -m commands.fixture.expected` after changing schema.sql."""
+    regenerate with `python -m bot.console.expected` after changing schema.sql."""
     dumped = render_expected(await dump_expected(leaps_dsn))
     assert dumped == mg.EXPECTED_FILE.read_text(encoding="utf-8")
 

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from psycopg import sql
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from commands.base import BACKUP_SCHEMA, Context, LeapsIdentity, Reader
 from commands.fixture.faults import FaultInjector
 from commands.guards import calls_out, mask_personal

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from bot.state import StateStore, open_store

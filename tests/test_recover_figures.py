@@ -17,10 +17,10 @@ import pytest_asyncio
 from alembic import command
 from sqlalchemy import Connection, text
 
-from bot import render
 from bot.gateway import TargetGateway
-from bot.incident_facts import verification_from_report
-from bot.incident_summary import impact_lines
+from bot.incidents.facts import verification_from_report
+from bot.incidents.summary import impact_lines
+from bot.messages import render
 from bot.router import RunContext
 from bot.state import StateStore, open_store
 from bot.state.baselines import StoreBaselines

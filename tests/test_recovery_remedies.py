@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 from psycopg.rows import dict_row
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
-from bot.render import approval_message
+from bot.messages.render import approval_message
 from bot.router import RunContext
 from bot.state import StateStore, open_store
 from bot.state.baselines import StoreBaselines

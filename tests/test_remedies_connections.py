@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 from psycopg import sql
 
+from bot.approvals.executor import Executor
 from bot.embedded_pg import EmbeddedPostgres, password_sql
-from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import APPLICATION_NAME, Status, UsageError

@@ -13,7 +13,7 @@ from typing import Any, LiteralString
 import psycopg
 import pytest
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import Context, LeapsIdentity, Reader

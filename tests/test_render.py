@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot import render
-from bot.notify import ConsoleNotifier
+from bot.messages import render
+from bot.messages.notify import ConsoleNotifier
 from commands.base import Finding, Report, Status
 from commands.remedies.base import Outcome, Plan, PlanStep
 from tests.fakeslack import block_errors

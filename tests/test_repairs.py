@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from psycopg import sql
 
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import BACKUP_SCHEMA, LeapsIdentity, Status, UsageError

@@ -24,8 +24,8 @@ import pytest_asyncio
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from bot.approvals.executor import Executor
 from bot.embedded_pg import EmbeddedPostgres
-from bot.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import LeapsIdentity

@@ -14,11 +14,11 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from bot.authz import RoleResolver
-from bot.executor import Executor
+from bot.access.roles import RoleResolver
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
 from bot.router import RunContext
-from bot.slack_app import make_web_client
+from bot.slack.app import make_web_client
 from bot.state import StateStore, open_store
 from commands.base import LeapsIdentity
 from commands.remedies.base import Execution, Outcome, Plan

@@ -17,10 +17,10 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from bot.authz import RoleResolver
+from bot.access.roles import RoleResolver
 from bot.embedded_pg import EmbeddedPostgres
 from bot.gateway import TargetGateway
-from bot.slack_app import make_web_client
+from bot.slack.app import make_web_client
 from bot.state import open_store
 from commands.base import REGISTRY, Command, Context, Finding, Report, Status
 from tests.conftest import STATE_DIR, bot_settings, running_bot
@@ -325,7 +325,7 @@ async def test_roles_work_without_a_state_store_and_when_it_is_gone(
             assert await resolver.role_of("U0REV") == "REVIEWER"
             assert (await store.known_role("U0REV")) is not None
             pg.drop_database(_dbname(state_dsn))
-            with caplog.at_level(logging.WARNING, logger="bot.authz"):
+            with caplog.at_level(logging.WARNING, logger="bot.access.roles"):
                 resolved = await resolver.resolve("U0REV")
             assert (resolved.role, resolved.stale) == ("REVIEWER", False)
             assert any("could not keep the role" in r.getMessage() for r in caplog.records)
@@ -339,7 +339,7 @@ async def test_console_requests_need_a_role_checked_now(
     leaps_dsn: str, fake_slack: FakeSlack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The console knows only ROLE_MAP: a remembered Slack role never requests from it."""
-    from bot.console import request_from_console
+    from bot.console.console import request_from_console
 
     state = f"sqlite:///{tmp_path}/console.sqlite3"
     async with await open_store(state) as store:

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from bot import render
-from bot.executor import Executor
+from bot.approvals.executor import Executor
 from bot.gateway import TargetGateway
+from bot.messages import render
 from bot.router import Dispatcher, RunContext
 from commands.base import LeapsIdentity, Thresholds, UsageError
 from commands.fixture.faults import FaultInjector

@@ -13,8 +13,8 @@ import pytest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.clock import ManualClock
-from bot.incident_comms import record_verification
-from bot.incidents import SlackIncidents
+from bot.incidents.comms import record_verification
+from bot.incidents.service import SlackIncidents
 from bot.state import IncidentStore
 from bot.state.incidents import CLAIM_LEASE, WATCHDOG
 from commands.fixture.faults import FaultInjector

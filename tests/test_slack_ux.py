@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest_asyncio
 
-from bot import render
-from bot.notify import ConsoleNotifier
+from bot.messages import render
+from bot.messages.notify import ConsoleNotifier
 from commands.base import Report
 from commands.fixture.faults import FaultInjector
 from tests.conftest import RunningBot, bot_settings, running_bot

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.server import Service, connect_socket
+from bot.slack.server import Service, connect_socket
 from tests.conftest import bot_settings
 from tests.fakeslack import FakeSlack, make_envelope
 

@@ -18,15 +18,15 @@ import aiohttp
 import psycopg
 
 from bot.clock import ManualClock
-from bot.console import CONSOLE_CHANNEL
-from bot.demo import DEMO_ROLES, DEMO_THRESHOLDS, demo_service_user
-from bot.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
-from bot.leader import FileLeadership, PgAdvisoryLeadership, leadership_for
+from bot.console.console import CONSOLE_CHANNEL
+from bot.console.demo import DEMO_ROLES, DEMO_THRESHOLDS, demo_service_user
+from bot.console.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
+from bot.incidents.leader import FileLeadership, PgAdvisoryLeadership, leadership_for
+from bot.incidents.watchdog import Watchdog
 from bot.state import IncidentStore, open_store
 from bot.state.watchdog import WatchdogStore
-from bot.watchdog import Watchdog
-from commands import incident as incident_cmd
 from commands.fixture.faults import QUOTA_TRIGGER, FaultInjector
+from commands.incidents import lifecycle as incident_cmd
 from tests.conftest import STATE_DIR, RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
 from tests.test_multiprocess import bot_process

@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest_asyncio
 
 from bot.clock import ManualClock
-from bot.incident_facts import pct_text
+from bot.incidents.facts import pct_text
 from commands.fixture.faults import FaultInjector
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import FakeSlack

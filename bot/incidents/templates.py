@@ -35,9 +35,9 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from bot.incident_facts import Mrkdwn
-from bot.render import MAX_SECTION_CHARS, SlackMessage, esc
-from commands.incident_comms import AUDIENCES, Audience
+from bot.incidents.facts import Mrkdwn
+from bot.messages.render import MAX_SECTION_CHARS, SlackMessage, esc
+from commands.incidents.comms import AUDIENCES, Audience
 
 TEMPLATE_FILES: dict[Audience, str] = {"user": "user.md.j2", "tech": "tech.md.j2"}
 POST = "dbops_template_post"  # the button

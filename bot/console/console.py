@@ -9,20 +9,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
-from bot import render
-from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
-from bot.authz import RoleResolver, refusal
-from bot.executor import executor_from_settings
+from bot.access.roles import RoleResolver, refusal
+from bot.approvals.engine import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
+from bot.approvals.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
-from bot.incident_comms import ConsolePublisher, IncidentComms
-from bot.incidents import ConsoleIncidents, IncidentService
-from bot.notify import ConsoleNotifier
+from bot.incidents.comms import ConsolePublisher, IncidentComms
+from bot.incidents.service import ConsoleIncidents, IncidentService
+from bot.messages import render
+from bot.messages.notify import ConsoleNotifier
 from bot.router import Answer, BotCommand, Dispatcher, RunContext, preflight
 from bot.settings import Settings
 from bot.state import IncidentStore, StateStore, open_store
 from bot.state.baselines import StoreBaselines
-from commands import incident
 from commands.base import Command, Report, UsageError, role_rank
+from commands.incidents import lifecycle as incident
 from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from functools import partial
 
-from bot import render
+from bot.messages import render
 from bot.settings import Settings, SettingsError, load_settings
 
 EXIT_CONFIG = 2
@@ -63,7 +63,7 @@ def _configure_logging(settings: Settings) -> None:
 
 
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
-    from bot.approvals import refresh_history
+    from bot.approvals.engine import refresh_history
     from bot.gateway import gateway_from_settings
     from bot.router import Answer, Dispatcher, RunContext, help_answer, parse
     from bot.state import open_store
@@ -134,20 +134,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 mode = "demo"
         if mode == "serve":
-            from bot.server import serve_http
+            from bot.slack.server import serve_http
 
             port = getattr(args, "port", None) or settings.port
             host = getattr(args, "host", "0.0.0.0")
             workers = getattr(args, "workers", None) or settings.web_concurrency
             settings.require("slack_bot_token", "slack_signing_secret", "database_url")
             if workers > 1:
-                from bot.workers import supervise
+                from bot.slack.workers import supervise
 
                 return supervise(workers, port, host)
             asyncio.run(serve_http(settings, port, host, getattr(args, "reuse_port", False)))
             return 0
         if mode == "socket":
-            from bot.server import serve_socket
+            from bot.slack.server import serve_socket
 
             asyncio.run(
                 serve_socket(
@@ -156,25 +156,25 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if mode == "run" and args.user:
-            from bot.console import request_from_console
+            from bot.console.console import request_from_console
 
             return asyncio.run(request_from_console(settings, args.command, args.user))
         if mode == "run":
             return asyncio.run(run_once(settings, args.command, args.json))
         if mode == "export":
-            from bot.exports import export_from_console
+            from bot.slack.exports import export_from_console
 
             what = [args.kind, *(["--since", args.since] if args.since else [])]
             return asyncio.run(export_from_console(settings, what, args.out))
         if mode in ("approve", "reject"):
-            from bot.console import decide_from_console
+            from bot.console.console import decide_from_console
 
             return asyncio.run(
                 decide_from_console(
                     settings, args.approval_id, args.user, approve=mode == "approve"
                 )
             )
-        from bot.demo import run_demo
+        from bot.console.demo import run_demo
 
         try:
             return asyncio.run(run_demo(settings, keep=getattr(args, "keep", False)))

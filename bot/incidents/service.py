@@ -25,22 +25,23 @@ from typing import Any, Protocol, TextIO
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.approvals import process_id
+from bot.approvals.engine import process_id
 from bot.clock import Clock
-from bot.incident_views import (
+from bot.incidents.views import (
     clocks_of,
     digest,
     header_message,
     home_view,
     timeline_message,
 )
-from bot.notify import SLACK_FAILURES
-from bot.render import SlackMessage, esc
+from bot.messages.notify import SLACK_FAILURES
+from bot.messages.render import SlackMessage, esc
 from bot.state import Incident, IncidentExists, IncidentStore
 from bot.state.incidents import HEALTH_KEPT, WATCHDOG
 from bot.state.models import DetectedBy
 from commands.base import Report, Status, UsageError
-from commands.incident import (
+from commands.incidents.comms import Summary, Template
+from commands.incidents.lifecycle import (
     Assign,
     IncidentRequest,
     Simple,
@@ -54,7 +55,6 @@ from commands.incident import (
     who,
     worst_findings,
 )
-from commands.incident_comms import Summary, Template
 from commands.recover import BaselineConditions
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _note(text: str, public: bool = False) -> Reply:
 Resolved = Callable[[Incident], Awaitable[None]]
 # Run by every tick: posts to retry (template posts Slack did not answer ok); returns how many.
 Retry = Callable[[], Awaitable[int]]
-# `template` and `summary` (bot.incident_comms): (request, incident, user) -> reply.
+# `template` and `summary` (bot.incidents.comms): (request, incident, user) -> reply.
 Comms = Callable[[Template | Summary, Incident, str], Awaitable[Reply]]
 
 

@@ -1,6 +1,6 @@
 """Incidents in Block Kit: the pinned header, the timeline, and App Home.
 
-Kept apart from `bot.render` (reports and plans); the same limits apply: 50 blocks a
+Kept apart from `bot.messages.render` (reports and plans); the same limits apply: 50 blocks a
 message (100 a Home tab), 3000 characters a section, what is cut is counted.
 """
 
@@ -21,9 +21,9 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.models.views import View
 
-from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, unesc
+from bot.messages.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, unesc
 from bot.state import Approval, HealthSeen, Incident, IncidentEvent
-from commands.incident import (
+from commands.incidents.lifecycle import (
     SEVERITY_LABEL,
     Milestones,
     SlaClock,

@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 from slack_sdk.errors import SlackClientError
 
-from bot import render
-from bot.authz import ResolvedRole, RoleResolver, approval_refusal
-from bot.executor import UNKNOWN_COMMIT, ApplyState, Executor, remedy_running
-from bot.identity import acting_identity, preflight_identity
-from bot.keyed_mac import APPROVAL_BUTTON, KeyedMac, button_secret
-from bot.notify import Notifier
+from bot.access.roles import ResolvedRole, RoleResolver, approval_refusal
+from bot.approvals.executor import UNKNOWN_COMMIT, ApplyState, Executor, remedy_running
+from bot.approvals.identity import acting_identity, preflight_identity
+from bot.messages import render
+from bot.messages.keyed_mac import APPROVAL_BUTTON, KeyedMac, button_secret
+from bot.messages.notify import Notifier
 from bot.router import RunContext
 from bot.settings import Settings
 from bot.state.models import DecisionKind, Origin

@@ -15,7 +15,7 @@ import aiohttp
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.render import SlackMessage, plain_dates, unesc
+from bot.messages.render import SlackMessage, plain_dates, unesc
 
 log = logging.getLogger(__name__)
 

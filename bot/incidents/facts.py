@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from bot.incident_views import clocks_of
-from bot.render import esc
+from bot.incidents.views import clocks_of
+from bot.messages.render import esc
 from bot.state import Approval, Incident, IncidentEvent
 from commands.base import Report, human_duration
-from commands.incident import SEVERITY_LABEL, SlaClock, SlaTargets, who
+from commands.incidents.lifecycle import SEVERITY_LABEL, SlaClock, SlaTargets, who
 from commands.recover import recovery_verified
 
 VERIFICATION = "verification"  # the timeline kind of a recovery verification

@@ -27,19 +27,21 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot import metrics, render
-from bot.approvals import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
-from bot.authz import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
-from bot.exports import SlackExports
+from bot import metrics
+from bot.access.roles import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
+from bot.approvals.engine import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
 from bot.gateway import first_line
-from bot.incident_comms import record_verification
-from bot.incidents import IncidentService, Reply
-from bot.keyed_mac import FULL_TABLE_BUTTON, KeyedMac, button_secret
+from bot.incidents.comms import record_verification
+from bot.incidents.service import IncidentService, Reply
+from bot.messages import render
+from bot.messages.keyed_mac import FULL_TABLE_BUTTON, KeyedMac, button_secret
 from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
+from bot.slack.exports import SlackExports
 from bot.tasks import TaskTracker
-from commands import export, incident
+from commands import export
 from commands.base import Command, Finding, Report, UsageError, role_rank
+from commands.incidents import lifecycle as incident
 from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 

@@ -7,7 +7,7 @@ store (`bot.state.watchdog`), so a restart or a new leader after a failover does
 post the same problem again. The health run goes through the same Dispatcher and
 gateway as `/db health`: what the watchdog sees is what a person would see.
 
-The leader (see `bot.leader`) also takes the periodic baseline snapshot that
+The leader (see `bot.incidents.leader`) also takes the periodic baseline snapshot that
 `/db recover` compares against, so replicas do not each take one.
 """
 
@@ -21,17 +21,17 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from bot.clock import Clock, SystemClock
-from bot.leader import Leadership
-from bot.notify import SLACK_FAILURES
-from bot.render import SlackMessage, cut, esc
+from bot.incidents.leader import Leadership
+from bot.messages.notify import SLACK_FAILURES
+from bot.messages.render import SlackMessage, cut, esc
 from bot.router import Dispatcher
 from bot.state.incidents import WATCHDOG
 from bot.state.watchdog import CheckStatus, WatchdogStore
 from commands.base import Finding, Report, Status
-from commands.incident import Severity, Start
+from commands.incidents.lifecycle import Severity, Start
 
 if TYPE_CHECKING:
-    from bot.incidents import IncidentService
+    from bot.incidents.service import IncidentService
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ Baseline = Callable[[], Awaitable[object]]
 
 
 class Poster(Protocol):
-    """Where alerts go: Slack (`bot.incidents.SlackIncidents`) or the console."""
+    """Where alerts go: Slack (`bot.incidents.service.SlackIncidents`) or the console."""
 
     async def post(self, channel: str, message: SlackMessage) -> str: ...
 

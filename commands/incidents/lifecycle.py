@@ -1,6 +1,6 @@
 """`/db incident …`: the pure half (arguments, SLA arithmetic, timeline and header text).
 
-The bot keeps incidents in its state store and speaks to Slack (`bot/incidents.py`);
+The bot keeps incidents in its state store and speaks to Slack (`bot/incidents/service.py`);
 everything here is a function of its inputs, so the arithmetic an operator would
 otherwise do by hand at 3 a.m. is tested without either.
 
@@ -23,9 +23,9 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from commands import incident_comms
 from commands.base import Finding, Report, Status, UsageError, human_duration
-from commands.incident_comms import Summary, Template
+from commands.incidents import comms as incident_comms
+from commands.incidents.comms import Summary, Template
 
 NAME = "incident"
 USAGE = (

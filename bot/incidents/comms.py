@@ -22,8 +22,8 @@ from jinja2 import TemplateError
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import incident_templates as templates
-from bot.incident_facts import (
+from bot.incidents import templates
+from bot.incidents.facts import (
     VERIFICATION,
     Facts,
     facts,
@@ -31,15 +31,15 @@ from bot.incident_facts import (
     verification_from_report,
     verification_text,
 )
-from bot.incident_summary import summary_markdown, summary_message
-from bot.incidents import IncidentService, Reply
-from bot.notify import SLACK_FAILURES
-from bot.render import SlackMessage, esc, unesc
+from bot.incidents.service import IncidentService, Reply
+from bot.incidents.summary import summary_markdown, summary_message
+from bot.messages.notify import SLACK_FAILURES
+from bot.messages.render import SlackMessage, esc, unesc
 from bot.state import Incident
 from bot.tasks import TaskTracker
 from commands.base import Report
-from commands.incident import who
-from commands.incident_comms import AUDIENCES, Audience, Summary, Template
+from commands.incidents.comms import AUDIENCES, Audience, Summary, Template
+from commands.incidents.lifecycle import who
 
 log = logging.getLogger(__name__)
 

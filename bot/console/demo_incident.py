@@ -25,22 +25,22 @@ import logging
 from datetime import UTC, datetime
 from typing import TextIO
 
-from bot import render
-from bot.approvals import APPROVE, ApprovalEngine, Click
+from bot.approvals.engine import APPROVE, ApprovalEngine, Click
 from bot.clock import ManualClock
-from bot.console import CONSOLE_CHANNEL, console_engine
-from bot.incident_comms import ConsolePublisher, IncidentComms, record_verification
-from bot.incident_views import timeline_message
-from bot.incidents import ConsoleIncidents, IncidentService
-from bot.notify import ConsoleNotifier
+from bot.console.console import CONSOLE_CHANNEL, console_engine
+from bot.incidents.comms import ConsolePublisher, IncidentComms, record_verification
+from bot.incidents.service import ConsoleIncidents, IncidentService
+from bot.incidents.views import timeline_message
+from bot.incidents.watchdog import Watchdog
+from bot.messages import render
+from bot.messages.notify import ConsoleNotifier
 from bot.router import Dispatcher
 from bot.settings import Settings
 from bot.state import IncidentStore
 from bot.state.watchdog import WatchdogStore
-from bot.watchdog import Watchdog
-from commands import incident as incident_cmd
 from commands.base import Report
 from commands.fixture.faults import FaultInjector
+from commands.incidents import lifecycle as incident_cmd
 from commands.recover import recovery_evidence, recovery_verified, take_baseline
 from commands.remedies.base import REMEDIES
 

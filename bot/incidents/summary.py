@@ -17,11 +17,11 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from bot.incident_facts import Facts, Metric, Verification, hhmm, pct_text
-from bot.incident_views import DETECTED_BY, STATE_LABEL
-from bot.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, esc, unesc
+from bot.incidents.facts import Facts, Metric, Verification, hhmm, pct_text
+from bot.incidents.views import DETECTED_BY, STATE_LABEL
+from bot.messages.render import MAX_HEADER_CHARS, MAX_SECTION_CHARS, SlackMessage, cut, esc, unesc
 from commands.base import human_duration
-from commands.incident import SEVERITY_LABEL, SlaClock, timeline_lines, who
+from commands.incidents.lifecycle import SEVERITY_LABEL, SlaClock, timeline_lines, who
 from commands.recover import days_text
 
 RESULT = {"met": "met", "missed": "MISSED", "running": "open", "overdue": "OVERDUE"}

@@ -41,9 +41,10 @@ from psycopg.rows import dict_row
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import metrics, render
+from bot import metrics
 from bot.gateway import first_line, normalise_scheme
-from bot.incidents import IncidentService
+from bot.incidents.service import IncidentService
+from bot.messages import render
 from bot.settings import Settings
 from bot.state import StateStore
 from bot.state.incidents import FirstMilestone

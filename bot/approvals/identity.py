@@ -14,7 +14,7 @@ import logging
 from dataclasses import replace
 from functools import partial
 
-from bot.authz import RoleResolver
+from bot.access.roles import RoleResolver
 from commands.base import Gateway, LeapsIdentity
 from commands.guards import STAFF_ROLES, account_holding
 from commands.roles import identity_for_email

@@ -1,7 +1,7 @@
 """`/db incident template user|tech` and `/db incident summary [--file]`: their arguments.
 
-Kept apart from `commands.incident` so the lifecycle and the communications can change
-side by side; `commands.incident.parse` hands these two verbs here.
+Kept apart from `commands.incidents.lifecycle` so the lifecycle and the communications can change
+side by side; `commands.incidents.lifecycle.parse` hands these two verbs here.
 """
 
 from __future__ import annotations

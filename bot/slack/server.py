@@ -23,23 +23,23 @@ from slack_bolt.request.internals import parse_body
 from slack_sdk.signature import SignatureVerifier
 
 from bot import metrics
-from bot.approvals import ApprovalEngine, refresh_history
-from bot.authz import RoleResolver, refusal
+from bot.access.roles import RoleResolver, refusal
+from bot.approvals.engine import ApprovalEngine, refresh_history
+from bot.approvals.executor import executor_from_settings
 from bot.clock import Clock, SystemClock
-from bot.executor import executor_from_settings
 from bot.gateway import gateway_from_settings
-from bot.incident_comms import IncidentComms, SlackPublisher
-from bot.incidents import IncidentService, SlackIncidents
-from bot.leader import Leadership, leadership_for
-from bot.notify import SlackNotifier
+from bot.incidents.comms import IncidentComms, SlackPublisher
+from bot.incidents.leader import Leadership, leadership_for
+from bot.incidents.service import IncidentService, SlackIncidents
+from bot.incidents.watchdog import Watchdog
+from bot.messages.notify import SlackNotifier
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
-from bot.slack_app import ACKED_EARLY, SlackFrontend, is_slash_command
+from bot.slack.app import ACKED_EARLY, SlackFrontend, is_slash_command
 from bot.state import IncidentStore, StateStore, open_store
 from bot.state.baselines import StoreBaselines
 from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker, wait_for_signal
-from bot.watchdog import Watchdog
 from commands.recover import BaselineConditions, take_baseline
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Any, TextIO
 
 import psycopg
 
-from bot import render
 from bot.embedded_pg import EmbeddedPostgres, password_sql, role_dsn
 from bot.gateway import gateway_from_settings
+from bot.messages import render
 from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.tasks import wait_for_signal
@@ -130,8 +130,8 @@ hence ALLOW_SUPERUSER_KILL):
 
 
 async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: TextIO) -> None:
-    """Act one: a whole incident on the clean fixture (`bot.demo_incident`)."""
-    from bot.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
+    """Act one: a whole incident on the clean fixture (`bot.console.demo_incident`)."""
+    from bot.console.demo_incident import WALK_APPROVAL_TTL_S, walk_incident
 
     out.write("\n═══ An incident, from the watchdog's alert to the summary ═══\n")
     walk_settings = settings.model_copy(
