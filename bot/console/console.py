@@ -16,7 +16,7 @@ from bot.incidents.comms import ConsolePublisher
 from bot.incidents.service import ConsoleIncidents
 from bot.messages import render
 from bot.messages.notify import ConsoleNotifier
-from bot.router import Answer, BotCommand, Dispatcher, preflight
+from bot.router import Answer, BotCommand, preflight
 from bot.settings import Settings
 from commands.base import Command, Report, UsageError, role_rank
 from commands.incidents import lifecycle as incident
@@ -70,7 +70,7 @@ async def diagnose_from_console(
         if refused:
             print(f"{user_id}: {command.name}: {refused}", file=sys.stderr)
             return 2
-        result = await Dispatcher(house.engine.ctx).run_command(command, args)
+        result = await house.dispatcher.run_command(command, args)
         if not isinstance(result, Report):
             print(getattr(result, "text", result), file=sys.stderr)
             return 2
