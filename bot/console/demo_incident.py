@@ -29,7 +29,6 @@ from bot.approvals.engine import APPROVE, Click
 from bot.clock import ManualClock
 from bot.console.console import CONSOLE_CHANNEL, console_frontend
 from bot.house import House, build_house
-from bot.incidents.comms import record_verification
 from bot.incidents.views import timeline_message
 from bot.incidents.watchdog import Watchdog
 from bot.messages import render
@@ -37,7 +36,7 @@ from bot.settings import Settings
 from commands.base import Report
 from commands.fixture.faults import FaultInjector
 from commands.incidents import lifecycle as incident_cmd
-from commands.recover import recovery_evidence, recovery_verified, take_baseline
+from commands.recover import recovery_verified, take_baseline
 from commands.remedies.base import REMEDIES
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class Walk:
         result = await self.house.dispatcher.run(text)
         assert isinstance(result, Report)
         self.out.write(render.to_text(result))
-        await self.incidents.on_command(CONSOLE_CHANNEL, user_id, text, result)
+        await self.incidents.on_report(CONSOLE_CHANNEL, user_id, text, result)
         return result
 
     async def click(self, approval_id: str, user_id: str) -> None:
@@ -193,13 +192,9 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
 
         walk.later(5)
         walk.say(f"{ONCALL} verifies the recovery against the baseline (`recover --dry-run`)")
+        # joins the timeline as a verification; clean, it marks full recovery (`on_report`)
         report = await walk.diagnose(ONCALL, "recover --dry-run")
-        await record_verification(incidents, CONSOLE_CHANNEL, ONCALL, report)
-        if recovery_verified(report):  # as in Slack and the console: full recovery reached
-            await incidents.mark_recovered(
-                CONSOLE_CHANNEL, recovery_evidence(report), actor_id=ONCALL
-            )
-        else:
+        if not recovery_verified(report):
             missing.append("full recovery: the verification was not clean")
 
         walk.later(1)

@@ -186,6 +186,10 @@ class IncidentComms:
             )
         return Reply(summary_message(f), public=True)
 
+    async def record_verification(self, channel_id: str, user_id: str, report: Report) -> bool:
+        """The hook `on_report` calls: a recovery verification joins the timeline."""
+        return await record_verification(self.incidents, channel_id, user_id, report)
+
     async def post_summary(self, incident: Incident) -> None:
         """On resolve: the summary in the incident channel."""
         await self.publisher.post(incident.channel_id, summary_message(await self.facts(incident)))

@@ -6,7 +6,9 @@ same code. Anything another replica may be doing at the same time (a reminder, a
 edit, a first response) is decided by a conditional write in the store, never here.
 
 Entry points for the other parts of the bot:
-- `on_command(channel, user, command, report)`: a `/db` diagnostic joins the timeline.
+- `on_report(channel, user, command, report)`: a `/db` diagnostic joins the timeline; a
+  recovery verification is recorded (the hooks) and, clean, marks full recovery.
+- `on_command(channel, user, command, report)`: the timeline alone.
 - `note_watchdog_critical(channel, at)` / `start(..., detected_by="watchdog")`: the
   watchdog's first critical finding is the detection time.
 - `mark_recovered(channel, evidence)`: a clean recovery verification.
@@ -56,7 +58,7 @@ from commands.incidents.lifecycle import (
     who,
     worst_findings,
 )
-from commands.recover import BaselineConditions
+from commands.recover import BaselineConditions, recovery_evidence, recovery_verified
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,10 @@ class IncidentHooks(Protocol):
         """Run by every tick: posts Slack did not answer ok, again; returns how many."""
         ...
 
+    async def record_verification(self, channel_id: str, user_id: str, report: Report) -> bool:
+        """A `/db recover` report joins the channel's incident as a `verification` event."""
+        ...
+
 
 class NoComms:
     """The hooks of a service built alone (a unit test): no templates, no summary."""
@@ -209,6 +215,9 @@ class NoComms:
 
     async def retry_unsent(self) -> int:
         return 0
+
+    async def record_verification(self, channel_id: str, user_id: str, report: Report) -> bool:
+        return False
 
 
 def _reason(exc: Exception) -> str:
@@ -483,6 +492,15 @@ class IncidentService:
         return _note(f":fire: Incident #{latest.id} reopened by {who(user_id)}.", public=True)
 
     # -- what other parts call ------------------------------------------------------------
+
+    async def on_report(self, channel_id: str, user_id: str, command: str, report: Report) -> None:
+        """A report run in a channel joins its incident: the timeline (`on_command`), a
+        recovery verification as its own event (the hooks), and a clean one marks full
+        recovery (`mark_recovered`)."""
+        await self.on_command(channel_id, user_id, command, report)
+        await self.hooks.record_verification(channel_id, user_id, report)
+        if recovery_verified(report):  # a clean `/db recover`: full recovery reached
+            await self.mark_recovered(channel_id, recovery_evidence(report), user_id)
 
     async def on_command(self, channel_id: str, user_id: str, command: str, report: Report) -> None:
         """A diagnostic run anywhere: the timeline of the channel's incident (with its worst

@@ -32,7 +32,6 @@ from bot.access.roles import LOWEST, Purpose, refusal
 from bot.approvals.engine import APPROVE, REJECT, Click, NotPosted
 from bot.gateway import first_line
 from bot.house import House
-from bot.incidents.comms import record_verification
 from bot.incidents.service import Reply
 from bot.messages import render
 from bot.messages.keyed_mac import FULL_TABLE_BUTTON, KeyedMac, button_secret
@@ -42,7 +41,6 @@ from bot.slack.exports import SlackExports
 from commands import export
 from commands.base import Command, Finding, Report, UsageError, role_rank
 from commands.incidents import lifecycle as incident
-from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 
 log = logging.getLogger(__name__)
@@ -343,10 +341,7 @@ class SlackFrontend:
         """A diagnostic in a channel with an open incident joins its timeline; its failure
         never costs the user the report they already have."""
         try:
-            await self.incidents.on_command(channel, user, text, report)
-            await record_verification(self.incidents, channel, user, report)
-            if recovery_verified(report):  # a clean `/db recover`: full recovery reached
-                await self.incidents.mark_recovered(channel, recovery_evidence(report), user)
+            await self.incidents.on_report(channel, user, text, report)
         except Exception:
             log.exception("could not add /db %s to the incident timeline of %s", text, channel)
 
