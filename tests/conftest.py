@@ -21,8 +21,10 @@ import pytest_asyncio
 from aiohttp import web
 
 from bot.embedded_pg import EmbeddedPostgres
+from bot.house import House
 from bot.settings import Settings
-from bot.slack.server import Service, build_web_app
+from bot.slack.app import SlackFrontend
+from bot.slack.server import build_web_app, slack_bot
 from commands.base import Thresholds
 from commands.fixture.faults import FaultInjector
 from commands.fixture.seed import build_fixture
@@ -117,7 +119,8 @@ def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settin
 @dataclass
 class RunningBot:
     url: str
-    service: Service
+    service: House  # every part of the bot (`bot.house`)
+    slack: SlackFrontend  # its Bolt listeners
     fake: FakeSlack
     http: aiohttp.ClientSession
 
@@ -138,15 +141,15 @@ BotFactory = Callable[..., Awaitable[RunningBot]]
 
 @asynccontextmanager
 async def running_bot(settings: Settings, fake: FakeSlack) -> AsyncIterator[RunningBot]:
-    service = Service(settings)
-    runner = web.AppRunner(build_web_app(service), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    async with aiohttp.ClientSession() as http:
+    async with slack_bot(settings) as built:
+        runner = web.AppRunner(build_web_app(built), access_log=None)
+        await runner.setup()
         try:
-            yield RunningBot(f"http://127.0.0.1:{port}", service, fake, http)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            async with aiohttp.ClientSession() as http:
+                yield RunningBot(f"http://127.0.0.1:{port}", built.house, built.slack, fake, http)
         finally:
             await runner.cleanup()
 

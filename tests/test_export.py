@@ -221,7 +221,7 @@ async def test_since_keeps_only_rows_from_that_date(
 
 
 async def test_progress_message_counts_rows_while_it_runs(ebot: RunningBot, leaps_dsn: str) -> None:
-    exports = ebot.service.slack.exports
+    exports = ebot.slack.exports
     exports.limits = ExportLimits(chunk_bytes=4096)  # many chunks from the small fixture
     exports.progress_every_s = 0.0  # an update whenever the previous one is done
     await ebot.slash("export ledger", channel=CHANNEL, user=ASKER)
@@ -264,7 +264,7 @@ async def test_a_second_export_of_a_kind_is_refused_here_and_on_another_replica(
         running_bot(settings, fake_slack) as replica,  # same state store, own process state
     ):
         await holder.execute("LOCK TABLE points_ledger IN ACCESS EXCLUSIVE MODE")
-        bot.service.slack.exports.limits = ExportLimits(lock_timeout_ms=120_000)
+        bot.slack.exports.limits = ExportLimits(lock_timeout_ms=120_000)
         await bot.slash("export ledger", channel=CHANNEL, user=ASKER)
         await export_waiting_for_lock(leaps_dsn)
 
@@ -407,7 +407,7 @@ async def test_a_bot_stopping_mid_export_says_so_and_leaves_no_file(
     async with await psycopg.AsyncConnection.connect(leaps_dsn) as holder:
         await holder.execute("LOCK TABLE points_ledger IN ACCESS EXCLUSIVE MODE")
         async with running_bot(settings, fake_slack) as bot:
-            bot.service.slack.exports.limits = ExportLimits(lock_timeout_ms=120_000)
+            bot.slack.exports.limits = ExportLimits(lock_timeout_ms=120_000)
             await bot.slash("export ledger", channel=CHANNEL, user=ASKER)
             await export_waiting_for_lock(leaps_dsn)
         # the bot has stopped (its tracker cancelled the export after its grace period)

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from bot.embedded_pg import EmbeddedPostgres
-from bot.slack.server import Service, connect_socket
+from bot.slack.server import connect_socket, slack_bot
 from commands.fixture.seed import build_fixture
 from tests.conftest import TEST_REVIEWERS, RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack, make_envelope
@@ -239,22 +239,20 @@ async def test_socket_mode_connection_dropped_the_bot_reconnects(
     leaps_dsn: str, fake_slack: FakeSlack
 ) -> None:
     settings = bot_settings(leaps_dsn, fake_slack, slack_app_token="xapp-1-test", role_map=ROLES)
-    service = Service(settings)
-    await service.start()
-    handler = await connect_socket(service, "xapp-1-test")
-    try:
-        await answered_over_socket(fake_slack, "U0BEFORE")
+    async with slack_bot(settings) as bot:
+        handler = await connect_socket(bot, "xapp-1-test")
+        try:
+            await answered_over_socket(fake_slack, "U0BEFORE")
 
-        # Slack's own goodbye (it refreshes connections every few hours) ...
-        await fake_slack.disconnect_sockets()
-        await fake_slack.wait_for("apps.connections.open", count=2, timeout=20)
-        await answered_over_socket(fake_slack, "U0AFTERBYE")
+            # Slack's own goodbye (it refreshes connections every few hours) ...
+            await fake_slack.disconnect_sockets()
+            await fake_slack.wait_for("apps.connections.open", count=2, timeout=20)
+            await answered_over_socket(fake_slack, "U0AFTERBYE")
 
-        # ... and a connection that just dies, without a word.
-        await fake_slack.drop_sockets()
-        await fake_slack.wait_for("apps.connections.open", count=3, timeout=30)
-        await answered_over_socket(fake_slack, "U0AFTERDROP")
-    finally:
-        await handler.close_async()  # type: ignore[no-untyped-call]
-        await asyncio.sleep(0)
-        await service.stop()
+            # ... and a connection that just dies, without a word.
+            await fake_slack.drop_sockets()
+            await fake_slack.wait_for("apps.connections.open", count=3, timeout=30)
+            await answered_over_socket(fake_slack, "U0AFTERDROP")
+        finally:
+            await handler.close_async()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(0)

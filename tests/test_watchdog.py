@@ -66,7 +66,7 @@ async def watched_bot(dsn: str, fake: FakeSlack, **overrides: Any) -> AsyncItera
 
 
 def dog(bot: RunningBot) -> Watchdog:
-    assert bot.service.watchdog is not None
+    assert isinstance(bot.service.watchdog, Watchdog)
     return bot.service.watchdog
 
 

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import logging
 import sys
-from functools import partial
 
 from bot.messages import render
 from bot.settings import Settings, SettingsError, load_settings
@@ -63,11 +62,9 @@ def _configure_logging(settings: Settings) -> None:
 
 
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
-    from bot.approvals.engine import refresh_history
-    from bot.gateway import gateway_from_settings
-    from bot.router import Answer, Dispatcher, RunContext, help_answer, parse
-    from bot.state import open_store
-    from bot.state.baselines import StoreBaselines
+    from bot.console.console import console_frontend
+    from bot.house import build_house
+    from bot.router import Answer, help_answer, parse
     from commands.base import UsageError
     from commands.remedies.base import Plan
 
@@ -79,25 +76,11 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
         helped = help_answer(words, markup=False)
         print(helped.text, file=sys.stdout if helped.outcome == "help" else sys.stderr)
         return 0 if helped.outcome == "help" else EXIT_CONFIG
-    settings.require("database_url")
-    assert settings.database_url is not None
-    gateway = gateway_from_settings(settings)
-    # The refresh log (for `views`) lives in the state store: read it when one is configured.
-    store = await open_store(settings.state_database_url) if settings.state_database_url else None
-    ctx = RunContext(
-        gateway,
-        settings.thresholds,
-        settings.allow_superuser_kill,
-        refresh_log=partial(refresh_history, store) if store else None,
-        service_identity=settings.service_identity,
-        baselines=StoreBaselines(store) if store else None,
-    )
-    try:
-        result = await Dispatcher(ctx).run(text)
-    finally:
-        await gateway.close()
-        if store is not None:
-            await store.close()
+    # One command, no state of its own: the refresh log (for `views`) and the baselines are
+    # read from the state store when STATE_DATABASE_URL names one; without it the store
+    # keeps nothing (no state file is created).
+    async with build_house(settings, console_frontend(), keeps_state=False) as house:
+        result = await house.dispatcher.run(text)
     if isinstance(result, Answer):
         print(result.text, file=sys.stderr)
         return EXIT_CONFIG

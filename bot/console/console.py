@@ -5,22 +5,19 @@ demo's way to try the flow)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
+from contextlib import AbstractAsyncContextManager
+from typing import TextIO
 
-from bot.access.roles import RoleResolver, refusal
-from bot.approvals.engine import APPROVE, REJECT, ApprovalEngine, Click, refresh_history
-from bot.approvals.executor import executor_from_settings
-from bot.gateway import gateway_from_settings
-from bot.incidents.comms import ConsolePublisher, IncidentComms
-from bot.incidents.service import ConsoleIncidents, IncidentService
+from bot.access.roles import refusal
+from bot.approvals.engine import APPROVE, REJECT, Click
+from bot.clock import Clock, SystemClock
+from bot.house import Frontend, House, build_house
+from bot.incidents.comms import ConsolePublisher
+from bot.incidents.service import ConsoleIncidents
 from bot.messages import render
 from bot.messages.notify import ConsoleNotifier
-from bot.router import Answer, BotCommand, Dispatcher, RunContext, preflight
+from bot.router import Answer, BotCommand, preflight
 from bot.settings import Settings
-from bot.state import IncidentStore, StateStore, open_store
-from bot.state.baselines import StoreBaselines
 from commands.base import Command, Report, UsageError, role_rank
 from commands.incidents import lifecycle as incident
 from commands.recover import recovery_evidence, recovery_verified
@@ -29,55 +26,34 @@ from commands.remedies.base import Remedy
 CONSOLE_CHANNEL = "console"
 
 
-@asynccontextmanager
-async def console_engine(settings: Settings) -> AsyncIterator[ApprovalEngine]:
-    settings.require("database_url")
-    assert settings.database_url is not None
-    gateway = gateway_from_settings(settings)
-    store = await open_store(settings.state_database_url)
-    try:
-        ctx = RunContext(
-            gateway,
-            settings.thresholds,
-            settings.allow_superuser_kill,
-            refresh_log=partial(refresh_history, store),
-            service_identity=settings.service_identity,
-            baselines=StoreBaselines(store),
-        )
-        executor = executor_from_settings(settings)
-        roles = RoleResolver(
-            settings.role_map, None, gateway, stale_max_s=settings.role_stale_max_s, store=store
-        )
-        ctx.role_changed = roles.leaps_role_changed  # a set-role here reaches every replica
-        IncidentStore.attach(store)  # console approvals join the console's incident
-        yield ApprovalEngine(settings, store, ctx, executor, ConsoleNotifier(), roles)
-    finally:
-        await gateway.close()
-        await store.close()
-
-
-def console_incidents(store: StateStore, settings: Settings) -> IncidentService:
-    """The incident service of the console: the console's channel, printed, system time.
-    Attaching it also hooks the audit, so console approvals join the console's incident."""
-    service = IncidentService(
-        IncidentStore.attach(store), ConsoleIncidents(sys.stdout), settings.sla
+def console_frontend(out: TextIO = sys.stdout, clock: Clock | None = None) -> Frontend:
+    """The console's frontend: approvals and incidents printed, ROLE_MAP only (no Slack),
+    system time unless the demo brings its own; nothing runs on timers."""
+    return Frontend(
+        notifier=ConsoleNotifier(out),
+        publisher=ConsolePublisher(out),
+        incident_slack=ConsoleIncidents(out),
+        clock=clock or SystemClock(),
     )
-    IncidentComms(service, ConsolePublisher(sys.stdout), settings.template_dir)
-    return service
+
+
+def console_house(settings: Settings) -> AbstractAsyncContextManager[House]:
+    """The bot of one console command (`bot.house`): the same approval engine, incident
+    service, state store and executor as in Slack, printing to stdout. Console approvals
+    join the console's incident."""
+    return build_house(settings, console_frontend())
 
 
 async def incident_from_console(settings: Settings, text: str, user_id: str) -> int:
     """`run "incident …" --user U…`: the same incident service as Slack, printing instead of
     posting, in the console's own channel (its timeline and clocks live in the state store)."""
     request = incident.parse(text.strip().partition(" ")[2])
-    async with console_engine(settings) as engine:
-        refused = refusal(
-            settings.diagnostics_role, await engine.roles.resolve(user_id), "diagnose"
-        )
+    async with console_house(settings) as house:
+        refused = refusal(settings.diagnostics_role, await house.roles.resolve(user_id), "diagnose")
         if refused:
             print(f"{user_id}: incident: {refused}", file=sys.stderr)
             return 2
-        service = console_incidents(engine.store, settings)
+        service = house.incidents
         reply = await service.handle(request, user_id=user_id, channel_id=CONSOLE_CHANNEL)
         await service.slack.post(CONSOLE_CHANNEL, reply.message)
     return 0
@@ -88,18 +64,18 @@ async def diagnose_from_console(
 ) -> int:
     """`run "health" --user U…`: a diagnostic as that person, joining the timeline of the
     console's incident when one is open (plain `run "health"` stays anonymous and stateless)."""
-    async with console_engine(settings) as engine:
+    async with console_house(settings) as house:
         needed = max(command.role, settings.diagnostics_role, key=role_rank)
-        refused = refusal(needed, await engine.roles.resolve(user_id), "diagnose")
+        refused = refusal(needed, await house.roles.resolve(user_id), "diagnose")
         if refused:
             print(f"{user_id}: {command.name}: {refused}", file=sys.stderr)
             return 2
-        result = await Dispatcher(engine.ctx).run_command(command, args)
+        result = await house.dispatcher.run_command(command, args)
         if not isinstance(result, Report):
             print(getattr(result, "text", result), file=sys.stderr)
             return 2
         sys.stdout.write(render.to_text(result))
-        incidents = console_incidents(engine.store, settings)
+        incidents = house.incidents
         await incidents.on_command(CONSOLE_CHANNEL, user_id, text.strip(), result)
         if recovery_verified(result):  # a clean `recover`: full recovery reached
             await incidents.mark_recovered(CONSOLE_CHANNEL, recovery_evidence(result), user_id)
@@ -124,9 +100,10 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
         print("`--user` runs a command as that person; see `python -m bot run help`")
         return 2
     args = pre[1]
-    async with console_engine(settings) as engine:
+    async with console_house(settings) as house:
+        engine = house.engine
         needed = max(remedy.role, settings.diagnostics_role, key=role_rank)
-        refused = refusal(needed, await engine.roles.resolve(user_id), "request")
+        refused = refusal(needed, await house.roles.resolve(user_id), "request")
         if refused:
             print(f"{user_id}: {remedy.name}: {refused}", file=sys.stderr)
             return 2
@@ -153,7 +130,8 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
 async def decide_from_console(
     settings: Settings, approval_id: str, user_id: str, *, approve: bool
 ) -> int:
-    async with console_engine(settings) as engine:
+    async with console_house(settings) as house:
+        engine = house.engine
         approval = await engine.store.get_approval(approval_id)
         if approval is None:
             print(f"no approval {approval_id}", file=sys.stderr)

@@ -16,10 +16,10 @@ from typing import Any, TextIO
 
 import psycopg
 
+from bot.console.console import console_frontend
 from bot.embedded_pg import EmbeddedPostgres, password_sql, role_dsn
-from bot.gateway import gateway_from_settings
+from bot.house import build_house
 from bot.messages import render
-from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
 from bot.tasks import wait_for_signal
 from commands.base import Report, Thresholds
@@ -50,11 +50,13 @@ def demo_threshold_env() -> str:
 
 
 async def demo_report(dsn: str, settings: Settings, text: str = "health") -> Report:
-    gateway = gateway_from_settings(settings, dsn)
-    try:
-        result = await Dispatcher(RunContext(gateway, DEMO_THRESHOLDS)).run(text)
-    finally:
-        await gateway.close()
+    """One diagnostic of the showcase, as a one-off `run` would: the demo's limits, no
+    state kept."""
+    showcase = settings.model_copy(
+        update={"database_url": dsn, "state_database_url": None, "thresholds": DEMO_THRESHOLDS}
+    )
+    async with build_house(showcase, console_frontend(), keeps_state=False) as house:
+        result = await house.dispatcher.run(text)
     assert isinstance(result, Report)
     return result
 

@@ -25,23 +25,18 @@ import logging
 from datetime import UTC, datetime
 from typing import TextIO
 
-from bot.approvals.engine import APPROVE, ApprovalEngine, Click
+from bot.approvals.engine import APPROVE, Click
 from bot.clock import ManualClock
-from bot.console.console import CONSOLE_CHANNEL, console_engine
-from bot.incidents.comms import ConsolePublisher, IncidentComms, record_verification
-from bot.incidents.service import ConsoleIncidents, IncidentService
+from bot.console.console import CONSOLE_CHANNEL, console_frontend
+from bot.house import House, build_house
 from bot.incidents.views import timeline_message
 from bot.incidents.watchdog import Watchdog
 from bot.messages import render
-from bot.messages.notify import ConsoleNotifier
-from bot.router import Dispatcher
 from bot.settings import Settings
-from bot.state import IncidentStore
-from bot.state.watchdog import WatchdogStore
 from commands.base import Report
 from commands.fixture.faults import FaultInjector
 from commands.incidents import lifecycle as incident_cmd
-from commands.recover import recovery_evidence, recovery_verified, take_baseline
+from commands.recover import recovery_verified, take_baseline
 from commands.remedies.base import REMEDIES
 
 log = logging.getLogger(__name__)
@@ -52,14 +47,12 @@ WALK_APPROVAL_TTL_S = 7200.0
 
 
 class Walk:
-    def __init__(self, engine: ApprovalEngine, incidents: IncidentService, out: TextIO) -> None:
-        self.engine = engine
-        self.incidents = incidents
+    def __init__(self, house: House, clock: ManualClock, out: TextIO) -> None:
+        self.house = house
+        self.engine = house.engine
+        self.incidents = house.incidents
         self.out = out
-        # From now on the demo's minutes (the baseline and approvals keep system time; the
-        # demo's approvals live long enough for the walk's half hour).
-        self.clock = ManualClock(datetime.now(UTC))
-        incidents.clock = self.clock
+        self.clock = clock
 
     def say(self, text: str) -> None:
         self.out.write(f"\n── {self.clock.now():%H:%M} {text}\n")
@@ -75,10 +68,10 @@ class Walk:
         await self.incidents.slack.post(CONSOLE_CHANNEL, reply.message)
 
     async def diagnose(self, user_id: str, text: str) -> Report:
-        result = await Dispatcher(self.engine.ctx, coalesce_s=0).run(text)
+        result = await self.house.dispatcher.run(text)
         assert isinstance(result, Report)
         self.out.write(render.to_text(result))
-        await self.incidents.on_command(CONSOLE_CHANNEL, user_id, text, result)
+        await self.incidents.on_report(CONSOLE_CHANNEL, user_id, text, result)
         return result
 
     async def click(self, approval_id: str, user_id: str) -> None:
@@ -97,33 +90,44 @@ class Walk:
         )
 
 
+def walk_settings(settings: Settings) -> Settings:
+    """The demo's bot: the watchdog posts to the console's channel and opens a sev2
+    incident, ticked by the walk (never on a timer); every diagnostic runs afresh; the walk
+    takes the one baseline itself."""
+    return settings.model_copy(
+        update={
+            "ops_channel": CONSOLE_CHANNEL,
+            "watchdog_interval_s": 60.0,
+            "watchdog_opens_incident": True,
+            "watchdog_incident_severity": "sev2",
+            "coalesce_s": 0.0,
+            "baseline_interval_s": 0.0,
+        }
+    )
+
+
 async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
     """The whole incident on `dsn` (a clean fixture); returns what did not go as planned
     (nothing, when every part works)."""
     missing: list[str] = []
-    async with console_engine(settings) as engine, FaultInjector(dsn) as faults:
-        engine.notifier = ConsoleNotifier(out)
-        incidents = IncidentService(
-            IncidentStore.attach(engine.store), ConsoleIncidents(out), settings.sla
-        )
-        comms = IncidentComms(incidents, ConsolePublisher(out), settings.template_dir)
-        walk = Walk(engine, incidents, out)
-        watchdog = Watchdog(
-            Dispatcher(engine.ctx, coalesce_s=0),
-            WatchdogStore(engine.store),
-            incidents.slack,
-            ops_channel=CONSOLE_CHANNEL,
-            incidents=incidents,
-            opens_incident=True,
-            severity="sev2",
-            clock=walk.clock,
-        )
+    # The demo's minutes for the incidents and the watchdog (the baseline and approvals
+    # keep system time; the demo's approvals live long enough for the walk's half hour).
+    clock = ManualClock(datetime.now(UTC))
+    frontend = console_frontend(out, clock)
+    async with (
+        build_house(walk_settings(settings), frontend) as house,
+        FaultInjector(dsn) as faults,
+    ):
+        engine, incidents, comms = house.engine, house.incidents, house.comms
+        walk = Walk(house, clock, out)
+        watchdog = house.watchdog
+        assert isinstance(watchdog, Watchdog)
 
         walk.say("the watchdog leader takes the hourly baseline of the target's counts")
         # as the leader does: none while an incident is open, in the quiet hour after one
         # recovered, or while a check is newly critical
         conditions = await incidents.baseline_conditions(settings.baseline_quiet_s)
-        baseline = await take_baseline(engine.ctx, conditions)
+        baseline = await take_baseline(house.ctx, conditions)
         if baseline is None:
             missing.append("baseline: not taken (see the log for why)")
         else:
@@ -188,13 +192,9 @@ async def walk_incident(settings: Settings, dsn: str, out: TextIO) -> list[str]:
 
         walk.later(5)
         walk.say(f"{ONCALL} verifies the recovery against the baseline (`recover --dry-run`)")
+        # joins the timeline as a verification; clean, it marks full recovery (`on_report`)
         report = await walk.diagnose(ONCALL, "recover --dry-run")
-        await record_verification(incidents, CONSOLE_CHANNEL, ONCALL, report)
-        if recovery_verified(report):  # as in Slack and the console: full recovery reached
-            await incidents.mark_recovered(
-                CONSOLE_CHANNEL, recovery_evidence(report), actor_id=ONCALL
-            )
-        else:
+        if not recovery_verified(report):
             missing.append("full recovery: the verification was not clean")
 
         walk.later(1)

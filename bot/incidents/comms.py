@@ -5,8 +5,9 @@ picker and a "Post to channel…" button; the click renders the template again (
 figures are those of the moment it goes out), posts it, and records the communication
 in the timeline through the incidents API, which also reaches the "communicated" SLA
 milestone. A template missing a value is refused with the value's name, at preview and
-at posting. The summary goes out when an incident is resolved (an `on_resolved`
-callback of the incidents service) and on demand, with `--file` as a Markdown upload.
+at posting. The summary goes out when an incident is resolved (these communications are
+the incident service's `hooks`, handed to it as it is built: `IncidentComms` builds the
+service it serves) and on demand, with `--file` as a Markdown upload.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bot.incidents.facts import (
     verification_from_report,
     verification_text,
 )
-from bot.incidents.service import IncidentService, Reply
+from bot.incidents.service import IncidentHooks, IncidentService, Reply
 from bot.incidents.summary import summary_markdown, summary_message
 from bot.messages.notify import SLACK_FAILURES
 from bot.messages.render import SlackMessage, esc, unesc
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Decides whether a user may post a template: None when allowed, else the refusal.
 Authorize = Callable[[str], Awaitable[str | None]]
+# Builds the incident service these communications serve, with them as its hooks.
+ServiceWithHooks = Callable[[IncidentHooks], IncidentService]
 
 
 class Publisher(Protocol):
@@ -121,20 +124,20 @@ def post_key(audience: Audience, preview_ts: str, channel: str) -> tuple[str, in
 
 
 class IncidentComms:
+    """Templates, summaries and recovery notes of incidents; the hooks (`IncidentHooks`)
+    of the incident service it builds with `service` (`bot.house` passes it)."""
+
     def __init__(
         self,
-        incidents: IncidentService,
+        service: ServiceWithHooks,
         publisher: Publisher,
         template_dir: Path | None = None,
         authorize: Authorize | None = None,
     ) -> None:
-        self.incidents = incidents
         self.publisher = publisher
         self.template_dir = template_dir
         self.authorize = authorize
-        incidents.comms = self.handle
-        incidents.on_resolved.append(self.post_summary)
-        incidents.retries.append(self.retry_unsent)
+        self.incidents = service(self)
 
     async def facts(self, incident: Incident) -> Facts:
         store = self.incidents.store
@@ -182,6 +185,10 @@ class IncidentComms:
                 f"Incident #{incident.id} summary and timeline",
             )
         return Reply(summary_message(f), public=True)
+
+    async def record_verification(self, channel_id: str, user_id: str, report: Report) -> bool:
+        """The hook `on_report` calls: a recovery verification joins the timeline."""
+        return await record_verification(self.incidents, channel_id, user_id, report)
 
     async def post_summary(self, incident: Incident) -> None:
         """On resolve: the summary in the incident channel."""

@@ -6,18 +6,21 @@ same code. Anything another replica may be doing at the same time (a reminder, a
 edit, a first response) is decided by a conditional write in the store, never here.
 
 Entry points for the other parts of the bot:
-- `on_command(channel, user, command, report)`: a `/db` diagnostic joins the timeline.
+- `on_report(channel, user, command, report)`: a `/db` diagnostic joins the timeline; a
+  recovery verification is recorded (the hooks) and, clean, marks full recovery.
+- `on_command(channel, user, command, report)`: the timeline alone.
 - `note_watchdog_critical(channel, at)` / `start(..., detected_by="watchdog")`: the
   watchdog's first critical finding is the detection time.
 - `mark_recovered(channel, evidence)`: a clean recovery verification.
 - `record_communication(channel, user, text, detail)`: a template posted.
-- `on_resolved`: callbacks run after `resolve` (the automatic summary plugs in here).
+- `hooks` (given at construction; `IncidentHooks`): templates and summaries, the summary
+  posted on `resolve`, and the posts retried every tick (`bot.incidents.comms` is them).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TextIO
@@ -55,7 +58,7 @@ from commands.incidents.lifecycle import (
     who,
     worst_findings,
 )
-from commands.recover import BaselineConditions
+from commands.recover import BaselineConditions, recovery_evidence, recovery_verified
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +183,41 @@ def _note(text: str, public: bool = False) -> Reply:
     return Reply(SlackMessage(text=text, blocks=[]), public)
 
 
-Resolved = Callable[[Incident], Awaitable[None]]
-# Run by every tick: posts to retry (template posts Slack did not answer ok); returns how many.
-Retry = Callable[[], Awaitable[int]]
-# `template` and `summary` (bot.incidents.comms): (request, incident, user) -> reply.
-Comms = Callable[[Template | Summary, Incident, str], Awaitable[Reply]]
+class IncidentHooks(Protocol):
+    """What the incident service calls of its communications (`bot.incidents.comms`),
+    handed in when the service is built."""
+
+    async def handle(self, request: Template | Summary, incident: Incident, user_id: str) -> Reply:
+        """`/db incident template|summary`."""
+        ...
+
+    async def post_summary(self, incident: Incident) -> None:
+        """Run after `resolve`: the summary in the incident channel."""
+        ...
+
+    async def retry_unsent(self) -> int:
+        """Run by every tick: posts Slack did not answer ok, again; returns how many."""
+        ...
+
+    async def record_verification(self, channel_id: str, user_id: str, report: Report) -> bool:
+        """A `/db recover` report joins the channel's incident as a `verification` event."""
+        ...
+
+
+class NoComms:
+    """The hooks of a service built alone (a unit test): no templates, no summary."""
+
+    async def handle(self, request: Template | Summary, incident: Incident, user_id: str) -> Reply:
+        return _note("Templates and summaries are not set up in this bot.")
+
+    async def post_summary(self, incident: Incident) -> None:
+        return None
+
+    async def retry_unsent(self) -> int:
+        return 0
+
+    async def record_verification(self, channel_id: str, user_id: str, report: Report) -> bool:
+        return False
 
 
 def _reason(exc: Exception) -> str:
@@ -201,6 +234,7 @@ class IncidentService:
         targets: SlaTargets,
         clock: Clock | None = None,
         oncall_groups: Sequence[str] = (),
+        hooks: IncidentHooks | None = None,
     ) -> None:
         self.store = store
         self.slack = slack
@@ -208,12 +242,10 @@ class IncidentService:
         # Slack user groups (ROLE_GROUPS) a reminder of an incident the watchdog opened
         # mentions: its commander is the watchdog, which no one reads as "me".
         self.oncall_groups = list(oncall_groups)
-        self.retries: list[Retry] = []
         if clock is not None:
             self.store.clock = clock
         self.claimer = process_id()
-        self.on_resolved: list[Resolved] = []
-        self.comms: Comms | None = None
+        self.hooks: IncidentHooks = hooks or NoComms()
 
     @property
     def clock(self) -> Clock:
@@ -244,9 +276,7 @@ class IncidentService:
         if isinstance(request, Assign):
             return await self._assign(incident, user_id, request.user_id)
         if isinstance(request, Template | Summary):
-            if self.comms is None:
-                return _note("Templates and summaries are not set up in this bot.")
-            return await self.comms(request, incident, user_id)
+            return await self.hooks.handle(request, incident, user_id)
         if request.verb == "status":
             return Reply(header_message(incident, self.targets, self.now()), public=True)
         if request.verb == "timeline":
@@ -399,11 +429,10 @@ class IncidentService:
         if resolved is None:
             return _note(f"Incident #{incident.id} is {incident.state}; nothing to resolve.")
         await self.refresh_header(incident.id)
-        for callback in self.on_resolved:
-            try:
-                await callback(resolved)
-            except Exception:
-                log.exception("an on_resolved callback failed for incident %s", incident.id)
+        try:
+            await self.hooks.post_summary(resolved)
+        except Exception:
+            log.exception("posting the summary failed for incident %s", incident.id)
         return _note(
             f":large_green_circle: Incident #{incident.id} resolved by {who(user_id)}. "
             "The full-recovery clock runs until `/db incident recovered` "
@@ -463,6 +492,15 @@ class IncidentService:
         return _note(f":fire: Incident #{latest.id} reopened by {who(user_id)}.", public=True)
 
     # -- what other parts call ------------------------------------------------------------
+
+    async def on_report(self, channel_id: str, user_id: str, command: str, report: Report) -> None:
+        """A report run in a channel joins its incident: the timeline (`on_command`), a
+        recovery verification as its own event (the hooks), and a clean one marks full
+        recovery (`mark_recovered`)."""
+        await self.on_command(channel_id, user_id, command, report)
+        await self.hooks.record_verification(channel_id, user_id, report)
+        if recovery_verified(report):  # a clean `/db recover`: full recovery reached
+            await self.mark_recovered(channel_id, recovery_evidence(report), user_id)
 
     async def on_command(self, channel_id: str, user_id: str, command: str, report: Report) -> None:
         """A diagnostic run anywhere: the timeline of the channel's incident (with its worst
@@ -637,11 +675,10 @@ class IncidentService:
                     detail={"milestone": clock.milestone},
                 )
             await self.refresh_header(incident.id)
-        for retry in self.retries:
-            try:
-                await retry()
-            except Exception:
-                log.exception("retrying unsent posts failed")
+        try:
+            await self.hooks.retry_unsent()
+        except Exception:
+            log.exception("retrying unsent posts failed")
         return sent
 
     async def publish_home(self, user_id: str) -> None:

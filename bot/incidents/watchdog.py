@@ -90,6 +90,8 @@ class Watchdog:
         clock: Clock | None = None,
         baseline: Baseline | None = None,
         baseline_interval_s: float = 3600.0,
+        leadership: Leadership,
+        interval_s: float,
     ) -> None:
         self.dispatcher = dispatcher
         self.store = store
@@ -103,6 +105,13 @@ class Watchdog:
         self.baseline_interval_s = baseline_interval_s
         self._next_baseline: float | None = None  # loop time; None: due now
         self.ticks = 0
+        self.leadership = leadership
+        self.interval_s = interval_s
+
+    @property
+    def role(self) -> str:
+        """`leader` or `follower`: which replica runs the watchdog, for operators."""
+        return "leader" if self.leadership.leader else "follower"
 
     async def tick(self) -> list[Change]:
         """One health run; posts what turned critical or recovered. Returns the changes
@@ -220,9 +229,10 @@ class Watchdog:
             return False
         return True
 
-    async def run(self, leadership: Leadership, interval_s: float) -> None:
+    async def run(self) -> None:
         """Every `interval_s`: try to be (or stay) the leader; the leader ticks. A follower
         tries the lock every interval, so it takes over within one after the leader dies."""
+        leadership, interval_s = self.leadership, self.interval_s
         loop = asyncio.get_running_loop()
         # The first health run waits one interval: replicas restarting together do not
         # burst the target, and a restart mid-problem has the store's memory anyway.
@@ -247,3 +257,12 @@ class Watchdog:
                 next_at = max(next_at + interval_s, loop.time())
         finally:
             await leadership.release()
+
+
+class OffWatchdog:
+    """WATCHDOG_INTERVAL_S=0: no health runs on a schedule (nor baselines by a leader)."""
+
+    role = "off"
+
+    async def run(self) -> None:
+        return None

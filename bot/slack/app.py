@@ -28,21 +28,19 @@ from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot import metrics
-from bot.access.roles import LOWEST, Purpose, ResolvedRole, RoleResolver, refusal
-from bot.approvals.engine import APPROVE, REJECT, ApprovalEngine, Click, NotPosted
+from bot.access.roles import LOWEST, Purpose, refusal
+from bot.approvals.engine import APPROVE, REJECT, Click, NotPosted
 from bot.gateway import first_line
-from bot.incidents.comms import record_verification
-from bot.incidents.service import IncidentService, Reply
+from bot.house import House
+from bot.incidents.service import Reply
 from bot.messages import render
 from bot.messages.keyed_mac import FULL_TABLE_BUTTON, KeyedMac, button_secret
-from bot.router import Answer, BotCommand, Dispatcher, Target, new_error_id, preflight
+from bot.router import Answer, BotCommand, Target, new_error_id, preflight
 from bot.settings import Settings, Visibility
 from bot.slack.exports import SlackExports
-from bot.tasks import TaskTracker
 from commands import export
 from commands.base import Command, Finding, Report, UsageError, role_rank
 from commands.incidents import lifecycle as incident
-from commands.recover import recovery_evidence, recovery_verified
 from commands.remedies.base import Remedy
 
 log = logging.getLogger(__name__)
@@ -123,21 +121,17 @@ class TableSigner:
 class SlackFrontend:
     """Listeners and reply delivery; owns nothing the router does not give it."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        dispatcher: Dispatcher,
-        tracker: TaskTracker,
-        roles: RoleResolver | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, house: House, client: AsyncWebClient) -> None:
+        """The listeners of a built bot (`bot.house`); `client` is the one its frontend
+        speaks through."""
         self.settings = settings
-        self.dispatcher = dispatcher
-        self.tracker = tracker
-        self.roles = roles
-        self.engine: ApprovalEngine | None = None  # set once the state store is open
-        self.incidents: IncidentService | None = None  # likewise
+        self.dispatcher = house.dispatcher
+        self.tracker = house.tracker
+        self.roles = house.roles
+        self.engine = house.engine
+        self.incidents = house.incidents
         self.app = AsyncApp(
-            client=make_web_client(settings),
+            client=client,
             signing_secret=settings.slack_signing_secret or "",
             request_verification_enabled=bool(settings.slack_signing_secret),
             process_before_response=True,  # answer from the listener, no ack polling
@@ -147,12 +141,14 @@ class SlackFrontend:
         self.tables = TableSigner(
             button_secret(settings.slack_signing_secret, settings.slack_bot_token)
         )
+        store, incidents = house.store, house.incidents
         self.exports = SlackExports(
             settings,
-            self.app.client,
-            lambda: self.engine.store if self.engine else None,
-            incidents=lambda: self.incidents,  # an export joins the open incident's timeline
+            client,
+            lambda: store,
+            incidents=lambda: incidents,  # an export joins the open incident's timeline
         )
+        house.comms.register(self.app, self.tracker)  # the template picker and button
         self.app.command("/db")(self.on_db)
         self.app.action(APPROVE)(self.on_button)
         self.app.action(REJECT)(self.on_button)
@@ -205,8 +201,6 @@ class SlackFrontend:
         if needed == LOWEST:
             return None  # nothing to look up: everyone holds the lowest role
         purpose: Purpose = "request" if isinstance(target, Remedy) else "diagnose"
-        if self.roles is None:
-            return refusal(needed, ResolvedRole.unknown("roles are not set up yet"), purpose)
         return refusal(needed, await self.roles.resolve(user_id), purpose)
 
     async def _work(
@@ -291,9 +285,6 @@ class SlackFrontend:
     async def _request_remedy(
         self, remedy: Remedy, args: list[str], body: dict[str, Any], respond: AsyncRespond
     ) -> str:
-        if self.engine is None:
-            await respond(**_ephemeral("The bot's state store is not open yet; try again."))
-            return "error"
         try:
             approval_id = await self.engine.request(
                 remedy,
@@ -319,9 +310,6 @@ class SlackFrontend:
         return "requested" if approval_id else "nothing"
 
     async def _incident(self, args: list[str], body: dict[str, Any], respond: AsyncRespond) -> str:
-        if self.incidents is None:
-            await respond(**_ephemeral("The bot's state store is not open yet; try again."))
-            return "error"
         request = incident.parse(args[0] if args else "")  # checked before the ack
         reply = await self.incidents.handle(
             request,
@@ -352,19 +340,14 @@ class SlackFrontend:
     async def _join_timeline(self, channel: str, user: str, text: str, report: Report) -> None:
         """A diagnostic in a channel with an open incident joins its timeline; its failure
         never costs the user the report they already have."""
-        if self.incidents is None:
-            return
         try:
-            await self.incidents.on_command(channel, user, text, report)
-            await record_verification(self.incidents, channel, user, report)
-            if recovery_verified(report):  # a clean `/db recover`: full recovery reached
-                await self.incidents.mark_recovered(channel, recovery_evidence(report), user)
+            await self.incidents.on_report(channel, user, text, report)
         except Exception:
             log.exception("could not add /db %s to the incident timeline of %s", text, channel)
 
     async def on_home(self, event: dict[str, Any]) -> None:
         """App Home: open incidents and their clocks, pending approvals, the latest health."""
-        if self.incidents is None or event.get("tab", "home") != "home":
+        if event.get("tab", "home") != "home":
             return
         user = str(event.get("user", ""))
         try:
@@ -388,13 +371,9 @@ class SlackFrontend:
             channel_id=str(channel.get("id") or container.get("channel_id") or ""),
             message_ts=str(container.get("message_ts") or message.get("ts") or ""),
         )
-        if self.engine is None:
-            log.warning("button pressed before the state store was open; ignored")
-            return
         self.tracker.spawn(self._click(click), name=f"click {click.action_id}")
 
     async def _click(self, click: Click) -> None:
-        assert self.engine is not None
         try:
             await self.engine.on_click(click)
         except Exception:
@@ -431,13 +410,12 @@ class SlackFrontend:
             if ref is None or ref.channel != channel or (not ref.public and ref.user != user):
                 metrics.COMMANDS.labels("full-table", "tampered").inc()
                 log.warning("refused a full-table button from %s in %s", user, channel)
-                if self.engine is not None:
-                    await self.engine.store.audit(
-                        "payload.tampered",
-                        actor_id=user,
-                        channel_id=channel,
-                        detail={"value": value[:80], "action": render.FULL_TABLE},
-                    )
+                await self.engine.store.audit(
+                    "payload.tampered",
+                    actor_id=user,
+                    channel_id=channel,
+                    detail={"value": value[:80], "action": render.FULL_TABLE},
+                )
                 await self._whisper(channel, user, "This button is not valid here.")
                 return
             pre = preflight(ref.text)
@@ -526,8 +504,6 @@ class SlackFrontend:
 
     async def _has_incident(self, channel_id: str) -> bool:
         """A channel with an open incident is an incident channel: replies go in channel."""
-        if self.incidents is None:
-            return False
         try:
             return await self.incidents.store.active_in(channel_id) is not None
         except Exception:

@@ -1,4 +1,4 @@
-"""The running bot: its parts wired together, the HTTP server, and Socket Mode.
+"""The running bot in Slack: its frontend for `bot.house`, the HTTP server, Socket Mode.
 
 HTTP mode serves `/slack/events` (Bolt verifies the signature), `/healthz` for
 orchestrators and `/metrics` for Prometheus on one aiohttp server.
@@ -6,12 +6,12 @@ orchestrators and `/metrics` for Prometheus on one aiohttp server.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -21,220 +21,48 @@ from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.request.internals import parse_body
 from slack_sdk.signature import SignatureVerifier
+from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import metrics
-from bot.access.roles import RoleResolver, refusal
-from bot.approvals.engine import ApprovalEngine, refresh_history
-from bot.approvals.executor import executor_from_settings
-from bot.clock import Clock, SystemClock
-from bot.gateway import gateway_from_settings
-from bot.incidents.comms import IncidentComms, SlackPublisher
-from bot.incidents.leader import Leadership, leadership_for
-from bot.incidents.service import IncidentService, SlackIncidents
-from bot.incidents.watchdog import Watchdog
+from bot.clock import SystemClock
+from bot.house import Frontend, House, build_house
+from bot.incidents.comms import SlackPublisher
+from bot.incidents.service import SlackIncidents
 from bot.messages.notify import SlackNotifier
-from bot.router import Dispatcher, RunContext
 from bot.settings import Settings
-from bot.slack.app import ACKED_EARLY, SlackFrontend, is_slash_command
-from bot.state import IncidentStore, StateStore, open_store
-from bot.state.baselines import StoreBaselines
-from bot.state.watchdog import WatchdogStore
-from bot.tasks import TaskTracker, wait_for_signal
-from commands.recover import BaselineConditions, take_baseline
+from bot.slack.app import ACKED_EARLY, SlackFrontend, is_slash_command, make_web_client
+from bot.tasks import wait_for_signal
 
 log = logging.getLogger(__name__)
 
 
-class Service:
-    """One bot process: gateway, router, state store, approvals and the Slack frontend."""
+def slack_frontend(settings: Settings, client: AsyncWebClient) -> Frontend:
+    """Slack's frontend: approvals, incidents and their comms speak through `client`, on
+    system time, and the bot serves."""
+    return Frontend(
+        notifier=SlackNotifier(client),
+        publisher=SlackPublisher(client),
+        incident_slack=SlackIncidents(client),
+        clock=SystemClock(),
+        slack_client=client,
+        serves=True,
+    )
 
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
-        settings.require("database_url")
-        assert settings.database_url is not None
-        self.settings = settings
-        self.gateway = gateway_from_settings(settings)
-        self.ctx = RunContext(
-            self.gateway,
-            settings.thresholds,
-            allow_superuser_kill=settings.allow_superuser_kill,
-            refresh_log=self._refresh_log,
-            service_identity=settings.service_identity,
-        )
-        self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
-        self.tracker = TaskTracker()
-        self.slack = SlackFrontend(settings, self.dispatcher, self.tracker)
-        self.roles = RoleResolver(
-            settings.role_map,
-            self.slack.app.client,
-            self.gateway,
-            settings.role_cache_ttl_s,
-            role_groups=settings.role_groups,
-            stale_max_s=settings.role_stale_max_s,
-        )
-        self.slack.roles = self.roles
-        self.ctx.slack_email = self.roles.email_of  # `/db quota @user` reads the profile e-mail
-        self.ctx.role_changed = self.roles.leaps_role_changed  # set-role takes effect now
-        self.executor = executor_from_settings(settings)
-        self.store: StateStore | None = None
-        self.engine: ApprovalEngine | None = None
-        self.sweeper: asyncio.Task[None] | None = None
-        self.clock: Clock = clock or SystemClock()
-        self.incidents: IncidentService | None = None
-        self.incident_timer: asyncio.Task[None] | None = None
-        self.watchdog: Watchdog | None = None
-        self.leadership: Leadership | None = None
-        self.watchdog_task: asyncio.Task[None] | None = None
-        self.comms: IncidentComms | None = None
-        self.baseliner: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.gateway.open()
-        try:
-            self.store = await open_store(self.settings.state_database_url)
-        except BaseException:
-            # The open pool would keep the process alive: a bot that cannot start must exit.
-            await self.gateway.close()
-            raise
-        self.roles.store = self.store  # from now on resolved roles are kept for outages
-        self.engine = ApprovalEngine(
-            self.settings,
-            self.store,
-            self.ctx,
-            self.executor,
-            SlackNotifier(self.slack.app.client),
-            self.roles,
-        )
-        self.ctx.baselines = StoreBaselines(self.store, self.settings.baseline_keep_days)
-        self.slack.engine = self.engine
-        self.tracker.spawn(self.engine.recover(), name="recover approvals")
-        self.sweeper = asyncio.get_running_loop().create_task(
-            self._sweep_every(self.engine, self.settings.sweep_interval_s), name="sweep timer"
-        )
-        self.incidents = IncidentService(
-            IncidentStore.attach(self.store, self.clock),
-            SlackIncidents(self.slack.app.client),
-            self.settings.sla,
-            oncall_groups=list(self.settings.role_groups),
-        )
-        self.slack.incidents = self.incidents
-        self.comms = IncidentComms(
-            self.incidents,
-            SlackPublisher(self.slack.app.client),
-            self.settings.template_dir,
-            self._may_post,
-        )
-        self.comms.register(self.slack.app, self.tracker)
-        self.incident_timer = asyncio.get_running_loop().create_task(
-            self._incident_ticks(self.incidents, self.settings.incident_tick_s),
-            name="incident timer",
-        )
-        self._start_watchdog(self.store, self.incidents)
-        if self.watchdog is None and self.settings.baseline_interval_s > 0:
-            # no watchdog to take the baselines: every replica takes its own
-            self.baseliner = asyncio.get_running_loop().create_task(
-                self._baseline_every(self.settings.baseline_interval_s), name="baseline timer"
-            )
+@dataclass(frozen=True)
+class SlackBot:
+    """One bot process in Slack: the house (`bot.house`) and its Bolt listeners."""
 
-    def _start_watchdog(self, store: StateStore, incidents: IncidentService) -> None:
-        """The watchdog on every replica; only the one holding the leader lock ticks."""
-        if self.settings.watchdog_interval_s <= 0:
-            return
-        if not self.settings.ops_channel:
-            log.warning("OPS_CHANNEL is not set: the watchdog checks health but posts nothing")
-        self.watchdog = Watchdog(
-            self.dispatcher,
-            WatchdogStore(store),
-            incidents.slack,
-            ops_channel=self.settings.ops_channel or None,
-            incidents=incidents,
-            opens_incident=self.settings.watchdog_opens_incident,
-            severity=self.settings.watchdog_incident_severity,
-            clock=self.clock,
-            baseline=self.take_baseline_hook(),
-            baseline_interval_s=self.settings.baseline_interval_s,
-        )
-        self.leadership = leadership_for(self.settings.state_database_url)
-        self.watchdog_task = asyncio.get_running_loop().create_task(
-            self.watchdog.run(self.leadership, self.settings.watchdog_interval_s),
-            name="watchdog",
-        )
+    house: House
+    slack: SlackFrontend
 
-    def take_baseline_hook(self) -> Callable[[], Awaitable[object]] | None:
-        """The hourly baseline snapshot `/db recover` compares against, taken by the
-        watchdog's leader (BASELINE_INTERVAL_S; 0: never)."""
-        if self.settings.baseline_interval_s <= 0:
-            return None
 
-        async def tracked() -> None:
-            # a tracked task: shutdown drains it like any other work
-            await self.tracker.spawn(self.take_baseline(), name="take baseline")
-
-        return tracked
-
-    async def stop(self) -> None:
-        if self.sweeper is not None:
-            self.sweeper.cancel()  # the timer never ends by itself; a sweep running is drained
-        if self.incident_timer is not None:
-            self.incident_timer.cancel()
-        if self.watchdog_task is not None:
-            self.watchdog_task.cancel()  # its `finally` gives the leader lock back
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.watchdog_task
-        if self.baseliner is not None:
-            self.baseliner.cancel()
-        await self.tracker.drain()
-        await self.gateway.close()
-        if self.store is not None:
-            await self.store.close()
-
-    async def _sweep_every(self, engine: ApprovalEngine, interval_s: float) -> None:
-        """A sweep at start-up and every `interval_s`, each a tracked task (a failed one is
-        logged by the tracker and never stops the next)."""
-        while True:
-            self.tracker.spawn(engine.sweep(), name="sweep executing approvals")
-            await asyncio.sleep(interval_s)
-
-    async def _incident_ticks(self, incidents: IncidentService, interval_s: float) -> None:
-        """SLA reminders and header clocks, every `interval_s` (each tick a tracked task).
-
-        A tick still running when the next is due is not doubled: under a slow state store
-        or Slack, ticks would otherwise pile up behind each other."""
-        running: asyncio.Task[Any] | None = None
-        while True:
-            await asyncio.sleep(interval_s)
-            if running is None or running.done():
-                running = self.tracker.spawn(incidents.tick(), name="incident tick")
-
-    async def _may_post(self, user_id: str) -> str | None:
-        """Posting a template needs what any `/db incident` command needs."""
-        return refusal(
-            self.settings.diagnostics_role, await self.roles.resolve(user_id), "diagnose"
-        )
-
-    async def take_baseline(self) -> bool:
-        """One snapshot of the target for `/db recover` (the watchdog's leader takes it
-        over: it is one call). A snapshot of a damaged database would become the baseline
-        a recovery is measured against, and `/db recover` would call the loss 100 %: so
-        none while an incident is open, within BASELINE_QUIET_S after one recovered, or
-        while a check is critical that was not at the last baseline
-        (`commands.recover.baseline_refusal`). Returns whether one was taken."""
-        conditions = await self.baseline_conditions()
-        return await take_baseline(self.ctx, conditions) is not None
-
-    async def baseline_conditions(self) -> BaselineConditions:
-        """What the baseline rule needs, from the incidents and the watchdog's health runs."""
-        if self.incidents is None:
-            return BaselineConditions(now=self.clock.now(), quiet_s=self.settings.baseline_quiet_s)
-        return await self.incidents.baseline_conditions(self.settings.baseline_quiet_s)
-
-    async def _baseline_every(self, interval_s: float) -> None:
-        """A baseline at start-up and every `interval_s`, each a tracked task."""
-        while True:
-            self.tracker.spawn(self.take_baseline(), name="take baseline")
-            await asyncio.sleep(interval_s)
-
-    async def _refresh_log(self) -> dict[str, dict[str, Any]]:
-        return await refresh_history(self.store) if self.store is not None else {}
+@asynccontextmanager
+async def slack_bot(settings: Settings) -> AsyncIterator[SlackBot]:
+    """The bot built (serving: timers running) with its listeners; torn down after."""
+    client = make_web_client(settings)
+    async with build_house(settings, slack_frontend(settings, client)) as house:
+        yield SlackBot(house, SlackFrontend(settings, house, client))
 
 
 _Obj = dict[str, Any]
@@ -280,14 +108,7 @@ def readable_by_bolt(body: str, content_type: str | None) -> bool:
     return True
 
 
-def watchdog_role(service: Service) -> str:
-    """`leader`, `follower` or `off`: which replica runs the watchdog, for operators."""
-    if service.leadership is None:
-        return "off"
-    return "leader" if service.leadership.leader else "follower"
-
-
-def add_probe_routes(app: web.Application, service: Service) -> None:
+def add_probe_routes(app: web.Application, house: House) -> None:
     """`/healthz` for the orchestrator (the image's HEALTHCHECK) and `/metrics` for
     Prometheus, the same in HTTP and in Socket Mode."""
 
@@ -295,9 +116,10 @@ def add_probe_routes(app: web.Application, service: Service) -> None:
         return web.json_response(
             {
                 "status": "ok",
-                "pending_tasks": len(service.tracker),
+                "pending_tasks": len(house.tracker),
                 "pid": os.getpid(),
-                "watchdog": watchdog_role(service),
+                # `leader`, `follower` or `off`: which replica runs the watchdog
+                "watchdog": house.watchdog.role,
             }
         )
 
@@ -310,13 +132,12 @@ def add_probe_routes(app: web.Application, service: Service) -> None:
     app.router.add_get("/metrics", metrics_view)
 
 
-def build_web_app(service: Service) -> web.Application:
-    bolt = service.slack.app
+def build_web_app(bot: SlackBot) -> web.Application:
+    """The HTTP server of a built bot: `/slack/events` and the probes."""
+    bolt, tracker, settings = bot.slack.app, bot.house.tracker, bot.house.settings
 
     verifier = (
-        SignatureVerifier(service.settings.slack_signing_secret)
-        if service.settings.slack_signing_secret
-        else None
+        SignatureVerifier(settings.slack_signing_secret) if settings.slack_signing_secret else None
     )
 
     async def slack_events(request: web.Request) -> web.Response:
@@ -333,7 +154,7 @@ def build_web_app(service: Service) -> web.Application:
                 headers=request.headers,  # type: ignore[arg-type]
                 context={ACKED_EARLY: True},
             )
-            service.tracker.spawn(bolt.async_dispatch(early), name="slash command")
+            tracker.spawn(bolt.async_dispatch(early), name="slash command")
             return web.Response(status=200)
         if not readable_by_bolt(body, request.content_type):
             if verifier is not None and not verifier.is_valid_request(body, request.headers):
@@ -352,17 +173,9 @@ def build_web_app(service: Service) -> web.Application:
             return web.Response(status=200)
         return await to_aiohttp_response(bolt_response)
 
-    async def on_startup(_app: web.Application) -> None:
-        await service.start()
-
-    async def on_cleanup(_app: web.Application) -> None:
-        await service.stop()
-
     app = web.Application()
     app.router.add_post("/slack/events", slack_events)
-    add_probe_routes(app, service)
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    add_probe_routes(app, bot.house)
     return app
 
 
@@ -370,26 +183,27 @@ async def serve_http(
     settings: Settings, port: int, host: str = "0.0.0.0", reuse_port: bool = False
 ) -> None:
     settings.require("slack_bot_token", "slack_signing_secret", "database_url")
-    service = Service(settings)
-    runner = web.AppRunner(build_web_app(service), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
-    # Everything loaded so far lives as long as the process: keep it out of the cyclic
-    # GC, so that a full collection during a burst of commands does not stall the acks.
-    gc.collect()
-    gc.freeze()
-    log.info("dbops-bot listening on %s:%d (/slack/events, /healthz, /metrics)", host, port)
-    try:
-        await wait_for_signal()
-    finally:
-        await runner.cleanup()
+    async with slack_bot(settings) as bot:
+        runner = web.AppRunner(build_web_app(bot), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+            await site.start()
+            # Everything loaded so far lives as long as the process: keep it out of the
+            # cyclic GC, so that a full collection during a burst of commands does not
+            # stall the acks.
+            gc.collect()
+            gc.freeze()
+            log.info("dbops-bot listening on %s:%d (/slack/events, /healthz, /metrics)", host, port)
+            await wait_for_signal()
+        finally:
+            await runner.cleanup()
 
 
-async def connect_socket(service: Service, app_token: str) -> AsyncSocketModeHandler:
-    """Open the Socket Mode connection for a started service (`apps.connections.open`
-    goes through the service's Web API client, so SLACK_API_URL applies)."""
-    handler = AsyncSocketModeHandler(service.slack.app, app_token)
+async def connect_socket(bot: SlackBot, app_token: str) -> AsyncSocketModeHandler:
+    """Open the Socket Mode connection for a built bot (`apps.connections.open` goes
+    through the bot's Web API client, so SLACK_API_URL applies)."""
+    handler = AsyncSocketModeHandler(bot.slack.app, app_token)
     await handler.connect_async()  # type: ignore[no-untyped-call]
     return handler
 
@@ -399,24 +213,22 @@ async def serve_socket(settings: Settings, port: int | None = None, host: str = 
     but the container's HEALTHCHECK and Prometheus do."""
     settings.require("slack_bot_token", "slack_app_token", "database_url")
     assert settings.slack_app_token is not None
-    service = Service(settings)
-    await service.start()
-    probes = web.Application()
-    add_probe_routes(probes, service)
-    runner = web.AppRunner(probes, access_log=None)
-    handler: AsyncSocketModeHandler | None = None
-    try:
-        await runner.setup()
-        await web.TCPSite(runner, host, port or settings.port).start()
-        handler = await connect_socket(service, settings.slack_app_token)
-        log.info(
-            "dbops-bot connected in Socket Mode (/healthz, /metrics on %s:%d)",
-            host,
-            port or settings.port,
-        )
-        await wait_for_signal()
-    finally:
-        if handler is not None:
-            await handler.close_async()  # type: ignore[no-untyped-call]
-        await runner.cleanup()
-        await service.stop()
+    async with slack_bot(settings) as bot:
+        probes = web.Application()
+        add_probe_routes(probes, bot.house)
+        runner = web.AppRunner(probes, access_log=None)
+        handler: AsyncSocketModeHandler | None = None
+        try:
+            await runner.setup()
+            await web.TCPSite(runner, host, port or settings.port).start()
+            handler = await connect_socket(bot, settings.slack_app_token)
+            log.info(
+                "dbops-bot connected in Socket Mode (/healthz, /metrics on %s:%d)",
+                host,
+                port or settings.port,
+            )
+            await wait_for_signal()
+        finally:
+            if handler is not None:
+                await handler.close_async()  # type: ignore[no-untyped-call]
+            await runner.cleanup()
