@@ -217,3 +217,9 @@ if __name__ == "__main__":
             f"{depth(edges, within)} floors, {inside} arrows inside ({arrows} in all), "
             f"{len(circles(edges))} circles"
         )
+    pairs = {(floor_of(m), floor_of(t)) for m, ts in edges.items() for t in ts}
+    between = sorted((a, b) for a, b in pairs if a != b)
+    print(
+        f"floors of packages: {len(FLOORS)}; {len(between)} directions used between them: "
+        + ", ".join(f"{FLOORS[a][0]}->{FLOORS[b][0]}" for a, b in between)
+    )
