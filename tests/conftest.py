@@ -8,6 +8,8 @@ a test that changes data gets its own copy (`CREATE DATABASE … TEMPLATE`).
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -36,6 +38,20 @@ FAST_THRESHOLDS = Thresholds(
 )
 _names = itertools.count()
 pytest_plugins = ["tests.leakcheck"]
+
+# `make test` runs the suite in pytest-xdist workers. Each worker is its own process with its
+# own PostgreSQL server (the session fixture `pg`: roles, role settings, session kills and
+# statistics are cluster-wide, so tests sharing a server would not be isolated) and its own
+# temporary directory for what the bot writes in-process (tests count the export files there).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER:
+    tempfile.tempdir = tempfile.mkdtemp(prefix=f"dbops-tests-{WORKER}-")
+    os.chmod(tempfile.tempdir, 0o755)  # tests run bots as other users with files in there
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if WORKER and tempfile.tempdir is not None:
+        shutil.rmtree(tempfile.tempdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
