@@ -178,7 +178,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not leaks:
         if reporter is not None:
-            workers = f" from {len(_WORKER_SUMMARIES)} workers" if _WORKER_SUMMARIES else ""
+            n = len(_WORKER_SUMMARIES)
+            workers = f" from {n} worker{'s' if n > 1 else ''}" if n else ""
             reporter.write_sep(
                 "-",
                 f"leak check: {texts} texts ({len(kinds)} sources){workers} clean of "
