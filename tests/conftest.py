@@ -125,6 +125,7 @@ def fresh_state_url() -> str:
         shutil.copyfile(STATE_TEMPLATE, path)
     return f"sqlite:///{path}"
 
+
 # Every command needs its own role (REVIEWER for the diagnostics), whatever DIAGNOSTICS_ROLE
 # says: the users the tests send commands as are REVIEWERs by default (a burst uses U0000…).
 TEST_REVIEWERS = {"U0ALICE": "REVIEWER", "U0SOCKET": "REVIEWER"} | {
