@@ -24,9 +24,10 @@ test: setup postgres
 setup: $(STAMP)
 
 # uv (from PyPI) installs in seconds what takes pip a quarter of a minute; pip if it cannot.
+# Bytecode at install time, not in every test worker starting at once.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) uv && $(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]' \
+	$(PIP) uv && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]' \
 	  || { $(PIP) --upgrade pip && $(PIP) -e '.[dev]'; }
 	rm -f $(VENV)/.installed-*
 	touch $@
