@@ -8,6 +8,8 @@ a test that changes data gets its own copy (`CREATE DATABASE … TEMPLATE`).
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -38,6 +40,20 @@ FAST_THRESHOLDS = Thresholds(
 )
 _names = itertools.count()
 pytest_plugins = ["tests.leakcheck"]
+
+# `make test` runs the suite in pytest-xdist workers. Each worker is its own process with its
+# own PostgreSQL server (the session fixture `pg`: roles, role settings, session kills and
+# statistics are cluster-wide, so tests sharing a server would not be isolated) and its own
+# temporary directory for what the bot writes in-process (tests count the export files there).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER:
+    tempfile.tempdir = tempfile.mkdtemp(prefix=f"dbops-tests-{WORKER}-")
+    os.chmod(tempfile.tempdir, 0o755)  # tests run bots as other users with files in there
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if WORKER and tempfile.tempdir is not None:
+        shutil.rmtree(tempfile.tempdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +105,29 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
 
 
 STATE_DIR = Path(tempfile.mkdtemp(prefix="dbops-test-state-"))
+STATE_TEMPLATE = STATE_DIR / "template.sqlite3"
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", autouse=True)
+async def state_template() -> None:
+    """A state store migrated once per session. Each bot's own state file starts as a copy
+    (`fresh_state_url`), where Alembic finds the schema at head, instead of replaying every
+    migration for every bot (the migrations have their own tests)."""
+    from bot.state import open_store
+
+    store = await open_store(f"sqlite:///{STATE_TEMPLATE}")
+    await store.close()
+    assert not STATE_TEMPLATE.with_name(f"{STATE_TEMPLATE.name}-wal").exists()
+
+
+def fresh_state_url() -> str:
+    """A new SQLite state file of its own, as migrated as the template (if built yet)."""
+    path = STATE_DIR / f"state-{next(_names)}.sqlite3"
+    if STATE_TEMPLATE.exists():
+        shutil.copyfile(STATE_TEMPLATE, path)
+    return f"sqlite:///{path}"
+
+
 # Every command needs its own role (REVIEWER for the diagnostics), whatever DIAGNOSTICS_ROLE
 # says: the users the tests send commands as are REVIEWERs by default (a burst uses U0000…).
 TEST_REVIEWERS = {"U0ALICE": "REVIEWER", "U0SOCKET": "REVIEWER"} | {
@@ -100,7 +139,7 @@ def bot_settings(database_url: str, fake: FakeSlack, **overrides: Any) -> Settin
     """Settings of a bot under test: its own SQLite state file, roles from the map only
     (tests that need Slack-profile roles add users to the fake), TEST_REVIEWERS by default."""
     values: dict[str, Any] = {
-        "state_database_url": f"sqlite:///{STATE_DIR}/state-{next(_names)}.sqlite3",
+        "state_database_url": fresh_state_url(),
         "diagnostics_role": "PARTICIPANT",
         "role_map": TEST_REVIEWERS,
         "slack_bot_token": "xoxb-test-token",

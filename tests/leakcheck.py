@@ -8,10 +8,16 @@ secret the tests configured (the test PostgreSQL password, the Slack signing sec
 tokens) occurs in any of it. The report names where it was found, never the secret.
 
 Loaded by tests/conftest.py (`pytest_plugins`); `-p tests.leakcheck` loads it elsewhere.
+
+Under pytest-xdist (`make test` runs the suite in worker processes, each with its own
+PostgreSQL server and its own secrets), every worker checks what it collected against what it
+knows at the end of its session and hands the findings to the controller
+(`workeroutput`), which reports once for the whole run and fails it on any leak.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -45,14 +51,40 @@ class LeakCollector:
         if text:
             self.texts.append((where, text))
 
-    def leaks(self) -> list[str]:
-        """One line per (secret, place), naming both but showing neither value."""
+    def found(self) -> Counter[tuple[str, str]]:
+        """How often each secret (by name) occurs in each place."""
         found: Counter[tuple[str, str]] = Counter()
         for where, text in self.texts:
             for value, name in self.secrets.items():
                 if value in text:
                     found[(name, where)] += 1
-        return [f"{name} found in {where} ({n}x)" for (name, where), n in sorted(found.items())]
+        return found
+
+    def leaks(self) -> list[str]:
+        """One line per (secret, place), naming both but showing neither value."""
+        return _lines(self.found())
+
+    def summary(self) -> dict[str, Any]:
+        """What a worker hands the controller: counts, kinds of sources, digests of the
+        secrets (to count distinct ones across workers) and the findings, never a value."""
+        return {
+            "texts": len(self.texts),
+            "kinds": sorted({_kind(where) for where, _ in self.texts}),
+            "secrets": sorted(_digest(value) for value in self.secrets),
+            "found": [[name, where, n] for (name, where), n in sorted(self.found().items())],
+        }
+
+
+def _kind(where: str) -> str:
+    return where.split(" (")[0]
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _lines(found: Counter[tuple[str, str]]) -> list[str]:
+    return [f"{name} found in {where} ({n}x)" for (name, where), n in sorted(found.items())]
 
 
 COLLECTOR = LeakCollector()
@@ -114,17 +146,44 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         FakeSlack.observers.remove(_on_call)
 
 
+# Findings handed over by the xdist workers that finished (controller side).
+_WORKER_SUMMARIES: list[dict[str, Any]] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist (controller): a worker finished; keep what its leak check found."""
+    summary = getattr(node, "workeroutput", {}).get("leakcheck")
+    if summary is not None:
+        _WORKER_SUMMARIES.append(summary)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
-    leaks = COLLECTOR.leaks()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller reports for the run
+        workeroutput["leakcheck"] = COLLECTOR.summary()
+        return
+    texts = len(COLLECTOR.texts)
+    kinds = {_kind(where) for where, _ in COLLECTOR.texts}
+    secrets = {_digest(value) for value in COLLECTOR.secrets}
+    found = COLLECTOR.found()
+    for summary in _WORKER_SUMMARIES:
+        texts += summary["texts"]
+        kinds.update(summary["kinds"])
+        secrets.update(summary["secrets"])
+        for name, where, n in summary["found"]:
+            found[(name, where)] += n
+    leaks = _lines(found)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not leaks:
         if reporter is not None:
-            kinds = Counter(where.split(" (")[0] for where, _ in COLLECTOR.texts)
+            n = len(_WORKER_SUMMARIES)
+            workers = f" from {n} worker{'s' if n > 1 else ''}" if n else ""
             reporter.write_sep(
                 "-",
-                f"leak check: {len(COLLECTOR.texts)} texts ({len(kinds)} sources) clean of "
-                f"{len(COLLECTOR.secrets)} secrets",
+                f"leak check: {texts} texts ({len(kinds)} sources){workers} clean of "
+                f"{len(secrets)} secrets",
             )
         return
     lines = ["secrets leaked (the session fails):", *(f"  {line}" for line in leaks)]

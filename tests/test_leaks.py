@@ -242,12 +242,12 @@ def test_logs_a_dsn():
 """
 
 
-def inner_session(tmp_path: Path, dsn: str) -> subprocess.CompletedProcess[str]:
+def inner_session(tmp_path: Path, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_inner.py").write_text(INNER_TEST.format(dsn=dsn))
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.leakcheck", "-p", "no:cacheprovider",
-         "test_inner.py"],
+         *args, "test_inner.py"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -261,6 +261,19 @@ def test_a_leaked_password_fails_the_whole_session(tmp_path: Path) -> None:
     assert "hunter2-inner" not in leaked.stdout + leaked.stderr
     masked = inner_session(tmp_path, mask_dsn("postgresql://u:hunter2-inner@h/db"))
     assert masked.returncode == 0, masked.stdout
+
+
+def test_a_leak_in_an_xdist_worker_fails_the_whole_run(tmp_path: Path) -> None:
+    """`make test` runs the suite in xdist workers: a secret one worker learnt and leaked
+    is found there and fails the run the controller reports."""
+    leaked = inner_session(tmp_path, "postgresql://u:hunter2-inner@h/db", "-n", "1")
+    assert "1 passed" in leaked.stdout
+    assert leaked.returncode == pytest.ExitCode.TESTS_FAILED
+    assert "the inner PostgreSQL password found in log record of bot.inner" in leaked.stdout
+    assert "hunter2-inner" not in leaked.stdout + leaked.stderr
+    masked = inner_session(tmp_path, mask_dsn("postgresql://u:hunter2-inner@h/db"), "-n", "1")
+    assert masked.returncode == 0, masked.stdout
+    assert "from 1 worker clean of" in masked.stdout
 
 
 # --- end to end: what reaches Slack from the database ---------------------------------------
