@@ -18,8 +18,10 @@ run: setup postgres
 test: setup postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS)
+	@# mypy checks while the tests run (its result prints when it ends); either failing fails
+	$(VENV)/bin/mypy & mypy=$$!; \
+	  $(VENV)/bin/pytest -q -n $(TEST_WORKERS); tests=$$?; \
+	  wait $$mypy || { echo "mypy failed"; exit 1; }; exit $$tests
 
 setup: $(STAMP)
 
