@@ -18,6 +18,8 @@ run: setup postgres
 test: setup postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@# bytecode once, not in each of the workers starting at once
+	$(PY) -m compileall -q -j 0 bot commands tests bench
 	@# mypy checks while the tests run (its result prints when it ends); either failing fails
 	$(VENV)/bin/mypy & mypy=$$!; \
 	  $(VENV)/bin/pytest -q -n $(TEST_WORKERS); tests=$$?; \
