@@ -102,6 +102,33 @@ def _identity_settings(
     )
 
 
+async def _begin(
+    conn: psycopg.AsyncConnection[Any],
+    approval_id: str,
+    identity: LeapsIdentity | None,
+    statement_timeout_ms: int,
+    lock_timeout_ms: int,
+    *,
+    role: str | None = None,
+) -> AuditRecorder:
+    """The first statements of a remedy's transaction, approved or tried: its timeouts,
+    the advisory lock named after the approval, and who it acts as. Rule 11: where the
+    live audit trigger refuses writes made with app.user_id, it acts without it and the
+    returned recorder writes the audit rows. Without an identity, `role` alone (if any)
+    is set as app.user_role."""
+    await conn.execute(
+        "SELECT set_config('statement_timeout', %s, true),"
+        " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
+        (str(statement_timeout_ms), str(lock_timeout_ms), execution_lock_key(approval_id)),
+    )
+    recorder = AuditRecorder(await audit_trail(_TxWriter(conn, approval_id)), identity)
+    if identity is not None:
+        await conn.execute(*_identity_settings(identity, recorder, local=True))
+    elif role:
+        await conn.execute("SELECT set_config(%s, %s, true)", (USER_ROLE_SETTING, role))
+    return recorder
+
+
 @dataclass(frozen=True)
 class _Session:
     """How a session of the remedy connects and what it sets: the outside-transaction
@@ -246,20 +273,9 @@ class Executor:
             )
         try:
             async with conn.transaction():
-                await conn.execute(
-                    "SELECT set_config('statement_timeout', %s, true),"
-                    " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
-                    (
-                        str(self.statement_timeout_ms),
-                        str(self.lock_timeout_ms),
-                        execution_lock_key(approval_id),
-                    ),
+                recorder = await _begin(
+                    conn, approval_id, identity, self.statement_timeout_ms, self.lock_timeout_ms
                 )
-                # Rule 11: where the live audit trigger refuses writes made with
-                # app.user_id, act without it and write the audit rows ourselves.
-                recorder = AuditRecorder(await audit_trail(_TxWriter(conn, approval_id)), identity)
-                if identity is not None:
-                    await conn.execute(*_identity_settings(identity, recorder, local=True))
                 try:
                     session = _Session(self._dsn, self.statement_timeout_ms, self.lock_timeout_ms)
                     writer = _TxWriter(conn, approval_id, identity, session, recorder)
@@ -374,22 +390,14 @@ class Executor:
         callouts: list[str] = []
         try:
             async with conn.transaction():
-                await conn.execute(
-                    "SELECT set_config('statement_timeout', %s, true),"
-                    " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
-                    (
-                        str(self.preflight_statement_timeout_ms),
-                        str(self.preflight_lock_timeout_ms),
-                        execution_lock_key(approval_id),
-                    ),
+                recorder = await _begin(
+                    conn,
+                    approval_id,
+                    identity,
+                    self.preflight_statement_timeout_ms,
+                    self.preflight_lock_timeout_ms,
+                    role=user_role,
                 )
-                recorder = AuditRecorder(await audit_trail(_TxWriter(conn, approval_id)), identity)
-                if identity is not None:
-                    await conn.execute(*_identity_settings(identity, recorder, local=True))
-                elif user_role:
-                    await conn.execute(
-                        "SELECT set_config(%s, %s, true)", (USER_ROLE_SETTING, user_role)
-                    )
                 writer = _TriedWriter(conn, approval_id, identity, None, recorder)
                 outcome = await remedy.apply(writer, tried)
                 affected = outcome.affected
