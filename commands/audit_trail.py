@@ -30,6 +30,9 @@ AUDIT_TABLE = "audit_log"
 AuditPath = Literal["trigger", "bot", "none"]
 Op = Literal["INSERT", "UPDATE", "DELETE"]
 
+# A function's source that inserts into audit_log (a PostgreSQL regular expression, `~*`).
+AUDIT_INSERT = r'insert\s+into\s+("?public"?\.)?"?audit_log"?'
+
 # Functions of enabled, non-internal triggers on public tables that insert into audit_log.
 _FUNCTIONS_SQL = """
 SELECT p.oid::bigint AS oid, p.proname::text AS function, p.prosrc AS source,
@@ -42,7 +45,7 @@ JOIN pg_class AS c ON c.oid = t.tgrelid
 JOIN pg_proc AS p ON p.oid = t.tgfoid
 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'
   AND c.relnamespace = to_regnamespace('public')
-  AND p.prosrc ~* 'insert\\s+into\\s+("?public"?\\.)?"?audit_log"?'
+  AND p.prosrc ~* %s
 ORDER BY c.relname, t.tgname
 """
 
@@ -67,6 +70,16 @@ _EVENT_BITS: dict[Op, int] = {"INSERT": 4, "DELETE": 8, "UPDATE": 16}
 def _key(pattern: str, target: str, source: str, default: str) -> str:
     found = re.search(pattern.format(re.escape(target)), source, flags=re.IGNORECASE)
     return found.group(1) if found else default
+
+
+def image_key(source: str, row: str, default: str) -> str:
+    """The meta key under which an audit function writes `row` (NEW or OLD) whole."""
+    return _key(_IMAGE_KEY, row, source, default)
+
+
+def label_key(source: str, variable: str, default: str) -> str:
+    """The meta key under which an audit function writes `variable` (TG_OP, ...)."""
+    return _key(_LABEL_KEY, variable, source, default)
 
 
 def _omits_id(source: str) -> bool:
@@ -162,7 +175,7 @@ class AuditTrail:
 
 async def audit_trail(db: Reader) -> AuditTrail:
     """The live audit trail, from the catalog (a few catalog rows; no table is read)."""
-    rows = await db.fetch(_FUNCTIONS_SQL)
+    rows = await db.fetch(_FUNCTIONS_SQL, (AUDIT_INSERT,))
     defaults = await db.fetch(_ID_DEFAULT_SQL)
     id_default: str | None = None
     if defaults:
@@ -187,11 +200,11 @@ async def audit_trail(db: Reader) -> AuditTrail:
     for source in functions.values():
         role = _ROLE_KEY.search(source)
         meta = MetaFormat(
-            op_key=_key(_LABEL_KEY, "TG_OP", source, meta.op_key),
-            table_key=_key(_LABEL_KEY, "TG_TABLE_NAME", source, meta.table_key),
+            op_key=label_key(source, "TG_OP", meta.op_key),
+            table_key=label_key(source, "TG_TABLE_NAME", meta.table_key),
             role_key=role.group(1) if role else meta.role_key,
-            old_key=_key(_IMAGE_KEY, "OLD", source, meta.old_key),
-            new_key=_key(_IMAGE_KEY, "NEW", source, meta.new_key),
+            old_key=image_key(source, "OLD", meta.old_key),
+            new_key=image_key(source, "NEW", meta.new_key),
         )
         break
     return AuditTrail(

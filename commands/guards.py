@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 
+from commands.audit_trail import AUDIT_INSERT
 from commands.base import ELIDED, Context, LeapsIdentity, Reader, redact_literals
 
 STAFF_ROLES = ("REVIEWER", "ADMIN", "SUPERADMIN")  # may change a submission's status
@@ -21,7 +22,7 @@ USER_ROLE_SETTING = "app.user_role"
 USER_ID_SETTING = "app.user_id"
 
 # tgtype bits (pg_trigger.h): 2 BEFORE, 4 INSERT, 8 DELETE, 16 UPDATE, 64 INSTEAD OF.
-_TRIGGERS_SQL = r"""
+_TRIGGERS_SQL = """
 SELECT c.relname::text AS "table", t.tgname::text AS trigger, p.proname::text AS function,
        t.tgenabled <> 'D' AS enabled,
        CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE' WHEN t.tgtype & 64 <> 0 THEN 'INSTEAD OF'
@@ -31,7 +32,7 @@ SELECT c.relname::text AS "table", t.tgname::text AS trigger, p.proname::text AS
                           CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' END], NULL) AS events,
        position(%s in p.prosrc) > 0 AS reads_role,
        position(%s in p.prosrc) > 0 AS reads_user,
-       p.prosrc ~* 'insert\s+into\s+("?public"?\.)?"?audit_log"?' AS audits
+       p.prosrc ~* %s AS audits
 FROM pg_trigger AS t
 JOIN pg_class AS c ON c.oid = t.tgrelid
 JOIN pg_proc AS p ON p.oid = t.tgfoid
@@ -76,7 +77,7 @@ class Guard:
 
 async def guards_on(db: Reader, tables: list[str], event: str) -> list[Guard]:
     """The enabled triggers that fire on `event` (INSERT, UPDATE or DELETE) of `tables`."""
-    rows = await db.fetch(_TRIGGERS_SQL, (USER_ROLE_SETTING, USER_ID_SETTING, tables))
+    rows = await db.fetch(_TRIGGERS_SQL, (USER_ROLE_SETTING, USER_ID_SETTING, AUDIT_INSERT, tables))
     guards = [
         Guard(
             table=str(r["table"]),

@@ -18,7 +18,6 @@ became recoverable meanwhile is left to the next `/db recover`.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field
 
-from commands.audit_trail import Op, audit_trail
+from commands.audit_trail import Op, audit_trail, image_key, label_key
 from commands.base import BACKUP_SCHEMA, ROLES, Context, Reader, Row, UsageError, role_rank
 from commands.guards import plan_notes
 from commands.remedies.base import (
@@ -91,9 +90,6 @@ WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND t.tgrelid = to_regclass('use
   AND position('audit_log' in p.prosrc) > 0
 ORDER BY 1
 """
-# `'<key>', to_jsonb(NEW)` and the like in a trigger function: the meta keys it writes.
-_IMAGE_KEY = r"'(\w+)'\s*,\s*(?:to_jsonb|row_to_json|to_json)\(\s*{}\s*\)"
-_LABEL_KEY = r"'(\w+)'\s*,\s*{}\b"
 GUIDE_ACTION = "user_created"  # the guide's assumption: meta user_id, name, email, handle
 ABSENT = "-"  # a meta key no row has: that format's part of the query finds nothing
 KEEP_ROLES = "--keep-roles"
@@ -132,23 +128,18 @@ class AuditFormat(BaseModel):
         )
 
 
-def _key(pattern: str, target: str, source: str) -> str:
-    found = re.search(pattern.format(re.escape(target)), source, flags=re.IGNORECASE)
-    return found.group(1) if found else ABSENT
-
-
 async def audit_format(db: Reader) -> AuditFormat:
     fmt = AuditFormat()
     for row in await db.fetch(_AUDIT_FUNCTIONS_SQL):
         source = str(row["source"])
-        new_key = _key(_IMAGE_KEY, "NEW", source)
+        new_key = image_key(source, "NEW", ABSENT)
         if fmt.function is None or (fmt.new_key == ABSENT and new_key != ABSENT):
             fmt = AuditFormat(
                 function=str(row["function"]),
                 new_key=new_key,
-                old_key=_key(_IMAGE_KEY, "OLD", source),
-                table_key=_key(_LABEL_KEY, "TG_TABLE_NAME", source),
-                op_key=_key(_LABEL_KEY, "TG_OP", source),
+                old_key=image_key(source, "OLD", ABSENT),
+                table_key=label_key(source, "TG_TABLE_NAME", ABSENT),
+                op_key=label_key(source, "TG_OP", ABSENT),
             )
     (counted,) = await db.fetch(
         "SELECT count(*) FILTER (WHERE meta ->> %s = 'users'"
