@@ -244,6 +244,34 @@ Sampler = Callable[[Plan, int], Plan]
 Applier = Callable[[Writer, Plan], Awaitable[Outcome]]
 
 
+def sample_first(
+    plan: Plan,
+    n: int,
+    model: type[M],
+    lists: tuple[str, ...] = ("ids",),
+    *,
+    id_field: str = "ids",
+    target_key: str = "id",
+) -> Plan:
+    """A `Sampler` for a remedy whose apply changes exactly the rows its data lists: the
+    plan cut down to its first n. Each of `lists` (parallel lists of the remedy's data, in
+    plan order; the first one counts the rows) keeps its first n, the targets those whose
+    `target_key` is among the kept data's `id_field`. A plan of n rows or fewer is kept."""
+    if plan.count <= n:
+        return plan
+    data = plan.private(model)
+    kept = data.model_copy(update={name: getattr(data, name)[:n] for name in lists})
+    ids = {str(i) for i in getattr(kept, id_field)}
+    return plan.model_copy(
+        update={
+            "count": len(getattr(kept, lists[0])),
+            "targets": [t for t in plan.targets if str(t.get(target_key)) in ids],
+            "data": kept.model_dump(mode="json"),
+        },
+        deep=True,
+    )
+
+
 def nothing_planned(plan: Plan) -> Verification | None:
     """A plan with nothing to change has landed whatever happened."""
     if plan.count == 0:

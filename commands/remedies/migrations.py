@@ -53,6 +53,7 @@ from commands.remedies.base import (
     check_count,
     check_drift,
     nothing_planned,
+    sample_first,
 )
 from commands.remedies.rowsets import APPROVAL_PLACEHOLDER, backup_display, backups_hold, plural
 
@@ -320,19 +321,7 @@ def sample_resolve(plan: Plan, n: int) -> Plan:
     """One migration's failed attempts are a handful of rows: the plan is tried whole. A
     plan of more than n attempts (never seen) is cut to its first n ids, which its apply
     locks, backs up and marks, and nothing else (`--applied` still adds its one record)."""
-    if plan.count <= n:
-        return plan
-    data = plan.private(ResolveData)
-    kept = data.model_copy(update={"ids": data.ids[:n]})
-    ids = set(kept.ids)
-    return plan.model_copy(
-        update={
-            "count": len(kept.ids),
-            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
-            "data": kept.model_dump(),
-        },
-        deep=True,
-    )
+    return sample_first(plan, n, ResolveData)
 
 
 async def verify_resolve(db: Reader, plan: Plan, run: Execution) -> Verification:

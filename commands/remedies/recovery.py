@@ -47,6 +47,7 @@ from commands.remedies.base import (
     add_remedy,
     check_count,
     nothing_planned,
+    sample_first,
 )
 from commands.remedies.rowsets import (
     APPROVAL_PLACEHOLDER,
@@ -804,18 +805,7 @@ async def plan_rematch_kind(ctx: Context, args: list[str], kind: RematchKind) ->
 
 def sample_rematch(plan: Plan, n: int) -> Plan:
     """The first n planned events with their users (rematch-kajabi and rematch-emails)."""
-    if plan.count <= n:
-        return plan
-    data = plan.private(RematchData)
-    cut = data.model_copy(update={"ids": data.ids[:n], "users": data.users[:n]})
-    keep = set(cut.ids)
-    return plan.model_copy(
-        update={
-            "count": len(cut.ids),
-            "targets": [t for t in plan.targets if t.get("id") in keep],
-            "data": cut.model_dump(mode="json"),
-        }
-    )
+    return sample_first(plan, n, RematchData, ("ids", "users"))
 
 
 async def apply_rematch(writer: Writer, plan: Plan) -> Outcome:
@@ -1039,18 +1029,7 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
 
 def sample_recover_learn(plan: Plan, n: int) -> Plan:
     """The first n planned events (and their users)."""
-    if plan.count <= n:
-        return plan
-    data = plan.private(LearnRecoveryData)
-    cut = data.model_copy(update={"ids": data.ids[:n], "users": data.users[:n]})
-    keep = set(cut.ids)
-    return plan.model_copy(
-        update={
-            "count": len(cut.ids),
-            "targets": [t for t in plan.targets if t.get("kajabi_event") in keep],
-            "data": cut.model_dump(mode="json"),
-        }
-    )
+    return sample_first(plan, n, LearnRecoveryData, ("ids", "users"), target_key="kajabi_event")
 
 
 async def apply_recover_learn(writer: Writer, plan: Plan) -> Outcome:

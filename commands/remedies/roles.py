@@ -50,6 +50,7 @@ from commands.remedies.base import (
     check_count,
     check_drift,
     nothing_planned,
+    sample_first,
 )
 from commands.remedies.rowsets import APPROVAL_PLACEHOLDER, backup_display, backups_hold
 from commands.roles import COLUMN_SQL, STAFF, lookup, refuse_nul
@@ -456,19 +457,7 @@ def sample_set_role(plan: Plan, n: int) -> Plan:
     a plan is normally tried whole): its apply locks, backs up and changes exactly the
     users its data names, under the same rules (a SUPERADMIN approver still needed when
     the whole plan needs one)."""
-    if plan.count <= n:
-        return plan
-    data = plan.private(SetRoleData)
-    kept = data.model_copy(update={"users": data.users[:n]})
-    ids = set(kept.ids)
-    return plan.model_copy(
-        update={
-            "count": len(kept.users),
-            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
-            "data": kept.model_dump(mode="json"),
-        },
-        deep=True,
-    )
+    return sample_first(plan, n, SetRoleData, ("users",))
 
 
 async def set_role_finished(ctx: Context, plan: Plan, run: Execution, outcome: Outcome) -> None:

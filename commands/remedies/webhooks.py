@@ -80,6 +80,7 @@ from commands.remedies.base import (
     check_count,
     check_drift,
     nothing_planned,
+    sample_first,
 )
 from commands.remedies.ledger import _SOURCE_TYPE_SQL
 from commands.remedies.recovery import (
@@ -534,19 +535,7 @@ def sample_reprocess(plan: Plan, n: int) -> Plan:
     the events its data binds, in the plan's order (oldest first), and an event's fate
     depends only on the events before it, so the sample is processed as the whole plan
     would process them, and each ends processed or reported (the count n)."""
-    if plan.count <= n:
-        return plan
-    data = plan.private(ReprocessData)
-    kept = data.model_copy(update={"ids": data.ids[:n]})
-    ids = set(kept.ids)
-    return plan.model_copy(
-        update={
-            "count": len(kept.ids),
-            "targets": [t for t in plan.targets if str(t.get("id")) in ids],
-            "data": kept.model_dump(mode="json"),
-        },
-        deep=True,
-    )
+    return sample_first(plan, n, ReprocessData)
 
 
 async def verify_reprocess(db: Reader, plan: Plan, run: Execution) -> Verification:
