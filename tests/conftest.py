@@ -23,10 +23,14 @@ import pytest_asyncio
 from aiohttp import web
 
 from bot.embedded_pg import EmbeddedPostgres
+from bot.gateway import TargetGateway
 from bot.house import House
+from bot.router import RunContext
 from bot.settings import Settings
 from bot.slack.app import SlackFrontend
 from bot.slack.server import build_web_app, slack_bot
+from bot.state import StateStore, open_store
+from bot.state.baselines import StoreBaselines
 from commands.base import Thresholds
 from commands.fixture.faults import FaultInjector
 from commands.fixture.seed import build_fixture
@@ -113,8 +117,6 @@ async def state_template() -> None:
     """A state store migrated once per session. Each bot's own state file starts as a copy
     (`fresh_state_url`), where Alembic finds the schema at head, instead of replaying every
     migration for every bot (the migrations have their own tests)."""
-    from bot.state import open_store
-
     store = await open_store(f"sqlite:///{STATE_TEMPLATE}")
     await store.close()
     assert not STATE_TEMPLATE.with_name(f"{STATE_TEMPLATE.name}-wal").exists()
@@ -215,3 +217,19 @@ async def make_audit_variant(dsn: str, variant: str) -> None:
     if variant == "production":
         async with FaultInjector(dsn) as injector:
             await injector.production_audit_trail()
+
+
+# A state store of the test's own, and the run context of the recovery tests on it (their
+# baselines live there): test_recover, test_recover_figures, test_recovery_remedies.
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
+    opened = await open_store(f"sqlite:///{tmp_path}/state.sqlite3")
+    yield opened
+    await opened.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ctx(leaps_dsn: str, store: StateStore) -> AsyncIterator[RunContext]:
+    gateway = TargetGateway(leaps_dsn)
+    yield RunContext(gateway, FAST_THRESHOLDS, baselines=StoreBaselines(store))
+    await gateway.close()

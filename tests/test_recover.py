@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, LiteralString
 
 import psycopg
 import pytest
-import pytest_asyncio
 
 from bot.approvals.executor import Executor
-from bot.gateway import TargetGateway
 from bot.router import RunContext
-from bot.state import StateStore, open_store
+from bot.state import StateStore
 from bot.state.baselines import StoreBaselines
 from commands.base import Finding, LeapsIdentity, Report, Status
 from commands.fixture.faults import DataLoss, FaultInjector
@@ -33,7 +30,7 @@ from commands.remedies.recovery import (
     LearnRecoveryData,
 )
 from commands.remedies.refresh import REFRESH_VIEWS
-from tests.conftest import FAST_THRESHOLDS, RunningBot, bot_settings, running_bot
+from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import FakeSlack
 
 _ids = itertools.count()
@@ -60,20 +57,6 @@ async def counts(dsn: str) -> dict[str, int]:
             await scalar(dsn, "SELECT count(*) FROM submissions WHERE status = 'APPROVED'")
         ),
     }
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_store(f"sqlite:///{tmp_path}/state.sqlite3")
-    yield opened
-    await opened.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def ctx(leaps_dsn: str, store: StateStore) -> AsyncIterator[RunContext]:
-    gateway = TargetGateway(leaps_dsn)
-    yield RunContext(gateway, FAST_THRESHOLDS, baselines=StoreBaselines(store))
-    await gateway.close()
 
 
 async def admin(dsn: str) -> LeapsIdentity:

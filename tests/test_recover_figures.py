@@ -6,18 +6,16 @@ baselines live in a real state store (SQLite, and PostgreSQL for the migration).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import pytest_asyncio
 from alembic import command
 from sqlalchemy import Connection, text
 
-from bot.gateway import TargetGateway
 from bot.incidents.facts import verification_from_report
 from bot.incidents.summary import impact_lines
 from bot.messages import render
@@ -33,24 +31,9 @@ from commands.recover import (
     recovery_verified,
     take_baseline,
 )
-from tests.conftest import FAST_THRESHOLDS
 from tests.test_recover import counts
 
 LOST, GROWN = 20, 30
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_store(f"sqlite:///{tmp_path}/state.sqlite3")
-    yield opened
-    await opened.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def ctx(leaps_dsn: str, store: StateStore) -> AsyncIterator[RunContext]:
-    gateway = TargetGateway(leaps_dsn)
-    yield RunContext(gateway, FAST_THRESHOLDS, baselines=StoreBaselines(store))
-    await gateway.close()
 
 
 def finding(report: Report, check: str) -> Finding:

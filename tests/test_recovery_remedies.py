@@ -7,26 +7,21 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, LiteralString
 
 import psycopg
 import pytest
-import pytest_asyncio
 from psycopg.rows import dict_row
 
-from bot.approvals.executor import Executor
-from bot.gateway import TargetGateway
 from bot.messages.render import approval_message
 from bot.router import RunContext
-from bot.state import StateStore, open_store
+from bot.state import StateStore
 from bot.state.baselines import StoreBaselines
-from commands.base import LeapsIdentity, Row, UsageError
+from commands.base import Row, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.recover import recover
-from commands.remedies.base import Plan, Remedy
+from commands.remedies.base import Plan
 from commands.remedies.recovery import (
     INCLUDE_DELETED,
     KEEP_ROLES,
@@ -39,7 +34,8 @@ from commands.remedies.recovery import (
     RematchData,
     deleted_on_purpose,
 )
-from tests.conftest import FAST_THRESHOLDS, make_audit_variant
+from tests.conftest import make_audit_variant
+from tests.test_recover import admin, execute, run_step
 
 _ids = itertools.count()
 
@@ -53,36 +49,6 @@ async def rows(dsn: str, query: LiteralString, params: tuple[Any, ...] = ()) -> 
 async def scalar(dsn: str, query: LiteralString, params: tuple[Any, ...] = ()) -> Any:
     got = await rows(dsn, query, params)
     return next(iter(got[0].values())) if got else None
-
-
-async def execute(dsn: str, query: LiteralString, params: tuple[Any, ...] = ()) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute(query, params)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_store(f"sqlite:///{tmp_path}/state.sqlite3")
-    yield opened
-    await opened.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def ctx(leaps_dsn: str, store: StateStore) -> AsyncIterator[RunContext]:
-    gateway = TargetGateway(leaps_dsn)
-    yield RunContext(gateway, FAST_THRESHOLDS, baselines=StoreBaselines(store))
-    await gateway.close()
-
-
-async def admin(dsn: str) -> LeapsIdentity:
-    user = await scalar(dsn, "SELECT id FROM users WHERE role = 'ADMIN' ORDER BY id LIMIT 1")
-    return LeapsIdentity(str(user), "ADMIN", "a test approver's account")
-
-
-async def run_step(
-    dsn: str, remedy: Remedy, plan: Plan, identity: LeapsIdentity
-) -> tuple[str, Any]:
-    return await Executor(dsn).apply(remedy, plan, f"apv-rrm{next(_ids)}", identity)
 
 
 async def present(dsn: str, ids: list[str]) -> set[str]:
