@@ -5,15 +5,11 @@ exactly its n rows, checked against the unchanged database, and the unsampled pl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, LiteralString
 
-import psycopg
-import pytest_asyncio
 from psycopg import sql
 
 from bot.approvals.executor import Executor
-from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands.base import BACKUP_SCHEMA, LeapsIdentity
 from commands.fixture.faults import DEFAULT_MIGRATION, FaultInjector
@@ -25,22 +21,10 @@ from commands.remedies.webhooks import (
     REMATCH_EMAILS_REMEDY,
     REPROCESS_WEBHOOKS,
 )
-from tests.conftest import FAST_THRESHOLDS, make_audit_variant
+from tests.conftest import make_audit_variant
+from tests.test_webhooks import fetch
 
 Rows = list[tuple[Any, ...]]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def ctx(leaps_dsn: str) -> AsyncIterator[RunContext]:
-    gateway = TargetGateway(leaps_dsn)
-    yield RunContext(gateway, FAST_THRESHOLDS)
-    await gateway.close()
-
-
-async def fetch(dsn: str, query: LiteralString | sql.Composed, params: Any = None) -> Rows:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute(query, params)
-        return await cur.fetchall() if cur.description else []
 
 
 async def staff(dsn: str, role: str = "ADMIN") -> LeapsIdentity:
