@@ -563,9 +563,7 @@ class ApprovalEngine:
         it) is decided by the remedy's verification, as an interrupted one is (rule 9)."""
         if state != "unknown":
             return state, outcome
-        verdict = await self._verify(claimed, actor_id)
-        landed = verdict is not None and verdict.landed
-        found = f"verification found {verdict.found}" if verdict else "verification could not run"
+        landed, found = await self._verdict(claimed, actor_id)
         # "unknown: the connection was lost during COMMIT; verification found … (acted as …)"
         summary = outcome.summary.replace(UNKNOWN_COMMIT, f"{UNKNOWN_COMMIT}; {found}", 1)
         return ("done" if landed else "failed"), outcome.model_copy(
@@ -580,9 +578,7 @@ class ApprovalEngine:
         self, claimed: Approval, actor_id: str, approvers: list[str], why: str
     ) -> None:
         """The execution broke off: its remedy's verification says what is in the database."""
-        verdict = await self._verify(claimed, actor_id)
-        landed = verdict is not None and verdict.landed
-        found = f"verification found {verdict.found}" if verdict else "verification could not run"
+        landed, found = await self._verdict(claimed, actor_id)
         outcome = Outcome(
             ok=landed,
             summary=f"interrupted: {why}; {found}",
@@ -590,6 +586,14 @@ class ApprovalEngine:
         )
         await self._finished_hook(claimed, actor_id, outcome)
         await self._conclude(claimed, "done" if landed else "failed", outcome, actor_id, approvers)
+
+    async def _verdict(self, approval: Approval, actor_id: str) -> tuple[bool, str]:
+        """Whether the change landed, and what the verification found, for an execution
+        whose end nobody saw (interrupted, or its COMMIT's answer lost)."""
+        verdict = await self._verify(approval, actor_id)
+        landed = verdict is not None and verdict.landed
+        found = f"verification found {verdict.found}" if verdict else "verification could not run"
+        return landed, found
 
     async def _verify(self, approval: Approval, actor_id: str) -> Verification | None:
         """The remedy's own read-only verification, bounded in time; None if it failed."""
