@@ -24,6 +24,21 @@ log = logging.getLogger(__name__)
 BOT_ACTOR = "bot"  # the engine's own actor id (start-up recovery): no Slack profile
 
 
+async def _leaps_account(
+    slack_id: str, roles: RoleResolver, gateway: Gateway
+) -> tuple[str | None, LeapsIdentity | None]:
+    """The Slack user's profile e-mail and the LEAPS account it matches, or None where
+    there is none, the bot itself asks, or the target cannot answer."""
+    email = await roles.email_of(slack_id) if slack_id != BOT_ACTOR else None
+    if not email:
+        return email, None
+    try:
+        return email, await gateway.read(partial(identity_for_email, email))
+    except Exception as exc:  # the target may be the thing that is sick
+        log.warning("LEAPS identity lookup for %s failed: %s", slack_id, exc)
+        return email, None
+
+
 async def acting_identity(
     approvers: list[str],
     roles: RoleResolver,
@@ -33,15 +48,8 @@ async def acting_identity(
     """The identity for one execution; `approvers` in order of preference (the one whose
     click set it going first). None when nobody can be named."""
     unprivileged: LeapsIdentity | None = None
-    for slack_id in dict.fromkeys(a for a in approvers if a != BOT_ACTOR):
-        email = await roles.email_of(slack_id)
-        if not email:
-            continue
-        try:
-            found = await gateway.read(partial(identity_for_email, email))
-        except Exception as exc:  # the target may be the thing that is sick
-            log.warning("LEAPS identity lookup for %s failed: %s", slack_id, exc)
-            continue
+    for slack_id in dict.fromkeys(approvers):
+        email, found = await _leaps_account(slack_id, roles, gateway)
         if found is None:
             continue
         found = replace(found, via=f"the LEAPS account of approver <@{slack_id}> ({email})")
@@ -59,19 +67,13 @@ async def preflight_identity(
     it holds a staff role, else one LEAPS account holding `role`, picked read-only. So a
     REVIEWER can request what an ADMIN approves. None when no account can be named (the
     try then sets `app.user_role` alone)."""
-    email = await roles.email_of(requester) if requester != BOT_ACTOR else None
-    if email:
-        try:
-            found = await gateway.read(partial(identity_for_email, email))
-        except Exception as exc:  # the target may be the thing that is sick
-            log.warning("LEAPS identity lookup for %s failed: %s", requester, exc)
-            found = None
-        if found is not None and found.role in STAFF_ROLES:
-            return LeapsIdentity(
-                found.user_id,
-                role,
-                f"the requester <@{requester}>'s own LEAPS account, a {found.role}",
-            )
+    _, found = await _leaps_account(requester, roles, gateway)
+    if found is not None and found.role in STAFF_ROLES:
+        return LeapsIdentity(
+            found.user_id,
+            role,
+            f"the requester <@{requester}>'s own LEAPS account, a {found.role}",
+        )
     picked = await gateway.read(partial(account_holding, role=role))
     if picked is None:
         return None
