@@ -55,16 +55,48 @@ if WORKER:
     os.chmod(tempfile.tempdir, 0o755)  # tests run bots as other users with files in there
 
 
+# The files holding the longest tests (processes started, servers failed over, timers run
+# out) go first: pytest-xdist hands tests out in collection order, and a long test dealt
+# last keeps the whole run waiting on one worker while the others idle.
+SLOW_FIRST = (
+    "test_demo_keep.py",
+    "test_multiprocess.py",
+    "test_leaks.py",
+    "test_incident_comms.py",
+    "test_incidents.py",
+    "test_watchdog.py",
+    "test_faults.py",
+    "test_cli.py",
+    "test_deploy.py",
+    "test_exactly_once.py",
+    "test_authz_matrix.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the same order on every worker, as xdist requires
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if WORKER and tempfile.tempdir is not None:
         shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+
+
+# Each test gets its own copy of the fixture database, a few hundred per server: autovacuum
+# would visit every one of them, again and again, for most of the server's CPU. No test
+# relies on it (the checks that read vacuum statistics get their rows from the test).
+TEST_SERVER_SETTINGS = {"autovacuum": "off"}
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[EmbeddedPostgres]:
     from tests import leakcheck  # the plugin (pytest_plugins): imported by pytest first
 
-    server = EmbeddedPostgres()
+    server = EmbeddedPostgres(settings=TEST_SERVER_SETTINGS)
     leakcheck.secret(server.password, "the test PostgreSQL password")
     server.start()
     try:
