@@ -72,7 +72,12 @@ class House:
     """Every service of one bot, built in dependency order (see `build_house`)."""
 
     def __init__(
-        self, settings: Settings, frontend: Frontend, gateway: TargetGateway, store: StateStore
+        self,
+        settings: Settings,
+        frontend: Frontend,
+        gateway: TargetGateway,
+        store: StateStore,
+        recovery_copy: TargetGateway | None = None,
     ) -> None:
         self.settings = settings
         self.frontend = frontend
@@ -100,6 +105,8 @@ class House:
             # `/db quota @user` reads the profile e-mail (not on the console: no Slack)
             slack_email=self.roles.email_of if frontend.slack_client is not None else None,
             role_changed=self.roles.leaps_role_changed,  # set-role takes effect everywhere
+            app_roles=tuple(settings.app_roles),
+            recovery_copy=recovery_copy,  # RECOVERY_DATABASE_URL, read only
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.engine = ApprovalEngine(
@@ -257,10 +264,14 @@ async def build_house(
         stack.push_async_callback(gateway.close)
         if frontend.serves:
             await gateway.open()
+        recovery_copy = None
+        if settings.recovery_database_url:  # opened on first use: it may not exist yet
+            recovery_copy = gateway_from_settings(settings, settings.recovery_database_url)
+            stack.push_async_callback(recovery_copy.close)
         url = settings.state_database_url
         store = await open_store(url if url or keeps_state else KEEPS_NOTHING)
         stack.push_async_callback(store.close)
-        house = House(settings, frontend, gateway, store)
+        house = House(settings, frontend, gateway, store, recovery_copy)
         stack.push_async_callback(house.stop_timers)
         if frontend.serves:
             house.start_timers()

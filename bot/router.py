@@ -21,6 +21,7 @@ from functools import partial
 import commands  # noqa: F401  (fills the registry)
 from commands import guide
 from commands.base import (
+    DEFAULT_APP_ROLES,
     REGISTRY,
     BaselineStore,
     Command,
@@ -31,6 +32,7 @@ from commands.base import (
     RefreshLog,
     Report,
     RoleChanged,
+    RunbookStatus,
     SlackEmail,
     Thresholds,
     UsageError,
@@ -56,6 +58,9 @@ class RunContext:
     baselines: BaselineStore | None = None  # the state store's row-count snapshots
     on_recovery_verified: RecoveryHook | None = None  # the incidents part listens here
     role_changed: RoleChanged | None = None  # the role resolver: set-role takes effect now
+    app_roles: tuple[str, ...] = DEFAULT_APP_ROLES  # APP_ROLES: whose writes a freeze stops
+    recovery_copy: Gateway | None = None  # RECOVERY_DATABASE_URL, read only
+    runbook_status: RunbookStatus | None = None  # the runbooks kept in the state store
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from commands.base import ROLES, LeapsIdentity, Thresholds
+from commands.base import DEFAULT_APP_ROLES, ROLES, LeapsIdentity, Thresholds
 from commands.incidents.lifecycle import Severity, SlaTargets
 
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
@@ -130,6 +130,27 @@ class Settings(BaseSettings):
     template_dir: Path | None = None
     # Query text from pg_stat_activity shows string literals as '…' unless this is on.
     show_query_literals: bool = False
+    # Emergency recovery (the guide's chapter). The application's database roles, whose
+    # writes `freeze-writes` stops (comma-separated; the Supabase API roles by default,
+    # those that exist); the commander is reminded this often while a freeze lasts.
+    app_roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_APP_ROLES)
+    )
+    freeze_remind_s: float = Field(default=1800.0, gt=0)
+    # A database restored from a backup or to a point in time (a Supabase restore into a
+    # new project, a pg_basebackup with a recovery target): `restore-from-copy` reads the
+    # lost rows from it, never writes it, and refuses production itself.
+    recovery_database_url: str | None = None
+    # `/db recover --runbook`: each step may change this many percent more rows than its
+    # dry run estimated before the run stops there.
+    runbook_tolerance_pct: float = Field(default=10.0, ge=0)
+
+    @field_validator("app_roles", mode="before")
+    @classmethod
+    def _split_roles(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("role_map", "role_groups")
     @classmethod

@@ -47,6 +47,8 @@ ROLES = ("PARTICIPANT", "REVIEWER", "ADMIN", "SUPERADMIN")
 APPLICATION_NAME = "dbops-bot"
 # Where remedies copy the rows they delete or overwrite, in tables named after the approval.
 BACKUP_SCHEMA = "dbops_backup"
+# The application's database roles on Supabase (APP_ROLES): whose writes a freeze stops.
+DEFAULT_APP_ROLES = ("authenticator", "authenticated", "anon", "service_role")
 
 
 def role_rank(role: str) -> int:
@@ -267,6 +269,9 @@ class BaselineStore(Protocol):
 
 # Called with a clean recovery verification (the incidents part marks full recovery).
 RecoveryHook = Callable[["Report"], Awaitable[None]]
+# The recovery runbooks of this target the bot is running or ran last, newest first, one
+# row per step (for `/db recover --status`); kept in the bot's state store.
+RunbookStatus = Callable[[], Awaitable[list[Row]]]
 
 
 class Context(Protocol):
@@ -314,6 +319,21 @@ class Context(Protocol):
     @property
     def role_changed(self) -> RoleChanged | None:
         """None where no role resolver listens (a one-off run without the bot's roles)."""
+        ...
+
+    @property
+    def app_roles(self) -> Sequence[str]:
+        """The application's database roles (APP_ROLES), whose writes a freeze stops."""
+        ...
+
+    @property
+    def recovery_copy(self) -> Gateway | None:
+        """A read-only gateway to RECOVERY_DATABASE_URL (a restored copy), or None."""
+        ...
+
+    @property
+    def runbook_status(self) -> RunbookStatus | None:
+        """None where the bot keeps no runbooks (a one-off console run)."""
         ...
 
 
