@@ -26,13 +26,17 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from bot.access.roles import RoleResolver, refusal
 from bot.approvals.engine import ApprovalEngine, refresh_history
 from bot.approvals.executor import executor_from_settings
 from bot.clock import Clock
-from bot.gateway import TargetGateway, gateway_from_settings
+from bot.gateway import TargetGateway, gateway_from_settings, normalise_scheme
 from bot.incidents.comms import IncidentComms, Publisher
 from bot.incidents.leader import leadership_for
 from bot.incidents.service import IncidentHooks, IncidentService, IncidentSlack
@@ -45,8 +49,37 @@ from bot.state.baselines import StoreBaselines
 from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker
 from commands.recover import BaselineConditions, take_baseline
+from commands.remedies.freeze import freeze_state
 
 log = logging.getLogger(__name__)
+
+
+def bot_roles(settings: Settings) -> tuple[str, ...]:
+    """The database roles the bot logs in as: the users of DATABASE_URL, ADMIN_DATABASE_URL
+    and STATE_DATABASE_URL when that is PostgreSQL (user names only, never passwords). A
+    URL that names no user logs in as libpq's default; the freeze's plan adds its own
+    connection's `current_user` for that."""
+    found: list[str] = []
+    for url in (settings.database_url, settings.admin_database_url):
+        if not url:
+            continue
+        try:
+            user = conninfo_to_dict(normalise_scheme(url)).get("user")
+        except psycopg.ProgrammingError:
+            log.warning("cannot read the user name of a database URL")
+            continue
+        if user:
+            found.append(str(user))
+    if settings.state_database_url:
+        try:
+            state = make_url(settings.state_database_url)
+        except ArgumentError:
+            log.warning("cannot read the user name of STATE_DATABASE_URL")
+        else:
+            if state.get_backend_name() == "postgresql" and state.username:
+                found.append(state.username)
+    return tuple(dict.fromkeys(found))
+
 
 # The state store of a one-off run without STATE_DATABASE_URL: SQLite in memory, gone with
 # the process (no state file is created).
@@ -107,6 +140,7 @@ class House:
             role_changed=self.roles.leaps_role_changed,  # set-role takes effect everywhere
             app_roles=tuple(settings.app_roles),
             recovery_copy=recovery_copy,  # RECOVERY_DATABASE_URL, read only
+            bot_roles=bot_roles(settings),  # a freeze never sets them read only
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.engine = ApprovalEngine(
@@ -132,6 +166,9 @@ class House:
             self.settings.sla,
             oncall_groups=list(self.settings.role_groups),
             hooks=hooks,
+            # while writes are frozen the commander is reminded every FREEZE_REMIND_S
+            freeze=partial(self.gateway.read, partial(freeze_state, self.ctx.app_roles)),
+            freeze_remind_s=self.settings.freeze_remind_s,
         )
 
     def _watchdog(self) -> Watchdog | OffWatchdog:

@@ -60,6 +60,7 @@ class RunContext:
     role_changed: RoleChanged | None = None  # the role resolver: set-role takes effect now
     app_roles: tuple[str, ...] = DEFAULT_APP_ROLES  # APP_ROLES: whose writes a freeze stops
     recovery_copy: Gateway | None = None  # RECOVERY_DATABASE_URL, read only
+    bot_roles: tuple[str, ...] = ()  # the roles the bot logs in as: never frozen
     runbook_status: RunbookStatus | None = None  # the runbooks kept in the state store
 
 

@@ -327,6 +327,12 @@ class Context(Protocol):
         ...
 
     @property
+    def bot_roles(self) -> Sequence[str]:
+        """The database roles the bot itself logs in as (DATABASE_URL, ADMIN_DATABASE_URL,
+        a PostgreSQL STATE_DATABASE_URL): a freeze never sets them read only."""
+        ...
+
+    @property
     def recovery_copy(self) -> Gateway | None:
         """A read-only gateway to RECOVERY_DATABASE_URL (a restored copy), or None."""
         ...

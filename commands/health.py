@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from commands.base import (
+    DEFAULT_APP_ROLES,
     Context,
     Finding,
     Reader,
@@ -656,7 +657,40 @@ async def check_ledger_events(db: Reader) -> Finding:
     return found.model_copy(update=update)
 
 
-def health_checks(th: Thresholds) -> dict[str, Callable[[Reader], Awaitable[Finding]]]:
+# --- a freeze (`freeze-writes`, or one made by hand) -------------------------------
+
+FREEZE_CHECK = "writes frozen"
+
+
+async def check_freeze(app_roles: Sequence[str], db: Reader) -> Finding:
+    """Critical while a read-only default reaches the application: APP_ROLES' settings in
+    this database or in all of them, or the database's own. Catalog only, unless something
+    is frozen: then the bot's freeze record says since when and by whom."""
+    from commands.remedies.freeze import freeze_state
+
+    state = await freeze_state(app_roles, db)
+    if not state.active:
+        return Finding(
+            check=FREEZE_CHECK,
+            status=Status.OK,
+            summary=f"writes are not frozen (APP_ROLES: {', '.join(app_roles) or 'none'})",
+        )
+    rows: list[Row] = [{"frozen": f} for f in state.frozen]
+    return Finding(
+        check=FREEZE_CHECK,
+        status=Status.CRIT,
+        summary=state.describe()
+        + "; the application's writes fail (SQLSTATE 25006), reads work, Kajabi webhooks "
+        "are refused",
+        rows=rows,
+        hint="`/db unfreeze-writes` lifts it (the previous settings restored exactly) once "
+        "the recovery is verified",
+    )
+
+
+def health_checks(
+    th: Thresholds, app_roles: Sequence[str] = DEFAULT_APP_ROLES
+) -> dict[str, Callable[[Reader], Awaitable[Finding]]]:
     from commands.webhooks import ALERT as WEBHOOK_BACKLOG
 
     return {
@@ -675,6 +709,7 @@ def health_checks(th: Thresholds) -> dict[str, Callable[[Reader], Awaitable[Find
         AUDIT_CHECK: check_audit_trail,
         WEBHOOK_BACKLOG: partial(check_webhook_backlog, th),
         LEDGER_EVENTS: check_ledger_events,
+        FREEZE_CHECK: partial(check_freeze, tuple(app_roles)),
     }
 
 
@@ -684,7 +719,7 @@ async def health(ctx: Context, args: list[str]) -> Report:
         raise UsageError("`health` takes no arguments")
     gw = ctx.gateway
     findings = [lint_connection_string(gw.dsn_for_display)]
-    checks = health_checks(ctx.thresholds)
+    checks = health_checks(ctx.thresholds, ctx.app_roles)
     try:
         probe = await gw.probe()
     except Exception as exc:  # the user must learn why, not that something failed

@@ -115,7 +115,9 @@ async def _begin(
     the advisory lock named after the approval, and who it acts as. Rule 11: where the
     live audit trigger refuses writes made with app.user_id, it acts without it and the
     returned recorder writes the audit rows. Without an identity, `role` alone (if any)
-    is set as app.user_role."""
+    is set as app.user_role. READ WRITE first: a database-wide freeze (`freeze-writes`)
+    makes the bot's own role start read only, and the bot must still repair."""
+    await conn.execute("SET TRANSACTION READ WRITE")
     await conn.execute(
         "SELECT set_config('statement_timeout', %s, true),"
         " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",

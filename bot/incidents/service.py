@@ -20,7 +20,7 @@ Entry points for the other parts of the bot:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TextIO
@@ -42,7 +42,7 @@ from bot.messages.render import SlackMessage, esc
 from bot.state import Incident, IncidentExists, IncidentStore
 from bot.state.incidents import HEALTH_KEPT, WATCHDOG
 from bot.state.models import DetectedBy
-from commands.base import Report, Status, UsageError
+from commands.base import Report, Status, UsageError, human_duration
 from commands.incidents.comms import Summary, Template
 from commands.incidents.lifecycle import (
     Assign,
@@ -59,9 +59,14 @@ from commands.incidents.lifecycle import (
     worst_findings,
 )
 from commands.recover import BaselineConditions, recovery_evidence, recovery_verified
+from commands.remedies.freeze import FreezeState
 
 log = logging.getLogger(__name__)
 
+# A freeze reminder's claim (the reminders' table): one per interval, keyed by its minute.
+FREEZE_MILESTONE = "freeze"
+# Whether the target's writes are frozen now (`commands.remedies.freeze.freeze_state`).
+FreezeProbe = Callable[[], Awaitable[FreezeState]]
 POSTING = "posting"  # the header digest while one replica posts the header
 NAME_ATTEMPTS = 5  # inc-…-2, -3, … when a channel name is taken
 # How far back the watchdog's first critical finding may date an incident's detection.
@@ -235,6 +240,8 @@ class IncidentService:
         clock: Clock | None = None,
         oncall_groups: Sequence[str] = (),
         hooks: IncidentHooks | None = None,
+        freeze: FreezeProbe | None = None,
+        freeze_remind_s: float = 1800.0,
     ) -> None:
         self.store = store
         self.slack = slack
@@ -246,6 +253,10 @@ class IncidentService:
             self.store.clock = clock
         self.claimer = process_id()
         self.hooks: IncidentHooks = hooks or NoComms()
+        # Whether the target's writes are frozen (`freeze-writes`): while they are, every
+        # active incident's commander is reminded every `freeze_remind_s`. None: never.
+        self.freeze = freeze
+        self.freeze_remind_s = freeze_remind_s
 
     @property
     def clock(self) -> Clock:
@@ -675,10 +686,67 @@ class IncidentService:
                     detail={"milestone": clock.milestone},
                 )
             await self.refresh_header(incident.id)
+        sent += await self._freeze_reminders(now)
         try:
             await self.hooks.retry_unsent()
         except Exception:
             log.exception("retrying unsent posts failed")
+        return sent
+
+    async def _freeze_reminders(self, now: datetime) -> int:
+        """While writes are frozen, remind each active incident's commander every
+        `freeze_remind_s`, counted from the freeze (a freeze made by hand: from the
+        incident's start). Once per interval across replicas (the reminder's claim, keyed
+        by the minute it fell due), and sent only when Slack answered ok: a failed post
+        gives its claim back for the next tick. Only the latest interval due is sent."""
+        if self.freeze is None:
+            return 0
+        incidents = await self.store.active()
+        if not incidents:
+            return 0
+        try:
+            state = await self.freeze()
+        except Exception:  # the target may be the thing that is sick
+            log.exception("could not tell whether writes are frozen")
+            return 0
+        if not state.active:
+            return 0
+        sent = 0
+        for incident in incidents:
+            since = state.record.frozen_at if state.record else incident.started_at
+            elapsed = (now - since).total_seconds()
+            due = int(elapsed // self.freeze_remind_s)
+            if due < 1:
+                continue
+            due_at = since.timestamp() + due * self.freeze_remind_s
+            epoch = int(due_at // 60)  # the minute it fell due: one reminder per interval
+            claimed = await self.store.claim_reminder(
+                incident.id, FREEZE_MILESTONE, epoch, at=now, claimer=self.claimer
+            )
+            if not claimed:
+                continue
+            text = (
+                f":snowflake: {who(incident.commander_id)} writes are still frozen "
+                f"({esc(state.describe())}), for {human_duration(elapsed)} now. Lift the "
+                "freeze with `/db unfreeze-writes` once the recovery is verified."
+            )
+            if incident.created_by == WATCHDOG and self.oncall_groups:
+                groups = " ".join(f"<!subteam^{esc(g)}>" for g in self.oncall_groups)
+                text = f"{groups} {text}"
+            if not await self._post(incident.channel_id, text):
+                await self.store.release_reminder(incident.id, FREEZE_MILESTONE, epoch)
+                continue
+            await self.store.mark_reminder_sent(incident.id, FREEZE_MILESTONE, epoch, at=now)
+            sent += 1
+            await self.store.add_event(
+                incident.id,
+                kind="reminder",
+                actor_id="bot",
+                text=f"reminded {who(incident.commander_id)}: writes frozen for "
+                f"{human_duration(elapsed)} ({esc(', '.join(state.frozen))})",
+                at=now,
+                detail={"milestone": FREEZE_MILESTONE, "frozen": list(state.frozen)},
+            )
         return sent
 
     async def publish_home(self, user_id: str) -> None:
