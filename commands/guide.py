@@ -68,7 +68,11 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section(_ANALYTICS, "Missing Analytics Data", ("analytics", "refresh-views")),
     Section(_ANALYTICS, "Export Functionality Issues", ("export",)),
-    Section(_RECOVERY, "Complete Database Corruption", ("incident start", "recover")),
+    Section(
+        _RECOVERY,
+        "Complete Database Corruption",
+        ("incident start", "freeze-writes", "recover", "unfreeze-writes"),
+    ),
     Section(_RECOVERY, "Point-in-Time Recovery", ("incident start", "recover")),
     Section(
         _RECOVERY,

@@ -105,6 +105,12 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
             )
     if remedy == "refresh-views":
         return [PLAIN_VIEW]
+    if remedy == "freeze-writes":  # not frozen, so every plan freezes
+        await faults.lift_freeze()
+        return []
+    if remedy == "unfreeze-writes":  # frozen by hand, so every plan lifts it
+        await faults.freeze_by_hand()
+        return []
     if remedy == "cleanup-orphans":
         await faults.orphan_ledger_rows(1)
         return ["points_ledger"]

@@ -66,9 +66,7 @@ async def reset_all(dsn: str) -> None:
         for r in DEFAULT_APP_ROLES
     ]
     statements.append(
-        sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
-            sql.Identifier(db)
-        )
+        sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(sql.Identifier(db))
     )
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute("SET default_transaction_read_only = off")
@@ -163,9 +161,7 @@ async def test_the_application_is_frozen_and_unfrozen_over_slack(
         ).format(sql.Identifier(db)),
     )
     before = await settings_now(leaps_dsn)
-    settings = bot_settings(
-        leaps_dsn, fake_slack, role_map=ROLES, freeze_remind_s=REMIND_S
-    )
+    settings = bot_settings(leaps_dsn, fake_slack, role_map=ROLES, freeze_remind_s=REMIND_S)
     async with running_bot(settings, fake_slack) as bot:
         incidents = bot.service.incidents
         clock = ManualClock()

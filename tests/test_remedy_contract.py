@@ -27,6 +27,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "dedupe-webhooks",
         "drop-index",
         "fix-audit-id",
+        "freeze-writes",
         "kill-idle",
         "migration-resolve",
         "reconcile-points",
@@ -38,6 +39,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "reprocess-webhooks",
         "set-role",
         "terminate",
+        "unfreeze-writes",
     ]
 
 
