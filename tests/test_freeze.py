@@ -185,7 +185,7 @@ async def test_the_application_is_frozen_and_unfrozen_over_slack(
         assert found.status is Status.CRIT
         assert f"authenticator (in database {db})" in found.summary
         assert "since " in found.summary and f"by {ADMIN}" in found.summary
-        assert "record of the bot): service_role" in found.summary  # read only before
+        assert "by hand (no record of the bot): service_role" in found.summary
 
         # the commander is reminded every FREEZE_REMIND_S, only once Slack said ok
         state = await bot.service.gateway.read(lambda d: freeze_state(DEFAULT_APP_ROLES, d))

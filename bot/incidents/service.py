@@ -726,9 +726,9 @@ class IncidentService:
             if not claimed:
                 continue
             text = (
-                f":snowflake: {who(incident.commander_id)} writes are still frozen "
-                f"({esc(state.describe())}), for {human_duration(elapsed)} now. Lift the "
-                "freeze with `/db unfreeze-writes` once the recovery is verified."
+                f":snowflake: {who(incident.commander_id)} {esc(state.describe())} "
+                f"({human_duration(elapsed)} so far). Lift the freeze with "
+                "`/db unfreeze-writes` once the recovery is verified."
             )
             if incident.created_by == WATCHDOG and self.oncall_groups:
                 groups = " ".join(f"<!subteam^{esc(g)}>" for g in self.oncall_groups)

@@ -207,12 +207,15 @@ class FreezeState:
     def describe(self) -> str:
         if not self.frozen:
             return f"writes are not frozen in database {self.database}"
-        text = "writes frozen: " + ", ".join(self.frozen)
-        if self.record is not None:
-            text += f"; since {self.record.frozen_at.isoformat(timespec='seconds')}"
-            text += f" by {self.record.approved_by} (approval {self.record.approval_id})"
+        if self.record is None:
+            return "writes frozen, made by hand (no record of the bot): " + ", ".join(self.frozen)
+        by_bot = [f for f in self.frozen if f not in self.by_hand]
+        text = (
+            f"writes frozen since {self.record.frozen_at.isoformat(timespec='seconds')} by "
+            f"{self.record.approved_by} (approval {self.record.approval_id}): " + ", ".join(by_bot)
+        )
         if self.by_hand:
-            text += "; made by hand (no freeze record of the bot): " + ", ".join(self.by_hand)
+            text += "; also made by hand (no record of the bot): " + ", ".join(self.by_hand)
         return text
 
 
