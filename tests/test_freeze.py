@@ -75,7 +75,8 @@ async def reset_all(dsn: str) -> None:
 
 
 class Writer:
-    """The application: logs in as `authenticator`, acts as `authenticated`."""
+    """The application: logs in as `authenticator`, acts as `authenticated`, and writes in
+    plain transactions (as Prisma or a pool does)."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = role_dsn(dsn, "authenticator")
@@ -179,6 +180,11 @@ async def test_the_application_is_frozen_and_unfrozen_over_slack(
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as refused:
             await app.write(frozen)
         assert refused.value.sqlstate == "25006"
+        # the stated limit: a transaction begun READ WRITE explicitly (as PostgREST begins
+        # its mutations) is not stopped
+        async with frozen.transaction():
+            await frozen.execute("SET TRANSACTION READ WRITE")
+            await app.write(frozen)
 
         # health, from the database alone (a restarted bot): critical, since when, by whom
         found = freeze_finding(await fresh_health(leaps_dsn))
@@ -276,6 +282,7 @@ async def test_database_wide_refusals_and_a_freeze_made_by_hand(
         assert f'ALTER DATABASE "{db}" SET' in statements
         assert '"authenticator"' not in statements and 'ALTER ROLE "anon"' in statements
         assert plan.count == 4 and "Kajabi webhooks" in " ".join(plan.warnings)
+        assert "REST API" in " ".join(plan.warnings)
         assert "not a hostile client" in " ".join(plan.warnings)
         assert plan.preflight is None and freeze_r.not_tried
         state, outcome = await executor.apply(freeze_r, plan, "apv-shared1")

@@ -77,6 +77,16 @@ LIMIT = (
     f"{SETTING} = off itself, or begins its transactions READ WRITE explicitly, still "
     "writes; superusers and the bot's own roles are never frozen"
 )
+# PostgREST (the Supabase REST API) logs in as `authenticator` and begins the transaction
+# of every POST, PATCH, PUT and DELETE with an explicit READ WRITE (its documented access
+# modes), which overrides the default: the limit above, met by the API itself.
+POSTGREST_ROLE = "authenticator"
+POSTGREST_WARNING = (
+    "PostgREST (the Supabase REST API, which logs in as `authenticator`) begins every POST, "
+    "PATCH, PUT and DELETE transaction READ WRITE explicitly, so this setting does not stop "
+    "writes made through the REST API; it stops clients that begin plain transactions "
+    "(Prisma, pools, psql). Stop the REST API's writes at the API if they must stop too"
+)
 WEBHOOK_WARNING = (
     "Kajabi webhooks are refused while writes are frozen (their inserts fail); after the "
     "unfreeze `/db webhooks` lists what is missing and `/db reprocess-webhooks` picks "
@@ -488,6 +498,8 @@ async def plan_freeze(ctx: Context, args: list[str]) -> Plan:
     )
     names = [r.role for r in roles]
     warnings = [LIMIT, WEBHOOK_WARNING]
+    if any(str(r["role"]) == POSTGREST_ROLE for r in found.roles):
+        warnings.append(POSTGREST_WARNING)
     if sessions:
         warnings.append(
             f"{len(sessions)} session(s) of these roles are ended after the settings commit, "
