@@ -381,20 +381,15 @@ def _no_args(name: str, args: list[str]) -> None:
         )
 
 
-def _session_targets(sessions: list[Row]) -> list[Row]:
-    return [
-        {
-            "pid": s["pid"],
-            "user": s["user"],
-            "app": s["app"],
-            "state": s["state"],
-            "client_addr": s["client_addr"],
-            "backend_start": s["backend_start"].isoformat()
-            if isinstance(s["backend_start"], datetime)
-            else None,
-        }
-        for s in sessions
-    ]
+def _sessions_of(role: str, sessions: list[Row]) -> str:
+    """One role's sessions in a plan's table cell: `2: pid 101 (idle, web), pid 102 (…)`."""
+    mine = [s for s in sessions if s["user"] == role]
+    if not mine:
+        return "none"
+    shown = ", ".join(
+        f"pid {s['pid']} ({s['state']}, {s['app'] or s['client_addr']})" for s in mine[:10]
+    )
+    return f"{len(mine)}: {shown}" + (", …" if len(mine) > 10 else "")
 
 
 def _alter_role(role: str, database: str, value: sql.Composable | None) -> sql.Composed:
@@ -564,11 +559,10 @@ async def plan_freeze(ctx: Context, args: list[str]) -> Plan:
                 if r["role"] in already
                 else "ALTER ROLE … IN DATABASE",
                 "settings now": ", ".join(r["in_db"] or []) or "none",
-                "sessions": sum(1 for s in sessions if s["user"] == r["role"]),
+                "sessions": _sessions_of(str(r["role"]), sessions),
             }
             for r in found.roles
-        ]
-        + _session_targets(sessions),
+        ],
         count=count,
         backup=f"{BACKUP_SCHEMA}.<approval>_{FROZEN_TABLE}: the previous settings, when, by whom",
         warnings=warnings,
@@ -927,10 +921,10 @@ async def plan_unfreeze(ctx: Context, args: list[str]) -> Plan:
                 "role": r.role,
                 "restore": restore[r.role] if restore[r.role] is not None else "(none: RESET)",
                 "settings now": ", ".join(data.current[r.role] or []) or "none",
+                "sessions": _sessions_of(r.role, sessions),
             }
             for r in roles
-        ]
-        + _session_targets(sessions),
+        ],
         count=count,
         backup=f"{BACKUP_SCHEMA}.<approval>_{LIFTED_TABLE}: the frozen settings replaced",
         warnings=warnings,
