@@ -330,3 +330,19 @@ async def test_database_wide_refusals_and_a_freeze_made_by_hand(
     finally:
         await reset_all(leaps_dsn)
         await gateway.close()
+
+
+def test_the_bots_roles_are_read_from_its_urls() -> None:
+    from bot.settings import Settings
+
+    both = Settings(
+        database_url="postgresql://app:secret@h:5432/db",
+        admin_database_url="host=h user=admin password=x dbname=db",
+        state_database_url="postgresql+asyncpg://state:pw@h/s",
+        _env_file=None,
+    )
+    assert bot_roles(both) == ("app", "admin", "state")
+    sqlite = Settings(
+        database_url="postgres://app@h/db", state_database_url="sqlite:///x", _env_file=None
+    )
+    assert bot_roles(sqlite) == ("app",)
