@@ -283,8 +283,8 @@ async def test_restore_from_copy_brings_back_every_lost_row(scenario: Scenario) 
         remedy = REMEDIES["restore-from-copy"]
         plan = await remedy.plan(ctx, ["--until", s.mark.time.isoformat()])
         listed = plan.model_dump_json()
-        for _table, key in changed:
-            assert key in listed, f"changed row {key} is not listed in the plan"
+        for _table, pk in changed:
+            assert pk in listed, f"changed row {pk} is not listed in the plan"
         state, outcome = await executor_for(s.prod_dsn, s.copy_dsn).apply(
             remedy, plan, "pitr-test", identity
         )
