@@ -26,6 +26,9 @@ by default 100,000 users, 1,000,000 submissions, 2,000,000 ledger rows), this
      primary key), `recovered_pct` (of the lost rows no guard refuses: the floor proves
      which) and whether every changed and new row kept production's version.
 
+`rows_lost` and `conflicts` (rows changed since the mark: in both, different) are the
+bench's own count from its row hashes, not the remedy's.
+
     python bench/pitr.py [--users 100000] [--pct 2] [--changed 200] [--new 200] [--keep]
 
 There is no `--dsn`: the bench must own the archiving server it backs up and restores.
