@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -42,6 +44,8 @@ __all__ = [
     "NO_BINARIES_MESSAGE",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
+    "PointInTimeRecovery",
+    "RestorePoint",
     "find_binaries",
     "password_sql",
     "role_dsn",
@@ -73,6 +77,56 @@ _DEFAULT_SETTINGS: dict[str, str] = {
     "log_destination": "stderr",
     "timezone": "UTC",
 }
+
+# What `archive=True` adds: WAL a base backup and a replay can use, every finished segment
+# copied to the archive (archive_command, set per run directory), walsenders for
+# pg_basebackup (one for the backup, one streaming its WAL).
+_ARCHIVE_SETTINGS: dict[str, str] = {
+    "wal_level": "replica",
+    "archive_mode": "on",
+}
+_MIN_WAL_SENDERS = 4
+# Settings of the archiving cluster a restored copy does not take over: it archives nothing.
+_ARCHIVE_ONLY = ("archive_mode", "archive_command", "archive_library", "archive_timeout")
+_ARCHIVE_DIR = "wal_archive"
+_BACKUPS_DIR = "backups"
+
+
+@dataclass(frozen=True)
+class RestorePoint:
+    """A named point in the WAL (`pg_create_restore_point`), its LSN and the server's clock
+    when it was made: `restore(target_name=...)` recovers to exactly this point; `time` is
+    what a caller uses as "the moment before the damage"."""
+
+    name: str
+    lsn: str
+    time: datetime
+
+
+@dataclass(frozen=True)
+class PointInTimeRecovery:
+    """How `EmbeddedPostgres(recovery=...)` starts: from a copy of `backup` (a
+    `pg_basebackup` directory), replaying the WAL of `archive_dir` up to `target_name` (a
+    restore point) or `target_time` (inclusive), then promoting to a read-write cluster."""
+
+    backup: Path
+    archive_dir: Path
+    target_name: str | None = None
+    target_time: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if (self.target_name is None) == (self.target_time is None):
+            raise ValueError("a recovery needs exactly one of target_name and target_time")
+        if self.target_time is not None and self.target_time.tzinfo is None:
+            raise ValueError("target_time must carry its time zone")
+
+
+def _sh(path: Path) -> str:
+    """`path` as one word of an archive/restore command: shell-quoted, `%` doubled (the
+    server expands %p, %f and %% in those commands before the shell sees them). The
+    caller appends `/%f` unquoted: a segment's name is hex digits only."""
+    return shlex.quote(str(path)).replace("%", "%%")
+
 
 # Runs in a separate interpreter and outlives us: when our end of its stdin pipe closes
 # (including when this process is SIGKILLed or dies on SIGTERM, where atexit never runs),
@@ -330,15 +384,26 @@ class EmbeddedPostgres:
         settings: Mapping[str, str] | None = None,
         start_timeout: float = 20.0,
         password: str | None = None,
+        archive: bool = False,
+        recovery: PointInTimeRecovery | None = None,
     ) -> None:
         # The superuser's password; login roles the tests or the demo add get the same one.
+        # A restored cluster holds its source's roles: pass the source's password.
         self.password = password or secrets.token_urlsafe(18)
+        self.archive = archive
+        self.recovery = recovery
         self._base_dir = base_dir
         self._requested_port = port
         self._port: int | None = port
         self._bin_dir = bin_dir
         self._keep = keep
         self._settings = {**_DEFAULT_SETTINGS, **(settings or {})}
+        if archive:
+            # What archiving needs wins over the caller's settings (a bench's wal_level=minimal).
+            self._settings.update(_ARCHIVE_SETTINGS)
+            senders = self._settings.get("max_wal_senders", "10")
+            if not senders.isdigit() or int(senders) < _MIN_WAL_SENDERS:
+                self._settings["max_wal_senders"] = str(_MIN_WAL_SENDERS)
         self._start_timeout = start_timeout
         self._run_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -361,6 +426,13 @@ class EmbeddedPostgres:
     @property
     def log_path(self) -> Path:
         return self._require_run_dir() / "postgres.log"
+
+    @property
+    def archive_dir(self) -> Path:
+        """Where `archive=True` copies each finished WAL segment (removed with the cluster)."""
+        if not self.archive:
+            raise EmbeddedPostgresError("this embedded PostgreSQL server does not archive WAL")
+        return self._require_run_dir() / _ARCHIVE_DIR
 
     @property
     def bin_dir(self) -> Path:
@@ -447,7 +519,12 @@ class EmbeddedPostgres:
         run_dir = self._make_run_dir(account)
         if account is not None:
             _check_reachable(bin_dir / "postgres", account, "PostgreSQL binary")
-        self._initdb(bin_dir, account)
+        if self.recovery is None:
+            self._initdb(bin_dir, account)
+        else:
+            self._restore_backup(self.recovery, account)
+        if self.archive:
+            self._prepare_archive(account)
         atexit.register(self._atexit)
         deadline = time.monotonic() + self._start_timeout
         attempts = 1 if self._requested_port is not None else 3
@@ -467,6 +544,8 @@ class EmbeddedPostgres:
                     self._stop_server()
                     continue
                 raise EmbeddedPostgresError(str(exc)) from None
+            if self.recovery is not None:
+                self._wait_promoted(deadline)
             return
 
     def _make_run_dir(self, account: _RunAs | None) -> Path:
@@ -538,11 +617,81 @@ class EmbeddedPostgres:
             output = (result.stdout + result.stderr).strip()
             raise EmbeddedPostgresError(f"initdb failed (exit {result.returncode}):\n{output}")
 
+    def _prepare_archive(self, account: _RunAs | None) -> None:
+        """The archive directory (the server's to write) and, where initdb left none, a
+        pg_hba line letting the superuser replicate over TCP on loopback with its password."""
+        archive = self.archive_dir
+        archive.mkdir(mode=0o700, exist_ok=True)
+        if account is not None:
+            os.chown(archive, account.uid, account.gid)
+        hba = self.data_dir / "pg_hba.conf"
+        for line in hba.read_text().splitlines():
+            fields = line.split("#", 1)[0].split()
+            if fields[:2] == ["host", "replication"] and fields[3:4] == ["127.0.0.1/32"]:
+                if fields[2] in ("all", _SUPERUSER):
+                    return
+        with open(hba, "a", encoding="utf-8") as out:
+            out.write(f"host replication {_SUPERUSER} 127.0.0.1/32 scram-sha-256\n")
+
+    def _restore_backup(self, recovery: PointInTimeRecovery, account: _RunAs | None) -> None:
+        """The data directory as a copy of the base backup, set to recover (recovery.signal;
+        the restore command and target are server settings, see `_server_command`)."""
+        backup = recovery.backup
+        if not (backup / "backup_label").is_file():
+            raise EmbeddedPostgresError(f"{backup} is not a base backup (it has no backup_label)")
+        if not recovery.archive_dir.is_dir():
+            raise EmbeddedPostgresError(f"the WAL archive {recovery.archive_dir} does not exist")
+        data = self.data_dir
+        shutil.copytree(backup, data, symlinks=True)
+        (data / "recovery.signal").touch()
+        data.chmod(0o700)
+        if account is not None:
+            for root, dirs, files in os.walk(data):
+                os.chown(root, account.uid, account.gid)
+                for name in (*dirs, *files):
+                    os.chown(
+                        os.path.join(root, name), account.uid, account.gid, follow_symlinks=False
+                    )
+
+    def _wait_promoted(self, deadline: float) -> None:
+        """The recovered cluster is ready once it left recovery (promoted at the target)."""
+        while True:
+            if not self.running:
+                raise EmbeddedPostgresError(
+                    f"the restored PostgreSQL exited; server log tail:\n{_tail(self.log_path)}"
+                )
+            with contextlib.suppress(psycopg.OperationalError):
+                with psycopg.connect(self.dsn(), connect_timeout=2, autocommit=True) as conn:
+                    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                if row is not None and row[0] is False:
+                    return
+            if time.monotonic() >= deadline:
+                raise EmbeddedPostgresError(
+                    f"the restored PostgreSQL was not promoted within {self._start_timeout:g}s;"
+                    f" server log tail:\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.02)
+
     def _server_command(self, bin_dir: Path, run_dir: Path) -> list[str]:
         settings = dict(self._settings)
         if "shared_preload_libraries" not in settings and _has_library(bin_dir, _PGSS):
             # What Supabase preloads too: `/db slow` and its tests read statement history.
             settings["shared_preload_libraries"] = _PGSS
+        if self.archive and "archive_command" not in settings:
+            # Portable sh; an existing file is never overwritten (the command then fails and
+            # the server keeps the segment), and the copy appears under its name only whole.
+            archive = _sh(self.archive_dir)
+            dest, part = f"{archive}/%f", f"{archive}/%f.part"
+            settings["archive_command"] = f"test ! -f {dest} && cp %p {part} && mv {part} {dest}"
+        if self.recovery is not None:
+            target = self.recovery
+            settings["restore_command"] = f"cp {_sh(target.archive_dir)}/%f %p"
+            if target.target_name is not None:
+                settings["recovery_target_name"] = target.target_name
+            else:
+                assert target.target_time is not None
+                settings["recovery_target_time"] = target.target_time.isoformat()
+            settings["recovery_target_action"] = "promote"
         if "unix_socket_directories" not in settings:
             too_long = len(str(run_dir)) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH
             settings["unix_socket_directories"] = "" if too_long else str(run_dir)
@@ -675,6 +824,133 @@ class EmbeddedPostgres:
         atexit.unregister(self._atexit)
         if self._run_dir is not None and not self._keep:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # -- point-in-time recovery -----------------------------------------------------------
+
+    def base_backup(self, name: str = "base", *, timeout: float | None = None) -> Path:
+        """`pg_basebackup` of the running cluster into ``<run dir>/backups/<name>`` (as the
+        server's OS user, over TCP with the superuser's password; a fast checkpoint, the WAL
+        it needs streamed in): the directory, to give `restore`. Needs ``archive=True``."""
+        if not self.archive:
+            raise EmbeddedPostgresError("a base backup needs EmbeddedPostgres(archive=True)")
+        if not name or name.startswith(".") or not all(c.isalnum() or c in "._-" for c in name):
+            raise ValueError(f"a backup name is letters, digits, '.', '_' or '-': {name!r}")
+        account = _unprivileged_account()
+        backups = self._require_run_dir() / _BACKUPS_DIR
+        backups.mkdir(mode=0o700, exist_ok=True)
+        if account is not None:
+            os.chown(backups, account.uid, account.gid)
+        target = backups / name
+        if target.exists():
+            raise EmbeddedPostgresError(f"a base backup named {name!r} exists already")
+        cmd = [
+            str(self.bin_dir / "pg_basebackup"),
+            "--pgdata",
+            str(target),
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+            f"--username={_SUPERUSER}",
+            "--no-password",
+            "--checkpoint=fast",
+            "--wal-method=stream",
+            "--no-sync",
+        ]
+        child = self._child(account)
+        env = {**child.env, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "10"}
+        try:
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                env=env,
+                cwd=child.cwd,
+                user=child.user,
+                group=child.group,
+                extra_groups=child.extra_groups,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise EmbeddedPostgresError(f"could not run {cmd[0]}: {exc}") from exc
+        if result.returncode != 0:
+            shutil.rmtree(target, ignore_errors=True)
+            output = (result.stdout + result.stderr).strip()
+            raise EmbeddedPostgresError(
+                f"pg_basebackup failed (exit {result.returncode}):\n{output}"
+            )
+        return target
+
+    def create_restore_point(self, name: str) -> RestorePoint:
+        """Mark the WAL here (`pg_create_restore_point`): `restore(target_name=name)` stops
+        at this point. Use a name once: recovery stops at the first point of that name."""
+        with self._admin() as conn:
+            row = conn.execute(
+                "SELECT pg_create_restore_point(%s)::text, clock_timestamp()", (name,)
+            ).fetchone()
+        assert row is not None and isinstance(row[1], datetime)
+        return RestorePoint(name=name, lsn=str(row[0]), time=row[1])
+
+    def switch_wal(self, timeout: float = 60.0) -> str:
+        """End the current WAL segment (`pg_switch_wal`) and wait until the archiver has
+        copied it (and so everything written so far) to `archive_dir`; its name."""
+        archive = self.archive_dir
+        deadline = time.monotonic() + timeout
+        with self._admin() as conn:
+            row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+            assert row is not None
+            segment = str(row[0])
+            while True:
+                stats = conn.execute(
+                    "SELECT last_archived_wal, failed_count, last_failed_wal,"
+                    " last_archived_wal >= %s FROM pg_stat_archiver",
+                    (segment,),
+                ).fetchone()
+                assert stats is not None
+                # The archive command renames a whole copy into place: present means done.
+                if (archive / segment).is_file() and stats[3]:
+                    return segment
+                if time.monotonic() >= deadline or not self.running:
+                    raise EmbeddedPostgresError(
+                        f"WAL segment {segment} was not archived within {timeout:g}s "
+                        f"(pg_stat_archiver: last archived {stats[0]}, {stats[1]} failures, "
+                        f"last failed {stats[2]}); server log tail:\n{_tail(self.log_path)}"
+                    )
+                time.sleep(0.02)
+
+    def restore(
+        self,
+        backup: Path,
+        *,
+        target_name: str | None = None,
+        target_time: datetime | None = None,
+        base_dir: Path | None = None,
+        start_timeout: float = 120.0,
+    ) -> EmbeddedPostgres:
+        """A second cluster, started: a copy of `backup` in its own run directory, recovered
+        from this cluster's WAL archive to `target_name` (a restore point) or `target_time`,
+        promoted, on its own port, with this cluster's settings less the archiving and the
+        same superuser password. It has its own watchdog; the caller stops it. Call
+        `switch_wal()` first so the archive holds the WAL up to the target."""
+        recovery = PointInTimeRecovery(
+            backup=backup,
+            archive_dir=self.archive_dir,
+            target_name=target_name,
+            target_time=target_time,
+        )
+        settings = {k: v for k, v in self._settings.items() if k not in _ARCHIVE_ONLY}
+        copy = EmbeddedPostgres(
+            base_dir if base_dir is not None else self._base_dir,
+            bin_dir=self.bin_dir,
+            keep=self._keep,
+            settings=settings,
+            start_timeout=start_timeout,
+            password=self.password,
+            recovery=recovery,
+        )
+        copy.start()
+        return copy
 
     # -- databases ----------------------------------------------------------------------------
 
