@@ -31,6 +31,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.access.roles import RoleResolver, refusal
 from bot.approvals.engine import ApprovalEngine, refresh_history
 from bot.approvals.executor import executor_from_settings
+from bot.approvals.runbook import runbook_status
 from bot.clock import Clock
 from bot.gateway import TargetGateway, gateway_from_settings
 from bot.incidents.comms import IncidentComms, Publisher
@@ -107,6 +108,7 @@ class House:
             role_changed=self.roles.leaps_role_changed,  # set-role takes effect everywhere
             app_roles=tuple(settings.app_roles),
             recovery_copy=recovery_copy,  # RECOVERY_DATABASE_URL, read only
+            runbook_status=partial(runbook_status, store),  # `/db recover --status`
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.engine = ApprovalEngine(
