@@ -7,7 +7,9 @@ and against the approval's role and count, tried first where its remedy is (rule
 hashed, recorded and posted in the approval's thread, and only then applied through the
 executor as the acting identity, in its own transaction under its own id
 (`<approval>-s<N>`: its backup tables and its advisory lock), then verified with its
-remedy's `verify`. A step over its bound, refused, failed or unverified stops the run
+remedy's `verify`: a COMMIT the executor saw is done, and the verification's finding is
+reported beside it; a COMMIT whose answer was lost is decided by the verification, as the
+engine decides one (rule 9). A step over its bound, refused or failed stops the run
 there: a freeze stays, and the thread says what was done, what was not, and the command
 that continues.
 
@@ -303,10 +305,11 @@ async def _step(state: _Run, step: RunbookStep) -> str | None:
     await engine._hook(remedy, "finished", remedy.finished(engine.ctx, plan, execution, outcome))
     if applied != "done":
         return f"it {applied}: {outcome.summary}"
-    if not landed:
-        return f"it ran, but its verification found {found}"
     state.affected += outcome.affected
-    note = f"{outcome.summary}; verified: {found}"
+    # The executor saw it commit: done. The verification is reported beside it; where it
+    # cannot confirm a committed change (a CONCURRENTLY refresh leaves no trace), it says so.
+    checked = f"verified: {found}" if landed else f"its verification could not confirm it: {found}"
+    note = f"{outcome.summary}; {checked}"
     await state.audit(DONE, _done_detail(step, plan, outcome.affected, note, digest))
     await state.post_quietly(f"Step {step.number} `{step.remedy}` done: {note}")
     state.notes.append(f"{step.number}. {step.remedy}: {outcome.affected} rows")
@@ -340,18 +343,26 @@ async def _landed(
 
 
 async def _verify_step(state: _Run, step: RunbookStep) -> str | None:
-    """`/db recover`'s verification, read-only: the run goes on only when it is clean."""
+    """`/db recover`'s verification, read-only. Not clean with steps after it (the
+    unfreeze): the run stops there and the freeze stays until someone decides. Not clean
+    as the last step: the runbook did what it was approved for, and its outcome says what
+    the verification still finds lost (what the sources did not hold)."""
     try:
         report = await recover(state.engine.ctx, ["--dry-run"])
     except Exception as exc:
         return f"the verification could not run: {type(exc).__name__}: {exc}"
     shown = [f for f in report.findings if not f.check.startswith("step: ")]
-    problems = [f.summary for f in shown if f.status is not Status.OK]
     clean = recovery_verified(report)
+    # every count (what came back, what did not), then whatever else is not ok
     counts = [f.summary for f in shown if f.check.startswith("count: ")]
-    found = "; ".join(problems if not clean else counts) or "nothing to compare"
-    if not clean:
-        return f"the recovery verification is not clean: {found}"
+    problems = [
+        f.summary for f in shown if f.status is not Status.OK and not f.check.startswith("count: ")
+    ]
+    found = "; ".join(counts + problems) or "nothing to compare"
+    later = [s for s in state.plan.runbook or [] if s.number > step.number]
+    verdict = f"{'clean' if clean else 'not clean'}: {found}"
+    if not clean and later:
+        return f"the recovery verification is {verdict}"
     await state.audit(
         DONE,
         {
@@ -359,11 +370,11 @@ async def _verify_step(state: _Run, step: RunbookStep) -> str | None:
             "remedy": step.remedy,
             "count": 0,
             "affected": 0,
-            "summary": f"clean: {found}"[:500],
+            "summary": verdict[:500],
         },
     )
-    await state.post_quietly(f"Step {step.number} `{step.remedy}`: clean: {found}")
-    state.notes.append(f"{step.number}. {step.remedy}: clean")
+    await state.post_quietly(f"Step {step.number} `{step.remedy}`: {verdict}")
+    state.notes.append(f"{step.number}. {step.remedy}: {verdict}")
     return None
 
 

@@ -8,7 +8,9 @@ runbook is written over names, not modules:
 2. `restore-from-copy` when RECOVERY_DATABASE_URL names a copy, else the audit and Kajabi
    sources: `recover-users`, `rematch-kajabi`;
 3. `recover-learn`, `reconcile-points`, `refresh-views`;
-4. `verify-recovery`: `/db recover`'s own verification, read-only, as the last gate;
+4. `verify-recovery`: `/db recover`'s own verification, read-only: not clean, it stops
+   the run before the unfreeze (the freeze stays until someone decides); as the last
+   step it reports what is still lost (what the sources did not hold);
 5. `unfreeze-writes` (with `--freeze`).
 
 A step whose remedy this bot does not have is "not available in this bot", and the runbook
@@ -142,7 +144,8 @@ async def plan_runbook(ctx: Context, args: list[str]) -> Plan:
                     number=number,
                     remedy=name,
                     summary="`/db recover`'s verification against the latest baseline, "
-                    "read-only; the run stops here unless it is clean",
+                    "read-only; if it is not clean and steps follow (the unfreeze), the run "
+                    "stops here",
                 )
             )
             continue
