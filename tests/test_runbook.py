@@ -161,7 +161,8 @@ async def test_one_approval_runs_the_whole_recovery_step_by_step(
 
     await rig.press(approval_id, "U0ADMIN")
     done = await rig.store.get_approval(approval_id)
-    assert done is not None and done.state == "done", done.outcome
+    assert done is not None
+    assert done.state == "done", done.outcome
     outcome = done.outcome or {}
     assert outcome["summary"].startswith("all 6 steps done")
 
@@ -291,7 +292,8 @@ async def test_a_step_over_its_bound_stops_the_run_and_from_step_continues(
     await rig.press(again, "U0SUPERADMIN")
     await rig.press(again, "U0SUPERADMIN2")
     done = await rig.store.get_approval(again)
-    assert done is not None and done.state == "done", done.outcome
+    assert done is not None
+    assert done.state == "done", done.outcome
     assert await scalar(leaps_dsn, unmatched_sql, (lost,)) == 0
 
 
