@@ -25,34 +25,68 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from math import ceil
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 import psycopg
 from slack_sdk.errors import SlackClientError
 
-from bot.approvals.executor import execution_lock_key
+from bot.access.roles import RoleResolver
+from bot.approvals.executor import Executor, execution_lock_key
 from bot.approvals.identity import acting_identity
 from bot.gateway import first_line
 from bot.messages import render
+from bot.messages.notify import Notifier
+from bot.router import RunContext
+from bot.settings import Settings
 from bot.state.store import Approval, AuditEntry, StateStore
 from commands.base import APPLICATION_NAME, LeapsIdentity, Row, Status, role_rank
 from commands.recover import recover, recovery_verified
 from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy, RunbookStep
 from commands.remedies.runbook import RUNBOOK_NAME, VERIFY, continue_command, step_rows
 
-if TYPE_CHECKING:
-    from bot.approvals.engine import ApprovalEngine, FinalState
-
 log = logging.getLogger(__name__)
 
 PLANNED = "runbook.step_planned"  # the step's plan, hashed, before it runs (not in timelines)
 DONE = "runbook.step_done"
 STOPPED = "runbook.stopped"
+
+
+class Policy(Protocol):
+    @property
+    def approver_role(self) -> str: ...
+
+    @property
+    def approvers(self) -> int: ...
+
+
+class Engine(Protocol):
+    """What a runbook uses of the approval engine (`Engine`), which calls it: its
+    parts, its policy, its preflight and its hooks, so a step is tried, run and recorded
+    exactly as a remedy approved on its own."""
+
+    settings: Settings
+    store: StateStore
+    ctx: RunContext
+    executor: Executor
+    notifier: Notifier
+    roles: RoleResolver
+
+    def plan_policy(self, remedy: Remedy, plan: Plan) -> Policy: ...
+
+    async def _approvers(self, approval_id: str) -> list[str]: ...
+
+    async def _preflight(self, remedy: Remedy, plan: Plan, policy: Any, user_id: str) -> Plan: ...
+
+    @staticmethod
+    async def _hook(remedy: Remedy, name: str, call: Awaitable[None]) -> None: ...
+
+
+RunState = Literal["done", "failed"]
 
 
 def step_id(approval_id: str, number: int) -> str:
@@ -127,7 +161,7 @@ async def target_lease(dsn: str, approval_id: str) -> AsyncIterator[TargetLease]
 
 @dataclass
 class _Run:
-    engine: ApprovalEngine
+    engine: Engine
     approval: Approval
     plan: Plan
     actor_id: str
@@ -167,8 +201,8 @@ class _Run:
 
 
 async def run(
-    engine: ApprovalEngine, claimed: Approval, actor_id: str, plan: Plan
-) -> tuple[FinalState, Outcome]:
+    engine: Engine, claimed: Approval, actor_id: str, plan: Plan
+) -> tuple[RunState, Outcome]:
     """Every step in order, under the runbook's lease; the approval's final state."""
     approvers = await engine._approvers(claimed.id)
     identity = await acting_identity(
@@ -330,7 +364,7 @@ def _done_detail(
 
 
 async def _landed(
-    engine: ApprovalEngine, remedy: Remedy, plan: Plan, execution: Execution
+    engine: Engine, remedy: Remedy, plan: Plan, execution: Execution
 ) -> tuple[bool, str]:
     """The step remedy's own read-only verification, bounded in time."""
     try:
@@ -381,7 +415,7 @@ async def _verify_step(state: _Run, step: RunbookStep) -> str | None:
 # --- after a crash ------------------------------------------------------------------------
 
 
-async def verdict(engine: ApprovalEngine, approval: Approval) -> tuple[bool, str]:
+async def verdict(engine: Engine, approval: Approval) -> tuple[bool, str]:
     """Whether a runbook whose run nobody saw end did every step, from its records: the
     steps recorded done, and for the one in flight its remedy's own verification."""
     plan = Plan.model_validate(approval.plan)
@@ -413,7 +447,7 @@ async def verdict(engine: ApprovalEngine, approval: Approval) -> tuple[bool, str
 
 
 async def _landed_after(
-    engine: ApprovalEngine, remedy: Remedy, entry: AuditEntry, approval: Approval
+    engine: Engine, remedy: Remedy, entry: AuditEntry, approval: Approval
 ) -> tuple[bool, str]:
     plan = Plan.model_validate(entry.detail["plan"])
     run_id = str(entry.detail.get("run_id") or step_id(approval.id, int(entry.detail["step"])))
