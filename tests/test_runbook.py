@@ -7,6 +7,7 @@ The real approval engine, state store, executor and target; Slack is the fake We
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -190,6 +191,13 @@ async def test_one_approval_runs_the_whole_recovery_step_by_step(
         assert said < ended
         # its own transaction and backup tables under the step's id
         assert detail["run_id"] == step_id(approval_id, detail["step"])
+    # the post carries the step's whole plan: its SQL and what the try before it said
+    (users_post,) = [
+        json.dumps(c.params.get("blocks"))
+        for c in rig.fake.calls_to("chat.postMessage")
+        if f"plan `{planned[0]['plan_hash'][:16]}`" in str(c.params.get("text"))
+    ]
+    assert "INSERT INTO users" in users_post and "tried before approval" in users_post
     learn = next(d for d in planned if d["remedy"] == "recover-learn")
     awards = next(d for d in finished if d["remedy"] == "reconcile-points")
     assert learn["count"] > 0 and awards["affected"] == learn["count"]

@@ -184,14 +184,18 @@ class _Run:
             detail=detail,
         )
 
-    async def post(self, text: str) -> None:
-        """A message in the approval's thread (raises when Slack did not take it)."""
+    async def post(self, text: str, plan: Plan | None = None) -> None:
+        """A message in the approval's thread, with a step's plan when given (raises when
+        Slack did not take it)."""
         thread = self.approval.thread_ts
         if thread is None:
             return
-        await self.engine.notifier.post_plan(
-            self.approval.channel_id, thread, render.error_text(text)
+        message = (
+            render.error_text(text)
+            if plan is None
+            else render.runbook_step_message(text, plan, self.engine.executor.limits_for(plan))
         )
+        await self.engine.notifier.post_plan(self.approval.channel_id, thread, message)
 
     async def post_quietly(self, text: str) -> None:
         try:
@@ -319,11 +323,11 @@ async def _step(state: _Run, step: RunbookStep) -> str | None:
             "plan": plan.model_dump(mode="json"),
         },
     )
-    tried_text = f"; tried first: {plan.preflight.describe()}" if plan.preflight else ""
     try:
         await state.post(
-            f"Step {step.number} `{step.remedy}`: plan `{digest[:16]}` (sha256), "
-            f"{plan.count} rows (bound {bound}): {plan.summary}{tried_text}. Running it now."
+            f"Step {step.number} `{step.remedy}`: plan `{digest[:16]}` (sha256 of the plan "
+            f"below), {plan.count} rows (bound {bound}). Running it now.",
+            plan,
         )
     except SlackClientError as exc:
         return f"its plan could not be posted in the thread ({exc}), so it was not run"
