@@ -23,7 +23,9 @@ bot/approvals/runbook.py). Earlier steps change what later ones find, so a step 
 follows up earlier steps of the same runbook (`FOLLOWS`: one LEARN submission per user
 restored or event re-matched, one award per LEARN submission recovered) may also change up
 to their bounds' rows. A step estimated at 0 that follows nothing may change nothing: if it
-finds rows at its turn, they appeared after the approval, and it stops the run.
+finds rows at its turn, they appeared after the approval, and it stops the run. A step
+that follows earlier ones and cannot be planned before they ran (nothing to unfreeze before
+the freeze) is estimated at 0 and planned at its turn within their bounds.
 
 The running, the lease and the records are the bot's (bot/approvals/runbook.py); this
 module only plans, read-only, like every remedy.
@@ -57,9 +59,11 @@ AFTER_SOURCES = ("recover-learn", "reconcile-points", "refresh-views")
 # Steps whose rows may follow one-for-one from rows of earlier steps of the same runbook
 # (a LEARN submission per user restored or event re-matched; an award per LEARN recovered):
 # their bound adds those steps' bounds.
+# The unfreeze undoes the freeze of the same run: nothing to undo before it ran.
 FOLLOWS: dict[str, tuple[str, ...]] = {
     "recover-learn": ("recover-users", "rematch-kajabi"),
     "reconcile-points": ("recover-learn",),
+    UNFREEZE: (FREEZE,),
 }
 NOT_AVAILABLE = "not available in this bot"
 
@@ -149,19 +153,35 @@ async def plan_runbook(ctx: Context, args: list[str]) -> Plan:
                 )
             )
             continue
+        follows = _follows(names, number, first)
         try:
             dry = await REMEDIES[name].plan(ctx, [])
         except UsageError as exc:
-            raise UsageError(
-                f"the recovery runbook is refused: step {number} `{name}` cannot be planned: {exc}"
-            ) from None
+            if not follows:
+                raise UsageError(
+                    f"the recovery runbook is refused: step {number} `{name}` cannot be "
+                    f"planned: {exc}"
+                ) from None
+            # what it undoes or follows up is not there yet (nothing is frozen before the
+            # freeze): it is planned at its turn, within the bounds of the steps it follows
+            steps.append(
+                RunbookStep(
+                    number=number,
+                    remedy=name,
+                    summary=f"planned at its turn, after step(s) "
+                    f"{', '.join(map(str, follows))} (now: {exc})",
+                    estimate=0,
+                    follows=follows,
+                )
+            )
+            continue
         steps.append(
             RunbookStep(
                 number=number,
                 remedy=name,
                 summary=dry.summary,
                 estimate=dry.count,
-                follows=_follows(names, number, first),
+                follows=follows,
                 approver_role=dry.approver_role,
                 approvers=dry.approvers,
             )
@@ -200,7 +220,8 @@ async def plan_runbook(ctx: Context, args: list[str]) -> Plan:
             "it finds at its turn appeared after this approval, and stop the run",
             "bounds: the dry run's rows + RUNBOOK_TOLERANCE_PCT, rounded up; recover-learn "
             "adds the bounds of recover-users and rematch-kajabi, reconcile-points that of "
-            "recover-learn (one row per row they restore)",
+            "recover-learn (one row per row they restore), unfreeze-writes that of "
+            "freeze-writes",
         ]
         + (
             [
