@@ -25,7 +25,7 @@ from bot.messages.notify import SlackNotifier
 from bot.router import RunContext
 from bot.settings import RemedyPolicy, Settings
 from bot.slack.app import make_web_client
-from bot.state import StateStore
+from bot.state import IncidentStore, StateStore
 from commands.base import UsageError
 from commands.fixture.faults import FaultInjector
 from commands.recover import recover, take_baseline
@@ -130,6 +130,18 @@ def test_bounds_round_up_and_never_fall_below_the_estimate() -> None:
 async def test_one_approval_runs_the_whole_recovery_step_by_step(
     rig: Rig, faults: FaultInjector
 ) -> None:
+    incidents = IncidentStore.attach(rig.store)
+    now = datetime.now(UTC)
+    incident = await incidents.open_incident(
+        channel_id=CHANNEL,
+        title="data loss",
+        severity="sev2",
+        commander_id=REQUESTER,
+        created_by=REQUESTER,
+        started_at=now,
+        detected_at=now,
+        detected_by="start",
+    )
     await take_baseline(rig.ctx)
     before = await counts(rig.dsn)
     loss = await faults.data_loss(pct=2, accounts=1, unmatched=1, kajabi_only=True)
@@ -209,8 +221,10 @@ async def test_one_approval_runs_the_whole_recovery_step_by_step(
     assert verified["remedy"] == "verify-recovery"
     assert "users 100 %" in verified["summary"]
     assert "submissions" in verified["summary"]
-    # the timeline-bound audit rows carry the approval's channel
-    assert all(e.channel_id == CHANNEL for e in trail)
+    # every step joined the incident's timeline
+    timeline = [e.text for e in await incidents.timeline(incident.id)]
+    for n, name in enumerate(STEPS, 1):
+        assert any(t.startswith(f"runbook step {n} `{name}` done: ") for t in timeline), timeline
 
     status = await recover(rig.ctx, ["--status"])
     (shown,) = [f for f in status.findings if f.check == f"runbook {approval_id}"]

@@ -261,7 +261,7 @@ async def _stop(state: _Run, step: RunbookStep, why: str) -> Outcome:
         summary=summary,
         affected=state.affected,
         error=f"stopped at step {step.number}: {why}",
-        offers=[again],
+        offers=[again.removeprefix("/db ")],  # rendered as `/db …`
     )
 
 

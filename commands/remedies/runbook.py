@@ -343,8 +343,8 @@ async def status_report(ctx: Context) -> Report:
     for approval, steps in by_approval.items():
         head = steps[0]
         state = str(head["runbook_state"])
-        status = {"executing": Status.WARN, "done": Status.OK, "pending": Status.WARN}.get(
-            state, Status.CRIT
+        status = {"done": Status.OK, "failed": Status.CRIT, "aborted": Status.CRIT}.get(
+            state, Status.WARN
         )
         done = [s for s in steps if s["state"] == "done"]
         findings.append(
