@@ -400,7 +400,8 @@ async def _verify_step(state: _Run, step: RunbookStep) -> str | None:
     later = [s for s in state.plan.runbook or [] if s.number > step.number]
     verdict = f"{'clean' if clean else 'not clean'}: {found}"
     if not clean and later:
-        return f"the recovery verification is {verdict}"
+        past = continue_command(state.freeze, later[0].number)
+        return f"the recovery verification is {verdict} (to go on past it: `{past}`)"
     await state.audit(
         DONE,
         {

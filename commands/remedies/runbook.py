@@ -195,7 +195,11 @@ async def plan_runbook(ctx: Context, args: list[str]) -> Plan:
         args=list(args),
         title=f"Recovery runbook: steps {first}-{len(names)} of {len(names)}",
         summary=(
-            "run the recovery in order under this one approval: "
+            # every bound is 0: no step may change a row, only the verification is left
+            "no step finds anything to change (every bound would be 0); `/db recover` "
+            "runs the verification"
+            if count == 0
+            else "run the recovery in order under this one approval: "
             + ", ".join(f"{s.number}. {s.remedy}" for s in steps)
             + skipped
             + ". Each step is re-planned at its turn, its plan hashed and posted in this "
