@@ -33,14 +33,13 @@ from math import ceil
 from typing import Any, Literal, Protocol
 
 import psycopg
-from slack_sdk.errors import SlackClientError
 
 from bot.access.roles import RoleResolver
 from bot.approvals.executor import Executor, execution_lock_key
 from bot.approvals.identity import acting_identity
 from bot.gateway import first_line
 from bot.messages import render
-from bot.messages.notify import Notifier
+from bot.messages.notify import SLACK_FAILURES, Notifier
 from bot.router import RunContext
 from bot.settings import Settings
 from bot.state.store import Approval, AuditEntry, StateStore
@@ -200,7 +199,7 @@ class _Run:
     async def post_quietly(self, text: str) -> None:
         try:
             await self.post(text)
-        except SlackClientError:
+        except SLACK_FAILURES:
             log.exception("runbook %s: could not post in the thread", self.approval.id)
 
 
@@ -329,7 +328,7 @@ async def _step(state: _Run, step: RunbookStep) -> str | None:
             f"below), {plan.count} rows (bound {bound}). Running it now.",
             plan,
         )
-    except SlackClientError as exc:
+    except SLACK_FAILURES as exc:
         return f"its plan could not be posted in the thread ({exc}), so it was not run"
     execution = Execution(run_id, state.actor_id, claimed_at=approval.updated_at)
     await engine._hook(remedy, "started", remedy.started(engine.ctx, plan, execution))
