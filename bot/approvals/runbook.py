@@ -24,6 +24,7 @@ approval from the step records in the audit trail (`runbook.step_planned`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -146,14 +147,19 @@ async def target_lease(dsn: str, approval_id: str) -> AsyncIterator[TargetLease]
         )
     except psycopg.Error as exc:
         raise LeaseLost(f"could not connect: {first_line(exc)}") from exc
+    key = execution_lock_key(approval_id)
     try:
-        cur = await conn.execute(
-            "SELECT pg_try_advisory_lock(%s)", (execution_lock_key(approval_id),)
-        )
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
         got = await cur.fetchone()
         if not (got and got[0]):
             raise LeaseLost("another session holds the runbook's lock")
-        yield TargetLease(conn)
+        try:
+            yield TargetLease(conn)
+        finally:
+            # Given back before the approval's end is recorded: a closed session's backend
+            # may hold it a moment longer, and a sweep meanwhile would see it running.
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
     finally:
         await conn.close()
 
