@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError
 from bot.access.roles import RoleResolver, refusal
 from bot.approvals.engine import ApprovalEngine, refresh_history
 from bot.approvals.executor import executor_from_settings
+from bot.approvals.runbook import runbook_status
 from bot.clock import Clock
 from bot.gateway import TargetGateway, gateway_from_settings, normalise_scheme
 from bot.incidents.comms import IncidentComms, Publisher
@@ -141,6 +142,7 @@ class House:
             app_roles=tuple(settings.app_roles),
             recovery_copy=recovery_copy,  # RECOVERY_DATABASE_URL, read only
             bot_roles=bot_roles(settings),  # a freeze never sets them read only
+            runbook_status=partial(runbook_status, store),  # `/db recover --status`
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.engine = ApprovalEngine(

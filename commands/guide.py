@@ -71,7 +71,7 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         _RECOVERY,
         "Complete Database Corruption",
-        ("incident start", "freeze-writes", "recover", "unfreeze-writes"),
+        ("incident start", "freeze-writes", "recover", "recover-runbook", "unfreeze-writes"),
     ),
     Section(_RECOVERY, "Point-in-Time Recovery", ("incident start", "recover")),
     Section(

@@ -53,6 +53,7 @@ from commands.base import (
 from commands.base import register as register_command
 from commands.remedies.base import REMEDIES, Plan
 from commands.remedies.recovery import INCLUDE_DELETED, deleted_on_purpose
+from commands.remedies.runbook import runbook_report, status_report
 
 log = logging.getLogger(__name__)
 
@@ -795,12 +796,34 @@ def recovery_evidence(report: Report) -> dict[str, Any]:
     return {"baseline": baseline, "percentages": percentages(report)}
 
 
+RUNBOOK_FLAG = "--runbook"
+STATUS_FLAG = "--status"
+
+
+def runbook_mode(args: list[str]) -> tuple[str, list[str]] | None:
+    """`--runbook [--freeze] [--from-step N]` or `--status`: (mode, the rest); None for
+    the verification's own arguments."""
+    if STATUS_FLAG in args:
+        if len(args) != 1:
+            raise UsageError(f"{STATUS_FLAG} takes no other argument")
+        return "status", []
+    if RUNBOOK_FLAG in args:
+        return "runbook", [a for a in args if a != RUNBOOK_FLAG]
+    return None
+
+
 @register_command(
     "recover",
-    usage="/db recover [--dry-run] [--baseline HH:MM]",
-    summary="post-recovery verification against the hourly baseline, then the recovery steps",
+    usage="/db recover [--dry-run] [--baseline HH:MM] | --runbook [--freeze] [--from-step N]"
+    " | --status",
+    summary="post-recovery verification against the hourly baseline, then the recovery "
+    "steps; --runbook: all of them as one approved plan; --status: the runbook's progress",
 )
 async def recover(ctx: Context, args: list[str]) -> Report:
+    mode = runbook_mode(args)
+    if mode is not None:
+        name, rest = mode
+        return await status_report(ctx) if name == "status" else runbook_report(ctx, rest)
     dry_run, asked = parse_args(args)
     now = datetime.now(UTC)
     before = baseline_moment(asked, now)

@@ -32,6 +32,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "migration-resolve",
         "reconcile-points",
         "recover-learn",
+        "recover-runbook",
         "recover-users",
         "refresh-views",
         "rematch-emails",

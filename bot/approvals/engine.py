@@ -23,6 +23,7 @@ from typing import Any, Literal
 from slack_sdk.errors import SlackClientError
 
 from bot.access.roles import ResolvedRole, RoleResolver, approval_refusal
+from bot.approvals import runbook
 from bot.approvals.executor import UNKNOWN_COMMIT, ApplyState, Executor, remedy_running
 from bot.approvals.identity import acting_identity, preflight_identity
 from bot.messages import render
@@ -114,10 +115,23 @@ class ApprovalEngine:
         return Policy(role, count)
 
     def plan_policy(self, remedy: Remedy, plan: Plan) -> Policy:
-        """The remedy's policy, with the plan's own approver role where it is higher."""
+        """The remedy's policy, with the plan's own approver role and count where they are
+        higher. A runbook needs the highest role and the largest count of any of its
+        steps: each step's remedy's policy (REMEDY_POLICIES, `destroys_data`) and what its
+        dry run asked for."""
         policy = self.policy(remedy)
-        if plan.approver_role and role_rank(plan.approver_role) > role_rank(policy.approver_role):
-            return replace(policy, approver_role=plan.approver_role)
+        needs: list[tuple[str | None, int | None]] = [(plan.approver_role, plan.approvers)]
+        for step in plan.runbook or []:
+            step_remedy = REMEDIES.get(step.remedy)
+            if step_remedy is not None:
+                own = self.policy(step_remedy)
+                needs.append((own.approver_role, own.approvers))
+            needs.append((step.approver_role, step.approvers))
+        for role, count in needs:
+            if role and role_rank(role) > role_rank(policy.approver_role):
+                policy = replace(policy, approver_role=role)
+            if count and count > policy.approvers:
+                policy = replace(policy, approvers=count)
         return policy
 
     def sign(self, approval_id: str, channel_id: str) -> str:
@@ -150,6 +164,8 @@ class ApprovalEngine:
         nobody could have seen it to approve it).
         """
         plan = await remedy.plan(self.ctx, args)
+        if remedy.runbook:  # its bounds: the rule 5 exception, bound by the fingerprint
+            plan = runbook.bind(plan, self.settings.runbook_tolerance_pct)
         if plan.count == 0:
             await self._nothing_to_do(remedy, args, plan, user_id, channel_id)
             return ""
@@ -541,6 +557,8 @@ class ApprovalEngine:
                 summary="the stored plan does not match its approval; nothing was run",
                 error="plan fingerprint mismatch" if remedy else "unknown remedy",
             )
+        if remedy.runbook:  # step by step, each re-planned, bounded and verified
+            return await runbook.run(self, claimed, actor_id, plan)
         run = Execution(claimed.id, actor_id, claimed_at=claimed.updated_at)
         await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
         # Rule 8: as the approver's LEAPS account, else the service identity.
@@ -603,6 +621,9 @@ class ApprovalEngine:
         plan = Plan.model_validate(approval.plan)
         run = Execution(approval.id, actor_id, claimed_at=approval.updated_at)
         try:
+            if remedy.runbook:  # its step records, and the step in flight's verification
+                landed, found = await runbook.verdict(self, approval)
+                return Verification(landed=landed, found=found)
             async with asyncio.timeout(self.settings.verify_timeout_s):
                 return await self.ctx.gateway.read(lambda db: remedy.verify(db, plan, run))
         except Exception:

@@ -222,6 +222,11 @@ class Executor:
         self.preflight_lock_timeout_ms = preflight_lock_timeout_ms
 
     @property
+    def dsn(self) -> str:
+        """The admin DSN remedies run on (a runbook holds its lease on a session of it)."""
+        return self._dsn
+
+    @property
     def timeouts(self) -> str:
         return (
             f"statement_timeout {self.statement_timeout_ms} ms, "

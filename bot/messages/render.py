@@ -467,6 +467,27 @@ def approval_message(
     return SlackMessage(text=esc(text), blocks=blocks, console=console)
 
 
+def runbook_step_message(head: str, plan: Plan, limits: str = "") -> SlackMessage:
+    """A runbook step's own plan, posted in the runbook's thread before the step runs:
+    `head` (which step, its plan's hash, its bound; as written, escaped here), then the
+    plan as an approval shows it (what, rows, SQL, what the try said), without buttons:
+    the runbook's approval covers it."""
+
+    def sections(m: Markup) -> list[str]:
+        room = MAX_SECTION_CHARS - 6
+        texts = [
+            cut(m.v(head), MAX_SECTION_CHARS),
+            cut(plan_text(plan, limits, m), MAX_SECTION_CHARS),
+        ]
+        if plan.targets:
+            texts.append(m.pre(cut(m.v(rows_table(plan.targets, 15)), room)))
+        texts.append(m.pre(cut(m.v(steps_text(plan)), room)))
+        return texts
+
+    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=t)) for t in sections(MRKDWN)]
+    return SlackMessage(text=esc(head), blocks=blocks, console="\n".join(sections(PLAIN)))
+
+
 def destroy_confirm(plan: Plan) -> ConfirmObject:
     """Approve on a data-destroying remedy asks once more, naming what goes and how much."""
     backup = esc(plan.backup or "no backup is taken")

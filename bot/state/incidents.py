@@ -131,6 +131,8 @@ AUDIT_TIMELINE: dict[str, tuple[str, str]] = {
     "remedy.failed": ("remedy", "`{remedy}` failed: {error}"),
     "remedy.aborted": ("remedy", "`{remedy}` aborted: {summary}"),
     "approval.swept": ("remedy", "`{remedy}` decided after a process died (landed: {landed})"),
+    "runbook.step_done": ("remedy", "runbook step {step} `{remedy}` done: {summary}"),
+    "runbook.stopped": ("remedy", "runbook stopped at step {step} (`{remedy}`): {why}"),
 }
 # Decisions a person makes count as the incident's first response.
 HUMAN_AUDIT = frozenset({"approval.requested", "approval.approved", "approval.rejected"})

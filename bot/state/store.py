@@ -640,6 +640,38 @@ class StateStore:
             row = (await session.scalars(stmt)).one_or_none()
             return None if row is None else _approval(row)
 
+    async def renew_lease(
+        self, approval_id: str, *, claimer: str, now: datetime | None = None
+    ) -> bool:
+        """A long execution (a recovery runbook) renews its lease: `taken_over_at` dates
+        it, so `stuck_executing` leaves the row alone for a sweep lease, as it leaves one
+        a sweeper took. False when the row is no longer this claimer's to run (a sweeper
+        took it over, or it ended): the caller must stop."""
+        stmt = (
+            update(ApprovalRow)
+            .where(
+                ApprovalRow.id == approval_id,
+                ApprovalRow.state == "executing",
+                ApprovalRow.claimed_by == claimer,
+            )
+            .values(taken_over_at=_utc(now))
+            .returning(ApprovalRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._tx() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    async def latest_approvals(self, remedy: str, limit: int = 5) -> list[Approval]:
+        """The latest approvals of one remedy, newest first."""
+        stmt = (
+            select(ApprovalRow)
+            .where(ApprovalRow.remedy == remedy)
+            .order_by(ApprovalRow.created_at.desc(), ApprovalRow.id.desc())
+            .limit(limit)
+        )
+        async with self._tx(write=False) as session:
+            return [_approval(row) for row in (await session.scalars(stmt)).all()]
+
     async def pending_for_restart(self, now: datetime | None = None) -> list[Approval]:
         """Pending, unexpired approvals that already have enough approvers.
 

@@ -84,6 +84,30 @@ class Preflight(BaseModel):
         return f"inconclusive: {self.reason}; tried {self.tried} rows{of}, rolled back"
 
 
+class RunbookStep(BaseModel):
+    """One step of a recovery runbook as its approval binds it (DESIGN.md rule 5's one
+    exception): the remedy by name, its arguments, the rows its dry run estimated and the
+    bound it may not exceed when it is re-planned at its turn. `estimate` None: a read-only
+    step (the verification); `bound` None: not bound yet (the engine binds it with
+    RUNBOOK_TOLERANCE_PCT when the runbook is requested)."""
+
+    number: int  # 1-based, in the whole runbook (so `--from-step N` names the same step)
+    remedy: str
+    args: list[str] = Field(default_factory=list)
+    summary: str = ""
+    estimate: int | None = None
+    bound: int | None = None
+    # What the bound adds for rows earlier steps of this runbook may bring (see runbook.py)
+    follows: list[int] = Field(default_factory=list)
+    # The dry run's own plan-level approver needs (None: its remedy's)
+    approver_role: str | None = None
+    approvers: int | None = None
+
+    @property
+    def command(self) -> str:
+        return " ".join(["/db", self.remedy, *self.args])
+
+
 class Plan(BaseModel):
     remedy: str
     args: list[str]
@@ -101,6 +125,11 @@ class Plan(BaseModel):
     # A higher approver role this plan needs than its remedy's (set-role granting ADMIN
     # needs a SUPERADMIN); the engine asks for the higher of the two. None: the remedy's.
     approver_role: str | None = None
+    # More approvers this plan needs than its remedy's policy (a runbook: the most of any
+    # of its steps); the engine asks for the higher of the two. None: the remedy's.
+    approvers: int | None = None
+    # A recovery runbook's ordered steps and their bounds (`Remedy.runbook`); None else.
+    runbook: list[RunbookStep] | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # the remedy's own; see `private`
     # Who writes LEAPS's audit rows for this change and why (the live trigger, or the bot
     # where the trigger refuses writes made with app.user_id); None: the plan writes no
@@ -114,7 +143,7 @@ class Plan(BaseModel):
         """What an approval binds: the whole plan (SQL, parameters, counted rows, targets,
         locks, the remedy's data), as JSON, so the stored copy hashes the same."""
         dumped = self.model_dump(mode="json")
-        for key in ("approver_role", "audit", "preflight"):
+        for key in ("approver_role", "approvers", "runbook", "audit", "preflight"):
             if dumped[key] is None:  # as plans hashed before the field existed
                 del dumped[key]
         blob = json.dumps(dumped, sort_keys=True).encode()
@@ -317,6 +346,9 @@ class Remedy:
     preflight: bool = False
     sample: Sampler | None = None
     not_tried: str = ""
+    # A recovery runbook: the engine runs its plan's steps (`Plan.runbook`) one by one
+    # (bot/approvals/runbook.py) instead of `apply()` in one transaction.
+    runbook: bool = False
 
 
 REMEDIES: dict[str, Remedy] = {}
