@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, LiteralString
 
-import pytest
 import pytest_asyncio
 
 from bot.access.roles import RoleResolver
@@ -26,7 +25,6 @@ from bot.router import RunContext
 from bot.settings import RemedyPolicy, Settings
 from bot.slack.app import make_web_client
 from bot.state import IncidentStore, StateStore
-from commands.base import UsageError
 from commands.fixture.faults import FaultInjector
 from commands.recover import recover, take_baseline
 from commands.remedies.base import REMEDIES, Plan
@@ -152,12 +150,13 @@ async def test_one_approval_runs_the_whole_recovery_step_by_step(
     assert [f.check for f in report.findings][:6] == [
         f"runbook step {i}: {n}" for i, n in enumerate(STEPS, 1)
     ]
-    # a freeze this bot cannot make: named, and the runbook refused
-    refused = await recover(rig.ctx, ["--runbook", "--freeze"])
-    assert refused.follow_ups == []
-    assert "step 1 `freeze-writes` is not available in this bot" in refused.findings[-1].summary
-    with pytest.raises(UsageError, match="step 8 `unfreeze-writes` is not available"):
-        await REMEDIES[RUNBOOK_NAME].plan(rig.ctx, ["--freeze"])
+    # with a freeze: first the freeze, last the unfreeze, around the same steps
+    frozen = await recover(rig.ctx, ["--runbook", "--freeze"])
+    assert frozen.follow_ups == [f"{RUNBOOK_NAME} --freeze"]
+    assert [f.check for f in frozen.findings][:8] == [
+        f"runbook step {i}: {n}"
+        for i, n in enumerate(["freeze-writes", *STEPS, "unfreeze-writes"], 1)
+    ]
 
     approval_id = await rig.request([])
     approval = await rig.store.get_approval(approval_id)
