@@ -23,8 +23,9 @@ from bot.approvals.executor import Executor
 from bot.embedded_pg import EmbeddedPostgres
 from bot.gateway import TargetGateway
 from bot.router import RunContext
+from commands import rowdiff
 from commands.base import LeapsIdentity, UsageError
-from commands.remedies.base import REMEDIES, Plan
+from commands.remedies.base import REMEDIES, Execution, Plan
 from commands.remedies.restore import RESTORE_NAME, RestoreData
 from tests.conftest import FAST_THRESHOLDS, make_audit_variant
 
@@ -40,7 +41,9 @@ OWNED = {
 }
 
 
-async def q(dsn: str, query: LiteralString, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+async def q(
+    dsn: str, query: LiteralString | bytes | sql.Composable, params: tuple[Any, ...] = ()
+) -> list[dict[str, Any]]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.cursor(row_factory=dict_row).execute(query, params)
         return await cur.fetchall() if cur.description else []
@@ -147,15 +150,13 @@ async def damaged(pg: EmbeddedPostgres, template: str) -> Scenario:
     copy = pg.dsn(copy_name)
     await q(
         prod,
-        sql.SQL("ALTER DATABASE {} SET timezone = 'Pacific/Auckland'")  # type: ignore[arg-type]
-        .format(sql.Identifier(copy_name))
-        .as_string(),
+        sql.SQL("ALTER DATABASE {} SET timezone = 'Pacific/Auckland'").format(
+            sql.Identifier(copy_name)
+        ),
     )
     await q(
         prod,
-        sql.SQL("ALTER DATABASE {} SET datestyle = 'SQL, DMY'")  # type: ignore[arg-type]
-        .format(sql.Identifier(copy_name))
-        .as_string(),
+        sql.SQL("ALTER DATABASE {} SET datestyle = 'SQL, DMY'").format(sql.Identifier(copy_name)),
     )
     lost = merge(await owned(copy, l1), await owned(copy, l2))
     deleted = await owned(copy, d)
@@ -168,7 +169,8 @@ async def damaged(pg: EmbeddedPostgres, template: str) -> Scenario:
         await conn.execute("DELETE FROM points_ledger WHERE id = %s", (x["id"],))
         # deleted on purpose: audited
         await conn.execute(
-            "SELECT set_config('app.user_id', %s, true), set_config('app.user_role', 'ADMIN', true)",
+            "SELECT set_config('app.user_id', %s, true),"
+            " set_config('app.user_role', 'ADMIN', true)",
             (admin["id"],),
         )
         await conn.execute("DELETE FROM users WHERE id = %s", (d,))
@@ -298,9 +300,7 @@ async def test_plan_classes_and_apply_on_either_audit_path(
     async for ctx in context(s.prod, s.copy):
         again = await RESTORE.plan(ctx, [])
     assert again.count == 1
-    assert await RESTORE.verify(
-        TargetReader(s.prod), plan, _Run("x")
-    ) is not None
+    assert await RESTORE.verify(TargetReader(s.prod), plan, _Run("x")) is not None
 
 
 class TargetReader:
@@ -308,12 +308,11 @@ class TargetReader:
         self.dsn = dsn
 
     async def fetch(self, query: str, params: Any = ()) -> list[dict[str, Any]]:
-        return await q(self.dsn, query, tuple(params))  # type: ignore[arg-type]
+        return await q(self.dsn, query.encode(), tuple(params))
 
 
-@dataclass
-class _Run:
-    approval_id: str
+def _Run(approval_id: str) -> Execution:
+    return Execution(approval_id, "U0TEST")
 
 
 async def test_refuses_production_and_says_how_to_configure(scenario: Scenario) -> None:
@@ -324,3 +323,58 @@ async def test_refuses_production_and_says_how_to_configure(scenario: Scenario) 
         with pytest.raises(UsageError, match="production itself"):
             await RESTORE.plan(ctx, [])
 
+
+async def test_options_tables_overwrite_keep_roles_and_small_ranges(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = scenario
+    async for ctx in context(s.prod, s.copy):
+        with monkeypatch.context() as small:
+            # Ranges small enough that the big tables are cut, checksummed and descended
+            # into (the fixture's tables fit one leaf otherwise).
+            small.setattr(rowdiff, "SEGMENT_ROWS", 256)
+            small.setattr(rowdiff, "STATEMENT_ROWS", 1024)
+            small.setattr(rowdiff, "FANOUT", 4)
+            small.setattr(rowdiff, "LEAF_ROWS", 64)
+            whole = await RESTORE.plan(ctx, ["--keep-roles"])
+        attachments = await RESTORE.plan(ctx, ["--tables", "submission_attachments"])
+        users = await RESTORE.plan(ctx, ["--tables=users", "--overwrite", "users"])
+        early = await RESTORE.plan(ctx, ["--until", "2000-01-01T00:00:00Z"])
+        with pytest.raises(UsageError, match="no table nope"):
+            await RESTORE.plan(ctx, ["--tables", "nope"])
+    got = counts(whole)
+    for table in ("users", "submissions", "points_ledger"):
+        assert got[table]["lost"] == n(s.lost, table), (table, got)
+        assert got[table]["deleted"] == n(s.deleted, table), (table, got)
+        assert got[table]["superseded"] == n(s.superseded, table), (table, got)
+    assert got["users"]["changed"] == 2 and got["users"]["new"] == 2
+    # --keep-roles: the lost REVIEWER keeps the role, so a SUPERADMIN approves.
+    assert whole.approver_role == "SUPERADMIN"
+    assert set(counts(attachments)) == {
+        "activities",
+        "users",
+        "submissions",
+        "submission_attachments",
+    }
+    assert any("added the tables they need" in w for w in attachments.warnings)
+    assert set(counts(users)) == {"users"} and users.count == 2 + 2
+    # Every user missing from production was created before 2000-01-01 in no copy:
+    # none is lost, whatever else is on record about them.
+    assert counts(early)["users"]["after_until"] == 4 and early.count == 0
+
+    before = await q(s.prod, "SELECT id, name FROM users WHERE id = ANY(%s)", (s.changed_users,))
+    who = await admin_identity(s.prod)
+    approval = f"apv-rst{next(_n)}"
+    state, outcome = await Executor(s.prod, recovery_dsn=s.copy).apply(
+        RESTORE, users, approval, who
+    )
+    assert state == "done" and outcome.affected == 4 and outcome.backed_up == 2, outcome
+    after = await q(s.prod, "SELECT id, name FROM users WHERE id = ANY(%s)", (s.changed_users,))
+    assert all(not r["name"].endswith("(renamed)") for r in after)
+    assert outcome.backup_table is not None
+    backup = await q(
+        s.prod, sql.SQL("SELECT id, name FROM {} ORDER BY id").format(sql.SQL(outcome.backup_table))
+    )
+    assert sorted(backup, key=lambda r: r["id"]) == sorted(before, key=lambda r: r["id"])
+    verdict = await RESTORE.verify(TargetReader(s.prod), users, _Run(approval))
+    assert verdict.landed, verdict
