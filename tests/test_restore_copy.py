@@ -27,7 +27,9 @@ from commands import rowdiff
 from commands.base import LeapsIdentity, UsageError
 from commands.remedies.base import REMEDIES, Execution, Plan
 from commands.remedies.restore import RESTORE_NAME, RestoreData
-from tests.conftest import FAST_THRESHOLDS, make_audit_variant
+from tests.conftest import FAST_THRESHOLDS, bot_settings, make_audit_variant, running_bot
+from tests.fakeslack import FakeSlack
+from tests.test_approvals import ADMIN, ADMIN2, CHANNEL, ROLES, message_text, press, request, settle
 
 _n = itertools.count()
 RESTORE = REMEDIES[RESTORE_NAME]
@@ -42,7 +44,7 @@ OWNED = {
 
 
 async def q(
-    dsn: str, query: LiteralString | bytes | sql.Composable, params: tuple[Any, ...] = ()
+    dsn: str, query: LiteralString | bytes | sql.Composed, params: tuple[Any, ...] = ()
 ) -> list[dict[str, Any]]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.cursor(row_factory=dict_row).execute(query, params)
@@ -315,12 +317,18 @@ def _Run(approval_id: str) -> Execution:
     return Execution(approval_id, "U0TEST")
 
 
-async def test_refuses_production_and_says_how_to_configure(scenario: Scenario) -> None:
-    async for ctx in context(scenario.prod, None):
+async def test_refuses_production_and_says_how_to_configure(leaps_dsn: str) -> None:
+    async for ctx in context(leaps_dsn, None):
         with pytest.raises(UsageError, match="RECOVERY_DATABASE_URL"):
             await RESTORE.plan(ctx, [])
-    async for ctx in context(scenario.prod, scenario.prod):
+    async for ctx in context(leaps_dsn, leaps_dsn):
         with pytest.raises(UsageError, match="production itself"):
+            await RESTORE.plan(ctx, [])
+    # Another name for the same server: the same system identifier and database.
+    elsewhere = leaps_dsn.replace("@127.0.0.1:", "@localhost:")
+    assert elsewhere != leaps_dsn
+    async for ctx in context(leaps_dsn, elsewhere):
+        with pytest.raises(UsageError, match="same system identifier"):
             await RESTORE.plan(ctx, [])
 
 
@@ -378,3 +386,29 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
     assert sorted(backup, key=lambda r: r["id"]) == sorted(before, key=lambda r: r["id"])
     verdict = await RESTORE.verify(TargetReader(s.prod), users, _Run(approval))
     assert verdict.landed, verdict
+
+
+async def test_two_admins_approve_it_in_slack(
+    pg: EmbeddedPostgres, leaps_template: str, fake_slack: FakeSlack, audit_variant: str
+) -> None:
+    s = await damaged(pg, leaps_template)
+    await make_audit_variant(s.prod, audit_variant)
+    who = await admin_identity(s.prod)
+    (email,) = await q(s.prod, "SELECT email FROM users WHERE id = %s", (who.user_id,))
+    fake_slack.add_user(ADMIN, email=str(email["email"]))
+    fake_slack.add_user(ADMIN2, email=None)
+    settings = bot_settings(s.prod, fake_slack, role_map=ROLES, recovery_database_url=s.copy)
+    lost_users = sorted(s.lost["users"])
+    async with running_bot(settings, fake_slack) as bot:
+        plan = await request(bot, RESTORE_NAME)
+        shown = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
+        assert "one transaction per table batch" in shown and "the database accepted it" in shown
+        await press(bot, plan, ADMIN)
+        await settle(bot)
+        assert not (set(lost_users) & await keys(s.prod, "users"))  # one approval is not enough
+        await press(bot, plan, ADMIN2)
+        await settle(bot)
+        final = message_text(fake_slack, CHANNEL, str(plan.response["ts"]))
+    assert "trg_check_submission_rate_limit" in final and who.user_id in final
+    for table, expected in s.lost.items():
+        assert expected - {s.refused} <= await keys(s.prod, table), table
