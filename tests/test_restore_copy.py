@@ -25,6 +25,7 @@ from bot.gateway import TargetGateway
 from bot.router import RunContext
 from commands import rowdiff
 from commands.base import LeapsIdentity, UsageError
+from commands.recover import recover
 from commands.remedies.base import REMEDIES, Execution, Plan
 from commands.remedies.restore import RESTORE_NAME, RestoreData
 from tests.conftest import FAST_THRESHOLDS, bot_settings, make_audit_variant, running_bot
@@ -347,6 +348,7 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
             whole = await RESTORE.plan(ctx, ["--keep-roles"])
         attachments = await RESTORE.plan(ctx, ["--tables", "submission_attachments"])
         users = await RESTORE.plan(ctx, ["--tables=users", "--overwrite", "users"])
+        report = await recover(ctx, ["--dry-run"])
         early = await RESTORE.plan(ctx, ["--until", "2000-01-01T00:00:00Z"])
         with pytest.raises(UsageError, match="no table nope"):
             await RESTORE.plan(ctx, ["--tables", "nope"])
@@ -369,6 +371,11 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
     # Every user missing from production was created before 2000-01-01 in no copy:
     # none is lost, whatever else is on record about them.
     assert counts(early)["users"]["after_until"] == 4 and early.count == 0
+    # /db recover lists restoring from the copy first; the other steps wait for it.
+    steps = [f for f in report.findings if f.check.startswith("step: ")]
+    assert steps[0].check == f"step: {RESTORE_NAME}" and steps[0].hint == f"/db {RESTORE_NAME}"
+    assert "would request" in steps[0].summary
+    assert any(f"after {RESTORE_NAME}" in f.summary for f in steps[1:])
 
     before = await q(s.prod, "SELECT id, name FROM users WHERE id = ANY(%s)", (s.changed_users,))
     who = await admin_identity(s.prod)
