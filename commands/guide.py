@@ -69,7 +69,9 @@ SECTIONS: tuple[Section, ...] = (
     Section(_ANALYTICS, "Missing Analytics Data", ("analytics", "refresh-views")),
     Section(_ANALYTICS, "Export Functionality Issues", ("export",)),
     Section(_RECOVERY, "Complete Database Corruption", ("incident start", "recover")),
-    Section(_RECOVERY, "Point-in-Time Recovery", ("incident start", "recover")),
+    Section(
+        _RECOVERY, "Point-in-Time Recovery", ("incident start", "recover", "restore-from-copy")
+    ),
     Section(
         _RECOVERY,
         "Data Loss Scenarios",
