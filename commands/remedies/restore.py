@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -47,9 +48,11 @@ from commands.remedies.base import (
     Execution,
     LockScope,
     Outcome,
+    OutsideStepFailed,
     Plan,
     PlanStep,
     Remedy,
+    RemedyAbort,
     RowCountError,
     Verification,
     Writer,
@@ -203,6 +206,13 @@ def _server_warnings(prod: Catalog, copy: Catalog, byte_order: list[str]) -> lis
             f"{c['encoding']}): rows are hashed as UTF8 on both sides, so the same "
             "characters compare equal; COPY converts through the client encoding (UTF8)"
         )
+    if not notes and not byte_order:
+        notes.append(
+            f"the servers agree (PostgreSQL {p['version']} and {c['version']}, encoding "
+            f"{p['encoding']}, collation {p['collate']}); both sides are read in the same text "
+            "form (TimeZone UTC, DateStyle ISO, IntervalStyle postgres, extra_float_digits 1, "
+            "bytea_output hex) whatever each one's own settings"
+        )
     if byte_order:
         notes.append(
             f"the key collations differ (production {p['collate']}, copy {c['collate']}): "
@@ -216,7 +226,9 @@ def _server_warnings(prod: Catalog, copy: Catalog, byte_order: list[str]) -> lis
 
 
 async def _newest_creation(copy: Gateway, shapes: list[TableShape]) -> datetime | None:
-    parts = []
+    """The copy's newest creation time over the tables (one statement per table, so each
+    stays within the per-check timeout)."""
+    found: list[datetime] = []
     for shape in shapes:
         col = creation_column(shape.columns)
         if col is None:
@@ -224,23 +236,18 @@ async def _newest_creation(copy: Gateway, shapes: list[TableShape]) -> datetime 
         expr = sql.SQL("max({c})").format(c=sql.Identifier(col))
         if "with time zone" not in shape.types[col]:
             expr = sql.SQL("max({c}) AT TIME ZONE 'UTC'").format(c=sql.Identifier(col))
-        parts.append(
-            sql.SQL("SELECT {e} AS at FROM {t}").format(
-                e=expr, t=sql.Identifier("public", shape.name)
-            )
+        query = sql.SQL("SELECT {e} AS at FROM {t}").format(
+            e=expr, t=sql.Identifier("public", shape.name)
         )
-    if not parts:
-        return None
-    query = sql.SQL("SELECT max(at) AS at FROM ({}) AS x").format(
-        sql.SQL(" UNION ALL ").join(parts)
-    )
 
-    async def newest(db: Reader) -> Any:
-        await db.fetch(TEXT_FORM_SQL)
-        return (await db.fetch(query.as_string()))[0]["at"]
+        async def newest(db: Reader, query: sql.Composed = query) -> Any:
+            await db.fetch(TEXT_FORM_SQL)
+            return (await db.fetch(query.as_string()))[0]["at"]
 
-    at = await copy.read(newest)
-    return at.astimezone(UTC) if isinstance(at, datetime) else None
+        at = await copy.read(newest)
+        if isinstance(at, datetime):
+            found.append(at.astimezone(UTC))
+    return max(found) if found else None
 
 
 def _before(shape: TableShape, col: str | None) -> sql.Composable:
@@ -849,78 +856,111 @@ async def _insert(
     return inserted, refused
 
 
+@dataclass
+class _Done:
+    """What the committed batches did, so far."""
+
+    per_table: list[Row] = field(default_factory=list)
+    refusals: list[Row] = field(default_factory=list)
+    backups: list[str] = field(default_factory=list)
+    affected: int = 0
+    backed_up: int = 0
+
+
+async def _batch(writer: Writer, data: RestoreData, t: TableRestore, acc: _Done) -> None:
+    """One table's batch: its lost rows inserted, its rows to overwrite backed up and
+    overwritten, then COMMIT (the unit of atomicity)."""
+    restored: list[str] = []
+    refused: list[Row] = []
+    overwritten = 0
+    if t.restore:
+        present = await _count_present(writer, t, t.restore)
+        if present:
+            raise DriftError(
+                f"{t.table} rows still absent from production",
+                len(t.restore),
+                len(t.restore) - present,
+                0,
+            )
+        staging = await _stage(writer, t, t.restore)
+        if t.table == "users" and "role" in t.columns and not data.keep_roles:
+            await writer.execute(
+                sql.SQL("UPDATE {} SET role = {} WHERE role::text <> {}").format(
+                    staging, sql.Literal(LEAST_ROLE), sql.Literal(LEAST_ROLE)
+                )
+            )
+        restored, refused = await _insert(writer, t, staging, t.restore)
+        if len(restored) + len(refused) != len(t.restore):
+            raise RowCountError(
+                f"{t.table} rows restored or refused",
+                len(t.restore),
+                len(restored) + len(refused),
+            )
+        await writer.audit.after(writer, t.table, "INSERT", restored)
+    if t.overwrite:
+        present = await _count_present(writer, t, t.overwrite)
+        if present != len(t.overwrite):
+            raise DriftError(f"{t.table} rows to overwrite", len(t.overwrite), present, 0)
+        backup = await writer.backup_table(t.table)
+        copied = await writer.execute(
+            sql.SQL("CREATE TABLE {b} AS SELECT * FROM {t} WHERE {k}::text = ANY(%s)").format(
+                b=backup, t=sql.Identifier("public", t.table), k=sql.Identifier(t.key)
+            ),
+            (t.overwrite,),
+        )
+        if copied != len(t.overwrite):
+            raise RowCountError(f"{t.table} rows backed up", len(t.overwrite), copied)
+        await writer.audit.before(writer, t.table, t.overwrite)
+        staging = await _stage(writer, t, t.overwrite)
+        overwritten = await writer.execute(_update_sql(t, staging), (t.overwrite,))
+        if overwritten != len(t.overwrite):
+            raise RowCountError(f"{t.table} rows overwritten", len(t.overwrite), overwritten)
+        await writer.audit.after(writer, t.table, "UPDATE", t.overwrite)
+        acc.backed_up += copied
+        acc.backups.append(backup.as_string())
+    if t.restore or t.overwrite:
+        await writer.commit()
+        acc.affected += len(restored) + overwritten
+        acc.refusals += refused
+        acc.per_table.append(
+            {
+                "table": t.table,
+                "planned": len(t.restore) + len(t.overwrite),
+                "restored": len(restored),
+                "refused": len(refused),
+                "overwritten": overwritten,
+                "guards": ", ".join(sorted({str(r["guard"]) for r in refused})) or "-",
+            }
+        )
+
+
 async def apply_restore(writer: Writer, plan: Plan) -> Outcome:
     data = plan.private(RestoreData)
     if plan.count == 0:
         return Outcome(ok=True, summary="nothing to restore; nothing was changed")
-    per_table: list[Row] = []
-    refusals: list[Row] = []
-    affected = backed_up = 0
-    backups: list[str] = []
-    for t in data.tables:
-        restored: list[str] = []
-        refused: list[Row] = []
-        overwritten = 0
-        if t.restore:
-            present = await _count_present(writer, t, t.restore)
-            if present:
-                raise DriftError(
-                    f"{t.table} rows still absent from production",
-                    len(t.restore),
-                    len(t.restore) - present,
-                    0,
-                )
-            staging = await _stage(writer, t, t.restore)
-            if t.table == "users" and "role" in t.columns and not data.keep_roles:
-                await writer.execute(
-                    sql.SQL("UPDATE {} SET role = {} WHERE role::text <> {}").format(
-                        staging, sql.Literal(LEAST_ROLE), sql.Literal(LEAST_ROLE)
-                    )
-                )
-            restored, refused = await _insert(writer, t, staging, t.restore)
-            if len(restored) + len(refused) != len(t.restore):
-                raise RowCountError(
-                    f"{t.table} rows restored or refused",
-                    len(t.restore),
-                    len(restored) + len(refused),
-                )
-            await writer.audit.after(writer, t.table, "INSERT", restored)
-        if t.overwrite:
-            present = await _count_present(writer, t, t.overwrite)
-            if present != len(t.overwrite):
-                raise DriftError(f"{t.table} rows to overwrite", len(t.overwrite), present, 0)
-            backup = await writer.backup_table(t.table)
-            copied = await writer.execute(
-                sql.SQL("CREATE TABLE {b} AS SELECT * FROM {t} WHERE {k}::text = ANY(%s)").format(
-                    b=backup, t=sql.Identifier("public", t.table), k=sql.Identifier(t.key)
-                ),
-                (t.overwrite,),
+    acc = _Done()
+    try:
+        for t in data.tables:
+            await _batch(writer, data, t, acc)
+    except (psycopg.Error, RemedyAbort) as exc:
+        per_table, refusals = acc.per_table, acc.refusals
+        if not per_table:
+            raise  # nothing committed: the executor rolls back and says so
+        done = ", ".join(f"{r['table']} {r['restored'] + r['overwritten']}" for r in per_table)
+        raise OutsideStepFailed(
+            Outcome(
+                ok=False,
+                summary=f"the batches committed before stay ({done} rows); the next one "
+                f"failed and was rolled back: {mask_personal(str(exc).splitlines()[0])}; "
+                f"`/db {RESTORE_NAME}` again plans what is left",
+                affected=acc.affected,
+                rows=per_table + refusals,
+                error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
             )
-            if copied != len(t.overwrite):
-                raise RowCountError(f"{t.table} rows backed up", len(t.overwrite), copied)
-            await writer.audit.before(writer, t.table, t.overwrite)
-            staging = await _stage(writer, t, t.overwrite)
-            overwritten = await writer.execute(_update_sql(t, staging), (t.overwrite,))
-            if overwritten != len(t.overwrite):
-                raise RowCountError(f"{t.table} rows overwritten", len(t.overwrite), overwritten)
-            await writer.audit.after(writer, t.table, "UPDATE", t.overwrite)
-            backed_up += copied
-            backups.append(backup.as_string())
-        if t.restore or t.overwrite:
-            await writer.commit()
-            affected += len(restored) + overwritten
-            refusals += refused
-            per_table.append(
-                {
-                    "table": t.table,
-                    "planned": len(t.restore) + len(t.overwrite),
-                    "restored": len(restored),
-                    "refused": len(refused),
-                    "overwritten": overwritten,
-                    "guards": ", ".join(sorted({str(r["guard"]) for r in refused})) or "-",
-                }
-            )
+        ) from exc
     # Verified by primary key, after the last batch committed.
+    per_table, refusals = acc.per_table, acc.refusals
+    affected, backed_up, backups = acc.affected, acc.backed_up, acc.backups
     for row in per_table:
         t = next(x for x in data.tables if x.table == row["table"])
         row["in_production"] = await _count_present(writer, t, t.restore) if t.restore else 0
