@@ -11,8 +11,13 @@ What makes the two sides comparable:
 - every transaction on either side first sets the same text form of every value
   (`TEXT_FORM_SQL`: TimeZone UTC, DateStyle ISO, IntervalStyle postgres,
   extra_float_digits 1, bytea_output hex), whatever each server or database says;
-- a row's hash is md5 of its shared columns (sorted by name) as one record's text,
-  converted to UTF8 first, so two encodings hash the same characters alike;
+- a row's hash is taken of its shared columns (sorted by name) as one record's text:
+  `hashtextextended()` (the hash partitioning relies on, the same on every platform and
+  version since 11) when both databases are UTF8, else md5 of the text converted to
+  UTF8, so two encodings hash the same characters alike;
+- a range is counted first (no hashing): one whose counts differ by a 1/SPARSE of its
+  rows or more is read as (key, hash) pairs at once, so each row is hashed once where
+  the loss is dense, and only the others are checksummed;
 - range bounds compare with the key column's collation when both sides use the same
   one (the index serves the range), else with `COLLATE "C"` on both (byte order, the
   same everywhere; the ranges then scan rather than use the index, and the plan says so).
@@ -46,6 +51,9 @@ SEGMENT_ROWS = 50_000  # rows per range at the top level
 STATEMENT_ROWS = 200_000  # rows one checksum statement may cover
 FANOUT = 16  # sub-ranges of a range that differs
 LEAF_ROWS = 2_000  # a range this small is compared key by key
+COUNT_ROWS = 2_000_000  # rows one counting statement may cover (no hashing)
+PAIR_ROWS = 25_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
+SPARSE = 64  # a range whose counts differ by rows / SPARSE or more is read as pairs
 
 _FACTS_SQL = """
 SELECT current_setting('server_version_num')::int AS version_num,
@@ -220,6 +228,9 @@ class Compare:
     key_type: str
     columns: tuple[str, ...]
     byte_order: bool
+    # Both databases UTF8 (PostgreSQL 11+): hashtextextended() of the row's text, the
+    # hash partitioning relies on being the same everywhere; else md5 of its UTF8 bytes.
+    fast_hash: bool = True
 
     @property
     def ident(self) -> sql.Identifier:
@@ -229,11 +240,14 @@ class Compare:
         col = sql.Identifier(alias, self.key)
         return sql.SQL('{} COLLATE "C"').format(col) if self.byte_order else col
 
-    def row_hash(self, alias: str = "t", width: int = 32) -> sql.Composable:
+    def row_hash(self, alias: str = "t") -> sql.Composable:
+        """A row's hash as a bigint."""
         record = sql.SQL(", ").join(sql.Identifier(alias, c) for c in self.columns)
-        return sql.SQL("left(md5(convert_to(ROW({})::text, 'UTF8')), {})").format(
-            record, sql.Literal(width)
-        )
+        if self.fast_hash:
+            return sql.SQL("hashtextextended(ROW({})::text, 0)").format(record)
+        return sql.SQL(
+            "('x' || left(md5(convert_to(ROW({})::text, 'UTF8')), 15))::bit(60)::bigint"
+        ).format(record)
 
     def range_cond(self, lo: str | None, hi: str | None, params: list[Any]) -> sql.Composable:
         parts: list[sql.Composable] = []
@@ -294,9 +308,9 @@ async def _checksums(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[
         cond = cmp.range_cond(lo, hi, params)
         parts.append(
             sql.SQL(
-                "SELECT {n} AS n, count(*) AS c, coalesce(sum(('x' || {h})::bit(60)::bigint), 0)"
-                "::text AS h FROM {t} AS t WHERE {cond}"
-            ).format(n=sql.Literal(n), h=cmp.row_hash(width=15), t=cmp.ident, cond=cond)
+                "SELECT {n} AS n, count(*) AS c, coalesce(sum({h}), 0)::text AS h"
+                " FROM {t} AS t WHERE {cond}"
+            ).format(n=sql.Literal(n), h=cmp.row_hash(), t=cmp.ident, cond=cond)
         )
     query = sql.SQL("\nUNION ALL\n").join(parts)
     rows = {
@@ -305,13 +319,59 @@ async def _checksums(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[
     return [rows[n] for n in range(len(ranges))]
 
 
-async def _pairs(db: Reader, cmp: Compare, rng: Range) -> dict[str, str]:
+async def _counts(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[int]:
     params: list[Any] = []
-    cond = cmp.range_cond(rng[0], rng[1], params)
-    query = sql.SQL("SELECT t.{k}::text AS k, {h} AS h FROM {t} AS t WHERE {cond}").format(
-        k=sql.Identifier(cmp.key), h=cmp.row_hash(), t=cmp.ident, cond=cond
-    )
-    return {str(r["k"]): str(r["h"]) for r in await db.fetch(query.as_string(), params)}
+    parts = []
+    for n, (lo, hi) in enumerate(ranges):
+        cond = cmp.range_cond(lo, hi, params)
+        parts.append(
+            sql.SQL("SELECT {n} AS n, count(*) AS c FROM {t} AS t WHERE {cond}").format(
+                n=sql.Literal(n), t=cmp.ident, cond=cond
+            )
+        )
+    query = sql.SQL("\nUNION ALL\n").join(parts)
+    rows = {int(r["n"]): int(r["c"]) for r in await db.fetch(query.as_string(), params)}
+    return [rows[n] for n in range(len(ranges))]
+
+
+def _pairs_sql(cmp: Compare, ranges: Sequence[Range], params: list[Any]) -> sql.Composable:
+    parts = []
+    for lo, hi in ranges:
+        cond = cmp.range_cond(lo, hi, params)
+        parts.append(
+            sql.SQL("SELECT t.{k}::text AS k, {h} AS h FROM {t} AS t WHERE {cond}").format(
+                k=sql.Identifier(cmp.key), h=cmp.row_hash(), t=cmp.ident, cond=cond
+            )
+        )
+    return sql.SQL("\nUNION ALL\n").join(parts)
+
+
+async def _pairs_arrays(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> tuple[str, str]:
+    """The ranges' keys and hashes as two array literals (parsed by the other server, not
+    by Python)."""
+    params: list[Any] = []
+    query = sql.SQL(
+        "SELECT coalesce(array_agg(x.k), '{{}}')::text AS k,"
+        " coalesce(array_agg(x.h), '{{}}')::text AS h FROM ({}) AS x"
+    ).format(_pairs_sql(cmp, ranges, params))
+    row = (await db.fetch(query.as_string(), params))[0]
+    return str(row["k"]), str(row["h"])
+
+
+async def _compare_pairs(
+    db: Reader, cmp: Compare, ranges: Sequence[Range], blob: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """The keys whose pairs differ: (key, "c" only in the copy | "p" only here | "d" both,
+    different)."""
+    params: list[Any] = [*blob]
+    query = sql.SQL(
+        "WITH c AS (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS x(k, h)),"
+        " p AS ({})"
+        " SELECT coalesce(c.k, p.k) AS k,"
+        " CASE WHEN p.k IS NULL THEN 'c' WHEN c.k IS NULL THEN 'p' ELSE 'd' END AS side"
+        " FROM c FULL JOIN p ON p.k = c.k WHERE c.h IS DISTINCT FROM p.h"
+    ).format(_pairs_sql(cmp, ranges, params))
+    return [(str(r["k"]), str(r["side"])) for r in await db.fetch(query.as_string(), params)]
 
 
 def _split(rng: Range, bounds: Sequence[str]) -> list[Range]:
@@ -319,12 +379,12 @@ def _split(rng: Range, bounds: Sequence[str]) -> list[Range]:
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
-def _batches(ranges: Sequence[Range], sizes: Sequence[int]) -> list[list[int]]:
-    """Indexes of `ranges` grouped so that one statement covers at most STATEMENT_ROWS."""
+def _batches(ranges: Sequence[Range], sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indexes of `ranges` grouped so that one statement covers at most `limit` rows."""
     out: list[list[int]] = [[]]
     total = 0
     for i, size in enumerate(sizes):
-        if out[-1] and total + size > STATEMENT_ROWS:
+        if out[-1] and total + size > limit:
             out.append([])
             total = 0
         out[-1].append(i)
@@ -347,14 +407,16 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
         return result
     whole: Range = (None, None)
     if biggest <= LEAF_ROWS:
-        await _leaf(prod, copy, cmp, whole, result)
+        await _leaves(prod, copy, cmp, [(whole, biggest)], result)
         return result
     # The top level's bounds come from the bigger side; any bounds would do, as both
     # sides are cut at the same keys.
     bigger = copy if result.copy_rows >= result.prod_rows else prod
     bounds = await _on(bigger, partial(_bounds, cmp=cmp, rng=whole, every=SEGMENT_ROWS))
     result.statements += 1
-    await _descend(prod, copy, cmp, _split(whole, bounds), SEGMENT_ROWS, result)
+    await _descend(
+        prod, copy, cmp, _split(whole, bounds), [SEGMENT_ROWS] * (len(bounds) + 1), result
+    )
     return result
 
 
@@ -363,38 +425,81 @@ async def _descend(
     copy: Gateway,
     cmp: Compare,
     ranges: list[Range],
-    size: int,
+    sizes: list[int],
     result: TableDiff,
 ) -> None:
-    differing: list[tuple[Range, int]] = []
-    for batch in _batches(ranges, [size] * len(ranges)):
+    """Checksum `ranges` on both sides; read the differing ones that are small, or dense
+    with differences (their counts differ by a 1/SPARSE of their rows or more: descending
+    would visit most of their sub-ranges anyway), as (key, hash) pairs; cut the others
+    into FANOUT sub-ranges and descend."""
+    leaves: list[tuple[Range, int]] = []
+    checked: list[Range] = []
+    checked_sizes: list[int] = []
+    for batch in _batches(ranges, sizes, COUNT_ROWS):
         part = [ranges[i] for i in batch]
+        pn, cn = await _both(prod, copy, partial(_counts, cmp=cmp, ranges=part))
+        result.statements += 1
+        for rng, a, b in zip(part, pn, cn, strict=True):
+            rows = max(a, b)
+            if rows and abs(a - b) * SPARSE >= rows and rows <= SEGMENT_ROWS:
+                leaves.append((rng, rows))
+            elif rows:
+                checked.append(rng)
+                checked_sizes.append(rows)
+    differing: list[tuple[Range, int, int]] = []
+    for batch in _batches(checked, checked_sizes, STATEMENT_ROWS):
+        part = [checked[i] for i in batch]
         p, c = await _both(prod, copy, partial(_checksums, cmp=cmp, ranges=part))
         result.statements += 1
         differing += [
-            (rng, max(pc[0], cc[0])) for rng, pc, cc in zip(part, p, c, strict=True) if pc != cc
+            (rng, max(pc[0], cc[0]), abs(pc[0] - cc[0]))
+            for rng, pc, cc in zip(part, p, c, strict=True)
+            if pc != cc
         ]
-    for rng, rows in differing:
-        if rows <= LEAF_ROWS:
-            await _leaf(prod, copy, cmp, rng, result)
+    for rng, rows, delta in differing:
+        if rows <= LEAF_ROWS or (rows <= SEGMENT_ROWS and delta * SPARSE >= rows):
+            leaves.append((rng, rows))
             continue
         every = max(1, rows // FANOUT)
         sub = await _on(copy, partial(_bounds, cmp=cmp, rng=rng, every=every))
         if len(sub) < 2:
             sub = await _on(prod, partial(_bounds, cmp=cmp, rng=rng, every=every))
         result.statements += 1
-        if len(sub) < 1:
-            await _leaf(prod, copy, cmp, rng, result)
+        if not sub:
+            leaves.append((rng, rows))
             continue
-        await _descend(prod, copy, cmp, _split(rng, sub), every, result)
+        await _descend(prod, copy, cmp, _split(rng, sub), [every] * (len(sub) + 1), result)
+    await _leaves(prod, copy, cmp, leaves, result)
 
 
-async def _leaf(prod: Gateway, copy: Gateway, cmp: Compare, rng: Range, result: TableDiff) -> None:
-    p, c = await _both(prod, copy, partial(_pairs, cmp=cmp, rng=rng))
-    result.statements += 1
-    result.only_copy += sorted(k for k in c if k not in p)
-    result.only_prod += sorted(k for k in p if k not in c)
-    result.changed += sorted(k for k, h in c.items() if k in p and p[k] != h)
+async def _leaves(
+    prod: Gateway, copy: Gateway, cmp: Compare, leaves: list[tuple[Range, int]], result: TableDiff
+) -> None:
+    """The ranges compared key by key, several per statement (at most PAIR_ROWS rows):
+    the copy's (key, hash) pairs come as two array literals, which production joins with its
+    own pairs, returning only the keys that differ (no row becomes a Python object). The
+    copy reads the next batch while production compares this one."""
+    batches = [
+        [leaves[i][0] for i in batch]
+        for batch in _batches([r for r, _ in leaves], [n for _, n in leaves], PAIR_ROWS)
+    ]
+    if not batches:
+        return
+    ahead = asyncio.ensure_future(_on(copy, partial(_pairs_arrays, cmp=cmp, ranges=batches[0])))
+    try:
+        for i, part in enumerate(batches):
+            blob = await ahead
+            if i + 1 < len(batches):
+                nxt = partial(_pairs_arrays, cmp=cmp, ranges=batches[i + 1])
+                ahead = asyncio.ensure_future(_on(copy, nxt))
+            found = await _on(prod, partial(_compare_pairs, cmp=cmp, ranges=part, blob=blob))
+            result.statements += 1
+            for side, keys in (("c", result.only_copy), ("p", result.only_prod)):
+                keys += sorted(k for k, s in found if s == side)
+            result.changed += sorted(k for k, s in found if s == "d")
+    finally:
+        if not ahead.done():
+            ahead.cancel()
 
 
 async def differing_columns(

@@ -475,6 +475,10 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
             f"has no incident detection time to go by here; `{UNTIL}` sets it)"
         )
     byte_order: list[str] = []
+    fast = all(
+        f["encoding"] == "UTF8" and int(f["version_num"]) >= 110000
+        for f in (prod.facts, other.facts)
+    )
     tables: list[TableRestore] = []
     targets: list[Row] = []
     deleted_keys: dict[str, set[str]] = {}
@@ -492,7 +496,9 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
         )
         if not same_order:
             byte_order.append(name)
-        cmp = Compare(name, key, c_shape.types[key], columns, byte_order=not same_order)
+        cmp = Compare(
+            name, key, c_shape.types[key], columns, byte_order=not same_order, fast_hash=fast
+        )
         diff = await diff_table(prod_gw, copy, cmp)
         if diff.copy_rows == 0 and diff.prod_rows == 0:
             continue
@@ -966,8 +972,8 @@ async def apply_restore(writer: Writer, plan: Plan) -> Outcome:
         row["in_production"] = await _count_present(writer, t, t.restore) if t.restore else 0
     refused_n = len(refusals)
     summary = (
-        f"restored {plural(affected, 'row')} from the copy in "
-        f"{plural(len(per_table), 'table batch')} (one transaction each)"
+        f"restored {plural(affected, 'row')} from the copy in {len(per_table)} table "
+        f"batch{'' if len(per_table) == 1 else 'es'} (one transaction each)"
         + (
             f", {plural(backed_up, 'overwritten row')} backed up in {', '.join(backups)}"
             if backed_up
