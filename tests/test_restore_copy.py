@@ -352,6 +352,25 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
         early = await RESTORE.plan(ctx, ["--until", "2000-01-01T00:00:00Z"])
         with pytest.raises(UsageError, match="no table nope"):
             await RESTORE.plan(ctx, ["--tables", "nope"])
+    # The fallbacks for servers that differ give the same diff: byte-order bounds
+    # (COLLATE "C", another collation on one side) and md5 of UTF8 (another encoding).
+    gw, cgw = TargetGateway(s.prod), TargetGateway(s.copy)
+    try:
+        diffs = []
+        for fallback in (False, True):
+            columns = ("id", "name", "email", "created_at", "role")
+            cmp = rowdiff.Compare("users", "id", "text", columns, fallback, not fallback)
+            with monkeypatch.context() as small:
+                small.setattr(rowdiff, "SEGMENT_ROWS", 64)
+                small.setattr(rowdiff, "LEAF_ROWS", 16)
+                diffs.append(await rowdiff.diff_table(gw, cgw, cmp))
+    finally:
+        await gw.close()
+        await cgw.close()
+    fast, portable = diffs
+    assert sorted(fast.only_copy) == sorted(portable.only_copy) and len(fast.only_copy) == 4
+    assert sorted(fast.only_prod) == sorted(portable.only_prod) == sorted(s.new_users)
+    assert sorted(fast.changed) == sorted(portable.changed) == sorted(s.changed_users)
     got = counts(whole)
     for table in ("users", "submissions", "points_ledger"):
         assert got[table]["lost"] == n(s.lost, table), (table, got)
