@@ -22,7 +22,8 @@ What makes the two sides comparable:
   one (the index serves the range), else with `COLLATE "C"` on both (byte order, the
   same everywhere; the ranges then scan rather than use the index, and the plan says so).
 
-Only the columns both sides share are hashed; the caller lists the others.
+Only the columns both sides share are hashed (generated columns left out: they follow
+from the others and cannot be written); the caller lists the others.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ SELECT c.relname::text AS name,
              ORDER BY k.n) AS key,
        ARRAY(SELECT a.attname::text FROM pg_attribute AS a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''
              ORDER BY a.attnum) AS columns,
        ARRAY(SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute AS a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''
              ORDER BY a.attnum) AS types,
        (SELECT co.collname::text FROM pg_attribute AS a
         JOIN pg_collation AS co ON co.oid = a.attcollation
