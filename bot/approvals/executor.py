@@ -162,7 +162,7 @@ class _TxWriter:
 
     async def commit(self) -> None:
         """End this batch's transaction and begin the next as `_begin` did: timeouts and
-        identity again. The approval's lock is taken for the session too before the first
+        identity again (what `_begin` sets, this sets again). The approval's lock is taken for the session too before the first
         commit, so `remedy_running` and the sweeper see it running until the end."""
         if self._session is None:
             raise RuntimeError("this writer has no session to begin a next batch with")
@@ -172,7 +172,8 @@ class _TxWriter:
             )
             self._session_locked = True
         await self._conn.execute("COMMIT")
-        await self._conn.execute("BEGIN")
+        # READ WRITE: a write freeze may make read-only the default of new transactions.
+        await self._conn.execute("BEGIN READ WRITE")
         await self._conn.execute(
             "SELECT set_config('statement_timeout', %s, true),"
             " set_config('lock_timeout', %s, true)",
