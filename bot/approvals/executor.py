@@ -162,8 +162,9 @@ class _TxWriter:
 
     async def commit(self) -> None:
         """End this batch's transaction and begin the next as `_begin` did: timeouts and
-        identity again (what `_begin` sets, this sets again). The approval's lock is taken for the session too before the first
-        commit, so `remedy_running` and the sweeper see it running until the end."""
+        identity again (what `_begin` sets, this sets again). The approval's lock is taken
+        for the session too before the first commit, so `remedy_running` and the sweeper
+        see it running until the end."""
         if self._session is None:
             raise RuntimeError("this writer has no session to begin a next batch with")
         if not self._session_locked:
