@@ -396,13 +396,22 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
     assert "would request" in steps[0].summary
     assert any(f"after {RESTORE_NAME}" in f.summary for f in steps[1:])
 
-    before = await q(s.prod, "SELECT id, name FROM users WHERE id = ANY(%s)", (s.changed_users,))
+    # One transaction per table batch: a batch that fails leaves the ones before it.
     who = await admin_identity(s.prod)
+    executor = Executor(s.prod, recovery_dsn=s.copy)
+    await q(s.prod, b"ALTER TABLE submission_attachments DROP COLUMN hash")
+    state, outcome = await executor.apply(RESTORE, attachments, f"apv-rst{next(_n)}", who)
+    assert state == "failed" and "the batches committed before stay" in outcome.summary, outcome
+    assert [r["table"] for r in outcome.rows if "planned" in r] == ["users", "submissions"]
+    assert s.lost["users"] <= await keys(s.prod, "users")
+    assert not (s.lost["submission_attachments"] & await keys(s.prod, "submission_attachments"))
+
+    async for ctx in context(s.prod, s.copy):
+        users = await RESTORE.plan(ctx, ["--tables=users", "--overwrite", "users"])
+    before = await q(s.prod, "SELECT id, name FROM users WHERE id = ANY(%s)", (s.changed_users,))
     approval = f"apv-rst{next(_n)}"
-    state, outcome = await Executor(s.prod, recovery_dsn=s.copy).apply(
-        RESTORE, users, approval, who
-    )
-    assert state == "done" and outcome.affected == 4 and outcome.backed_up == 2, outcome
+    state, outcome = await executor.apply(RESTORE, users, approval, who)
+    assert state == "done" and outcome.affected == 2 and outcome.backed_up == 2, outcome
     after = await q(s.prod, "SELECT id, name FROM users WHERE id = ANY(%s)", (s.changed_users,))
     assert all(not r["name"].endswith("(renamed)") for r in after)
     assert outcome.backup_table is not None

@@ -794,8 +794,10 @@ def _update_sql(t: TableRestore, staging: sql.Identifier) -> sql.Composed:
 
 
 _staging = itertools.count()
-# Errors that say nothing of the row: the batch stops (and rolls back) instead.
-_NOT_A_REFUSAL = ("08", "40", "53", "54", "55", "57", "58", "XX")
+# What a guard raises: integrity (23: constraints, and the triggers' 23514/23505/23502),
+# data exceptions (22), a plain RAISE (P0001) and a trigger's 42501 (insufficient role).
+# Anything else (a lost connection, a timeout, a missing column) stops the batch.
+_REFUSALS = ("23", "22", "P0")
 
 
 async def _count_present(writer: Writer | Reader, t: TableRestore, keys: list[str]) -> int:
@@ -834,7 +836,8 @@ async def _insert(
             rows = await writer.fetch(query, (chunk,))
         except psycopg.Error as exc:
             diag = exc.diag
-            if (diag.sqlstate or "XX")[:2] in _NOT_A_REFUSAL:
+            state = diag.sqlstate or ""
+            if state[:2] not in _REFUSALS and state != "42501":
                 raise
             await writer.execute("ROLLBACK TO SAVEPOINT dbops_restore")
             await writer.execute("RELEASE SAVEPOINT dbops_restore")
