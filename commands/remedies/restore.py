@@ -622,6 +622,12 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
                 f"their roles in the copy: {above}; `{KEEP_ROLES}` keeps them (a SUPERADMIN "
                 "approves)"
             )
+    if any(t.table == "users" and t.overwrite for t in tables) and not keep_roles:
+        warnings.append(
+            f"{OVERWRITE} users leaves production's role of each overwritten user as it is; "
+            f"`{KEEP_ROLES}` restores the copy's (a SUPERADMIN approves when one is above "
+            f"{LEAST_ROLE})"
+        )
     written = [t.table for t in tables if t.restore or t.overwrite]
     audit = None
     if written:
@@ -675,9 +681,9 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
 
 async def _roles_above(copy: Gateway, data: RestoreData) -> str:
     users = next((t for t in data.tables if t.table == "users" and "role" in t.columns), None)
-    if users is None or not users.restore:
+    keys = (users.restore + (users.overwrite if data.keep_roles else [])) if users else []
+    if not keys:
         return ""
-    keys = users.restore
 
     async def read(db: Reader) -> list[Row]:
         return await db.fetch(
@@ -715,7 +721,7 @@ def _steps(data: RestoreData) -> list[PlanStep]:
         if t.overwrite:
             steps.append(
                 PlanStep(
-                    sql=_update_sql(t, sql.Identifier("<staging>")).as_string(),
+                    sql=_update_sql(t, sql.Identifier("<staging>"), data.keep_roles).as_string(),
                     params=["<keys>"],
                     note=f"{t.table}: {plural(len(t.overwrite), 'row')} overwritten with the "
                     "copy's version after a backup of production's; then COMMIT",
@@ -784,9 +790,16 @@ def _insert_sql(t: TableRestore, staging: sql.Identifier) -> sql.Composed:
     )
 
 
-def _update_sql(t: TableRestore, staging: sql.Identifier) -> sql.Composed:
+def _kept(t: TableRestore, keep_roles: bool) -> set[str]:
+    """Production's columns an overwrite leaves alone: a user's role unless --keep-roles
+    (least privilege: the copy's role comes back only with a SUPERADMIN's approval)."""
+    return {"role"} if t.table == "users" and not keep_roles else set()
+
+
+def _update_sql(t: TableRestore, staging: sql.Identifier, keep_roles: bool) -> sql.Composed:
+    kept = _kept(t, keep_roles) | {t.key}
     sets = sql.SQL(", ").join(
-        sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in t.columns if c != t.key
+        sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in t.columns if c not in kept
     )
     return sql.SQL(
         "UPDATE {t} AS t SET {sets} FROM {s} AS s WHERE t.{k} = s.{k} AND t.{k}::text = ANY(%s)"
@@ -921,7 +934,7 @@ async def _batch(writer: Writer, data: RestoreData, t: TableRestore, acc: _Done)
             raise RowCountError(f"{t.table} rows backed up", len(t.overwrite), copied)
         await writer.audit.before(writer, t.table, t.overwrite)
         staging = await _stage(writer, t, t.overwrite)
-        overwritten = await writer.execute(_update_sql(t, staging), (t.overwrite,))
+        overwritten = await writer.execute(_update_sql(t, staging, data.keep_roles), (t.overwrite,))
         if overwritten != len(t.overwrite):
             raise RowCountError(f"{t.table} rows overwritten", len(t.overwrite), overwritten)
         await writer.audit.after(writer, t.table, "UPDATE", t.overwrite)
