@@ -73,7 +73,9 @@ SECTIONS: tuple[Section, ...] = (
         "Complete Database Corruption",
         ("incident start", "freeze-writes", "recover", "recover-runbook", "unfreeze-writes"),
     ),
-    Section(_RECOVERY, "Point-in-Time Recovery", ("incident start", "recover")),
+    Section(
+        _RECOVERY, "Point-in-Time Recovery", ("incident start", "recover", "restore-from-copy")
+    ),
     Section(
         _RECOVERY,
         "Data Loss Scenarios",

@@ -72,6 +72,9 @@ STEPS: dict[str, tuple[str, ...]] = {
     "reconcile-points": ("recover-learn",),
     "refresh-views": ("recover-users", "rematch-kajabi", "recover-learn", "reconcile-points"),
 }
+# With a recovery copy configured (RECOVERY_DATABASE_URL), restoring from it comes first:
+# it brings back every lost row the copy holds, and the steps above wait for it.
+COPY_STEP = "restore-from-copy"
 WORK_MEM = "64MB"
 
 # `%s` is the baseline's database time as naive UTC (creation times are `timestamp(3)` in
@@ -690,7 +693,8 @@ async def plan_steps(ctx: Context) -> list[StepPlan]:
 
     # One after the other: the verification already took the pool's connections side by
     # side, and a plan waiting for a connection would be lost to the pool's timeout.
-    return [await one(n) for n in STEPS]
+    names = [COPY_STEP] if ctx.recovery_copy is not None else []
+    return [await one(n) for n in [*names, *STEPS]]
 
 
 def step_findings(
@@ -709,7 +713,8 @@ def step_findings(
             )
             continue
         plan = step.plan
-        waits = [d for d in STEPS[step.name] if by_name[d].pending]
+        after = () if step.name == COPY_STEP else (COPY_STEP, *STEPS[step.name])
+        waits = [d for d in after if d in by_name and by_name[d].pending]
         todo = step.pending
         if step.name == "refresh-views":
             todo = views_stale or bool(waits)

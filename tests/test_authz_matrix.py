@@ -17,10 +17,12 @@ from pathlib import Path
 import psycopg
 import pytest
 import pytest_asyncio
+from psycopg.conninfo import conninfo_to_dict
 
 from bot.access.roles import RoleResolver
 from bot.approvals.engine import APPROVE, ApprovalEngine, Click
 from bot.approvals.executor import Executor
+from bot.embedded_pg import EmbeddedPostgres
 from bot.gateway import TargetGateway
 from bot.messages.notify import SlackNotifier
 from bot.router import RunContext
@@ -39,6 +41,7 @@ REQUESTER = "U0REQ"
 PLAIN_VIEW = "time_series_metrics"
 _migrations = itertools.count()  # part A: migration-resolve's failed migrations
 _copies = itertools.count()
+COPY = "restore-from-copy"
 
 
 @dataclass
@@ -52,8 +55,17 @@ class Rig:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def rig(
-    leaps_dsn: str, fake_slack: FakeSlack, faults: FaultInjector, tmp_path: Path
+    leaps_dsn: str,
+    fake_slack: FakeSlack,
+    faults: FaultInjector,
+    tmp_path: Path,
+    pg: EmbeddedPostgres,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Rig]:
+    copy = None  # restore-from-copy: a copy of the database before any loss
+    if getattr(request.node, "callspec", None) and request.node.callspec.params["of"] == COPY:
+        name = conninfo_to_dict(leaps_dsn)["dbname"]
+        copy = pg.create_database(f"{name}_copy", template=str(name))
     await faults.drop_view_unique_index(PLAIN_VIEW)  # so refresh-views needs approval
     users = {REQUESTER: "REVIEWER"} | {f"U0{role}{i}": role for role in ROLES for i in ("", 2)}
     settings = bot_settings(leaps_dsn, fake_slack, role_map=users)
@@ -62,10 +74,11 @@ async def rig(
     gateway = TargetGateway(leaps_dsn)
     # Approvers here have no Slack e-mail: remedies act as the service identity (rule 8).
     service = LeapsIdentity("matrix-service", "ADMIN", "service identity")
-    ctx = RunContext(gateway, FAST_THRESHOLDS, service_identity=service)
+    copy_gateway = TargetGateway(copy) if copy else None
+    ctx = RunContext(gateway, FAST_THRESHOLDS, service_identity=service, recovery_copy=copy_gateway)
     client = make_web_client(settings)
     roles = RoleResolver(settings.role_map, client, gateway)
-    executor = Executor(leaps_dsn, lock_timeout_ms=2000)
+    executor = Executor(leaps_dsn, lock_timeout_ms=2000, recovery_dsn=copy)
     victims = Victims(leaps_dsn)
     yield Rig(
         store,
@@ -76,6 +89,8 @@ async def rig(
     )
     await victims.close()
     await gateway.close()
+    if copy_gateway is not None:
+        await copy_gateway.close()
     await store.close()
 
 
@@ -111,6 +126,10 @@ async def args_for(remedy: str, rig: Rig, faults: FaultInjector) -> list[str]:
     if remedy == "unfreeze-writes":  # frozen by hand, so every plan lifts it
         await faults.freeze_by_hand()
         return []
+    if remedy == COPY:  # a school lost again (or still), found in the copy's schools alone
+        async with await psycopg.AsyncConnection.connect(rig.victims.dsn) as conn:
+            await conn.execute("DELETE FROM schools WHERE id = (SELECT min(id) FROM schools)")
+        return ["--tables", "schools"]
     if remedy == "cleanup-orphans":
         await faults.orphan_ledger_rows(1)
         return ["points_ledger"]

@@ -38,6 +38,7 @@ def test_every_module_of_the_package_is_imported_and_registers_its_own() -> None
         "rematch-emails",
         "rematch-kajabi",
         "reprocess-webhooks",
+        "restore-from-copy",
         "set-role",
         "terminate",
         "unfreeze-writes",
@@ -91,6 +92,7 @@ ROW_WRITERS = {
     "reprocess-webhooks",
     "recover-users",
     "recover-learn",
+    "restore-from-copy",
     "set-role",
     "migration-resolve",
 }

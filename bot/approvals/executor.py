@@ -50,6 +50,7 @@ from commands.remedies.base import (
     RemedyAbort,
     backup_name,
 )
+from commands.rowdiff import TEXT_FORM_SQL
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class _TxWriter:
         identity: LeapsIdentity | None = None,
         session: _Session | None = None,
         audit: AuditRecorder | None = None,
+        *,
+        recovery_dsn: str | None = None,
     ) -> None:
         self._conn = conn
         self.approval_id = approval_id
@@ -156,6 +159,56 @@ class _TxWriter:
         self._session = session
         self._schema_ready = False
         self.audit = audit or AuditRecorder.off()
+        self._recovery_dsn = recovery_dsn
+        self._session_locked = False
+
+    async def commit(self) -> None:
+        """End this batch's transaction and begin the next as `_begin` did: timeouts and
+        identity again (what `_begin` sets, this sets again). The approval's lock is taken
+        for the session too before the first commit, so `remedy_running` and the sweeper
+        see it running until the end."""
+        if self._session is None:
+            raise RuntimeError("this writer has no session to begin a next batch with")
+        if not self._session_locked:
+            await self._conn.execute(
+                "SELECT pg_advisory_lock(%s)", (execution_lock_key(self.approval_id),)
+            )
+            self._session_locked = True
+        await self._conn.execute("COMMIT")
+        # READ WRITE: a write freeze may make read-only the default of new transactions.
+        await self._conn.execute("BEGIN READ WRITE")
+        await self._conn.execute(
+            "SELECT set_config('statement_timeout', %s, true),"
+            " set_config('lock_timeout', %s, true)",
+            (str(self._session.statement_timeout_ms), str(self._session.lock_timeout_ms)),
+        )
+        if self.identity is not None:
+            await self._conn.execute(*_identity_settings(self.identity, self.audit, local=True))
+
+    async def copy_from_source(
+        self, query: Query, params: Sequence[Any], target: sql.Composable
+    ) -> int:
+        if not self._recovery_dsn:
+            raise RemedyAbort("no recovery copy is configured (RECOVERY_DATABASE_URL)")
+        await self._conn.execute(TEXT_FORM_SQL)
+        timeout = self._session.statement_timeout_ms if self._session else 60_000
+        async with await psycopg.AsyncConnection.connect(
+            self._recovery_dsn, application_name=APPLICATION_NAME, connect_timeout=5
+        ) as source:
+            await source.set_read_only(True)
+            async with source.transaction():
+                await source.execute(TEXT_FORM_SQL)
+                await source.execute(
+                    "SELECT set_config('statement_timeout', %s, true)", (str(timeout),)
+                )
+                async with source.cursor() as out_cur, self._conn.cursor() as in_cur:
+                    copy_out = sql.SQL("COPY ({}) TO STDOUT").format(query)
+                    copy_in = sql.SQL("COPY {} FROM STDIN").format(target)
+                    async with out_cur.copy(copy_out, params) as out:
+                        async with in_cur.copy(copy_in) as into:
+                            async for chunk in out:
+                                await into.write(chunk)
+                    return in_cur.rowcount
 
     async def run_outside_transaction(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -211,8 +264,11 @@ class Executor:
         show_query_literals: bool = False,
         preflight_statement_timeout_ms: int = 5_000,
         preflight_lock_timeout_ms: int = 1_000,
+        recovery_dsn: str | None = None,
     ) -> None:
         self._dsn = normalise_scheme(dsn)
+        # RECOVERY_DATABASE_URL: where `Writer.copy_from_source` reads (restore-from-copy).
+        self._recovery_dsn = normalise_scheme(recovery_dsn) if recovery_dsn else None
         self.show_query_literals = show_query_literals
         self.statement_timeout_ms = statement_timeout_ms
         self.lock_timeout_ms = lock_timeout_ms
@@ -285,7 +341,14 @@ class Executor:
                 )
                 try:
                     session = _Session(self._dsn, self.statement_timeout_ms, self.lock_timeout_ms)
-                    writer = _TxWriter(conn, approval_id, identity, session, recorder)
+                    writer = _TxWriter(
+                        conn,
+                        approval_id,
+                        identity,
+                        session,
+                        recorder,
+                        recovery_dsn=self._recovery_dsn,
+                    )
                     outcome = await remedy.apply(writer, plan)
                 except OutsideStepFailed as exc:
                     raise Aborted(exc.outcome.model_copy(update={"ok": False}), "failed") from exc
@@ -405,7 +468,9 @@ class Executor:
                     self.preflight_lock_timeout_ms,
                     role=user_role,
                 )
-                writer = _TriedWriter(conn, approval_id, identity, None, recorder)
+                writer = _TriedWriter(
+                    conn, approval_id, identity, None, recorder, recovery_dsn=self._recovery_dsn
+                )
                 outcome = await remedy.apply(writer, tried)
                 affected = outcome.affected
                 # Before the rollback: what a rollback cannot take back.
@@ -591,6 +656,9 @@ class _TriedWriter(_TxWriter):
             "undo, so the try stopped before it"
         )
 
+    async def commit(self) -> None:
+        """The try is one transaction, rolled back whole: the batches are not committed."""
+
 
 def executor_from_settings(settings: Settings) -> Executor:
     """Remedies run on ADMIN_DATABASE_URL when set, else on DATABASE_URL."""
@@ -602,4 +670,5 @@ def executor_from_settings(settings: Settings) -> Executor:
         show_query_literals=settings.thresholds.show_query_literals,
         preflight_statement_timeout_ms=settings.check_timeout_ms,
         preflight_lock_timeout_ms=settings.lock_timeout_ms,
+        recovery_dsn=settings.recovery_database_url,
     )

@@ -243,6 +243,21 @@ class Writer(Protocol):
         """
         ...
 
+    async def commit(self) -> None:
+        """End this batch's transaction and begin the next with the same settings,
+        identity and limits (a remedy applied in batches, one transaction each). The
+        approval's advisory lock stays held across batches. A preflight never commits:
+        there it does nothing, and the whole try is rolled back."""
+        ...
+
+    async def copy_from_source(
+        self, query: Query, params: Sequence[Any], target: sql.Composable
+    ) -> int:
+        """Stream the rows of `query` run on the recovery copy (RECOVERY_DATABASE_URL,
+        read only) into the table `target` of this transaction, COPY to COPY, both sides
+        in the same text form (`commands.rowdiff.TEXT_FORM_SQL`); the rows copied."""
+        ...
+
 
 def backup_name(approval_id: str, name: str) -> str:
     """`<approval>_<name>` made a safe identifier (it is quoted as well): the table in
