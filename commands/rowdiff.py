@@ -63,7 +63,12 @@ SELECT current_setting('server_version_num')::int AS version_num,
        d.datcollate::text AS collate, pg_encoding_to_char(d.encoding)::text AS encoding,
        inet_server_addr()::text AS addr, inet_server_port() AS port,
        CASE WHEN has_function_privilege('pg_control_system()', 'execute')
-            THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system_id
+            THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system_id,
+       pg_is_in_recovery() AS in_recovery,
+       -- the timeline WAL is written on now: a copy restored from production's base backup
+       -- keeps its system identifier, and its promotion starts a new timeline
+       CASE WHEN NOT pg_is_in_recovery()
+            THEN substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline
 FROM pg_database AS d WHERE d.datname = current_database()
 """
 

@@ -10,14 +10,12 @@ and keep every new one."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 import pytest_asyncio
 from psycopg import sql
 
@@ -258,20 +256,6 @@ async def test_a_restore_to_the_mark_s_time_holds_the_same_state(scenario: Scena
     assert not run_dir.exists()
 
 
-def executor_for(prod_dsn: str, copy_dsn: str) -> Executor:
-    """The executor, told where the copy is. TODO(issue 15, part B): once restore-from-copy
-    is merged this is `Executor(prod_dsn, recovery_dsn=copy_dsn)` (its keyword on branch
-    `restore`); until then Executor may not take it, so it is passed only when it does."""
-    options: dict[str, Any] = {}
-    if "recovery_dsn" in inspect.signature(Executor).parameters:
-        options["recovery_dsn"] = copy_dsn
-    return Executor(prod_dsn, **options)
-
-
-@pytest.mark.skipif(
-    "restore-from-copy" not in REMEDIES,
-    reason="the restore-from-copy remedy (issue 15, part B) is not on this branch yet",
-)
 async def test_restore_from_copy_brings_back_every_lost_row(scenario: Scenario) -> None:
     s = scenario
     lost, changed, new = s.lost(), s.changed(), s.new()
@@ -294,7 +278,7 @@ async def test_restore_from_copy_brings_back_every_lost_row(scenario: Scenario) 
                 assert counts[table].get(cls) == n, (cls, table, counts[table])
             shown = {(str(t["table"]), str(t["key"])) for t in plan.targets if t["class"] == cls}
             assert shown and shown <= expected, (cls, shown)
-        state, outcome = await executor_for(s.prod_dsn, s.copy_dsn).apply(
+        state, outcome = await Executor(s.prod_dsn, recovery_dsn=s.copy_dsn).apply(
             remedy, plan, "pitr-test", identity
         )
         assert state == "done", outcome.summary

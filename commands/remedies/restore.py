@@ -179,11 +179,17 @@ def _same_database(ctx: Context, copy: Gateway, prod: Catalog, other: Catalog) -
     p, c = prod.facts, other.facts
     if ctx.gateway.target == copy.target:
         return f"RECOVERY_DATABASE_URL names production itself ({copy.target})"
-    if p["system_id"] and p["system_id"] == c["system_id"] and p["database"] == c["database"]:
-        return (
-            f"the copy is production itself: same system identifier ({p['system_id']}) "
-            f"and database ({p['database']})"
-        )
+    same_system = p["system_id"] and p["system_id"] == c["system_id"]
+    # A copy restored from production's base backup keeps its system identifier; once
+    # promoted it writes on a timeline of its own. The same identifier, database and
+    # timeline, or a copy still replaying (a replica), is production itself.
+    if same_system and p["database"] == c["database"]:
+        if c.get("in_recovery") or c.get("timeline") == p.get("timeline"):
+            return (
+                f"the copy is production itself: same system identifier ({p['system_id']}), "
+                f"database ({p['database']}) and "
+                + ("a replica still replaying it" if c.get("in_recovery") else "timeline")
+            )
     if p["addr"] and (p["addr"], p["port"], p["database"]) == (c["addr"], c["port"], c["database"]):
         return f"the copy is production itself: same host, port and database ({p['database']})"
     return None
