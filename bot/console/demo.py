@@ -153,6 +153,27 @@ async def walk_demo_incident(settings: Settings, dsn: str, run_dir: Path, out: T
     out.flush()
 
 
+async def walk_demo_emergency(
+    settings: Settings, pg: EmbeddedPostgres, dsn: str, out: TextIO
+) -> None:
+    """Act two: the guide's emergency recovery, on a database of its own
+    (`bot.console.demo_recovery`): a freeze, a restore from a copy, the runbook."""
+    from bot.console.demo_recovery import walk_emergency
+
+    out.write("\n═══ Emergency recovery: freeze the writes, restore from a copy, one runbook ═══\n")
+    missing = await walk_emergency(
+        settings.model_copy(update={"thresholds": DEMO_THRESHOLDS}),
+        pg,
+        await demo_service_user(dsn),
+        pg.data_dir.parent,
+        out,
+    )
+    if missing:
+        out.write("\nThe recovery did not end as planned: " + "; ".join(missing) + "\n")
+    out.write("═══ End of the emergency recovery ═══\n\n")
+    out.flush()
+
+
 async def inject_guide_faults(faults: FaultInjector) -> None:
     """A fault for each of the guide's later sections: Kajabi webhooks waiting and
     mis-matched, a payload received twice, a role outside the four, a recommended index
@@ -190,6 +211,7 @@ async def run_demo(settings: Settings, *, keep: bool = False, out: TextIO = sys.
         await add_statement_statistics(dsn)  # as on Supabase, for `/db slow`
         out.write("LEAPS fixture built: " + ", ".join(f"{n} {t}" for t, n in counts.items()) + "\n")
         await walk_demo_incident(settings, dsn, pg.data_dir.parent, out)
+        await walk_demo_emergency(settings, pg, dsn, out)
         out.write(
             "\ninjecting data faults: orphans, duplicate LEARN, duplicate webhook awards, "
             "missing and extra awards, a negative total …\n\n"
