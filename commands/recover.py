@@ -828,7 +828,7 @@ async def recover(ctx: Context, args: list[str]) -> Report:
     mode = runbook_mode(args)
     if mode is not None:
         name, rest = mode
-        return await status_report(ctx) if name == "status" else runbook_report(ctx, rest)
+        return await status_report(ctx) if name == "status" else await runbook_report(ctx, rest)
     dry_run, asked = parse_args(args)
     now = datetime.now(UTC)
     before = baseline_moment(asked, now)

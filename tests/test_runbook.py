@@ -7,6 +7,7 @@ The real approval engine, state store, executor and target; Slack is the fake We
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -14,26 +15,33 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, LiteralString
 
+import psycopg
+import pytest
 import pytest_asyncio
 
 from bot.access.roles import RoleResolver
 from bot.approvals.engine import APPROVE, ApprovalEngine, Click
 from bot.approvals.executor import Executor, remedy_running
 from bot.approvals.runbook import bound_of, runbook_status, step_id, target_lease
+from bot.embedded_pg import EmbeddedPostgres
+from bot.gateway import TargetGateway
 from bot.messages.notify import SlackNotifier
 from bot.router import RunContext
 from bot.settings import RemedyPolicy, Settings
 from bot.slack.app import make_web_client
 from bot.state import IncidentStore, StateStore
+from bot.state.baselines import StoreBaselines
+from commands.base import UsageError
 from commands.fixture.faults import FaultInjector
 from commands.recover import recover, take_baseline
 from commands.remedies.base import REMEDIES, Plan
 from commands.remedies.runbook import RUNBOOK_NAME
-from tests.conftest import bot_settings
+from tests.conftest import FAST_THRESHOLDS, bot_settings
 from tests.fakeslack import FakeSlack
 from tests.test_recover import admin, counts, execute, scalar
 from tests.test_recovery_remedies import rows
 
+_copies = itertools.count()
 CHANNEL = "C0RUNBOOK"
 REQUESTER = "U0REQ"
 PEOPLE = {REQUESTER: "REVIEWER"} | {
@@ -365,3 +373,55 @@ async def test_the_sweeper_leaves_a_running_runbook_alone(
     assert "`/db recover --runbook`" in summary
     # a claimer that no longer holds the row cannot renew its lease: it must stop
     assert not await store.renew_lease(approval_id, claimer=rig.engine.claimer)
+
+
+async def test_a_freeze_made_before_it_is_lifted_at_its_end_after_a_restore_from_a_copy(
+    pg: EmbeddedPostgres, leaps_template: str, fake_slack: FakeSlack, store: StateStore
+) -> None:
+    """The emergency recovery as the guide has it, one approval: the writes were stopped
+    by hand, a restored copy is configured, the runbook restores from it, verifies and
+    lifts the freeze."""
+    n = next(_copies)
+    prod = pg.create_database(f"rbk_prod_{n}", template=leaps_template)
+    copy = pg.create_database(f"rbk_copy_{n}", template=f"rbk_prod_{n}")  # before the loss
+    gateway, copy_gateway = TargetGateway(prod), TargetGateway(copy)
+    ctx = RunContext(gateway, FAST_THRESHOLDS, baselines=StoreBaselines(store))
+    ctx = replace(ctx, recovery_copy=copy_gateway)
+    rig = await make_rig(prod, fake_slack, store, ctx, Executor(prod, recovery_dsn=copy))
+    try:
+        await take_baseline(rig.ctx)
+        before = await counts(prod)
+        async with FaultInjector(prod) as faults:
+            loss = await faults.data_loss(pct=2, accounts=1)
+            await faults.freeze_by_hand()
+            try:
+                report = await recover(rig.ctx, ["--runbook"])
+                assert [f.check for f in report.findings][-2] == "runbook step 6: unfreeze-writes"
+                assert report.findings[0].check == "runbook step 1: restore-from-copy"
+                with pytest.raises(UsageError, match="frozen already"):
+                    await recover(rig.ctx, ["--runbook", "--freeze"])
+
+                approval_id = await rig.request([])
+                approval = await rig.store.get_approval(approval_id)
+                assert approval is not None  # restore-from-copy asks two ADMINs: so does it
+                assert (approval.approver_role, approval.needed_approvals) == ("ADMIN", 2)
+                await rig.press(approval_id, "U0ADMIN")
+                await rig.press(approval_id, "U0ADMIN2")
+                final = await rig.store.get_approval(approval_id)
+                assert final is not None and final.state == "done", final.outcome
+                assert await counts(prod) == before  # every lost row is back
+                assert loss.users
+                health = await recover(rig.ctx, ["--status"])
+                assert "6 of 6 steps done" in health.findings[0].summary
+                async with await psycopg.AsyncConnection.connect(prod) as conn:
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r"
+                        " ON r.oid = s.setrole WHERE r.rolname = 'authenticator'"
+                        " AND 'default_transaction_read_only=on' = ANY(s.setconfig)"
+                    )
+                    assert (await cur.fetchone()) == (0,)  # lifted by the runbook
+            finally:
+                await faults.lift_freeze()
+    finally:
+        await gateway.close()
+        await copy_gateway.close()

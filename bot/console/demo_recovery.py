@@ -8,8 +8,9 @@ its own so that the rest of the demo keeps its faults:
    recovery, `tests/test_pitr.py`): RECOVERY_DATABASE_URL names it;
 3. `freeze-writes`, approved by an ADMIN: `health` says the writes are frozen;
 4. the runbook (`/db recover --runbook`): one approval by two ADMINs runs
-   `restore-from-copy` and the steps after it, each re-planned, bounded and verified;
-5. `/db recover --status`, then `unfreeze-writes`; `health` no longer reports a freeze.
+   `restore-from-copy` and the steps after it, each re-planned, bounded and verified, and
+   ends with `unfreeze-writes` (the writes were frozen when it was asked for);
+5. `/db recover --status`; `health` no longer reports a freeze.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ async def walk_emergency(
             missing.append("health did not report the freeze")
 
         walk.say(
-            f"{ONCALL} asks for the whole recovery as one runbook (`/db recover --runbook`); "
-            f"restore-from-copy needs two ADMINs: {LEAD} and {LEAD2} approve"
+            f"{ONCALL} asks for the whole recovery as one runbook (`/db recover --runbook`), "
+            "which ends with the unfreeze; restore-from-copy needs two ADMINs: "
+            f"{LEAD} and {LEAD2} approve"
         )
         runbook = await walk.request("recover-runbook", [])
         state = await walk.approve(runbook, LEAD, LEAD2) if runbook else "not requested"
@@ -156,10 +158,7 @@ async def walk_emergency(
         walk.say("`/db recover --status`")
         await walk.diagnose("recover --status")
 
-        walk.say(f"{ONCALL} lifts the freeze (`/db unfreeze-writes`), {LEAD} approves")
-        state = await walk.approve(await walk.request("unfreeze-writes", []), LEAD)
-        if state != "done":
-            missing.append(f"unfreeze-writes ended {state}")
+        walk.say("`/db health` after the runbook (its freeze finding)")
         if _frozen(await walk.diagnose("health", only=FREEZE_CHECK)):
-            missing.append("still frozen after unfreeze-writes")
+            missing.append("still frozen after the runbook")
     return missing

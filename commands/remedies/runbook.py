@@ -11,7 +11,8 @@ runbook is written over names, not modules:
 4. `verify-recovery`: `/db recover`'s own verification, read-only: not clean, it stops
    the run before the unfreeze (the freeze stays until someone decides); as the last
    step it reports what is still lost (what the sources did not hold);
-5. `unfreeze-writes` (with `--freeze`).
+5. `unfreeze-writes` (with `--freeze`, or when the writes are frozen when it is asked for:
+   a freeze made before the runbook, by the bot or by hand, is lifted at its end).
 
 A step whose remedy this bot does not have is "not available in this bot", and the runbook
 is refused: it would not be the recovery the approvers read.
@@ -33,6 +34,8 @@ module only plans, read-only, like every remedy.
 
 from __future__ import annotations
 
+from functools import partial
+
 from commands.base import Context, Finding, Reader, Report, Row, Status, UsageError
 from commands.remedies.base import (
     REMEDIES,
@@ -46,6 +49,7 @@ from commands.remedies.base import (
     Writer,
     add_remedy,
 )
+from commands.remedies.freeze import freeze_state
 
 RUNBOOK_NAME = "recover-runbook"
 FREEZE = "freeze-writes"
@@ -100,16 +104,40 @@ def continue_command(freeze: bool, first: int) -> str:
     return " ".join(["/db recover --runbook", *runbook_args(freeze, first)])
 
 
-def step_names(ctx: Context, freeze: bool) -> list[str]:
-    """The whole runbook's remedies, in order, by name (numbered from 1)."""
+def step_names(ctx: Context, freeze: bool, frozen: bool = False) -> list[str]:
+    """The whole runbook's remedies, in order, by name (numbered from 1): the unfreeze
+    last when the runbook freezes or the writes were `frozen` already. The same request
+    gives the same numbers while the run goes on (`--from-step`): a run's own freeze is
+    step 1 whether or not it has happened yet."""
     sources = [RESTORE] if ctx.recovery_copy is not None else list(SOURCES)
     return [
         *([FREEZE] if freeze else []),
         *sources,
         *AFTER_SOURCES,
         VERIFY,
-        *([UNFREEZE] if freeze else []),
+        *([UNFREEZE] if freeze or frozen else []),
     ]
+
+
+async def frozen_now(ctx: Context) -> bool:
+    """Whether the application's writes are frozen now (by the bot or by hand). If it
+    cannot be read, the runbook does not plan an unfreeze: a freeze outlives a runbook
+    that did not lift it, never the other way round."""
+    try:
+        state = await ctx.gateway.read(partial(freeze_state, ctx.app_roles))
+    except Exception:
+        return False
+    return bool(state.frozen)
+
+
+async def _names(ctx: Context, freeze: bool, first: int) -> list[str]:
+    frozen = await frozen_now(ctx)
+    if freeze and frozen and first == 1:
+        raise UsageError(
+            "the writes are frozen already: ask for the runbook without --freeze; it still "
+            "ends with `unfreeze-writes`"
+        )
+    return step_names(ctx, freeze, frozen)
 
 
 def missing_steps(names: list[str]) -> list[tuple[int, str]]:
@@ -124,7 +152,7 @@ def _follows(names: list[str], number: int, first: int) -> list[int]:
 
 async def plan_runbook(ctx: Context, args: list[str]) -> Plan:
     freeze, first = parse_runbook_args(args)
-    names = step_names(ctx, freeze)
+    names = await _names(ctx, freeze, first)
     missing = missing_steps(names)
     if missing:
         listed = "; ".join(
@@ -281,12 +309,12 @@ RECOVER_RUNBOOK: Remedy = add_remedy(
 )
 
 
-def runbook_report(ctx: Context, args: list[str]) -> Report:
+async def runbook_report(ctx: Context, args: list[str]) -> Report:
     """`/db recover --runbook …`: the steps by name, and the runbook requested as a
     follow-up (its own approval thread, where the dry runs and bounds are shown), or the
     refusal when a step is not available in this bot."""
     freeze, first = parse_runbook_args(args)
-    names = step_names(ctx, freeze)
+    names = await _names(ctx, freeze, first)
     missing = dict(missing_steps(names))
     findings = [
         Finding(
