@@ -408,7 +408,8 @@ async def test_a_freeze_made_before_it_is_lifted_at_its_end_after_a_restore_from
                 await rig.press(approval_id, "U0ADMIN")
                 await rig.press(approval_id, "U0ADMIN2")
                 final = await rig.store.get_approval(approval_id)
-                assert final is not None and final.state == "done", final.outcome
+                assert final is not None
+                assert final.state == "done", final.outcome
                 assert await counts(prod) == before  # every lost row is back
                 assert loss.users
                 health = await recover(rig.ctx, ["--status"])
