@@ -129,6 +129,9 @@ class House:
             store=store,  # resolved roles are kept for outages
         )
         self.executor = executor_from_settings(settings)
+        # The incident store joins every audited approval step in a channel with an active
+        # incident to its timeline.
+        incident_store = IncidentStore.attach(store, frontend.clock)
         self.ctx = RunContext(
             gateway,
             settings.thresholds,
@@ -143,14 +146,12 @@ class House:
             recovery_copy=recovery_copy,  # RECOVERY_DATABASE_URL, read only
             bot_roles=bot_roles(settings),  # a freeze never sets them read only
             runbook_status=partial(runbook_status, store),  # `/db recover --status`
+            incident_detection=incident_store.first_detection,  # restore-from-copy --until
         )
         self.dispatcher = Dispatcher(self.ctx, coalesce_s=settings.coalesce_s)
         self.engine = ApprovalEngine(
             settings, store, self.ctx, self.executor, frontend.notifier, self.roles
         )
-        # The incident store joins every audited approval step in a channel with an active
-        # incident to its timeline.
-        incident_store = IncidentStore.attach(store, frontend.clock)
         self.comms = IncidentComms(
             partial(self._incident_service, incident_store),
             frontend.publisher,

@@ -26,6 +26,7 @@ from commands.base import (
     BaselineStore,
     Command,
     Gateway,
+    IncidentDetection,
     LeapsIdentity,
     RecoveryHook,
     RefreshJournal,
@@ -62,6 +63,7 @@ class RunContext:
     recovery_copy: Gateway | None = None  # RECOVERY_DATABASE_URL, read only
     bot_roles: tuple[str, ...] = ()  # the roles the bot logs in as: never frozen
     runbook_status: RunbookStatus | None = None  # the runbooks kept in the state store
+    incident_detection: IncidentDetection | None = None  # the open incident's detection
 
 
 @dataclass

@@ -272,6 +272,9 @@ RecoveryHook = Callable[["Report"], Awaitable[None]]
 # The recovery runbooks of this target the bot is running or ran last, newest first, one
 # row per step (for `/db recover --status`); kept in the bot's state store.
 RunbookStatus = Callable[[], Awaitable[list[Row]]]
+# When the open incident was detected and which one ("incident #3 (data loss)"), or None
+# when none is open: what `restore-from-copy --until` defaults to.
+IncidentDetection = Callable[[], Awaitable[tuple[datetime, str] | None]]
 
 
 class Context(Protocol):
@@ -340,6 +343,11 @@ class Context(Protocol):
     @property
     def runbook_status(self) -> RunbookStatus | None:
         """None where the bot keeps no runbooks (a one-off console run)."""
+        ...
+
+    @property
+    def incident_detection(self) -> IncidentDetection | None:
+        """None where the bot keeps no incidents."""
         ...
 
 

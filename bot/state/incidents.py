@@ -248,6 +248,15 @@ class IncidentStore:
         async with self._store._tx(write=False) as session:
             return [_incident(row) for row in (await session.scalars(stmt)).all()]
 
+    async def first_detection(self) -> tuple[datetime, str] | None:
+        """The earliest detection of the open incidents, and which one: where a loss had
+        begun at the latest (`restore-from-copy --until` defaults to it)."""
+        incidents = await self.active()
+        if not incidents:
+            return None
+        first = min(incidents, key=lambda i: i.detected_at)
+        return first.detected_at, f"incident #{first.id} ({first.title})"
+
     async def latest_in(self, channel_id: str) -> Incident | None:
         """The channel's most recent incident, active or not (for `reopen`)."""
         stmt = (
