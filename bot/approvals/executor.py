@@ -103,6 +103,40 @@ def _identity_settings(
     )
 
 
+async def _limits(
+    conn: psycopg.AsyncConnection[Any],
+    statement_timeout_ms: int,
+    lock_timeout_ms: int,
+    lock_key: int | None = None,
+) -> None:
+    """The first statements of every remedy transaction: READ WRITE (a database-wide
+    freeze, `freeze-writes`, makes the bot's own role start read only, and the bot must
+    still repair), its timeouts, and the advisory lock named after the approval when given
+    (held until the transaction ends)."""
+    await conn.execute("SET TRANSACTION READ WRITE")
+    lock = ", pg_advisory_xact_lock(%s)" if lock_key is not None else ""
+    params = (str(statement_timeout_ms), str(lock_timeout_ms))
+    await conn.execute(
+        "SELECT set_config('statement_timeout', %s, true),"
+        f" set_config('lock_timeout', %s, true){lock}",
+        params if lock_key is None else (*params, lock_key),
+    )
+
+
+async def _act_as(
+    conn: psycopg.AsyncConnection[Any],
+    identity: LeapsIdentity | None,
+    recorder: AuditRecorder,
+    role: str | None = None,
+) -> None:
+    """Who the transaction acts as (rule 8); without an identity, `role` alone (if any)
+    as app.user_role."""
+    if identity is not None:
+        await conn.execute(*_identity_settings(identity, recorder, local=True))
+    elif role:
+        await conn.execute("SELECT set_config(%s, %s, true)", (USER_ROLE_SETTING, role))
+
+
 async def _begin(
     conn: psycopg.AsyncConnection[Any],
     approval_id: str,
@@ -112,23 +146,13 @@ async def _begin(
     *,
     role: str | None = None,
 ) -> AuditRecorder:
-    """The first statements of a remedy's transaction, approved or tried: its timeouts,
-    the advisory lock named after the approval, and who it acts as. Rule 11: where the
-    live audit trigger refuses writes made with app.user_id, it acts without it and the
-    returned recorder writes the audit rows. Without an identity, `role` alone (if any)
-    is set as app.user_role. READ WRITE first: a database-wide freeze (`freeze-writes`)
-    makes the bot's own role start read only, and the bot must still repair."""
-    await conn.execute("SET TRANSACTION READ WRITE")
-    await conn.execute(
-        "SELECT set_config('statement_timeout', %s, true),"
-        " set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
-        (str(statement_timeout_ms), str(lock_timeout_ms), execution_lock_key(approval_id)),
-    )
+    """The first statements of a remedy's transaction, approved or tried: its limits and
+    lock (`_limits`), and who it acts as. Rule 11: where the live audit trigger refuses
+    writes made with app.user_id, it acts without it and the returned recorder writes the
+    audit rows."""
+    await _limits(conn, statement_timeout_ms, lock_timeout_ms, execution_lock_key(approval_id))
     recorder = AuditRecorder(await audit_trail(_TxWriter(conn, approval_id)), identity)
-    if identity is not None:
-        await conn.execute(*_identity_settings(identity, recorder, local=True))
-    elif role:
-        await conn.execute("SELECT set_config(%s, %s, true)", (USER_ROLE_SETTING, role))
+    await _act_as(conn, identity, recorder, role)
     return recorder
 
 
@@ -163,10 +187,9 @@ class _TxWriter:
         self._session_locked = False
 
     async def commit(self) -> None:
-        """End this batch's transaction and begin the next as `_begin` did: timeouts and
-        identity again (what `_begin` sets, this sets again). The approval's lock is taken
-        for the session too before the first commit, so `remedy_running` and the sweeper
-        see it running until the end."""
+        """End this batch's transaction and begin the next with the limits and identity
+        `_begin` set. The approval's lock is taken for the session too before the first
+        commit, so `remedy_running` and the sweeper see it running until the end."""
         if self._session is None:
             raise RuntimeError("this writer has no session to begin a next batch with")
         if not self._session_locked:
@@ -175,15 +198,10 @@ class _TxWriter:
             )
             self._session_locked = True
         await self._conn.execute("COMMIT")
-        # READ WRITE: a write freeze may make read-only the default of new transactions.
-        await self._conn.execute("BEGIN READ WRITE")
-        await self._conn.execute(
-            "SELECT set_config('statement_timeout', %s, true),"
-            " set_config('lock_timeout', %s, true)",
-            (str(self._session.statement_timeout_ms), str(self._session.lock_timeout_ms)),
-        )
-        if self.identity is not None:
-            await self._conn.execute(*_identity_settings(self.identity, self.audit, local=True))
+        await self._conn.execute("BEGIN")
+        s = self._session
+        await _limits(self._conn, s.statement_timeout_ms, s.lock_timeout_ms)
+        await _act_as(self._conn, self.identity, self.audit)
 
     async def copy_from_source(
         self, query: Query, params: Sequence[Any], target: sql.Composable
