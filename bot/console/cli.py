@@ -103,6 +103,26 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     return 0
 
 
+def _require_before_importing(settings: Settings, mode: str, args: argparse.Namespace) -> None:
+    """The settings a mode cannot start without, checked before its modules are imported
+    (the Slack stack, the house): a missing one costs a one-line error, not a second of
+    imports first. The modes check again where they start; this only answers sooner."""
+    if mode == "serve":
+        settings.require("slack_bot_token", "slack_signing_secret", "database_url")
+    elif mode == "socket":
+        settings.require("slack_bot_token", "slack_app_token", "database_url")
+    elif mode == "run" and not args.user:
+        from bot.router import parse
+        from commands.base import UsageError
+
+        try:
+            name = parse(args.command)[0]
+        except UsageError:
+            name = ""  # the dispatcher says what is wrong with it, with the database
+        if name != "help":  # help needs no database (run_once)
+            settings.require("database_url")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -116,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                 mode = "serve"
             else:
                 mode = "demo"
+        _require_before_importing(settings, mode, args)
         if mode == "serve":
             from bot.slack.server import serve_http
 
             port = getattr(args, "port", None) or settings.port
             host = getattr(args, "host", "0.0.0.0")
             workers = getattr(args, "workers", None) or settings.web_concurrency
-            settings.require("slack_bot_token", "slack_signing_secret", "database_url")
             if workers > 1:
                 from bot.slack.workers import supervise
 
