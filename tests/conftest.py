@@ -254,8 +254,8 @@ async def make_audit_variant(dsn: str, variant: str) -> None:
 # A state store of the test's own, and the run context of the recovery tests on it (their
 # baselines live there): test_recover, test_recover_figures, test_recovery_remedies.
 @pytest_asyncio.fixture(loop_scope="session")
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_store(f"sqlite:///{tmp_path}/state.sqlite3")
+async def store() -> AsyncIterator[StateStore]:
+    opened = await open_store(fresh_state_url())  # a copy of the migrated template
     yield opened
     await opened.close()
 
