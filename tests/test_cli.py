@@ -13,6 +13,7 @@ import pytest
 
 from commands.base import Status
 from tests import leakcheck
+from tests.conftest import fresh_state_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +157,7 @@ async def test_console_approval_flow(leaps_dsn: str, tmp_path: Path) -> None:
         await victims.close()
 
 
-async def test_console_approval_prints_sql_as_written(leaps_dsn: str, tmp_path: Path) -> None:
+async def test_console_approval_prints_sql_as_written(leaps_dsn: str) -> None:
     """`*` in SQL is SQL, not mrkdwn emphasis: `SELECT t.*` and `count(*)` print whole."""
     from commands.fixture.faults import FaultInjector
 
@@ -164,7 +165,7 @@ async def test_console_approval_prints_sql_as_written(leaps_dsn: str, tmp_path: 
         await faults.orphan_attachments(2)
     env = {
         "DATABASE_URL": leaps_dsn,
-        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "STATE_DATABASE_URL": fresh_state_url(),  # a copy of the migrated template
         "ROLE_MAP": json.dumps({"U0LEAD": "ADMIN"}),
     }
     asked = bot_cli("run", "cleanup-orphans", "--user", "U0LEAD", env=env)
