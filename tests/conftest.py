@@ -7,6 +7,7 @@ a test that changes data gets its own copy (`CREATE DATABASE … TEMPLATE`).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -79,6 +80,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
 
     items.sort(key=rank)  # stable: the same order on every worker, as xdist requires
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What is imported by now (the bot, its libraries, the test modules) lives as long as
+    the session: out of the cyclic GC's reach, as the bot does after start-up
+    (bot/slack/server.py), so the full collections the tests cause do not walk it again and
+    again. Objects the tests create are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
