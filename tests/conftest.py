@@ -7,6 +7,7 @@ a test that changes data gets its own copy (`CREATE DATABASE … TEMPLATE`).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -79,6 +80,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
 
     items.sort(key=rank)  # stable: the same order on every worker, as xdist requires
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What is imported by now (the bot, its libraries, the test modules) lives as long as
+    the session: out of the cyclic GC's reach, as the bot does after start-up
+    (bot/slack/server.py), so the full collections the tests cause do not walk it again and
+    again. Objects the tests create are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -254,8 +264,8 @@ async def make_audit_variant(dsn: str, variant: str) -> None:
 # A state store of the test's own, and the run context of the recovery tests on it (their
 # baselines live there): test_recover, test_recover_figures, test_recovery_remedies.
 @pytest_asyncio.fixture(loop_scope="session")
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_store(f"sqlite:///{tmp_path}/state.sqlite3")
+async def store() -> AsyncIterator[StateStore]:
+    opened = await open_store(fresh_state_url())  # a copy of the migrated template
     yield opened
     await opened.close()
 

@@ -1,7 +1,8 @@
 """`python -m bot demo --keep` as a new user runs it (what `make run ARGS='demo --keep'`
-does): it prints the DATABASE_URL of its PostgreSQL with the faults still in place, `python
--m bot run "health"` reports against it from another process, and Ctrl-C stops the demo and
-its PostgreSQL within seconds."""
+does): it names every fault it injected, section by section, prints the DATABASE_URL of its
+PostgreSQL with the faults still in place, `python -m bot run "health"` reports against it
+from another process, and Ctrl-C stops the demo and its PostgreSQL within seconds. (One
+demo run carries all of it: each run builds a PostgreSQL cluster and the fixture.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+
+from tests import leakcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_LIMIT_S = 180.0  # the whole demo until the DSN is printed, on a busy machine
@@ -54,8 +57,41 @@ def refused(dsn: str) -> bool:
         return True
 
 
+def assert_every_fault_named(out: str) -> None:
+    """The demo's findings: the five faults of its final health report, and the later
+    sections of the guide, each with the fault the demo injected for it."""
+    flagged = [line for line in out.splitlines() if line.startswith(("[CRIT", "[WARN"))]
+    text = "\n".join(flagged)
+    for check, detail in [
+        ("idle in transaction", "idle in transaction"),
+        ("blocked sessions", "←"),
+        ("materialized views", "leaderboard_totals"),
+        ("migrations", "failed"),
+        ("guard: AMPLIFY quota trigger", "disabled"),
+    ]:
+        line = next((ln for ln in flagged if f"] {check}:" in ln), None)
+        assert line is not None, f"{check} not flagged in:\n{text}"
+        assert detail in line, line
+    # the later sections of the guide, each with the fault the demo injected for it
+    for check, detail in [
+        ("webhooks: unmatched backlog (alert)", "alert above 50"),
+        ("webhooks: NO_USER_FOUND with a matching user", "2 NO_USER_FOUND events match"),
+        ("webhooks: duplicate payloads", "2 payloads received more than once"),
+        ("invalid roles", "MODERATOR"),
+        ("duplicate indexes", "submissions_user_id_copy_idx"),
+        ("recommended indexes", "points_ledger(user_id, created_at DESC)"),
+        ("leaderboard_totals: vs ledger", "stale"),
+    ]:
+        line = next((ln for ln in flagged if f"] {check}:" in ln), None)
+        assert line is not None, f"{check} not flagged in:\n{text}"
+        assert detail in line, line
+    # `/db slow` reads pg_stat_statements where Supabase keeps it (the demo creates it there)
+    assert "] top statements: 20 costliest statements of this database" in out
+    assert "(extensions.pg_stat_statements)" in out
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C is SIGINT")
-async def test_demo_keep_serves_its_database_until_ctrl_c() -> None:
+async def test_demo_names_every_fault_and_keeps_its_database_until_ctrl_c() -> None:
     demo = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -71,6 +107,7 @@ async def test_demo_keep_serves_its_database_until_ctrl_c() -> None:
     try:
         assert demo.stdout is not None
         variables = await asyncio.wait_for(read_until_export(demo.stdout, seen), DEMO_LIMIT_S)
+        assert_every_fault_named("".join(seen))
         dsn = variables["DATABASE_URL"]
         assert "REMEDY_SERVICE_USER_ID" in variables  # looked up before the blocking chain
         run = await asyncio.create_subprocess_exec(
@@ -108,3 +145,4 @@ async def test_demo_keep_serves_its_database_until_ctrl_c() -> None:
             demo.kill()
             await demo.wait()
             sys.stderr.write("".join(seen))
+        leakcheck.collect("output of python -m bot demo --keep", "".join(seen))

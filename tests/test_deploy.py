@@ -215,9 +215,10 @@ async def test_metrics_add_up_across_http_workers(leaps_dsn: str, fake_slack: Fa
 # The interpreter of this virtualenv may live where only root can read (/root/.pyenv): it
 # starts as root, imports the bot, and drops to the unprivileged user before `main()`, so
 # everything the bot does at run time (migrations, the state file, serving) is done as it.
+# (Alembic too: the bot imports it only when a migration is due.)
 DROP_PRIVILEGES = """
 import os, sys
-import aiosqlite, sqlalchemy.dialects.sqlite.aiosqlite
+import aiosqlite, sqlalchemy.dialects.sqlite.aiosqlite, alembic.command, alembic.config
 import bot.console.cli, bot.slack.server, bot.state.store, commands
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([]); os.setgid(gid); os.setuid(uid)

@@ -16,7 +16,7 @@ from bot.incidents.comms import record_verification
 from bot.incidents.facts import last_verification, verification_from_report
 from commands.base import Finding, Report, Status
 from tests import test_incidents
-from tests.conftest import RunningBot, bot_settings, running_bot
+from tests.conftest import RunningBot, bot_settings, fresh_state_url, running_bot
 from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import action_body, signed_headers
 from tests.test_approvals import ADMIN, REQUESTER, Victims, plan_message, press, settle
@@ -275,12 +275,12 @@ async def test_the_summary_of_a_scripted_incident(ibot: RunningBot, idle: Victim
     assert completes and completes[-1].params.get("channel_id") == CHANNEL
 
 
-def test_the_console_prints_the_summary_on_resolve_and_the_file(tmp_path: Path) -> None:
+def test_the_console_prints_the_summary_on_resolve_and_the_file() -> None:
     from tests.test_cli import bot_cli
 
     env = {
         "DATABASE_URL": "postgresql://127.0.0.1:9/none",  # incidents need no target
-        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "STATE_DATABASE_URL": fresh_state_url(),  # a copy of the migrated template
         "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER"}),
     }
 

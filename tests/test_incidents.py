@@ -19,7 +19,7 @@ from bot.slack.app import make_web_client
 from bot.state import Incident, IncidentStore, open_store
 from bot.state.baselines import StoreBaselines
 from commands.incidents.lifecycle import SlaTargets, Start
-from tests.conftest import RunningBot, bot_settings, running_bot
+from tests.conftest import RunningBot, bot_settings, fresh_state_url, running_bot
 from tests.fakeslack import Call, FakeSlack
 from tests.slackreq import signed_headers
 from tests.test_approvals import ADMIN, REQUESTER, ROLES, Victims, plan_message, press, settle
@@ -452,12 +452,12 @@ async def test_watchdog_detection_and_clean_recovery_verification(ibot: RunningB
     assert (last.kind, last.actor_id, last.detail["submissions_pct"]) == ("recovered", "bot", 97.8)
 
 
-def test_the_console_runs_incidents_through_the_same_service(tmp_path: Path) -> None:
+def test_the_console_runs_incidents_through_the_same_service() -> None:
     from tests.test_cli import bot_cli
 
     env = {
         "DATABASE_URL": "postgresql://127.0.0.1:9/none",  # incidents need no target
-        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "STATE_DATABASE_URL": fresh_state_url(),  # a copy of the migrated template
         "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER"}),
     }
     started = bot_cli("run", "incident start Console drill sev3", "--user", "U0ONCALL", env=env)
@@ -475,13 +475,13 @@ def test_the_console_runs_incidents_through_the_same_service(tmp_path: Path) -> 
 
 
 async def test_console_diagnostics_and_approvals_join_the_console_incident(
-    leaps_dsn: str, tmp_path: Path, idle: Victims
+    leaps_dsn: str, idle: Victims
 ) -> None:
     from tests.test_cli import bot_cli
 
     env = {
         "DATABASE_URL": leaps_dsn,
-        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "STATE_DATABASE_URL": fresh_state_url(),  # a copy of the migrated template
         "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER", "U0LEAD": "ADMIN"}),
     }
     assert bot_cli("run", "incident start Drill", "--user", "U0ONCALL", env=env).returncode == 0

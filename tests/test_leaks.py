@@ -243,11 +243,14 @@ def test_logs_a_dsn():
 
 
 def inner_session(tmp_path: Path, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A pytest session of its own with the leak check. Hypothesis's plugin is left out:
+    the inner test has no use for it, and its import is most of a session's CPU (xdist's
+    workers inherit the `-p no:`)."""
     (tmp_path / "test_inner.py").write_text(INNER_TEST.format(dsn=dsn))
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.leakcheck", "-p", "no:cacheprovider",
-         *args, "test_inner.py"],
+         "-p", "no:hypothesispytest", *args, "test_inner.py"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, LiteralString
 
 import psycopg
@@ -30,7 +29,7 @@ from commands.remedies.recovery import (
     LearnRecoveryData,
 )
 from commands.remedies.refresh import REFRESH_VIEWS
-from tests.conftest import RunningBot, bot_settings, running_bot
+from tests.conftest import RunningBot, bot_settings, fresh_state_url, running_bot
 from tests.fakeslack import FakeSlack
 
 _ids = itertools.count()
@@ -353,7 +352,7 @@ async def test_recover_over_slack_requests_each_step_unless_dry_run(
 
 
 async def test_recover_from_the_console_requests_the_steps(
-    leaps_dsn: str, faults: FaultInjector, tmp_path: Path
+    leaps_dsn: str, faults: FaultInjector
 ) -> None:
     """`python -m bot run "recover" --user …`: the report, then each step requested as
     that user (pending approval), as from Slack; a participant may not."""
@@ -364,7 +363,7 @@ async def test_recover_from_the_console_requests_the_steps(
     await faults.data_loss(pct=5, accounts=2)
     env = {
         "DATABASE_URL": leaps_dsn,
-        "STATE_DATABASE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        "STATE_DATABASE_URL": fresh_state_url(),  # a copy of the migrated template
         "ROLE_MAP": json.dumps({"U0ONCALL": "REVIEWER", "U0GUEST": "PARTICIPANT"}),
     }
     refused = bot_cli("run", "recover", "--user", "U0GUEST", env=env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 
@@ -61,12 +62,20 @@ def _configure_logging(settings: Settings) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def imports_done() -> None:
+    """The mode's modules are imported: the cyclic GC, off while `python -m bot` imports
+    them (bot/__main__.py), is on again for the run itself."""
+    gc.enable()
+
+
 async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     from bot.console.console import console_frontend
     from bot.house import build_house
     from bot.router import Answer, help_answer, parse
     from commands.base import UsageError
     from commands.remedies.base import Plan
+
+    imports_done()
 
     try:
         name, words = parse(text)
@@ -103,6 +112,26 @@ async def run_once(settings: Settings, text: str, as_json: bool) -> int:
     return 0
 
 
+def _require_before_importing(settings: Settings, mode: str, args: argparse.Namespace) -> None:
+    """The settings a mode cannot start without, checked before its modules are imported
+    (the Slack stack, the house): a missing one costs a one-line error, not a second of
+    imports first. The modes check again where they start; this only answers sooner."""
+    if mode == "serve":
+        settings.require("slack_bot_token", "slack_signing_secret", "database_url")
+    elif mode == "socket":
+        settings.require("slack_bot_token", "slack_app_token", "database_url")
+    elif mode == "run" and not args.user:
+        from bot.router import parse
+        from commands.base import UsageError
+
+        try:
+            name = parse(args.command)[0]
+        except UsageError:
+            name = ""  # the dispatcher says what is wrong with it, with the database
+        if name != "help":  # help needs no database (run_once)
+            settings.require("database_url")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -116,22 +145,25 @@ def main(argv: list[str] | None = None) -> int:
                 mode = "serve"
             else:
                 mode = "demo"
+        _require_before_importing(settings, mode, args)
         if mode == "serve":
             from bot.slack.server import serve_http
 
             port = getattr(args, "port", None) or settings.port
             host = getattr(args, "host", "0.0.0.0")
             workers = getattr(args, "workers", None) or settings.web_concurrency
-            settings.require("slack_bot_token", "slack_signing_secret", "database_url")
             if workers > 1:
                 from bot.slack.workers import supervise
 
+                imports_done()
                 return supervise(workers, port, host)
+            imports_done()
             asyncio.run(serve_http(settings, port, host, getattr(args, "reuse_port", False)))
             return 0
         if mode == "socket":
             from bot.slack.server import serve_socket
 
+            imports_done()
             asyncio.run(
                 serve_socket(
                     settings, getattr(args, "port", None), getattr(args, "host", "0.0.0.0")
@@ -141,17 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "run" and args.user:
             from bot.console.console import request_from_console
 
+            imports_done()
             return asyncio.run(request_from_console(settings, args.command, args.user))
         if mode == "run":
             return asyncio.run(run_once(settings, args.command, args.json))
         if mode == "export":
             from bot.slack.exports import export_from_console
 
+            imports_done()
             what = [args.kind, *(["--since", args.since] if args.since else [])]
             return asyncio.run(export_from_console(settings, what, args.out))
         if mode in ("approve", "reject"):
             from bot.console.console import decide_from_console
 
+            imports_done()
             return asyncio.run(
                 decide_from_console(
                     settings, args.approval_id, args.user, approve=mode == "approve"
@@ -159,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         from bot.console.demo import run_demo
 
+        imports_done()
         try:
             return asyncio.run(run_demo(settings, keep=getattr(args, "keep", False)))
         except KeyboardInterrupt:

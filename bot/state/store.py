@@ -11,8 +11,11 @@ lock on PostgreSQL, the write lock taken by `BEGIN IMMEDIATE` on SQLite).
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import functools
 import logging
+import re
 import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -21,11 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, distinct, event, func, or_, select, text, update
+from sqlalchemy import Connection, column, distinct, event, func, or_, select, table, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -43,6 +44,7 @@ from bot.state.models import (
     DECISIONS,
     ORIGINS,
     REFRESH_MODES,
+    VERSION_TABLE,
     ApprovalRow,
     ApprovalState,
     AuditRow,
@@ -54,6 +56,9 @@ from bot.state.models import (
     RefreshMode,
     RoleChangeRow,
 )
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +276,8 @@ def alembic_config(url: str | None = None) -> Config:
     `url` is only for running Alembic by hand, e.g. to write the next revision:
     `command.revision(alembic_config(url), "what changed", autogenerate=True, rev_id="0002")`.
     """
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     cfg.set_main_option("path_separator", "os")
@@ -279,13 +286,71 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+# `revision = "0009"` and `down_revision = "0008"` (typed or not) in a migration script.
+_REVISION_LINE = re.compile(r"^(down_revision|revision)\b[^=\n]*=(.*)$", re.MULTILINE)
+
+
+@functools.cache
+def head_revision() -> str | None:
+    """The head of the migration scripts, read from their text without importing Alembic
+    (most starts find the store already there); None when the scripts are not one plain
+    chain of literal revisions, and Alembic decides."""
+    parents: dict[str, tuple[str, ...]] = {}
+    for script in sorted((MIGRATIONS_DIR / "versions").glob("*.py")):
+        found: dict[str, object] = {}
+        for name, value in _REVISION_LINE.findall(script.read_text(encoding="utf-8")):
+            try:
+                found.setdefault(name, ast.literal_eval(value.strip()))
+            except (ValueError, TypeError, SyntaxError):
+                return None
+        revision, down = found.get("revision"), found.get("down_revision", ...)
+        if not isinstance(revision, str) or revision in parents:
+            return None
+        if down is None:
+            parents[revision] = ()
+        elif isinstance(down, str):
+            parents[revision] = (down,)
+        else:
+            return None  # a merge point, or no down_revision line: Alembic knows best
+    pointed = {p for ps in parents.values() for p in ps}
+    heads = set(parents) - pointed
+    if len(heads) != 1 or not pointed <= set(parents):
+        return None
+    return heads.pop()
+
+
+async def _at_head(engine: AsyncEngine) -> bool:
+    """The database's recorded revision is the scripts' head: nothing to upgrade. A read
+    without the migration lock: a migration running elsewhere is not committed yet, so we
+    see the old revision and take the locked way."""
+    head = head_revision()
+    if head is None:
+        return False
+
+    def recorded(sync_conn: Connection) -> set[str] | None:
+        if not sync_conn.dialect.has_table(sync_conn, VERSION_TABLE):
+            return None
+        versions = table(VERSION_TABLE, column("version_num"))
+        rows = sync_conn.execute(select(versions.c.version_num))
+        return {str(v) for v in rows.scalars()}
+
+    async with engine.connect() as conn:
+        reader = await conn.execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
+        return await reader.run_sync(recorded) == {head}
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """`alembic upgrade head` on the engine's database, safe with replicas starting together.
 
+    Alembic is imported and run only when the recorded revision is not already the head.
     Lock and DDL share one transaction: on PostgreSQL a transaction-scoped advisory lock makes a
     second replica wait until the first has committed (then it finds nothing to do); on SQLite
     `BEGIN IMMEDIATE` does the same with the file's write lock.
     """
+    if await _at_head(engine):
+        return
+    from alembic import command
+
     cfg = alembic_config()
 
     def upgrade(sync_conn: Connection) -> None:
