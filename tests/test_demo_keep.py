@@ -88,6 +88,14 @@ def assert_every_fault_named(out: str) -> None:
     # `/db slow` reads pg_stat_statements where Supabase keeps it (the demo creates it there)
     assert "] top statements: 20 costliest statements of this database" in out
     assert "(extensions.pg_stat_statements)" in out
+    # act two, the emergency recovery: a freeze health reports, then one runbook restoring
+    # from the copy and lifting the freeze
+    assert "═══ Emergency recovery" in out and "═══ End of the emergency recovery" in out
+    assert "did not end as planned" not in out
+    assert "[CRIT   ] writes frozen: writes frozen since" in out
+    assert "1. restore-from-copy: " in out and "6. unfreeze-writes" in out
+    assert "done: 6 of 6 steps done" in out
+    assert "[OK     ] writes frozen: writes are not frozen" in out
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C is SIGINT")
