@@ -70,7 +70,7 @@ async def test_statement_timeout_becomes_skipped_and_others_still_arrive(
     assert "timed out" in by_check["migrations"].summary
     assert by_check["reachability"].status is Status.OK
     assert by_check["materialized views"].status is Status.OK
-    assert len(by_check) == 15  # with the two webhook alerts and the audit trail
+    assert len(by_check) == 16  # with the two webhook alerts, the audit trail and the freeze
 
 
 async def test_lock_timeout_becomes_skipped(leaps_dsn: str) -> None:

@@ -443,11 +443,11 @@ async def test_set_role_repairs_an_invalid_role_through_the_executor(
 
 
 def test_a_plan_without_its_own_approver_role_hashes_as_before_the_field() -> None:
-    """Approvals pending across the upgrades that added `Plan.approver_role`, `audit` and
-    `preflight` still match."""
+    """Approvals pending across the upgrades that added `Plan.approver_role`, `approvers`,
+    `runbook`, `audit` and `preflight` still match."""
     plan = Plan(remedy="kill-idle", args=[], title="t", summary="s", steps=[], count=1)
     dumped = plan.model_dump(mode="json")
-    for key in ("approver_role", "audit", "preflight"):
+    for key in ("approver_role", "approvers", "runbook", "audit", "preflight"):
         del dumped[key]
     before = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
     assert plan.fingerprint() == before
