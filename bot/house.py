@@ -24,11 +24,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -51,6 +50,10 @@ from bot.state.watchdog import WatchdogStore
 from bot.tasks import TaskTracker
 from commands.recover import BaselineConditions, take_baseline
 from commands.remedies.freeze import freeze_state
+
+if TYPE_CHECKING:  # the Slack stack loads where Slack is served, not for a console run
+    from slack_sdk.web.async_client import AsyncWebClient
+
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,17 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from slack_sdk.errors import SlackApiError, SlackClientError
-from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.state import KnownRole, StateStore
 from commands.base import ROLES, Gateway, human_duration, role_rank
 from commands.roles import role_for_email
+
+if TYPE_CHECKING:  # the Slack stack loads where Slack is served, not for a console run
+    from slack_sdk.web.async_client import AsyncWebClient
+
 
 log = logging.getLogger(__name__)
 

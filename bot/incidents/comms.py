@@ -17,11 +17,9 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from jinja2 import TemplateError
-from slack_bolt.async_app import AsyncAck, AsyncApp
-from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.incidents import templates
 from bot.incidents.facts import (
@@ -41,6 +39,11 @@ from bot.tasks import TaskTracker
 from commands.base import Report
 from commands.incidents.comms import AUDIENCES, Audience, Summary, Template
 from commands.incidents.lifecycle import who
+
+if TYPE_CHECKING:  # the Slack stack loads where Slack is served, not for a console run
+    from slack_bolt.async_app import AsyncAck, AsyncApp
+    from slack_sdk.web.async_client import AsyncWebClient
+
 
 log = logging.getLogger(__name__)
 

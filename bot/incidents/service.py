@@ -23,10 +23,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.approvals.engine import process_id
 from bot.clock import Clock
@@ -60,6 +59,10 @@ from commands.incidents.lifecycle import (
 )
 from commands.recover import BaselineConditions, recovery_evidence, recovery_verified
 from commands.remedies.freeze import FreezeState
+
+if TYPE_CHECKING:  # the Slack stack loads where Slack is served, not for a console run
+    from slack_sdk.web.async_client import AsyncWebClient
+
 
 log = logging.getLogger(__name__)
 
