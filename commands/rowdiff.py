@@ -29,6 +29,7 @@ from the others and cannot be written); the caller lists the others.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,7 +54,8 @@ STATEMENT_ROWS = 200_000  # rows one checksum statement may cover
 FANOUT = 16  # sub-ranges of a range that differs
 LEAF_ROWS = 2_000  # a range this small is compared key by key
 COUNT_ROWS = 2_000_000  # rows one counting statement may cover (no hashing)
-PAIR_ROWS = 25_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
+PAIR_ROWS = 100_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
+TABLES_AT_ONCE = 2  # tables diffed at the same time
 SPARSE = 64  # a range whose counts differ by rows / SPARSE or more is read as pairs
 
 _FACTS_SQL = """
@@ -226,6 +228,28 @@ def creation_column(columns: Sequence[str]) -> str | None:
     return next((c for c in CREATION_COLUMNS if c in columns), None)
 
 
+# Types whose own hash function hashes the value exactly as its text form tells it (the
+# same on every platform: hash partitioning relies on it), whatever TimeZone or DateStyle:
+# a timestamp hashes its instant, text its bytes (COLLATE "C": never a nondeterministic
+# collation's), jsonb its normalized value. Every other type is hashed as its text (an
+# enum's own hash is of its OID, which differs between databases; numeric's and
+# interval's ignore differences their text shows; citext's ignores case).
+NATIVE_HASH = {
+    "boolean", "smallint", "integer", "bigint", "uuid", "date", "bytea", "jsonb",
+    "timestamp without time zone", "timestamp with time zone",
+}  # fmt: skip
+TEXT_TYPES = {"text", "character varying", "character"}
+
+
+def _hashed(col: sql.Composable, type_name: str) -> sql.Composable:
+    base = re.sub(r"\(\d+(,\d+)?\)", "", type_name).strip()
+    if base in TEXT_TYPES:
+        return sql.SQL('{} COLLATE "C"').format(col)
+    if base in NATIVE_HASH:
+        return col
+    return sql.SQL('{}::text COLLATE "C"').format(col)
+
+
 @dataclass(frozen=True)
 class Compare:
     """How one table is compared: its key, the shared columns hashed (sorted), the key's
@@ -239,6 +263,10 @@ class Compare:
     # Both databases UTF8 (PostgreSQL 11+): hashtextextended() of the row's text, the
     # hash partitioning relies on being the same everywhere; else md5 of its UTF8 bytes.
     fast_hash: bool = True
+    # Both UTF8 and the same major version, 14 or later: hash_record_extended() of the
+    # values themselves (no text output), each column's type (parallel to `columns`) when
+    # it is the same on both sides, "" where not; see `row_hash`.
+    types: tuple[str, ...] = ()
 
     @property
     def ident(self) -> sql.Identifier:
@@ -251,6 +279,13 @@ class Compare:
     def row_hash(self, alias: str = "t") -> sql.Composable:
         """A row's hash as a bigint."""
         record = sql.SQL(", ").join(sql.Identifier(alias, c) for c in self.columns)
+        if self.types and self.fast_hash:
+            return sql.SQL("hash_record_extended(ROW({}), 0)").format(
+                sql.SQL(", ").join(
+                    _hashed(sql.Identifier(alias, c), t)
+                    for c, t in zip(self.columns, self.types, strict=True)
+                )
+            )
         if self.fast_hash:
             return sql.SQL("hashtextextended(ROW({})::text, 0)").format(record)
         return sql.SQL(
@@ -400,6 +435,20 @@ def _batches(ranges: Sequence[Range], sizes: Sequence[int], limit: int) -> list[
     return [b for b in out if b]
 
 
+def diff_tables(
+    prod: Gateway, copy: Gateway, cmps: Sequence[Compare]
+) -> dict[str, asyncio.Task[TableDiff]]:
+    """`diff_table` of each, TABLES_AT_ONCE at a time, started in the order given (the
+    caller awaits them in that order and cancels what it leaves)."""
+    gate = asyncio.Semaphore(TABLES_AT_ONCE)
+
+    async def one(cmp: Compare) -> TableDiff:
+        async with gate:
+            return await diff_table(prod, copy, cmp)
+
+    return {c.table: asyncio.ensure_future(one(c)) for c in cmps}
+
+
 async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     """Keys only in the copy, only in production, and in both with different rows."""
     result = TableDiff(cmp.table)
@@ -420,12 +469,29 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     # The top level's bounds come from the bigger side; any bounds would do, as both
     # sides are cut at the same keys.
     bigger = copy if result.copy_rows >= result.prod_rows else prod
-    bounds = await _on(bigger, partial(_bounds, cmp=cmp, rng=whole, every=SEGMENT_ROWS))
+    bounds = await _on(bigger, partial(_histogram, cmp=cmp))
+    if len(bounds) < 2 or biggest // (len(bounds) + 1) > SEGMENT_ROWS:
+        bounds = await _on(bigger, partial(_bounds, cmp=cmp, rng=whole, every=SEGMENT_ROWS))
     result.statements += 1
-    await _descend(
-        prod, copy, cmp, _split(whole, bounds), [SEGMENT_ROWS] * (len(bounds) + 1), result
-    )
+    size = -(-biggest // (len(bounds) + 1))
+    await _descend(prod, copy, cmp, _split(whole, bounds), [size] * (len(bounds) + 1), result)
     return result
+
+
+async def _histogram(db: Reader, cmp: Compare) -> list[str]:
+    """The key's histogram bounds from the statistics (no scan): sorted in the key's
+    collation, or by code point (UTF-8 byte order: COLLATE "C") when the ranges compare in
+    byte order. Stale statistics only make the ranges uneven: both sides are still cut at
+    the same keys. None without statistics, or in byte order outside UTF8."""
+    if cmp.byte_order and not cmp.fast_hash:
+        return []
+    rows = await db.fetch(
+        "SELECT histogram_bounds::text::text[] AS b FROM pg_stats WHERE schemaname = 'public'"
+        " AND tablename = %s AND attname = %s AND NOT inherited",
+        (cmp.table, cmp.key),
+    )
+    found = [str(b) for b in rows[0]["b"] or []] if rows else []
+    return sorted(set(found)) if cmp.byte_order else list(dict.fromkeys(found))
 
 
 async def _descend(
