@@ -84,7 +84,7 @@ USAGE = (
 )
 CLASSES = ("lost", "after_until", "deleted", "superseded", "changed", "new")
 SAMPLES = 3  # rows shown per class and table
-CHUNK = 5_000  # keys per statement when classifying
+CHUNK = 20_000  # keys per statement when classifying (audit_log is scanned once per chunk)
 # Rows the bot's own recovery makes (reconcile-points, recover-learn): a lost row of the
 # same user and activity is superseded by one of these made since --until.
 BOT_PREFIXES = {"reconcile_": RECONCILE_NAME, LEARN_ID_PREFIX: RECOVER_LEARN_NAME}
