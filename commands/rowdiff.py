@@ -11,13 +11,20 @@ What makes the two sides comparable:
 - every transaction on either side first sets the same text form of every value
   (`TEXT_FORM_SQL`: TimeZone UTC, DateStyle ISO, IntervalStyle postgres,
   extra_float_digits 1, bytea_output hex), whatever each server or database says;
-- a row's hash is taken of its shared columns (sorted by name) as one record's text:
-  `hashtextextended()` (the hash partitioning relies on, the same on every platform and
-  version since 11) when both databases are UTF8, else md5 of the text converted to
-  UTF8, so two encodings hash the same characters alike;
+- a row's hash is taken of its shared columns (sorted by name): `hash_record_extended()`
+  of the values when both servers run the same major version, 14 or later, in UTF8 (the
+  types' own hash functions, which hash partitioning relies on being the same on every
+  platform; types whose hash ignores what their text shows, or hashes an OID, such as
+  enums, are hashed as their text: `Compare.types`); else as one record's text:
+  `hashtextextended()` (the same on every platform and version since 11) when both
+  databases are UTF8, else md5 of the text converted to UTF8, so two encodings hash the
+  same characters alike;
 - a range is counted first (no hashing): one whose counts differ by a 1/SPARSE of its
   rows or more is read as (key, hash) pairs at once, so each row is hashed once where
   the loss is dense, and only the others are checksummed;
+- the top level's bounds are the key's histogram from the statistics (no scan), an
+  ordered pass over the keys without them; the diff's statements run without JIT (their
+  compilation cost seconds each at 100,000 users) and hash their joins in memory;
 - range bounds compare with the key column's collation when both sides use the same
   one (the index serves the range), else with `COLLATE "C"` on both (byte order, the
   same everywhere; the ranges then scan rather than use the index, and the plan says so).
