@@ -392,9 +392,20 @@ async def _counts(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[int
     return [rows[n] for n in range(len(ranges))]
 
 
+def _merged(ranges: Sequence[Range]) -> list[Range]:
+    """Adjacent ranges as one (one scan of the span rather than one per range)."""
+    out: list[Range] = []
+    for lo, hi in ranges:
+        if out and out[-1][1] is not None and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def _pairs_sql(cmp: Compare, ranges: Sequence[Range], params: list[Any]) -> sql.Composable:
     parts = []
-    for lo, hi in ranges:
+    for lo, hi in _merged(ranges):
         cond = cmp.range_cond(lo, hi, params)
         parts.append(
             sql.SQL("SELECT t.{k}::text AS k, {h} AS h FROM {t} AS t WHERE {cond}").format(
