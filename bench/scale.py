@@ -137,7 +137,9 @@ SELECT 's' || lpad(s::text, 9, '0'),
        CASE WHEN st <> 'PENDING' THEN 'u' || lpad((2 + (s %% n_staff))::text, 8, '0') END,
        CASE WHEN st = 'REJECTED' THEN 'Evidence does not show the activity.' END,
        created,
-       CASE WHEN st = 'PENDING' THEN created ELSE created + rh * interval '48 hours' END,
+       -- reviewed up to 48 hours later, but never after the build (nothing in the future)
+       CASE WHEN st = 'PENDING' THEN created
+            ELSE least(created + rh * interval '48 hours', now() AT TIME ZONE 'UTC') END,
        CASE WHEN st IN ('APPROVED', 'REVOKED') THEN 'Asia/Kolkata' END
   FROM (
     SELECT s, p, first_p, n_staff, rv, rh, peers, students, created, act,
@@ -215,7 +217,8 @@ INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points, cre
                            event_time, meta)
 SELECT 'c' || lpad(j::text, 10, '0') || sign_tag, a.user_id, a.activity_code, 'MANUAL',
        CASE WHEN sign_tag = 'p' THEN a.points ELSE -a.points END,
-       a.updated_at + interval '1 minute', (a.updated_at + interval '1 minute') AT TIME ZONE 'UTC',
+       least(a.updated_at + interval '1 minute', now() AT TIME ZONE 'UTC'),
+       least(a.updated_at + interval '1 minute', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
        jsonb_build_object('reason', 'duplicate entry corrected')
   FROM generate_series(1, %(pairs)s::bigint) AS j
   JOIN awards AS a ON a.rn = 1 + (j - 1) %% %(n_awards)s

@@ -11,13 +11,20 @@ What makes the two sides comparable:
 - every transaction on either side first sets the same text form of every value
   (`TEXT_FORM_SQL`: TimeZone UTC, DateStyle ISO, IntervalStyle postgres,
   extra_float_digits 1, bytea_output hex), whatever each server or database says;
-- a row's hash is taken of its shared columns (sorted by name) as one record's text:
-  `hashtextextended()` (the hash partitioning relies on, the same on every platform and
-  version since 11) when both databases are UTF8, else md5 of the text converted to
-  UTF8, so two encodings hash the same characters alike;
+- a row's hash is taken of its shared columns (sorted by name): `hash_record_extended()`
+  of the values when both servers run the same major version, 14 or later, in UTF8 (the
+  types' own hash functions, which hash partitioning relies on being the same on every
+  platform; types whose hash ignores what their text shows, or hashes an OID, such as
+  enums, are hashed as their text: `Compare.types`); else as one record's text:
+  `hashtextextended()` (the same on every platform and version since 11) when both
+  databases are UTF8, else md5 of the text converted to UTF8, so two encodings hash the
+  same characters alike;
 - a range is counted first (no hashing): one whose counts differ by a 1/SPARSE of its
   rows or more is read as (key, hash) pairs at once, so each row is hashed once where
   the loss is dense, and only the others are checksummed;
+- the top level's bounds are the key's histogram from the statistics (no scan), an
+  ordered pass over the keys without them; the diff's statements run without JIT (their
+  compilation cost seconds each at 100,000 users) and hash their joins in memory;
 - range bounds compare with the key column's collation when both sides use the same
   one (the index serves the range), else with `COLLATE "C"` on both (byte order, the
   same everywhere; the ranges then scan rather than use the index, and the plan says so).
@@ -29,6 +36,7 @@ from the others and cannot be written); the caller lists the others.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +54,14 @@ TEXT_FORM_SQL = (
     " set_config('IntervalStyle', 'postgres', true),"
     " set_config('extra_float_digits', '1', true), set_config('bytea_output', 'hex', true)"
 )
+# The diff's own statements, besides: no JIT (their cost estimates, many ranges and a
+# hash per row, pass jit_above_cost, and compiling them costs far more than running them:
+# seconds per statement at 100,000 users); the pairs joined in memory by hashing (a merge
+# join sorts both sides by key in the key's collation, on disk at the default work_mem).
+DIFF_SQL = (
+    TEXT_FORM_SQL + ", set_config('jit', 'off', true), set_config('work_mem', '64MB', true),"
+    " set_config('enable_mergejoin', 'off', true)"
+)
 CREATION_COLUMNS = ("created_at", "earned_at", "granted_at", "received_at", "event_time")
 EXCLUDED_TABLES = ("_prisma_migrations",)
 SEGMENT_ROWS = 50_000  # rows per range at the top level
@@ -53,7 +69,8 @@ STATEMENT_ROWS = 200_000  # rows one checksum statement may cover
 FANOUT = 16  # sub-ranges of a range that differs
 LEAF_ROWS = 2_000  # a range this small is compared key by key
 COUNT_ROWS = 2_000_000  # rows one counting statement may cover (no hashing)
-PAIR_ROWS = 25_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
+PAIR_ROWS = 100_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
+TABLES_AT_ONCE = 2  # tables diffed at the same time
 SPARSE = 64  # a range whose counts differ by rows / SPARSE or more is read as pairs
 
 _FACTS_SQL = """
@@ -226,6 +243,28 @@ def creation_column(columns: Sequence[str]) -> str | None:
     return next((c for c in CREATION_COLUMNS if c in columns), None)
 
 
+# Types whose own hash function hashes the value exactly as its text form tells it (the
+# same on every platform: hash partitioning relies on it), whatever TimeZone or DateStyle:
+# a timestamp hashes its instant, text its bytes (COLLATE "C": never a nondeterministic
+# collation's), jsonb its normalized value. Every other type is hashed as its text (an
+# enum's own hash is of its OID, which differs between databases; numeric's and
+# interval's ignore differences their text shows; citext's ignores case).
+NATIVE_HASH = {
+    "boolean", "smallint", "integer", "bigint", "uuid", "date", "bytea", "jsonb",
+    "timestamp without time zone", "timestamp with time zone",
+}  # fmt: skip
+TEXT_TYPES = {"text", "character varying", "character"}
+
+
+def _hashed(col: sql.Composable, type_name: str) -> sql.Composable:
+    base = re.sub(r"\(\d+(,\d+)?\)", "", type_name).strip()
+    if base in TEXT_TYPES:
+        return sql.SQL('{} COLLATE "C"').format(col)
+    if base in NATIVE_HASH:
+        return col
+    return sql.SQL('{}::text COLLATE "C"').format(col)
+
+
 @dataclass(frozen=True)
 class Compare:
     """How one table is compared: its key, the shared columns hashed (sorted), the key's
@@ -239,6 +278,10 @@ class Compare:
     # Both databases UTF8 (PostgreSQL 11+): hashtextextended() of the row's text, the
     # hash partitioning relies on being the same everywhere; else md5 of its UTF8 bytes.
     fast_hash: bool = True
+    # Both UTF8 and the same major version, 14 or later: hash_record_extended() of the
+    # values themselves (no text output), each column's type (parallel to `columns`) when
+    # it is the same on both sides, "" where not; see `row_hash`.
+    types: tuple[str, ...] = ()
 
     @property
     def ident(self) -> sql.Identifier:
@@ -251,6 +294,13 @@ class Compare:
     def row_hash(self, alias: str = "t") -> sql.Composable:
         """A row's hash as a bigint."""
         record = sql.SQL(", ").join(sql.Identifier(alias, c) for c in self.columns)
+        if self.types and self.fast_hash:
+            return sql.SQL("hash_record_extended(ROW({}), 0)").format(
+                sql.SQL(", ").join(
+                    _hashed(sql.Identifier(alias, c), t)
+                    for c, t in zip(self.columns, self.types, strict=True)
+                )
+            )
         if self.fast_hash:
             return sql.SQL("hashtextextended(ROW({})::text, 0)").format(record)
         return sql.SQL(
@@ -285,7 +335,7 @@ Range = tuple[str | None, str | None]
 
 async def _on(db: Gateway, fn: Callable[[Reader], Awaitable[T]]) -> T:
     async def run(r: Reader) -> T:
-        await r.fetch(TEXT_FORM_SQL)
+        await r.fetch(DIFF_SQL)
         return await fn(r)
 
     return await db.read(run)
@@ -342,9 +392,20 @@ async def _counts(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[int
     return [rows[n] for n in range(len(ranges))]
 
 
+def _merged(ranges: Sequence[Range]) -> list[Range]:
+    """Adjacent ranges as one (one scan of the span rather than one per range)."""
+    out: list[Range] = []
+    for lo, hi in ranges:
+        if out and out[-1][1] is not None and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def _pairs_sql(cmp: Compare, ranges: Sequence[Range], params: list[Any]) -> sql.Composable:
     parts = []
-    for lo, hi in ranges:
+    for lo, hi in _merged(ranges):
         cond = cmp.range_cond(lo, hi, params)
         parts.append(
             sql.SQL("SELECT t.{k}::text AS k, {h} AS h FROM {t} AS t WHERE {cond}").format(
@@ -400,6 +461,20 @@ def _batches(ranges: Sequence[Range], sizes: Sequence[int], limit: int) -> list[
     return [b for b in out if b]
 
 
+def diff_tables(
+    prod: Gateway, copy: Gateway, cmps: Sequence[Compare]
+) -> dict[str, asyncio.Task[TableDiff]]:
+    """`diff_table` of each, TABLES_AT_ONCE at a time, started in the order given (the
+    caller awaits them in that order and cancels what it leaves)."""
+    gate = asyncio.Semaphore(TABLES_AT_ONCE)
+
+    async def one(cmp: Compare) -> TableDiff:
+        async with gate:
+            return await diff_table(prod, copy, cmp)
+
+    return {c.table: asyncio.ensure_future(one(c)) for c in cmps}
+
+
 async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     """Keys only in the copy, only in production, and in both with different rows."""
     result = TableDiff(cmp.table)
@@ -420,12 +495,29 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     # The top level's bounds come from the bigger side; any bounds would do, as both
     # sides are cut at the same keys.
     bigger = copy if result.copy_rows >= result.prod_rows else prod
-    bounds = await _on(bigger, partial(_bounds, cmp=cmp, rng=whole, every=SEGMENT_ROWS))
+    bounds = await _on(bigger, partial(_histogram, cmp=cmp))
+    if len(bounds) < 2 or biggest // (len(bounds) + 1) > SEGMENT_ROWS:
+        bounds = await _on(bigger, partial(_bounds, cmp=cmp, rng=whole, every=SEGMENT_ROWS))
     result.statements += 1
-    await _descend(
-        prod, copy, cmp, _split(whole, bounds), [SEGMENT_ROWS] * (len(bounds) + 1), result
-    )
+    size = -(-biggest // (len(bounds) + 1))
+    await _descend(prod, copy, cmp, _split(whole, bounds), [size] * (len(bounds) + 1), result)
     return result
+
+
+async def _histogram(db: Reader, cmp: Compare) -> list[str]:
+    """The key's histogram bounds from the statistics (no scan): sorted in the key's
+    collation, or by code point (UTF-8 byte order: COLLATE "C") when the ranges compare in
+    byte order. Stale statistics only make the ranges uneven: both sides are still cut at
+    the same keys. None without statistics, or in byte order outside UTF8."""
+    if cmp.byte_order and not cmp.fast_hash:
+        return []
+    rows = await db.fetch(
+        "SELECT histogram_bounds::text::text[] AS b FROM pg_stats WHERE schemaname = 'public'"
+        " AND tablename = %s AND attname = %s AND NOT inherited",
+        (cmp.table, cmp.key),
+    )
+    found = [str(b) for b in rows[0]["b"] or []] if rows else []
+    return sorted(set(found)) if cmp.byte_order else list(dict.fromkeys(found))
 
 
 async def _descend(

@@ -353,13 +353,18 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
         with pytest.raises(UsageError, match="no table nope"):
             await RESTORE.plan(ctx, ["--tables", "nope"])
     # The fallbacks for servers that differ give the same diff: byte-order bounds
-    # (COLLATE "C", another collation on one side) and md5 of UTF8 (another encoding).
+    # (COLLATE "C", another collation on one side) and md5 of UTF8 (another encoding); so
+    # does hash_record_extended() of the values (the same major version on both sides),
+    # the copy's TimeZone and DateStyle differing all along.
     gw, cgw = TargetGateway(s.prod), TargetGateway(s.copy)
+    columns = ("created_at", "email", "id", "name", "role")
+    types = ("timestamp(3) without time zone", "text", "text", "text", '"Role"')
     try:
         diffs = []
-        for fallback in (False, True):
-            columns = ("id", "name", "email", "created_at", "role")
-            cmp = rowdiff.Compare("users", "id", "text", columns, fallback, not fallback)
+        for fallback, record in ((False, False), (True, False), (False, True)):
+            cmp = rowdiff.Compare(
+                "users", "id", "text", columns, fallback, not fallback, types if record else ()
+            )
             with monkeypatch.context() as small:
                 small.setattr(rowdiff, "SEGMENT_ROWS", 64)
                 small.setattr(rowdiff, "LEAF_ROWS", 16)
@@ -367,10 +372,14 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
     finally:
         await gw.close()
         await cgw.close()
-    fast, portable = diffs
-    assert sorted(fast.only_copy) == sorted(portable.only_copy) and len(fast.only_copy) == 4
-    assert sorted(fast.only_prod) == sorted(portable.only_prod) == sorted(s.new_users)
-    assert sorted(fast.changed) == sorted(portable.changed) == sorted(s.changed_users)
+    fast, portable, values = diffs
+    assert "hash_record_extended" in cmp.row_hash().as_string() and '"role"::text' in (
+        cmp.row_hash().as_string()
+    )
+    for d in (portable, values):
+        assert sorted(fast.only_copy) == sorted(d.only_copy) and len(fast.only_copy) == 4
+        assert sorted(fast.only_prod) == sorted(d.only_prod) == sorted(s.new_users)
+        assert sorted(fast.changed) == sorted(d.changed) == sorted(s.changed_users)
     got = counts(whole)
     for table in ("users", "submissions", "points_ledger"):
         assert got[table]["lost"] == n(s.lost, table), (table, got)

@@ -69,7 +69,7 @@ from commands.rowdiff import (
     Compare,
     TableShape,
     creation_column,
-    diff_table,
+    diff_tables,
     differing_columns,
     fk_order,
     read_catalog,
@@ -84,7 +84,7 @@ USAGE = (
 )
 CLASSES = ("lost", "after_until", "deleted", "superseded", "changed", "new")
 SAMPLES = 3  # rows shown per class and table
-CHUNK = 5_000  # keys per statement when classifying
+CHUNK = 20_000  # keys per statement when classifying (audit_log is scanned once per chunk)
 # Rows the bot's own recovery makes (reconcile-points, recover-learn): a lost row of the
 # same user and activity is superseded by one of these made since --until.
 BOT_PREFIXES = {"reconcile_": RECONCILE_NAME, LEARN_ID_PREFIX: RECOVER_LEARN_NAME}
@@ -485,11 +485,16 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
         f["encoding"] == "UTF8" and int(f["version_num"]) >= 110000
         for f in (prod.facts, other.facts)
     )
+    # hash_record_extended() needs PostgreSQL 14 and means the same for the same major
+    # version on both sides (rowdiff.Compare.types).
+    majors = {int(f["version_num"]) // 10000 for f in (prod.facts, other.facts)}
+    record = fast and len(majors) == 1 and min(majors) >= 14
     tables: list[TableRestore] = []
     targets: list[Row] = []
     deleted_keys: dict[str, set[str]] = {}
     superseded_keys: dict[str, set[str]] = {}
     one_side: list[str] = []
+    cmps: dict[str, Compare] = {}
     for name in order:
         p_shape, c_shape = prod.tables[name], other.tables[name]
         key = p_shape.key[0]
@@ -502,98 +507,126 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
         )
         if not same_order:
             byte_order.append(name)
-        cmp = Compare(
-            name, key, c_shape.types[key], columns, byte_order=not same_order, fast_hash=fast
+        types = tuple(
+            c_shape.types[c] if c_shape.types[c] == p_shape.types[c] else "" for c in columns
         )
-        diff = await diff_table(prod_gw, copy, cmp)
-        if diff.copy_rows == 0 and diff.prod_rows == 0:
-            continue
-        counts = dict.fromkeys(CLASSES, 0)
-        samples: dict[str, list[Row]] = {c: [] for c in CLASSES}
-        fks = [f for f in prod.fks if f.child == name and len(f.columns) == 1 and f.parent != name]
-        uniq_cols = {c for u in prod.uniques if u.table == name for c in u.columns}
-        pred_cols = {
-            c
-            for u in prod.uniques
-            if u.table == name and u.predicate
-            for c in columns
-            if re.search(rf"\b{re.escape(c)}\b", u.predicate)
-        }
-        needed = sorted(
-            ({f.columns[0] for f in fks} | uniq_cols | pred_cols | {"user_id", "activity_code"})
-            & set(columns)
+        cmps[name] = Compare(
+            name,
+            key,
+            c_shape.types[key],
+            columns,
+            byte_order=not same_order,
+            fast_hash=fast,
+            types=types if record else (),
         )
-        cands = await _candidates(copy, c_shape, key, diff.only_copy, needed, until)
-        before = [k for k in diff.only_copy if cands.before.get(k, True)]
-        for k in diff.only_copy:
-            if not cands.before.get(k, True):
-                counts["after_until"] += 1
-                if len(samples["after_until"]) < SAMPLES:
-                    samples["after_until"].append(
-                        {"key": k, "detail": f"created {cands.created.get(k)}"}
-                    )
-        deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
-        for f in fks:
-            for k in before:
-                v = cands.values[k].get(f.columns[0])
-                if (
-                    k not in deleted
-                    and v is not None
-                    and str(v) in deleted_keys.get(f.parent, set())
-                ):
-                    deleted[k] = f"its {f.parent} row {v} was deleted on purpose"
-        rest = [k for k in before if k not in deleted]
-        superseded = (
-            await _superseded(prod_gw, c_shape, key, cands, rest, prod, until) if rest else {}
-        )
-        for f in fks:
-            for k in rest:
-                v = cands.values[k].get(f.columns[0])
-                if (
-                    k not in superseded
-                    and v is not None
-                    and str(v) in superseded_keys.get(f.parent, set())
-                ):
-                    superseded[k] = f"its {f.parent} row {v} is superseded"
-        deleted_keys[name] = set(deleted)
-        superseded_keys[name] = set(superseded)
-        lost = sorted(
-            (k for k in rest if k not in superseded), key=lambda k: (cands.created.get(k, ""), k)
-        )
-        counts["deleted"], counts["superseded"], counts["lost"] = (
-            len(deleted),
-            len(superseded),
-            len(lost),
-        )
-        for k, why in list(deleted.items())[:SAMPLES]:
-            samples["deleted"].append({"key": k, "detail": why})
-        for k, why in list(superseded.items())[:SAMPLES]:
-            samples["superseded"].append({"key": k, "detail": why})
-        for k in lost[:SAMPLES]:
-            samples["lost"].append({"key": k, "detail": f"created {cands.created.get(k) or '-'}"})
-        cols_of = await differing_columns(prod_gw, copy, cmp, diff.changed)
-        changed = [k for k in diff.changed if cols_of.get(k)]
-        counts["changed"] = len(changed)
-        differing = sorted({c for k in changed for c in cols_of[k]})
-        for k in changed[:SAMPLES]:
-            samples["changed"].append({"key": k, "detail": "differs in " + ", ".join(cols_of[k])})
-        counts["new"] = len(diff.only_prod)
-        for k in diff.only_prod[:SAMPLES]:
-            samples["new"].append({"key": k, "detail": "only in production: kept"})
-        for cls in CLASSES:
-            targets += [{"table": name, "class": cls, **s} for s in samples[cls]]
-        tables.append(
-            TableRestore(
-                table=name,
-                key=key,
-                columns=list(columns),
-                created=creation_column(columns),
-                counts=counts,
-                differing=differing,
-                restore=lost,
-                overwrite=changed if name in overwrite else [],
+    # The tables are diffed at the same time (a few at once: each diff keeps both sides
+    # busy already), and classified in foreign-key order as their diffs come.
+    diffs = diff_tables(prod_gw, copy, list(cmps.values()))
+    try:
+        for name in order:
+            p_shape, c_shape = prod.tables[name], other.tables[name]
+            key = p_shape.key[0]
+            cmp = cmps[name]
+            columns = cmp.columns
+            diff = await diffs[name]
+            if diff.copy_rows == 0 and diff.prod_rows == 0:
+                continue
+            counts = dict.fromkeys(CLASSES, 0)
+            samples: dict[str, list[Row]] = {c: [] for c in CLASSES}
+            fks = [
+                f for f in prod.fks if f.child == name and len(f.columns) == 1 and f.parent != name
+            ]
+            uniq_cols = {c for u in prod.uniques if u.table == name for c in u.columns}
+            pred_cols = {
+                c
+                for u in prod.uniques
+                if u.table == name and u.predicate
+                for c in columns
+                if re.search(rf"\b{re.escape(c)}\b", u.predicate)
+            }
+            needed = sorted(
+                ({f.columns[0] for f in fks} | uniq_cols | pred_cols | {"user_id", "activity_code"})
+                & set(columns)
             )
-        )
+            cands = await _candidates(copy, c_shape, key, diff.only_copy, needed, until)
+            before = [k for k in diff.only_copy if cands.before.get(k, True)]
+            for k in diff.only_copy:
+                if not cands.before.get(k, True):
+                    counts["after_until"] += 1
+                    if len(samples["after_until"]) < SAMPLES:
+                        samples["after_until"].append(
+                            {"key": k, "detail": f"created {cands.created.get(k)}"}
+                        )
+            deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
+            for f in fks:
+                for k in before:
+                    v = cands.values[k].get(f.columns[0])
+                    if (
+                        k not in deleted
+                        and v is not None
+                        and str(v) in deleted_keys.get(f.parent, set())
+                    ):
+                        deleted[k] = f"its {f.parent} row {v} was deleted on purpose"
+            rest = [k for k in before if k not in deleted]
+            superseded = (
+                await _superseded(prod_gw, c_shape, key, cands, rest, prod, until) if rest else {}
+            )
+            for f in fks:
+                for k in rest:
+                    v = cands.values[k].get(f.columns[0])
+                    if (
+                        k not in superseded
+                        and v is not None
+                        and str(v) in superseded_keys.get(f.parent, set())
+                    ):
+                        superseded[k] = f"its {f.parent} row {v} is superseded"
+            deleted_keys[name] = set(deleted)
+            superseded_keys[name] = set(superseded)
+            lost = sorted(
+                (k for k in rest if k not in superseded),
+                key=lambda k: (cands.created.get(k, ""), k),
+            )
+            counts["deleted"], counts["superseded"], counts["lost"] = (
+                len(deleted),
+                len(superseded),
+                len(lost),
+            )
+            for k, why in list(deleted.items())[:SAMPLES]:
+                samples["deleted"].append({"key": k, "detail": why})
+            for k, why in list(superseded.items())[:SAMPLES]:
+                samples["superseded"].append({"key": k, "detail": why})
+            for k in lost[:SAMPLES]:
+                samples["lost"].append(
+                    {"key": k, "detail": f"created {cands.created.get(k) or '-'}"}
+                )
+            cols_of = await differing_columns(prod_gw, copy, cmp, diff.changed)
+            changed = [k for k in diff.changed if cols_of.get(k)]
+            counts["changed"] = len(changed)
+            differing = sorted({c for k in changed for c in cols_of[k]})
+            for k in changed[:SAMPLES]:
+                samples["changed"].append(
+                    {"key": k, "detail": "differs in " + ", ".join(cols_of[k])}
+                )
+            counts["new"] = len(diff.only_prod)
+            for k in diff.only_prod[:SAMPLES]:
+                samples["new"].append({"key": k, "detail": "only in production: kept"})
+            for cls in CLASSES:
+                targets += [{"table": name, "class": cls, **s} for s in samples[cls]]
+            tables.append(
+                TableRestore(
+                    table=name,
+                    key=key,
+                    columns=list(columns),
+                    created=creation_column(columns),
+                    counts=counts,
+                    differing=differing,
+                    restore=lost,
+                    overwrite=changed if name in overwrite else [],
+                )
+            )
+    finally:
+        for task in diffs.values():
+            task.cancel()
     data = RestoreData(until=until, keep_roles=keep_roles, tables=tables)
     n = data.rows
     if one_side:
