@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from functools import partial
 from typing import Any, LiteralString
 
 import psycopg
@@ -223,6 +225,11 @@ async def scenario(pg: EmbeddedPostgres, leaps_template: str) -> Scenario:
     return await damaged(pg, leaps_template)
 
 
+async def detection(at: str) -> tuple[datetime, str]:
+    """An open incident's detection, as the bot's incidents part answers it."""
+    return datetime.fromisoformat(at), "incident #7 (drill)"
+
+
 async def context(prod: str, copy: str | None) -> AsyncIterator[RunContext]:
     gateway = TargetGateway(prod)
     copy_gw = TargetGateway(copy) if copy else None
@@ -350,6 +357,9 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
         users = await RESTORE.plan(ctx, ["--tables=users", "--overwrite", "users"])
         report = await recover(ctx, ["--dry-run"])
         early = await RESTORE.plan(ctx, ["--until", "2000-01-01T00:00:00Z"])
+        # with an incident open, --until defaults to its detection (here as early)
+        detected = replace(ctx, incident_detection=partial(detection, "2000-01-01T00:00:00Z"))
+        by_incident = await RESTORE.plan(detected, [])
         with pytest.raises(UsageError, match="no table nope"):
             await RESTORE.plan(ctx, ["--tables", "nope"])
     # The fallbacks for servers that differ give the same diff: byte-order bounds
@@ -399,6 +409,9 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
     # Every user missing from production was created before 2000-01-01 in no copy:
     # none is lost, whatever else is on record about them.
     assert counts(early)["users"]["after_until"] == 4 and early.count == 0
+    assert counts(by_incident) == counts(early) and by_incident.count == 0
+    assert any("the detection of incident #7 (drill)" in w for w in by_incident.warnings)
+    assert any("the copy's newest creation time" in w for w in whole.warnings)
     # /db recover lists restoring from the copy first; the other steps wait for it.
     steps = [f for f in report.findings if f.check.startswith("step: ")]
     assert steps[0].check == f"step: {RESTORE_NAME}" and steps[0].hint == f"/db {RESTORE_NAME}"

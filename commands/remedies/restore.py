@@ -152,6 +152,22 @@ def _parse(args: list[str]) -> tuple[str | None, list[str], list[str], bool]:
     return until, tables, overwrite, keep
 
 
+async def _detection(ctx: Context) -> tuple[datetime, str] | None:
+    """The open incident's detection (`--until`'s default), or None: none is open, or the
+    bot keeps no incidents, or its state store cannot say now (then the copy's newest
+    creation time, and the plan says which)."""
+    if ctx.incident_detection is None:
+        return None
+    try:
+        found = await ctx.incident_detection()
+    except Exception:
+        return None
+    if found is None:
+        return None
+    at, which = found
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC), which
+
+
 def parse_until(text: str, now: datetime | None = None) -> datetime:
     """HH:MM (UTC, the latest such moment not in the future) or ISO 8601 with a zone."""
     now = now or datetime.now(UTC)
@@ -473,12 +489,18 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
     if until_text is not None:
         until = parse_until(until_text)
         warnings.append(f"--until {until:%Y-%m-%d %H:%M:%S} UTC (asked)")
+    elif (detected := await _detection(ctx)) is not None:
+        until, which = detected
+        warnings.append(
+            f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the detection of {which}; rows the copy "
+            f"holds from after it are listed, not restored (`{UNTIL}` sets another time)"
+        )
     else:
         newest = await _newest_creation(copy, [other.tables[t] for t in order])
         until = newest or datetime.now(UTC)
         warnings.append(
-            f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the copy's newest creation time (the bot "
-            f"has no incident detection time to go by here; `{UNTIL}` sets it)"
+            f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the copy's newest creation time (no "
+            f"incident is open to go by; `{UNTIL}` sets it)"
         )
     byte_order: list[str] = []
     fast = all(
