@@ -418,6 +418,8 @@ async def test_a_freeze_made_before_it_is_lifted_at_its_end_after_a_restore_from
                     cur = await conn.execute(
                         "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r"
                         " ON r.oid = s.setrole WHERE r.rolname = 'authenticator'"
+                        " AND s.setdatabase = (SELECT oid FROM pg_database"
+                        "  WHERE datname = current_database())"
                         " AND 'default_transaction_read_only=on' = ANY(s.setconfig)"
                     )
                     assert (await cur.fetchone()) == (0,)  # lifted by the runbook
