@@ -569,7 +569,9 @@ class ApprovalEngine:
             self.ctx.gateway,
             self.ctx.service_identity,
         )
-        applied, outcome = await self.executor.apply(remedy, plan, claimed.id, identity)
+        applied, outcome = await self.executor.apply(
+            remedy, plan, claimed.id, identity, actor_id=actor_id
+        )
         state, outcome = await self._decided(claimed, actor_id, applied, outcome)
         await self._hook(remedy, "finished", remedy.finished(self.ctx, plan, run, outcome))
         return state, outcome

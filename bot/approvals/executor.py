@@ -176,9 +176,11 @@ class _TxWriter:
         audit: AuditRecorder | None = None,
         *,
         recovery_dsn: str | None = None,
+        actor_id: str = "bot",
     ) -> None:
         self._conn = conn
         self.approval_id = approval_id
+        self.actor_id = actor_id
         self.identity = identity
         self._session = session
         self._schema_ready = False
@@ -323,8 +325,11 @@ class Executor:
         plan: Plan,
         approval_id: str,
         identity: LeapsIdentity | None = None,
+        actor_id: str = "bot",
     ) -> tuple[ApplyState, Outcome]:
         """Returns the final state (done | aborted | failed | unknown) and the outcome.
+        `actor_id` is who set it going (the last approver, or "bot"), for remedies that
+        record it (`Writer.actor_id`).
 
         `identity` is who the remedy acts as in LEAPS: set as `app.user_id` and
         `app.user_role` for this transaction only, as the application does, and named in
@@ -332,7 +337,7 @@ class Executor:
         "unknown": the connection was lost during COMMIT; the caller decides it with the
         remedy's verification, never by guessing.
         """
-        state, outcome = await self._apply(remedy, plan, approval_id, identity)
+        state, outcome = await self._apply(remedy, plan, approval_id, identity, actor_id)
         acted = f"acted as {identity.describe()}" if identity else "acted as no LEAPS user"
         return state, outcome.model_copy(update={"summary": f"{outcome.summary} ({acted})"})
 
@@ -342,6 +347,7 @@ class Executor:
         plan: Plan,
         approval_id: str,
         identity: LeapsIdentity | None,
+        actor_id: str,
     ) -> tuple[ApplyState, Outcome]:
         committing = False
         try:
@@ -366,6 +372,7 @@ class Executor:
                         session,
                         recorder,
                         recovery_dsn=self._recovery_dsn,
+                        actor_id=actor_id,
                     )
                     outcome = await remedy.apply(writer, plan)
                 except OutsideStepFailed as exc:

@@ -338,7 +338,9 @@ async def _step(state: _Run, step: RunbookStep) -> str | None:
         return f"its plan could not be posted in the thread ({exc}), so it was not run"
     execution = Execution(run_id, state.actor_id, claimed_at=approval.updated_at)
     await engine._hook(remedy, "started", remedy.started(engine.ctx, plan, execution))
-    applied, outcome = await engine.executor.apply(remedy, plan, run_id, state.identity)
+    applied, outcome = await engine.executor.apply(
+        remedy, plan, run_id, state.identity, actor_id=state.actor_id
+    )
     landed: bool | None = None
     found = ""
     if applied in ("done", "unknown"):

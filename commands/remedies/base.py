@@ -209,6 +209,8 @@ class Writer(Protocol):
     """The admin connection inside the guarded transaction of one approved remedy."""
 
     approval_id: str
+    # Who set it going: the last approver's Slack id, or "bot" (a restart, a preflight).
+    actor_id: str
     # Who the transaction acts as in LEAPS (app.user_id / app.user_role are set to it),
     # or None when nobody could be named; a status change names it as reviewer.
     identity: LeapsIdentity | None

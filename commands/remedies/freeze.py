@@ -572,19 +572,6 @@ async def plan_freeze(ctx: Context, args: list[str]) -> Plan:
     )
 
 
-# Who approved, from the engine's `started` hook to `apply` (same process, same run): the
-# writer names the approval but not the person.
-_ACTORS: dict[str, str] = {}
-
-
-async def _note_actor(ctx: Context, plan: Plan, run: Execution) -> None:
-    _ACTORS[run.approval_id] = run.actor_id
-
-
-async def _forget_actor(ctx: Context, plan: Plan, run: Execution, outcome: Outcome) -> None:
-    _ACTORS.pop(run.approval_id, None)
-
-
 async def _recheck(writer: Writer, roles: list[str]) -> _Survey:
     return await _survey(roles, writer)
 
@@ -652,7 +639,7 @@ async def apply_freeze(writer: Writer, plan: Plan) -> Outcome:
     check_drift(plan, len(data.roles) + int(data.database_wide), "settings to change")
     (clock,) = await writer.fetch("SELECT clock_timestamp() AS at")
     frozen_at: datetime = clock["at"]
-    actor = _ACTORS.get(writer.approval_id) or "unknown"
+    actor = writer.actor_id
     acted = writer.identity.describe() if writer.identity else "no LEAPS user"
     table = await writer.backup_table(FROZEN_TABLE)
     await writer.execute(
@@ -955,7 +942,7 @@ async def apply_unfreeze(writer: Writer, plan: Plan) -> Outcome:
         )
     check_drift(plan, len(data.roles) + int(data.database_wide), "settings to restore")
     (clock,) = await writer.fetch("SELECT clock_timestamp() AS at")
-    actor = _ACTORS.get(writer.approval_id) or "unknown"
+    actor = writer.actor_id
     table = await writer.backup_table(LIFTED_TABLE)
     await writer.execute(
         sql.SQL(
@@ -1068,8 +1055,6 @@ FREEZE_WRITES = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
-        started=_note_actor,
-        finished=_forget_actor,
         not_tried=_NOT_TRIED,
     )
 )
@@ -1085,8 +1070,6 @@ UNFREEZE_WRITES = add_remedy(
         role="REVIEWER",
         approver_role="ADMIN",
         approvers=1,
-        started=_note_actor,
-        finished=_forget_actor,
         not_tried=_NOT_TRIED,
     )
 )
