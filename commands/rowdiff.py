@@ -19,9 +19,12 @@ What makes the two sides comparable:
   `hashtextextended()` (the same on every platform and version since 11) when both
   databases are UTF8, else md5 of the text converted to UTF8, so two encodings hash the
   same characters alike;
-- a range is counted first (no hashing): one whose counts differ by a 1/SPARSE of its
-  rows or more is read as (key, hash) pairs at once, so each row is hashed once where
-  the loss is dense, and only the others are checksummed;
+- a range is counted first (no hashing): one whose counts differ needs no checksum, and
+  one whose counts differ by FANOUT rows or a 1/SPARSE of its rows or more is read as
+  (key, hash) pairs at once, so each row is hashed once where the loss is dense; only
+  the ranges whose counts agree are checksummed;
+- the descent goes level by level, all the ranges that differ cut, counted and
+  checksummed together (a few statements a level, not a few per range);
 - the top level's bounds are the key's histogram from the statistics (no scan), an
   ordered pass over the keys without them; the diff's statements run without JIT (their
   compilation cost seconds each at 100,000 users) and hash their joins in memory;
