@@ -19,9 +19,12 @@ What makes the two sides comparable:
   `hashtextextended()` (the same on every platform and version since 11) when both
   databases are UTF8, else md5 of the text converted to UTF8, so two encodings hash the
   same characters alike;
-- a range is counted first (no hashing): one whose counts differ by a 1/SPARSE of its
-  rows or more is read as (key, hash) pairs at once, so each row is hashed once where
-  the loss is dense, and only the others are checksummed;
+- a range is counted first (no hashing): one whose counts differ needs no checksum, and
+  one whose counts differ by FANOUT rows or a 1/SPARSE of its rows or more is read as
+  (key, hash) pairs at once, so each row is hashed once where the loss is dense; only
+  the ranges whose counts agree are checksummed;
+- the descent goes level by level, all the ranges that differ cut, counted and
+  checksummed together (a few statements a level, not a few per range);
 - the top level's bounds are the key's histogram from the statistics (no scan), an
   ordered pass over the keys without them; the diff's statements run without JIT (their
   compilation cost seconds each at 100,000 users) and hash their joins in memory;
@@ -72,6 +75,7 @@ COUNT_ROWS = 2_000_000  # rows one counting statement may cover (no hashing)
 PAIR_ROWS = 100_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
 TABLES_AT_ONCE = 2  # tables diffed at the same time
 SPARSE = 64  # a range whose counts differ by rows / SPARSE or more is read as pairs
+RANGES_AT_ONCE = 256  # ranges one statement may cover
 
 _FACTS_SQL = """
 SELECT current_setting('server_version_num')::int AS version_num,
@@ -349,14 +353,30 @@ async def _both(prod: Gateway, copy: Gateway, fn: Callable[[Reader], Awaitable[T
 
 async def _bounds(db: Reader, cmp: Compare, rng: Range, every: int) -> list[str]:
     """Every `every`-th key of the range in the compared order (keys only, no hashing)."""
+    return (await _cuts(db, cmp, [(rng, every)]))[0]
+
+
+async def _cuts(db: Reader, cmp: Compare, ranges: Sequence[tuple[Range, int]]) -> list[list[str]]:
+    """`_bounds` of several ranges (each with its `every`) in one statement."""
     params: list[Any] = []
-    cond = cmp.range_cond(rng[0], rng[1], params)
-    query = sql.SQL(
-        "SELECT k::text AS k FROM (SELECT {key} AS k, row_number() OVER (ORDER BY {key}) AS rn"
-        " FROM {t} AS t WHERE {cond}) AS s WHERE rn > 1 AND mod(rn - 1, %s) = 0 ORDER BY rn"
-    ).format(key=cmp.key_expr(), t=cmp.ident, cond=cond)
-    rows = await db.fetch(query.as_string(), [*params, max(1, every)])
-    return [str(r["k"]) for r in rows]
+    parts = []
+    for n, ((lo, hi), every) in enumerate(ranges):
+        cond = cmp.range_cond(lo, hi, params)
+        parts.append(
+            sql.SQL(
+                "SELECT {n} AS n, rn, k::text AS k FROM (SELECT {key} AS k,"
+                " row_number() OVER (ORDER BY {key}) AS rn FROM {t} AS t WHERE {cond}) AS s"
+                " WHERE rn > 1 AND mod(rn - 1, %s) = 0"
+            ).format(n=sql.Literal(n), key=cmp.key_expr(), t=cmp.ident, cond=cond)
+        )
+        params.append(max(1, every))
+    query = sql.SQL("SELECT n, k FROM ({}) AS x ORDER BY n, rn").format(
+        sql.SQL("\nUNION ALL\n").join(parts)
+    )
+    out: list[list[str]] = [[] for _ in ranges]
+    for r in await db.fetch(query.as_string(), params):
+        out[int(r["n"])].append(str(r["k"]))
+    return out
 
 
 async def _checksums(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[tuple[int, str]]:
@@ -449,11 +469,12 @@ def _split(rng: Range, bounds: Sequence[str]) -> list[Range]:
 
 
 def _batches(ranges: Sequence[Range], sizes: Sequence[int], limit: int) -> list[list[int]]:
-    """Indexes of `ranges` grouped so that one statement covers at most `limit` rows."""
+    """Indexes of `ranges` grouped so that one statement covers at most `limit` rows, and
+    at most RANGES_AT_ONCE ranges (each one a part of the statement to plan)."""
     out: list[list[int]] = [[]]
     total = 0
     for i, size in enumerate(sizes):
-        if out[-1] and total + size > limit:
+        if out[-1] and (total + size > limit or len(out[-1]) >= RANGES_AT_ONCE):
             out.append([])
             total = 0
         out[-1].append(i)
@@ -528,48 +549,76 @@ async def _descend(
     sizes: list[int],
     result: TableDiff,
 ) -> None:
-    """Checksum `ranges` on both sides; read the differing ones that are small, or dense
-    with differences (their counts differ by a 1/SPARSE of their rows or more: descending
-    would visit most of their sub-ranges anyway), as (key, hash) pairs; cut the others
-    into FANOUT sub-ranges and descend."""
+    """Count `ranges` on both sides, and checksum those whose counts agree (those whose
+    counts differ differ); read the differing ones that are small, or dense with
+    differences (`_dense`), as (key, hash) pairs; cut the others into FANOUT sub-ranges
+    and descend. Level by level: the sub-ranges of every range that differs are cut,
+    counted and checksummed together, a few statements a level however many ranges
+    differ (changes scattered over the whole table make most ranges differ)."""
     leaves: list[tuple[Range, int]] = []
-    checked: list[Range] = []
-    checked_sizes: list[int] = []
-    for batch in _batches(ranges, sizes, COUNT_ROWS):
-        part = [ranges[i] for i in batch]
-        pn, cn = await _both(prod, copy, partial(_counts, cmp=cmp, ranges=part))
-        result.statements += 1
-        for rng, a, b in zip(part, pn, cn, strict=True):
-            rows = max(a, b)
-            if rows and abs(a - b) * SPARSE >= rows and rows <= SEGMENT_ROWS:
+
+    def differs(rng: Range, rows: int, delta: int) -> None:
+        if rows <= LEAF_ROWS or (rows <= SEGMENT_ROWS and _dense(rows, delta)):
+            leaves.append((rng, rows))
+        else:
+            to_cut.append((rng, rows))
+
+    while ranges:
+        checked: list[Range] = []
+        checked_sizes: list[int] = []
+        to_cut: list[tuple[Range, int]] = []
+        for batch in _batches(ranges, sizes, COUNT_ROWS):
+            part = [ranges[i] for i in batch]
+            pn, cn = await _both(prod, copy, partial(_counts, cmp=cmp, ranges=part))
+            result.statements += 1
+            for rng, a, b in zip(part, pn, cn, strict=True):
+                if a != b:  # differs: no checksum needed to tell
+                    differs(rng, max(a, b), abs(a - b))
+                elif a:
+                    checked.append(rng)
+                    checked_sizes.append(a)
+        for batch in _batches(checked, checked_sizes, STATEMENT_ROWS):
+            part = [checked[i] for i in batch]
+            p, c = await _both(prod, copy, partial(_checksums, cmp=cmp, ranges=part))
+            result.statements += 1
+            for rng, pc, cc in zip(part, p, c, strict=True):
+                if pc != cc:
+                    differs(rng, pc[0], 0)
+        # Each range cut at every rows // FANOUT-th key of the copy's, else production's
+        # when the copy's gives fewer than two cuts; uncut, it is compared key by key.
+        cuts = await _cut_all(copy, cmp, to_cut, result)
+        again = [i for i, sub in enumerate(cuts) if len(sub) < 2]
+        for i, sub in zip(
+            again, await _cut_all(prod, cmp, [to_cut[i] for i in again], result), strict=True
+        ):
+            cuts[i] = sub
+        ranges, sizes = [], []
+        for (rng, rows), sub in zip(to_cut, cuts, strict=True):
+            if not sub:
                 leaves.append((rng, rows))
-            elif rows:
-                checked.append(rng)
-                checked_sizes.append(rows)
-    differing: list[tuple[Range, int, int]] = []
-    for batch in _batches(checked, checked_sizes, STATEMENT_ROWS):
-        part = [checked[i] for i in batch]
-        p, c = await _both(prod, copy, partial(_checksums, cmp=cmp, ranges=part))
-        result.statements += 1
-        differing += [
-            (rng, max(pc[0], cc[0]), abs(pc[0] - cc[0]))
-            for rng, pc, cc in zip(part, p, c, strict=True)
-            if pc != cc
-        ]
-    for rng, rows, delta in differing:
-        if rows <= LEAF_ROWS or (rows <= SEGMENT_ROWS and delta * SPARSE >= rows):
-            leaves.append((rng, rows))
-            continue
-        every = max(1, rows // FANOUT)
-        sub = await _on(copy, partial(_bounds, cmp=cmp, rng=rng, every=every))
-        if len(sub) < 2:
-            sub = await _on(prod, partial(_bounds, cmp=cmp, rng=rng, every=every))
-        result.statements += 1
-        if not sub:
-            leaves.append((rng, rows))
-            continue
-        await _descend(prod, copy, cmp, _split(rng, sub), [every] * (len(sub) + 1), result)
+                continue
+            ranges += _split(rng, sub)
+            sizes += [max(1, rows // FANOUT)] * (len(sub) + 1)
     await _leaves(prod, copy, cmp, leaves, result)
+
+
+def _dense(rows: int, delta: int) -> bool:
+    """Whether a range whose counts differ by `delta` would have most of its FANOUT
+    sub-ranges differ (at least one difference each on average, or a 1/SPARSE of its rows
+    or more): descending would then checksum it again only to read most of it as pairs."""
+    return delta >= FANOUT or delta * SPARSE >= rows
+
+
+async def _cut_all(
+    db: Gateway, cmp: Compare, ranges: Sequence[tuple[Range, int]], result: TableDiff
+) -> list[list[str]]:
+    """`_cuts` of the ranges at every rows // FANOUT-th key, a few statements in all."""
+    wanted = [(rng, max(1, rows // FANOUT)) for rng, rows in ranges]
+    out: list[list[str]] = []
+    for batch in _batches([r for r, _ in ranges], [n for _, n in ranges], STATEMENT_ROWS):
+        out += await _on(db, partial(_cuts, cmp=cmp, ranges=[wanted[i] for i in batch]))
+        result.statements += 1
+    return out
 
 
 async def _leaves(

@@ -371,22 +371,28 @@ async def test_options_tables_overwrite_keep_roles_and_small_ranges(
     types = ("timestamp(3) without time zone", "text", "text", "text", '"Role"')
     try:
         diffs = []
-        for fallback, record in ((False, False), (True, False), (False, True)):
+        for fallback, record, deep in (
+            (False, False, False), (True, False, False), (False, True, False), (False, True, True)
+        ):  # fmt: skip
             cmp = rowdiff.Compare(
                 "users", "id", "text", columns, fallback, not fallback, types if record else ()
             )
             with monkeypatch.context() as small:
-                small.setattr(rowdiff, "SEGMENT_ROWS", 64)
-                small.setattr(rowdiff, "LEAF_ROWS", 16)
+                small.setattr(rowdiff, "SEGMENT_ROWS", 8 if deep else 64)
+                small.setattr(rowdiff, "LEAF_ROWS", 0 if deep else 16)
+                if deep:  # several levels, several ranges cut at each (by a count or a sum)
+                    small.setattr(rowdiff, "FANOUT", 2)
+                    small.setattr(rowdiff, "SPARSE", 10**6)
                 diffs.append(await rowdiff.diff_table(gw, cgw, cmp))
     finally:
         await gw.close()
         await cgw.close()
-    fast, portable, values = diffs
+    fast, portable, values, deep_diff = diffs
+    assert deep_diff.statements > values.statements
     assert "hash_record_extended" in cmp.row_hash().as_string() and '"role"::text' in (
         cmp.row_hash().as_string()
     )
-    for d in (portable, values):
+    for d in (portable, values, deep_diff):
         assert sorted(fast.only_copy) == sorted(d.only_copy) and len(fast.only_copy) == 4
         assert sorted(fast.only_prod) == sorted(d.only_prod) == sorted(s.new_users)
         assert sorted(fast.changed) == sorted(d.changed) == sorted(s.changed_users)
