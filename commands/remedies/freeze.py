@@ -29,9 +29,10 @@ removes the setting from the roles and the database, and says so.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from psycopg import sql
 from psycopg.errors import Error as DatabaseError
@@ -92,6 +93,11 @@ WEBHOOK_WARNING = (
     "unfreeze `/db webhooks` lists what is missing and `/db reprocess-webhooks` picks "
     "them up"
 )
+
+
+def _setconfig(value: Any) -> list[str] | None:
+    """A pg_db_role_setting array as a list (None: no row)."""
+    return list(value) if value is not None else None
 
 
 def setting_value(setconfig: Sequence[str] | None) -> str | None:
@@ -370,7 +376,7 @@ def _role_setting(row: Row) -> RoleSetting:
         role=str(row["role"]),
         oid=int(row["oid"]),
         login=bool(row["login"]),
-        previous=list(row["in_db"]) if row["in_db"] is not None else None,
+        previous=_setconfig(row["in_db"]),
     )
 
 
@@ -488,7 +494,7 @@ async def plan_freeze(ctx: Context, args: list[str]) -> Plan:
         roles=roles,
         shared=[_role_setting(r) for r in shared_rows],
         database_wide=database_wide,
-        db_previous=list(found.db_setconfig) if found.db_setconfig is not None else None,
+        db_previous=_setconfig(found.db_setconfig),
         session_oids=[int(r["oid"]) for r in found.roles],
     )
     names = [r.role for r in roles]
@@ -598,6 +604,38 @@ async def _end_sessions(
     return ended, left
 
 
+def _refuse_drift(
+    found: _Survey,
+    expected: Mapping[str, list[str] | None],
+    database: str,
+    db_expected: list[str] | None,
+    database_wide: bool,
+    *,
+    freezing: bool = False,
+) -> None:
+    """Abort, changing nothing, when a role's settings in this database (or, database-wide,
+    the database's own) are no longer what the plan read; a role gone counts as changed,
+    and for a freeze so does a role now a superuser, or another database."""
+    by_name = {str(r["role"]): r for r in found.roles}
+    changed = [
+        name
+        for name, setting in expected.items()
+        if name not in by_name
+        or (freezing and bool(by_name[name]["superuser"]))
+        or _setconfig(by_name[name]["in_db"]) != setting
+    ]
+    if (
+        changed
+        or (freezing and found.database != database)
+        or (database_wide and _setconfig(found.db_setconfig) != db_expected)
+    ):
+        what = ", ".join(changed) if changed else f"database {database}"
+        raise RemedyAbort(
+            f"drift: the settings of {what} changed since the plan; nothing was changed, "
+            "request it again"
+        )
+
+
 async def _undo(writer: Writer, statements: list[sql.Composed]) -> str:
     """Run the undoing ALTERs outside; what is left, in words."""
     try:
@@ -611,31 +649,19 @@ async def apply_freeze(writer: Writer, plan: Plan) -> Outcome:
     data = plan.private(FreezeData)
     names = [r.role for r in data.roles] + [r.role for r in data.shared]
     found = await _recheck(writer, names)
-    by_name = {str(r["role"]): r for r in found.roles}
-    changed = [
-        r.role
-        for r in data.roles + data.shared
-        if r.role not in by_name
-        or bool(by_name[r.role]["superuser"])
-        or (list(by_name[r.role]["in_db"]) if by_name[r.role]["in_db"] is not None else None)
-        != r.previous
-    ]
     if found.me in {r.role for r in data.roles}:
         raise RemedyAbort(
             f"the bot's admin connection logs in as {found.me}, one of the roles to freeze: "
             "nothing was changed (it would freeze the bot)"
         )
-    db_now = list(found.db_setconfig) if found.db_setconfig is not None else None
-    if (
-        changed
-        or found.database != data.database
-        or (data.database_wide and db_now != data.db_previous)
-    ):
-        what = ", ".join(changed) if changed else f"database {data.database}"
-        raise RemedyAbort(
-            f"drift: the settings of {what} changed since the plan; nothing was changed, "
-            "request it again"
-        )
+    _refuse_drift(
+        found,
+        {r.role: r.previous for r in data.roles + data.shared},
+        data.database,
+        data.db_previous,
+        data.database_wide,
+        freezing=True,
+    )
     check_drift(plan, len(data.roles) + int(data.database_wide), "settings to change")
     (clock,) = await writer.fetch("SELECT clock_timestamp() AS at")
     frozen_at: datetime = clock["at"]
@@ -792,7 +818,7 @@ async def plan_unfreeze(ctx: Context, args: list[str]) -> Plan:
         )
         for row in record_rows:
             if row["scope"] == "role" and row["role"] in by_name:
-                previous = list(row["setconfig"]) if row["setconfig"] is not None else None
+                previous = _setconfig(row["setconfig"])
                 restore[str(row["role"])] = setting_value(previous)
                 roles.append(
                     RoleSetting(
@@ -804,7 +830,7 @@ async def plan_unfreeze(ctx: Context, args: list[str]) -> Plan:
                 )
             elif row["scope"] == "database":
                 database_wide = True
-                previous = list(row["setconfig"]) if row["setconfig"] is not None else None
+                previous = _setconfig(row["setconfig"])
                 db_restore = setting_value(previous)
         gone = [
             str(r["role"]) for r in record_rows if r["scope"] == "role" and r["role"] not in by_name
@@ -851,13 +877,10 @@ async def plan_unfreeze(ctx: Context, args: list[str]) -> Plan:
         frozen_at=since.isoformat() if since else None,
         roles=roles,
         restore=restore,
-        current={
-            r.role: list(by_name[r.role]["in_db"]) if by_name[r.role]["in_db"] is not None else None
-            for r in roles
-        },
+        current={r.role: _setconfig(by_name[r.role]["in_db"]) for r in roles},
         database_wide=database_wide,
         db_restore=db_restore,
-        db_current=list(found.db_setconfig) if found.db_setconfig is not None else None,
+        db_current=_setconfig(found.db_setconfig),
         session_oids=sorted(
             {r.oid for r in roles}
             | ({int(r["oid"]) for r in found.roles} if database_wide else set())
@@ -925,21 +948,13 @@ async def apply_unfreeze(writer: Writer, plan: Plan) -> Outcome:
     data = plan.private(UnfreezeData)
     names = [r.role for r in data.roles]
     found = await _recheck(writer, names)
-    by_name = {str(r["role"]): r for r in found.roles}
-    changed = [
-        name
-        for name in names
-        if name not in by_name
-        or (list(by_name[name]["in_db"]) if by_name[name]["in_db"] is not None else None)
-        != data.current[name]
-    ]
-    db_now = list(found.db_setconfig) if found.db_setconfig is not None else None
-    if changed or (data.database_wide and db_now != data.db_current):
-        what = ", ".join(changed) if changed else f"database {data.database}"
-        raise RemedyAbort(
-            f"drift: the settings of {what} changed since the plan; nothing was changed, "
-            "request it again"
-        )
+    _refuse_drift(
+        found,
+        {name: data.current[name] for name in names},
+        data.database,
+        data.db_current,
+        data.database_wide,
+    )
     check_drift(plan, len(data.roles) + int(data.database_wide), "settings to restore")
     (clock,) = await writer.fetch("SELECT clock_timestamp() AS at")
     actor = writer.actor_id
