@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ from bot.approvals.executor import Executor  # noqa: E402
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
+from bot.tasks import wait_for_signal  # noqa: E402
 from commands.base import LeapsIdentity, Thresholds  # noqa: E402
 from commands.fixture.faults import FaultInjector  # noqa: E402
 from commands.remedies.base import REMEDIES  # noqa: E402
@@ -434,11 +434,7 @@ async def bench(args: argparse.Namespace) -> None:
         if args.keep:
             print(f"PRODUCTION {prod_dsn}\nCOPY {copy_dsn}", flush=True)
             print("servers kept running; Ctrl-C (or SIGTERM) stops them", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await wait_for_signal()
     finally:
         if copy is not None:
             copy.stop()

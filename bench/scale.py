@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
+from bot.tasks import wait_for_signal  # noqa: E402
 from commands.fixture.seed import TABLES, VIEWS, schema_sql  # noqa: E402
 
 Conn = psycopg.AsyncConnection[Any]
@@ -802,11 +802,7 @@ async def _main() -> None:
         if args.keep:
             print(f"DSN {dsn}", flush=True)
             print("server kept running; Ctrl-C (or SIGTERM) stops it", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await wait_for_signal()
     finally:
         pg.stop()
 
