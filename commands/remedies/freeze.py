@@ -28,7 +28,6 @@ removes the setting from the roles and the database, and says so.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,14 +60,13 @@ from commands.remedies.base import (
     check_count,
     check_drift,
 )
+from commands.remedies.sessions import wait_gone
 
 FREEZE = "freeze-writes"
 UNFREEZE = "unfreeze-writes"
 SETTING = "default_transaction_read_only"
 FROZEN_TABLE = "frozen"  # dbops_backup."<approval>_frozen": a freeze's record
 LIFTED_TABLE = "unfrozen"  # dbops_backup."<approval>_unfrozen": an unfreeze's record
-_GONE_SECONDS = 2.0
-_POLL_SECONDS = 0.05
 # PostgreSQL's boolean spellings (any unambiguous prefix of true/false/yes/no, on/off, 1/0).
 _TRUE = {"1", "on", "t", "tr", "tru", "true", "y", "ye", "yes"}
 _FALSE = {"0", "of", "off", "f", "fa", "fal", "fals", "false", "n", "no"}
@@ -585,22 +583,12 @@ async def _recheck(writer: Writer, roles: list[str]) -> _Survey:
 async def _end_sessions(
     writer: Writer, oids: list[int], since: datetime | str | None
 ) -> tuple[list[Row], list[int]]:
-    """End the sessions, then wait (bounded) until they have left; (ended, still listed)."""
+    """End the sessions, then wait (bounded, as kill-idle does) until they have left;
+    (ended, still listed)."""
     await writer.execute("SELECT pg_stat_clear_snapshot()")
     ended = await writer.fetch(END_SESSIONS_SQL, (oids, APPLICATION_NAME, since, since))
     done = [int(r["pid"]) for r in ended if r["ended"]]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _GONE_SECONDS
-    left = done
-    while left:
-        await writer.execute("SELECT pg_stat_clear_snapshot()")
-        rows = await writer.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s::int[])", (done,)
-        )
-        left = sorted(int(r["pid"]) for r in rows)
-        if not left or loop.time() >= deadline:
-            break
-        await asyncio.sleep(_POLL_SECONDS)
+    left = await wait_gone(writer, done) if done else []
     return ended, left
 
 

@@ -128,7 +128,7 @@ async def _describe_changes(db: Writer, pids: Iterable[int], starts: dict[str, s
     return "; ".join(said)
 
 
-async def _wait_gone(db: Writer, pids: list[int]) -> list[int]:
+async def wait_gone(db: Writer, pids: list[int]) -> list[int]:
     """Poll until the terminated backends have left; return any still listed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + VERIFY_SECONDS
@@ -303,7 +303,7 @@ async def apply_kill_idle(writer: Writer, plan: Plan) -> Outcome:
         raise _signalled_abort(
             "sessions", plan.count, done, sorted(set(still) - set(done))
         ) from exc
-    left = await _wait_gone(writer, done)
+    left = await wait_gone(writer, done)
     by_pid = {int(t["pid"]): t for t in plan.targets}
     out_rows: list[Row] = [
         {
@@ -480,7 +480,7 @@ def _signal_applier(action: str) -> Callable[[Writer, Plan], Awaitable[Outcome]]
         except RowCountError as exc:
             raise _signalled_abort("sessions", plan.count, done, [pid]) from exc
         if action == "terminate":
-            left = await _wait_gone(writer, done)
+            left = await wait_gone(writer, done)
             gone = not left
             summary = f"terminated pid {pid}; " + (
                 "it is gone from pg_stat_activity"
