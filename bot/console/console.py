@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TextIO
 
 from bot.access.roles import refusal
-from bot.approvals.engine import APPROVE, REJECT, Click
+from bot.approvals.engine import APPROVE, REJECT, ApprovalEngine, Click
 from bot.clock import Clock, SystemClock
 from bot.house import Frontend, House, build_house
 from bot.incidents.comms import ConsolePublisher
@@ -18,6 +18,7 @@ from bot.messages import render
 from bot.messages.notify import ConsoleNotifier
 from bot.router import Answer, BotCommand, preflight
 from bot.settings import Settings
+from bot.state.store import Approval
 from commands.base import Command, Report, UsageError, role_rank
 from commands.incidents import lifecycle as incident
 from commands.recover import recovery_evidence, recovery_verified
@@ -127,6 +128,22 @@ async def request_from_console(settings: Settings, text: str, user_id: str) -> i
     return 0
 
 
+def console_click(
+    engine: ApprovalEngine, approval: Approval, user_id: str, *, approve: bool = True
+) -> Click:
+    """A button press from the console: the one way the command line and the demo approve
+    or reject."""
+    return Click(
+        action_id=APPROVE if approve else REJECT,
+        value=engine.sign(approval.id, approval.channel_id),
+        user_id=user_id,
+        user_name=user_id,
+        channel_id=approval.channel_id,
+        message_ts=approval.message_ts or "",
+        origin="console",
+    )
+
+
 async def decide_from_console(
     settings: Settings, approval_id: str, user_id: str, *, approve: bool
 ) -> int:
@@ -136,17 +153,7 @@ async def decide_from_console(
         if approval is None:
             print(f"no approval {approval_id}", file=sys.stderr)
             return 2
-        await engine.on_click(
-            Click(
-                action_id=APPROVE if approve else REJECT,
-                value=engine.sign(approval.id, approval.channel_id),
-                user_id=user_id,
-                user_name=user_id,
-                channel_id=approval.channel_id,
-                message_ts=approval.message_ts or "",
-                origin="console",
-            )
-        )
+        await engine.on_click(console_click(engine, approval, user_id, approve=approve))
         if approve and approval.origin != "console":
             return 2  # refused (and audited): Slack requests are approved in Slack
         final = await engine.store.get_approval(approval_id)

@@ -25,9 +25,8 @@ import logging
 from datetime import UTC, datetime
 from typing import TextIO
 
-from bot.approvals.engine import APPROVE, Click
 from bot.clock import ManualClock
-from bot.console.console import CONSOLE_CHANNEL, console_frontend
+from bot.console.console import CONSOLE_CHANNEL, console_click, console_frontend
 from bot.house import House, build_house
 from bot.incidents.views import timeline_message
 from bot.incidents.watchdog import Watchdog
@@ -77,17 +76,7 @@ class Walk:
     async def click(self, approval_id: str, user_id: str) -> None:
         approval = await self.engine.store.get_approval(approval_id)
         assert approval is not None
-        await self.engine.on_click(
-            Click(
-                action_id=APPROVE,
-                value=self.engine.sign(approval.id, approval.channel_id),
-                user_id=user_id,
-                user_name=user_id,
-                channel_id=approval.channel_id,
-                message_ts=approval.message_ts or "",
-                origin="console",
-            )
-        )
+        await self.engine.on_click(console_click(self.engine, approval, user_id))
 
 
 def walk_settings(settings: Settings) -> Settings:

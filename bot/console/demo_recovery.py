@@ -20,9 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from bot.approvals.engine import APPROVE, Click
 from bot.clock import ManualClock
-from bot.console.console import CONSOLE_CHANNEL, console_frontend
+from bot.console.console import CONSOLE_CHANNEL, console_click, console_frontend
 from bot.embedded_pg import EmbeddedPostgres
 from bot.house import House, build_house
 from bot.messages import render
@@ -78,17 +77,7 @@ class EmergencyWalk:
         for user_id in approvers:
             approval = await engine.store.get_approval(approval_id)
             assert approval is not None
-            await engine.on_click(
-                Click(
-                    action_id=APPROVE,
-                    value=engine.sign(approval.id, approval.channel_id),
-                    user_id=user_id,
-                    user_name=user_id,
-                    channel_id=approval.channel_id,
-                    message_ts=approval.message_ts or "",
-                    origin="console",
-                )
-            )
+            await engine.on_click(console_click(engine, approval, user_id))
         final = await engine.store.get_approval(approval_id)
         return final.state if final is not None else "missing"
 
