@@ -34,7 +34,7 @@ from bot.settings import Settings
 from bot.state.models import DecisionKind, Origin
 from bot.state.store import Approval, InvalidTransition, StateStore
 from commands.audit_trail import audit_trail
-from commands.base import role_rank
+from commands.base import LeapsIdentity, role_rank
 from commands.remedies.base import REMEDIES, Execution, Outcome, Plan, Remedy, Verification
 
 log = logging.getLogger(__name__)
@@ -499,6 +499,17 @@ class ApprovalEngine:
             return "You cannot approve your own request; another person must."
         return approval_refusal(approval.approver_role, resolved, f"{decision} `{approval.id}`")
 
+    async def _acting(self, approval_id: str, actor_id: str) -> LeapsIdentity | None:
+        """Rule 8: who an execution acts as in LEAPS: the LEAPS account of the one who set
+        it going or of its latest approvers, else the service identity."""
+        approvers = await self._approvers(approval_id)
+        return await acting_identity(
+            [actor_id, *reversed(approvers)],
+            self.roles,
+            self.ctx.gateway,
+            self.ctx.service_identity,
+        )
+
     async def _approvers(self, approval_id: str) -> list[str]:
         decisions = await self.store.decisions(approval_id)
         return list(dict.fromkeys(d.user_id for d in decisions if d.decision == "approve"))
@@ -561,14 +572,7 @@ class ApprovalEngine:
             return await runbook.run(self, claimed, actor_id, plan)
         run = Execution(claimed.id, actor_id, claimed_at=claimed.updated_at)
         await self._hook(remedy, "started", remedy.started(self.ctx, plan, run))
-        # Rule 8: as the approver's LEAPS account, else the service identity.
-        approvers = await self._approvers(claimed.id)
-        identity = await acting_identity(
-            [actor_id, *reversed(approvers)],
-            self.roles,
-            self.ctx.gateway,
-            self.ctx.service_identity,
-        )
+        identity = await self._acting(claimed.id, actor_id)
         applied, outcome = await self.executor.apply(
             remedy, plan, claimed.id, identity, actor_id=actor_id
         )

@@ -37,7 +37,6 @@ import psycopg
 
 from bot.access.roles import RoleResolver
 from bot.approvals.executor import Executor, execution_lock_key
-from bot.approvals.identity import acting_identity
 from bot.gateway import first_line
 from bot.messages import render
 from bot.messages.notify import SLACK_FAILURES, Notifier
@@ -79,6 +78,8 @@ class Engine(Protocol):
     def plan_policy(self, remedy: Remedy, plan: Plan) -> Policy: ...
 
     async def _approvers(self, approval_id: str) -> list[str]: ...
+
+    async def _acting(self, approval_id: str, actor_id: str) -> LeapsIdentity | None: ...
 
     async def _preflight(self, remedy: Remedy, plan: Plan, policy: Any, user_id: str) -> Plan: ...
 
@@ -213,13 +214,7 @@ async def run(
     engine: Engine, claimed: Approval, actor_id: str, plan: Plan
 ) -> tuple[RunState, Outcome]:
     """Every step in order, under the runbook's lease; the approval's final state."""
-    approvers = await engine._approvers(claimed.id)
-    identity = await acting_identity(
-        [actor_id, *reversed(approvers)],
-        engine.roles,
-        engine.ctx.gateway,
-        engine.ctx.service_identity,
-    )
+    identity = await engine._acting(claimed.id, actor_id)
     steps = plan.runbook or []
     state = _Run(engine, claimed, plan, actor_id, identity)
     try:
