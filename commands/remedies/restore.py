@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -67,6 +68,7 @@ from commands.rowdiff import (
     TEXT_FORM_SQL,
     Catalog,
     Compare,
+    ForeignKey,
     TableShape,
     creation_column,
     diff_tables,
@@ -150,6 +152,23 @@ def _parse(args: list[str]) -> tuple[str | None, list[str], list[str], bool]:
             names = [v.strip() for v in value.split(",") if v.strip()]
             (tables if name == TABLES else overwrite).extend(names)
     return until, tables, overwrite, keep
+
+
+def _inherit(
+    found: dict[str, str],
+    keys: Sequence[str],
+    fks: Sequence[ForeignKey],
+    values: Mapping[str, Mapping[str, Any]],
+    parents: Mapping[str, set[str]],
+    why: str,
+) -> None:
+    """A row whose parent row is in a class (deleted on purpose, superseded) is in it too:
+    `found` gains each of `keys` whose foreign key names such a parent, with the reason."""
+    for f in fks:
+        for k in keys:
+            v = values[k].get(f.columns[0])
+            if k not in found and v is not None and str(v) in parents.get(f.parent, set()):
+                found[k] = f"its {f.parent} row {v} {why}"
 
 
 async def _detection(ctx: Context) -> tuple[datetime, str] | None:
@@ -580,28 +599,12 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
                             {"key": k, "detail": f"created {cands.created.get(k)}"}
                         )
             deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
-            for f in fks:
-                for k in before:
-                    v = cands.values[k].get(f.columns[0])
-                    if (
-                        k not in deleted
-                        and v is not None
-                        and str(v) in deleted_keys.get(f.parent, set())
-                    ):
-                        deleted[k] = f"its {f.parent} row {v} was deleted on purpose"
+            _inherit(deleted, before, fks, cands.values, deleted_keys, "was deleted on purpose")
             rest = [k for k in before if k not in deleted]
             superseded = (
                 await _superseded(prod_gw, c_shape, key, cands, rest, prod, until) if rest else {}
             )
-            for f in fks:
-                for k in rest:
-                    v = cands.values[k].get(f.columns[0])
-                    if (
-                        k not in superseded
-                        and v is not None
-                        and str(v) in superseded_keys.get(f.parent, set())
-                    ):
-                        superseded[k] = f"its {f.parent} row {v} is superseded"
+            _inherit(superseded, rest, fks, cands.values, superseded_keys, "is superseded")
             deleted_keys[name] = set(deleted)
             superseded_keys[name] = set(superseded)
             lost = sorted(
