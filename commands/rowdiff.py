@@ -1,45 +1,52 @@
-"""Two databases compared row by row, by primary key, without reading whole tables.
+"""Two databases compared row by row, by primary key, without reading whole tables into
+Python.
 
-The method is datafold's data-diff: split a table's primary keys into ranges, compare a
-count and a sum of row hashes per range on both sides, and descend only into the ranges
-that differ, until a range is small enough to compare its (key, hash) pairs. Both sides
-are queried at the same time, each statement over a bounded number of rows so that it
-stays well within the per-check statement timeout at 100,000 users (2,000,000 ledger
-rows): the ranges' bounds come from an index-ordered pass over the keys alone.
+The method is set reconciliation by buckets, which sends what grows with the differences,
+not with the rows. Each row is an entry (its key's hash, its row's hash). Both sides, at
+the same time, sum their entries by bucket (the low bits of the key hash): per bucket the
+count and the XOR of the key hashes and of the row hashes. Buckets equal on both sides
+hold the same entries. A bucket with one entry more on one side gives that entry at once
+(the XOR of both sides' sums), confirmed by looking its key hash up on that side; the few
+buckets that differ otherwise (a row changed is two entries) are compared key by key: the
+copy's (key, hash) pairs sent as arrays to production, which joins them with its own. The
+buckets are sized from the counts' difference (BUCKETS_PER_DIFFERENCE a difference), and
+summed again, more of them, when far more differ than that told. A table of SMALL_ROWS
+rows or fewer is compared key by key at once. Every statement reads one key range of at
+most CHUNK_ROWS rows (cut at the key's histogram bounds), so that it stays well within the
+per-check statement timeout however big the table; each key falls in the same range on
+both sides, updated meanwhile or not.
 
 What makes the two sides comparable:
 - every transaction on either side first sets the same text form of every value
   (`TEXT_FORM_SQL`: TimeZone UTC, DateStyle ISO, IntervalStyle postgres,
   extra_float_digits 1, bytea_output hex), whatever each server or database says;
-- a row's hash is taken of its shared columns (sorted by name): `hash_record_extended()`
-  of the values when both servers run the same major version, 14 or later, in UTF8 (the
-  types' own hash functions, which hash partitioning relies on being the same on every
-  platform; types whose hash ignores what their text shows, or hashes an OID, such as
-  enums, are hashed as their text: `Compare.types`); else as one record's text:
-  `hashtextextended()` (the same on every platform and version since 11) when both
-  databases are UTF8, else md5 of the text converted to UTF8, so two encodings hash the
-  same characters alike;
-- a range is counted first (no hashing): one whose counts differ needs no checksum, and
-  one whose counts differ by FANOUT rows or a 1/SPARSE of its rows or more is read as
-  (key, hash) pairs at once, so each row is hashed once where the loss is dense; only
-  the ranges whose counts agree are checksummed;
-- the descent goes level by level, all the ranges that differ cut, counted and
-  checksummed together (a few statements a level, not a few per range);
-- the top level's bounds are the key's histogram from the statistics (no scan), an
-  ordered pass over the keys without them; the diff's statements run without JIT (their
-  compilation cost seconds each at 100,000 users) and hash their joins in memory;
-- range bounds compare with the key column's collation when both sides use the same
-  one (the index serves the range), else with `COLLATE "C"` on both (byte order, the
-  same everywhere; the ranges then scan rather than use the index, and the plan says so).
+- a key's hash is `hashtextextended()` of its text, in byte order (COLLATE "C");
+- a row's hash is taken of its shared columns (sorted by name): when both servers run the
+  same major version, 14 or later, in UTF8, the XOR of each column's own hash function,
+  seeded by its place (the functions hash partitioning relies on being the same on every
+  platform and version; types whose hash ignores what their text shows, or hashes an OID,
+  such as enums, are hashed as their text: `NATIVE_HASH`, `Compare.types`); else as one
+  record's text: `hashtextextended()` (the same on every platform and version since 11)
+  when both databases are UTF8, else md5 of the text converted to UTF8, so two encodings
+  hash the same characters alike;
+- before PostgreSQL 14 on either side (no `bit_xor()`), each range is compared key by key
+  (`Compare.buckets`);
+- range bounds compare with the key column's collation when both sides use the same one
+  (the index serves the range), else with `COLLATE "C"` on both (byte order, the same
+  everywhere; the plan says so).
 
-Only the columns both sides share are hashed (generated columns left out: they follow
-from the others and cannot be written); the caller lists the others.
+The diff's statements run without JIT (compiling them costs more than running them) or
+parallel workers (both servers are busy already), group by hashing and hash their joins in
+memory. Only the columns both sides share are hashed (generated columns left out: they
+follow from the others and cannot be written); the caller lists the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -63,19 +70,21 @@ TEXT_FORM_SQL = (
 # join sorts both sides by key in the key's collation, on disk at the default work_mem).
 DIFF_SQL = (
     TEXT_FORM_SQL + ", set_config('jit', 'off', true), set_config('work_mem', '64MB', true),"
-    " set_config('enable_mergejoin', 'off', true)"
+    " set_config('enable_mergejoin', 'off', true),"
+    " set_config('max_parallel_workers_per_gather', '0', true)"
 )
 CREATION_COLUMNS = ("created_at", "earned_at", "granted_at", "received_at", "event_time")
 EXCLUDED_TABLES = ("_prisma_migrations",)
-SEGMENT_ROWS = 50_000  # rows per range at the top level
-STATEMENT_ROWS = 200_000  # rows one checksum statement may cover
-FANOUT = 16  # sub-ranges of a range that differs
-LEAF_ROWS = 2_000  # a range this small is compared key by key
-COUNT_ROWS = 2_000_000  # rows one counting statement may cover (no hashing)
-PAIR_ROWS = 100_000  # (key, hash) pairs one statement reads (the sides overlap by batch)
+SMALL_ROWS = 20_000  # a table this small is compared key by key at once
+CHUNK_ROWS = 2_000_000  # rows one statement may read (a key range of a bigger table)
+PAIR_ROWS = 100_000  # (key, hash) pairs one statement compares
+KEYS_AT_ONCE = 2_000  # keys one statement looks up
 TABLES_AT_ONCE = 2  # tables diffed at the same time
-SPARSE = 64  # a range whose counts differ by rows / SPARSE or more is read as pairs
-RANGES_AT_ONCE = 256  # ranges one statement may cover
+BUCKETS_PER_DIFFERENCE = 2  # buckets a difference expected (most then fall alone in theirs)
+CHANGED_SHARE = 1_000  # a row in this many is expected changed (the counts do not tell)
+MIN_BUCKETS = 1_024
+MAX_BUCKETS = 1 << 20
+MIXED_SHARE = 0.125  # the share of rows the buckets compared key by key may hold
 
 _FACTS_SQL = """
 SELECT current_setting('server_version_num')::int AS version_num,
@@ -111,7 +120,8 @@ SELECT c.relname::text AS name,
         WHERE a.attrelid = c.oid AND a.attnum = i.indkey[0]) AS key_collation,
        EXISTS (SELECT 1 FROM pg_attribute AS a WHERE a.attrelid = c.oid AND a.attnum = i.indkey[0]
                AND a.attcollation = (SELECT oid FROM pg_collation WHERE collname = 'default'))
-         AS key_default_collation
+         AS key_default_collation,
+       greatest(c.reltuples, 0)::bigint AS estimate
 FROM pg_class AS c
 JOIN pg_index AS i ON i.indrelid = c.oid AND i.indisprimary
 WHERE c.relnamespace = to_regnamespace('public') AND c.relkind IN ('r', 'p')
@@ -158,6 +168,7 @@ class TableShape:
     types: dict[str, str]
     key_collation: str | None
     default_collation: bool
+    estimate: int = 0  # rows, from the statistics
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ async def read_catalog(db: Reader) -> Catalog:
             types=dict(zip(columns, (str(t) for t in r["types"]), strict=True)),
             key_collation=r["key_collation"],
             default_collation=bool(r["key_default_collation"]),
+            estimate=int(r["estimate"]),
         )
     fks = tuple(
         ForeignKey(
@@ -248,25 +260,35 @@ def creation_column(columns: Sequence[str]) -> str | None:
 
 
 # Types whose own hash function hashes the value exactly as its text form tells it (the
-# same on every platform: hash partitioning relies on it), whatever TimeZone or DateStyle:
-# a timestamp hashes its instant, text its bytes (COLLATE "C": never a nondeterministic
-# collation's), jsonb its normalized value. Every other type is hashed as its text (an
-# enum's own hash is of its OID, which differs between databases; numeric's and
-# interval's ignore differences their text shows; citext's ignores case).
+# same on every platform and version: hash partitioning relies on it), whatever TimeZone
+# or DateStyle: a timestamp hashes its instant (a timestamptz as UTC, the diff's TimeZone),
+# text its bytes (COLLATE "C": never a nondeterministic collation's), jsonb its normalized
+# value. Every other type is hashed as its text (an enum's own hash is of its OID, which
+# differs between databases; numeric's and interval's ignore differences their text shows;
+# citext's ignores case).
 NATIVE_HASH = {
-    "boolean", "smallint", "integer", "bigint", "uuid", "date", "bytea", "jsonb",
-    "timestamp without time zone", "timestamp with time zone",
-}  # fmt: skip
-TEXT_TYPES = {"text", "character varying", "character"}
+    "smallint": "hashint2extended({}, {})",
+    "integer": "hashint4extended({}, {})",
+    "bigint": "hashint8extended({}, {})",
+    "uuid": "uuid_hash_extended({}, {})",
+    "jsonb": "jsonb_hash_extended({}, {})",
+    "timestamp without time zone": "timestamp_hash_extended({}, {})",
+    "timestamp with time zone": "timestamp_hash_extended({}::timestamp, {})",
+}
+TEXT_TYPES = {"text", "character varying"}
 
 
-def _hashed(col: sql.Composable, type_name: str) -> sql.Composable:
+def _hashed(col: sql.Composable, type_name: str, seed: int) -> sql.Composable:
+    """One column's hash, seeded by its place (NULL: the seed itself)."""
     base = re.sub(r"\(\d+(,\d+)?\)", "", type_name).strip()
     if base in TEXT_TYPES:
-        return sql.SQL('{} COLLATE "C"').format(col)
-    if base in NATIVE_HASH:
-        return col
-    return sql.SQL('{}::text COLLATE "C"').format(col)
+        call = sql.SQL('hashtextextended({} COLLATE "C", {})')
+    elif base in NATIVE_HASH:
+        call = sql.SQL(NATIVE_HASH[base])
+    else:
+        call = sql.SQL('hashtextextended({}::text COLLATE "C", {})')
+    seed_sql = sql.Literal(seed)
+    return sql.SQL("coalesce({}, {})").format(call.format(col, seed_sql), seed_sql)
 
 
 @dataclass(frozen=True)
@@ -282,10 +304,13 @@ class Compare:
     # Both databases UTF8 (PostgreSQL 11+): hashtextextended() of the row's text, the
     # hash partitioning relies on being the same everywhere; else md5 of its UTF8 bytes.
     fast_hash: bool = True
-    # Both UTF8 and the same major version, 14 or later: hash_record_extended() of the
-    # values themselves (no text output), each column's type (parallel to `columns`) when
+    # Both UTF8 and the same major version, 14 or later: each column's own hash function
+    # of its values (no text output), each column's type (parallel to `columns`) when
     # it is the same on both sides, "" where not; see `row_hash`.
     types: tuple[str, ...] = ()
+    # Both sides PostgreSQL 14 or later (bit_xor()): the rows are compared by bucket
+    # (`diff_table`); else key by key.
+    buckets: bool = True
 
     @property
     def ident(self) -> sql.Identifier:
@@ -295,14 +320,23 @@ class Compare:
         col = sql.Identifier(alias, self.key)
         return sql.SQL('{} COLLATE "C"').format(col) if self.byte_order else col
 
+    def key_hash(self, alias: str = "t") -> sql.Composable:
+        """A key's hash as a bigint, of its text form (the same on both sides)."""
+        col = sql.Identifier(alias, self.key)
+        if self.fast_hash:
+            return sql.SQL('hashtextextended({}::text COLLATE "C", 0)').format(col)
+        return sql.SQL(
+            "('x' || left(md5(convert_to({}::text, 'UTF8')), 16))::bit(64)::bigint"
+        ).format(col)
+
     def row_hash(self, alias: str = "t") -> sql.Composable:
         """A row's hash as a bigint."""
         record = sql.SQL(", ").join(sql.Identifier(alias, c) for c in self.columns)
         if self.types and self.fast_hash:
-            return sql.SQL("hash_record_extended(ROW({}), 0)").format(
-                sql.SQL(", ").join(
-                    _hashed(sql.Identifier(alias, c), t)
-                    for c, t in zip(self.columns, self.types, strict=True)
+            return sql.SQL("({})").format(
+                sql.SQL(" # ").join(
+                    _hashed(sql.Identifier(alias, c), t, n)
+                    for n, (c, t) in enumerate(zip(self.columns, self.types, strict=True), 1)
                 )
             )
         if self.fast_hash:
@@ -335,200 +369,70 @@ class TableDiff:
 
 
 Range = tuple[str | None, str | None]
+# A bucket: its rows, and the bitwise XOR of their key hashes and of their row hashes.
+Cell = tuple[int, int, int]
+_EMPTY: Cell = (0, 0, 0)
+_CELL = struct.Struct(">qqqq")
+# A chunk of a big table is read through the key's index (a sequential scan would read the
+# whole table for each chunk).
+_NO_SEQSCAN = ", set_config('enable_seqscan', 'off', true)"
 
 
-async def _on(db: Gateway, fn: Callable[[Reader], Awaitable[T]]) -> T:
+async def _on(db: Gateway, fn: Callable[[Reader], Awaitable[T]], seqscan: bool = True) -> T:
     async def run(r: Reader) -> T:
-        await r.fetch(DIFF_SQL)
+        await r.fetch(DIFF_SQL if seqscan else DIFF_SQL + _NO_SEQSCAN)
         return await fn(r)
 
     return await db.read(run)
 
 
-async def _both(prod: Gateway, copy: Gateway, fn: Callable[[Reader], Awaitable[T]]) -> tuple[T, T]:
+async def _both(
+    prod: Gateway, copy: Gateway, fn: Callable[[Reader], Awaitable[T]], seqscan: bool = True
+) -> tuple[T, T]:
     """The same read on both sides at the same time."""
-    p, c = await asyncio.gather(_on(prod, fn), _on(copy, fn))
+    p, c = await asyncio.gather(_on(prod, fn, seqscan), _on(copy, fn, seqscan))
     return p, c
 
 
-async def _bounds(db: Reader, cmp: Compare, rng: Range, every: int) -> list[str]:
-    """Every `every`-th key of the range in the compared order (keys only, no hashing)."""
-    return (await _cuts(db, cmp, [(rng, every)]))[0]
+@dataclass(frozen=True)
+class _Part:
+    """What one statement reads of a table: a key range (`(None, None)`: all of it) and,
+    when given, only the rows whose key hash falls in one of `buckets` (`mask` its bits)."""
+
+    rng: Range
+    buckets: tuple[int, ...] | None = None
+    mask: int = 0
 
 
-async def _cuts(db: Reader, cmp: Compare, ranges: Sequence[tuple[Range, int]]) -> list[list[str]]:
-    """`_bounds` of several ranges (each with its `every`) in one statement."""
-    params: list[Any] = []
-    parts = []
-    for n, ((lo, hi), every) in enumerate(ranges):
-        cond = cmp.range_cond(lo, hi, params)
-        parts.append(
-            sql.SQL(
-                "SELECT {n} AS n, rn, k::text AS k FROM (SELECT {key} AS k,"
-                " row_number() OVER (ORDER BY {key}) AS rn FROM {t} AS t WHERE {cond}) AS s"
-                " WHERE rn > 1 AND mod(rn - 1, %s) = 0"
-            ).format(n=sql.Literal(n), key=cmp.key_expr(), t=cmp.ident, cond=cond)
+def _part_sql(cmp: Compare, part: _Part, params: list[Any], what: sql.Composable) -> sql.Composed:
+    """`SELECT what` over the part's rows (`t`)."""
+    cond = cmp.range_cond(*part.rng, params)
+    if part.buckets is not None:
+        cond = sql.SQL("{} AND {} & {} = ANY(%s::bigint[])").format(
+            cond, cmp.key_hash(), sql.Literal(part.mask)
         )
-        params.append(max(1, every))
-    query = sql.SQL("SELECT n, k FROM ({}) AS x ORDER BY n, rn").format(
-        sql.SQL("\nUNION ALL\n").join(parts)
+        params.append(list(part.buckets))
+    return sql.SQL("SELECT {} FROM {} AS t WHERE {}").format(what, cmp.ident, cond)
+
+
+async def _bounds(db: Reader, cmp: Compare, every: int) -> list[str]:
+    """Every `every`-th key in the compared order (an ordered pass over the keys alone)."""
+    rows = await db.fetch(
+        sql.SQL(
+            "SELECT k::text AS k FROM (SELECT {key} AS k, row_number() OVER (ORDER BY {key})"
+            " AS rn FROM {t} AS t) AS s WHERE rn > 1 AND mod(rn - 1, %s) = 0 ORDER BY rn"
+        )
+        .format(key=cmp.key_expr(), t=cmp.ident)
+        .as_string(),
+        (max(1, every),),
     )
-    out: list[list[str]] = [[] for _ in ranges]
-    for r in await db.fetch(query.as_string(), params):
-        out[int(r["n"])].append(str(r["k"]))
-    return out
-
-
-async def _checksums(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[tuple[int, str]]:
-    params: list[Any] = []
-    parts = []
-    for n, (lo, hi) in enumerate(ranges):
-        cond = cmp.range_cond(lo, hi, params)
-        parts.append(
-            sql.SQL(
-                "SELECT {n} AS n, count(*) AS c, coalesce(sum({h}), 0)::text AS h"
-                " FROM {t} AS t WHERE {cond}"
-            ).format(n=sql.Literal(n), h=cmp.row_hash(), t=cmp.ident, cond=cond)
-        )
-    query = sql.SQL("\nUNION ALL\n").join(parts)
-    rows = {
-        int(r["n"]): (int(r["c"]), str(r["h"])) for r in await db.fetch(query.as_string(), params)
-    }
-    return [rows[n] for n in range(len(ranges))]
-
-
-async def _counts(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> list[int]:
-    params: list[Any] = []
-    parts = []
-    for n, (lo, hi) in enumerate(ranges):
-        cond = cmp.range_cond(lo, hi, params)
-        parts.append(
-            sql.SQL("SELECT {n} AS n, count(*) AS c FROM {t} AS t WHERE {cond}").format(
-                n=sql.Literal(n), t=cmp.ident, cond=cond
-            )
-        )
-    query = sql.SQL("\nUNION ALL\n").join(parts)
-    rows = {int(r["n"]): int(r["c"]) for r in await db.fetch(query.as_string(), params)}
-    return [rows[n] for n in range(len(ranges))]
-
-
-def _merged(ranges: Sequence[Range]) -> list[Range]:
-    """Adjacent ranges as one (one scan of the span rather than one per range)."""
-    out: list[Range] = []
-    for lo, hi in ranges:
-        if out and out[-1][1] is not None and out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _pairs_sql(cmp: Compare, ranges: Sequence[Range], params: list[Any]) -> sql.Composable:
-    parts = []
-    for lo, hi in _merged(ranges):
-        cond = cmp.range_cond(lo, hi, params)
-        parts.append(
-            sql.SQL("SELECT t.{k}::text AS k, {h} AS h FROM {t} AS t WHERE {cond}").format(
-                k=sql.Identifier(cmp.key), h=cmp.row_hash(), t=cmp.ident, cond=cond
-            )
-        )
-    return sql.SQL("\nUNION ALL\n").join(parts)
-
-
-async def _pairs_arrays(db: Reader, cmp: Compare, ranges: Sequence[Range]) -> tuple[str, str]:
-    """The ranges' keys and hashes as two array literals (parsed by the other server, not
-    by Python)."""
-    params: list[Any] = []
-    query = sql.SQL(
-        "SELECT coalesce(array_agg(x.k), '{{}}')::text AS k,"
-        " coalesce(array_agg(x.h), '{{}}')::text AS h FROM ({}) AS x"
-    ).format(_pairs_sql(cmp, ranges, params))
-    row = (await db.fetch(query.as_string(), params))[0]
-    return str(row["k"]), str(row["h"])
-
-
-async def _compare_pairs(
-    db: Reader, cmp: Compare, ranges: Sequence[Range], blob: tuple[str, str]
-) -> list[tuple[str, str]]:
-    """The keys whose pairs differ: (key, "c" only in the copy | "p" only here | "d" both,
-    different)."""
-    params: list[Any] = [*blob]
-    query = sql.SQL(
-        "WITH c AS (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS x(k, h)),"
-        " p AS ({})"
-        " SELECT coalesce(c.k, p.k) AS k,"
-        " CASE WHEN p.k IS NULL THEN 'c' WHEN c.k IS NULL THEN 'p' ELSE 'd' END AS side"
-        " FROM c FULL JOIN p ON p.k = c.k WHERE c.h IS DISTINCT FROM p.h"
-    ).format(_pairs_sql(cmp, ranges, params))
-    return [(str(r["k"]), str(r["side"])) for r in await db.fetch(query.as_string(), params)]
-
-
-def _split(rng: Range, bounds: Sequence[str]) -> list[Range]:
-    edges: list[str | None] = [rng[0], *bounds, rng[1]]
-    return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
-
-
-def _batches(ranges: Sequence[Range], sizes: Sequence[int], limit: int) -> list[list[int]]:
-    """Indexes of `ranges` grouped so that one statement covers at most `limit` rows, and
-    at most RANGES_AT_ONCE ranges (each one a part of the statement to plan)."""
-    out: list[list[int]] = [[]]
-    total = 0
-    for i, size in enumerate(sizes):
-        if out[-1] and (total + size > limit or len(out[-1]) >= RANGES_AT_ONCE):
-            out.append([])
-            total = 0
-        out[-1].append(i)
-        total += size
-    return [b for b in out if b]
-
-
-def diff_tables(
-    prod: Gateway, copy: Gateway, cmps: Sequence[Compare]
-) -> dict[str, asyncio.Task[TableDiff]]:
-    """`diff_table` of each, TABLES_AT_ONCE at a time, started in the order given (the
-    caller awaits them in that order and cancels what it leaves)."""
-    gate = asyncio.Semaphore(TABLES_AT_ONCE)
-
-    async def one(cmp: Compare) -> TableDiff:
-        async with gate:
-            return await diff_table(prod, copy, cmp)
-
-    return {c.table: asyncio.ensure_future(one(c)) for c in cmps}
-
-
-async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
-    """Keys only in the copy, only in production, and in both with different rows."""
-    result = TableDiff(cmp.table)
-
-    async def count(db: Reader) -> int:
-        rows = await db.fetch(sql.SQL("SELECT count(*) AS n FROM {}").format(cmp.ident).as_string())
-        return int(rows[0]["n"])
-
-    result.prod_rows, result.copy_rows = await _both(prod, copy, count)
-    result.statements += 1
-    biggest = max(result.prod_rows, result.copy_rows)
-    if biggest == 0:
-        return result
-    whole: Range = (None, None)
-    if biggest <= LEAF_ROWS:
-        await _leaves(prod, copy, cmp, [(whole, biggest)], result)
-        return result
-    # The top level's bounds come from the bigger side; any bounds would do, as both
-    # sides are cut at the same keys.
-    bigger = copy if result.copy_rows >= result.prod_rows else prod
-    bounds = await _on(bigger, partial(_histogram, cmp=cmp))
-    if len(bounds) < 2 or biggest // (len(bounds) + 1) > SEGMENT_ROWS:
-        bounds = await _on(bigger, partial(_bounds, cmp=cmp, rng=whole, every=SEGMENT_ROWS))
-    result.statements += 1
-    size = -(-biggest // (len(bounds) + 1))
-    await _descend(prod, copy, cmp, _split(whole, bounds), [size] * (len(bounds) + 1), result)
-    return result
+    return [str(r["k"]) for r in rows]
 
 
 async def _histogram(db: Reader, cmp: Compare) -> list[str]:
     """The key's histogram bounds from the statistics (no scan): sorted in the key's
     collation, or by code point (UTF-8 byte order: COLLATE "C") when the ranges compare in
-    byte order. Stale statistics only make the ranges uneven: both sides are still cut at
+    byte order. Stale statistics only make the chunks uneven: both sides are still cut at
     the same keys. None without statistics, or in byte order outside UTF8."""
     if cmp.byte_order and not cmp.fast_hash:
         return []
@@ -541,107 +445,283 @@ async def _histogram(db: Reader, cmp: Compare) -> list[str]:
     return sorted(set(found)) if cmp.byte_order else list(dict.fromkeys(found))
 
 
-async def _descend(
+async def _chunks(prod: Gateway, copy: Gateway, cmp: Compare, rows: int, limit: int) -> list[Range]:
+    """Key ranges of about `limit` rows at most (one range for a table that small):
+    each statement of the diff reads one, so that it stays well within the statement
+    timeout however big the table. Cut at the histogram's bounds of the copy (else
+    production's), or at every `limit`-th key without statistics; both sides are cut
+    at the same keys, so each key falls in the same chunk on both sides, updated meanwhile
+    or not."""
+    if rows <= limit:
+        return [(None, None)]
+    bounds = await _on(copy, partial(_histogram, cmp=cmp)) or await _on(
+        prod, partial(_histogram, cmp=cmp)
+    )
+    if len(bounds) >= 2:
+        step = max(1, -(-limit * (len(bounds) + 1) // rows))
+        bounds = bounds[step - 1 :: step]
+    else:
+        bounds = await _on(copy, partial(_bounds, cmp=cmp, every=limit), seqscan=False)
+    edges: list[str | None] = [None, *bounds, None]
+    return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
+async def _cells(db: Reader, cmp: Compare, rng: Range, mask: int) -> dict[int, Cell]:
+    """The range's rows by bucket (the low bits of their key hash): per bucket the count and
+    the XOR of the key hashes and of the row hashes, read as one bytea (only the buckets
+    become Python objects)."""
+    params: list[Any] = []
+    kh = cmp.key_hash()
+    cells = _part_sql(
+        cmp,
+        _Part(rng),
+        params,
+        sql.SQL(
+            "{kh} & {mask} AS b, count(*) AS n, bit_xor({kh}) AS kx, bit_xor({rh}) AS rx"
+        ).format(kh=kh, mask=sql.Literal(mask), rh=cmp.row_hash()),
+    )
+    query = sql.SQL(
+        "SELECT coalesce(string_agg(int8send(b) || int8send(n) || int8send(kx) || int8send(rx),"
+        " ''), '') AS cells FROM ({} GROUP BY 1) AS c"
+    ).format(cells)
+    # Grouped by hashing: the planner, which cannot tell how few buckets there are,
+    # would sort the rows instead (on disk, at a million rows).
+    await db.fetch("SELECT set_config('enable_sort', 'off', true)")
+    blob = bytes((await db.fetch(query.as_string(), params))[0]["cells"])
+    return {b: (n, kx, rx) for b, n, kx, rx in _CELL.iter_unpack(blob)}
+
+
+def _add(into: dict[int, Cell], more: dict[int, Cell]) -> None:
+    for b, (n, kx, rx) in more.items():
+        a = into.get(b, _EMPTY)
+        into[b] = (a[0] + n, a[1] ^ kx, a[2] ^ rx)
+
+
+def _decode(
+    copy: dict[int, Cell], prod: dict[int, Cell]
+) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]], list[int]]:
+    """The buckets that differ, as ({key hash: (row hash, bucket)} of the entries only in
+    the copy, the same only in production, the buckets to compare row by row). A bucket
+    that differs by one entry more on one side gives that entry outright: the XOR of both
+    sides' hashes (`_confirm` looks it up before it counts). One that differs otherwise (a
+    row changed is two entries, the copy's and production's) is compared row by row."""
+    only_copy: dict[int, tuple[int, int]] = {}
+    only_prod: dict[int, tuple[int, int]] = {}
+    mixed: list[int] = []
+    for b in sorted(set(copy) | set(prod)):
+        c, p = copy.get(b, _EMPTY), prod.get(b, _EMPTY)
+        if c == p:
+            continue
+        n = c[0] - p[0]
+        if n in (1, -1):
+            (only_copy if n == 1 else only_prod)[c[1] ^ p[1]] = (c[2] ^ p[2], b)
+        else:
+            mixed.append(b)
+    return only_copy, only_prod, mixed
+
+
+def _buckets(rows: int, differences: int) -> int:
+    """Buckets enough that most differences fall alone in theirs: BUCKETS_PER_DIFFERENCE a
+    difference expected (the counts' difference, plus a row in CHANGED_SHARE changed)."""
+    wanted = BUCKETS_PER_DIFFERENCE * (differences + rows // CHANGED_SHARE)
+    return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << max(0, wanted - 1).bit_length()))
+
+
+async def _entries_of(
+    db: Reader, cmp: Compare, rng: Range, hashes: list[int]
+) -> list[tuple[str, int, int]]:
+    """The range's (key, key hash, row hash) whose key hash is one of `hashes`."""
+    if not hashes:
+        return []
+    params: list[Any] = [hashes]
+    query = sql.SQL(
+        "SELECT t.{k}::text AS k, w.kh, {rh} AS rh FROM {t} AS t"
+        " JOIN unnest(%s::bigint[]) AS w(kh) ON w.kh = {kh} WHERE {cond}"
+    ).format(
+        k=sql.Identifier(cmp.key),
+        rh=cmp.row_hash(),
+        t=cmp.ident,
+        kh=cmp.key_hash(),
+        cond=cmp.range_cond(*rng, params),
+    )
+    rows = await db.fetch(query.as_string(), params)
+    return [(str(r["k"]), int(r["kh"]), int(r["rh"])) for r in rows]
+
+
+def _confirm(
+    wanted: dict[int, tuple[int, int]], found: list[tuple[str, int, int]], mixed: set[int]
+) -> list[str]:
+    """The keys of the entries `_decode` gave that are there as it gave them: one row with
+    that key hash and row hash. A bucket whose entry is not (it differed by more than one
+    entry after all) joins `mixed`."""
+    rows: dict[int, list[tuple[str, int]]] = {}
+    for key, kh, rh in found:
+        rows.setdefault(kh, []).append((key, rh))
+    keys = []
+    for kh, (rh, bucket) in wanted.items():
+        got = rows.get(kh, [])
+        if len(got) == 1 and got[0][1] == rh:
+            keys.append(got[0][0])
+        else:
+            mixed.add(bucket)
+    return keys
+
+
+def _pairs_sql(cmp: Compare, part: _Part, params: list[Any]) -> sql.Composable:
+    return _part_sql(
+        cmp,
+        part,
+        params,
+        sql.SQL("t.{}::text AS k, {} AS h").format(sql.Identifier(cmp.key), cmp.row_hash()),
+    )
+
+
+async def _pairs_arrays(db: Reader, cmp: Compare, part: _Part) -> tuple[str, str]:
+    """The part's keys and row hashes as two array literals (parsed by the other server,
+    not by Python)."""
+    params: list[Any] = []
+    query = sql.SQL(
+        "SELECT coalesce(array_agg(x.k), '{{}}')::text AS k,"
+        " coalesce(array_agg(x.h), '{{}}')::text AS h FROM ({}) AS x"
+    ).format(_pairs_sql(cmp, part, params))
+    row = (await db.fetch(query.as_string(), params))[0]
+    return str(row["k"]), str(row["h"])
+
+
+async def _compare_pairs(
+    db: Reader, cmp: Compare, part: _Part, blob: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """The keys whose pairs differ: (key, "c" only in the copy | "p" only here | "d" both,
+    different)."""
+    params: list[Any] = [*blob]
+    query = sql.SQL(
+        "WITH c AS (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS x(k, h)),"
+        " p AS ({})"
+        " SELECT coalesce(c.k, p.k) AS k,"
+        " CASE WHEN p.k IS NULL THEN 'c' WHEN c.k IS NULL THEN 'p' ELSE 'd' END AS side"
+        " FROM c FULL JOIN p ON p.k = c.k WHERE c.h IS DISTINCT FROM p.h"
+    ).format(_pairs_sql(cmp, part, params))
+    return [(str(r["k"]), str(r["side"])) for r in await db.fetch(query.as_string(), params)]
+
+
+def diff_tables(
+    prod: Gateway, copy: Gateway, cmps: Sequence[Compare], rows: dict[str, int] | None = None
+) -> dict[str, asyncio.Task[TableDiff]]:
+    """`diff_table` of each, TABLES_AT_ONCE at a time, the biggest (by `rows`, estimates)
+    started first so that no long diff starts last (tasks start, and the semaphore lets
+    them in, in the order they are made); the caller awaits them in its own order and
+    cancels what it leaves."""
+    gate = asyncio.Semaphore(TABLES_AT_ONCE)
+    sizes = rows or {}
+
+    async def one(cmp: Compare) -> TableDiff:
+        async with gate:
+            return await diff_table(prod, copy, cmp)
+
+    ordered = sorted(cmps, key=lambda c: -sizes.get(c.table, 0))
+    return {c.table: asyncio.ensure_future(one(c)) for c in ordered}
+
+
+async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
+    """Keys only in the copy, only in production, and in both with different rows.
+
+    A small table is compared key by key at once. A bigger one is summed by bucket on both
+    sides (`_cells`, chunk by chunk), a bucket whose sums differ by one entry gives that
+    entry's key hash (`_decode`), whose key one more pass reads (`_keys_of`); the few
+    buckets that differ by more are compared key by key. When those would hold more than
+    MIXED_SHARE of the rows (more differences than the counts told: rows changed), the
+    buckets are summed again, as many more as the differences found call for."""
+    result = TableDiff(cmp.table)
+
+    async def count(db: Reader) -> int:
+        rows = await db.fetch(sql.SQL("SELECT count(*) AS n FROM {}").format(cmp.ident).as_string())
+        return int(rows[0]["n"])
+
+    result.prod_rows, result.copy_rows = await _both(prod, copy, count)
+    result.statements += 1
+    biggest = max(result.prod_rows, result.copy_rows)
+    if biggest == 0:
+        return result
+    if biggest <= SMALL_ROWS:
+        await _compare(prod, copy, cmp, [_Part((None, None))], result)
+        return result
+    if not cmp.buckets:  # no bit_xor() on a side (before PostgreSQL 14)
+        chunks = await _chunks(prod, copy, cmp, biggest, PAIR_ROWS)
+        await _compare(prod, copy, cmp, [_Part(r) for r in chunks], result, len(chunks) == 1)
+        return result
+    chunks = await _chunks(prod, copy, cmp, biggest, CHUNK_ROWS)
+    whole = len(chunks) == 1
+    buckets = _buckets(biggest, abs(result.prod_rows - result.copy_rows))
+    while True:
+        mask = buckets - 1
+        in_copy: dict[int, Cell] = {}
+        in_prod: dict[int, Cell] = {}
+        for rng in chunks:
+            p, c = await _both(prod, copy, partial(_cells, cmp=cmp, rng=rng, mask=mask), whole)
+            result.statements += 1
+            _add(in_prod, p)
+            _add(in_copy, c)
+        only_copy, only_prod, mixed_list = _decode(in_copy, in_prod)
+        per_bucket = biggest / buckets
+        if len(mixed_list) * per_bucket <= biggest * MIXED_SHARE or buckets >= MAX_BUCKETS:
+            break
+        # Poisson: `differing` of `buckets` buckets differ when about this many entries do.
+        differing = min(len(only_copy) + len(only_prod) + len(mixed_list), buckets - 1)
+        more = _buckets(0, math.ceil(-buckets * math.log(1 - differing / buckets)))
+        if more <= buckets:
+            break
+        buckets = more
+    mixed = set(mixed_list)
+    found_c: list[tuple[str, int, int]] = []
+    found_p: list[tuple[str, int, int]] = []
+    for rng in chunks:
+        in_c, in_p = await asyncio.gather(
+            _on(copy, partial(_entries_of, cmp=cmp, rng=rng, hashes=list(only_copy)), whole),
+            _on(prod, partial(_entries_of, cmp=cmp, rng=rng, hashes=list(only_prod)), whole),
+        )
+        result.statements += 1
+        found_c += in_c
+        found_p += in_p
+    result.only_copy += _confirm(only_copy, found_c, mixed)
+    result.only_prod += _confirm(only_prod, found_p, mixed)
+    at_once = max(1, int(PAIR_ROWS / per_bucket))
+    ordered = sorted(mixed)
+    parts = [
+        _Part(rng, tuple(ordered[i : i + at_once]), mask)
+        for rng in chunks
+        for i in range(0, len(ordered), at_once)
+    ]
+    await _compare(prod, copy, cmp, parts, result, whole)
+    result.only_copy.sort()
+    result.only_prod.sort()
+    result.changed.sort()
+    return result
+
+
+async def _compare(
     prod: Gateway,
     copy: Gateway,
     cmp: Compare,
-    ranges: list[Range],
-    sizes: list[int],
+    parts: list[_Part],
     result: TableDiff,
+    seqscan: bool = True,
 ) -> None:
-    """Count `ranges` on both sides, and checksum those whose counts agree (those whose
-    counts differ differ); read the differing ones that are small, or dense with
-    differences (`_dense`), as (key, hash) pairs; cut the others into FANOUT sub-ranges
-    and descend. Level by level: the sub-ranges of every range that differs are cut,
-    counted and checksummed together, a few statements a level however many ranges
-    differ (changes scattered over the whole table make most ranges differ)."""
-    leaves: list[tuple[Range, int]] = []
-
-    def differs(rng: Range, rows: int, delta: int) -> None:
-        if rows <= LEAF_ROWS or (rows <= SEGMENT_ROWS and _dense(rows, delta)):
-            leaves.append((rng, rows))
-        else:
-            to_cut.append((rng, rows))
-
-    while ranges:
-        checked: list[Range] = []
-        checked_sizes: list[int] = []
-        to_cut: list[tuple[Range, int]] = []
-        for batch in _batches(ranges, sizes, COUNT_ROWS):
-            part = [ranges[i] for i in batch]
-            pn, cn = await _both(prod, copy, partial(_counts, cmp=cmp, ranges=part))
-            result.statements += 1
-            for rng, a, b in zip(part, pn, cn, strict=True):
-                if a != b:  # differs: no checksum needed to tell
-                    differs(rng, max(a, b), abs(a - b))
-                elif a:
-                    checked.append(rng)
-                    checked_sizes.append(a)
-        for batch in _batches(checked, checked_sizes, STATEMENT_ROWS):
-            part = [checked[i] for i in batch]
-            p, c = await _both(prod, copy, partial(_checksums, cmp=cmp, ranges=part))
-            result.statements += 1
-            for rng, pc, cc in zip(part, p, c, strict=True):
-                if pc != cc:
-                    differs(rng, pc[0], 0)
-        # Each range cut at every rows // FANOUT-th key of the copy's, else production's
-        # when the copy's gives fewer than two cuts; uncut, it is compared key by key.
-        cuts = await _cut_all(copy, cmp, to_cut, result)
-        again = [i for i, sub in enumerate(cuts) if len(sub) < 2]
-        for i, sub in zip(
-            again, await _cut_all(prod, cmp, [to_cut[i] for i in again], result), strict=True
-        ):
-            cuts[i] = sub
-        ranges, sizes = [], []
-        for (rng, rows), sub in zip(to_cut, cuts, strict=True):
-            if not sub:
-                leaves.append((rng, rows))
-                continue
-            ranges += _split(rng, sub)
-            sizes += [max(1, rows // FANOUT)] * (len(sub) + 1)
-    await _leaves(prod, copy, cmp, leaves, result)
-
-
-def _dense(rows: int, delta: int) -> bool:
-    """Whether a range whose counts differ by `delta` would have most of its FANOUT
-    sub-ranges differ (at least one difference each on average, or a 1/SPARSE of its rows
-    or more): descending would then checksum it again only to read most of it as pairs."""
-    return delta >= FANOUT or delta * SPARSE >= rows
-
-
-async def _cut_all(
-    db: Gateway, cmp: Compare, ranges: Sequence[tuple[Range, int]], result: TableDiff
-) -> list[list[str]]:
-    """`_cuts` of the ranges at every rows // FANOUT-th key, a few statements in all."""
-    wanted = [(rng, max(1, rows // FANOUT)) for rng, rows in ranges]
-    out: list[list[str]] = []
-    for batch in _batches([r for r, _ in ranges], [n for _, n in ranges], STATEMENT_ROWS):
-        out += await _on(db, partial(_cuts, cmp=cmp, ranges=[wanted[i] for i in batch]))
-        result.statements += 1
-    return out
-
-
-async def _leaves(
-    prod: Gateway, copy: Gateway, cmp: Compare, leaves: list[tuple[Range, int]], result: TableDiff
-) -> None:
-    """The ranges compared key by key, several per statement (at most PAIR_ROWS rows):
-    the copy's (key, hash) pairs come as two array literals, which production joins with its
-    own pairs, returning only the keys that differ (no row becomes a Python object). The
-    copy reads the next batch while production compares this one."""
-    batches = [
-        [leaves[i][0] for i in batch]
-        for batch in _batches([r for r, _ in leaves], [n for _, n in leaves], PAIR_ROWS)
-    ]
-    if not batches:
+    """The parts compared key by key: the copy's (key, hash) pairs come as two array
+    literals, which production joins with its own pairs, returning only the keys that
+    differ (no row becomes a Python object). The copy reads the next part while production
+    compares this one."""
+    if not parts:
         return
-    ahead = asyncio.ensure_future(_on(copy, partial(_pairs_arrays, cmp=cmp, ranges=batches[0])))
+    ahead = asyncio.ensure_future(
+        _on(copy, partial(_pairs_arrays, cmp=cmp, part=parts[0]), seqscan)
+    )
     try:
-        for i, part in enumerate(batches):
+        for i, part in enumerate(parts):
             blob = await ahead
-            if i + 1 < len(batches):
-                nxt = partial(_pairs_arrays, cmp=cmp, ranges=batches[i + 1])
-                ahead = asyncio.ensure_future(_on(copy, nxt))
-            found = await _on(prod, partial(_compare_pairs, cmp=cmp, ranges=part, blob=blob))
+            if i + 1 < len(parts):
+                nxt = partial(_pairs_arrays, cmp=cmp, part=parts[i + 1])
+                ahead = asyncio.ensure_future(_on(copy, nxt, seqscan))
+            found = await _on(prod, partial(_compare_pairs, cmp=cmp, part=part, blob=blob), seqscan)
             result.statements += 1
             for side, keys in (("c", result.only_copy), ("p", result.only_prod)):
                 keys += sorted(k for k, s in found if s == side)
@@ -665,8 +745,8 @@ async def differing_columns(
         "SELECT t.{k}::text AS k, ARRAY[{h}] AS h FROM {t} AS t WHERE t.{k}::text = ANY(%s)"
     ).format(k=sql.Identifier(cmp.key), h=hashes, t=cmp.ident)
     out: dict[str, list[str]] = {}
-    for start in range(0, len(keys), LEAF_ROWS):
-        chunk = list(keys[start : start + LEAF_ROWS])
+    for start in range(0, len(keys), KEYS_AT_ONCE):
+        chunk = list(keys[start : start + KEYS_AT_ONCE])
 
         async def read(db: Reader, chunk: list[str] = chunk) -> dict[str, list[Any]]:
             rows = await db.fetch(query.as_string(), (chunk,))

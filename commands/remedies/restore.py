@@ -2,8 +2,8 @@
 
 The copy (RECOVERY_DATABASE_URL, `ctx.recovery_copy`) is a database restored from a
 backup or to a point in time; the bot only reads it. The plan compares it with
-production table by table (`commands.rowdiff`: hash ranges of primary keys, both sides
-at once) for every table of schema public with data, in foreign-key order, and puts
+production table by table (`commands.rowdiff`: row hashes reconciled by bucket of key hash,
+both sides at once) for every table of schema public with data, in foreign-key order, and puts
 every differing row in one class:
 
 - lost: in the copy, created at or before `--until`, absent from production: restored;
@@ -526,8 +526,8 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
         f["encoding"] == "UTF8" and int(f["version_num"]) >= 110000
         for f in (prod.facts, other.facts)
     )
-    # hash_record_extended() needs PostgreSQL 14 and means the same for the same major
-    # version on both sides (rowdiff.Compare.types).
+    # The columns' own hash functions, for the same major version (14 or later) on both
+    # sides (rowdiff.Compare.types); bit_xor() for the buckets needs 14 on both.
     majors = {int(f["version_num"]) // 10000 for f in (prod.facts, other.facts)}
     record = fast and len(majors) == 1 and min(majors) >= 14
     tables: list[TableRestore] = []
@@ -559,10 +559,12 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
             byte_order=not same_order,
             fast_hash=fast,
             types=types if record else (),
+            buckets=min(majors) >= 14,
         )
     # The tables are diffed at the same time (a few at once: each diff keeps both sides
     # busy already), and classified in foreign-key order as their diffs come.
-    diffs = diff_tables(prod_gw, copy, list(cmps.values()))
+    sizes = {t: max(prod.tables[t].estimate, other.tables[t].estimate) for t in cmps}
+    diffs = diff_tables(prod_gw, copy, list(cmps.values()), sizes)
     try:
         for name in order:
             p_shape, c_shape = prod.tables[name], other.tables[name]
