@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.tasks import wait_for_signal  # noqa: E402
 from commands.fixture.seed import TABLES, VIEWS, schema_sql  # noqa: E402
+from commands.indexes import RECOMMENDED, check_recommended  # noqa: E402
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -767,6 +768,53 @@ class ServerCpu:
         return ticks / _CLK_TCK
 
 
+async def add_recommended_indexes(dsn: str) -> list[str]:
+    """The guide's recommended indexes (`commands.indexes.RECOMMENDED`) that no index of the
+    schema serves (`/db indexes`' own check says which), built plainly (nothing else runs
+    meanwhile) and analyzed. Their names."""
+    from bot.gateway import TargetGateway  # the bot's own reads, as `/db indexes`
+
+    gateway = TargetGateway(dsn)
+    try:
+        finding = await gateway.read(check_recommended)
+    finally:
+        await gateway.close()
+    wanted = {str(r["recommended"]) for r in finding.rows}
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET maintenance_work_mem = '1GB'")
+        for rec in RECOMMENDED:
+            if rec.name not in wanted:
+                continue
+            cols = sql.SQL(", ").join(
+                sql.SQL("{}{}").format(
+                    sql.Identifier(c.split()[0]), sql.SQL(" DESC" if c.endswith(" DESC") else "")
+                )
+                for c in rec.columns
+            )
+            stmt = sql.SQL("CREATE INDEX {} ON {} ({})").format(
+                sql.Identifier(rec.name), sql.Identifier(rec.schema, rec.table), cols
+            )
+            if rec.where:  # repo data, like the schema
+                stmt = sql.SQL("{} WHERE {}").format(stmt, sql.SQL(rec.where))
+            await conn.execute(stmt)
+            await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(rec.schema, rec.table)))
+    return sorted(wanted)
+
+
+async def disk_bytes(dsn: str) -> int:
+    """The server's databases and its WAL directory, in bytes."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return int(
+            await _scalar(
+                conn,
+                sql.SQL(
+                    "SELECT (SELECT sum(pg_database_size(oid)) FROM pg_database)"
+                    " + (SELECT coalesce(sum(size), 0) FROM pg_ls_waldir())"
+                ),
+            )
+        )
+
+
 # ------------------------------------------------------------------------------ script
 
 
@@ -779,6 +827,9 @@ async def _main() -> None:
     ap.add_argument("--faults", type=int, default=0, help="how many of each fault kind")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the server running; print DSN")
+    ap.add_argument(
+        "--indexes", action="store_true", help="add the guide's recommended indexes too"
+    )
     args = ap.parse_args()
     pg = EmbeddedPostgres(settings=SCALE_SERVER_SETTINGS)
     pg.start()
@@ -794,11 +845,15 @@ async def _main() -> None:
             faults=dict.fromkeys(FAULT_KINDS, args.faults) if args.faults else None,
             seed=args.seed,
         )
+        if args.indexes:
+            added = await add_recommended_indexes(dsn)
+            print(f"recommended indexes added: {', '.join(added) or 'none (all present)'}")
         elapsed = time.perf_counter() - started
         for name, n in counts.items():
             print(f"{name:32} {n:>12,}")
-        print(f"built in {elapsed:.1f} s")
-        print(f"BENCH scale build_s={elapsed:.1f} users={args.users}")
+        disk_gb = await disk_bytes(dsn) / 1e9
+        print(f"built in {elapsed:.1f} s, {disk_gb:.2f} GB on disk (databases and WAL)")
+        print(f"BENCH scale build_s={elapsed:.1f} disk_gb={disk_gb:.2f} users={args.users}")
         if args.keep:
             print(f"DSN {dsn}", flush=True)
             print("server kept running; Ctrl-C (or SIGTERM) stops it", flush=True)
