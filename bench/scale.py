@@ -246,7 +246,7 @@ SELECT 'k' || lpad(g::text, 9, '0'), rec, pl, rec + interval '3 seconds',
        'LEAPS Newsletter', 'leaps newsletter', (40000000 + ui)::text,
        'user' || ui || '@school' || (ui %% 16) || '.edu.in', rec AT TIME ZONE 'UTC',
        'processed', pl
-  FROM (SELECT g, 1 + (g * 7919) %% %(users)s AS ui,
+  FROM (SELECT g, 1 + (g::bigint * 7919) %% %(users)s AS ui,
                (now() AT TIME ZONE 'UTC') - (1 + {rr} * 120) * interval '1 day' AS rec,
                jsonb_build_object('event', 'contact.tagged', 'id', 'kjb_tag_' || g,
                                   'tag', jsonb_build_object('name', 'LEAPS Newsletter')) AS pl
@@ -267,7 +267,7 @@ SELECT 'u' || lpad(i::text, 8, '0'), 'user' || i, 'User ' || i,
        CASE WHEN {r2} < 0.92 THEN ({cohorts})[1 + i % 4] END,
        (now() AT TIME ZONE 'UTC') - (150 + {r3} * 100) * interval '1 day',
        CASE WHEN {r4} < 0.75 THEN (40000000 + i)::text END,
-       'R' || upper(to_hex(i * 7919 + 1000000)),
+       'R' || upper(to_hex(i::bigint * 7919 + 1000000)),
        CASE WHEN i >= {first_p} AND {r5} < 0.08
             THEN 'STUDENT' ELSE 'EDUCATOR' END::"UserType",
        {r6} < 0.7,
