@@ -14,8 +14,9 @@ still there (recover-learn), `--faults` Kajabi events delivered twice (dedupe-we
 `--faults` LEARN events waiting (reprocess-webhooks); then ANALYZE, the guide's
 recommended indexes (`add_recommended_indexes`), and pg_stat_statements in schema
 `extensions` as Supabase has it (`/db slow` reads it). With `--dsn` it uses that database
-as it is (an argument a plan refuses there, such as a migration that is not failed, is
-said and that plan left out).
+as it is, or adds the same first with `--prepare` (for a database `bench/scale.py --keep`
+built: a 1M-user build takes about ten minutes, worth doing once). An argument a plan
+refuses there, such as a migration that is not failed, is said and that plan left out.
 
 The bot is the one the console builds (`bot.house.build_house` with the console's
 frontend, a state store that keeps nothing) from default `Settings` (nothing read from
@@ -49,7 +50,7 @@ baseline spread over its hour (its CPU x WATCHDOG_INTERVAL_S / BASELINE_INTERVAL
 their defaults), as a percentage of one core over WATCHDOG_INTERVAL_S. `n/a` when the
 server is not a process of this machine.
 
-    python bench/all_commands.py [--users 100000] [--dsn URL] [--runs 20] [--faults 25]
+    python bench/all_commands.py [--users 100000] [--dsn URL [--prepare]] [--runs 20] [--faults 25]
                                  [--only health,quota] [--keep]
 
 `--keep` leaves the built server running at the end (until Ctrl-C or SIGTERM) and prints
@@ -279,18 +280,25 @@ async def build(pg: EmbeddedPostgres, users: int, n_faults: int) -> str:
         f"{time.perf_counter() - started:.1f} s",
         flush=True,
     )
+    await prepare(dsn, users, n_faults)
+    print(f"peak RSS of this process after the build: {max_rss_mb():.1f} MB", flush=True)
+    return dsn
+
+
+async def prepare(dsn: str, users: int, n_faults: int) -> None:
+    """What the bench adds to the scale fixture: the plans' own faults, the recommended
+    indexes, pg_stat_statements (also for a `--dsn` database built by bench/scale.py, with
+    `--prepare`)."""
     if n_faults:
         made = await add_command_faults(dsn, users, n_faults)
         print("faults for the plans: " + ", ".join(f"{k} {v}" for k, v in made.items()))
     added = await add_recommended_indexes(dsn)
     print(f"recommended indexes added: {', '.join(added) or 'none (all present)'}", flush=True)
-    print(f"peak RSS of this process after the build: {max_rss_mb():.1f} MB", flush=True)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         # as Supabase has it (the embedded server preloads the library): `/db slow` reads it,
         # and its history holds what the build and the bench ran
         await conn.execute("CREATE SCHEMA IF NOT EXISTS extensions")
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA extensions")
-    return dsn
 
 
 async def count_users(dsn: str) -> int:
@@ -573,6 +581,12 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="timed runs of each command")
     ap.add_argument("--faults", type=int, default=25, help="how many of each fault kind")
     ap.add_argument("--only", help="comma-separated BENCH names: time only these")
+    ap.add_argument(
+        "--prepare",
+        action="store_true",
+        help="with --dsn: first add what a build adds (the plans' faults, the recommended "
+        "indexes, pg_stat_statements); writes to that database",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the built server; print its DSN")
     args = ap.parse_args()
     if args.runs < 1:
@@ -581,6 +595,8 @@ async def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.dsn:
         users = args.users if args.users is not None else await count_users(args.dsn)
+        if args.prepare:
+            await prepare(args.dsn, users, args.faults)
         await bench(args.dsn, users, args.runs, names)
         return
     users = args.users if args.users is not None else DEFAULT_USERS
