@@ -25,10 +25,10 @@ within the check timeout at any size, and the count is kept per target for
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from psycopg import sql
@@ -261,6 +261,7 @@ def _false_without(expr: str) -> frozenset[str]:
     return _keys_by(expr, _FALSE_WITHOUT)
 
 
+@functools.lru_cache(maxsize=64)  # the same few definitions, read on every run
 def keys_required(definition: str) -> frozenset[str]:
     """The payload keys a validated CHECK constraint guarantees on every AMPLIFY row:
     it must read `activity_code <> 'AMPLIFY' OR <rest>` with every other part false
@@ -555,7 +556,7 @@ async def overall_spelling(ctx: Context, rule: QuotaRule) -> tuple[Finding | Non
     for lo, hi in ranges:
         if head.status is not Status.OK:
             break
-        head = await ctx.gateway.run_check("payload keys", partial(count, lo, hi))
+        head = await ctx.gateway.run_check("payload keys", functools.partial(count, lo, hi))
     if head.status is not Status.OK:
         return head, {}, 0.0
     _overall_cache[key] = (time.monotonic(), totals)
