@@ -188,7 +188,8 @@ async def test_case_duplicates_with_and_without_the_unique_index(
     leaps_dsn: str, dispatcher: Dispatcher, faults: FaultInjector
 ) -> None:
     """Groups with no address in lower case, an address with spaces, a mis-cased twin:
-    found through the unique index on users.email; once it is gone, an exact repeat too."""
+    found through the unique index on users.email; once it is gone, an exact repeat too.
+    An address of spaces only is a missing one."""
     await faults.mis_cased_emails(1, role="ADMIN")
     accounts = [
         ("cd1", "Mixed.Case@Example.org", "REVIEWER"),
@@ -196,6 +197,7 @@ async def test_case_duplicates_with_and_without_the_unique_index(
         ("cd3", "mixed.CASE@EXAMPLE.org", "PARTICIPANT"),
         ("cd4", " spaced@example.org", "PARTICIPANT"),
         ("cd5", "spaced@example.org", "PARTICIPANT"),
+        ("cd8", "   ", "PARTICIPANT"),  # blank: no e-mail, and shared with nobody
     ]
 
     async def add(rows: list[tuple[str, str, str]]) -> None:
@@ -211,7 +213,9 @@ async def test_case_duplicates_with_and_without_the_unique_index(
     await add(accounts)
     for unique in (True, False):
         expected = await shared_emails(leaps_dsn)
-        dupes = finding(await report_of(dispatcher, "roles"), "e-mail case duplicates")
+        report = await report_of(dispatcher, "roles")
+        assert [r["id"] for r in finding(report, "users without e-mail").rows] == ["cd8"]
+        dupes = finding(report, "e-mail case duplicates")
         assert dupes.status is Status.CRIT, unique  # REVIEWER and PARTICIPANT share one
         assert f"{len(expected)} e-mails belong to several users" in dupes.summary
         assert {r["email"]: r["accounts"] for r in dupes.rows} == expected
