@@ -7,16 +7,25 @@ catalog on every run, and the user's payloads are summed both as the function re
 them and as they are stored: when the two disagree the trigger undercounts, which is
 how users end up over quota while the trigger is "working".
 
-Kept to small queries in one read-only transaction (the catalog, the keys as
-`/db integrity` reads them, then the user with their AMPLIFY rows through the unique
-index and the (user_id, activity_code, created_at) index) because it is asked about one
-user at a time, often, during an incident. The table-wide count of payloads in the other
-spelling reads every AMPLIFY row, so it is cached per target for `OVERALL_TTL_S`.
+It is asked about one user at a time, often, during an incident, so the catalog, the
+keys (read from the function's source as `/db integrity` reads them) and the user with
+their AMPLIFY rows (through the unique index and the (user_id, activity_code,
+created_at) index) come back in one statement of one read-only transaction.
+
+Whether any AMPLIFY payload in the table uses only the other spelling is a question about
+every AMPLIFY row. The catalog answers it when it can: a validated CHECK constraint that
+refuses an AMPLIFY payload without one of the keys the function reads (production's
+`chk_amplify_payload` does) proves there is none, with nothing counted. Otherwise (the
+constraint missing, added NOT VALID over older rows, or requiring the other spelling)
+the rows are counted, range of pages by range of pages so that each statement stays
+within the check timeout at any size, and the count is kept per target for
+`OVERALL_TTL_S`.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -25,7 +34,7 @@ from typing import Any
 from psycopg import sql
 
 from commands.base import Context, Finding, Reader, Report, Row, Status, UsageError, register
-from commands.integrity import amplify_keys
+from commands.integrity import CAMEL_KEYS, SNAKE_KEYS, keys_in_source
 
 QUOTA_FUNCTION = "check_amplify_quota"
 QUOTA_TRIGGER = "trg_check_amplify_quota"
@@ -61,6 +70,7 @@ class QuotaRule:
     limits: dict[str, int]
     limits_source: str
     triggers: list[Row]
+    checks: list[tuple[str, str]] = field(default_factory=list)  # validated CHECKs: name, text
 
     def read_keys(self, kind: str) -> tuple[str, ...]:
         return self.keys.get(kind) or (DOCUMENTED_KEYS[kind],)
@@ -99,8 +109,7 @@ def live_limits(source: str) -> dict[str, int]:
     return found
 
 
-_RULE_SQL = """
-SELECT
+_RULE_COLUMNS = """
   (SELECT json_build_object('schema', n.nspname, 'name', p.proname, 'source', p.prosrc)
      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE p.proname = %(fn)s
@@ -115,21 +124,29 @@ SELECT
      FROM pg_trigger t
      JOIN pg_class c ON c.oid = t.tgrelid
      JOIN pg_proc p ON p.oid = t.tgfoid
-    WHERE NOT t.tgisinternal AND (t.tgname = %(trg)s OR p.proname = %(fn)s)) AS triggers
+    WHERE NOT t.tgisinternal AND (t.tgname = %(trg)s OR p.proname = %(fn)s)) AS triggers,
+  (SELECT coalesce(json_agg(json_build_object(
+            'name', c.conname, 'definition', pg_get_constraintdef(c.oid)) ORDER BY c.conname),
+            '[]'::json)
+     FROM pg_constraint c
+    WHERE c.conrelid = to_regclass('submissions') AND c.contype = 'c' AND c.convalidated)
+    AS checks
 """
+_RULE_SQL = "SELECT" + _RULE_COLUMNS
 
 
-async def load_rule(db: Reader) -> QuotaRule:
-    """The function the trigger calls wins, as in `/db integrity`, whose `amplify_keys`
-    decides the payload keys so both commands read payloads the same way."""
-    (row,) = await db.fetch(_RULE_SQL, {"fn": QUOTA_FUNCTION, "trg": QUOTA_TRIGGER})
-    peers_key, students_key = await amplify_keys(db)
-    keys: dict[str, tuple[str, ...]] = {"peers": (peers_key,), "students": (students_key,)}
+def rule_from(row: Row) -> QuotaRule:
+    """The rule from `_RULE_SQL`'s row. The function the trigger calls wins, and its
+    source gives the payload keys as `/db integrity`'s `keys_in_source` reads them, so
+    both commands read payloads the same way."""
     fn: dict[str, Any] | None = row["function"]
     triggers: list[Row] = list(row["triggers"] or [])
+    checks = [(str(c["name"]), str(c["definition"])) for c in row["checks"] or []]
+    peers_key, students_key = keys_in_source(str(fn["source"] or "") if fn else None)
+    keys: dict[str, tuple[str, ...]] = {"peers": (peers_key,), "students": (students_key,)}
     if fn is None:
         return QuotaRule(
-            False, QUOTA_FUNCTION, keys, dict(DOCUMENTED_LIMITS), "documented", triggers
+            False, QUOTA_FUNCTION, keys, dict(DOCUMENTED_LIMITS), "documented", triggers, checks
         )
     source = str(fn["source"] or "")
     parsed = live_limits(source)
@@ -141,7 +158,132 @@ async def load_rule(db: Reader) -> QuotaRule:
         limits_source = f"partly read from {name}, the rest documented"
     else:
         limits_source = f"documented (not found in the source of {name})"
-    return QuotaRule(True, name, keys, limits, limits_source, triggers)
+    return QuotaRule(True, name, keys, limits, limits_source, triggers, checks)
+
+
+async def load_rule(db: Reader) -> QuotaRule:
+    (row,) = await db.fetch(_RULE_SQL, _RULE_PARAMS)
+    return rule_from(row)
+
+
+_RULE_PARAMS = {"fn": QUOTA_FUNCTION, "trg": QUOTA_TRIGGER}
+
+
+# --- what a CHECK constraint proves about the payload keys ---------------------------
+
+# The constraint's text as pg_get_constraintdef prints it (normalised by the server), read
+# conservatively: only the shapes below count as proof, anything else is counted instead.
+# A CHECK passes a row when its expression is true *or NULL*, so a key is proven present
+# only by an expression that is false, never NULL, without it.
+_AMPLIFY_GUARD = "activity_code <> 'AMPLIFY'::text"
+_KEY = r"'(?P<key>[^']+)'::text"
+# Not true (false or NULL) when the payload lacks the key: in a CASE's WHEN that is enough.
+_NOT_TRUE_WITHOUT = (
+    re.compile(r"^jsonb_typeof\(\(payload -> " + _KEY + r"\)\) = '[a-z]+'::text$"),
+    re.compile(r"^\(payload ->> " + _KEY + r"\) ~ '.*'::text$"),
+    re.compile(r"^payload \? " + _KEY + r"$"),
+)
+# False (never NULL) when the payload lacks the key.
+_FALSE_WITHOUT = (re.compile(r"^\(payload ->>? " + _KEY + r"\) IS NOT NULL$"),)
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\bCASE\b|\bEND\b|[()]|\s+(?:AND|OR)\s+")
+
+
+def _depths(expr: str) -> list[tuple[re.Match[str], int]]:
+    """The tokens of `expr` that nest or split it (literals skipped whole), each with the
+    depth of parentheses and CASE ... END it stands at."""
+    out: list[tuple[re.Match[str], int]] = []
+    depth = 0
+    for token in _TOKEN.finditer(expr):
+        text = token.group()
+        if text in ("(", "CASE"):
+            out.append((token, depth))
+            depth += 1
+        elif text in (")", "END"):
+            depth -= 1
+            out.append((token, depth))
+        elif not text.startswith("'"):
+            out.append((token, depth))
+    return out
+
+
+def _unwrap(expr: str) -> str:
+    """`expr` without extra whitespace and the parentheses that wrap all of it."""
+    expr = " ".join(expr.split())
+    while expr.startswith("(") and expr.endswith(")"):
+        closing = [t for t, d in _depths(expr) if d == 0 and t.group() == ")"]
+        if not closing or closing[0].start() != len(expr) - 1:
+            break  # the first parenthesis closes before the end: `(a) AND (b)`
+        expr = expr[1:-1].strip()
+    return expr
+
+
+def _top_level(expr: str, op: str) -> list[str]:
+    """`expr` split at ` op ` outside literals, parentheses and CASE ... END."""
+    parts, start = [], 0
+    for token, depth in _depths(expr):
+        if depth == 0 and token.group().strip() == op:
+            parts.append(expr[start : token.start()])
+            start = token.end()
+    parts.append(expr[start:])
+    return [_unwrap(p) for p in parts]
+
+
+def _keys_by(expr: str, shapes: tuple[re.Pattern[str], ...]) -> frozenset[str]:
+    match = next((m for m in (s.match(expr) for s in shapes) if m), None)
+    return frozenset({match.group("key")}) if match else frozenset()
+
+
+def _not_true_without(expr: str) -> frozenset[str]:
+    """Keys whose absence makes `expr` false or NULL."""
+    ors = _top_level(expr, "OR")
+    if len(ors) > 1:
+        return frozenset.intersection(*(_not_true_without(p) for p in ors))
+    ands = _top_level(expr, "AND")
+    if len(ands) > 1:
+        return frozenset.union(*(_not_true_without(p) for p in ands))
+    return _keys_by(expr, _NOT_TRUE_WITHOUT + _FALSE_WITHOUT)
+
+
+_CASE = re.compile(r"^CASE WHEN (?P<cond>.*) THEN (?P<then>.*) ELSE false END$")
+
+
+def _false_without(expr: str) -> frozenset[str]:
+    """Keys whose absence makes `expr` false (not NULL)."""
+    ors = _top_level(expr, "OR")
+    if len(ors) > 1:
+        return frozenset.intersection(*(_false_without(p) for p in ors))
+    ands = _top_level(expr, "AND")
+    if len(ands) > 1:
+        return frozenset.union(*(_false_without(p) for p in ands))
+    case = _CASE.match(expr)
+    if case and " WHEN " not in case.group("cond") + case.group("then"):
+        return _not_true_without(_unwrap(case.group("cond")))
+    return _keys_by(expr, _FALSE_WITHOUT)
+
+
+@functools.lru_cache(maxsize=64)  # the same few definitions, read on every run
+def keys_required(definition: str) -> frozenset[str]:
+    """The payload keys a validated CHECK constraint guarantees on every AMPLIFY row:
+    it must read `activity_code <> 'AMPLIFY' OR <rest>` with every other part false
+    without the key. Empty when the text is any other shape."""
+    body = _unwrap(definition.strip().removeprefix("CHECK"))
+    parts = _top_level(body, "OR")
+    rest = [p for p in parts if p != _AMPLIFY_GUARD]
+    if len(rest) != len(parts) - 1 or not rest:
+        return frozenset()
+    return frozenset.intersection(*(_false_without(p) for p in rest))
+
+
+def proving_check(rule: QuotaRule) -> tuple[str, list[str]] | None:
+    """(constraint name, the read keys it requires) of the first validated CHECK that
+    requires a key the function reads on every AMPLIFY row; then no AMPLIFY payload can
+    use only the other spelling."""
+    read, _other = _read_and_other(rule)
+    for name, definition in rule.checks:
+        required = [k for k in read if k in keys_required(definition)]
+        if required:
+            return name, required
+    return None
 
 
 # --- the user -----------------------------------------------------------------------
@@ -194,36 +336,42 @@ async def resolve_argument(ctx: Context, args: list[str]) -> Wanted | Finding:
     return Wanted("handle", handle, f"handle `{handle}`")
 
 
-# Exact first, through the unique index (the value as given, then lower-cased);
-# only when that finds nothing does the case-insensitive scan run (a one-time filter
-# on the NOT EXISTS skips it otherwise).
-_USER_SQL = """
+# The rule and the user in one statement. The user: exact first, through the unique index
+# (the value as given, then lower-cased); only when that finds nothing does the
+# case-insensitive scan run (a one-time filter on the NOT EXISTS skips it otherwise).
+# Their AMPLIFY payloads' keys in both spellings (`k0`..`k3`): which the function reads is
+# known from its source only once this returns.
+_SURVEY_SQL = f"""
 WITH exact AS (
   SELECT id, handle, name, email, role::text AS role FROM users
-   WHERE {col} = ANY (%(variants)s)
-   ORDER BY {col} = %(value)s DESC
+   WHERE {{col}} = ANY (%(variants)s)
+   ORDER BY {{col}} = %(value)s DESC
    LIMIT 1
 ), found AS (
   SELECT * FROM exact
   UNION ALL
   (SELECT id, handle, name, email, role::text FROM users
-    WHERE lower({col}) = lower(%(value)s) AND NOT EXISTS (SELECT 1 FROM exact)
-    ORDER BY {col} LIMIT 3)
-)
-SELECT f.id, f.handle, f.name, f.role,
+    WHERE lower({{col}}) = lower(%(value)s) AND NOT EXISTS (SELECT 1 FROM exact)
+    ORDER BY {{col}} LIMIT 3)
+), person AS (
+SELECT f.id, f.handle, f.name, f.email, f.role,
        coalesce((
          SELECT json_agg(json_build_object(
                   'id', s.id, 'status', s.status, 'created_at', s.created_at,
                   'in_week', s.created_at >= (now() AT TIME ZONE 'UTC') - interval '7 days',
-                  'read', json_build_array(s.payload -> %(rp)s, s.payload -> %(rs)s),
-                  'other', json_build_array(s.payload -> %(op)s, s.payload -> %(os)s))
+                  'keys', json_build_object(
+                    %(k0)s::text, s.payload -> %(k0)s, %(k1)s::text, s.payload -> %(k1)s,
+                    %(k2)s::text, s.payload -> %(k2)s, %(k3)s::text, s.payload -> %(k3)s))
                 ORDER BY s.created_at DESC)
            FROM (SELECT * FROM submissions s
                   WHERE s.user_id = f.id AND s.activity_code = 'AMPLIFY'
                   ORDER BY s.created_at DESC LIMIT %(max)s) s
        ), '[]'::json) AS amplify
 FROM found f
-"""
+)
+SELECT{_RULE_COLUMNS},
+  (SELECT coalesce(json_agg(p ORDER BY p.{{col}}), '[]'::json) FROM person p) AS users
+"""  # noqa: S608 (constant fragments of this module)
 
 
 def _number(value: Any) -> int | None:
@@ -251,11 +399,13 @@ class Tally:
     amplify_all: int = 0
 
 
-def tally(amplify: list[dict[str, Any]]) -> Tally:
+def tally(rule: QuotaRule, amplify: list[dict[str, Any]]) -> Tally:
+    pairs = [_key_pair(rule, kind) for kind in ("peers", "students")]
     t = Tally(amplify_all=len(amplify))
     for sub in amplify:
-        read = [_number(v) for v in sub["read"]]
-        other = [_number(v) for v in sub["other"]]
+        keys: dict[str, Any] = sub["keys"]
+        read = [_number(keys.get(r)) for r, _o in pairs]
+        other = [_number(keys.get(o)) for _r, o in pairs]
         unread = all(v is None for v in read) and any(v is not None for v in other)
         t.other_all += unread
         if not sub["in_week"]:
@@ -327,6 +477,18 @@ async def closest_handles(db: Reader, wanted: Wanted) -> list[Row]:
 
 # --- the table-wide spelling count (cached) ------------------------------------------
 
+# Counted range of pages by range of pages (a TID range scan reads just those pages), each
+# range one statement in its own transaction: a single count read every page of
+# `submissions` at once, 2 GB at a million users, too close to the check timeout. The
+# last range is open-ended, for pages added meanwhile. Rows moved between ranges while
+# they are read may be counted twice or missed: the count is a survey, not a ledger.
+CHUNK_PAGES = 25_000  # 200 MB of 8 kB pages: under a second each on the bench machine
+_LAST_BLOCK = 4294967294  # the largest block number a tid holds
+_PAGES_SQL = """
+SELECT (pg_relation_size(to_regclass('submissions'))
+        / current_setting('block_size')::int)::bigint AS pages,
+       current_setting('server_version_num')::int >= 140000 AS tid_ranges
+"""
 _OVERALL_SQL = """
 SELECT count(*)::bigint AS amplify,
        count(*) FILTER (WHERE NOT payload ?| %(read)s AND payload ?| %(other)s)::bigint
@@ -334,8 +496,11 @@ SELECT count(*)::bigint AS amplify,
        count(*) FILTER (WHERE NOT payload ?| %(read)s AND payload ?| %(other)s
                           AND created_at >= (now() AT TIME ZONE 'UTC') - interval '7 days')::bigint
          AS other_only_week
-FROM submissions WHERE activity_code = 'AMPLIFY'
+FROM submissions
+WHERE activity_code = 'AMPLIFY' AND ctid >= %(lo)s::tid AND ctid < %(hi)s::tid
 """
+# As the checks here (the count is a scan, the JIT compile of it the larger cost).
+_JIT_OFF = "SELECT set_config('jit', 'off', true)"
 
 _overall_cache: dict[tuple[str, tuple[str, ...]], tuple[float, Row]] = {}
 
@@ -354,6 +519,16 @@ def _read_and_other(rule: QuotaRule) -> tuple[list[str], list[str]]:
     return read, other
 
 
+def page_ranges(pages: int, tid_ranges: bool) -> list[tuple[str, str]]:
+    """(from, to) tids of the ranges counted: one range, the whole table, where the server
+    predates TID range scans (PostgreSQL 14) and a range would be a filter on a full scan."""
+    if not tid_ranges:
+        return [("(0,0)", f"({_LAST_BLOCK},0)")]
+    bounds = list(range(0, max(pages, 1), CHUNK_PAGES))
+    ends = [*bounds[1:], _LAST_BLOCK]
+    return [(f"({lo},0)", f"({hi},0)") for lo, hi in zip(bounds, ends, strict=True)]
+
+
 async def overall_spelling(ctx: Context, rule: QuotaRule) -> tuple[Finding | None, Row, float]:
     """(a failure finding or None, the counts, their age in seconds)."""
     read, other = _read_and_other(rule)
@@ -362,17 +537,30 @@ async def overall_spelling(ctx: Context, rule: QuotaRule) -> tuple[Finding | Non
     now = time.monotonic()
     if hit and now - hit[0] < OVERALL_TTL_S:
         return None, hit[1], now - hit[0]
-    counted: list[Row] = []
+    ranges: list[tuple[str, str]] = []
+    totals: Row = {"amplify": 0, "other_only": 0, "other_only_week": 0}
 
-    async def count(db: Reader) -> Finding:
-        counted.extend(await db.fetch(_OVERALL_SQL, {"read": read, "other": other}))
+    async def pages(db: Reader) -> Finding:
+        (row,) = await db.fetch(_PAGES_SQL)
+        ranges.extend(page_ranges(int(row["pages"] or 0), bool(row["tid_ranges"])))
+        return Finding(check="payload keys", status=Status.OK, summary="sized")
+
+    async def count(lo: str, hi: str, db: Reader) -> Finding:
+        await db.fetch(_JIT_OFF)
+        (row,) = await db.fetch(_OVERALL_SQL, {"read": read, "other": other, "lo": lo, "hi": hi})
+        for name in totals:
+            totals[name] += int(row[name])
         return Finding(check="payload keys", status=Status.OK, summary="counted")
 
-    head = await ctx.gateway.run_check("payload keys", count)
-    if head.status is not Status.OK or not counted:
+    head = await ctx.gateway.run_check("payload keys", pages)
+    for lo, hi in ranges:
+        if head.status is not Status.OK:
+            break
+        head = await ctx.gateway.run_check("payload keys", functools.partial(count, lo, hi))
+    if head.status is not Status.OK:
         return head, {}, 0.0
-    _overall_cache[key] = (time.monotonic(), counted[0])
-    return None, counted[0], 0.0
+    _overall_cache[key] = (time.monotonic(), totals)
+    return None, totals, 0.0
 
 
 # --- findings -------------------------------------------------------------------------
@@ -414,10 +602,17 @@ def trigger_finding(rule: QuotaRule) -> Finding:
 
 
 def keys_finding(
-    rule: QuotaRule, user: Tally | None, handle: str, overall: Row, age_s: float = 0.0
+    rule: QuotaRule,
+    user: Tally | None,
+    handle: str,
+    overall: Row,
+    age_s: float = 0.0,
+    proof: tuple[str, list[str]] | None = None,
 ) -> Finding:
     """crit when payloads inside the trigger's 7-day window use the other spelling (the
-    trigger undercounts now); warn when only older ones do (points, not the quota)."""
+    trigger undercounts now); warn when only older ones do (points, not the quota).
+    `proof`: the CHECK constraint that rules such payloads out table-wide (`overall`
+    is then empty: nothing was counted)."""
     name = "payload keys"
     read, other = _read_and_other(rule)
     read_text = " / ".join(f"`{k}`" for k in read)
@@ -439,6 +634,12 @@ def keys_finding(
             )
         else:
             parts.append(f"`{handle}`'s {user.amplify_all} AMPLIFY payloads use the same keys")
+    if proof is not None:
+        check, required = proof
+        parts.append(
+            f"every AMPLIFY payload in the database has {' or '.join(f'`{k}`' for k in required)}"
+            f": the validated CHECK constraint {check} requires it (nothing to count)"
+        )
     if overall:
         counted = f" (counted {age_s:.0f} s ago)" if age_s >= 1 else ""
         if int(overall["other_only"]):
@@ -528,26 +729,24 @@ async def quota(ctx: Context, args: list[str]) -> Report:
     state: dict[str, Any] = {}
 
     async def survey(db: Reader) -> Finding:
-        rule = await load_rule(db)
-        state["rule"] = rule
         if isinstance(resolved, Finding):
+            state["rule"] = await load_rule(db)
             return Finding(check="survey", status=Status.OK, summary="")
-        (rp, op), (rs, os_) = (_key_pair(rule, "peers"), _key_pair(rule, "students"))
         variants = list(dict.fromkeys([resolved.value, resolved.value.lower()]))
-        query = sql.SQL(_USER_SQL).format(col=sql.Identifier(resolved.column))
-        users = await db.fetch(
+        query = sql.SQL(_SURVEY_SQL).format(col=sql.Identifier(resolved.column))
+        spellings = dict(zip(("k0", "k1", "k2", "k3"), (*SNAKE_KEYS, *CAMEL_KEYS), strict=True))
+        (row,) = await db.fetch(
             query.as_string(None),
             {
+                **_RULE_PARAMS,
+                **spellings,
                 "variants": variants,
                 "value": resolved.value,
-                "rp": rp,
-                "rs": rs,
-                "op": op,
-                "os": os_,
                 "max": MAX_SUBMISSIONS,
             },
         )
-        state["users"] = users
+        state["rule"] = rule_from(row)
+        state["users"] = users = list(row["users"] or [])
         if not users:
             state["candidates"] = await closest_handles(db, resolved)
         return Finding(check="survey", status=Status.OK, summary="")
@@ -589,11 +788,16 @@ async def quota(ctx: Context, args: list[str]) -> Report:
     else:
         user = users[0]
         handle = str(user["handle"])
-        user_tally = tally(list(user["amplify"]))
+        user_tally = tally(rule, list(user["amplify"]))
         findings.append(quota_finding(rule, user, user_tally))
         title = f"AMPLIFY quota of {handle}"
-    failure, overall, age_s = await overall_spelling(ctx, rule)
-    findings.append(keys_finding(rule, user_tally, handle, overall, age_s))
+    proof = proving_check(rule)
+    failure: Finding | None = None
+    overall: Row = {}
+    age_s = 0.0
+    if proof is None:
+        failure, overall, age_s = await overall_spelling(ctx, rule)
+    findings.append(keys_finding(rule, user_tally, handle, overall, age_s, proof))
     if failure is not None:
         findings.append(failure)
     return Report(title=title, target=gw.target, findings=findings).sorted()
@@ -601,6 +805,7 @@ async def quota(ctx: Context, args: list[str]) -> Report:
 
 __all__ = [
     "QuotaRule",
+    "keys_required",
     "live_limits",
     "load_rule",
     "other_spelling",

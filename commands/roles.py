@@ -58,6 +58,9 @@ async def identity_for_email(email: str, db: Reader) -> LeapsIdentity | None:
 USAGE = "/db roles [@user|email|handle]"
 STAFF = ("ADMIN", "SUPERADMIN")  # production's role-change guard lets only these act
 LOOKUP_LIMIT = 10
+# The passes over `users` cost enough at a million users for PostgreSQL to compile them
+# with JIT, which takes longer than the passes: off for the survey's transaction only.
+_TUNE_SQL = "SELECT set_config('jit', 'off', true)"
 
 # The live type of users.role: the "Role" enum and its labels where it is one (drift adds
 # labels), else whatever the column became (text on a hand-migrated database).
@@ -70,38 +73,83 @@ FROM pg_attribute AS a
 JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = to_regclass('public.users') AND a.attname = 'role' AND NOT a.attisdropped
 """
+# Grouped by the column's own value (an enum compares as a number), named after.
 _DISTRIBUTION_SQL = """
-SELECT role::text AS role, count(*)::int AS users FROM users
-GROUP BY 1 ORDER BY array_position(%s::text[], role::text) NULLS FIRST, 1
+SELECT role::text AS role, users FROM (SELECT role, count(*)::int AS users FROM users
+                                        GROUP BY role) AS d
+ORDER BY array_position(%s::text[], role::text) NULLS FIRST, 1
 """
-_INVALID_SQL = """
-SELECT id, handle, email, role::text AS role, created_at,
-       count(*) OVER ()::int AS total
-FROM users WHERE role IS NULL OR NOT (role::text = ANY(%s::text[]))
-ORDER BY created_at DESC, id LIMIT %s
-"""
-_SUPERADMINS_SQL = """
-SELECT id, handle, email, created_at, count(*) OVER ()::int AS total
-FROM users WHERE role::text = 'SUPERADMIN' ORDER BY created_at, id LIMIT %s
+# The accounts the overview lists (an invalid role, SUPERADMIN, no e-mail, no handle), in
+# one pass over `users` rather than one per kind: each kind's first rows and its total.
+# Cheap tests first: invalid roles are looked for only when the distribution shows some
+# (`invalid`), and a blank value (spaces only) sorts below '!' byte by byte, which
+# spares btrim() on nearly every row.
+FLAGGED = ("invalid", "superadmins", "no_email", "no_handle")
+_FLAGGED_SQL = """
+WITH flagged AS MATERIALIZED (
+  SELECT id, handle, email, role::text AS role, created_at,
+         %(invalid)s AND (role IS NULL OR NOT (role::text = ANY(%(roles)s::text[]))) AS invalid,
+         coalesce(role::text = 'SUPERADMIN', false) AS superadmin,
+         email IS NULL OR btrim(email) = '' AS no_email,
+         handle IS NULL OR btrim(handle) = '' AS no_handle
+  FROM users
+  WHERE (%(invalid)s AND (role IS NULL OR NOT (role::text = ANY(%(roles)s::text[]))))
+     OR role::text = 'SUPERADMIN'
+     OR email IS NULL OR (email COLLATE "C" < '!' AND btrim(email) = '')
+     OR handle IS NULL OR (handle COLLATE "C" < '!' AND btrim(handle) = '')
+), kinds AS (
+  SELECT 'invalid' AS kind, f.* FROM flagged f WHERE f.invalid
+  UNION ALL SELECT 'superadmins', f.* FROM flagged f WHERE f.superadmin
+  UNION ALL SELECT 'no_email', f.* FROM flagged f WHERE f.no_email
+  UNION ALL SELECT 'no_handle', f.* FROM flagged f WHERE f.no_handle
+)
+SELECT kind, id, handle, email, role, created_at, total FROM (
+  SELECT k.*, count(*) OVER (PARTITION BY k.kind)::int AS total,
+         row_number() OVER (
+           PARTITION BY k.kind
+           ORDER BY CASE WHEN k.kind = 'superadmins' THEN k.created_at END,
+                    CASE WHEN k.kind <> 'superadmins' THEN k.created_at END DESC, k.id) AS n
+  FROM kinds k) AS r
+WHERE n <= %(limit)s
+ORDER BY kind, n
 """
 # Accounts one Slack e-mail matches once case is ignored: the bot (and `identity_for_email`)
-# resolves such a person to the highest role among them. lower() on every row is the
-# cost, so the keys come from one hash aggregate and the accounts are read only when
-# there are some (an aggregate listing them made the planner sort every address).
-_CASE_DUPLICATE_KEYS_SQL = """
-SELECT lower(btrim(email)) AS email, count(*)::int AS accounts
-FROM users WHERE email IS NOT NULL AND btrim(email) <> ''
-GROUP BY 1 HAVING count(*) > 1
+# resolves such a person to the highest role among them. Such a group holds distinct
+# addresses equal once trimmed and lower-cased, so while a unique index on users.email
+# stands, at most one of them is already trimmed lower case: every group has an address
+# that is not, and finds the one that is through that index. One pass keeps only the
+# addresses not in that form (lower() on every row is the pass's whole cost); a hash of
+# every lower-cased address, as without the index, spilled to disk at a million users.
+# `unique` false reads them all instead.
+_UNIQUE_EMAIL_SQL = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_index AS i
+  JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+  LEFT JOIN pg_collation AS co ON co.oid = i.indcollation[0]
+  WHERE i.indrelid = to_regclass('users') AND i.indisunique AND i.indisvalid
+    AND i.indnkeyatts = 1 AND i.indexprs IS NULL AND i.indpred IS NULL
+    AND a.attname = 'email' AND coalesce(co.collisdeterministic, true)
+) AS unique
 """
-_CASE_DUPLICATE_ACCOUNTS_SQL = """
-SELECT lower(btrim(email)) AS email, handle, coalesce(role::text, 'no role') AS role
-FROM users WHERE lower(btrim(email)) = ANY(%s::text[])
-ORDER BY handle
-"""
-_BLANK_SQL = """
-SELECT id, handle, email, role::text AS role, created_at, count(*) OVER ()::int AS total
-FROM users WHERE {col} IS NULL OR btrim({col}) = ''
-ORDER BY created_at DESC, id LIMIT %s
+_CASE_DUPLICATES_SQL = """
+WITH c AS MATERIALIZED (
+  SELECT lower(btrim(email)) AS email, handle, coalesce(role::text, 'no role') AS role
+  FROM users
+  WHERE email IS NOT NULL AND btrim(email) <> ''
+    AND (NOT %(unique)s OR email <> lower(btrim(email)))
+), accounts AS MATERIALIZED (
+  SELECT email, handle, role FROM c
+  UNION ALL
+  SELECT u.email, u.handle, coalesce(u.role::text, 'no role') FROM users AS u
+  WHERE %(unique)s AND u.email IN (SELECT email FROM c)
+), shared AS (
+  SELECT email, count(*)::int AS accounts FROM accounts GROUP BY email HAVING count(*) > 1
+), top AS (
+  SELECT email, accounts FROM shared ORDER BY accounts DESC, email LIMIT %(limit)s
+)
+SELECT t.email, t.accounts, (SELECT count(*) FROM shared)::int AS total, a.handle, a.role
+FROM top AS t JOIN accounts AS a ON a.email = t.email
+ORDER BY t.accounts DESC, t.email, a.handle
 """
 # Every case variant, not only the exact match (quota's lookup stops at the exact one, by
 # the unique index): a second account under a mis-cased e-mail is what this must show.
@@ -266,23 +314,21 @@ def case_duplicates_finding(rows: list[Row], total: int) -> Finding:
 
 
 async def case_duplicates(db: Reader, limit: int) -> tuple[list[Row], int]:
-    keys = await db.fetch(_CASE_DUPLICATE_KEYS_SQL)
-    top = sorted(keys, key=lambda k: (-int(k["accounts"]), str(k["email"])))[:limit]
-    if not top:
-        return [], 0
-    accounts = await db.fetch(_CASE_DUPLICATE_ACCOUNTS_SQL, ([k["email"] for k in top],))
-    rows = []
-    for k in top:
-        mine = [a for a in accounts if a["email"] == k["email"]]
-        rows.append(
-            {
-                "email": k["email"],
-                "accounts": k["accounts"],
-                "users": ", ".join(f"{a['handle']} ({a['role']})" for a in mine),
-                "roles": len({a["role"] for a in mine}),
-            }
-        )
-    return rows, len(keys)
+    (index,) = await db.fetch(_UNIQUE_EMAIL_SQL)
+    found = await db.fetch(_CASE_DUPLICATES_SQL, {"unique": index["unique"], "limit": limit})
+    by_email: dict[str, list[Row]] = {}
+    for r in found:
+        by_email.setdefault(str(r["email"]), []).append(r)
+    rows = [
+        {
+            "email": email,
+            "accounts": mine[0]["accounts"],
+            "users": ", ".join(f"{a['handle']} ({a['role']})" for a in mine),
+            "roles": len({a["role"] for a in mine}),
+        }
+        for email, mine in by_email.items()
+    ]
+    return rows, int(found[0]["total"]) if found else 0
 
 
 def blank_finding(check: str, column: str, rows: list[Row], why: str) -> Finding:
@@ -311,21 +357,28 @@ class Survey:
 
 
 async def survey_roles(db: Reader, limit: int) -> Survey:
-    """Every query of the overview in one read-only transaction: `users` is small (a few
-    thousand rows) and each query is one pass over it."""
+    """Every query of the overview in one read-only transaction: three passes over
+    `users` (the roles counted, the accounts listed, the shared e-mails), each a
+    sequential read with no sort or hash of every row, and the catalog."""
+    await db.fetch(_TUNE_SQL)
     columns = await db.fetch(COLUMN_SQL)
     s = Survey(column=columns[0] if columns else None)
     if s.column is None:
         return s
     roles = list(ROLES)
     s.distribution = await db.fetch(_DISTRIBUTION_SQL, (roles,))
-    s.invalid = await db.fetch(_INVALID_SQL, (roles, limit))
-    s.superadmins = await db.fetch(_SUPERADMINS_SQL, (limit,))
+    invalid = any(r["role"] not in ROLES for r in s.distribution)
+    flagged: dict[str, list[Row]] = {kind: [] for kind in FLAGGED}
+    params = {"roles": roles, "invalid": invalid, "limit": limit}
+    for r in await db.fetch(_FLAGGED_SQL, params):
+        kind = str(r.pop("kind"))
+        if kind == "superadmins":
+            del r["role"]
+        flagged[kind].append(r)
+    s.invalid, s.superadmins = flagged["invalid"], flagged["superadmins"]
+    s.no_email, s.no_handle = flagged["no_email"], flagged["no_handle"]
     s.guards = await guards_on(db, ["users"], "UPDATE")
     s.duplicates, s.duplicated_emails = await case_duplicates(db, limit)
-    for col, attr in (("email", "no_email"), ("handle", "no_handle")):
-        query = sql.SQL(_BLANK_SQL).format(col=sql.Identifier(col)).as_string(None)
-        setattr(s, attr, await db.fetch(query, (limit,)))
     return s
 
 

@@ -21,9 +21,9 @@ from psycopg.rows import dict_row
 
 from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
-from bot.slack.exports import export_from_console
+from commands import export as export_module
 from commands.base import Report, Status, Thresholds, UsageError
-from commands.export import KINDS, ExportLimits, parse
+from commands.export import KINDS, ExportLimits, build_query, parse, stream_csv
 from commands.fixture.faults import FaultInjector
 from tests.conftest import RunningBot, bot_settings, running_bot
 from tests.fakeslack import Call, FakeSlack
@@ -150,12 +150,16 @@ def test_parse_accepts_kinds_and_since_and_refuses_the_rest() -> None:
             parse(bad)
 
 
-async def test_the_console_command_counts_what_it_would_export(leaps_dsn: str) -> None:
+async def test_the_console_command_counts_what_it_would_export(
+    leaps_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gateway = TargetGateway(leaps_dsn)
     try:
         dispatcher = Dispatcher(RunContext(gateway, Thresholds()))
         report = await dispatcher.run("export ledger")
         bad = await dispatcher.run("export ledger --since 2025-02-30")
+        monkeypatch.setattr(export_module, "EXACT_COUNT_MAX", 10)  # a big table, then
+        estimated = await dispatcher.run("export ledger --since 2001-01-01")
     finally:
         await gateway.close()
     assert isinstance(report, Report)
@@ -163,18 +167,56 @@ async def test_the_console_command_counts_what_it_would_export(leaps_dsn: str) -
     assert finding.status is Status.OK
     assert finding.summary.startswith(f"{len(await table(leaps_dsn, 'ledger'))} rows")
     assert isinstance(bad, Answer) and bad.outcome == "usage"
+    assert isinstance(estimated, Report)
+    assert re.match(
+        r"about [\d,]+ rows \(the planner's estimate, not counted\) to export",
+        (estimated.findings[0].summary),
+    )
 
 
-async def test_export_to_a_file_from_the_console(
-    leaps_dsn: str, fake_slack: FakeSlack, tmp_path: Path
-) -> None:
-    settings = bot_settings(leaps_dsn, fake_slack)
-    out = tmp_path / "ledger.csv"
-    assert await export_from_console(settings, ["ledger"], str(out)) == 0
-    assert_matches(out.read_bytes(), await table(leaps_dsn, "ledger"), "ledger")
-    beside = await asyncio.to_thread(lambda: [p.name for p in tmp_path.iterdir()])
-    assert beside == ["ledger.csv"]  # no partial file left beside it
-    assert await export_from_console(settings, ["ledger", "--since", "20-1-1"], str(out)) == 2
+async def one_copy(dsn: str, args: list[str]) -> bytes:
+    """The export as one COPY statement, with the export's session settings."""
+    query = build_query(parse(args))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET TimeZone = 'UTC'")
+        await conn.execute("SET DateStyle = 'ISO, YMD'")
+        async with conn.cursor() as cur, cur.copy(query.copy, query.params or None) as copy:
+            return b"".join([bytes(data) async for data in copy])
+
+
+async def paged(dsn: str, args: list[str], page_rows: int) -> tuple[bytes, int, int]:
+    """(the CSV, its rows, its pages) as the export streams it, in small chunks."""
+    limits = ExportLimits(page_rows=page_rows, chunk_bytes=512)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        chunks = [c async for c in stream_csv(conn, build_query(parse(args)), limits)]
+    return b"".join(c.data for c in chunks), chunks[-1].rows, chunks[-1].page
+
+
+async def test_big_tables_go_a_page_at_a_time_and_equal_one_copy(leaps_dsn: str) -> None:
+    """Keyset pages of a few rows, across ties of the time column and a value holding a
+    newline and quotes, make the file one COPY makes; so does the one COPY taken where
+    the time column may be NULL (no keyset then)."""
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+            " event_time, meta)"
+            " SELECT 'tie_' || g, u.id, 'LEARN', 'MANUAL', 0, '2026-01-02 03:04:05.678901+00',"
+            " jsonb_build_object('note', E'two\\nlines, \"quoted\"')"
+            " FROM (SELECT id FROM users ORDER BY id LIMIT 1) AS u, generate_series(1, 9) AS g"
+        )
+    for args, kind, since in (
+        (["ledger"], "ledger", None),
+        (["submissions"], "submissions", None),
+        (["ledger", "--since", "2026-01-02"], "ledger", date(2026, 1, 2)),
+    ):
+        expected = len(await table(leaps_dsn, kind, since))
+        data, rows, pages = await paged(leaps_dsn, args, page_rows=7)
+        assert data == await one_copy(leaps_dsn, args), args
+        assert rows == expected and pages == expected // 7 + 1, args
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
+        await conn.execute("ALTER TABLE points_ledger ALTER COLUMN event_time DROP NOT NULL")
+    data, _rows, pages = await paged(leaps_dsn, ["ledger"], page_rows=7)
+    assert data == await one_copy(leaps_dsn, ["ledger"]) and pages == 1
 
 
 # --- Slack --------------------------------------------------------------------------------

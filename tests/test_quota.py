@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import pytest
 import pytest_asyncio
 
 from bot.gateway import TargetGateway
 from bot.router import Answer, Dispatcher, RunContext
+from commands import quota as quota_module
 from commands.base import Finding, Report, Status, Thresholds
 from commands.fixture.faults import FaultInjector
-from commands.quota import live_limits, other_spelling
+from commands.quota import keys_required, live_limits, other_spelling, page_ranges
 from tests.conftest import RunningBot
 from tests.test_health_e2e import section_texts
 
@@ -110,6 +112,44 @@ def test_limits_are_read_from_function_source() -> None:
     assert other_spelling("studentsTrained") == "students_trained"
 
 
+AMPLIFY_CHECK = (
+    "CHECK (((activity_code <> 'AMPLIFY'::text) OR\nCASE\n    WHEN ((jsonb_typeof((payload ->"
+    " 'peers_trained'::text)) = 'number'::text) AND ((payload ->> 'students_trained'::text) ~"
+    " '^[0-9]{1,9}$'::text)) THEN (((payload ->> 'peers_trained'::text))::integer <= 50)\n"
+    "    ELSE false\nEND))"
+)
+
+
+def test_what_a_check_constraint_proves_about_the_payload_keys() -> None:
+    """A CHECK passes a row whose expression is NULL: only an expression that is false
+    without the key proves the key is there; any other shape proves nothing."""
+    assert keys_required(AMPLIFY_CHECK) == {"peers_trained", "students_trained"}
+    guard = "CHECK (((activity_code <> 'AMPLIFY'::text) OR {}))"
+    assert keys_required(guard.format("(payload ->> 'peersTrained'::text) IS NOT NULL")) == {
+        "peersTrained"
+    }
+    unproven = [
+        # NULL without the key, so the row passes
+        "(jsonb_typeof((payload -> 'peers_trained'::text)) = 'number'::text)",
+        "CASE WHEN (payload ? 'peers_trained'::text) THEN true ELSE true END",
+        "CASE WHEN (payload ? 'peers_trained'::text) THEN true END",
+        "((payload ? 'peers_trained'::text) OR (payload ? 'peersTrained'::text))",
+        "((payload -> 'peers_trained'::text) IS NOT NULL) OR true",
+        "CASE WHEN (x = 1) THEN true WHEN (payload ? 'peers_trained'::text) THEN true"
+        " ELSE false END",
+    ]
+    for rest in unproven:
+        assert keys_required(guard.format(rest)) == frozenset(), rest
+    assert keys_required(AMPLIFY_CHECK.replace("'AMPLIFY'", "'LEARN'")) == frozenset()
+    assert keys_required("CHECK ((payload ? 'peers_trained'::text))") == frozenset()
+    assert page_ranges(0, True) == [("(0,0)", "(4294967294,0)")]
+    assert page_ranges(50_001, True)[-2:] == [
+        ("(25000,0)", "(50000,0)"),
+        ("(50000,0)", "(4294967294,0)"),
+    ]
+    assert page_ranges(50_001, False) == [("(0,0)", "(4294967294,0)")]
+
+
 # --- resolving the user ------------------------------------------------------------
 
 
@@ -129,6 +169,7 @@ async def test_quota_by_handle_reports_totals_limits_and_trigger(
     keys = finding(report, "payload keys")
     assert keys.status is Status.OK
     assert "`peers_trained` / `students_trained` (snake_case)" in keys.summary
+    assert "the validated CHECK constraint chk_amplify_payload requires it" in keys.summary
     assert report.worst is Status.OK
 
 
@@ -292,13 +333,25 @@ async def test_slack_user_not_in_leaps_gets_closest_handles(
     assert "shows no e-mail" in empty.summary
 
 
-async def test_old_camelcase_payloads_only_warn(leaps_dsn: str, dispatcher: Dispatcher) -> None:
+async def test_old_camelcase_payloads_only_warn(
+    leaps_dsn: str, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CHECK is NOT VALID over them, so it proves nothing: the rows are counted, here
+    a page at a time (one statement each), and every one is found once."""
     user_id, handle = await quiet_user(leaps_dsn)
     await add_amplify(leaps_dsn, user_id, [{"peersTrained": 5, "studentsTrained": 9}], age_h=240)
+    ((total, pages),) = await rows(
+        leaps_dsn,
+        "SELECT count(*), count(DISTINCT (ctid::text::point)[0]) FROM submissions"
+        " WHERE activity_code = 'AMPLIFY'",
+    )
+    assert pages > 3  # the AMPLIFY rows span several of the ranges counted
+    monkeypatch.setattr(quota_module, "CHUNK_PAGES", 1)
     report = await report_of(dispatcher, f"quota {handle}")
     keys = finding(report, "payload keys")
     assert keys.status is Status.WARN
     assert f"1 of 1 AMPLIFY payloads of `{handle}` use only `peersTrained`" in keys.summary
+    assert f"1 of {total} AMPLIFY payloads in the database use only" in keys.summary
     assert "(0 in the last 7 days)" in keys.summary
     assert "today's quota is not affected" in keys.summary
     assert finding(report, "AMPLIFY quota").status is Status.OK

@@ -173,6 +173,64 @@ async def test_sync_problems_mis_cased_emails_and_blank_accounts(
     assert user.status is Status.WARN and {r["id"] for r in user.rows} == set(pair)
 
 
+async def shared_emails(dsn: str) -> dict[str, int]:
+    """Every e-mail several accounts share once trimmed and lower-cased, counted here by
+    the plain GROUP BY the survey avoids."""
+    rows = await fetch(
+        dsn,
+        "SELECT lower(btrim(email)), count(*)::int FROM users WHERE btrim(email) <> ''"
+        " GROUP BY 1 HAVING count(*) > 1",
+    )
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def test_case_duplicates_with_and_without_the_unique_index(
+    leaps_dsn: str, dispatcher: Dispatcher, faults: FaultInjector
+) -> None:
+    """Groups with no address in lower case, an address with spaces, a mis-cased twin:
+    found through the unique index on users.email; once it is gone, an exact repeat too.
+    An address of spaces only is a missing one."""
+    await faults.mis_cased_emails(1, role="ADMIN")
+    accounts = [
+        ("cd1", "Mixed.Case@Example.org", "REVIEWER"),
+        ("cd2", "MIXED.case@example.ORG", "PARTICIPANT"),
+        ("cd3", "mixed.CASE@EXAMPLE.org", "PARTICIPANT"),
+        ("cd4", " spaced@example.org", "PARTICIPANT"),
+        ("cd5", "spaced@example.org", "PARTICIPANT"),
+        ("cd8", "   ", "PARTICIPANT"),  # blank: no e-mail, and shared with nobody
+    ]
+
+    async def add(rows: list[tuple[str, str, str]]) -> None:
+        async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
+            await conn.execute("SET session_replication_role = replica")  # past the e-mail trigger
+            for user_id, email, role in rows:
+                await conn.execute(
+                    "INSERT INTO users (id, handle, name, email, role)"
+                    ' VALUES (%s, %s, %s, %s, %s::"Role")',
+                    (user_id, f"h_{user_id}", "Shared", email, role),
+                )
+
+    await add(accounts)
+    for unique in (True, False):
+        expected = await shared_emails(leaps_dsn)
+        report = await report_of(dispatcher, "roles")
+        assert [r["id"] for r in finding(report, "users without e-mail").rows] == ["cd8"]
+        dupes = finding(report, "e-mail case duplicates")
+        assert dupes.status is Status.CRIT, unique  # REVIEWER and PARTICIPANT share one
+        assert f"{len(expected)} e-mails belong to several users" in dupes.summary
+        assert {r["email"]: r["accounts"] for r in dupes.rows} == expected
+        assert dupes.rows[0] == {
+            "email": "mixed.case@example.org",
+            "accounts": 3,
+            "users": "h_cd1 (REVIEWER), h_cd2 (PARTICIPANT), h_cd3 (PARTICIPANT)",
+        }
+        if unique:
+            async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as c:
+                await c.execute("ALTER TABLE users DROP CONSTRAINT users_email_key")
+            await add([(f"cd{i}", "twice@example.org", "PARTICIPANT") for i in (6, 7)])
+    assert (await shared_emails(leaps_dsn))["twice@example.org"] == 2
+
+
 async def test_lookup_by_handle_and_email_any_case(leaps_dsn: str, dispatcher: Dispatcher) -> None:
     user_id, handle, email = await user_of(leaps_dsn, "REVIEWER")
     for arg in (handle, f"@{handle}", email.swapcase(), f"<mailto:{email}|{email}>"):
