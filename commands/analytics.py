@@ -90,6 +90,12 @@ class Measure:
     base_final: str
     needs: tuple[str, ...]  # the view's columns `view_sql` reads
 
+    def base_sql(self, inline: str | None = None) -> str:
+        """The base tables' numbers from the merged sums, or from `inline` (the partial
+        over every user, SQL text ready for psycopg) in the same statement."""
+        merged = f"({inline}) AS b" if inline is not None else _MERGED
+        return self.base_final.replace("@MERGED@", merged)
+
 
 _MERGED = (
     "unnest(%(base_key)s::text[], %(base_c1)s::bigint[], %(base_c2)s::bigint[]) AS b(key, c1, c2)"
@@ -109,7 +115,7 @@ SELECT coalesce(u.@col@, '(none)')::text AS key, count(*)::bigint AS c1,
  WHERE u.role = 'PARTICIPANT' AND {users}
  GROUP BY 1
 """
-_PER_GROUP_FINAL = f"SELECT b.key, b.c1 AS participants, b.c2 AS total_points FROM {_MERGED}"  # noqa: S608 (constants)
+_PER_GROUP_FINAL = "SELECT b.key, b.c1 AS participants, b.c2 AS total_points FROM @MERGED@"
 
 
 def _per_group(view: str, col: str) -> Measure:
@@ -147,12 +153,12 @@ SELECT coalesce(s.key, l.key) AS key, coalesce(s.n, 0)::bigint AS c1,
                FROM points_ledger AS l WHERE {ledger} GROUP BY 1) l
     ON l.key = s.key
 """,
-        base_final=f"""
+        base_final="""
 SELECT a.code::text AS key, coalesce(b.c1, 0)::bigint AS submissions,
        coalesce(b.c2, 0)::bigint AS points
   FROM activities a
-  LEFT JOIN {_MERGED} ON b.key = a.code::text
-""",  # noqa: S608 (constants)
+  LEFT JOIN @MERGED@ ON b.key = a.code::text
+""",
     ),
     _per_group("cohort_metrics", "cohort"),
     _per_group("school_metrics", "school"),
@@ -185,7 +191,7 @@ SELECT coalesce(s.key, l.key) AS key, coalesce(s.n, 0)::bigint AS c1,
 SELECT g.day::date::text AS key, coalesce(b.c1, 0)::bigint AS submissions,
        coalesce(b.c2, 0)::bigint AS points
   FROM today, generate_series(today.d - 89, today.d, interval '1 day') AS g(day)
-  LEFT JOIN {_MERGED} ON b.key = g.day::date::text
+  LEFT JOIN @MERGED@ ON b.key = g.day::date::text
 """,  # noqa: S608 (constants)
     ),
 )
@@ -205,7 +211,7 @@ def _shard_sql(template: str, shard: Shard) -> str:
     )
 
 
-def _compare_sql(m: Measure, source: sql.Composable) -> str:
+def _compare_sql(m: Measure, source: sql.Composable, base: str) -> str:
     """Keys whose numbers differ between the view (or its definition) and the base tables."""
     pairs = sql.SQL(", ").join(
         sql.SQL("v.{c} AS {vc}, b.{c} AS {bc}").format(
@@ -225,7 +231,7 @@ def _compare_sql(m: Measure, source: sql.Composable) -> str:
         )
         .format(
             view=sql.SQL(m.view_sql).format(source=source),
-            base=sql.SQL(m.base_final),
+            base=sql.SQL(base),
             pairs=pairs,
             differs=differs,
         )
@@ -287,10 +293,16 @@ class _Gathered:
     """What the shards gave for one view."""
 
     partials: list[list[Row]] = field(default_factory=list)  # merged split: per node
+    shards: bool = False  # whether the shards ran (else the final statement does it all)
     base: dict[str, list[int]] = field(default_factory=dict)  # key: [c1, c2]
     definition_rows: int = 0  # per-user split: summed over the shards
     only_view: int = 0
     only_def: int = 0
+
+
+# Tables the base tables' partials read: a definition's CTE of the same name would take
+# their place in a statement that holds both.
+_BASE_READS = {"users", "points_ledger", "submissions", "activities", "today"}
 
 
 async def _gather_shard(
@@ -299,12 +311,18 @@ async def _gather_shard(
     await db.fetch(TUNE)
     params = {**shard.params, **plan.params}
     split = p.split
+    m = p.measure
+    base: list[Row] | None = None
     if split is not None and not split.per_user:
-        (row,) = await db.fetch(split.partial_sql(shard), params)
-        if not into.partials:
-            into.partials = [[] for _ in split.nodes]
+        # The definition's partials and the base tables' in one statement: one snapshot,
+        # so rows written meanwhile count in both or in neither.
+        extra = {}
+        if m is not None and not split.shadows(_BASE_READS):
+            extra["base"] = _shard_sql(m.base_partial, shard)
+        (row,) = await db.fetch(split.partial_sql(shard, extra), params)
         for i in range(len(split.nodes)):
             into.partials[i].extend(row[f"n{i}"])
+        base = row.get("base")
     elif split is not None and p.key is not None:
         definition = sql.SQL(split.shard_sql(shard))
         if p.readable:
@@ -321,11 +339,12 @@ async def _gather_shard(
             query = sql.SQL("SELECT count(*) AS n FROM ({}) AS d").format(definition)
             (row,) = await db.fetch(query.as_string(), params)
             into.definition_rows += int(row["n"])
-    if p.measure is not None:
-        for r in await db.fetch(_shard_sql(p.measure.base_partial, shard), params):
-            sums = into.base.setdefault(str(r["key"]), [0, 0])
-            sums[0] += int(r["c1"])
-            sums[1] += int(r["c2"])
+    if m is not None and base is None:
+        base = await db.fetch(_shard_sql(m.base_partial, shard), params)
+    for r in base or ():
+        sums = into.base.setdefault(str(r["key"]), [0, 0])
+        sums[0] += int(r["c1"])
+        sums[1] += int(r["c2"])
 
 
 async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) -> ViewState:
@@ -364,16 +383,20 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
         state.lacking = p.lacking
     elif p.measure is not None:
         m = p.measure
-        keys = sorted(got.base)
-        params.update(
-            base_key=keys,
-            base_c1=[got.base[k][0] for k in keys],
-            base_c2=[got.base[k][1] for k in keys],
-        )
+        if got.shards:
+            keys = sorted(got.base)
+            params.update(
+                base_key=keys,
+                base_c1=[got.base[k][0] for k in keys],
+                base_c2=[got.base[k][1] for k in keys],
+            )
+            base = m.base_sql()
+        else:  # one statement: the definition and the base tables from one snapshot
+            base = m.base_sql(_shard_sql(m.base_partial, keysplit.WHOLE))
         live = sql.SQL("({}) ").format(definition)
-        state.live_diff = await db.fetch(_compare_sql(m, live), params)
+        state.live_diff = await db.fetch(_compare_sql(m, live, base), params)
         if p.readable:
-            state.stored_diff = await db.fetch(_compare_sql(m, name), params)
+            state.stored_diff = await db.fetch(_compare_sql(m, name, base), params)
             if v.name == "time_series_metrics":
                 newest = await db.fetch(
                     sql.SQL("SELECT max(day)::text AS d FROM {}").format(name).as_string()
@@ -396,17 +419,16 @@ async def _examine(gw: Gateway, v: MatView, plan: keysplit.Plan) -> ViewState | 
     if head.status is not Status.OK or not prepared:
         return head
     p = prepared[0]
-    got = _Gathered()
-    if p.split is not None or p.measure is not None:
-        for shard in plan.shards:
+    got = _Gathered(partials=[[] for _ in p.split.nodes] if p.split is not None else [])
+    if p.split is not None or (p.measure is not None and len(plan.shards) > 1):
+        got.shards = True
 
-            async def one(db: Reader, shard: Shard = shard) -> Finding:
-                await _gather_shard(db, p, shard, plan, got)
-                return Finding(check=check, status=Status.OK, summary="")
+        async def one(db: Reader, shard: Shard) -> None:
+            await _gather_shard(db, p, shard, plan, got)
 
-            done = await gw.run_check(check, one)
-            if done.status is not Status.OK:
-                return done
+        failed = await keysplit.each_shard(gw, check, plan.shards, one)
+        if failed is not None:
+            return failed
     out: list[ViewState] = []
 
     async def last(db: Reader) -> Finding:
@@ -633,18 +655,15 @@ async def _base_counts(gw: Gateway, plan: keysplit.Plan) -> Row | Finding:
         counts.update(row)
         return Finding(check="base tables", status=Status.OK, summary="")
 
-    for shard in plan.shards:
+    async def one(db: Reader, shard: Shard) -> None:
+        await db.fetch(TUNE)
+        (row,) = await db.fetch(_shard_sql(_BASE_COUNTS_SQL, shard), shard.params)
+        for name, value in row.items():
+            counts[name] = int(counts.get(name) or 0) + int(value)
 
-        async def one(db: Reader, shard: Shard = shard) -> Finding:
-            await db.fetch(TUNE)
-            (row,) = await db.fetch(_shard_sql(_BASE_COUNTS_SQL, shard), shard.params)
-            for name, value in row.items():
-                counts[name] = int(counts.get(name) or 0) + int(value)
-            return Finding(check="base tables", status=Status.OK, summary="")
-
-        done = await gw.run_check("base tables", one)
-        if done.status is not Status.OK:
-            return done
+    failed = await keysplit.each_shard(gw, "base tables", plan.shards, one)
+    if failed is not None:
+        return failed
     done = await gw.run_check("base tables", small)
     if done.status is not Status.OK:
         return done

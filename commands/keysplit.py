@@ -34,11 +34,12 @@ command, so that every shard, and the final statement, sees the same "now".
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,13 +49,18 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, SetOperation, SQLValueFunctionOp
 from pglast.stream import RawStream
 
-from commands.base import Reader, Row
+from commands.base import Finding, Gateway, Reader, Row, Status
 
 # Tables whose rows each belong to one user, by the column naming the user.
 USER_KEYS: dict[str, str] = {"users": "id", "points_ledger": "user_id", "submissions": "user_id"}
-# Ledger and submission rows one statement reads, about: 1.5 million rows aggregate in
-# about half a second on one core of the 2-core machine the benches run on.
-SHARD_ROWS = 1_500_000
+# Ledger and submission rows one statement reads, about. A leaderboard's shard of a
+# million rows (its ledger rows aggregated twice: by the definition and by the check)
+# took 0.5-0.6 s of server CPU at 100,000 and at 1,000,000 users on the 2-core machine the
+# benches run on: a tenth of the 5 s check timeout, kept for a busy server.
+SHARD_ROWS = 1_000_000
+# Shards run at once, each on its own pooled connection (the gateway's pool holds 4):
+# two, for the two cores of the machines measured.
+CONCURRENCY = 2
 # At most this many shards (the histogram the bounds come from has 100 buckets).
 MAX_SHARDS = 100
 # Partial rows one merged SELECT may gather from all shards before it is refused.
@@ -159,6 +165,36 @@ def shards_for(row_count: int, bounds: Sequence[str] | None, rows_per_shard: int
     cuts = sorted({points[round(i * (len(points) - 1) / wanted)] for i in range(1, wanted)})
     edges: list[str | None] = [None, *cuts, None]
     return [Shard(lo, hi) for lo, hi in itertools.pairwise(edges)]
+
+
+async def each_shard(
+    gw: Gateway,
+    check: str,
+    shards: Sequence[Shard],
+    work: Callable[[Reader, Shard], Awaitable[None]],
+    concurrency: int | None = None,
+) -> Finding | None:
+    """`work` for every shard, each in its own check (its own read-only transaction, so
+    each is bounded by the check timeout), `concurrency` at a time; the first shard's
+    trouble (a timeout comes back skipped) as its finding, else None. `work` gathers
+    into its caller's structures, in any order."""
+    failed: list[Finding] = []
+    gate = asyncio.Semaphore(max(1, CONCURRENCY if concurrency is None else concurrency))
+
+    async def one(shard: Shard) -> None:
+        async def run(db: Reader) -> Finding:
+            await work(db, shard)
+            return Finding(check=check, status=Status.OK, summary="")
+
+        async with gate:
+            if failed:
+                return
+            done = await gw.run_check(check, run)
+            if done.status is not Status.OK:
+                failed.append(done)
+
+    await asyncio.gather(*(one(shard) for shard in shards))
+    return failed[0] if failed else None
 
 
 async def plan(db: Reader, rows_per_shard: int | None = None) -> Plan:
@@ -350,8 +386,7 @@ class Split:
     def _copy(self) -> tuple[ast.SelectStmt, dict[int, Any]]:
         memo: dict[int, Any] = {}
         tree = copy.deepcopy(self.tree, memo)
-        ctes = {id(memo[i]) for i in self.cte_refs if i in memo}
-        tree = _replace(tree, lambda n: None if id(n) in ctes else _restrict(n))
+        _restrict(tree, {id(memo[i]) for i in self.cte_refs if i in memo})
         tree = _replace(tree, _pin_now)
         return tree, memo
 
@@ -363,9 +398,13 @@ class Split:
         tree, _memo = self._copy()
         return _finish(_text(tree), shard)
 
-    def partial_sql(self, shard: Shard) -> str:
+    def partial_sql(self, shard: Shard, extra: dict[str, str] | None = None) -> str:
         """Merged: one row, one jsonb array per merged SELECT (`n0`, `n1`, ...) of its
-        partial aggregates over the shard's users, each value as text beside its type."""
+        partial aggregates over the shard's users, each value as text beside its type.
+        `extra` adds a jsonb array column per name, of the rows of a SELECT of the
+        caller's (SQL text ready for psycopg, reading tables the definition's CTEs do
+        not shadow: see `shadows`), computed in the same statement, so from the same
+        snapshot."""
         tree, memo = self._copy()
         outer = _parse_select(
             ", ".join(
@@ -378,7 +417,16 @@ class Split:
             sub = (outer.targetList or ())[i].val.subselect
             _only(sub.fromClause).subquery = partial
         outer.withClause = tree.withClause
-        return _finish(_text(outer), shard)
+        text = _finish(_text(outer), shard)
+        for name, query in (extra or {}).items():
+            text += ", (SELECT coalesce(jsonb_agg(x), '[]'::jsonb) FROM ("
+            text += f"{query}) AS x) AS {_quote(name)}"
+        return text
+
+    def shadows(self, names: set[str]) -> bool:
+        """Whether the definition's top-level CTEs take any of these table names."""
+        ctes = self.tree.withClause.ctes if self.tree.withClause is not None else ()
+        return any(str(c.ctename) in names for c in ctes or ())
 
     def final_sql(self, partials: list[list[Row]]) -> tuple[str, dict[str, Any]]:
         """The definition over the merged partials (`partials[i]`: the rows of `n{i}`
@@ -405,8 +453,7 @@ def _finish(text: str, shard: Shard) -> str:
     out = text.replace("%", "%%")
     for mark, value in _NOW_MARKS.items():
         out = out.replace(mark, value)
-    for table, column in USER_KEYS.items():
-        out = out.replace(f"{_MARK}pred_{table}__", shard.predicate(_quote(column)))
+    out = re.sub(rf"{_MARK}pred__\(([^()]*)\)", lambda m: shard.predicate(m.group(1)), out)
     out = re.sub(rf"{_MARK}param(\w+?)__", r"%(\1)s", out)
     if _MARK in out:
         raise Unsplittable("a marker was left in the rewritten definition")
@@ -417,22 +464,52 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _restrict(node: Any) -> Any:
-    """A user table read only for the shard's users (a marker stands for the condition)."""
-    if not isinstance(node, ast.RangeVar) or str(node.relname) not in USER_KEYS:
-        return None
-    alias = node.alias.aliasname if node.alias else node.relname
-    bare = ast.RangeVar(
-        schemaname=node.schemaname,
-        relname=node.relname,
-        inh=node.inh,
-        relpersistence=node.relpersistence,
-    )
-    sub = _parse_select(
-        f"SELECT * FROM (SELECT * FROM {_text(bare)} WHERE {_MARK}pred_{node.relname}__)"  # noqa: S608
-        f" AS {_quote(str(alias))}"
-    )
-    return _only(sub.fromClause)
+def _restrict(tree: ast.SelectStmt, skip: set[int]) -> None:
+    """Every user table of every SELECT read only for the shard's users: its condition
+    (a marker, `__dbops_pred__(alias.user_id)`) added where it filters that table's rows
+    and nothing else: the WHERE of its SELECT, or the ON of the outer join whose
+    nullable side it is on. The table stays itself (not a subquery), so what PostgreSQL
+    infers from its primary key (GROUP BY u.id, then u.handle) still holds."""
+    selects = [n for n in _walk(tree) if isinstance(n, ast.SelectStmt)]
+    for s in selects:
+        adds: list[Any] = []
+        for item in s.fromClause or ():
+            _restrict_item(item, skip, adds)
+        if adds:
+            s.whereClause = _and(s.whereClause, adds)
+
+
+def _restrict_item(item: Any, skip: set[int], adds: list[Any]) -> None:
+    if isinstance(item, ast.RangeVar):
+        name = str(item.relname)
+        if name in USER_KEYS and id(item) not in skip:
+            alias = str(item.alias.aliasname) if item.alias else name
+            if any(c in alias for c in "()"):
+                raise Unsplittable("a table alias with parentheses")
+            ref = _colref(alias, USER_KEYS[name])
+            adds.append(ast.FuncCall(funcname=(ast.String(sval=f"{_MARK}pred__"),), args=(ref,)))
+    elif isinstance(item, ast.JoinExpr):
+        left: list[Any] = []
+        right: list[Any] = []
+        _restrict_item(item.larg, skip, left)
+        _restrict_item(item.rarg, skip, right)
+        if item.jointype == JoinType.JOIN_LEFT and right:
+            if item.usingClause:
+                raise Unsplittable("a user table on the nullable side of LEFT JOIN USING")
+            item.quals = _and(item.quals, right)
+            right = []
+        elif right and item.jointype != JoinType.JOIN_INNER:
+            raise Unsplittable("a user table on the nullable side of an outer join")
+        if left and item.jointype not in (JoinType.JOIN_INNER, JoinType.JOIN_LEFT):
+            raise Unsplittable("a user table on the nullable side of an outer join")
+        adds += left + right
+
+
+def _and(expr: Any, more: list[Any]) -> Any:
+    parts = ([] if expr is None else [expr]) + more
+    if len(parts) == 1:
+        return parts[0]
+    return ast.BoolExpr(boolop=BoolExprType.AND_EXPR, args=tuple(parts))
 
 
 def _pin_now(node: Any) -> Any:

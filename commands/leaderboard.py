@@ -802,15 +802,13 @@ async def _board(gw: Gateway, view: MatView, plan: keysplit.Plan, max_rows: int)
     p = prepared[0]
     shards = plan.shards if p.split is not None else (keysplit.WHOLE,)
     parts: list[ShardResult] = []
-    for shard in shards:
 
-        async def one(db: Reader, shard: Shard = shard) -> Finding:
-            parts.append(await compare_shard(db, p, shard, plan))
-            return Finding(check=check, status=Status.OK, summary="")
+    async def one(db: Reader, shard: Shard) -> None:
+        parts.append(await compare_shard(db, p, shard, plan))
 
-        done = await gw.run_check(check, one)
-        if done.status is not Status.OK:
-            return [done]
+    failed = await keysplit.each_shard(gw, check, shards, one)
+    if failed is not None:
+        return [failed]
     found = assemble(p, parts)
 
     async def explain(db: Reader) -> Finding:
