@@ -169,23 +169,27 @@ SELECT a.code::text AS key, coalesce(b.c1, 0)::bigint AS submissions,
         columns=("submissions", "points"),
         view_sql="SELECT m.day::text AS key, sum(m.submissions)::bigint AS submissions,"
         " sum(m.points_awarded)::bigint AS points FROM {source} AS m GROUP BY 1",
-        base_partial=f"""
-{_TODAY}
-SELECT coalesce(s.key, l.key) AS key, coalesce(s.n, 0)::bigint AS c1,
-       coalesce(l.pts, 0)::bigint AS c2
-  FROM (SELECT s.created_at::date::text AS key, count(*) AS n
-          FROM submissions AS s, today
-         WHERE {{subs}} AND s.activity_code IN (SELECT code FROM activities)
-           AND s.created_at::date BETWEEN today.d - 89 AND today.d
-         GROUP BY 1) s
-  FULL JOIN (SELECT (l.event_time AT TIME ZONE 'UTC')::date::text AS key,
-                    sum(l.delta_points) AS pts
-               FROM points_ledger AS l, today
-              WHERE {{ledger}} AND l.activity_code IN (SELECT code FROM activities)
-                AND (l.event_time AT TIME ZONE 'UTC')::date BETWEEN today.d - 89 AND today.d
-              GROUP BY 1) l
-    ON l.key = s.key
-""",  # noqa: S608 (constants)
+        # The window as bounds on the timestamps themselves (each row's day is computed
+        # once, for its group), and the activities that exist kept per (day, activity)
+        # group rather than looked up per row.
+        base_partial="""
+SELECT x.day::text AS key, coalesce(sum(x.n), 0)::bigint AS c1,
+       coalesce(sum(x.pts), 0)::bigint AS c2
+  FROM (SELECT s.created_at::date AS day, s.activity_code, count(*) AS n, NULL::bigint AS pts
+          FROM submissions AS s
+         WHERE {subs} AND s.created_at >= (@TODAY@ - 89)::timestamp
+           AND s.created_at < (@TODAY@ + 1)::timestamp
+         GROUP BY 1, 2
+        UNION ALL
+        SELECT (l.event_time AT TIME ZONE 'UTC')::date, l.activity_code, NULL,
+               sum(l.delta_points)
+          FROM points_ledger AS l
+         WHERE {ledger} AND l.event_time >= ((@TODAY@ - 89)::timestamp AT TIME ZONE 'UTC')
+           AND l.event_time < ((@TODAY@ + 1)::timestamp AT TIME ZONE 'UTC')
+         GROUP BY 1, 2) AS x
+ WHERE x.activity_code IN (SELECT code FROM activities)
+ GROUP BY x.day
+""".replace("@TODAY@", f"(({keysplit.NOW} AT TIME ZONE 'UTC')::date)"),
         base_final=f"""
 {_TODAY}
 SELECT g.day::date::text AS key, coalesce(b.c1, 0)::bigint AS submissions,

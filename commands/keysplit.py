@@ -53,11 +53,11 @@ from commands.base import Finding, Gateway, Reader, Row, Status
 
 # Tables whose rows each belong to one user, by the column naming the user.
 USER_KEYS: dict[str, str] = {"users": "id", "points_ledger": "user_id", "submissions": "user_id"}
-# Ledger and submission rows one statement reads, about. A leaderboard's shard of a
-# million rows (its ledger rows aggregated twice: by the definition and by the check)
-# took 0.5-0.6 s of server CPU at 100,000 and at 1,000,000 users on the 2-core machine the
-# benches run on: a tenth of the 5 s check timeout, kept for a busy server.
-SHARD_ROWS = 1_000_000
+# Ledger and submission rows one statement reads, about. At 1,000,000 users (50 shards)
+# each shard's statement of /db leaderboard and /db analytics took 0.2-0.4 s of server
+# CPU, warm, on the 2-core machine the benches run on, and up to 1.8 s of wall time
+# while other work shared the cores: the check timeout (5 s) keeps a wide margin.
+SHARD_ROWS = 600_000
 # Shards run at once, each on its own pooled connection (the gateway's pool holds 4):
 # two, for the two cores of the machines measured.
 CONCURRENCY = 2
