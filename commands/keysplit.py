@@ -53,11 +53,12 @@ from commands.base import Finding, Gateway, Reader, Row, Status
 
 # Tables whose rows each belong to one user, by the column naming the user.
 USER_KEYS: dict[str, str] = {"users": "id", "points_ledger": "user_id", "submissions": "user_id"}
-# Ledger and submission rows one statement reads, about. At 1,000,000 users (50 shards)
-# each shard's statement of /db leaderboard and /db analytics took 0.2-0.4 s of server
-# CPU, warm, on the 2-core machine the benches run on, and up to 1.8 s of wall time
-# while other work shared the cores: the check timeout (5 s) keeps a wide margin.
-SHARD_ROWS = 600_000
+# Ledger and submission rows one statement reads, about. At 1,000,000 users, in shards
+# of 600,000 rows, each shard's statement of /db leaderboard and /db analytics took
+# 0.2-0.4 s of server CPU (warm, alone) on the 2-core machine the benches run on, up to
+# 1 s and 3.3 s of wall time while other work shared the cores: a bit smaller here, so
+# that each stays well inside the check timeout (5 s) on a busy server.
+SHARD_ROWS = 500_000
 # Shards run at once, each on its own pooled connection (the gateway's pool holds 4):
 # two, for the two cores of the machines measured.
 CONCURRENCY = 2
@@ -150,19 +151,29 @@ SELECT now() AS now,
          WHERE c.oid = to_regclass('points_ledger') AND s.attname = 'user_id'
            AND NOT s.inherited
          LIMIT 1) AS bounds,
+       (SELECT count(*) = 3 AND count(DISTINCT a.attcollation) = 1
+               AND bool_and(a.atttypid IN ('text'::regtype, 'varchar'::regtype))
+          FROM pg_attribute a
+         WHERE (a.attrelid, a.attname) IN ((to_regclass('users'), 'id'),
+                                          (to_regclass('points_ledger'), 'user_id'),
+                                          (to_regclass('submissions'), 'user_id'))) AS same_keys,
        array(SELECT DISTINCT p.proname::text FROM pg_proc p WHERE p.prokind = 'a') AS aggregates
 """
 
 
 def shards_for(row_count: int, bounds: Sequence[str] | None, rows_per_shard: int) -> list[Shard]:
     """Shards of about `rows_per_shard` rows each, split where the planner's histogram of
-    ledger user ids puts evenly many rows; one shard (no split) without a histogram."""
+    ledger user ids puts evenly many rows; one shard (no split) without a histogram.
+    The bounds stay in the histogram's order, the column's own (its collation's), which
+    is the order the shards' conditions compare in."""
     wanted = min(MAX_SHARDS, math.ceil(row_count / max(1, rows_per_shard)))
-    points = sorted(set(bounds or ()))
+    points = [b for i, b in enumerate(bounds or ()) if i == 0 or b != (bounds or ())[i - 1]]
     if wanted < 2 or len(points) < 3:
         return [WHOLE]
     wanted = min(wanted, len(points) - 1)
-    cuts = sorted({points[round(i * (len(points) - 1) / wanted)] for i in range(1, wanted)})
+    cuts = list(
+        dict.fromkeys(points[round(i * (len(points) - 1) / wanted)] for i in range(1, wanted))
+    )
     edges: list[str | None] = [None, *cuts, None]
     return [Shard(lo, hi) for lo, hi in itertools.pairwise(edges)]
 
@@ -199,8 +210,10 @@ async def each_shard(
 
 async def plan(db: Reader, rows_per_shard: int | None = None) -> Plan:
     (row,) = await db.fetch(_PLAN_SQL)
+    # Split only where every table names its user the same way: text of one collation
+    # (a user's rows must fall in the same shard in each table).
     shards = shards_for(
-        int(row["row_count"] or 0),
+        int(row["row_count"] or 0) if row["same_keys"] else 0,
         row["bounds"],
         SHARD_ROWS if rows_per_shard is None else rows_per_shard,
     )

@@ -266,12 +266,16 @@ SELECT l.user_id::text AS user_id, l.source::text AS source, sum(l.delta_points)
 
 # For each statement of the comparison, in its own transaction: no JIT (the joined
 # aggregates' estimates multiply into the billions, and PostgreSQL would spend seconds
-# compiling a query that runs in milliseconds), room for each shard's hash tables, and
-# no parallel workers (the shards already divide the work; a 2-core server gains
-# nothing from workers that each hash part of the same users).
+# compiling a query that runs in milliseconds), room for each shard's hash tables, no
+# parallel workers (the shards already divide the work; a 2-core server gains nothing
+# from workers that each hash part of the same users), and a plan made for the values
+# bound: the shards of a command share one text, which psycopg prepares after five runs
+# on a connection, and PostgreSQL's generic plan for it, blind to the shard's bounds and
+# the pinned instant, took ten times as long (3.7 s against 0.4 s at 1,000,000 users).
 TUNE = (
     "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true),"
-    " set_config('max_parallel_workers_per_gather', '0', true)"
+    " set_config('max_parallel_workers_per_gather', '0', true),"
+    " set_config('plan_cache_mode', 'force_custom_plan', true)"
 )
 # Kept for callers that only turn JIT off.
 JIT_OFF = "SELECT set_config('jit', 'off', true)"

@@ -128,6 +128,12 @@ async def test_split_gives_what_the_whole_definition_gives(
     assert len(plan.shards) >= 5, plan.shards
     edges = [str(s.lower) for s in plan.shards[1:]]
     assert edges == sorted(edges) and plan.shards[0].lower is None is plan.shards[-1].upper
+    # The bounds keep the histogram's order (the column's collation), never re-sorted.
+    assert keysplit.shards_for(9, ["b", "B", "a", "A"], 3) == [
+        keysplit.Shard(None, "B"),
+        keysplit.Shard("B", "a"),
+        keysplit.Shard("a", None),
+    ]
     definitions = dict(ACCEPTED)
     for view, shape in VIEWS.items():
         (row,) = await db.fetch("SELECT pg_get_viewdef(%s::regclass, true) AS d", (view,))
