@@ -196,10 +196,8 @@ led AS (
 sub AS (
   SELECT s.user_id, count(*) AS n, count(*) FILTER (WHERE s.k IS NULL) AS other @SUB_COLS@,
          count(*) FILTER (WHERE s.k = %(learn)s AND s.open) AS open_learn,
-         coalesce(sum(
-           2 * CASE WHEN s.peers ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.peers::int ELSE 0 END
-           + CASE WHEN s.students ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.students::int ELSE 0 END
-         ) FILTER (WHERE s.amplify), 0) AS amplify
+         coalesce(sum(2 * @INT_OF(s.peers)@ + @INT_OF(s.students)@)
+           FILTER (WHERE s.amplify), 0) AS amplify
   FROM (SELECT user_id, k, approved, status IN ('PENDING', 'APPROVED') AS open,
                k = %(amplify)s AND approved AS amplify,
                CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(peers)s END AS peers,
@@ -213,7 +211,7 @@ sub AS (
 known AS (
   SELECT id FROM users WHERE @RANGE_ID@
 ),
-per_user AS MATERIALIZED (
+everyone AS (
   SELECT coalesce(s.user_id, l.user_id) AS user_id,
          coalesce(s.n, 0) AS sub_n, coalesce(l.n, 0) AS led_n, coalesce(l.pts, 0) AS led_pts,
          coalesce(s.open_learn, 0) AS open_learn, coalesce(s.amplify, 0) AS amplify
@@ -222,14 +220,19 @@ per_user AS MATERIALIZED (
   FROM sub s FULL JOIN led l ON l.user_id = s.user_id
   LEFT JOIN known kn ON kn.id = coalesce(s.user_id, l.user_id)
 ),
+per_user AS MATERIALIZED (
+  SELECT u.*, u.user_ok AND (@SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess)) AS suspect
+  FROM everyone u
+  WHERE NOT u.user_ok OR u.sub_other > 0 OR u.led_other > 0 OR u.open_learn > 1
+     OR u.led_pts < 0 OR @SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess)
+),
 pairs AS (
   SELECT u.user_id, v.k, v.approved, v.led_n, v.expected,
          v.led_pts - coalesce(x.pts, 0) AS counted
   FROM per_user u
   CROSS JOIN LATERAL (VALUES @PAIR_VALUES@) AS v(k, approved, led_n, led_pts, expected)
   LEFT JOIN excess x ON x.user_id = u.user_id AND x.k = v.k
-  WHERE u.user_ok AND (@SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess))
-    AND (v.approved > 0 OR v.led_n > 0)
+  WHERE u.suspect AND (v.approved > 0 OR v.led_n > 0)
 ),
 problems AS (
   SELECT 'sub_no_user' AS kind, user_id, NULL::int AS k, sub_n AS n,
@@ -276,6 +279,18 @@ ORDER BY r.kind, r.rn
 """
 
 
+def int_of(value: str) -> str:
+    """A payload value (text) as an integer, 0 unless it is a whole number of at most nine
+    digits, maybe signed, maybe padded with white space. Plain digits, as nearly every
+    payload holds them, are told apart without the regular expression (10 % of the
+    submissions' side of a range at 100,000 users)."""
+    return (
+        f"CASE WHEN length({value}) BETWEEN 1 AND 9"
+        f" AND translate({value}, '0123456789', '') = '' THEN {value}::int"
+        f" WHEN {value} ~ '^\\s*-?[0-9]{{1,9}}\\s*$' THEN {value}::int ELSE 0 END"
+    )
+
+
 def _range(column: str, lower: bool, upper: bool) -> str:
     return (
         " AND ".join(
@@ -317,7 +332,8 @@ def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
         values = "(0, 0, 0, 0, 0)"
     # Users whose raw sums already agree everywhere (and who have no replayed event, whose
     # excess would change `counted`) cannot hold a problem pair: only the others are
-    # unfolded into one row per activity.
+    # unfolded into one row per activity. Only users with some problem are kept at all
+    # (`per_user`), so that the problems are read from a handful of rows, not every user.
     suspect = " OR ".join(
         f"(u.ln{i} = 0 AND {due[i]} > 0) OR (u.ln{i} > 0 AND u.lp{i} <> {due[i]})" for i in ks
     )
@@ -329,6 +345,8 @@ def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
     )
     return (
         _PASS_TEMPLATE.replace("@K_OF_CODE@", k_of_code)
+        .replace("@INT_OF(s.peers)@", int_of("s.peers"))
+        .replace("@INT_OF(s.students)@", int_of("s.students"))
         .replace("@LED_COLS@", led)
         .replace("@SUB_COLS@", sub)
         .replace("@USER_COLS@", user)
