@@ -28,6 +28,7 @@ from commands.base import (
     DEFAULT_APP_ROLES,
     Context,
     Finding,
+    Gateway,
     Reader,
     Report,
     Row,
@@ -39,7 +40,7 @@ from commands.base import (
     register,
     shown_queries,
 )
-from commands.integrity import check_duplicate_events, events_unique_index
+from commands.integrity import check_duplicate_events, duplicate_events, events_unique_index
 from commands.migrations import (
     AUDIT_CHECK,
     MIGRATIONS_TABLE,
@@ -673,16 +674,45 @@ async def check_webhook_backlog(
 async def check_ledger_events(db: Reader, counted: Finding | None = None) -> Finding:
     """Any replayed webhook award is critical: `/db integrity`'s own check, a catalog
     read while the unique index stands, else one pass over the ledger rows with an event
-    id, which `counted` (a recent exact count) answers instead."""
+    id, which `counted` (a recent exact count) answers instead. In one transaction;
+    `/db health` runs `ledger_events`, whose statements are each bounded."""
     if not await _table_present(db, "points_ledger"):
-        return Finding(
-            check=LEDGER_EVENTS,
-            status=Status.SKIPPED,
-            summary="no points_ledger table (the uniqueness guard reports it)",
-        )
+        return _no_ledger()
     if counted is not None and await events_unique_index(db) is None:
         return counted
-    found = await check_duplicate_events(db)
+    return _as_ledger_events(await check_duplicate_events(db))
+
+
+async def ledger_events(gw: Gateway, counted: Finding | None = None) -> Finding:
+    """`check_ledger_events` with the ledger read a bounded piece at a time
+    (`commands.integrity.duplicate_events`)."""
+    box: list[tuple[bool, str | None]] = []
+
+    async def catalog(db: Reader) -> Finding:
+        present = await _table_present(db, "points_ledger")
+        box.append((present, await events_unique_index(db) if present else None))
+        return Finding(check=LEDGER_EVENTS, status=Status.OK, summary="")
+
+    found = await gw.run_check(LEDGER_EVENTS, catalog)
+    if found.status is not Status.OK or not box:
+        return found
+    present, unique = box[0]
+    if not present:
+        return _no_ledger()
+    if counted is not None and unique is None:
+        return counted
+    return _as_ledger_events(await duplicate_events(gw))
+
+
+def _no_ledger() -> Finding:
+    return Finding(
+        check=LEDGER_EVENTS,
+        status=Status.SKIPPED,
+        summary="no points_ledger table (the uniqueness guard reports it)",
+    )
+
+
+def _as_ledger_events(found: Finding) -> Finding:
     update: dict[str, Any] = {"check": LEDGER_EVENTS}
     if found.hint:
         update["hint"] = f"`/db webhooks` lists them; {found.hint}"
@@ -821,7 +851,12 @@ async def health(ctx: Context, args: list[str]) -> Report:
         ]
     else:
         findings.append(reachability_finding(probe, gw.target))
-        findings += await asyncio.gather(*(gw.run_check(n, c) for n, c in checks.items()))
+        findings += await asyncio.gather(
+            *(
+                ledger_events(gw, counted.get(n)) if n == LEDGER_EVENTS else gw.run_check(n, c)
+                for n, c in checks.items()
+            )
+        )
     return Report(title="Database health", target=gw.target, findings=findings).sorted()
 
 

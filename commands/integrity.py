@@ -31,8 +31,10 @@ and against the guide's SQL, with the server CPU beside the wall time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -53,6 +55,9 @@ MAX_RANGES = 100
 # Ranges read at once, each on its own pooled connection: two, for the two cores of the
 # machines measured; the gateway's pool (4) also holds the attachment and key checks.
 RANGES_AT_ONCE = 2
+# The replays' look at the ledger reads this many heap pages (8 kB each) a statement:
+# about 2,400,000 rows, a few tenths of a second (see `replays_of`).
+REPLAY_PAGES = 40_000
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -154,16 +159,17 @@ _DUP_EVENTS_SQL = """
          min(l.delta_points) AS one_pts, min(l.user_id) AS user_id,
          array_position(%(codes)s::text[], min(l.activity_code)) AS k
   FROM points_ledger l
-  WHERE l.external_event_id IS NOT NULL
+  WHERE l.external_event_id IS NOT NULL @AMONG@
   GROUP BY l.external_event_id
   HAVING count(*) > 1
 """
 
-# The replays, read once before the ranges (one scan of the ledger rows that carry an
-# event id; none at all while a valid unique index rules replays out): the excess per
-# (user, activity), every one of them, and the finding's sample and totals, in the order
-# the pass samples (user id by code point, activity, event id).
-_REPLAYS_SQL = f"""
+# The replays, read before the ranges (none at all while a valid unique index rules
+# replays out): the excess per (user, activity), every one of them, and the finding's
+# sample and totals, in the order the pass samples (user id by code point, activity,
+# event id). Over the whole ledger in one statement (`@AMONG@` empty), or among the rows
+# at the given tuple ids (`replays_of`).
+_REPLAYS_TEMPLATE = f"""
 WITH dup AS MATERIALIZED ({_DUP_EVENTS_SQL})
 SELECT 'excess' AS part, d.user_id, d.k, sum(d.pts - d.one_pts)::bigint AS pts,
        NULL::bigint AS n, NULL::bigint AS expected, NULL::text AS external_event_id,
@@ -177,6 +183,30 @@ UNION ALL
  ORDER BY d.user_id COLLATE "C", d.k, d.external_event_id COLLATE "C"
  LIMIT %(sample)s)
 """  # noqa: S608 (a constant of this module)
+_REPLAYS_SQL = _REPLAYS_TEMPLATE.replace("@AMONG@", "")
+_REPLAYS_AMONG_SQL = _REPLAYS_TEMPLATE.replace("@AMONG@", "AND l.ctid = ANY(%(tids)s::tid[])")
+
+# The ledger's heap pages now (not the planner's count: pages added since are read too).
+_PAGES_SQL = """
+SELECT (pg_relation_size(to_regclass('points_ledger'))
+        / current_setting('block_size')::int)::bigint AS pages
+"""
+# A hash of the event id and the tuple id (block * 65536 + line) of every ledger row that
+# carries an event id, on the heap pages from `%(first)s` (and below `%(end)s` with
+# `end`): where `replays_of` looks for ids seen twice, a bounded piece at a time.
+_EVENT_HASHES_SQL = """
+SELECT coalesce(array_agg(hashtextextended(l.external_event_id, 0)), '{}') AS hashes,
+       coalesce(array_agg(((l.ctid::text)::point)[0]::bigint * 65536
+                          + ((l.ctid::text)::point)[1]::bigint), '{}') AS tids
+FROM points_ledger l
+WHERE l.ctid >= %(first)s::tid @END@
+  AND l.external_event_id IS NOT NULL
+"""
+
+
+def event_hashes_sql(end: bool) -> str:
+    return _EVENT_HASHES_SQL.replace("@END@", "AND l.ctid < %(end)s::tid" if end else "")
+
 
 # One range of users (`@RANGE@`: bounds on user_id, or none): their rows of both tables,
 # grouped by user, and every problem about them. `excess` holds the replays' excess
@@ -540,16 +570,115 @@ async def _replays(db: Reader, codes: list[str]) -> tuple[list[Row], list[Row]]:
 
 
 async def check_duplicate_events(db: Reader) -> Finding:
-    """`/db integrity`'s duplicate-event finding without its pass over the users: a
-    catalog read when a valid unique index rules replays out, else the pass's own
-    replays query (one GROUP BY over the ledger rows that carry an event id). For
-    `/db webhooks` and `/db health`."""
+    """`/db integrity`'s duplicate-event finding without its pass over the users, in one
+    transaction: a catalog read when a valid unique index rules replays out, else the
+    replays query over the whole ledger in one statement. For `/db webhooks`;
+    `duplicate_events` bounds each statement instead."""
     unique_events = await events_unique_index(db)
     if unique_events is not None:
         return _duplicate_events([], unique_events)
     codes = [str(a["code"]) for a in await db.fetch("SELECT code FROM activities ORDER BY code")]
     _excess, events = await _replays(db, codes)
     return _duplicate_events(events)
+
+
+def _tid(value: int) -> str:
+    return f"({value >> 16},{value & 0xFFFF})"
+
+
+async def replays_of(
+    gw: Gateway, codes: list[str], pages_each: int = REPLAY_PAGES
+) -> tuple[list[Row], list[Row]] | Finding:
+    """The replays as `_replays` finds them, each statement bounded: the ledger's heap is
+    read `pages_each` pages at a time (RANGES_AT_ONCE at once), each piece giving the
+    hash and the tuple id of every row with an event id; a hash seen twice marks a
+    candidate, and one last statement reads the candidates by tuple id and groups them
+    by the event id itself (a hash collision is no replay there). A row moved between
+    the two (an update) is looked for at its old place, so a replay written or moved
+    while this runs shows up on the next run. Returns why, should a piece fail."""
+    pages_box: list[int] = []
+
+    async def pages(db: Reader) -> Finding:
+        pages_box.append(int((await db.fetch(_PAGES_SQL))[0]["pages"] or 0))
+        return _ok(DUPLICATE_EVENTS, "")
+
+    found = await gw.run_check("integrity: replays, ledger pages", pages)
+    if found.status is not Status.OK:
+        return found
+    starts = list(range(0, max(pages_box[0], 1), pages_each))
+    hashes: array[int] = array("q")
+    tids: array[int] = array("q")
+    failed: list[Finding] = []
+    slots = asyncio.Semaphore(RANGES_AT_ONCE)
+
+    async def piece(i: int) -> None:
+        last = i == len(starts) - 1  # open-ended: pages added meanwhile are read too
+
+        async def read(db: Reader) -> Finding:
+            await _tune_replays(db)
+            (row,) = await db.fetch(
+                event_hashes_sql(not last),
+                {
+                    "first": f"({starts[i]},0)",
+                    "end": None if last else f"({starts[i] + pages_each},0)",
+                },
+            )
+            hashes.extend(row["hashes"])
+            tids.extend(row["tids"])
+            return _ok(DUPLICATE_EVENTS, "")
+
+        async with slots:
+            if failed:
+                return
+            result = await gw.run_check(f"integrity: replays {i + 1}/{len(starts)}", read)
+            if result.status is not Status.OK:
+                failed.append(result)
+
+    await asyncio.gather(*(piece(i) for i in range(len(starts))))
+    if failed:
+        return failed[0]
+    seen: set[int] = set()
+    twice: set[int] = set()
+    for h in hashes:
+        (twice if h in seen else seen).add(h)
+    del seen
+    candidates = [_tid(t) for h, t in zip(hashes, tids, strict=True) if h in twice]
+    if not candidates:
+        return [], []
+    box: list[tuple[list[Row], list[Row]]] = []
+
+    async def among(db: Reader) -> Finding:
+        await _tune_replays(db)
+        rows = await db.fetch(
+            _REPLAYS_AMONG_SQL, {"codes": codes, "sample": SAMPLE, "tids": candidates}
+        )
+        box.append(([r for r in rows if r["part"] == "excess"], _event_rows(rows, codes)))
+        return _ok(DUPLICATE_EVENTS, "")
+
+    found = await gw.run_check("integrity: replays, candidates", among)
+    return box[0] if found.status is Status.OK and box else found
+
+
+async def duplicate_events(gw: Gateway) -> Finding:
+    """`check_duplicate_events` with every statement bounded (`replays_of`), for
+    `/db health`: a catalog read while a valid unique index rules replays out."""
+    box: list[tuple[str | None, list[str]]] = []
+
+    async def catalog(db: Reader) -> Finding:
+        codes = await db.fetch("SELECT code FROM activities ORDER BY code")
+        box.append((await events_unique_index(db), [str(a["code"]) for a in codes]))
+        return _ok(DUPLICATE_EVENTS, "")
+
+    found = await gw.run_check(DUPLICATE_EVENTS, catalog)
+    if found.status is not Status.OK or not box:
+        return found
+    unique_events, codes = box[0]
+    if unique_events is not None:
+        return _duplicate_events([], unique_events)
+    replays = await replays_of(gw, codes)
+    if isinstance(replays, Finding):
+        return replays.model_copy(update={"check": DUPLICATE_EVENTS})
+    return _duplicate_events(replays[1])
 
 
 @dataclass(frozen=True)
@@ -565,12 +694,15 @@ class _PassInputs:
     events: list[Row]  # the replays' `dup_event` rows: sample and totals
 
 
-async def _pass_inputs(db: Reader) -> _PassInputs:
+async def _pass_inputs(db: Reader, replays: bool = True) -> _PassInputs:
+    """The catalog facts, and (with `replays`) the replays over the whole ledger in one
+    statement; without, none (`_run_pass` reads them a bounded piece at a time)."""
     peers, students = await amplify_keys(db)
     unique_events = await events_unique_index(db)
     activities = await db.fetch("SELECT code, default_points FROM activities ORDER BY code")
     codes = [str(a["code"]) for a in activities]
-    excess, events = ([], []) if unique_events is not None else await _replays(db, codes)
+    whole = replays and unique_events is None
+    excess, events = await _replays(db, codes) if whole else ([], [])
     return _PassInputs(
         peers,
         students,
@@ -698,8 +830,8 @@ async def _run_pass(
     them and finds every problem about those users, so each statement's work is bounded
     by the range's size, not the tables': ranges of RANGE_ROWS rows stay well inside the
     check timeout whatever the size of the database, and the whole pass reads each row
-    about once. The catalog facts, the bounds and the replays (one scan of the ledger
-    rows that carry an event id) are read first, in one transaction.
+    about once. The catalog facts and the bounds are read first, then the replays, a
+    bounded piece of the ledger at a time (`replays_of`).
 
     Every row of a user is in one range, read in one snapshot, so each finding about a
     user is consistent; the ranges' snapshots differ by the seconds between them (a
@@ -711,13 +843,18 @@ async def _run_pass(
             split = bounds
         else:
             split = await shard_bounds(db, shards or await range_count(db))
-        prepared.append((await _pass_inputs(db), split))
+        prepared.append((await _pass_inputs(db, replays=False), split))
         return _ok(PASS_FINDINGS[0], "")
 
-    ready = await gw.run_check("integrity: pass inputs and replays", prepare)
+    ready = await gw.run_check("integrity: pass inputs", prepare)
     if ready.status is not Status.OK or not prepared:
         return _all_pass_findings(ready)
     inputs, split = prepared[0]
+    if inputs.unique_events is None:
+        replays = await replays_of(gw, inputs.codes)
+        if isinstance(replays, Finding):
+            return _all_pass_findings(replays)
+        inputs = dataclasses.replace(inputs, excess=replays[0], events=replays[1])
     ranges = list(itertools.pairwise([None, *split, None]))
     done: list[list[Row] | None] = [None] * len(ranges)
     failed: list[Finding] = []
