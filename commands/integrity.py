@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import itertools
 import math
+import sys
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -193,14 +195,17 @@ SELECT (pg_relation_size(to_regclass('points_ledger'))
 """
 # A hash of the event id and the tuple id (block * 65536 + line) of every ledger row that
 # carries an event id, on the heap pages from `%(first)s` (and below `%(end)s` with
-# `end`): where `replays_of` looks for ids seen twice, a bounded piece at a time.
+# `end`), in the order of the hashes, each as 8 bytes (network order) of one bytea:
+# where `replays_of` looks for ids seen twice, a bounded piece at a time, holding them
+# as compact arrays (20 MB of Python integers less at 1,000,000 users).
 _EVENT_HASHES_SQL = """
-SELECT coalesce(array_agg(hashtextextended(l.external_event_id, 0)), '{}') AS hashes,
-       coalesce(array_agg(((l.ctid::text)::point)[0]::bigint * 65536
-                          + ((l.ctid::text)::point)[1]::bigint), '{}') AS tids
-FROM points_ledger l
-WHERE l.ctid >= %(first)s::tid @END@
-  AND l.external_event_id IS NOT NULL
+SELECT coalesce(string_agg(int8send(e.h), ''::bytea ORDER BY e.h), ''::bytea) AS hashes,
+       coalesce(string_agg(int8send(e.t), ''::bytea ORDER BY e.h), ''::bytea) AS tids
+FROM (SELECT hashtextextended(l.external_event_id, 0) AS h,
+             ((l.ctid::text)::point)[0]::bigint * 65536 + ((l.ctid::text)::point)[1]::bigint AS t
+      FROM points_ledger l
+      WHERE l.ctid >= %(first)s::tid @END@
+        AND l.external_event_id IS NOT NULL) e
 """
 
 
@@ -582,6 +587,15 @@ async def check_duplicate_events(db: Reader) -> Finding:
     return _duplicate_events(events)
 
 
+def _int8s(packed: bytes) -> array[int]:
+    """Signed 8-byte integers in network order, as an array."""
+    out = array("q")
+    out.frombytes(bytes(packed))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
 def _tid(value: int) -> str:
     return f"({value >> 16},{value & 0xFFFF})"
 
@@ -606,8 +620,7 @@ async def replays_of(
     if found.status is not Status.OK:
         return found
     starts = list(range(0, max(pages_box[0], 1), pages_each))
-    hashes: array[int] = array("q")
-    tids: array[int] = array("q")
+    pieces: list[tuple[array[int], array[int]]] = []  # (hashes in order, their tuple ids)
     failed: list[Finding] = []
     slots = asyncio.Semaphore(RANGES_AT_ONCE)
 
@@ -623,8 +636,7 @@ async def replays_of(
                     "end": None if last else f"({starts[i] + pages_each},0)",
                 },
             )
-            hashes.extend(row["hashes"])
-            tids.extend(row["tids"])
+            pieces.append((_int8s(row["hashes"]), _int8s(row["tids"])))
             return _ok(DUPLICATE_EVENTS, "")
 
         async with slots:
@@ -637,12 +649,17 @@ async def replays_of(
     await asyncio.gather(*(piece(i) for i in range(len(starts))))
     if failed:
         return failed[0]
-    seen: set[int] = set()
+    # the pieces' hashes merged in order: a hash seen twice in a row was seen twice (kept
+    # as compact arrays, a few MB at 20,000,000 ledger rows, rather than a set of them)
     twice: set[int] = set()
-    for h in hashes:
-        (twice if h in seen else seen).add(h)
-    del seen
-    candidates = [_tid(t) for h, t in zip(hashes, tids, strict=True) if h in twice]
+    previous: int | None = None
+    for h in heapq.merge(*(hashes for hashes, _tids in pieces)):
+        if h == previous:
+            twice.add(h)
+        previous = h
+    candidates = [
+        _tid(t) for hashes, tids in pieces for h, t in zip(hashes, tids, strict=True) if h in twice
+    ]
     if not candidates:
         return [], []
     box: list[tuple[list[Row], list[Row]]] = []
