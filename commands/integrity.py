@@ -737,26 +737,28 @@ async def _pass_inputs(db: Reader, replays: bool = True) -> _PassInputs:
 _BOUNDS_SQL = """
 SELECT b[round(i * (cardinality(b) - 1)::numeric / %(shards)s)::int + 1] AS bound
 FROM (SELECT histogram_bounds::text::text[] AS b FROM pg_stats
-      WHERE schemaname = current_schema() AND tablename = 'points_ledger'
-        AND attname = 'user_id' AND histogram_bounds IS NOT NULL) h,
+      WHERE schemaname = current_schema() AND tablename = %(table)s
+        AND attname = %(column)s AND histogram_bounds IS NOT NULL) h,
      generate_series(1, %(shards)s - 1) AS i
 ORDER BY i
 """
-# The rows the pass reads, as the planner last counted them.
+# The rows of some tables, as the planner last counted them.
 _SIZE_SQL = """
 SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 AS n
 FROM pg_class c
-WHERE c.oid IN (to_regclass('points_ledger'), to_regclass('submissions'))
+WHERE c.oid = ANY(ARRAY(SELECT to_regclass(t) FROM unnest(%(tables)s::text[]) AS t))
 """
 
 
-async def shard_bounds(db: Reader, shards: int) -> list[str]:
-    """Where the pass's `shards` ranges of user ids meet, in the column's order (the
-    histogram's; a repeated bound once): none (one range) while the ledger has no
-    statistics yet."""
+async def shard_bounds(
+    db: Reader, shards: int, table: str = "points_ledger", column: str = "user_id"
+) -> list[str]:
+    """Where `shards` ranges of `table.column` (the pass's: the ledger's user ids) meet,
+    in the column's order (the histogram's; a repeated bound once): none (one range)
+    while the table has no statistics yet."""
     if shards < 2:
         return []
-    rows = await db.fetch(_BOUNDS_SQL, {"shards": shards})
+    rows = await db.fetch(_BOUNDS_SQL, {"shards": shards, "table": table, "column": column})
     bounds: list[str] = []
     for r in rows:
         if r["bound"] is not None and str(r["bound"]) not in bounds:
@@ -764,10 +766,13 @@ async def shard_bounds(db: Reader, shards: int) -> list[str]:
     return bounds
 
 
-async def range_count(db: Reader) -> int:
-    """How many ranges of users the pass reads: RANGE_ROWS rows of the two tables each,
-    by the planner's count (no more than the histogram can split)."""
-    (row,) = await db.fetch(_SIZE_SQL)
+async def range_count(
+    db: Reader, tables: tuple[str, ...] = ("points_ledger", "submissions")
+) -> int:
+    """How many ranges a read of `tables` takes (the pass's: the ledger and the
+    submissions): RANGE_ROWS rows each, by the planner's count (no more than the
+    histogram can split)."""
+    (row,) = await db.fetch(_SIZE_SQL, {"tables": list(tables)})
     return max(1, min(MAX_RANGES, math.ceil(float(row["n"]) / RANGE_ROWS)))
 
 
@@ -1096,28 +1101,80 @@ def _negative_totals(rows: list[Row]) -> Finding:
 _ATTACHMENTS_SQL = """
 SELECT sa.id, sa.submission_id, sa.path, count(*) OVER () AS total
 FROM submission_attachments sa
-WHERE NOT EXISTS (SELECT 1 FROM submissions s WHERE s.id = sa.submission_id)
-ORDER BY sa.id
+WHERE @RANGE_SA@
+  AND NOT EXISTS (SELECT 1 FROM submissions s WHERE @RANGE_S@ AND s.id = sa.submission_id)
+ORDER BY sa.id COLLATE "C"
 LIMIT %(sample)s
 """
 
 
-async def check_orphan_attachments(db: Reader) -> Finding:
-    """Attachments whose submission is gone: one merge anti-join."""
-    await _tune_attachments(db)
-    rows = await db.fetch(_ATTACHMENTS_SQL, {"sample": SAMPLE})
-    if not rows:
+def attachments_sql(lower: bool = False, upper: bool = False) -> str:
+    """Orphan attachments whose submission_id is from `%(lower)s` up to `%(upper)s`: the
+    submissions of that range are all a parent can be, so both indexes are read for the
+    range only."""
+    return _ATTACHMENTS_SQL.replace("@RANGE_SA@", _range("sa.submission_id", lower, upper)).replace(
+        "@RANGE_S@", _range("s.id", lower, upper)
+    )
+
+
+def _attachment_finding(rows: list[Row], total: int) -> Finding:
+    if not total:
         return _ok(ATTACHMENT_NO_SUBMISSION, "every attachment has its submission")
-    total = int(rows[0]["total"])
-    for r in rows:
-        r.pop("total")
     return Finding(
         check=ATTACHMENT_NO_SUBMISSION,
         status=Status.CRIT,
         summary=f"{total} submission_attachments rows point at a submission that does not exist",
-        rows=rows,
+        rows=[{k: v for k, v in r.items() if k != "total"} for r in rows],
         hint=f"`{CLEANUP} submission_attachments` backs them up and deletes them",
     )
+
+
+async def _attachment_rows(
+    db: Reader, lower: str | None = None, upper: str | None = None
+) -> list[Row]:
+    await _tune_attachments(db)
+    return await db.fetch(
+        attachments_sql(lower is not None, upper is not None),
+        {"sample": SAMPLE, "lower": lower, "upper": upper},
+    )
+
+
+async def check_orphan_attachments(db: Reader) -> Finding:
+    """Attachments whose submission is gone: one merge anti-join, in one statement."""
+    rows = await _attachment_rows(db)
+    return _attachment_finding(rows, int(rows[0]["total"]) if rows else 0)
+
+
+async def orphan_attachments(gw: Gateway, bounds: list[str] | None = None) -> Finding:
+    """`check_orphan_attachments` over ranges of submission ids (`bounds`, else from the
+    attachments' statistics, RANGE_ROWS rows of the two tables each), each one statement
+    in its own transaction, one after the other (beside the pass's two at a time, within
+    the gateway's pool of four): the counts summed, the first SAMPLE rows by id."""
+    split_box: list[list[str]] = []
+
+    async def split(db: Reader) -> Finding:
+        tables = ("submission_attachments", "submissions")
+        n = await range_count(db, tables)
+        split_box.append(await shard_bounds(db, n, "submission_attachments", "submission_id"))
+        return _ok(ATTACHMENT_NO_SUBMISSION, "")
+
+    if bounds is None:
+        found = await gw.run_check(ATTACHMENT_NO_SUBMISSION, split)
+        if found.status is not Status.OK or not split_box:
+            return found
+        bounds = split_box[0]
+    parts: list[list[Row]] = []
+    for lower, upper in itertools.pairwise([None, *bounds, None]):
+
+        async def read(db: Reader, lower: str | None = lower, upper: str | None = upper) -> Finding:
+            parts.append(await _attachment_rows(db, lower, upper))
+            return _ok(ATTACHMENT_NO_SUBMISSION, "")
+
+        result = await gw.run_check(ATTACHMENT_NO_SUBMISSION, read)
+        if result.status is not Status.OK:
+            return result
+    rows = sorted((r for part in parts for r in part), key=lambda r: str(r["id"]))
+    return _attachment_finding(rows[:SAMPLE], sum(int(p[0]["total"]) for p in parts if p))
 
 
 # --- foreign keys -------------------------------------------------------------------
@@ -1213,7 +1270,7 @@ async def integrity(ctx: Context, args: list[str]) -> Report:
     gw = ctx.gateway
     grouped, attachments, fks = await asyncio.gather(
         _run_pass(gw),
-        gw.run_check(ATTACHMENT_NO_SUBMISSION, check_orphan_attachments),
+        orphan_attachments(gw),
         gw.run_check(FOREIGN_KEYS, check_foreign_keys),
     )
     by_name: dict[str, Finding] = {f.check: f for f in [*grouped, attachments, fks]}

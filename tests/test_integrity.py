@@ -357,6 +357,13 @@ async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
             assert not isinstance(pieces, Finding)
             assert by_user(pieces[0]) == by_user(in_one[0]), pages  # the excess, any order
             assert pieces[1] == in_one[1], pages  # the sample and totals, in order
+        # orphan attachments by ranges of submission ids, as in one statement
+        subs = await gateway.read(lambda db: db.fetch("SELECT id FROM submissions ORDER BY id"))
+        sub_ids = [str(r["id"]) for r in subs]
+        one = await gateway.run_check(ig.ATTACHMENT_NO_SUBMISSION, ig.check_orphan_attachments)
+        assert count(one) == 7 and len(one.rows) == 7
+        for bounds in ([sub_ids[0]], [sub_ids[len(sub_ids) // 2]], [sub_ids[5], sub_ids[-5]]):
+            assert await ig.orphan_attachments(gateway, bounds) == one, bounds
     finally:
         await gateway.close()
     by = {f.check: f for f in whole}
