@@ -12,7 +12,20 @@ users, 1,000,000 submissions, 2,000,000 ledger rows) with each fault kind inject
     after the other, fetching every row;
 (c) one `SELECT count(*)` over each table the checks read, one after the other;
 (d) the bare `GROUP BY user_id` of points_ledger and then of submissions, every row fetched:
-    the floor of any exact per-user reconciliation (`group_s`, `ratio_to_group`).
+    an index-only grouping that no reconciliation can match (`group_s`, `ratio_to_group`);
+(e) the bot's reconciliation alone (`bot_points_s`): the pass of `/db integrity` that makes
+    the points findings (`commands.integrity._run_pass`, with the orphan and duplicate
+    findings it derives from the same per-user aggregates; not the attachment and foreign
+    key checks), against (f) what any exact reconciliation must at least compute
+    (`needed_s`), run at once on two connections as the pass runs its ranges two at a
+    time: the ledger's `sum(delta_points)` per user and activity, and the submissions'
+    approved count and AMPLIFY payload sums per user and activity (the keys the live quota
+    function reads), each in one statement with the pass's own session settings (work_mem,
+    no JIT, no parallel workers), every group computed and counted on the server.
+    `ratio_to_needed` = bot_points_s / needed_s, the server CPU ratio beside it. (e) and
+    (f) alternate run by run, so that the machine's neighbours weigh on both alike; the
+    longest single check (one transaction, one statement for each range of users) of
+    the pass is printed as `longest_check_s`.
 
 Beside each median wall time it prints the server CPU seconds the run cost (all of the
 server's processes, parallel workers included; `bench.scale.ServerCpu`): on a machine
@@ -58,7 +71,8 @@ from scale import (  # noqa: E402  (this directory: python bench/integrity.py)
 
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import Dispatcher, RunContext  # noqa: E402
-from commands.base import Report, Status, Thresholds  # noqa: E402
+from commands import integrity as ig  # noqa: E402
+from commands.base import Finding, Report, Status, Thresholds  # noqa: E402
 
 GUIDE_DIR = ROOT.parent / "shared" / "guide-sql"
 # Guide file per fault kind; the three point kinds share point_mismatch.sql.
@@ -100,6 +114,18 @@ BOT_FINDINGS: dict[str, tuple[str, ...]] = {
 GROUP_SQL: tuple[str, ...] = (
     "SELECT user_id, count(*) FROM points_ledger GROUP BY user_id",
     "SELECT user_id, count(*) FROM submissions GROUP BY user_id",
+)
+# What any exact reconciliation must compute (see the docstring's (f)): each aggregate
+# counted on the server so that every group is made and none is shipped. `%(peers)s` and
+# `%(students)s` are the payload keys the live quota function reads.
+NEEDED_SQL: tuple[str, ...] = (
+    "SELECT count(*), sum(q.pts) FROM (SELECT user_id, activity_code,"
+    " sum(delta_points) AS pts FROM points_ledger GROUP BY user_id, activity_code) AS q",
+    "SELECT count(*), sum(q.approved), sum(q.amplify) FROM (SELECT user_id, activity_code,"
+    " count(*) FILTER (WHERE status = 'APPROVED') AS approved,"
+    " sum(2 * (payload ->> %(peers)s)::int + (payload ->> %(students)s)::int)"
+    "   FILTER (WHERE status = 'APPROVED' AND activity_code = 'AMPLIFY') AS amplify"
+    " FROM submissions GROUP BY user_id, activity_code) AS q",
 )
 QUOTA_RUNS = 200
 
@@ -144,11 +170,11 @@ def finding_counts(report: Report) -> dict[str, int | None]:
 # ---------------------------------------------------------------------------- guide
 
 
-def guide_sql() -> dict[str, str]:
+def guide_sql(where: Path = GUIDE_DIR) -> dict[str, str]:
     """The guide's files, as written; read at run time, never copied."""
-    if not GUIDE_DIR.is_dir():
-        raise SystemExit(f"the operators' guide SQL is not at {GUIDE_DIR}")
-    return {name: (GUIDE_DIR / f"{name}.sql").read_text(encoding="utf-8") for name in GUIDE_FILES}
+    if not where.is_dir():
+        raise SystemExit(f"the operators' guide SQL is not at {where} (see --guide-dir)")
+    return {name: (where / f"{name}.sql").read_text(encoding="utf-8") for name in GUIDE_FILES}
 
 
 async def run_guide(conn: psycopg.AsyncConnection[Any], files: dict[str, str]) -> dict[str, Any]:
@@ -198,6 +224,53 @@ async def run_group(conn: psycopg.AsyncConnection[Any]) -> int:
     return groups
 
 
+async def open_needed(dsn: str) -> list[psycopg.AsyncConnection[Any]]:
+    """One connection per aggregate, with the pass's own session settings."""
+    conns = []
+    for _ in NEEDED_SQL:
+        conn = await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, application_name="bench-needed"
+        )
+        await conn.execute(
+            "SELECT set_config('work_mem', %s, false), set_config('jit', 'off', false),"
+            " set_config('max_parallel_workers_per_gather', %s, false)",
+            (ig.WORK_MEM, str(ig.PARALLEL_WORKERS)),
+        )
+        conns.append(conn)
+    return conns
+
+
+async def run_needed(conns: list[psycopg.AsyncConnection[Any]], keys: tuple[str, str]) -> list[Any]:
+    """The two aggregates at once, one on each connection."""
+
+    async def one(conn: psycopg.AsyncConnection[Any], query: str) -> Any:
+        cur = await conn.execute(query.encode(), {"peers": keys[0], "students": keys[1]})
+        return await cur.fetchone()
+
+    return list(await asyncio.gather(*(one(c, q) for c, q in zip(conns, NEEDED_SQL, strict=True))))
+
+
+class CheckTimes:
+    """The wall time of every check (one transaction) a gateway runs: the longest is the
+    longest statement of the pass, each range of users being one statement."""
+
+    def __init__(self, gateway: TargetGateway) -> None:
+        self.longest = 0.0
+        self.name = ""
+        run_check = gateway.run_check
+
+        async def timed_check(name: str, check: Any) -> Finding:
+            started = time.perf_counter()
+            try:
+                return await run_check(name, check)
+            finally:
+                took = time.perf_counter() - started
+                if took > self.longest:
+                    self.longest, self.name = took, name
+
+        gateway.run_check = timed_check  # type: ignore[method-assign]
+
+
 async def run_scan(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     for table in SCANNED_TABLES:
@@ -229,17 +302,24 @@ async def timed(
     fn: Callable[[], Awaitable[Any]], runs: int, server: ServerCpu | None = None
 ) -> Timed:
     """One untimed warm-up call, then `runs` timed ones (and the server CPU of each)."""
-    last = await fn()
-    seconds: list[float] = []
-    cpu: list[float] = []
+    return (await alternating([fn], runs, server))[0]
+
+
+async def alternating(
+    fns: list[Callable[[], Awaitable[Any]]], runs: int, server: ServerCpu | None = None
+) -> list[Timed]:
+    """One untimed warm-up call of each, then `runs` rounds of one timed call of each in
+    turn (and the server CPU of each)."""
+    out = [Timed([], await fn(), []) for fn in fns]
     for _ in range(runs):
-        cpu_before = server.seconds() if server else 0.0
-        started = time.perf_counter()
-        last = await fn()
-        seconds.append(time.perf_counter() - started)
-        if server:
-            cpu.append(server.seconds() - cpu_before)
-    return Timed(seconds, last, cpu)
+        for fn, t in zip(fns, out, strict=True):
+            cpu_before = server.seconds() if server else 0.0
+            started = time.perf_counter()
+            t.last = await fn()
+            t.seconds.append(time.perf_counter() - started)
+            if server:
+                t.cpu.append(server.seconds() - cpu_before)
+    return out
 
 
 async def quota_p50_ms(dispatcher: Dispatcher, dsn: str, runs: int, seed: int) -> float:
@@ -278,9 +358,11 @@ def _fmt(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-async def bench(dsn: str, injected: dict[str, int], runs: int, seed: int) -> None:
+async def bench(
+    dsn: str, injected: dict[str, int], runs: int, seed: int, guide_dir: Path = GUIDE_DIR
+) -> None:
     has_quota = load_commands()
-    files = guide_sql()
+    files = guide_sql(guide_dir)
     server = await ServerCpu.of(dsn)
     expected = expected_findings(injected)
     gateway = TargetGateway(dsn, check_timeout_ms=600_000, pool_max_size=4)
@@ -295,6 +377,18 @@ async def bench(dsn: str, injected: dict[str, int], runs: int, seed: int) -> Non
             return result
 
         bot_t = await timed(bot, runs, server)
+        keys = await gateway.read(ig.amplify_keys)
+        needed_conns = await open_needed(dsn)
+        checks = CheckTimes(gateway)
+        try:
+            points_t, needed_t = await alternating(
+                [lambda: ig._run_pass(gateway), lambda: run_needed(needed_conns, keys)],
+                runs,
+                server,
+            )
+        finally:
+            for conn in needed_conns:
+                await conn.close()
         async with await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, application_name="bench-guide"
         ) as conn:
@@ -333,28 +427,43 @@ async def bench(dsn: str, injected: dict[str, int], runs: int, seed: int) -> Non
         ("guide SQL", guide_t),
         ("count(*) scan", scan_t),
         ("GROUP BY user_id", group_t),
+        ("bot reconciliation", points_t),
+        ("needed aggregates", needed_t),
     ):
         each = ", ".join(f"{s:.2f}" for s in t.seconds)
         cpu = f"  server CPU median {t.cpu_median:.2f} s" if t.cpu else ""
         print(f"{label:20} median {t.median:.2f} s  (runs: {each}){cpu}")
     print(f"scanned rows: {scan_t.last}")
+    print(
+        f"longest check of the reconciliation: {checks.longest:.2f} s ({checks.name}); "
+        f"needed groups (ledger, submissions): {[int(r[0]) for r in needed_t.last]}"
+    )
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"load average at the end (1/5/15 min, {os.cpu_count()} CPUs): {load}")
     if not has_quota:
         print("commands/quota.py does not exist: no quota timing")
     bot_s, guide_s, scan_s = bot_t.median, guide_t.median, scan_t.median
     group_s = group_t.median
+    points_s, needed_s = points_t.median, needed_t.median
     cpu = ""
     if server:
         bot_c, guide_c, group_c = bot_t.cpu_median, guide_t.cpu_median, group_t.cpu_median
+        points_c, needed_c = points_t.cpu_median, needed_t.cpu_median
         cpu = (
             f" bot_cpu_s={bot_c:.2f} guide_cpu_s={guide_c:.2f} group_cpu_s={group_c:.2f}"
             f" cpu_ratio_to_group={bot_c / group_c:.2f} cpu_speedup_vs_guide={guide_c / bot_c:.2f}"
+            f" bot_points_cpu_s={points_c:.2f} needed_cpu_s={needed_c:.2f}"
         )
+    cpu_needed = (
+        f" cpu_ratio_to_needed={points_t.cpu_median / needed_t.cpu_median:.2f}" if server else ""
+    )
     print(
         f"BENCH integrity bot_s={bot_s:.2f} guide_s={guide_s:.2f} scan_s={scan_s:.2f} "
         f"ratio_to_scan={bot_s / scan_s:.2f} speedup_vs_guide={guide_s / bot_s:.2f} "
         f"group_s={group_s:.2f} ratio_to_group={bot_s / group_s:.2f} "
+        f"bot_points_s={points_s:.2f} needed_s={needed_s:.2f} "
+        f"ratio_to_needed={points_s / needed_s:.2f}{cpu_needed} "
+        f"longest_check_s={checks.longest:.2f} "
         f"bot_correct={bot_ok}/{n} guide_correct={guide_ok}/{n}{cpu}"
     )
     print(f"BENCH quota p50_ms={p50:.1f}" if not math.isnan(p50) else "BENCH quota p50_ms=nan")
@@ -367,10 +476,16 @@ async def main() -> None:
     ap.add_argument("--faults", type=int, default=25, help="how many of each fault kind")
     ap.add_argument("--runs", type=int, default=3, help="timed runs of each (median reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--guide-dir",
+        type=Path,
+        default=GUIDE_DIR,
+        help=f"the operators' guide SQL (default {GUIDE_DIR}: beside the repository)",
+    )
     args = ap.parse_args()
     if args.dsn:
         injected = await injected_counts(args.dsn)
-        await bench(args.dsn, injected, args.runs, args.seed)
+        await bench(args.dsn, injected, args.runs, args.seed, args.guide_dir)
         return
     async with scale_database(
         "leaps_integrity_bench",
@@ -379,7 +494,7 @@ async def main() -> None:
         seed=args.seed,
     ) as (dsn, counts):
         injected = {kind: counts[f"fault:{kind}"] for kind in FAULT_KINDS}
-        await bench(dsn, injected, args.runs, args.seed)
+        await bench(dsn, injected, args.runs, args.seed, args.guide_dir)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,24 @@
 
 Each check is a small named query over the live catalog (PgHero style); nothing is
 assumed about the schema that the catalog can tell instead, because production drifts.
+
+Two checks read whole tables (`scan_checks`): the webhook backlog (every Kajabi event
+against the users) and the replayed awards while no unique index rules them out (every
+ledger row): a few seconds of server CPU at 1,000,000 users. The watchdog counts them on
+one tick in ten (`/db health --exact`) and keeps those exact counts here
+(`remember_counts`) until its next such tick; until then `/db health`, the watchdog's
+other ticks included, shows them with the time they were counted instead of counting
+again. With no recent count (no watchdog in this process, or it stopped), or with
+`--exact`, `/db health` counts them itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,6 +28,7 @@ from commands.base import (
     DEFAULT_APP_ROLES,
     Context,
     Finding,
+    Gateway,
     Reader,
     Report,
     Row,
@@ -28,7 +40,7 @@ from commands.base import (
     register,
     shown_queries,
 )
-from commands.integrity import check_duplicate_events
+from commands.integrity import check_duplicate_events, duplicate_events, events_unique_index
 from commands.migrations import (
     AUDIT_CHECK,
     MIGRATIONS_TABLE,
@@ -619,9 +631,26 @@ async def _table_present(db: Reader, table: str) -> bool:
     return bool(row["present"])
 
 
-async def check_webhook_backlog(th: Thresholds, db: Reader) -> Finding:
+EXACT = "--exact"
+SCAN_WORK_MEM = "64MB"
+
+
+async def _tune_scan(db: Reader) -> None:
+    """For a whole-table check's transaction: no JIT (its compilation cost more than it
+    saved: 0.1 s of 0.8 at 1,000,000 events), room for the hash tables. Parallel
+    workers stay allowed: without them the backlog's hash join of 1,000,000 events with
+    1,000,000 users ran past the 5 s timeout on a busy machine (1.0 s with two)."""
+    await db.fetch(
+        "SELECT set_config('jit', 'off', true), set_config('work_mem', %s, true)", (SCAN_WORK_MEM,)
+    )
+
+
+async def check_webhook_backlog(
+    th: Thresholds, db: Reader, counted: Finding | None = None
+) -> Finding:
     """Critical above the alert's threshold. Not every deployment receives Kajabi
-    webhooks: without the table there is nothing to alert on, which is no error."""
+    webhooks: without the table there is nothing to alert on, which is no error. It
+    reads every event: `counted` (a recent exact count) answers instead."""
     from commands.webhooks import ALERT, REMATCH_EMAILS, REPROCESS, check_alert
 
     if not await _table_present(db, "kajabi_events"):
@@ -630,6 +659,9 @@ async def check_webhook_backlog(th: Thresholds, db: Reader) -> Finding:
             status=Status.SKIPPED,
             summary="no kajabi_events table: this database receives no Kajabi webhooks",
         )
+    if counted is not None:
+        return counted
+    await _tune_scan(db)
     found = await check_alert(th, db)
     if found.status is not Status.CRIT:
         return found
@@ -641,20 +673,95 @@ async def check_webhook_backlog(th: Thresholds, db: Reader) -> Finding:
     )
 
 
-async def check_ledger_events(db: Reader) -> Finding:
+async def check_ledger_events(db: Reader, counted: Finding | None = None) -> Finding:
     """Any replayed webhook award is critical: `/db integrity`'s own check, a catalog
-    read while the unique index stands."""
+    read while the unique index stands, else one pass over the ledger rows with an event
+    id, which `counted` (a recent exact count) answers instead. In one transaction;
+    `/db health` runs `ledger_events`, whose statements are each bounded."""
     if not await _table_present(db, "points_ledger"):
-        return Finding(
-            check=LEDGER_EVENTS,
-            status=Status.SKIPPED,
-            summary="no points_ledger table (the uniqueness guard reports it)",
-        )
-    found = await check_duplicate_events(db)
+        return _no_ledger()
+    if counted is not None and await events_unique_index(db) is None:
+        return counted
+    return _as_ledger_events(await check_duplicate_events(db))
+
+
+async def ledger_events(gw: Gateway, counted: Finding | None = None) -> Finding:
+    """`check_ledger_events` with the ledger read a bounded piece at a time
+    (`commands.integrity.duplicate_events`)."""
+    box: list[tuple[bool, str | None]] = []
+
+    async def catalog(db: Reader) -> Finding:
+        present = await _table_present(db, "points_ledger")
+        box.append((present, await events_unique_index(db) if present else None))
+        return Finding(check=LEDGER_EVENTS, status=Status.OK, summary="")
+
+    found = await gw.run_check(LEDGER_EVENTS, catalog)
+    if found.status is not Status.OK or not box:
+        return found
+    present, unique = box[0]
+    if not present:
+        return _no_ledger()
+    if counted is not None and unique is None:
+        return counted
+    return _as_ledger_events(await duplicate_events(gw))
+
+
+def _no_ledger() -> Finding:
+    return Finding(
+        check=LEDGER_EVENTS,
+        status=Status.SKIPPED,
+        summary="no points_ledger table (the uniqueness guard reports it)",
+    )
+
+
+def _as_ledger_events(found: Finding) -> Finding:
     update: dict[str, Any] = {"check": LEDGER_EVENTS}
     if found.hint:
         update["hint"] = f"`/db webhooks` lists them; {found.hint}"
     return found.model_copy(update=update)
+
+
+def scan_checks() -> tuple[str, ...]:
+    """The checks that read whole tables."""
+    from commands.webhooks import ALERT
+
+    return (ALERT, LEDGER_EVENTS)
+
+
+# target -> (check -> its last exact count, as shown; time.monotonic() it is good until)
+_counts: dict[str, tuple[dict[str, Finding], float]] = {}
+
+
+def remember_counts(report: Report, at: datetime, good_for_s: float) -> None:
+    """The whole-table checks of a health report counted exactly at `at` (the watchdog's
+    `--exact` run): `/db health` shows them, so marked, for `good_for_s` seconds instead
+    of counting again. One that could not answer then (a timeout on a busy server) is
+    kept too, as it was: counting it again on every run would only load the server more;
+    the next counting run tries again."""
+    when = f"{at.astimezone(UTC):%H:%M} UTC by the watchdog; `/db health {EXACT}`"
+    names = scan_checks()
+    kept = {
+        f.check: f.model_copy(
+            update={
+                "summary": f"{f.summary} (counted {when} counts now)"
+                if f.status in (Status.OK, Status.WARN, Status.CRIT)
+                else f"{f.summary} (when counted {when} tries now)"
+            }
+        )
+        for f in report.findings
+        if f.check in names
+    }
+    _counts[report.target] = (kept, time.monotonic() + good_for_s)
+
+
+def forget_counts(target: str) -> None:
+    _counts.pop(target, None)
+
+
+def recent_counts(target: str) -> dict[str, Finding]:
+    """The whole-table checks' exact counts still good for `target` (none: count)."""
+    kept, until = _counts.get(target, ({}, 0.0))
+    return kept if time.monotonic() < until else {}
 
 
 # --- a freeze (`freeze-writes`, or one made by hand) -------------------------------
@@ -689,9 +796,15 @@ async def check_freeze(app_roles: Sequence[str], db: Reader) -> Finding:
 
 
 def health_checks(
-    th: Thresholds, app_roles: Sequence[str] = DEFAULT_APP_ROLES
+    th: Thresholds,
+    app_roles: Sequence[str] = DEFAULT_APP_ROLES,
+    counted: dict[str, Finding] | None = None,
 ) -> dict[str, Callable[[Reader], Awaitable[Finding]]]:
+    """Every check of the report, by name; `counted`: recent exact counts of the
+    whole-table checks (`recent_counts`), shown instead of counting again."""
     from commands.webhooks import ALERT as WEBHOOK_BACKLOG
+
+    counted = counted or {}
 
     return {
         "connections": partial(check_connections, th),
@@ -707,19 +820,26 @@ def health_checks(
         # a warning at worst: a latent defect, so it opens no incident (the watchdog and
         # detection react to critical checks only)
         AUDIT_CHECK: check_audit_trail,
-        WEBHOOK_BACKLOG: partial(check_webhook_backlog, th),
-        LEDGER_EVENTS: check_ledger_events,
+        WEBHOOK_BACKLOG: partial(check_webhook_backlog, th, counted=counted.get(WEBHOOK_BACKLOG)),
+        LEDGER_EVENTS: partial(check_ledger_events, counted=counted.get(LEDGER_EVENTS)),
         FREEZE_CHECK: partial(check_freeze, tuple(app_roles)),
     }
 
 
-@register("health", usage="/db health", summary="connection and health report of the database")
+@register(
+    "health",
+    usage=f"/db health [{EXACT}]",
+    summary="connection and health report of the database "
+    f"({EXACT}: count the whole-table checks now)",
+)
 async def health(ctx: Context, args: list[str]) -> Report:
-    if args:
-        raise UsageError("`health` takes no arguments")
+    words = [a for a in args if a.strip()]
+    if words not in ([], [EXACT]):
+        raise UsageError(f"`health` takes no arguments but `{EXACT}`")
     gw = ctx.gateway
     findings = [lint_connection_string(gw.dsn_for_display)]
-    checks = health_checks(ctx.thresholds, ctx.app_roles)
+    counted = {} if words else recent_counts(gw.target)
+    checks = health_checks(ctx.thresholds, ctx.app_roles, counted)
     try:
         probe = await gw.probe()
     except Exception as exc:  # the user must learn why, not that something failed
@@ -738,7 +858,12 @@ async def health(ctx: Context, args: list[str]) -> Report:
         ]
     else:
         findings.append(reachability_finding(probe, gw.target))
-        findings += await asyncio.gather(*(gw.run_check(n, c) for n, c in checks.items()))
+        findings += await asyncio.gather(
+            *(
+                ledger_events(gw, counted.get(n)) if n == LEDGER_EVENTS else gw.run_check(n, c)
+                for n, c in checks.items()
+            )
+        )
     return Report(title="Database health", target=gw.target, findings=findings).sorted()
 
 

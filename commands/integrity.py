@@ -12,24 +12,31 @@ fixes *that* damage:
   once in the reconciliation: it is reported as a duplicate event, which
   `dedupe-ledger-events` repairs, and not as a point difference.
 
-Speed: `points_ledger` and `submissions` are read by one query that groups each by
-user (one column pair per activity) and derives everything else from those two
-aggregates, run as two shards at once over two ranges of user ids (each scans the
-tables and aggregates only its users: the aggregation is the cost, and it splits):
-orphans of both tables (the anti-join with `users` runs on the per-user rows, not on
-the raw rows), duplicate LEARN submissions, the reconciliation and
-negative totals; only users whose sums disagree somewhere are unfolded per activity.
-Duplicate webhook events come from the ledger rows that carry an event id, read only
-when no valid unique index already rules them out. Attachments get their own merge
-anti-join over two indexes, concurrently on a second connection; the foreign-key check
-is a catalog read. At 100,000 users on 2 cores: 2.8 s against the guide's 5.2 s
-(bench/integrity.py, which prints server CPU beside the wall time).
+Speed: `points_ledger` and `submissions` are read by one query per range of user ids
+that groups each table by user (one column pair per activity) and derives everything
+else from those two aggregates: orphans of both tables (the anti-join with `users` runs
+on the per-user rows, not on the raw rows), duplicate LEARN submissions, the
+reconciliation and negative totals; only users whose sums disagree somewhere are unfolded
+per activity. A range reads only its users' rows, through the user_id indexes, so each
+statement's work is bounded by the range (RANGE_ROWS rows), not by the tables: at
+1,000,000 users (30,000,000 rows) sixty statements of well under a second, two at a
+time, exact. Replayed webhook awards (ledger rows sharing an external_event_id) are read
+once before the ranges, and not at all while a valid unique index rules them out.
+Attachments get their own merge anti-join over two indexes, concurrently on another
+connection; the foreign-key check is a catalog read. bench/integrity.py times the
+reconciliation against the two aggregates any reconciliation must compute (`needed_s`)
+and against the guide's SQL, with the server CPU beside the wall time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 import itertools
+import math
+import sys
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -42,10 +49,17 @@ SAMPLE = 10
 WORK_MEM = "64MB"
 # Parallel workers for the pass (see _tune): none, as measured on 2 cores.
 PARALLEL_WORKERS = 0
-# The pass runs as this many queries at once, each on its own pooled connection and
-# over the users whose id hashes to it (see `_run_pass`): two, for the two cores of the
+# The pass reads ranges of users of about this many rows of the two tables each (see
+# `_run_pass`): 0.5-1 s a range on the 2-core machine measured, far inside the check
+# timeout even when the machine is busy; no more ranges than the histogram can split.
+RANGE_ROWS = 500_000
+MAX_RANGES = 100
+# Ranges read at once, each on its own pooled connection: two, for the two cores of the
 # machines measured; the gateway's pool (4) also holds the attachment and key checks.
-SHARDS = 2
+RANGES_AT_ONCE = 2
+# The replays' look at the ledger reads this many heap pages (8 kB each) a statement:
+# about 2,400,000 rows, a few tenths of a second (see `replays_of`).
+REPLAY_PAGES = 40_000
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -130,65 +144,122 @@ async def amplify_keys(reader: Reader) -> tuple[str, str]:
     return keys_in_source(str(rows[0]["source"]) if rows else None)
 
 
-# --- the one pass over points_ledger and submissions --------------------------------
+# --- the pass over points_ledger and submissions ------------------------------------
 
 # The pass groups each big table by user only, one column pair per activity (a pivot):
 # a hash table of users instead of (user, activity) pairs is several times smaller, and
 # measured 1.5-2x faster at 2,000,000 ledger rows. The activities come from the live table and
 # are bound as parameters; only their number shapes the SQL text. `k` is an activity's
 # position in that list, NULL for a code the table does not hold (an orphan).
-# `dup` reads only ledger rows that carry an external_event_id: a replayed webhook
-# counts once (at its smallest delta) in `counted`, and in full in the user's total.
-# When a valid unique index guarantees there is no replay, `events_unique` is true and
-# the planner drops that second scan of the ledger (a one-time filter on a constant).
-# Repeated external_event_ids, one row each: the pass's `dup` and, alone,
-# `check_duplicate_events` (one definition of what a replayed award is).
+#
+# Repeated external_event_ids, one row each: the pass's replays (`_REPLAYS_TEMPLATE`) and,
+# alone, `check_duplicate_events` (one definition of what a replayed award is). A replay
+# counts once (at its smallest delta) in `counted`, and in full in the user's total; its
+# excess is charged to its smallest user id and activity code.
 _DUP_EVENTS_SQL = """
   SELECT l.external_event_id, count(*) AS n, sum(l.delta_points) AS pts,
          min(l.delta_points) AS one_pts, min(l.user_id) AS user_id,
          array_position(%(codes)s::text[], min(l.activity_code)) AS k
   FROM points_ledger l
-  WHERE l.external_event_id IS NOT NULL AND NOT %(events_unique)s
+  WHERE l.external_event_id IS NOT NULL @AMONG@
   GROUP BY l.external_event_id
   HAVING count(*) > 1
 """
 
+# The replays, read before the ranges (none at all while a valid unique index rules
+# replays out): the excess per (user, activity), every one of them, and the finding's
+# sample and totals, in the order the pass samples (user id by code point, activity,
+# event id). Over the whole ledger in one statement (`@AMONG@` empty), or among the rows
+# at the given tuple ids (`replays_of`).
+_REPLAYS_TEMPLATE = f"""
+WITH dup AS MATERIALIZED ({_DUP_EVENTS_SQL})
+SELECT 'excess' AS part, d.user_id, d.k, sum(d.pts - d.one_pts)::bigint AS pts,
+       NULL::bigint AS n, NULL::bigint AS expected, NULL::text AS external_event_id,
+       NULL::bigint AS units, NULL::bigint AS rows_total
+FROM dup d
+GROUP BY d.user_id, d.k
+UNION ALL
+(SELECT 'event', d.user_id, d.k, d.pts, d.n - 1, d.one_pts, d.external_event_id,
+        count(*) OVER (), sum(d.n - 1) OVER ()
+ FROM dup d
+ ORDER BY d.user_id COLLATE "C", d.k, d.external_event_id COLLATE "C"
+ LIMIT %(sample)s)
+"""  # noqa: S608 (a constant of this module)
+_REPLAYS_SQL = _REPLAYS_TEMPLATE.replace("@AMONG@", "")
+_REPLAYS_AMONG_SQL = _REPLAYS_TEMPLATE.replace("@AMONG@", "AND l.ctid = ANY(%(tids)s::tid[])")
+
+# The ledger's heap pages now (not the planner's count: pages added since are read too).
+_PAGES_SQL = """
+SELECT (pg_relation_size(to_regclass('points_ledger'))
+        / current_setting('block_size')::int)::bigint AS pages
+"""
+# A hash of the event id and the tuple id (block * 65536 + line) of every ledger row that
+# carries an event id, on the heap pages from `%(first)s` (and below `%(end)s` with
+# `end`), in the order of the hashes, each as 8 bytes (network order) of one bytea:
+# where `replays_of` looks for ids seen twice, a bounded piece at a time, holding them
+# as compact arrays (20 MB of Python integers less at 1,000,000 users).
+_EVENT_HASHES_SQL = """
+SELECT coalesce(string_agg(int8send(e.h), ''::bytea ORDER BY e.h), ''::bytea) AS hashes,
+       coalesce(string_agg(int8send(e.t), ''::bytea ORDER BY e.h), ''::bytea) AS tids
+FROM (SELECT hashtextextended(l.external_event_id, 0) AS h,
+             ((l.ctid::text)::point)[0]::bigint * 65536 + ((l.ctid::text)::point)[1]::bigint AS t
+      FROM points_ledger l
+      WHERE l.ctid >= %(first)s::tid @END@
+        AND l.external_event_id IS NOT NULL) e
+"""
+
+
+def event_hashes_sql(end: bool) -> str:
+    return _EVENT_HASHES_SQL.replace("@END@", "AND l.ctid < %(end)s::tid" if end else "")
+
+
+# One range of users (`@RANGE@`: bounds on user_id, or none): their rows of both tables,
+# grouped by user, and every problem about them. `excess` holds the replays' excess
+# (`_REPLAYS_SQL`) of every user; only those of the range meet the range's users.
 _PASS_TEMPLATE = """
-WITH dup AS MATERIALIZED (@DUP_EVENTS@),
-excess AS (
-  SELECT user_id, k, sum(pts - one_pts) AS pts FROM dup GROUP BY user_id, k
+WITH excess AS (
+  SELECT x.user_id, x.k, x.pts
+  FROM unnest(%(x_users)s::text[], %(x_ks)s::int[], %(x_pts)s::bigint[]) AS x(user_id, k, pts)
 ),
 led AS (
   SELECT l.user_id, count(*) AS n, sum(l.delta_points) AS pts,
          count(*) FILTER (WHERE l.k IS NULL) AS other @LED_COLS@
   FROM (SELECT user_id, delta_points, @K_OF_CODE@ AS k FROM points_ledger
-        WHERE @SHARD@ OFFSET 0) l
+        WHERE @RANGE@ OFFSET 0) l
   GROUP BY l.user_id
 ),
 sub AS (
   SELECT s.user_id, count(*) AS n, count(*) FILTER (WHERE s.k IS NULL) AS other @SUB_COLS@,
          count(*) FILTER (WHERE s.k = %(learn)s AND s.open) AS open_learn,
-         coalesce(sum(
-           2 * CASE WHEN s.peers ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.peers::int ELSE 0 END
-           + CASE WHEN s.students ~ '^\\s*-?[0-9]{1,9}\\s*$' THEN s.students::int ELSE 0 END
-         ) FILTER (WHERE s.amplify), 0) AS amplify
+         coalesce(sum(2 * @INT_OF(s.peers)@ + @INT_OF(s.students)@)
+           FILTER (WHERE s.amplify), 0) AS amplify
   FROM (SELECT user_id, k, approved, status IN ('PENDING', 'APPROVED') AS open,
                k = %(amplify)s AND approved AS amplify,
                CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(peers)s END AS peers,
                CASE WHEN k = %(amplify)s AND approved THEN payload ->> %(students)s END AS students
         FROM (SELECT user_id, status, payload, status = 'APPROVED' AS approved,
                      @K_OF_CODE@ AS k
-              FROM submissions WHERE @SHARD@ OFFSET 0) r
+              FROM submissions WHERE @RANGE@ OFFSET 0) r
         OFFSET 0) s
   GROUP BY s.user_id
 ),
-per_user AS MATERIALIZED (
+known AS (
+  SELECT id FROM users WHERE @RANGE_ID@
+),
+everyone AS (
   SELECT coalesce(s.user_id, l.user_id) AS user_id,
          coalesce(s.n, 0) AS sub_n, coalesce(l.n, 0) AS led_n, coalesce(l.pts, 0) AS led_pts,
          coalesce(s.open_learn, 0) AS open_learn, coalesce(s.amplify, 0) AS amplify
          @USER_COLS@,
-         EXISTS (SELECT 1 FROM users u WHERE u.id = coalesce(s.user_id, l.user_id)) AS user_ok
+         kn.id IS NOT NULL AS user_ok
   FROM sub s FULL JOIN led l ON l.user_id = s.user_id
+  LEFT JOIN known kn ON kn.id = coalesce(s.user_id, l.user_id)
+),
+per_user AS MATERIALIZED (
+  SELECT u.*, u.user_ok AND (@SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess)) AS suspect
+  FROM everyone u
+  WHERE NOT u.user_ok OR u.sub_other > 0 OR u.led_other > 0 OR u.open_learn > 1
+     OR u.led_pts < 0 OR @SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess)
 ),
 pairs AS (
   SELECT u.user_id, v.k, v.approved, v.led_n, v.expected,
@@ -196,8 +267,7 @@ pairs AS (
   FROM per_user u
   CROSS JOIN LATERAL (VALUES @PAIR_VALUES@) AS v(k, approved, led_n, led_pts, expected)
   LEFT JOIN excess x ON x.user_id = u.user_id AND x.k = v.k
-  WHERE u.user_ok AND (@SUSPECT@ OR u.user_id IN (SELECT user_id FROM excess))
-    AND (v.approved > 0 OR v.led_n > 0)
+  WHERE u.suspect AND (v.approved > 0 OR v.led_n > 0)
 ),
 problems AS (
   SELECT 'sub_no_user' AS kind, user_id, NULL::int AS k, sub_n AS n,
@@ -225,9 +295,6 @@ problems AS (
          user_id, k, CASE WHEN led_n = 0 THEN 1 ELSE led_n END, expected, counted, NULL
   FROM pairs
   WHERE (led_n = 0 AND expected > 0) OR (led_n > 0 AND counted <> expected)
-  UNION ALL
-  SELECT 'dup_event', user_id, k, n - 1, one_pts, pts, external_event_id FROM dup
-  WHERE %(first)s
 ),
 ranked AS (
   SELECT p.*, row_number() OVER (PARTITION BY kind ORDER BY user_id COLLATE "C", k,
@@ -247,15 +314,36 @@ ORDER BY r.kind, r.rn
 """
 
 
+def int_of(value: str) -> str:
+    """A payload value (text) as an integer, 0 unless it is a whole number of at most nine
+    digits, maybe signed, maybe padded with white space. Plain digits, as nearly every
+    payload holds them, are told apart without the regular expression (10 % of the
+    submissions' side of a range at 100,000 users)."""
+    return (
+        f"CASE WHEN length({value}) BETWEEN 1 AND 9"
+        f" AND translate({value}, '0123456789', '') = '' THEN {value}::int"
+        f" WHEN {value} ~ '^\\s*-?[0-9]{{1,9}}\\s*$' THEN {value}::int ELSE 0 END"
+    )
+
+
+def _range(column: str, lower: bool, upper: bool) -> str:
+    return (
+        " AND ".join(
+            [
+                *([f"{column} >= %(lower)s"] if lower else []),
+                *([f"{column} < %(upper)s"] if upper else []),
+            ]
+        )
+        or "true"
+    )
+
+
 def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
     """The pass for `activities` activities (positions 1..n), over the user ids from
-    `%(lower)s` (with `lower`) up to `%(upper)s` (with `upper`, excluded): a shard of the
-    users, so every row of a user, and every finding about that user, falls in one shard.
-    A range rather than a hash, because the planner estimates a range from the column's
-    histogram (a hash condition it guessed at 0.5 % of the rows, and sorted a million rows
-    on disk instead of hashing them). Values are all bound. Replayed events are read whole
-    by every shard (a replay's rows may name two users; each shard needs the excess of
-    its own users) and reported by the first shard only."""
+    `%(lower)s` (with `lower`) up to `%(upper)s` (with `upper`, excluded): a range of the
+    users, so every row of a user, and every finding about that user, falls in one range.
+    A range rather than a hash, because an index reads a range, and the planner estimates
+    one from the column's histogram. Values are all bound."""
     ks = range(1, activities + 1)
     led = "".join(
         f", count(*) FILTER (WHERE l.k = {i}) AS ln{i},"
@@ -279,7 +367,8 @@ def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
         values = "(0, 0, 0, 0, 0)"
     # Users whose raw sums already agree everywhere (and who have no replayed event, whose
     # excess would change `counted`) cannot hold a problem pair: only the others are
-    # unfolded into one row per activity.
+    # unfolded into one row per activity. Only users with some problem are kept at all
+    # (`per_user`), so that the problems are read from a handful of rows, not every user.
     suspect = " OR ".join(
         f"(u.ln{i} = 0 AND {due[i]} > 0) OR (u.ln{i} > 0 AND u.lp{i} <> {due[i]})" for i in ks
     )
@@ -290,23 +379,16 @@ def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
         else "NULL::int"
     )
     return (
-        _PASS_TEMPLATE.replace("@DUP_EVENTS@", _DUP_EVENTS_SQL)
-        .replace("@K_OF_CODE@", k_of_code)
+        _PASS_TEMPLATE.replace("@K_OF_CODE@", k_of_code)
+        .replace("@INT_OF(s.peers)@", int_of("s.peers"))
+        .replace("@INT_OF(s.students)@", int_of("s.students"))
         .replace("@LED_COLS@", led)
         .replace("@SUB_COLS@", sub)
         .replace("@USER_COLS@", user)
         .replace("@PAIR_VALUES@", values)
         .replace("@SUSPECT@", f"({suspect})" if suspect else "false")
-        .replace(
-            "@SHARD@",
-            " AND ".join(
-                [
-                    *(["user_id >= %(lower)s"] if lower else []),
-                    *(["user_id < %(upper)s"] if upper else []),
-                ]
-            )
-            or "true",
-        )
+        .replace("@RANGE@", _range("user_id", lower, upper))
+        .replace("@RANGE_ID@", _range("id", lower, upper))
     )
 
 
@@ -350,25 +432,40 @@ ORDER BY user_id, created_at DESC, id LIMIT %(sample)s
 """
 
 
-async def _tune(db: Reader) -> None:
-    """For the pass's transaction only: room for the hash tables; no JIT, whose
-    compilation of the pass's many expressions cost 3-6 s at 100,000 users and saved
-    less; hash aggregates over sequential scans rather than a walk of the user_id index
-    with a heap fetch per row (measured slower); and no parallel workers.
+async def _tune(db: Reader, ranged: bool = False) -> None:
+    """For a pass's transaction only: room for the hash tables; no JIT, whose compilation
+    of the pass's many expressions cost 3-6 s at 100,000 users and saved less; no
+    parallel workers (see below).
+
+    A range of users (`ranged`) is read through the user_id indexes, never by a scan of
+    the whole table, whatever the planner guesses: a range is a small part of a big table,
+    and its rows sit closer together than the column's correlation says (rows of users
+    who joined together). The ledger's rows as a bitmap, each heap page once; the
+    submissions' counts from the (user_id, activity_code, status) index alone, already in
+    order, and only the approved AMPLIFY rows' payloads from the heap. The whole table at
+    once (no range) is read by sequential scans into hash aggregates: no walk of an index
+    with a heap fetch per row, which was measured slower.
 
     Parallel workers (PARALLEL_WORKERS) were measured at 100,000 users on the 2-core
     machine the bench runs on, the whole command interleaved four times each way: none
     4.8 s wall / 4.7 s server CPU, one 5.9 / 5.7, two 5.4 / 5.9 (medians). Each worker
     builds a partial hash table of every user, which the leader merges again. The cores
-    are used instead by running the pass as shards over ranges of users (`_run_pass`),
-    each hashing only its own users, beside the attachment check on its own connection."""
+    are used instead by reading two ranges of users at once (`_run_pass`)."""
     await db.fetch(
         "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
         " set_config('max_parallel_workers_per_gather', %s, true),"
-        " set_config('parallel_setup_cost', '10', true),"
-        " set_config('parallel_tuple_cost', '0.0001', true),"
-        " set_config('enable_indexscan', 'off', true)",
-        (WORK_MEM, str(PARALLEL_WORKERS)),
+        " set_config('enable_indexscan', %s, true),"
+        " set_config('enable_seqscan', %s, true)",
+        (WORK_MEM, str(PARALLEL_WORKERS), "off", "off" if ranged else "on"),
+    )
+
+
+async def _tune_replays(db: Reader) -> None:
+    """For the replays' one scan of the ledger: room for the event ids' hash table (it
+    spilled to disk in 4 MB at 1,000,000 users), no JIT, and the planner's own parallel
+    scan, which runs alone, before the ranges (1.06 s against 1.64 s serial there)."""
+    await db.fetch(
+        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true)", (WORK_MEM,)
     )
 
 
@@ -450,82 +547,240 @@ async def events_unique_index(db: Reader) -> str | None:
     return str(rows[0]["name"]) if rows else None
 
 
-# The sample and totals the pass gives its `dup_event` kind, from `dup` alone.
-_DUP_EVENTS_ALONE_SQL = f"""
-WITH dup AS MATERIALIZED ({_DUP_EVENTS_SQL})
-SELECT d.user_id, d.n - 1 AS n, d.one_pts AS expected, d.pts AS actual, d.external_event_id,
-       count(*) OVER ()::bigint AS units, sum(d.n - 1) OVER ()::bigint AS rows_total,
-       NULL::bigint AS net
-FROM dup d
-ORDER BY d.user_id, d.k, d.external_event_id
-LIMIT %(sample)s
-"""  # noqa: S608 (a constant of this module)
+def _event_rows(rows: list[Row], codes: list[str]) -> list[Row]:
+    """The replays' sample rows as the pass's `dup_event` kind (their totals on each)."""
+    return [
+        {
+            "kind": "dup_event",
+            "user_id": r["user_id"],
+            "activity_code": codes[int(r["k"]) - 1] if r["k"] else None,
+            "n": r["n"],
+            "expected": r["expected"],
+            "actual": r["pts"],
+            "units": r["units"],
+            "rows_total": r["rows_total"],
+            "net": 0,
+            "external_event_id": r["external_event_id"],
+        }
+        for r in rows
+        if r["part"] == "event"
+    ]
+
+
+async def _replays(db: Reader, codes: list[str]) -> tuple[list[Row], list[Row]]:
+    """(the excess of every (user, activity) with a replay, the `dup_event` rows)."""
+    await _tune_replays(db)
+    rows = await db.fetch(_REPLAYS_SQL, {"codes": codes, "sample": SAMPLE})
+    return [r for r in rows if r["part"] == "excess"], _event_rows(rows, codes)
 
 
 async def check_duplicate_events(db: Reader) -> Finding:
-    """`/db integrity`'s duplicate-event finding without its whole pass: a catalog
-    read when a valid unique index rules replays out, else one GROUP BY over the
-    ledger rows that carry an event id. For `/db webhooks` and `/db health`; the
-    pass itself keeps computing `dup` (its reconciliation needs it) from the same SQL."""
+    """`/db integrity`'s duplicate-event finding without its pass over the users, in one
+    transaction: a catalog read when a valid unique index rules replays out, else the
+    replays query over the whole ledger in one statement. For `/db webhooks`;
+    `duplicate_events` bounds each statement instead."""
     unique_events = await events_unique_index(db)
     if unique_events is not None:
         return _duplicate_events([], unique_events)
     codes = [str(a["code"]) for a in await db.fetch("SELECT code FROM activities ORDER BY code")]
-    rows = await db.fetch(
-        _DUP_EVENTS_ALONE_SQL, {"codes": codes, "events_unique": False, "sample": SAMPLE}
-    )
-    return _duplicate_events(rows)
+    _excess, events = await _replays(db, codes)
+    return _duplicate_events(events)
+
+
+def _int8s(packed: bytes) -> array[int]:
+    """Signed 8-byte integers in network order, as an array."""
+    out = array("q")
+    out.frombytes(bytes(packed))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
+def _tid(value: int) -> str:
+    return f"({value >> 16},{value & 0xFFFF})"
+
+
+async def replays_of(
+    gw: Gateway, codes: list[str], pages_each: int = REPLAY_PAGES
+) -> tuple[list[Row], list[Row]] | Finding:
+    """The replays as `_replays` finds them, each statement bounded: the ledger's heap is
+    read `pages_each` pages at a time (RANGES_AT_ONCE at once), each piece giving the
+    hash and the tuple id of every row with an event id; a hash seen twice marks a
+    candidate, and one last statement reads the candidates by tuple id and groups them
+    by the event id itself (a hash collision is no replay there). A row moved between
+    the two (an update) is looked for at its old place, so a replay written or moved
+    while this runs shows up on the next run. Returns why, should a piece fail."""
+    pages_box: list[int] = []
+
+    async def pages(db: Reader) -> Finding:
+        pages_box.append(int((await db.fetch(_PAGES_SQL))[0]["pages"] or 0))
+        return _ok(DUPLICATE_EVENTS, "")
+
+    found = await gw.run_check("integrity: replays, ledger pages", pages)
+    if found.status is not Status.OK:
+        return found
+    starts = list(range(0, max(pages_box[0], 1), pages_each))
+    pieces: list[tuple[array[int], array[int]]] = []  # (hashes in order, their tuple ids)
+    failed: list[Finding] = []
+    slots = asyncio.Semaphore(RANGES_AT_ONCE)
+
+    async def piece(i: int) -> None:
+        last = i == len(starts) - 1  # open-ended: pages added meanwhile are read too
+
+        async def read(db: Reader) -> Finding:
+            await _tune_replays(db)
+            (row,) = await db.fetch(
+                event_hashes_sql(not last),
+                {
+                    "first": f"({starts[i]},0)",
+                    "end": None if last else f"({starts[i] + pages_each},0)",
+                },
+            )
+            pieces.append((_int8s(row["hashes"]), _int8s(row["tids"])))
+            return _ok(DUPLICATE_EVENTS, "")
+
+        async with slots:
+            if failed:
+                return
+            result = await gw.run_check(f"integrity: replays {i + 1}/{len(starts)}", read)
+            if result.status is not Status.OK:
+                failed.append(result)
+
+    await asyncio.gather(*(piece(i) for i in range(len(starts))))
+    if failed:
+        return failed[0]
+    # the pieces' hashes merged in order: a hash seen twice in a row was seen twice (kept
+    # as compact arrays, a few MB at 20,000,000 ledger rows, rather than a set of them)
+    twice: set[int] = set()
+    previous: int | None = None
+    for h in heapq.merge(*(hashes for hashes, _tids in pieces)):
+        if h == previous:
+            twice.add(h)
+        previous = h
+    candidates = [
+        _tid(t) for hashes, tids in pieces for h, t in zip(hashes, tids, strict=True) if h in twice
+    ]
+    if not candidates:
+        return [], []
+    box: list[tuple[list[Row], list[Row]]] = []
+
+    async def among(db: Reader) -> Finding:
+        await _tune_replays(db)
+        rows = await db.fetch(
+            _REPLAYS_AMONG_SQL, {"codes": codes, "sample": SAMPLE, "tids": candidates}
+        )
+        box.append(([r for r in rows if r["part"] == "excess"], _event_rows(rows, codes)))
+        return _ok(DUPLICATE_EVENTS, "")
+
+    found = await gw.run_check("integrity: replays, candidates", among)
+    return box[0] if found.status is Status.OK and box else found
+
+
+async def duplicate_events(gw: Gateway) -> Finding:
+    """`check_duplicate_events` with every statement bounded (`replays_of`), for
+    `/db health`: a catalog read while a valid unique index rules replays out."""
+    box: list[tuple[str | None, list[str]]] = []
+
+    async def catalog(db: Reader) -> Finding:
+        codes = await db.fetch("SELECT code FROM activities ORDER BY code")
+        box.append((await events_unique_index(db), [str(a["code"]) for a in codes]))
+        return _ok(DUPLICATE_EVENTS, "")
+
+    found = await gw.run_check(DUPLICATE_EVENTS, catalog)
+    if found.status is not Status.OK or not box:
+        return found
+    unique_events, codes = box[0]
+    if unique_events is not None:
+        return _duplicate_events([], unique_events)
+    replays = await replays_of(gw, codes)
+    if isinstance(replays, Finding):
+        return replays.model_copy(update={"check": DUPLICATE_EVENTS})
+    return _duplicate_events(replays[1])
 
 
 @dataclass(frozen=True)
 class _PassInputs:
-    """What the pass and the findings built from it read from the catalog first."""
+    """What the ranges of the pass, and the findings built from them, read first."""
 
     peers: str
     students: str
     unique_events: str | None
     codes: list[str]
     points: list[int]
+    excess: list[Row]  # the replays' excess per (user, activity)
+    events: list[Row]  # the replays' `dup_event` rows: sample and totals
 
 
-async def _pass_inputs(db: Reader) -> _PassInputs:
+async def _pass_inputs(db: Reader, replays: bool = True) -> _PassInputs:
+    """The catalog facts, and (with `replays`) the replays over the whole ledger in one
+    statement; without, none (`_run_pass` reads them a bounded piece at a time)."""
     peers, students = await amplify_keys(db)
     unique_events = await events_unique_index(db)
     activities = await db.fetch("SELECT code, default_points FROM activities ORDER BY code")
+    codes = [str(a["code"]) for a in activities]
+    whole = replays and unique_events is None
+    excess, events = await _replays(db, codes) if whole else ([], [])
     return _PassInputs(
         peers,
         students,
         unique_events,
-        [str(a["code"]) for a in activities],
+        codes,
         [int(a["default_points"]) for a in activities],
+        excess,
+        events,
     )
 
 
-# Evenly spaced values of points_ledger.user_id from the planner's own statistics: where
-# the shards of the pass split the users (any split is exact; an even one is fastest).
+# Evenly spaced values of points_ledger.user_id from the planner's own statistics, in
+# the column's own order: where the ranges of the pass meet (any split is exact; an even
+# one is fastest).
 _BOUNDS_SQL = """
 SELECT b[round(i * (cardinality(b) - 1)::numeric / %(shards)s)::int + 1] AS bound
 FROM (SELECT histogram_bounds::text::text[] AS b FROM pg_stats
-      WHERE schemaname = current_schema() AND tablename = 'points_ledger'
-        AND attname = 'user_id' AND histogram_bounds IS NOT NULL) h,
+      WHERE schemaname = current_schema() AND tablename = %(table)s
+        AND attname = %(column)s AND histogram_bounds IS NOT NULL) h,
      generate_series(1, %(shards)s - 1) AS i
 ORDER BY i
 """
+# The rows of some tables, as the planner last counted them.
+_SIZE_SQL = """
+SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 AS n
+FROM pg_class c
+WHERE c.oid = ANY(ARRAY(SELECT to_regclass(t) FROM unnest(%(tables)s::text[]) AS t))
+"""
 
 
-async def shard_bounds(db: Reader, shards: int) -> list[str]:
-    """Where the pass's `shards` ranges of user ids meet; none (one shard) while the
-    ledger has no statistics yet."""
-    rows = await db.fetch(_BOUNDS_SQL, {"shards": shards})
-    bounds = sorted({str(r["bound"]) for r in rows if r["bound"] is not None})
-    return bounds if len(bounds) == shards - 1 else []
+async def shard_bounds(
+    db: Reader, shards: int, table: str = "points_ledger", column: str = "user_id"
+) -> list[str]:
+    """Where `shards` ranges of `table.column` (the pass's: the ledger's user ids) meet,
+    in the column's order (the histogram's; a repeated bound once): none (one range)
+    while the table has no statistics yet."""
+    if shards < 2:
+        return []
+    rows = await db.fetch(_BOUNDS_SQL, {"shards": shards, "table": table, "column": column})
+    bounds: list[str] = []
+    for r in rows:
+        if r["bound"] is not None and str(r["bound"]) not in bounds:
+            bounds.append(str(r["bound"]))
+    return bounds
+
+
+async def range_count(
+    db: Reader, tables: tuple[str, ...] = ("points_ledger", "submissions")
+) -> int:
+    """How many ranges a read of `tables` takes (the pass's: the ledger and the
+    submissions): RANGE_ROWS rows each, by the planner's count (no more than the
+    histogram can split)."""
+    (row,) = await db.fetch(_SIZE_SQL, {"tables": list(tables)})
+    return max(1, min(MAX_RANGES, math.ceil(float(row["n"]) / RANGE_ROWS)))
 
 
 async def _pass_rows(
     db: Reader, inputs: _PassInputs, lower: str | None = None, upper: str | None = None
 ) -> list[Row]:
     codes = inputs.codes
-    await _tune(db)
+    await _tune(db, ranged=lower is not None or upper is not None)
     return await db.fetch(
         pass_sql(len(codes), lower is not None, upper is not None),
         {
@@ -537,17 +792,18 @@ async def _pass_rows(
             "peers": inputs.peers,
             "students": inputs.students,
             "sample": SAMPLE,
-            "events_unique": inputs.unique_events is not None,
+            "x_users": [str(r["user_id"]) for r in inputs.excess],
+            "x_ks": [r["k"] for r in inputs.excess],
+            "x_pts": [int(r["pts"]) for r in inputs.excess],
             "lower": lower,
             "upper": upper,
-            "first": lower is None,
         },
     )
 
 
 def merge_shards(shard_rows: list[list[Row]]) -> list[Row]:
-    """The rows one unsharded pass would give: per kind the totals summed over the
-    shards (each problem is in exactly one) and the first SAMPLE rows in the pass's own
+    """The rows one pass over every user would give: per kind the totals summed over the
+    ranges (each problem is in exactly one) and the first SAMPLE rows in the pass's own
     order (user_id and event id by code point, the `C` collation the pass sorts by)."""
     totals: dict[str, list[int]] = {}
     by_kind: dict[str, list[Row]] = {}
@@ -577,54 +833,73 @@ def merge_shards(shard_rows: list[list[Row]]) -> list[Row]:
 
 
 async def _pass_findings(db: Reader) -> list[Finding]:
-    """Everything derived from the aggregate pass, run whole in this one transaction."""
+    """Everything derived from the pass, run whole (every user at once) in this one
+    transaction: the reference the ranges must equal."""
     inputs = await _pass_inputs(db)
-    return await _findings_of(db, inputs, await _pass_rows(db, inputs))
+    rows = merge_shards([await _pass_rows(db, inputs), inputs.events])
+    return await _findings_of(db, inputs, rows)
 
 
 async def _run_pass(
-    gw: Gateway, shards: int = SHARDS, bounds: list[str] | None = None
+    gw: Gateway, shards: int | None = None, bounds: list[str] | None = None
 ) -> list[Finding]:
-    """The pass as `shards` queries at once, each in its own read-only transaction on its
-    own pooled connection over one range of user ids (`bounds`, else from the ledger's
-    statistics), then the findings from the merged rows (their samples read in one
-    more). Each shard reads both tables but aggregates only its users, so the
-    aggregation, nearly all of the pass's cost, is split across the server's cores; a
-    parallel plan was measured slower (see `_tune`). The catalog facts and the bounds are
-    read once, before the shards. The shards' snapshots differ by milliseconds; every row
-    of a user is in one shard, so each finding is consistent."""
+    """The pass as ranges of user ids (`bounds`, else `shards` ranges, else as many as
+    `range_count` says, split by the ledger's statistics), each one query in its own
+    read-only transaction on its own pooled connection, RANGES_AT_ONCE at a time, then
+    the findings from the merged rows (their samples read in one more transaction).
+
+    Each range reads only its users' rows (a bitmap over the user_id indexes), groups
+    them and finds every problem about those users, so each statement's work is bounded
+    by the range's size, not the tables': ranges of RANGE_ROWS rows stay well inside the
+    check timeout whatever the size of the database, and the whole pass reads each row
+    about once. The catalog facts and the bounds are read first, then the replays, a
+    bounded piece of the ledger at a time (`replays_of`).
+
+    Every row of a user is in one range, read in one snapshot, so each finding about a
+    user is consistent; the ranges' snapshots differ by the seconds between them (a
+    replay inserted meanwhile shows as a point difference until the next run)."""
     prepared: list[tuple[_PassInputs, list[str]]] = []
 
     async def prepare(db: Reader) -> Finding:
-        split = bounds if bounds is not None or shards < 2 else await shard_bounds(db, shards)
-        prepared.append((await _pass_inputs(db), split or []))
+        if bounds is not None:
+            split = bounds
+        else:
+            split = await shard_bounds(db, shards or await range_count(db))
+        prepared.append((await _pass_inputs(db, replays=False), split))
         return _ok(PASS_FINDINGS[0], "")
 
     ready = await gw.run_check("integrity: pass inputs", prepare)
     if ready.status is not Status.OK or not prepared:
         return _all_pass_findings(ready)
     inputs, split = prepared[0]
+    if inputs.unique_events is None:
+        replays = await replays_of(gw, inputs.codes)
+        if isinstance(replays, Finding):
+            return _all_pass_findings(replays)
+        inputs = dataclasses.replace(inputs, excess=replays[0], events=replays[1])
     ranges = list(itertools.pairwise([None, *split, None]))
     done: list[list[Row] | None] = [None] * len(ranges)
+    failed: list[Finding] = []
+    slots = asyncio.Semaphore(RANGES_AT_ONCE)
 
-    def shard_check(i: int) -> Callable[[Reader], Awaitable[Finding]]:
+    async def read_range(i: int) -> Finding:
         async def check(db: Reader) -> Finding:
             done[i] = await _pass_rows(db, inputs, *ranges[i])
             return _ok(PASS_FINDINGS[0], "")
 
-        return check
+        async with slots:
+            if failed:  # one range could not be read: the findings cannot be made
+                return failed[0]
+            result = await gw.run_check(f"integrity: users {i + 1}/{len(ranges)}", check)
+            if result.status is not Status.OK:
+                failed.append(result)
+            return result
 
-    results = await asyncio.gather(
-        *(
-            gw.run_check(f"integrity: pass {i + 1}/{len(ranges)}", shard_check(i))
-            for i in range(len(ranges))
-        )
-    )
-    failed = next((r for r in results if r.status is not Status.OK), None)
+    await asyncio.gather(*(read_range(i) for i in range(len(ranges))))
     parts = [d for d in done if d is not None]
-    if failed is not None or len(parts) != len(ranges):
-        return _all_pass_findings(failed)
-    rows = merge_shards(parts)
+    if failed or len(parts) != len(ranges):
+        return _all_pass_findings(failed[0] if failed else None)
+    rows = merge_shards([*parts, inputs.events])
 
     async def findings(db: Reader) -> list[Finding]:
         return await _findings_of(db, inputs, rows)
@@ -826,28 +1101,80 @@ def _negative_totals(rows: list[Row]) -> Finding:
 _ATTACHMENTS_SQL = """
 SELECT sa.id, sa.submission_id, sa.path, count(*) OVER () AS total
 FROM submission_attachments sa
-WHERE NOT EXISTS (SELECT 1 FROM submissions s WHERE s.id = sa.submission_id)
-ORDER BY sa.id
+WHERE @RANGE_SA@
+  AND NOT EXISTS (SELECT 1 FROM submissions s WHERE @RANGE_S@ AND s.id = sa.submission_id)
+ORDER BY sa.id COLLATE "C"
 LIMIT %(sample)s
 """
 
 
-async def check_orphan_attachments(db: Reader) -> Finding:
-    """Attachments whose submission is gone: one merge anti-join."""
-    await _tune_attachments(db)
-    rows = await db.fetch(_ATTACHMENTS_SQL, {"sample": SAMPLE})
-    if not rows:
+def attachments_sql(lower: bool = False, upper: bool = False) -> str:
+    """Orphan attachments whose submission_id is from `%(lower)s` up to `%(upper)s`: the
+    submissions of that range are all a parent can be, so both indexes are read for the
+    range only."""
+    return _ATTACHMENTS_SQL.replace("@RANGE_SA@", _range("sa.submission_id", lower, upper)).replace(
+        "@RANGE_S@", _range("s.id", lower, upper)
+    )
+
+
+def _attachment_finding(rows: list[Row], total: int) -> Finding:
+    if not total:
         return _ok(ATTACHMENT_NO_SUBMISSION, "every attachment has its submission")
-    total = int(rows[0]["total"])
-    for r in rows:
-        r.pop("total")
     return Finding(
         check=ATTACHMENT_NO_SUBMISSION,
         status=Status.CRIT,
         summary=f"{total} submission_attachments rows point at a submission that does not exist",
-        rows=rows,
+        rows=[{k: v for k, v in r.items() if k != "total"} for r in rows],
         hint=f"`{CLEANUP} submission_attachments` backs them up and deletes them",
     )
+
+
+async def _attachment_rows(
+    db: Reader, lower: str | None = None, upper: str | None = None
+) -> list[Row]:
+    await _tune_attachments(db)
+    return await db.fetch(
+        attachments_sql(lower is not None, upper is not None),
+        {"sample": SAMPLE, "lower": lower, "upper": upper},
+    )
+
+
+async def check_orphan_attachments(db: Reader) -> Finding:
+    """Attachments whose submission is gone: one merge anti-join, in one statement."""
+    rows = await _attachment_rows(db)
+    return _attachment_finding(rows, int(rows[0]["total"]) if rows else 0)
+
+
+async def orphan_attachments(gw: Gateway, bounds: list[str] | None = None) -> Finding:
+    """`check_orphan_attachments` over ranges of submission ids (`bounds`, else from the
+    attachments' statistics, RANGE_ROWS rows of the two tables each), each one statement
+    in its own transaction, one after the other (beside the pass's two at a time, within
+    the gateway's pool of four): the counts summed, the first SAMPLE rows by id."""
+    split_box: list[list[str]] = []
+
+    async def split(db: Reader) -> Finding:
+        tables = ("submission_attachments", "submissions")
+        n = await range_count(db, tables)
+        split_box.append(await shard_bounds(db, n, "submission_attachments", "submission_id"))
+        return _ok(ATTACHMENT_NO_SUBMISSION, "")
+
+    if bounds is None:
+        found = await gw.run_check(ATTACHMENT_NO_SUBMISSION, split)
+        if found.status is not Status.OK or not split_box:
+            return found
+        bounds = split_box[0]
+    parts: list[list[Row]] = []
+    for lower, upper in itertools.pairwise([None, *bounds, None]):
+
+        async def read(db: Reader, lower: str | None = lower, upper: str | None = upper) -> Finding:
+            parts.append(await _attachment_rows(db, lower, upper))
+            return _ok(ATTACHMENT_NO_SUBMISSION, "")
+
+        result = await gw.run_check(ATTACHMENT_NO_SUBMISSION, read)
+        if result.status is not Status.OK:
+            return result
+    rows = sorted((r for part in parts for r in part), key=lambda r: str(r["id"]))
+    return _attachment_finding(rows[:SAMPLE], sum(int(p[0]["total"]) for p in parts if p))
 
 
 # --- foreign keys -------------------------------------------------------------------
@@ -943,7 +1270,7 @@ async def integrity(ctx: Context, args: list[str]) -> Report:
     gw = ctx.gateway
     grouped, attachments, fks = await asyncio.gather(
         _run_pass(gw),
-        gw.run_check(ATTACHMENT_NO_SUBMISSION, check_orphan_attachments),
+        orphan_attachments(gw),
         gw.run_check(FOREIGN_KEYS, check_foreign_keys),
     )
     by_name: dict[str, Finding] = {f.check: f for f in [*grouped, attachments, fks]}

@@ -121,7 +121,7 @@ async def test_usage_error_is_one_clear_message(bot: RunningBot) -> None:
     assert resp.status == 200
     (call,) = await bot.fake.wait_for("response_url", timeout=10)
     assert "takes no arguments" in call.params["text"]
-    assert "Usage: `/db health`" in call.params["text"]
+    assert "Usage: `/db health [--exact]`" in call.params["text"]
 
 
 async def test_target_down_gives_a_clear_message_within_5s(

@@ -326,9 +326,10 @@ async def test_integrity_over_slack(bot: RunningBot, faults: FaultInjector) -> N
 async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
     leaps_dsn: str, faults: FaultInjector
 ) -> None:
-    """The pass split over users by hash (`_run_pass`) against the same pass run whole in
-    one transaction: every finding equal, samples included, whatever the shard count.
-    More faults of a kind than SAMPLE, so the merge must cut each kind's rows right."""
+    """The pass split into ranges of users (`_run_pass`) against the same pass run whole
+    in one transaction: every finding equal, samples included, whatever the split; and
+    the replays read a few heap pages at a time as in one statement. More faults of a
+    kind than SAMPLE, so the merge must cut each kind's rows right."""
     await inject_all(faults)
     await faults.missing_awards(ig.SAMPLE + 5)
     await faults.duplicate_external_events(ig.SAMPLE + 3)
@@ -346,12 +347,33 @@ async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
         # any split is exact: an empty first range, a bound equal to an id, uneven ranges
         for bounds in ([ids[0]], [ids[len(ids) // 2]], [ids[3], ids[-3]]):
             assert await ig._run_pass(gateway, bounds=bounds) == whole, bounds
+        # the replays found a few heap pages a statement, as in one statement
+        activities = await gateway.read(lambda db: db.fetch("SELECT code FROM activities"))
+        codes = sorted(str(r["code"]) for r in activities)
+        in_one = await gateway.read(lambda db: ig._replays(db, codes))
+        assert len(in_one[0]) == 9 + ig.SAMPLE + 3
+        for pages in (1, 7):
+            pieces = await ig.replays_of(gateway, codes, pages)
+            assert not isinstance(pieces, Finding)
+            assert by_user(pieces[0]) == by_user(in_one[0]), pages  # the excess, any order
+            assert pieces[1] == in_one[1], pages  # the sample and totals, in order
+        # orphan attachments by ranges of submission ids, as in one statement
+        subs = await gateway.read(lambda db: db.fetch("SELECT id FROM submissions ORDER BY id"))
+        sub_ids = [str(r["id"]) for r in subs]
+        one = await gateway.run_check(ig.ATTACHMENT_NO_SUBMISSION, ig.check_orphan_attachments)
+        assert count(one) == 7 and len(one.rows) == 7
+        for bounds in ([sub_ids[0]], [sub_ids[len(sub_ids) // 2]], [sub_ids[5], sub_ids[-5]]):
+            assert await ig.orphan_attachments(gateway, bounds) == one, bounds
     finally:
         await gateway.close()
     by = {f.check: f for f in whole}
     assert count(by[ig.MISSING_AWARDS]) == 10 + ig.SAMPLE + 5
     assert len(by[ig.MISSING_AWARDS].rows) == ig.SAMPLE
     assert count(by[ig.DUPLICATE_EVENTS]) == 9 + ig.SAMPLE + 3
+
+
+def by_user(rows: list[dict[str, object]]) -> list[tuple[str, str, str]]:
+    return sorted((str(r["user_id"]), str(r["k"]), str(r["pts"])) for r in rows)
 
 
 def test_merge_cuts_each_kind_to_the_sample_in_order_with_summed_totals() -> None:

@@ -22,8 +22,14 @@ from commands.fixture.faults import FaultInjector
 from commands.integrity import integrity
 from commands.remedies.base import REMEDIES, Plan, Remedy, backup_name
 from commands.remedies.learn import DEDUPE_LEARN, LearnData
-from commands.remedies.ledger import DEDUPE_EVENTS, RECONCILE_POINTS, RECONCILE_SOURCE
+from commands.remedies.ledger import (
+    DEDUPE_EVENTS,
+    RECONCILE_POINTS,
+    RECONCILE_SOURCE,
+    survey_due,
+)
 from commands.remedies.orphans import CLEANUP_ORPHANS
+from commands.remedies.rowsets import SAMPLE
 from tests.conftest import FAST_THRESHOLDS
 
 Rows = list[tuple[Any, ...]]
@@ -710,6 +716,33 @@ async def test_reconcile_points_falls_back_to_manual(
         (RECONCILE_SOURCE,),
     )
     assert rows == [("MANUAL",)]
+
+
+async def test_reconcile_points_counted_by_ranges_of_users_as_in_one(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector
+) -> None:
+    """The plan's survey split into ranges of user ids (as at scale, each range one bounded
+    statement) gives the totals and the sample of one range over every user, whatever the
+    split; an award an earlier reconcile made (found by its own row id) is not due again."""
+    await faults.missing_awards(SAMPLE + 4)
+    keys = ("peers_trained", "students_trained")
+    ids = [str(r[0]) for r in await fetch(leaps_dsn, "SELECT id FROM users ORDER BY id")]
+    whole, sample = await survey_due(ctx, keys, [])
+    assert whole["pairs"] == SAMPLE + 4 and whole["n"] >= SAMPLE + 4
+    assert [r["submission_id"] for r in sample] == sorted(str(r["submission_id"]) for r in sample)
+    assert len(sample) == SAMPLE
+    for bounds in ([ids[0]], [ids[len(ids) // 2]], [ids[3], ids[len(ids) // 3], ids[-3]]):
+        assert await survey_due(ctx, keys, bounds) == (whole, sample), bounds
+    # an award already made for the first due submission, under another activity code
+    first = sample[0]
+    await run(
+        leaps_dsn,
+        "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+        " event_time) VALUES ('reconcile_' || %s, %s, 'SHINE', 'MANUAL', 1, now())",
+        (first["submission_id"], first["user_id"]),
+    )
+    again, _ = await survey_due(ctx, keys, [ids[len(ids) // 2]])
+    assert again["n"] == whole["n"] - 1
 
 
 async def test_reconcile_points_reads_the_live_quota_keys(

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from bot.gateway import TargetGateway
 from bot.router import RunContext
-from commands.base import Finding, Status
+from commands.base import Finding, Report, Status
 from commands.fixture.faults import FaultInjector
 from commands.health import LEDGER_EVENTS, health
 from commands.webhooks import ALERT
@@ -104,3 +104,29 @@ async def test_watchdog_posts_the_backlog_alert_once(
         assert len(alerts) == 1, alerts
         assert "events unmatched for over 15m00s (alert above 50)" in alerts[0]
         assert "/db webhooks" in alerts[0] and "/db reprocess-webhooks" in alerts[0]
+
+
+async def test_watchdog_counts_whole_tables_on_one_tick_in_scan_every(
+    leaps_dsn: str, faults: FaultInjector, fake_slack: FakeSlack
+) -> None:
+    """The backlog (a whole-table count) is counted on the watchdog's counting ticks only:
+    between them `/db health`, the watchdog's and anyone's, shows that count with its
+    time; `--exact` counts now; the alert comes on the next counting tick, never lost."""
+    async with watched_bot(leaps_dsn, fake_slack) as bot:
+        watchdog = dog(bot)
+        watchdog.scan_every = 3
+        await watchdog.tick()  # counts: the clean fixture
+        await faults.unmatched_webhook_backlog(60)
+        for _ in range(2):  # shown from that count
+            await watchdog.tick()
+        assert mentioning(ops_texts(fake_slack, "critical"), ALERT) == []
+        shown = await bot.service.dispatcher.run("health")
+        exact = await bot.service.dispatcher.run("health --exact")
+        assert isinstance(shown, Report) and isinstance(exact, Report)
+        kept = {f.check: f for f in shown.findings}[ALERT]
+        assert kept.status is Status.OK and "by the watchdog" in kept.summary
+        assert {f.check: f for f in exact.findings}[ALERT].status is Status.CRIT
+        await watchdog.tick()  # the third after the count: counts again
+        alerts = mentioning(ops_texts(fake_slack, "critical"), ALERT)
+        assert len(alerts) == 1, alerts
+        assert "by the watchdog" not in alerts[0]

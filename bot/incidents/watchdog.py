@@ -9,6 +9,16 @@ gateway as `/db health`: what the watchdog sees is what a person would see.
 
 The leader (see `bot.incidents.leader`) also takes the periodic baseline snapshot that
 `/db recover` compares against, so replicas do not each take one.
+
+What a tick costs the database: the two health checks that read whole tables (the
+webhook backlog, and replayed awards while no unique index rules them out:
+`commands.health.scan_checks`) are counted exactly on one tick in `scan_every`, about
+every SCAN_INTERVAL_S (10 minutes, inside the operators' 15-minute detection target),
+by `/db health --exact`; the counts are kept (`commands.health.remember_counts`) until
+the next such tick, and `/db health` on the ticks between (and anyone's in this
+process) shows them, marked with their time, instead of counting again. Their alerts
+come at most one scan interval late, never not at all; every other check is read every
+tick.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from bot.router import Dispatcher
 from bot.state.incidents import WATCHDOG
 from bot.state.watchdog import CheckStatus, WatchdogStore
 from commands.base import Finding, Report, Status
+from commands.health import EXACT, forget_counts, remember_counts
 from commands.incidents.lifecycle import Severity, Start
 
 if TYPE_CHECKING:
@@ -40,6 +51,8 @@ log = logging.getLogger(__name__)
 TRACKED: dict[Status, CheckStatus] = {Status.OK: "ok", Status.WARN: "warn", Status.CRIT: "crit"}
 MESSAGE_CHARS = 3000  # one Block Kit section's worth, should the text become one
 LOOKBACK = timedelta(hours=24)  # how far back the current run of critical health dates detection
+# The whole-table checks are counted about this often (see the module's docstring).
+SCAN_INTERVAL_S = 600.0
 
 Baseline = Callable[[], Awaitable[object]]
 
@@ -92,6 +105,7 @@ class Watchdog:
         baseline_interval_s: float = 3600.0,
         leadership: Leadership,
         interval_s: float,
+        scan_every: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.store = store
@@ -107,6 +121,12 @@ class Watchdog:
         self.ticks = 0
         self.leadership = leadership
         self.interval_s = interval_s
+        # one full health run in this many ticks (at least every tick); the others quick
+        self.scan_every = scan_every or (
+            max(1, round(SCAN_INTERVAL_S / interval_s)) if interval_s > 0 else 1
+        )
+        self._counted = False  # whether this leader counted the whole-table checks yet
+        self._since_counted = 0  # ticks since it last did
 
     @property
     def role(self) -> str:
@@ -117,11 +137,18 @@ class Watchdog:
         """One health run; posts what turned critical or recovered. Returns the changes
         this process won (another leader's, should there ever be two, are not posted)."""
         at = self.clock.now()
-        result = await self.dispatcher.run("health")
+        exact = not self._counted or self._since_counted + 1 >= self.scan_every
+        result = await self.dispatcher.run(f"health {EXACT}" if exact else "health")
         self.ticks += 1
         if not isinstance(result, Report):
             log.error("watchdog: health gave no report: %s", getattr(result, "text", result))
             return []
+        if exact:
+            # good until the next counting tick, and one more interval should it be late
+            remember_counts(result, at, (self.scan_every + 1) * self.interval_s)
+            self._counted, self._since_counted = True, 0
+        else:
+            self._since_counted += 1
         if self.incidents is not None:
             # App Home's latest health, and the detection time of an incident opened later
             await self.incidents.note_health(self.ops_channel or WATCHDOG, WATCHDOG, result)
@@ -214,6 +241,13 @@ class Watchdog:
         )
         log.info("watchdog: %s", reply.message.text)
 
+    def _stop_counting(self) -> None:
+        """No longer the leader: the counts kept here are not kept fresh any more, and a
+        new leadership counts on its first tick."""
+        if self._counted:
+            forget_counts(self.dispatcher.ctx.gateway.target)
+        self._counted = False
+
     async def take_baseline_if_due(self) -> bool:
         """The periodic baseline snapshot for `/db recover` (the hook `baseline`)."""
         if self.baseline is None:
@@ -252,6 +286,7 @@ class Watchdog:
                         await self.take_baseline_if_due()
                     else:
                         self._next_baseline = None  # a new leader takes one at once
+                        self._stop_counting()
                 except Exception:
                     log.exception("watchdog tick failed")
                 next_at = max(next_at + interval_s, loop.time())

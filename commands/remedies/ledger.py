@@ -7,12 +7,21 @@ enum, the AMPLIFY payload keys from the live quota trigger.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 from psycopg import sql
 from pydantic import BaseModel
 
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
-from commands.integrity import amplify_keys
+from commands.integrity import (
+    RANGES_AT_ONCE,
+    WORK_MEM,
+    amplify_keys,
+    range_count,
+    shard_bounds,
+)
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -188,29 +197,70 @@ _POINTS = (
     + " ELSE greatest(ac.default_points, 0) END"
 )
 
-# Approved submissions of a known user and activity whose (user, activity) pair has no
-# ledger row at all: what `/db integrity` reports as missing awards. Pairs with some
-# ledger rows are differences, left to a person: an award without a submission link
-# would be paid twice. The reconciled rows fill the pair, so a second run finds none.
-_DUE = f"""
+
+def _range(column: str, lower: bool, upper: bool) -> str:
+    """`column` from the lower bound (with `lower`) up to the upper one (with `upper`,
+    excluded), each a positional parameter; `true` with neither."""
+    parts = [*([f"{column} >= %s"] if lower else []), *([f"{column} < %s"] if upper else [])]
+    return " AND ".join(parts) or "true"
+
+
+def _due(lower: bool = False, upper: bool = False) -> str:
+    """Approved submissions of a known user and activity whose (user, activity) pair has no
+    ledger row at all: what `/db integrity` reports as missing awards. Pairs with some
+    ledger rows are differences, left to a person: an award without a submission link
+    would be paid twice. The reconciled rows fill the pair, so a second run finds none.
+
+    Over the users from a lower bound and up to an upper one when given (the plan reads
+    the users range by range, `plan_reconcile`); the parameters are the two payload keys,
+    then the bounds twice (`due_params`). The pairs come first, from the range's rows of
+    both tables (an anti-join of the submissions with the ledger), so that the rest runs
+    only for the few submissions left: whether an earlier reconcile already awarded one
+    is asked of its own award, by the row id it gets (`reconcile_<submission id>`, the
+    primary key) and by its event id among its user's rows."""
+    return f"""
 WITH k AS (SELECT %s::text AS peers, %s::text AS students),
-due AS (
+pending AS MATERIALIZED (
+  SELECT s.id, s.user_id, s.activity_code, s.payload, s.updated_at, s.created_at
+  FROM submissions AS s
+  WHERE s.status = 'APPROVED' AND {_range("s.user_id", lower, upper)}
+    AND NOT EXISTS (SELECT 1 FROM points_ledger AS l
+                    WHERE {_range("l.user_id", lower, upper)}
+                      AND l.user_id = s.user_id AND l.activity_code = s.activity_code)
+),
+valued AS MATERIALIZED (
   SELECT s.id AS submission_id, s.user_id, s.activity_code, {_POINTS} AS points,
          coalesce(s.updated_at, s.created_at) AS awarded_at
-  FROM submissions AS s
-  JOIN users AS u ON u.id = s.user_id
+  FROM pending AS s
   JOIN activities AS ac ON ac.code = s.activity_code
   CROSS JOIN k
-  WHERE s.status = 'APPROVED'
+),
+due AS (
+  SELECT v.* FROM valued AS v
+  JOIN users AS u ON u.id = v.user_id
+  WHERE v.points > 0
     AND NOT EXISTS (SELECT 1 FROM points_ledger AS l
-                    WHERE l.user_id = s.user_id AND l.activity_code = s.activity_code)
+                    WHERE l.id = 'reconcile_' || v.submission_id)
     AND NOT EXISTS (SELECT 1 FROM points_ledger AS l
-                    WHERE l.external_event_id = 'reconcile:' || s.id)
+                    WHERE l.user_id = v.user_id
+                      AND l.external_event_id = 'reconcile:' || v.submission_id)
 )"""  # noqa: S608
-DUE_COUNT_SQL = (
-    _DUE + "\nSELECT count(*) AS n, coalesce(sum(points), 0)::bigint AS points,"
+
+
+def due_params(
+    keys: tuple[str, str], lower: str | None = None, upper: str | None = None
+) -> list[str]:
+    """The parameters of `_due(lower is not None, upper is not None)`."""
+    bounds = [b for b in (lower, upper) if b is not None]
+    return [*keys, *bounds, *bounds]
+
+
+_DUE = _due()
+_COUNTED = (
+    "SELECT count(*) AS n, coalesce(sum(points), 0)::bigint AS points,"
     " count(DISTINCT (user_id, activity_code)) AS pairs FROM due WHERE points > 0"
 )
+DUE_COUNT_SQL = _DUE + "\n" + _COUNTED
 # A sample's recount: the first n due awards by submission id (n bound last).
 DUE_FIRST_COUNT_SQL = (
     _DUE + "\nSELECT count(*) AS n FROM (SELECT 1 FROM due WHERE points > 0"  # noqa: S608
@@ -220,10 +270,23 @@ DUE_FIRST_COUNT_SQL = (
 DUE_AMONG_COUNT_SQL = (
     _DUE + "\nSELECT count(*) AS n FROM due WHERE points > 0 AND submission_id = ANY(%s)"
 )
-DUE_SAMPLE_SQL = (
-    _DUE + "\nSELECT submission_id, user_id, activity_code, points, awarded_at FROM due"
-    f" WHERE points > 0 ORDER BY submission_id LIMIT {SAMPLE}"
+
+
+def due_survey_sql(lower: bool, upper: bool) -> str:
+    """One range's count, points and pairs, and its first SAMPLE due awards by submission
+    id (code point order, which the ranges' samples are merged in), in one statement."""
+    tail = f"""
+, counted AS ({_COUNTED}),
+sampled AS (
+  SELECT submission_id, user_id, activity_code, points, awarded_at FROM due
+  WHERE points > 0 ORDER BY submission_id COLLATE "C" LIMIT {SAMPLE}
 )
+SELECT c.n, c.points AS total, c.pairs, s.submission_id, s.user_id, s.activity_code,
+       s.points, s.awarded_at
+FROM counted AS c LEFT JOIN sampled AS s ON true
+ORDER BY s.submission_id COLLATE "C"
+"""  # noqa: S608 (constants of this module)
+    return _due(lower, upper) + tail
 
 
 def insert_awards_sql(enum_type: sql.Identifier, first: bool = False) -> sql.Composed:
@@ -251,22 +314,75 @@ def insert_awards_sql(enum_type: sql.Identifier, first: bool = False) -> sql.Com
     )
 
 
+async def _tune_range(db: Reader) -> None:
+    """A range of users is read through the user_id indexes, as `/db integrity` reads its
+    ranges: never a scan of a whole table for a part of its users; the range's ledger
+    pairs hashed rather than both sides sorted for a merge (measured twice as slow); no
+    JIT, and no parallel workers beside the other range read at the same time."""
+    await db.fetch(
+        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
+        " set_config('enable_seqscan', 'off', true), set_config('enable_mergejoin', 'off', true),"
+        " set_config('max_parallel_workers_per_gather', '0', true)",
+        (WORK_MEM,),
+    )
+
+
+async def survey_due(
+    ctx: Context, keys: tuple[str, str], bounds: list[str]
+) -> tuple[Row, list[Row]]:
+    """The due awards counted range by range of user ids (meeting at `bounds`), each range
+    one statement in its own read-only transaction, RANGES_AT_ONCE at a time (every
+    submission and every ledger row of a user is in one range, read in one snapshot):
+    the totals (n, points, pairs) and the first SAMPLE by submission id."""
+    ranges = list(itertools.pairwise([None, *bounds, None]))
+    slots = asyncio.Semaphore(RANGES_AT_ONCE)
+
+    async def one(lower: str | None, upper: str | None) -> list[Row]:
+        async def read(db: Reader) -> list[Row]:
+            if lower is not None or upper is not None:
+                await _tune_range(db)
+            return await db.fetch(
+                due_survey_sql(lower is not None, upper is not None),
+                due_params(keys, lower, upper),
+            )
+
+        async with slots:
+            return await ctx.gateway.read(read)
+
+    found = await asyncio.gather(*(one(lower, upper) for lower, upper in ranges))
+    counted: Row = {"n": 0, "points": 0, "pairs": 0}
+    sample: list[Row] = []
+    for rows in found:
+        counted["n"] += int(rows[0]["n"])
+        counted["points"] += int(rows[0]["total"])
+        counted["pairs"] += int(rows[0]["pairs"])
+        sample += [
+            {k: r[k] for k in ("submission_id", "user_id", "activity_code", "points", "awarded_at")}
+            for r in rows
+            if r["submission_id"] is not None
+        ]
+    sample.sort(key=lambda r: str(r["submission_id"]))
+    return counted, sample[:SAMPLE]
+
+
 async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`reconcile-points` takes no arguments")
 
-    async def survey(
+    async def catalog(
         db: Reader,
-    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], Row, list[Row], str | None]:
+    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], list[str]]:
         keys = await amplify_keys(db)
         source = await live_source(db)
-        counted = (await db.fetch(DUE_COUNT_SQL, keys))[0]
-        due = int(counted["n"])
-        sample = await db.fetch(DUE_SAMPLE_SQL, keys) if due else []
-        audit = await audit_note(db, [("points_ledger", "INSERT")]) if due else None
-        return keys, source, counted, sample, audit
+        return keys, source, await shard_bounds(db, await range_count(db))
 
-    keys, (enum_type, source, labels), counted, targets, audit = await ctx.gateway.read(survey)
+    keys, (enum_type, source, labels), bounds = await ctx.gateway.read(catalog)
+    counted, targets = await survey_due(ctx, keys, bounds)
+
+    async def audit_of(db: Reader) -> str | None:
+        return await audit_note(db, [("points_ledger", "INSERT")])
+
+    audit = await ctx.gateway.read(audit_of) if counted["n"] else None
     n = int(counted["n"])
     notes = await plan_notes(ctx, ["points_ledger"], "INSERT") if n else []
     return Plan(
