@@ -1,0 +1,200 @@
+"""Whole-table reads, exact, in statements of bounded size (issue 16).
+
+At a million users one statement over all of `points_ledger` (20 million rows) or
+`submissions` (10 million) takes longer than the per-check timeout; sampling would lose
+the exactness recovery and repairs rest on. So such a read runs as one statement per
+piece of the table, and the pieces' results are added up (counts) or merged (samples,
+by the same order the whole statement would use):
+
+* `key_pieces`: by ranges of a key column (a user id, a submission id), from the
+  column's own statistics (`pg_stats.histogram_bounds`), so that each piece holds about
+  `ROWS_PER_PIECE` rows. Every non-NULL key is in exactly one piece (`>= lo AND < hi`,
+  compared in the column's collation, in which the histogram is sorted); NULL keys go
+  with the first piece. A join on that key (users by id, submissions by id) restricted
+  to the same range reads only the piece's share of the other table too. Without
+  statistics (never analyzed) there is one piece, the whole table.
+* `block_pieces`: by ranges of physical blocks (`ctid`, read by a TID range scan), for
+  plain counts: each block is read once whatever the keys' order on disk. The last
+  piece is open-ended, so rows in blocks added since the catalog counted them are read.
+
+Each piece is its own read-only transaction (`run_pieces`, two at a time for the two
+cores measured), so neither a statement nor a transaction grows with the table. The
+pieces' snapshots differ by the milliseconds between them, as the shards of
+`/db integrity` do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from commands.base import Gateway, Reader
+
+# Rows a piece holds: about a second of hashing and joining on a busy 2-core machine.
+ROWS_PER_PIECE = 1_000_000
+# Pieces read at once, each on its own pooled connection (the gateway's pool holds 4).
+CONCURRENCY = 2
+WORK_MEM = "64MB"
+
+T = TypeVar("T")
+
+_KEY_STATS_SQL = """
+SELECT greatest(c.reltuples, 0)::bigint AS rows,
+       (SELECT s.histogram_bounds::text::text[] FROM pg_stats AS s
+        WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = %(column)s
+        LIMIT 1) AS bounds
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass(%(table)s)
+"""
+_BLOCKS_SQL = """
+SELECT greatest(c.reltuples, 0)::bigint AS rows,
+       (pg_relation_size(c.oid) / current_setting('block_size')::bigint) AS blocks
+FROM pg_class AS c WHERE c.oid = to_regclass(%(table)s)
+"""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One range of a key (`lo` inclusive, `hi` exclusive; None: unbounded), or of
+    blocks when `blocks` (then `lo` and `hi` are `(block,0)` tids)."""
+
+    lo: str | None = None
+    hi: str | None = None
+    blocks: bool = False
+
+    @property
+    def first(self) -> bool:
+        return self.lo is None
+
+    @property
+    def ranged(self) -> bool:
+        """A proper range of keys (not blocks, not the whole table)."""
+        return not self.blocks and (self.lo is not None or self.hi is not None)
+
+    def where(self, column: str, name: str = "") -> str:
+        """The condition that puts a row in this piece: SQL over `column` with the
+        bound parameters `%(lo<name>)s` / `%(hi<name>)s` (`params(name)`)."""
+        if self.blocks:
+            column, cast = "ctid", "::tid"
+        else:
+            cast = ""
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{column} >= %(lo{name})s{cast}")
+        if self.hi is not None:
+            parts.append(f"{column} < %(hi{name})s{cast}")
+        condition = " AND ".join(parts) or "TRUE"
+        if self.first and not self.blocks and self.hi is not None:
+            condition = f"({condition} OR {column} IS NULL)"
+        return f"({condition})"
+
+    def params(self, name: str = "") -> dict[str, str | None]:
+        return {f"lo{name}": self.lo, f"hi{name}": self.hi}
+
+
+WHOLE = Piece()
+
+
+def split(bounds: Sequence[str], rows: int, per_piece: int | None = None) -> list[Piece]:
+    """Pieces of about `per_piece` rows from a histogram's sorted `bounds` (equal
+    shares of the rows lie between consecutive bounds)."""
+    per = per_piece or ROWS_PER_PIECE
+    n = max(1, math.ceil(rows / per)) if rows > 0 else 1
+    if n == 1 or len(bounds) < 3:
+        return [WHOLE]
+    n = min(n, len(bounds) - 1)
+    cuts = sorted({bounds[round(i * (len(bounds) - 1) / n)] for i in range(1, n)})
+    edges: list[str | None] = [None, *cuts, None]
+    return [Piece(lo, hi) for lo, hi in itertools.pairwise(edges)]
+
+
+async def key_pieces(db: Reader, table: str, column: str) -> list[Piece]:
+    """`table`'s rows in pieces by ranges of `column` (one piece without statistics)."""
+    rows = await db.fetch(_KEY_STATS_SQL, {"table": table, "column": column})
+    if not rows or rows[0]["bounds"] is None:
+        return [WHOLE]
+    return split([str(b) for b in rows[0]["bounds"]], int(rows[0]["rows"]))
+
+
+async def block_pieces(db: Reader, table: str) -> list[Piece]:
+    """`table`'s blocks in pieces of about ROWS_PER_PIECE rows; the last open-ended."""
+    rows = await db.fetch(_BLOCKS_SQL, {"table": table})
+    if not rows:
+        return [WHOLE]
+    n_rows, blocks = int(rows[0]["rows"]), int(rows[0]["blocks"])
+    n = max(1, math.ceil(n_rows / ROWS_PER_PIECE)) if n_rows > 0 else 1
+    if n == 1 or blocks < n:
+        return [Piece(blocks=True)]
+    cuts = [f"({round(i * blocks / n)},0)" for i in range(1, n)]
+    edges: list[str | None] = [None, *cuts, None]
+    return [Piece(lo, hi, blocks=True) for lo, hi in itertools.pairwise(edges)]
+
+
+async def tune(db: Reader, piece: Piece = WHOLE, **settings: str) -> None:
+    """For this transaction only: room for a piece's hash tables, no JIT (its compile
+    time exceeds the gain), a plan for the piece's own bounds every time (a generic plan
+    of a prepared piece query would not know how narrow its range is), no parallel
+    workers (the pieces themselves run side by side on the cores) and, for a range of
+    keys, no sequential scan: the range is read through the key's index (a bitmap heap
+    scan visits only the blocks holding its rows), where a sequential scan would read
+    the whole table for each piece. `settings` adds others (`enable_hashjoin="off"`)."""
+    values = {
+        "work_mem": WORK_MEM,
+        "jit": "off",
+        "plan_cache_mode": "force_custom_plan",
+        "max_parallel_workers_per_gather": "0",
+        **({"enable_seqscan": "off"} if piece.ranged else {}),
+        **settings,
+    }
+    calls = ", ".join("set_config(%s, %s, true)" for _ in values)
+    await db.fetch(f"SELECT {calls}", [v for kv in values.items() for v in kv])
+
+
+async def run_pieces(
+    gw: Gateway,
+    pieces: Sequence[Piece],
+    read: Callable[[Reader, Piece], Awaitable[T]],
+    concurrency: int = CONCURRENCY,
+    **settings: str,
+) -> list[T]:
+    """`read` of every piece, each in its own read-only transaction (`tune`d, with
+    `settings`), at most `concurrency` at once; the results in the pieces' order. The
+    first failure is raised once the pieces under way have ended."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+    failed = asyncio.Event()
+
+    async def one(piece: Piece) -> T:
+        async def fn(db: Reader) -> T:
+            await tune(db, piece, **settings)
+            return await read(db, piece)
+
+        async with gate:
+            if failed.is_set():  # another piece failed: the answer is lost anyway
+                raise asyncio.CancelledError
+            try:
+                return await gw.read(fn)
+            except Exception:
+                failed.set()
+                raise
+
+    results = await asyncio.gather(*(one(p) for p in pieces), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
+    cancelled = [r for r in results if isinstance(r, BaseException)]
+    if cancelled:
+        raise cancelled[0]
+    return [r for r in results if not isinstance(r, BaseException)]
+
+
+def add_up(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The column-wise sums of the pieces' one-row counts (None counts 0)."""
+    out: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            out[key] = out.get(key, 0) + int(value or 0)
+    return out
