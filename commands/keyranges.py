@@ -134,21 +134,21 @@ async def block_pieces(db: Reader, table: str) -> list[Piece]:
     return [Piece(lo, hi, blocks=True) for lo, hi in itertools.pairwise(edges)]
 
 
-async def tune(db: Reader, piece: Piece = WHOLE, **settings: str) -> None:
+async def tune(db: Reader, piece: Piece = WHOLE, settings: Mapping[str, str] | None = None) -> None:
     """For this transaction only: room for a piece's hash tables, no JIT (its compile
     time exceeds the gain), a plan for the piece's own bounds every time (a generic plan
     of a prepared piece query would not know how narrow its range is), no parallel
     workers (the pieces themselves run side by side on the cores) and, for a range of
     keys, no sequential scan: the range is read through the key's index (a bitmap heap
     scan visits only the blocks holding its rows), where a sequential scan would read
-    the whole table for each piece. `settings` adds others (`enable_hashjoin="off"`)."""
+    the whole table for each piece. `settings` adds others ({"enable_hashjoin": "off"})."""
     values = {
         "work_mem": WORK_MEM,
         "jit": "off",
         "plan_cache_mode": "force_custom_plan",
         "max_parallel_workers_per_gather": "0",
         **({"enable_seqscan": "off"} if piece.ranged else {}),
-        **settings,
+        **(settings or {}),
     }
     calls = ", ".join("set_config(%s, %s, true)" for _ in values)
     await db.fetch(f"SELECT {calls}", [v for kv in values.items() for v in kv])
@@ -158,8 +158,8 @@ async def run_pieces(
     gw: Gateway,
     pieces: Sequence[Piece],
     read: Callable[[Reader, Piece], Awaitable[T]],
+    settings: Mapping[str, str] | None = None,
     concurrency: int = CONCURRENCY,
-    **settings: str,
 ) -> list[T]:
     """`read` of every piece, each in its own read-only transaction (`tune`d, with
     `settings`), at most `concurrency` at once; the results in the pieces' order. The
@@ -169,7 +169,7 @@ async def run_pieces(
 
     async def one(piece: Piece) -> T:
         async def fn(db: Reader) -> T:
-            await tune(db, piece, **settings)
+            await tune(db, piece, settings)
             return await read(db, piece)
 
         async with gate:

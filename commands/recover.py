@@ -240,7 +240,7 @@ async def _rest(ctx: Context, cutoff: Cutoff) -> dict[str, int | None]:
         return (await db.fetch(query, piece.params()))[0]
 
     row, pieces = await ctx.gateway.read(users)
-    found = await run_pieces(ctx.gateway, pieces, attachments, enable_hashjoin="off")
+    found = await run_pieces(ctx.gateway, pieces, attachments, {"enable_hashjoin": "off"})
     return combine([row, *found])
 
 

@@ -7,6 +7,7 @@ from psycopg import sql
 from commands.audit_trail import Op
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import plan_notes
+from commands.keyranges import Piece, key_pieces, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -186,21 +187,138 @@ async def _unhandled_dependents(db: Reader, tables: list[str]) -> list[Row]:
     ]
 
 
+# The plan counts each part in pieces of bounded statements (commands/keyranges.py), the
+# same rows its conditions above name, and keeps each piece's first SAMPLE ids of each
+# part; the sample is then read by those conditions among the kept ids, in id order:
+# exactly the rows the whole part's `sample_sql` would give.
+#
+# Submissions and the ledger by ranges of user ids, users restricted to the same range
+# (a row's user is missing iff it is missing from its piece's share of users); the
+# attachments of the orphaned submissions of a piece by their index, one probe each.
+_SUBMISSIONS_PIECE_SQL = """
+WITH o AS MATERIALIZED (
+  SELECT s.id FROM submissions AS s
+  LEFT JOIN users AS u ON u.id = s.user_id AND {users}
+  LEFT JOIN activities AS ac ON ac.code = s.activity_code
+  WHERE {rows} AND (u.id IS NULL OR ac.code IS NULL)
+), c AS MATERIALIZED (
+  SELECT a.id FROM o CROSS JOIN LATERAL
+    (SELECT sa.id FROM submission_attachments AS sa WHERE sa.submission_id = o.id) AS a
+)
+SELECT (SELECT count(*) FROM o) AS submissions, (SELECT count(*) FROM c) AS child_attachments,
+       ARRAY(SELECT o.id FROM o ORDER BY o.id LIMIT %(sample)s) AS submissions_first,
+       ARRAY(SELECT c.id FROM c ORDER BY c.id LIMIT %(sample)s) AS child_attachments_first
+"""
+_LEDGER_PIECE_SQL = """
+WITH o AS MATERIALIZED (
+  SELECT l.id FROM points_ledger AS l
+  LEFT JOIN users AS u ON u.id = l.user_id AND {users}
+  LEFT JOIN activities AS ac ON ac.code = l.activity_code
+  WHERE {rows} AND (u.id IS NULL OR ac.code IS NULL)
+)
+SELECT count(*) AS points_ledger,
+       ARRAY(SELECT o.id FROM o ORDER BY o.id LIMIT %(sample)s) AS points_ledger_first
+FROM o
+"""
+# Attachments by ranges of submission ids: a merge of the two indexes per range, which
+# counts without reading a row; only a piece that has some reads their ids.
+_ATTACHMENTS_PIECE_SQL = """
+SELECT count(*) AS attachments FROM submission_attachments AS sa
+WHERE {rows}
+  AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = sa.submission_id AND {parents})
+"""
+_ATTACHMENTS_FIRST_SQL = """
+SELECT sa.id FROM submission_attachments AS sa
+WHERE {rows}
+  AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = sa.submission_id AND {parents})
+ORDER BY sa.id LIMIT %(sample)s
+"""
+# The piece queries above by part, with the table and key they are pieced by.
+_PIECED: dict[str, tuple[str, str, str]] = {
+    "attachments": ("submission_attachments", "submission_id", _ATTACHMENTS_PIECE_SQL),
+    "submissions": ("submissions", "user_id", _SUBMISSIONS_PIECE_SQL),
+    "points_ledger": ("points_ledger", "user_id", _LEDGER_PIECE_SQL),
+}
+
+
+def _piece_sql(sql: str, piece: Piece, alias: str) -> str:
+    parents = piece.where("s.id") if alias == "sa" else ""
+    return sql.format(
+        rows=piece.where(f"{alias}.{'submission_id' if alias == 'sa' else 'user_id'}"),
+        users=piece.where("u.id"),
+        parents=parents,
+    )
+
+
+async def _count_pieced(ctx: Context, key: str) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """One piece query's parts over the whole table: their counts and, per part, the
+    first SAMPLE ids of each piece (the candidates of the sample)."""
+    table, column, query = _PIECED[key]
+    alias = {"attachments": "sa", "submissions": "s", "points_ledger": "l"}[key]
+
+    async def pieces(db: Reader) -> list[Piece]:
+        return await key_pieces(db, table, column)
+
+    async def read(db: Reader, piece: Piece) -> Row:
+        params = {**piece.params(), "sample": SAMPLE}
+        row = (await db.fetch(_piece_sql(query, piece, alias), params))[0]
+        if key == "attachments" and row["attachments"]:
+            first = await db.fetch(_piece_sql(_ATTACHMENTS_FIRST_SQL, piece, alias), params)
+            row = {**row, "attachments_first": [r["id"] for r in first]}
+        return row
+
+    settings = {"enable_hashjoin": "off"} if key == "attachments" else {}
+    rows = await run_pieces(ctx.gateway, await ctx.gateway.read(pieces), read, settings)
+    counts: dict[str, int] = {}
+    firsts: dict[str, list[str]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k.endswith("_first"):
+                firsts.setdefault(k.removesuffix("_first"), []).extend(str(i) for i in v or [])
+            else:
+                counts[k] = counts.get(k, 0) + int(v or 0)
+    return counts, firsts
+
+
+async def orphan_counts(
+    ctx: Context, parts: list[Part]
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Every part's count, and the candidates of its sample, piece by piece."""
+    keys = {p.key for p in parts}
+    counts: dict[str, int] = {}
+    firsts: dict[str, list[str]] = {}
+    for key in _PIECED:
+        if key in keys:
+            got, first = await _count_pieced(ctx, key)
+            counts |= got
+            firsts |= first
+    return {p.key: counts.get(p.key, 0) for p in parts}, firsts
+
+
+def _sample_sql(part: Part) -> str:
+    """The part's `sample_sql` among the candidate ids (bound: `%s`)."""
+    a = part.alias
+    return (
+        f"SELECT {_SAMPLE_COLUMNS[part.key]} FROM {part.table} AS {a}"  # noqa: S608 (constants)
+        f" WHERE ({part.condition}) AND {a}.id = ANY(%s) ORDER BY {a}.id LIMIT {SAMPLE}"
+    )
+
+
 async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
     tables = orphan_tables(args)
     parts = orphan_parts(tables)
+    counts, firsts = await orphan_counts(ctx, parts)
 
-    async def survey(db: Reader) -> tuple[dict[str, int], list[Row], list[Row], str | None]:
-        counts = {p.key: await count_rows(db, p.count_sql()) for p in parts}
+    async def survey(db: Reader) -> tuple[list[Row], list[Row], str | None]:
         sample: list[Row] = []
         for p in parts:
             if counts[p.key] and len(sample) < SAMPLE:
-                sample += await db.fetch(p.sample_sql(_SAMPLE_COLUMNS[p.key]).as_string())
+                sample += await db.fetch(_sample_sql(p), (firsts.get(p.key, []),))
         changes: list[tuple[str, Op]] = [(p.table, "DELETE") for p in parts if counts[p.key]]
         audit = await audit_note(db, changes) if changes else None
-        return counts, sample[:SAMPLE], await _unhandled_dependents(db, tables), audit
+        return sample[:SAMPLE], await _unhandled_dependents(db, tables), audit
 
-    counts, targets, dependents, audit = await ctx.gateway.read(survey)
+    targets, dependents, audit = await ctx.gateway.read(survey)
     deleting = sorted({p.table for p in parts if counts[p.key]})
     notes = await plan_notes(ctx, deleting, "DELETE") if deleting else []
     total = sum(counts.values())
