@@ -36,7 +36,6 @@ from commands.remedies.rowsets import (
     audit_note,
     backup_display,
     check_parts,
-    count_rows,
     delete_part,
     delete_part_steps,
     plural,
@@ -66,11 +65,45 @@ DUPLICATE_EVENT = (
 EVENT_PART = Part(
     "events", "points_ledger", "l", DUPLICATE_EVENT, "repeated ledger rows of an external event"
 )
-_EVENT_SAMPLE = (
-    "l.id, l.user_id, l.activity_code, l.delta_points, l.external_event_id, l.created_at,"
-    " (SELECT k.id FROM points_ledger AS k WHERE k.external_event_id = l.external_event_id"
-    " ORDER BY k.created_at, k.id LIMIT 1) AS kept_row"
+# The plan reads the ledger's rows with an event id once, in one statement (no index
+# serves `external_event_id` while duplicates stand: its unique index is what they
+# broke): each key's rows numbered by (created_at, id), every one after the first a
+# repeat, exactly the rows DUPLICATE_EVENT names (a row without created_at is neither a
+# repeat nor an earlier row there, as its row comparison is NULL), with the first row
+# of its key kept. The totals, and the first SAMPLE repeats by id, in one answer.
+_EVENTS_SURVEY_SQL = """
+WITH d AS MATERIALIZED (
+  SELECT l.id, l.user_id, l.activity_code, l.delta_points, l.external_event_id, l.created_at,
+         row_number() OVER w AS rn, first_value(l.id) OVER w AS kept_row
+  FROM points_ledger AS l
+  WHERE l.external_event_id IS NOT NULL AND l.created_at IS NOT NULL
+  WINDOW w AS (PARTITION BY l.external_event_id ORDER BY l.created_at, l.id)
+), r AS MATERIALIZED (SELECT * FROM d WHERE d.rn > 1)
+SELECT t.n, t.events, t.points, x.id, x.user_id, x.activity_code, x.delta_points,
+       x.external_event_id, x.created_at, x.kept_row
+FROM (SELECT count(*) AS n, count(DISTINCT r.external_event_id) AS events,
+             coalesce(sum(r.delta_points), 0)::bigint AS points FROM r) AS t
+LEFT JOIN LATERAL (SELECT * FROM r ORDER BY r.id LIMIT %(sample)s) AS x ON true
+"""
+_SAMPLE_KEYS = (
+    "id",
+    "user_id",
+    "activity_code",
+    "delta_points",
+    "external_event_id",
+    "created_at",
+    "kept_row",
 )
+
+
+async def _tune_events(db: Reader) -> None:
+    """For this transaction only: the one pass may scan in parallel (the ledger has no
+    index to serve it), no JIT, room for the sort."""
+    await db.fetch(
+        "SELECT set_config('work_mem', '64MB', true), set_config('jit', 'off', true),"
+        " set_config('parallel_setup_cost', '10', true),"
+        " set_config('parallel_tuple_cost', '0.0001', true)"
+    )
 
 
 async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
@@ -78,16 +111,12 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
         raise UsageError("`dedupe-ledger-events` takes no arguments")
 
     async def survey(db: Reader) -> tuple[int, Row, list[Row], str | None]:
-        n = await count_rows(db, EVENT_PART.count_sql())
+        await _tune_events(db)
+        rows = await db.fetch(_EVENTS_SURVEY_SQL, {"sample": SAMPLE})
+        n = int(rows[0]["n"])
+        stats = {"events": int(rows[0]["events"]), "points": int(rows[0]["points"])}
+        sample = [{k: r[k] for k in _SAMPLE_KEYS} for r in rows if r["id"] is not None]
         audit = await audit_note(db, [("points_ledger", "DELETE")]) if n else None
-        stats = (
-            await db.fetch(
-                "SELECT count(DISTINCT l.external_event_id) AS events,"  # noqa: S608
-                " coalesce(sum(l.delta_points), 0)::bigint AS points"
-                " FROM points_ledger AS l WHERE " + DUPLICATE_EVENT
-            )
-        )[0]
-        sample = await db.fetch(EVENT_PART.sample_sql(_EVENT_SAMPLE).as_string()) if n else []
         return n, stats, sample, audit
 
     n, stats, targets, audit = await ctx.gateway.read(survey)
