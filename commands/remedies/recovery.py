@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from commands.audit_trail import Op, audit_trail, image_key, label_key
 from commands.base import BACKUP_SCHEMA, ROLES, Context, Reader, Row, UsageError, role_rank
 from commands.guards import plan_notes
+from commands.keyranges import Piece, block_pieces, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -129,7 +130,8 @@ class AuditFormat(BaseModel):
         )
 
 
-async def audit_format(db: Reader) -> AuditFormat:
+async def audit_keys(db: Reader) -> AuditFormat:
+    """The live audit function's format (its keys), without counting its rows."""
     fmt = AuditFormat()
     for row in await db.fetch(_AUDIT_FUNCTIONS_SQL):
         source = str(row["source"])
@@ -142,15 +144,63 @@ async def audit_format(db: Reader) -> AuditFormat:
                 table_key=label_key(source, "TG_TABLE_NAME", ABSENT),
                 op_key=label_key(source, "TG_OP", ABSENT),
             )
-    (counted,) = await db.fetch(
-        "SELECT count(*) FILTER (WHERE meta ->> %s = 'users'"
-        "   AND (meta ? %s OR meta ? %s)) AS images,"
-        " count(*) FILTER (WHERE action = %s) AS guide FROM audit_log",
-        (fmt.table_key, fmt.new_key, fmt.old_key, GUIDE_ACTION),
-    )
-    return fmt.model_copy(
-        update={"image_rows": int(counted["images"]), "guide_rows": int(counted["guide"])}
-    )
+    return fmt
+
+
+# audit_log read in pieces of blocks (commands/keyranges.py): each piece counts its rows
+# of either format and names those whose user is missing from users (`candidates`):
+# every audit row of a missing user is one, so `_USER_IMAGES` among the candidates
+# finds exactly the missing users, their latest rows and verdicts that it finds among
+# all rows, without sorting every user's images.
+_IMAGE_ROW = "a.meta ->> %(tbl)s = 'users' AND (a.meta ? %(new)s OR a.meta ? %(old)s)"
+_AUDIT_PIECE_SQL = f"""
+WITH r AS MATERIALIZED (
+  SELECT a.id, ({_IMAGE_ROW}) AS image, a.action = %(guide)s AS guide,
+         coalesce(a.meta -> %(new)s, a.meta -> %(old)s) ->> 'id' AS image_id,
+         a.meta ->> 'user_id' AS guide_id
+  FROM audit_log AS a WHERE {{rows}} AND (({_IMAGE_ROW}) OR a.action = %(guide)s)
+)
+SELECT count(*) FILTER (WHERE r.image) AS images, count(*) FILTER (WHERE r.guide) AS guide,
+       ARRAY(SELECT r.id FROM r
+             WHERE (r.image AND r.image_id IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM users AS u WHERE u.id = r.image_id))
+                OR (r.guide AND r.guide_id IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM users AS u WHERE u.id = r.guide_id)))
+         AS candidates
+FROM r
+"""  # noqa: S608 (constant fragments of this module)
+
+
+@dataclass(frozen=True)
+class AuditSurvey:
+    """The audit format with its rows counted, and the audit rows of missing users."""
+
+    format: AuditFormat
+    candidates: list[str]
+
+
+async def survey_audit(ctx: Context) -> AuditSurvey:
+    """The live format, then audit_log piece by piece: its rows of each format counted,
+    and the audit rows of users missing from users (commands/keyranges.py)."""
+
+    async def keys(db: Reader) -> tuple[AuditFormat, list[Piece]]:
+        return await audit_keys(db), await block_pieces(db, "audit_log")
+
+    fmt, pieces = await ctx.gateway.read(keys)
+    params = _params(fmt)
+
+    async def read(db: Reader, piece: Piece) -> Row:
+        query = _AUDIT_PIECE_SQL.format(rows=piece.where("ctid"))
+        return (await db.fetch(query, {**params, **piece.params()}))[0]
+
+    images = guide = 0
+    candidates: list[str] = []
+    for row in await run_pieces(ctx.gateway, pieces, read):
+        images += int(row["images"] or 0)
+        guide += int(row["guide"] or 0)
+        candidates += [str(c) for c in row["candidates"] or []]
+    counted = fmt.model_copy(update={"image_rows": images, "guide_rows": guide})
+    return AuditSurvey(counted, candidates)
 
 
 # Every user an audit row shows, latest row per id; `missing` are those not in users.
@@ -164,13 +214,13 @@ WITH img AS (
          upper(coalesce(a.meta ->> %(op)s, split_part(a.action, '_', 1))) AS op,
          coalesce(a.meta -> %(new)s, a.meta -> %(old)s) AS img
   FROM audit_log AS a
-  WHERE a.meta ->> %(tbl)s = 'users' AND (a.meta ? %(new)s OR a.meta ? %(old)s)
+  WHERE a.meta ->> %(tbl)s = 'users' AND (a.meta ? %(new)s OR a.meta ? %(old)s){among}
   UNION ALL
   SELECT a.id, a.created_at, 'INSERT',
          jsonb_strip_nulls(jsonb_build_object('id', a.meta ->> 'user_id',
            'name', a.meta ->> 'name', 'email', a.meta ->> 'email',
            'handle', a.meta ->> 'handle'))
-  FROM audit_log AS a WHERE a.action = %(guide)s
+  FROM audit_log AS a WHERE a.action = %(guide)s{among}
 ), latest AS (
   SELECT DISTINCT ON (img ->> 'id') img ->> 'id' AS id, audit_id, audit_at, op, img
   FROM img WHERE img ->> 'id' IS NOT NULL
@@ -193,37 +243,32 @@ WITH img AS (
                    ELSE 'recoverable' END AS verdict
   FROM missing AS m
 )"""
+_AMONG = " AND a.id = ANY(%(audit_ids)s::text[])"
 
-_USERS_SURVEY_SQL = (
-    _USER_IMAGES + "\nSELECT verdict, count(*) AS n,"
-    " count(*) FILTER (WHERE op = 'DELETE' AND audit_at > %(baseline)s::timestamp) AS after"
-    " FROM judged GROUP BY verdict"
+
+def _user_images(among: bool) -> str:
+    """`_USER_IMAGES` over every audit row, or `among` the candidates (`audit_ids`)."""
+    return _USER_IMAGES.replace("{among}", _AMONG if among else "")
+
+
+# Every missing user once, judged, with what the plan shows of it; `id_rank` is the
+# user's place by id in the database's own order (its collation).
+_USERS_JUDGED_TAIL = (
+    "\nSELECT id, op, audit_at, audit_id, verdict, img ->> 'handle' AS handle,"
+    " img ->> 'role' AS role, ARRAY(SELECT jsonb_object_keys(img) ORDER BY 1) AS keys,"
+    " ARRAY(SELECT img ->> c FROM unnest(%(refs)s::text[]) AS c) AS refs,"
+    " row_number() OVER (ORDER BY id) AS id_rank FROM judged"
 )
-# One row per user to recover: the image's keys (its columns), role and referrers.
-_USERS_ROWS_SQL = (
-    _USER_IMAGES  # noqa: S608 (constant fragments of this module)
-    + "\nSELECT id, ARRAY(SELECT jsonb_object_keys(img) ORDER BY 1) AS keys,"
-    " img ->> 'role' AS role, ARRAY(SELECT img ->> c FROM unnest(%(refs)s::text[]) AS c)"
-    " AS refs FROM judged WHERE verdict = 'recoverable' ORDER BY id"
-)
-_USERS_SAMPLE_SQL = (
-    _USER_IMAGES + "\nSELECT id, img ->> 'handle' AS handle, img ->> 'role' AS image_role,"
-    " verdict, op AS latest, audit_id, audit_at FROM judged"
-    " ORDER BY CASE verdict WHEN 'recoverable' THEN 0 WHEN 'deleted' THEN 1 ELSE 2 END, id"
-    " LIMIT %(sample)s"
-)
-_USERS_DELETED_SQL = (
-    _USER_IMAGES + "\nSELECT id, audit_at FROM judged WHERE verdict = 'deleted'"
-    " ORDER BY audit_at DESC, id LIMIT %(sample)s"
-)
+_USERS_JUDGED_SQL = _user_images(True) + _USERS_JUDGED_TAIL
+
 # What `--include-deleted` would add: deleted after the baseline, and no clash.
 _USERS_DELETED_AFTER_SQL = (
-    _USER_IMAGES
+    _user_images(True)
     + "\nSELECT count(*) AS n FROM judged WHERE verdict = 'recoverable' AND op = 'DELETE'"
 )
 # Reads (and so recounts) the images of the planned users, which the INSERT then takes.
 _USERS_READ_SQL = (
-    _USER_IMAGES
+    _user_images(False)
     + "\nSELECT id, img FROM judged WHERE verdict = 'recoverable' AND id = ANY(%(ids)s)"
     " ORDER BY id"
 )
@@ -356,9 +401,13 @@ async def deleted_on_purpose(ctx: Context) -> int:
     if since is None:
         return 0
 
+    audit = await survey_audit(ctx)
+    if not audit.candidates:
+        return 0
+
     async def count(db: Reader) -> int:
-        fmt = await audit_format(db)
-        return await _count(db, _USERS_DELETED_AFTER_SQL, _params(fmt, since))
+        params = _params(audit.format, since, audit_ids=audit.candidates)
+        return await _count(db, _USERS_DELETED_AFTER_SQL, params)
 
     return await ctx.gateway.read(count)
 
@@ -403,6 +452,43 @@ def _restored_as(data: RecoverUsersData, image_role: Any) -> str:
     return data.override.get(ROLE_COLUMN) or (str(image_role) if image_role else "(default)")
 
 
+_VERDICT_ORDER = {"recoverable": 0, "deleted": 1}
+
+
+def _judged(
+    judged: list[Row], baseline: datetime | None
+) -> tuple[dict[str, Row], list[Row], list[Row], list[Row]]:
+    """From the judged missing users (each with its rank by id in the database's order):
+    per verdict the users and those deleted after `baseline`; the recoverable ones by id;
+    the sample (recoverable, deleted, the rest; by id) and the deleted ones shown (latest
+    first), as the plan shows them."""
+    verdicts: dict[str, Row] = {}
+    for r in judged:
+        v = verdicts.setdefault(str(r["verdict"]), {"verdict": r["verdict"], "n": 0, "after": 0})
+        v["n"] += 1
+        if r["op"] == "DELETE" and baseline is not None and r["audit_at"] > baseline:
+            v["after"] += 1
+    by_id = sorted(judged, key=lambda r: int(r["id_rank"]))
+    rows = [r for r in by_id if r["verdict"] == "recoverable"]
+    sample = sorted(by_id, key=lambda r: _VERDICT_ORDER.get(str(r["verdict"]), 2))[:SAMPLE]
+    targets = [
+        {
+            "id": r["id"],
+            "handle": r["handle"],
+            "image_role": r["role"],
+            "verdict": r["verdict"],
+            "latest": r["op"],
+            "audit_id": r["audit_id"],
+            "audit_at": r["audit_at"],
+        }
+        for r in sample
+    ]
+    deleted = sorted(
+        (r for r in by_id if r["verdict"] == "deleted"), key=lambda r: r["audit_at"], reverse=True
+    )[:SAMPLE]
+    return verdicts, rows, targets, deleted
+
+
 async def plan_recover_users(ctx: Context, args: list[str]) -> Plan:
     keep_roles, include_deleted = _parse_users_args(args)
     baseline = await _latest_unflagged_baseline_at(ctx)
@@ -413,20 +499,18 @@ async def plan_recover_users(ctx: Context, args: list[str]) -> Plan:
         )
     since = baseline if include_deleted else None
 
-    async def survey(
-        db: Reader,
-    ) -> tuple[AuditFormat, dict[str, Row], list[Row], list[Row], list[Row], list[str], list[str]]:
-        fmt = await audit_format(db)
-        refs = [str(r["name"]) for r in await db.fetch(_SELF_REFS_SQL)]
-        params = _params(fmt, since, baseline=baseline, refs=refs, sample=SAMPLE)
-        verdicts = {str(r["verdict"]): r for r in await db.fetch(_USERS_SURVEY_SQL, params)}
-        rows = await db.fetch(_USERS_ROWS_SQL, params)
-        sample = await db.fetch(_USERS_SAMPLE_SQL, params)
-        deleted = await db.fetch(_USERS_DELETED_SQL, params) if "deleted" in verdicts else []
-        columns = [str(r["name"]) for r in await db.fetch(_USER_COLUMNS_SQL)]
-        return fmt, verdicts, rows, sample, deleted, columns, refs
+    surveyed = await survey_audit(ctx)
+    fmt = surveyed.format
 
-    fmt, verdicts, rows, targets, deleted, columns, refs = await ctx.gateway.read(survey)
+    async def survey(db: Reader) -> tuple[list[Row], list[str], list[str]]:
+        refs = [str(r["name"]) for r in await db.fetch(_SELF_REFS_SQL)]
+        params = _params(fmt, since, refs=refs, audit_ids=surveyed.candidates)
+        judged = await db.fetch(_USERS_JUDGED_SQL, params) if surveyed.candidates else []
+        columns = [str(r["name"]) for r in await db.fetch(_USER_COLUMNS_SQL)]
+        return judged, columns, refs
+
+    judged, columns, refs = await ctx.gateway.read(survey)
+    verdicts, rows, targets, deleted = _judged(judged, baseline)
     override = {} if keep_roles or ROLE_COLUMN not in columns else {ROLE_COLUMN: LEAST_ROLE}
     kinds: dict[str, tuple[str, ...]] = {}
     referrers: dict[str, set[str]] = {}
@@ -576,7 +660,7 @@ async def apply_recover_users(writer: Writer, plan: Plan) -> Outcome:
     data = plan.private(RecoverUsersData)
     if plan.count == 0:
         return Outcome(ok=True, summary="no user to recover; nothing was changed")
-    fmt = await audit_format(writer)
+    fmt = await audit_keys(writer)
     if (fmt.new_key, fmt.old_key, fmt.table_key) != (
         data.format.new_key,
         data.format.old_key,
