@@ -770,6 +770,36 @@ _REMATCH_RECOUNT_TAIL = (
 )
 
 
+def rematch_plan_sql(scope: str) -> str:
+    """The plan's one read of the events of `scope`: `email_sources_sql`'s and
+    REMATCH_SURVEY_TAIL's counts on every row, beside each event that matches exactly
+    one user (`_REMATCH_PAIRS_TAIL`, by id; one row of counts alone when none does)."""
+    return f"""
+WITH ev AS MATERIALIZED (
+  SELECT e.id, e.event_id, e.user_match, {EVENT_EMAIL} AS mail,
+         nullif(btrim(e.email), '') IS NOT NULL AS has_column,
+         e.payload -> 'contact' ->> 'email' IS NOT NULL AS has_contact,
+         e.payload ->> 'email' IS NOT NULL AS has_payload
+  FROM kajabi_events AS e
+  WHERE {REMATCH_SCOPES[scope]}
+), m AS MATERIALIZED (
+  SELECT ev.id, ev.event_id, ev.user_match, min(u.id) AS user_id, count(u.id) AS matches
+  FROM ev LEFT JOIN users AS u ON lower(u.email) = ev.mail
+  GROUP BY ev.id, ev.event_id, ev.user_match, ev.mail
+)
+SELECT t.*, p.id, p.event_id, p.user_match AS was, p.user_id
+FROM (SELECT count(*) FILTER (WHERE ev.has_column) AS email_column,
+             count(*) FILTER (WHERE ev.has_contact) AS contact_email,
+             count(*) FILTER (WHERE ev.has_payload) AS payload_email,
+             count(*) AS events,
+             (SELECT count(*) FROM m WHERE m.matches = 1) AS one,
+             (SELECT count(*) FROM m WHERE m.matches > 1) AS many,
+             (SELECT count(*) FROM m WHERE m.matches = 0) AS none
+      FROM ev) AS t
+LEFT JOIN LATERAL (SELECT m.* FROM m WHERE m.matches = 1 ORDER BY m.id) AS p ON true
+"""  # noqa: S608 (constant fragments of this module)
+
+
 @dataclass(frozen=True)
 class RematchKind:
     """What distinguishes one re-match remedy from another: its name and scope."""
@@ -812,18 +842,17 @@ async def plan_rematch_kind(ctx: Context, args: list[str], kind: RematchKind) ->
     _no_args(kind.name, args)
     params = {"none": NO_USER, "sample": SAMPLE}
 
-    async def survey(db: Reader) -> tuple[Row, Row, list[Row], list[Row]]:
-        sources = (await db.fetch(email_sources_sql(kind.scope), params))[0]
-        counted = (await db.fetch(rematch_sql_for(kind.scope, REMATCH_SURVEY_TAIL), params))[0]
-        pairs = await db.fetch(rematch_sql_for(kind.scope, _REMATCH_PAIRS_TAIL), params)
-        sample = (
-            await db.fetch(rematch_sql_for(kind.scope, _REMATCH_SAMPLE_TAIL), params)
-            if pairs
-            else []
-        )
-        return sources, counted, pairs, sample
+    async def survey(db: Reader) -> list[Row]:
+        await db.fetch("SELECT set_config('work_mem', '64MB', true)")
+        return await db.fetch(rematch_plan_sql(kind.scope), params)
 
-    sources, counted, pairs, targets = await ctx.gateway.read(survey)
+    found = await ctx.gateway.read(survey)
+    sources = counted = found[0]
+    pairs = [r for r in found if r["id"] is not None]
+    targets = [
+        {"id": r["id"], "event_id": r["event_id"], "was": r["was"], "now": r["user_id"]}
+        for r in pairs[:SAMPLE]
+    ]
     data = RematchData(
         ids=[str(p["id"]) for p in pairs],
         users=[str(p["user_id"]) for p in pairs],
