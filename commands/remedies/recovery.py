@@ -987,10 +987,9 @@ WITH ev AS (
                     AND s.activity_code = 'LEARN')
     AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = %(prefix)s || ev.event_row)
 )"""  # noqa: S608 (constant fragments of this module)
-_LEARN_PAIRS_SQL = _LEARN + "\nSELECT event_row, user_id FROM due ORDER BY event_row"
-_LEARN_SAMPLE_SQL = (
-    _LEARN + "\nSELECT event_row AS kajabi_event, event_id, user_id, processed_at FROM due"
-    " ORDER BY event_row LIMIT %(sample)s"
+_LEARN_PAIRS_SQL = (
+    _LEARN + "\nSELECT event_row, event_row AS kajabi_event, user_id, event_id, processed_at"
+    " FROM due ORDER BY event_row"
 )
 # The users with a processed LEARN-tag event skipped for the LEARN they hold, by status.
 _LEARN_HELD_SQL = (
@@ -1063,18 +1062,26 @@ async def learn_tags(db: Reader) -> list[str]:
 async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
     _no_args(RECOVER_LEARN_NAME, args)
 
-    async def survey(db: Reader) -> tuple[list[str], list[Row], list[Row], Row, list[Row]]:
+    async def pairs_of(db: Reader) -> tuple[list[str], list[Row]]:
         tags = await learn_tags(db)
         if not tags:
-            return tags, [], [], {}, []
-        params = {"tags": tags, "prefix": LEARN_ID_PREFIX, "sample": SAMPLE}
-        pairs = await db.fetch(_LEARN_PAIRS_SQL, params)
-        sample = await db.fetch(_LEARN_SAMPLE_SQL, params) if pairs else []
-        payload = (await db.fetch(_PRODUCT_PAYLOAD_SQL))[0]
-        held = await db.fetch(_LEARN_HELD_SQL, params)
-        return tags, pairs, sample, payload, held
+            return tags, []
+        return tags, await db.fetch(_LEARN_PAIRS_SQL, {"tags": tags, "prefix": LEARN_ID_PREFIX})
 
-    tags, pairs, targets, payload, held = await ctx.gateway.read(survey)
+    # Each a pass over the processed events: one read each, so that neither transaction
+    # holds more than one such statement on a big database.
+    tags, pairs = await ctx.gateway.read(pairs_of)
+    targets = [
+        {k: p[k] for k in ("kajabi_event", "event_id", "user_id", "processed_at")}
+        for p in pairs[:SAMPLE]
+    ]
+
+    async def payload_and_held(db: Reader) -> tuple[Row, list[Row]]:
+        payload = (await db.fetch(_PRODUCT_PAYLOAD_SQL))[0]
+        params = {"tags": tags, "prefix": LEARN_ID_PREFIX}
+        return payload, await db.fetch(_LEARN_HELD_SQL, params)
+
+    payload, held = await ctx.gateway.read(payload_and_held) if tags else ({}, [])
     if not tags:
         raise UsageError(
             "learn_tag_grants holds no tag, so the bot cannot tell which Kajabi events "
