@@ -64,6 +64,7 @@ from pydantic import BaseModel
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import events_unique_index
+from commands.keyranges import Piece, block_pieces, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -561,32 +562,76 @@ async def verify_reprocess(db: Reader, plan: Plan, run: Execution) -> Verificati
 # --- dedupe-webhooks ----------------------------------------------------------------
 
 PAYLOAD_PART = Part("duplicates", "kajabi_events", "e", DUPLICATE_PAYLOAD, "repeated Kajabi events")
-_PAYLOAD_SAMPLE = (
-    "e.id, e.event_id, e.received_at, e.processed_at, e.user_match,"
-    " (SELECT k.id FROM kajabi_events AS k WHERE k.payload = e.payload"
-    " ORDER BY k.received_at, k.id LIMIT 1) AS kept_row"
+# The plan reads kajabi_events once (no index serves payload equality): the rows whose
+# payload's hash (`jsonb_hash`, which equal payloads share) more than one row has are the
+# candidates, fetched by id; among them each payload's rows numbered by (received_at,
+# id), every one after the first a repeat, exactly the rows DUPLICATE_PAYLOAD names (a
+# row without received_at is neither a repeat nor an earlier row there, its row
+# comparison being NULL), with the first row of its payload kept. The count and the
+# first SAMPLE repeats by id in one answer.
+_PAYLOAD_SURVEY_SQL = """
+WITH h AS MATERIALIZED (
+  SELECT e.id, jsonb_hash(e.payload) AS hk FROM kajabi_events AS e
+  WHERE e.received_at IS NOT NULL AND e.payload IS NOT NULL
+), c AS MATERIALIZED (
+  SELECT e.id, e.event_id, e.received_at, e.processed_at, e.user_match, e.payload
+  FROM kajabi_events AS e
+  WHERE e.id IN (SELECT h.id FROM h
+                 WHERE h.hk IN (SELECT g.hk FROM h AS g GROUP BY g.hk HAVING count(*) > 1))
+), r AS MATERIALIZED (
+  SELECT d.* FROM (
+    SELECT c.id, c.event_id, c.received_at, c.processed_at, c.user_match,
+           row_number() OVER w AS rn, first_value(c.id) OVER w AS kept_row
+    FROM c WINDOW w AS (PARTITION BY c.payload ORDER BY c.received_at, c.id)) AS d
+  WHERE d.rn > 1
 )
-_REFERENCED_SQL = f"""
-SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM learn_tag_grants AS g
-                                      WHERE g.kajabi_event_id = e.id)) AS grants,
-       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM points_ledger AS l
-                                      WHERE l.meta ->> 'kajabi_event' = e.id)) AS ledger
-FROM kajabi_events AS e WHERE {DUPLICATE_PAYLOAD}
-"""  # noqa: S608 (constant fragments of this module)
+SELECT t.n, t.ids, x.id, x.event_id, x.received_at, x.processed_at, x.user_match, x.kept_row
+FROM (SELECT count(*) AS n, array_agg(r.id) AS ids FROM r) AS t
+LEFT JOIN LATERAL (SELECT * FROM r ORDER BY r.id LIMIT %(sample)s) AS x ON true
+"""
+_PAYLOAD_SAMPLE_KEYS = ("id", "event_id", "received_at", "processed_at", "user_match", "kept_row")
+# Which of the repeats a grant names (learn_tag_grants is small), and which a ledger
+# award's meta.kajabi_event names: the ledger (no index on meta) in pieces of blocks.
+_GRANTS_SQL = (
+    "SELECT count(DISTINCT g.kajabi_event_id) AS n FROM learn_tag_grants AS g"
+    " WHERE g.kajabi_event_id = ANY(%(ids)s::text[])"
+)
+_LEDGER_NAMES_SQL = (
+    "SELECT DISTINCT l.meta ->> 'kajabi_event' AS id FROM points_ledger AS l"
+    " WHERE {rows} AND l.meta ->> 'kajabi_event' = ANY(%(ids)s::text[])"
+)
+
+
+async def _referenced(ctx: Context, ids: list[str]) -> Row:
+    """How many of the events `ids` a grant names, and how many a ledger award does."""
+
+    async def grants(db: Reader) -> tuple[int, list[Piece]]:
+        n = int((await db.fetch(_GRANTS_SQL, {"ids": ids}))[0]["n"])
+        return n, await block_pieces(db, "points_ledger")
+
+    async def named(db: Reader, piece: Piece) -> list[Row]:
+        query = _LEDGER_NAMES_SQL.format(rows=piece.where("ctid"))
+        return await db.fetch(query, {"ids": ids, **piece.params()})
+
+    n_grants, pieces = await ctx.gateway.read(grants)
+    found = {str(r["id"]) for rows in await run_pieces(ctx.gateway, pieces, named) for r in rows}
+    return {"grants": n_grants, "ledger": len(found)}
 
 
 async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError(f"`{DEDUPE_WEBHOOKS}` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[int, Row, list[Row]]:
-        n = await count_rows(db, PAYLOAD_PART.count_sql())
-        if not n:
-            return n, {}, []
-        refs = (await db.fetch(_REFERENCED_SQL))[0]
-        return n, refs, await db.fetch(PAYLOAD_PART.sample_sql(_PAYLOAD_SAMPLE).as_string())
+    async def survey(db: Reader) -> tuple[int, list[str], list[Row]]:
+        await db.fetch(
+            "SELECT set_config('work_mem', '64MB', true), set_config('jit', 'off', true)"
+        )
+        rows = await db.fetch(_PAYLOAD_SURVEY_SQL, {"sample": SAMPLE})
+        sample = [{k: r[k] for k in _PAYLOAD_SAMPLE_KEYS} for r in rows if r["id"] is not None]
+        return int(rows[0]["n"]), [str(i) for i in rows[0]["ids"] or []], sample
 
-    n, refs, targets = await ctx.gateway.read(survey)
+    n, ids, targets = await ctx.gateway.read(survey)
+    refs = await _referenced(ctx, ids) if n else {}
     warnings: list[str] = []
     if n and (int(refs["grants"]) or int(refs["ledger"])):
         warnings.append(
