@@ -278,13 +278,19 @@ async def ledger_source(db: Reader | Writer) -> sql.Identifier:
     return sql.Identifier(str(rows[0]["schema"]), str(rows[0]["type"]))
 
 
-async def _with_ledger(db: Reader | Writer, ids: list[str] | None) -> list[Row]:
+async def _with_ledger(
+    db: Reader | Writer, ids: list[str] | None, paid_keys: set[str] | None = None
+) -> list[Row]:
     """The unprocessed events (`ids`, or all) with `awarded` (their Kajabi id is in the
     ledger) and `learn_points` (the LEARN points of their one matching user, else 0):
-    three set-wise reads, whatever the ledger's indexes, instead of two probes per event."""
+    three set-wise reads, whatever the ledger's indexes, instead of two probes per event.
+    `paid_keys`: the keys the ledger holds, read before (`_paid_in_pieces`)."""
     rows = await db.fetch(_EVENTS_SQL, {"ids": ids})
     keys = sorted({str(r["external_id"]) for r in rows})
-    paid = {str(r["key"]) for r in await db.fetch(_PAID_SQL, (keys,))} if keys else set()
+    if paid_keys is not None:
+        paid = paid_keys
+    else:
+        paid = {str(r["key"]) for r in await db.fetch(_PAID_SQL, (keys,))} if keys else set()
     one_user = {str(r["id"]): str(r["users"][0]) for r in rows if len(r["users"] or []) == 1}
     held: dict[str, int] = {}
     if one_user:
@@ -298,6 +304,41 @@ async def _with_ledger(db: Reader | Writer, ids: list[str] | None) -> list[Row]:
         }
         for r in rows
     ]
+
+
+_KEYS_SQL = f"""
+WITH ev AS (
+  SELECT {_EXTERNAL_ID} AS external_id FROM kajabi_events AS e WHERE e.processed_at IS NULL
+)
+SELECT DISTINCT ev.external_id AS key FROM ev
+"""  # noqa: S608 (constant fragments of this module)
+# `_PAID_SQL` over one range of the ledger's blocks.
+_PAID_PIECE_SQL = (
+    "SELECT DISTINCT l.external_event_id AS key FROM points_ledger AS l"
+    " WHERE l.external_event_id = ANY(%(keys)s::text[]) AND {rows}"
+)
+
+
+async def _paid_in_pieces(ctx: Context) -> set[str]:
+    """The unprocessed events' Kajabi ids the ledger holds: by the unique index on
+    external_event_id where it stands (one probe each), else piece by piece of the
+    ledger's blocks (one pass over it in bounded statements)."""
+
+    async def keys_and_pieces(db: Reader) -> tuple[list[str], str | None, list[Piece]]:
+        keys = sorted(str(r["key"]) for r in await db.fetch(_KEYS_SQL))
+        return keys, await events_unique_index(db), await block_pieces(db, "points_ledger")
+
+    keys, unique_index, pieces = await ctx.gateway.read(keys_and_pieces)
+    if not keys:
+        return set()
+    if unique_index is not None:
+        pieces = [Piece(blocks=True)]
+
+    async def paid(db: Reader, piece: Piece) -> list[Row]:
+        query = _PAID_PIECE_SQL.format(rows=piece.where("ctid"))
+        return await db.fetch(query, {"keys": keys, **piece.params()})
+
+    return {str(r["key"]) for rows in await run_pieces(ctx.gateway, pieces, paid) for r in rows}
 
 
 async def _learn_points(db: Reader | Writer) -> int:
@@ -338,12 +379,14 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError(f"`{REPROCESS}` takes no arguments")
 
+    paid = await _paid_in_pieces(ctx)
+
     async def survey(db: Reader) -> tuple[list[str], int, list[Row], str | None]:
         await ledger_source(db)
         return (
             await learn_tags(db),
             await _learn_points(db),
-            await _with_ledger(db, None),
+            await _with_ledger(db, None, paid),
             await events_unique_index(db),
         )
 
