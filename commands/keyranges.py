@@ -134,6 +134,15 @@ async def block_pieces(db: Reader, table: str) -> list[Piece]:
     return [Piece(lo, hi, blocks=True) for lo, hi in itertools.pairwise(edges)]
 
 
+async def no_jit(db: Reader) -> None:
+    """For this transaction only: no JIT compilation, and room for hash tables. A
+    statement over a big table is costed above `jit_above_cost`, and compiling took 2.3 s
+    for a statement that runs in 80 ms (100,000 users, measured)."""
+    await db.fetch(
+        "SELECT set_config('jit', 'off', true), set_config('work_mem', %s, true)", (WORK_MEM,)
+    )
+
+
 async def tune(db: Reader, piece: Piece = WHOLE, settings: Mapping[str, str] | None = None) -> None:
     """For this transaction only: room for a piece's hash tables, no JIT (its compile
     time exceeds the gain), a plan for the piece's own bounds every time (a generic plan

@@ -50,7 +50,7 @@ from commands.base import (
     human_duration,
 )
 from commands.base import register as register_command
-from commands.keyranges import Piece, block_pieces, key_pieces, run_pieces
+from commands.keyranges import Piece, block_pieces, key_pieces, no_jit, run_pieces
 from commands.remedies.base import REMEDIES, Plan
 from commands.remedies.recovery import INCLUDE_DELETED, deleted_on_purpose
 from commands.remedies.runbook import runbook_report, status_report
@@ -216,6 +216,7 @@ async def _submissions(ctx: Context, cutoff: Cutoff) -> dict[str, int | None]:
 
 async def _ledger(ctx: Context, cutoff: Cutoff) -> tuple[dict[str, int | None], list[Row]]:
     async def views(db: Reader) -> list[Row]:
+        await no_jit(db)
         return await db.fetch(_VIEWS_SQL)
 
     found = await ctx.gateway.read(views)
@@ -230,6 +231,7 @@ async def _rest(ctx: Context, cutoff: Cutoff) -> dict[str, int | None]:
     twice as much at 100,000 users)."""
 
     async def users(db: Reader) -> tuple[Row, list[Piece]]:
+        await no_jit(db)
         row = (await db.fetch(_USERS_SQL, {"cutoff": cutoff}))[0]
         return row, await key_pieces(db, "submission_attachments", "submission_id")
 

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import acting_notes, triggers_reading
-from commands.keyranges import Piece, key_pieces, run_pieces
+from commands.keyranges import Piece, key_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     LockScope,
     Outcome,
@@ -221,6 +221,7 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
         raise UsageError("`dedupe-learn` takes no arguments")
 
     async def guards(db: Reader) -> list[str]:
+        await no_jit(db)
         return await triggers_reading(db, "submissions", "UPDATE", CERTIFICATE_KEY)
 
     cert_guards = await ctx.gateway.read(guards)
@@ -228,6 +229,7 @@ async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
     n, users, n_decide = int(found["n"]), int(found["users"]), int(found["decide"])
 
     async def survey(db: Reader) -> tuple[list[Row], list[Row], list[str], list[Row], str | None]:
+        await no_jit(db)
         part = learn_part(bool(cert_guards))
         audit = await audit_note(db, [("submissions", "UPDATE")]) if n else None
         sample = (

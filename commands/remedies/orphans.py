@@ -7,7 +7,7 @@ from psycopg import sql
 from commands.audit_trail import Op
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import plan_notes
-from commands.keyranges import Piece, key_pieces, run_pieces
+from commands.keyranges import Piece, key_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -310,6 +310,7 @@ async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
     counts, firsts = await orphan_counts(ctx, parts)
 
     async def survey(db: Reader) -> tuple[list[Row], list[Row], str | None]:
+        await no_jit(db)
         sample: list[Row] = []
         for p in parts:
             if counts[p.key] and len(sample) < SAMPLE:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from commands.audit_trail import Op, audit_trail, image_key, label_key
 from commands.base import BACKUP_SCHEMA, ROLES, Context, Reader, Row, UsageError, role_rank
 from commands.guards import plan_notes
-from commands.keyranges import Piece, block_pieces, run_pieces
+from commands.keyranges import Piece, block_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -184,6 +184,7 @@ async def survey_audit(ctx: Context) -> AuditSurvey:
     and the audit rows of users missing from users (commands/keyranges.py)."""
 
     async def keys(db: Reader) -> tuple[AuditFormat, list[Piece]]:
+        await no_jit(db)
         return await audit_keys(db), await block_pieces(db, "audit_log")
 
     fmt, pieces = await ctx.gateway.read(keys)
@@ -406,6 +407,7 @@ async def deleted_on_purpose(ctx: Context) -> int:
         return 0
 
     async def count(db: Reader) -> int:
+        await no_jit(db)
         params = _params(audit.format, since, audit_ids=audit.candidates)
         return await _count(db, _USERS_DELETED_AFTER_SQL, params)
 
@@ -503,6 +505,7 @@ async def plan_recover_users(ctx: Context, args: list[str]) -> Plan:
     fmt = surveyed.format
 
     async def survey(db: Reader) -> tuple[list[Row], list[str], list[str]]:
+        await no_jit(db)
         refs = [str(r["name"]) for r in await db.fetch(_SELF_REFS_SQL)]
         params = _params(fmt, since, refs=refs, audit_ids=surveyed.candidates)
         judged = await db.fetch(_USERS_JUDGED_SQL, params) if surveyed.candidates else []
@@ -843,7 +846,7 @@ async def plan_rematch_kind(ctx: Context, args: list[str], kind: RematchKind) ->
     params = {"none": NO_USER, "sample": SAMPLE}
 
     async def survey(db: Reader) -> list[Row]:
-        await db.fetch("SELECT set_config('work_mem', '64MB', true)")
+        await no_jit(db)
         return await db.fetch(rematch_plan_sql(kind.scope), params)
 
     found = await ctx.gateway.read(survey)
@@ -1063,6 +1066,7 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
     _no_args(RECOVER_LEARN_NAME, args)
 
     async def pairs_of(db: Reader) -> tuple[list[str], list[Row]]:
+        await no_jit(db)
         tags = await learn_tags(db)
         if not tags:
             return tags, []
@@ -1077,6 +1081,7 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
     ]
 
     async def payload_and_held(db: Reader) -> tuple[Row, list[Row]]:
+        await no_jit(db)
         payload = (await db.fetch(_PRODUCT_PAYLOAD_SQL))[0]
         params = {"tags": tags, "prefix": LEARN_ID_PREFIX}
         return payload, await db.fetch(_LEARN_HELD_SQL, params)

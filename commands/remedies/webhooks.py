@@ -64,7 +64,7 @@ from pydantic import BaseModel
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import events_unique_index
-from commands.keyranges import Piece, block_pieces, run_pieces
+from commands.keyranges import Piece, block_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -325,6 +325,7 @@ async def _paid_in_pieces(ctx: Context) -> set[str]:
     ledger's blocks (one pass over it in bounded statements)."""
 
     async def keys_and_pieces(db: Reader) -> tuple[list[str], str | None, list[Piece]]:
+        await no_jit(db)
         keys = sorted(str(r["key"]) for r in await db.fetch(_KEYS_SQL))
         return keys, await events_unique_index(db), await block_pieces(db, "points_ledger")
 
@@ -382,6 +383,7 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
     paid = await _paid_in_pieces(ctx)
 
     async def survey(db: Reader) -> tuple[list[str], int, list[Row], str | None]:
+        await no_jit(db)
         await ledger_source(db)
         return (
             await learn_tags(db),
@@ -649,6 +651,7 @@ async def _referenced(ctx: Context, ids: list[str]) -> Row:
     """How many of the events `ids` a grant names, and how many a ledger award does."""
 
     async def grants(db: Reader) -> tuple[int, list[Piece]]:
+        await no_jit(db)
         n = int((await db.fetch(_GRANTS_SQL, {"ids": ids}))[0]["n"])
         return n, await block_pieces(db, "points_ledger")
 
@@ -666,9 +669,7 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
         raise UsageError(f"`{DEDUPE_WEBHOOKS}` takes no arguments")
 
     async def survey(db: Reader) -> tuple[int, list[str], list[Row]]:
-        await db.fetch(
-            "SELECT set_config('work_mem', '64MB', true), set_config('jit', 'off', true)"
-        )
+        await no_jit(db)
         rows = await db.fetch(_PAYLOAD_SURVEY_SQL, {"sample": SAMPLE})
         sample = [{k: r[k] for k in _PAYLOAD_SAMPLE_KEYS} for r in rows if r["id"] is not None]
         return int(rows[0]["n"]), [str(i) for i in rows[0]["ids"] or []], sample
