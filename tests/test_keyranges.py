@@ -1,0 +1,151 @@
+"""Whole-table reads in pieces of bounded statements (commands/keyranges.py, issue 16): the
+recovery verification, the baseline's census and the plans of the recovery remedies give
+the same answers, to the row and the sample, read in many small pieces as in one piece.
+The target is the real fixture PostgreSQL with every fault those plans repair."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from bot.router import RunContext
+from commands import keyranges
+from commands.fixture.faults import FaultInjector
+from commands.keyranges import WHOLE, Piece, block_pieces, key_pieces, split
+from commands.recover import census_days, measure
+from commands.remedies.base import REMEDIES
+
+# (remedy, arguments) whose plans read their tables in pieces.
+PLANS: tuple[tuple[str, list[str]], ...] = (
+    ("cleanup-orphans", ["all"]),
+    ("dedupe-learn", []),
+    ("recover-users", []),
+    ("dedupe-webhooks", []),
+    ("reprocess-webhooks", []),
+    ("dedupe-ledger-events", []),
+)
+
+
+async def execute(dsn: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query.encode(), params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def answers(ctx: RunContext, since: datetime) -> dict[str, Any]:
+    measured = await measure(ctx, since)
+    out: dict[str, Any] = {
+        "counts": measured.counts,
+        "errors": measured.errors,
+        "days": await census_days(ctx, since),
+    }
+    for name, args in PLANS:
+        out[name] = (await REMEDIES[name].plan(ctx, args)).model_dump(mode="json")
+    return out
+
+
+async def test_pieces_give_the_answers_of_the_whole_table(
+    ctx: RunContext, leaps_dsn: str, faults: FaultInjector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subs = await faults.orphan_submissions(3) + await faults.orphan_submissions(2, "activity")
+    ledger = await faults.orphan_ledger_rows(3) + await faults.orphan_ledger_rows(2, "activity")
+    attachments = await faults.orphan_attachments(3)
+    await faults.duplicate_learn(4)
+    await faults.duplicate_approved_learn(2)
+    await faults.duplicate_external_events(3)
+    await faults.data_loss(pct=5, accounts=3, unmatched=2, kajabi_only=True)
+    originals = await faults.duplicate_webhook_payloads(2)
+    # An attachment of an orphaned submission, and references to a repeated payload's copy.
+    await execute(
+        leaps_dsn,
+        "INSERT INTO submission_attachments (id, submission_id, path)"
+        " VALUES ('att_of_orphan', %s, 'evidence/orphan.pdf')",
+        (subs[0],),
+    )
+    copy = f"{originals[0]}_again1"
+    await execute(
+        leaps_dsn,
+        "INSERT INTO learn_tag_grants (id, user_id, tag_name, kajabi_event_id, granted_at)"
+        " SELECT 'grant_of_copy', user_id, 'leaps learn complete', %s, now()"
+        " FROM points_ledger ORDER BY id LIMIT 1",
+        (copy,),
+    )
+    await execute(
+        leaps_dsn,
+        "UPDATE points_ledger SET meta = meta || jsonb_build_object('kajabi_event', %s::text)"
+        " WHERE id = (SELECT id FROM points_ledger ORDER BY id DESC LIMIT 1)",
+        (copy,),
+    )
+    await execute(leaps_dsn, "ANALYZE")
+    since = datetime.now(UTC)
+
+    monkeypatch.setattr(keyranges, "ROWS_PER_PIECE", 10**9)
+    whole = await answers(ctx, since)
+    monkeypatch.setattr(keyranges, "ROWS_PER_PIECE", 40)
+
+    async def pieces(db: Any) -> list[list[Piece]]:
+        return [
+            await key_pieces(db, "points_ledger", "user_id"),
+            await key_pieces(db, "submissions", "user_id"),
+            await key_pieces(db, "submission_attachments", "submission_id"),
+            await block_pieces(db, "points_ledger"),
+            await block_pieces(db, "audit_log"),
+        ]
+
+    assert all(len(p) > 5 for p in await ctx.gateway.read(pieces))  # many pieces each
+    pieced = await answers(ctx, since)
+    assert pieced == whole
+
+    # ... and the answers are the faults': nothing lost to a piece's edge.
+    counts = whole["counts"]
+    assert (counts["orphan_submissions"], counts["orphan_ledger_rows"]) == (3, 3)
+    assert counts["orphan_attachments"] == 3 and not whole["errors"]
+    assert sum(whole["days"]["ledger_rows"].values()) == counts["ledger_rows_upto"]
+    orphans = whole["cleanup-orphans"]
+    assert orphans["data"]["counts"] == {
+        "attachments": 3,
+        "child_attachments": 1,
+        "submissions": 5,
+        "points_ledger": 5,
+    }
+    assert orphans["count"] == 14 == len(orphans["targets"])  # under SAMPLE: all shown
+    assert {t["id"] for t in orphans["targets"]} == {
+        *attachments,
+        "att_of_orphan",
+        *subs,
+        *ledger,
+    }
+    learn = whole["dedupe-learn"]
+    assert learn["count"] == 4 and len(learn["data"]["needs_decision"]) == 2
+    assert whole["recover-users"]["count"] == 3
+    assert whole["dedupe-ledger-events"]["count"] == 3
+    webhooks = whole["dedupe-webhooks"]
+    assert webhooks["count"] == 2
+    (note,) = webhooks["warnings"]
+    assert note.startswith("of the rows to delete, 1 are named by learn_tag_grants and 1 by")
+
+
+def test_pieces_cover_every_key_once() -> None:
+    """Each key of the histogram's range falls in exactly one piece, NULL in the first;
+    too few rows or bounds make one piece, the whole table."""
+    bounds = [f"u{i:03d}" for i in range(0, 101)]
+    pieces = split(bounds, rows=1000, per_piece=100)
+    assert len(pieces) == 10 and pieces[0].lo is None and pieces[-1].hi is None
+    assert all(a.hi == b.lo for a, b in itertools.pairwise(pieces))
+    for key in ["a", "u000", "u0505", "u050", "u100", "zz"]:
+        inside = [
+            p for p in pieces if (p.lo is None or key >= p.lo) and (p.hi is None or key < p.hi)
+        ]
+        assert len(inside) == 1, key
+    assert split(bounds, rows=99, per_piece=100) == [WHOLE]
+    assert split(["a", "b"], rows=10**6, per_piece=100) == [WHOLE]
+    first, middle = pieces[0], pieces[1]
+    assert first.where("l.user_id") == "((l.user_id < %(hi)s OR l.user_id IS NULL))"
+    assert middle.where("u.id") == "(u.id >= %(lo)s AND u.id < %(hi)s)"
+    assert WHOLE.where("x") == "(TRUE)" and not WHOLE.ranged and middle.ranged
+    blocks = Piece("(10,0)", None, blocks=True)
+    assert blocks.where("ignored") == "(ctid >= %(lo)s::tid)" and not blocks.ranged
