@@ -9,10 +9,11 @@ by the same order the whole statement would use):
 * `key_pieces`: by ranges of a key column (a user id, a submission id), from the
   column's own statistics (`pg_stats.histogram_bounds`), so that each piece holds about
   `ROWS_PER_PIECE` rows. Every non-NULL key is in exactly one piece (`>= lo AND < hi`,
-  compared in the column's collation, in which the histogram is sorted); NULL keys go
-  with the first piece. A join on that key (users by id, submissions by id) restricted
-  to the same range reads only the piece's share of the other table too. Without
-  statistics (never analyzed) there is one piece, the whole table.
+  compared in the column's collation, in which the histogram is sorted); where the
+  column may hold NULL, a piece of its own reads those rows (`IS NULL`). A join on
+  that key (users by id, submissions by id) restricted to the same range reads only the
+  piece's share of the other table too. Without statistics (never analyzed) there is
+  one piece, the whole table.
 * `block_pieces`: by ranges of physical blocks (`ctid`, read by a TID range scan), for
   plain counts: each block is read once whatever the keys' order on disk. The last
   piece is open-ended, so rows in blocks added since the catalog counted them are read.
@@ -46,7 +47,9 @@ _KEY_STATS_SQL = """
 SELECT greatest(c.reltuples, 0)::bigint AS rows,
        (SELECT s.histogram_bounds::text::text[] FROM pg_stats AS s
         WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = %(column)s
-        LIMIT 1) AS bounds
+        LIMIT 1) AS bounds,
+       coalesce((SELECT a.attnotnull FROM pg_attribute AS a
+                 WHERE a.attrelid = c.oid AND a.attname = %(column)s), false) AS not_null
 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(%(table)s)
 """
@@ -59,25 +62,25 @@ FROM pg_class AS c WHERE c.oid = to_regclass(%(table)s)
 
 @dataclass(frozen=True)
 class Piece:
-    """One range of a key (`lo` inclusive, `hi` exclusive; None: unbounded), or of
-    blocks when `blocks` (then `lo` and `hi` are `(block,0)` tids)."""
+    """One range of a key (`lo` inclusive, `hi` exclusive; None: unbounded), the rows
+    whose key is NULL (`null`), or a range of blocks when `blocks` (then `lo` and `hi`
+    are `(block,0)` tids)."""
 
     lo: str | None = None
     hi: str | None = None
     blocks: bool = False
-
-    @property
-    def first(self) -> bool:
-        return self.lo is None
+    null: bool = False
 
     @property
     def ranged(self) -> bool:
-        """A proper range of keys (not blocks, not the whole table)."""
-        return not self.blocks and (self.lo is not None or self.hi is not None)
+        """A proper range of keys, or their NULLs (not blocks, not the whole table)."""
+        return not self.blocks and (self.null or self.lo is not None or self.hi is not None)
 
     def where(self, column: str, name: str = "") -> str:
         """The condition that puts a row in this piece: SQL over `column` with the
         bound parameters `%(lo<name>)s` / `%(hi<name>)s` (`params(name)`)."""
+        if self.null:
+            return f"({column} IS NULL)"
         if self.blocks:
             column, cast = "ctid", "::tid"
         else:
@@ -87,10 +90,7 @@ class Piece:
             parts.append(f"{column} >= %(lo{name})s{cast}")
         if self.hi is not None:
             parts.append(f"{column} < %(hi{name})s{cast}")
-        condition = " AND ".join(parts) or "TRUE"
-        if self.first and not self.blocks and self.hi is not None:
-            condition = f"({condition} OR {column} IS NULL)"
-        return f"({condition})"
+        return f"({' AND '.join(parts) or 'TRUE'})"
 
     def params(self, name: str = "") -> dict[str, str | None]:
         return {f"lo{name}": self.lo, f"hi{name}": self.hi}
@@ -112,12 +112,20 @@ def split(bounds: Sequence[str], rows: int, per_piece: int | None = None) -> lis
     return [Piece(lo, hi) for lo, hi in itertools.pairwise(edges)]
 
 
-async def key_pieces(db: Reader, table: str, column: str) -> list[Piece]:
-    """`table`'s rows in pieces by ranges of `column` (one piece without statistics)."""
+async def key_pieces(db: Reader, table: str, column: str, parent: str | None = None) -> list[Piece]:
+    """`table`'s rows in pieces by ranges of `column` (one piece without statistics).
+    With `parent` (the table the key refers to, whose share of each range the piece's
+    statement reads too), its rows count towards the pieces' size as well."""
     rows = await db.fetch(_KEY_STATS_SQL, {"table": table, "column": column})
     if not rows or rows[0]["bounds"] is None:
         return [WHOLE]
-    return split([str(b) for b in rows[0]["bounds"]], int(rows[0]["rows"]))
+    n = int(rows[0]["rows"])
+    if parent is not None:
+        n += int((await db.fetch(_BLOCKS_SQL, {"table": parent}))[0]["rows"])
+    pieces = split([str(b) for b in rows[0]["bounds"]], n)
+    if len(pieces) > 1 and not rows[0]["not_null"]:
+        pieces.insert(0, Piece(null=True))
+    return pieces
 
 
 async def block_pieces(db: Reader, table: str) -> list[Piece]:

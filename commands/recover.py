@@ -233,7 +233,7 @@ async def _rest(ctx: Context, cutoff: Cutoff) -> dict[str, int | None]:
     async def users(db: Reader) -> tuple[Row, list[Piece]]:
         await no_jit(db)
         row = (await db.fetch(_USERS_SQL, {"cutoff": cutoff}))[0]
-        return row, await key_pieces(db, "submission_attachments", "submission_id")
+        return row, await key_pieces(db, "submission_attachments", "submission_id", "submissions")
 
     async def attachments(db: Reader, piece: Piece) -> Row:
         query = _ATTACHMENTS_SQL.format(

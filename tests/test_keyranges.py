@@ -130,8 +130,8 @@ async def test_pieces_give_the_answers_of_the_whole_table(
 
 
 def test_pieces_cover_every_key_once() -> None:
-    """Each key of the histogram's range falls in exactly one piece, NULL in the first;
-    too few rows or bounds make one piece, the whole table."""
+    """Each key of the histogram's range falls in exactly one piece (NULL in a piece of
+    its own); too few rows or bounds make one piece, the whole table."""
     bounds = [f"u{i:03d}" for i in range(0, 101)]
     pieces = split(bounds, rows=1000, per_piece=100)
     assert len(pieces) == 10 and pieces[0].lo is None and pieces[-1].hi is None
@@ -144,7 +144,8 @@ def test_pieces_cover_every_key_once() -> None:
     assert split(bounds, rows=99, per_piece=100) == [WHOLE]
     assert split(["a", "b"], rows=10**6, per_piece=100) == [WHOLE]
     first, middle = pieces[0], pieces[1]
-    assert first.where("l.user_id") == "((l.user_id < %(hi)s OR l.user_id IS NULL))"
+    assert first.where("l.user_id") == "(l.user_id < %(hi)s)"
+    assert Piece(null=True).where("u.id") == "(u.id IS NULL)" and Piece(null=True).ranged
     assert middle.where("u.id") == "(u.id >= %(lo)s AND u.id < %(hi)s)"
     assert WHOLE.where("x") == "(TRUE)" and not WHOLE.ranged and middle.ranged
     blocks = Piece("(10,0)", None, blocks=True)

@@ -192,83 +192,148 @@ async def _unhandled_dependents(db: Reader, tables: list[str]) -> list[Row]:
 # part; the sample is then read by those conditions among the kept ids, in id order:
 # exactly the rows the whole part's `sample_sql` would give.
 #
-# Submissions and the ledger by ranges of user ids, users restricted to the same range
-# (a row's user is missing iff it is missing from its piece's share of users); the
-# attachments of the orphaned submissions of a piece by their index, one probe each.
-_SUBMISSIONS_PIECE_SQL = """
-WITH o AS MATERIALIZED (
-  SELECT s.id FROM submissions AS s
-  LEFT JOIN users AS u ON u.id = s.user_id AND {users}
-  LEFT JOIN activities AS ac ON ac.code = s.activity_code
-  WHERE {rows} AND (u.id IS NULL OR ac.code IS NULL)
-), c AS MATERIALIZED (
+# Submissions and the ledger by ranges of user ids, each piece in two parts that cannot
+# overlap: rows whose user is missing (`um`: a merge of the table's user_id index with
+# the piece's share of users' primary key, reading no row), and rows of a user present
+# whose activity is missing (`am`: the codes missing from activities, found once by a
+# walk of the table's activity_code index, read through that index). Only the orphans'
+# ids are then read, by the user_id index (a probe per missing user: every row of a
+# missing user is one; OFFSET 0 keeps the probes from being planned as a scan of the
+# piece). `%(everything)s` is the piece of NULL user ids, whose every row is an orphan.
+_ORPHANS_CTE = """
+WITH um AS MATERIALIZED (
+  SELECT {a}.user_id FROM {table} AS {a}
+  WHERE {rows} AND NOT EXISTS (SELECT 1 FROM users AS u WHERE u.id = {a}.user_id AND {users})
+), am AS MATERIALIZED (
+  SELECT {a}.id FROM {table} AS {a}
+  WHERE {rows}
+    AND ({a}.activity_code = ANY(%(missing)s::text[]) OR (%(nulls)s AND {a}.activity_code IS NULL))
+    AND EXISTS (SELECT 1 FROM users AS u WHERE u.id = {a}.user_id AND {users})
+), o AS MATERIALIZED (
+  SELECT x.id FROM (SELECT DISTINCT um.user_id FROM um) AS m CROSS JOIN LATERAL
+    (SELECT {a}.id FROM {table} AS {a} WHERE {a}.user_id = m.user_id OFFSET 0) AS x
+  UNION ALL SELECT {a}.id FROM {table} AS {a} WHERE {rows} AND %(everything)s
+  UNION ALL SELECT am.id FROM am
+)"""
+# The attachments of the orphaned submissions of a piece by their index, one probe each.
+_SUBMISSIONS_PIECE_SQL = (
+    _ORPHANS_CTE.replace("{table}", "submissions").replace("{a}", "s")  # noqa: S608
+    + """, c AS MATERIALIZED (
   SELECT a.id FROM o CROSS JOIN LATERAL
-    (SELECT sa.id FROM submission_attachments AS sa WHERE sa.submission_id = o.id) AS a
+    (SELECT sa.id FROM submission_attachments AS sa WHERE sa.submission_id = o.id OFFSET 0) AS a
 )
-SELECT (SELECT count(*) FROM o) AS submissions, (SELECT count(*) FROM c) AS child_attachments,
+SELECT (SELECT count(*) FROM um) + (SELECT count(*) FROM am) AS submissions,
+       (SELECT count(*) FROM c) AS child_attachments,
        ARRAY(SELECT o.id FROM o ORDER BY o.id LIMIT %(sample)s) AS submissions_first,
        ARRAY(SELECT c.id FROM c ORDER BY c.id LIMIT %(sample)s) AS child_attachments_first
 """
-_LEDGER_PIECE_SQL = """
-WITH o AS MATERIALIZED (
-  SELECT l.id FROM points_ledger AS l
-  LEFT JOIN users AS u ON u.id = l.user_id AND {users}
-  LEFT JOIN activities AS ac ON ac.code = l.activity_code
-  WHERE {rows} AND (u.id IS NULL OR ac.code IS NULL)
 )
-SELECT count(*) AS points_ledger,
+_LEDGER_PIECE_SQL = (
+    _ORPHANS_CTE.replace("{table}", "points_ledger").replace("{a}", "l")  # noqa: S608
+    + """
+SELECT (SELECT count(*) FROM um) + (SELECT count(*) FROM am) AS points_ledger,
        ARRAY(SELECT o.id FROM o ORDER BY o.id LIMIT %(sample)s) AS points_ledger_first
+"""
+)
+# Attachments by ranges of submission ids: a merge of the two indexes per range, reading
+# no row; then the ids of the orphans only (every attachment of a missing submission is
+# one).
+_ATTACHMENTS_PIECE_SQL = """
+WITH o AS MATERIALIZED (
+  SELECT sa.submission_id FROM submission_attachments AS sa
+  WHERE {rows}
+    AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = sa.submission_id AND {users})
+)
+SELECT count(*) AS attachments,
+       ARRAY(SELECT x.id FROM
+               (SELECT x.id FROM (SELECT DISTINCT o.submission_id FROM o) AS m
+                CROSS JOIN LATERAL (SELECT sa.id FROM submission_attachments AS sa
+                                    WHERE sa.submission_id = m.submission_id OFFSET 0) AS x
+                UNION ALL
+                SELECT sa.id FROM submission_attachments AS sa WHERE {rows} AND %(everything)s
+               ) AS x
+             ORDER BY x.id LIMIT %(sample)s) AS attachments_first
 FROM o
 """
-# Attachments by ranges of submission ids: a merge of the two indexes per range, which
-# counts without reading a row; only a piece that has some reads their ids.
-_ATTACHMENTS_PIECE_SQL = """
-SELECT count(*) AS attachments FROM submission_attachments AS sa
-WHERE {rows}
-  AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = sa.submission_id AND {parents})
-"""
-_ATTACHMENTS_FIRST_SQL = """
-SELECT sa.id FROM submission_attachments AS sa
-WHERE {rows}
-  AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = sa.submission_id AND {parents})
-ORDER BY sa.id LIMIT %(sample)s
-"""
-# The piece queries above by part, with the table and key they are pieced by.
-_PIECED: dict[str, tuple[str, str, str]] = {
-    "attachments": ("submission_attachments", "submission_id", _ATTACHMENTS_PIECE_SQL),
-    "submissions": ("submissions", "user_id", _SUBMISSIONS_PIECE_SQL),
-    "points_ledger": ("points_ledger", "user_id", _LEDGER_PIECE_SQL),
+# The piece queries above by part: table, alias, the key pieced by and its parent's key.
+_PIECED: dict[str, tuple[str, str, str, str, str]] = {
+    "attachments": (
+        "submission_attachments",
+        "sa",
+        "submission_id",
+        "s.id",
+        _ATTACHMENTS_PIECE_SQL,
+    ),
+    "submissions": ("submissions", "s", "user_id", "u.id", _SUBMISSIONS_PIECE_SQL),
+    "points_ledger": ("points_ledger", "l", "user_id", "u.id", _LEDGER_PIECE_SQL),
 }
+# The activity codes a table holds that activities lacks, and whether it holds NULL: a
+# walk of its activity_code index, one probe per distinct code (a plain DISTINCT where
+# no index leads with activity_code).
+_CODES_INDEXED_SQL = """
+WITH RECURSIVE c AS (
+  (SELECT t.activity_code AS code FROM {table} AS t WHERE t.activity_code IS NOT NULL
+   ORDER BY t.activity_code LIMIT 1)
+  UNION ALL
+  SELECT (SELECT t.activity_code FROM {table} AS t WHERE t.activity_code > c.code
+          ORDER BY t.activity_code LIMIT 1)
+  FROM c WHERE c.code IS NOT NULL
+)
+SELECT ARRAY(SELECT c.code FROM c WHERE c.code IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM activities AS ac WHERE ac.code = c.code)) AS missing,
+       EXISTS (SELECT 1 FROM {table} AS t WHERE t.activity_code IS NULL) AS nulls
+"""
+_CODES_SCAN_SQL = """
+WITH c AS (SELECT DISTINCT t.activity_code AS code FROM {table} AS t)
+SELECT ARRAY(SELECT c.code FROM c WHERE c.code IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM activities AS ac WHERE ac.code = c.code)) AS missing,
+       EXISTS (SELECT 1 FROM c WHERE c.code IS NULL) AS nulls
+"""
+_CODE_INDEX_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_index AS i
+               JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+               WHERE i.indrelid = to_regclass(%s) AND a.attname = 'activity_code'
+                 AND i.indisvalid AND i.indpred IS NULL) AS indexed
+"""
 
 
-def _piece_sql(sql: str, piece: Piece, alias: str) -> str:
-    parents = piece.where("s.id") if alias == "sa" else ""
-    return sql.format(
-        rows=piece.where(f"{alias}.{'submission_id' if alias == 'sa' else 'user_id'}"),
-        users=piece.where("u.id"),
-        parents=parents,
-    )
+async def missing_codes(db: Reader, table: str) -> Row:
+    """`missing`: the activity codes `table` holds that activities lacks; `nulls`:
+    whether it holds rows without one."""
+    indexed = (await db.fetch(_CODE_INDEX_SQL, (table,)))[0]["indexed"]
+    query = (_CODES_INDEXED_SQL if indexed else _CODES_SCAN_SQL).format(table=table)
+    return (await db.fetch(query))[0]
+
+
+def _piece_sql(key: str, piece: Piece) -> str:
+    _table, alias, column, parent, query = _PIECED[key]
+    return query.format(rows=piece.where(f"{alias}.{column}"), users=piece.where(parent))
 
 
 async def _count_pieced(ctx: Context, key: str) -> tuple[dict[str, int], dict[str, list[str]]]:
     """One piece query's parts over the whole table: their counts and, per part, the
     first SAMPLE ids of each piece (the candidates of the sample)."""
-    table, column, query = _PIECED[key]
-    alias = {"attachments": "sa", "submissions": "s", "points_ledger": "l"}[key]
+    table, _alias, column, _parent, _query = _PIECED[key]
 
-    async def pieces(db: Reader) -> list[Piece]:
-        return await key_pieces(db, table, column)
+    async def pieces(db: Reader) -> tuple[list[Piece], Row]:
+        await no_jit(db)
+        codes = await missing_codes(db, table) if key != "attachments" else {}
+        parent = "submissions" if key == "attachments" else None
+        return await key_pieces(db, table, column, parent), codes
+
+    found, codes = await ctx.gateway.read(pieces)
+    params = {
+        "sample": SAMPLE,
+        "missing": codes.get("missing") or [],
+        "nulls": bool(codes.get("nulls")),
+    }
 
     async def read(db: Reader, piece: Piece) -> Row:
-        params = {**piece.params(), "sample": SAMPLE}
-        row = (await db.fetch(_piece_sql(query, piece, alias), params))[0]
-        if key == "attachments" and row["attachments"]:
-            first = await db.fetch(_piece_sql(_ATTACHMENTS_FIRST_SQL, piece, alias), params)
-            row = {**row, "attachments_first": [r["id"] for r in first]}
-        return row
+        values = {**params, **piece.params(), "everything": piece.null}
+        return (await db.fetch(_piece_sql(key, piece), values))[0]
 
     settings = {"enable_hashjoin": "off"} if key == "attachments" else {}
-    rows = await run_pieces(ctx.gateway, await ctx.gateway.read(pieces), read, settings)
+    rows = await run_pieces(ctx.gateway, found, read, settings)
     counts: dict[str, int] = {}
     firsts: dict[str, list[str]] = {}
     for row in rows:
