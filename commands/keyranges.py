@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from commands.base import Gateway, Reader
+from commands.base import Gateway, Reader, Row
 
 # Rows a piece holds: about a second of hashing and joining on a busy 2-core machine.
 ROWS_PER_PIECE = 1_000_000
@@ -215,3 +215,91 @@ def add_up(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         for key, value in row.items():
             out[key] = out.get(key, 0) + int(value or 0)
     return out
+
+
+# --- repeated keys without an index ---------------------------------------------------
+
+# Hash buckets of the keys: one byte each (0, 1, 2 = more than one row).
+BUCKETS = 1 << 24
+# Candidate rows judged exactly per statement (whole buckets, so whole keys, together).
+CANDIDATES_PER_STATEMENT = 100_000
+_BUCKETS_SQL = """
+SELECT array_agg(b) AS buckets, array_agg(n) AS rows FROM (
+  SELECT ({hash}) & %(mask)s AS b, count(*) AS n FROM {table} AS t
+  WHERE {rows} AND {where} GROUP BY 1) AS g
+"""
+_CANDIDATES_SQL = """
+SELECT t.id, ({hash}) & %(mask)s AS b FROM {table} AS t
+WHERE {rows} AND {where} AND ({hash}) & %(mask)s = ANY(%(hot)s::int[])
+"""
+
+
+async def repeated_candidates(
+    gw: Gateway, table: str, hash_sql: str, where: str
+) -> list[list[str]]:
+    """The rows of `table` (alias `t`, those `where` holds) that may share their key with
+    another: those whose key's hash (`hash_sql`, equal for equal keys) falls in a bucket
+    of BUCKETS that more than one row's does, a superset of the rows whose key repeats.
+    Two passes over the table's blocks in pieces: the buckets' rows counted (memory: one
+    byte per bucket, whatever the table's size), then the rows of the buckets held twice
+    read by id. Returned in groups of whole buckets (every row of a key in one group), of
+    about CANDIDATES_PER_STATEMENT rows each, for the caller to judge exactly, one
+    statement per group."""
+
+    async def pieces(db: Reader) -> list[Piece]:
+        return await block_pieces(db, table)
+
+    found = await gw.read(pieces)
+    mask = BUCKETS - 1
+    seen = bytearray(BUCKETS)
+    hot: set[int] = set()
+
+    async def count(db: Reader, piece: Piece) -> Row:
+        sql = _BUCKETS_SQL.format(
+            hash=hash_sql, table=table, rows=piece.where("t.ctid"), where=where
+        )
+        return (await db.fetch(sql, {"mask": mask, **piece.params()}))[0]
+
+    for row in await run_pieces(gw, found, count):
+        for b, n in zip(row["buckets"] or [], row["rows"] or [], strict=True):
+            seen[b] = min(2, seen[b] + int(n))
+            if seen[b] == 2:
+                hot.add(int(b))
+    del seen
+    if not hot:
+        return []
+    listed = sorted(hot)
+
+    async def candidates(db: Reader, piece: Piece) -> list[Row]:
+        sql = _CANDIDATES_SQL.format(
+            hash=hash_sql, table=table, rows=piece.where("t.ctid"), where=where
+        )
+        return await db.fetch(sql, {"mask": mask, "hot": listed, **piece.params()})
+
+    by_bucket: dict[int, list[str]] = {}
+    for rows in await run_pieces(gw, found, candidates):
+        for r in rows:
+            by_bucket.setdefault(int(r["b"]), []).append(str(r["id"]))
+    groups: list[list[str]] = [[]]
+    for b in sorted(by_bucket):
+        if len(groups[-1]) >= CANDIDATES_PER_STATEMENT:
+            groups.append([])
+        groups[-1].extend(by_bucket[b])
+    return [g for g in groups if g]
+
+
+async def first_by_id(gw: Gateway, table: str, rows: Sequence[Row], limit: int) -> list[Row]:
+    """The first `limit` of `rows` (each with the `id` of a row of `table`) in the
+    database's own order of that id (its collation), as one statement's ORDER BY id
+    would give them."""
+    if len(rows) <= 1:
+        return list(rows)[:limit]
+    by_id = {str(r["id"]): r for r in rows}
+
+    async def order(db: Reader) -> list[Row]:
+        return await db.fetch(
+            f"SELECT t.id FROM {table} AS t WHERE t.id = ANY(%s) ORDER BY t.id LIMIT %s",  # noqa: S608 (a table name of the caller's constants)
+            (list(by_id), limit),
+        )
+
+    return [by_id[str(r["id"])] for r in await gw.read(order)]

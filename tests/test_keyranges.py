@@ -86,6 +86,9 @@ async def test_pieces_give_the_answers_of_the_whole_table(
     monkeypatch.setattr(keyranges, "ROWS_PER_PIECE", 10**9)
     whole = await answers(ctx, since)
     monkeypatch.setattr(keyranges, "ROWS_PER_PIECE", 40)
+    # few hash buckets: keys that differ share them, and the candidates come in groups
+    monkeypatch.setattr(keyranges, "BUCKETS", 8)
+    monkeypatch.setattr(keyranges, "CANDIDATES_PER_STATEMENT", 5)
 
     async def pieces(db: Any) -> list[list[Piece]]:
         return [
@@ -97,6 +100,10 @@ async def test_pieces_give_the_answers_of_the_whole_table(
         ]
 
     assert all(len(p) > 5 for p in await ctx.gateway.read(pieces))  # many pieces each
+    groups = await keyranges.repeated_candidates(
+        ctx.gateway, "kajabi_events", "jsonb_hash(t.payload)", "TRUE"
+    )
+    assert len(groups) > 3  # many candidates, in groups of whole buckets
     pieced = await answers(ctx, since)
     assert pieced == whole
 

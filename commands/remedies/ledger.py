@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import amplify_keys
+from commands.keyranges import first_by_id, no_jit, repeated_candidates
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -65,18 +66,22 @@ DUPLICATE_EVENT = (
 EVENT_PART = Part(
     "events", "points_ledger", "l", DUPLICATE_EVENT, "repeated ledger rows of an external event"
 )
-# The plan reads the ledger's rows with an event id once, in one statement (no index
-# serves `external_event_id` while duplicates stand: its unique index is what they
-# broke): each key's rows numbered by (created_at, id), every one after the first a
+# The plan finds the repeats without an index on `external_event_id` (its unique index
+# is what they broke): the ledger's blocks in pieces give the rows whose key's hash
+# another row shares (commands/keyranges.py, `repeated_candidates`); among those, by
+# primary key, each key's rows numbered by (created_at, id), every one after the first a
 # repeat, exactly the rows DUPLICATE_EVENT names (a row without created_at is neither a
 # repeat nor an earlier row there, as its row comparison is NULL), with the first row
-# of its key kept. The totals, and the first SAMPLE repeats by id, in one answer.
+# of its key kept. The totals, and the first SAMPLE repeats by id, per group of
+# candidates (every row of a key in one group).
+_EVENT_KEYED = "t.external_event_id IS NOT NULL AND t.created_at IS NOT NULL"
 _EVENTS_SURVEY_SQL = """
 WITH d AS MATERIALIZED (
   SELECT l.id, l.user_id, l.activity_code, l.delta_points, l.external_event_id, l.created_at,
          row_number() OVER w AS rn, first_value(l.id) OVER w AS kept_row
   FROM points_ledger AS l
-  WHERE l.external_event_id IS NOT NULL AND l.created_at IS NOT NULL
+  WHERE l.id = ANY(%(ids)s::text[])
+    AND l.external_event_id IS NOT NULL AND l.created_at IS NOT NULL
   WINDOW w AS (PARTITION BY l.external_event_id ORDER BY l.created_at, l.id)
 ), r AS MATERIALIZED (SELECT * FROM d WHERE d.rn > 1)
 SELECT t.n, t.events, t.points, x.id, x.user_id, x.activity_code, x.delta_points,
@@ -96,30 +101,32 @@ _SAMPLE_KEYS = (
 )
 
 
-async def _tune_events(db: Reader) -> None:
-    """For this transaction only: the one pass may scan in parallel (the ledger has no
-    index to serve it), no JIT, room for the sort."""
-    await db.fetch(
-        "SELECT set_config('work_mem', '64MB', true), set_config('jit', 'off', true),"
-        " set_config('parallel_setup_cost', '10', true),"
-        " set_config('parallel_tuple_cost', '0.0001', true)"
-    )
-
-
 async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-ledger-events` takes no arguments")
+    groups = await repeated_candidates(
+        ctx.gateway, "points_ledger", "hashtext(t.external_event_id)", _EVENT_KEYED
+    )
+    n = events = points = 0
+    sample: list[Row] = []
+    for ids in groups:
 
-    async def survey(db: Reader) -> tuple[int, Row, list[Row], str | None]:
-        await _tune_events(db)
-        rows = await db.fetch(_EVENTS_SURVEY_SQL, {"sample": SAMPLE})
-        n = int(rows[0]["n"])
-        stats = {"events": int(rows[0]["events"]), "points": int(rows[0]["points"])}
-        sample = [{k: r[k] for k in _SAMPLE_KEYS} for r in rows if r["id"] is not None]
-        audit = await audit_note(db, [("points_ledger", "DELETE")]) if n else None
-        return n, stats, sample, audit
+        async def judge(db: Reader, ids: list[str] = ids) -> list[Row]:
+            await no_jit(db)
+            return await db.fetch(_EVENTS_SURVEY_SQL, {"ids": ids, "sample": SAMPLE})
 
-    n, stats, targets, audit = await ctx.gateway.read(survey)
+        rows = await ctx.gateway.read(judge)
+        n += int(rows[0]["n"])
+        events += int(rows[0]["events"])
+        points += int(rows[0]["points"])
+        sample += [{k: r[k] for k in _SAMPLE_KEYS} for r in rows if r["id"] is not None]
+    stats = {"events": events, "points": points}
+    targets = await first_by_id(ctx.gateway, "points_ledger", sample, SAMPLE)
+
+    async def survey(db: Reader) -> str | None:
+        return await audit_note(db, [("points_ledger", "DELETE")]) if n else None
+
+    audit = await ctx.gateway.read(survey)
     notes = await plan_notes(ctx, ["points_ledger"], "DELETE") if n else []
     return Plan(
         remedy=DEDUPE_EVENTS_NAME,

@@ -64,7 +64,14 @@ from pydantic import BaseModel
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import events_unique_index
-from commands.keyranges import Piece, block_pieces, no_jit, run_pieces
+from commands.keyranges import (
+    Piece,
+    block_pieces,
+    first_by_id,
+    no_jit,
+    repeated_candidates,
+    run_pieces,
+)
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -607,27 +614,23 @@ async def verify_reprocess(db: Reader, plan: Plan, run: Execution) -> Verificati
 # --- dedupe-webhooks ----------------------------------------------------------------
 
 PAYLOAD_PART = Part("duplicates", "kajabi_events", "e", DUPLICATE_PAYLOAD, "repeated Kajabi events")
-# The plan reads kajabi_events once (no index serves payload equality): the rows whose
-# payload's hash (`jsonb_hash`, which equal payloads share) more than one row has are the
-# candidates, fetched by id; among them each payload's rows numbered by (received_at,
-# id), every one after the first a repeat, exactly the rows DUPLICATE_PAYLOAD names (a
-# row without received_at is neither a repeat nor an earlier row there, its row
-# comparison being NULL), with the first row of its payload kept. The count and the
-# first SAMPLE repeats by id in one answer.
+# The plan finds the repeats without an index on payload: kajabi_events' blocks in
+# pieces give the rows whose payload's hash (`jsonb_hash`, which equal payloads share)
+# another row shares (commands/keyranges.py, `repeated_candidates`); among those, by
+# primary key, each payload's rows numbered by (received_at, id), every one after the
+# first a repeat, exactly the rows DUPLICATE_PAYLOAD names (a row without received_at is
+# neither a repeat nor an earlier row there, its row comparison being NULL), with the
+# first row of its payload kept. The count, the repeats' ids and the first SAMPLE
+# repeats by id, per group of candidates (every row of a payload in one group).
+_PAYLOAD_KEYED = "t.received_at IS NOT NULL AND t.payload IS NOT NULL"
 _PAYLOAD_SURVEY_SQL = """
-WITH h AS MATERIALIZED (
-  SELECT e.id, jsonb_hash(e.payload) AS hk FROM kajabi_events AS e
-  WHERE e.received_at IS NOT NULL AND e.payload IS NOT NULL
-), c AS MATERIALIZED (
-  SELECT e.id, e.event_id, e.received_at, e.processed_at, e.user_match, e.payload
-  FROM kajabi_events AS e
-  WHERE e.id IN (SELECT h.id FROM h
-                 WHERE h.hk IN (SELECT g.hk FROM h AS g GROUP BY g.hk HAVING count(*) > 1))
-), r AS MATERIALIZED (
+WITH r AS MATERIALIZED (
   SELECT d.* FROM (
-    SELECT c.id, c.event_id, c.received_at, c.processed_at, c.user_match,
-           row_number() OVER w AS rn, first_value(c.id) OVER w AS kept_row
-    FROM c WINDOW w AS (PARTITION BY c.payload ORDER BY c.received_at, c.id)) AS d
+    SELECT e.id, e.event_id, e.received_at, e.processed_at, e.user_match,
+           row_number() OVER w AS rn, first_value(e.id) OVER w AS kept_row
+    FROM kajabi_events AS e
+    WHERE e.id = ANY(%(ids)s::text[]) AND e.received_at IS NOT NULL AND e.payload IS NOT NULL
+    WINDOW w AS (PARTITION BY e.payload ORDER BY e.received_at, e.id)) AS d
   WHERE d.rn > 1
 )
 SELECT t.n, t.ids, x.id, x.event_id, x.received_at, x.processed_at, x.user_match, x.kept_row
@@ -668,13 +671,23 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError(f"`{DEDUPE_WEBHOOKS}` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[int, list[str], list[Row]]:
-        await no_jit(db)
-        rows = await db.fetch(_PAYLOAD_SURVEY_SQL, {"sample": SAMPLE})
-        sample = [{k: r[k] for k in _PAYLOAD_SAMPLE_KEYS} for r in rows if r["id"] is not None]
-        return int(rows[0]["n"]), [str(i) for i in rows[0]["ids"] or []], sample
+    groups = await repeated_candidates(
+        ctx.gateway, "kajabi_events", "jsonb_hash(t.payload)", _PAYLOAD_KEYED
+    )
+    n = 0
+    ids: list[str] = []
+    sample: list[Row] = []
+    for group in groups:
 
-    n, ids, targets = await ctx.gateway.read(survey)
+        async def judge(db: Reader, group: list[str] = group) -> list[Row]:
+            await no_jit(db)
+            return await db.fetch(_PAYLOAD_SURVEY_SQL, {"ids": group, "sample": SAMPLE})
+
+        rows = await ctx.gateway.read(judge)
+        n += int(rows[0]["n"])
+        ids += [str(i) for i in rows[0]["ids"] or []]
+        sample += [{k: r[k] for k in _PAYLOAD_SAMPLE_KEYS} for r in rows if r["id"] is not None]
+    targets = await first_by_id(ctx.gateway, "kajabi_events", sample, SAMPLE)
     refs = await _referenced(ctx, ids) if n else {}
     warnings: list[str] = []
     if n and (int(refs["grants"]) or int(refs["ledger"])):
