@@ -128,13 +128,15 @@ async def key_pieces(db: Reader, table: str, column: str, parent: str | None = N
     return pieces
 
 
-async def block_pieces(db: Reader, table: str) -> list[Piece]:
-    """`table`'s blocks in pieces of about ROWS_PER_PIECE rows; the last open-ended."""
+async def block_pieces(db: Reader, table: str, rows_per_piece: int | None = None) -> list[Piece]:
+    """`table`'s blocks in pieces of about `rows_per_piece` rows (ROWS_PER_PIECE by
+    default); the last open-ended."""
     rows = await db.fetch(_BLOCKS_SQL, {"table": table})
     if not rows:
         return [WHOLE]
     n_rows, blocks = int(rows[0]["rows"]), int(rows[0]["blocks"])
-    n = max(1, math.ceil(n_rows / ROWS_PER_PIECE)) if n_rows > 0 else 1
+    per = rows_per_piece or ROWS_PER_PIECE
+    n = max(1, math.ceil(n_rows / per)) if n_rows > 0 else 1
     if n == 1 or blocks < n:
         return [Piece(blocks=True)]
     cuts = [f"({round(i * blocks / n)},0)" for i in range(1, n)]
@@ -221,70 +223,70 @@ def add_up(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 # Hash buckets of the keys: one byte each (0, 1, 2 = more than one row).
 BUCKETS = 1 << 24
-# Candidate rows judged exactly per statement (whole buckets, so whole keys, together).
+# Candidate rows judged exactly per statement (whole hashes, so whole keys, together).
 CANDIDATES_PER_STATEMENT = 100_000
 _BUCKETS_SQL = """
-SELECT array_agg(b) AS buckets, array_agg(n) AS rows FROM (
-  SELECT ({hash}) & %(mask)s AS b, count(*) AS n FROM {table} AS t
-  WHERE {rows} AND {where} GROUP BY 1) AS g
+SELECT array_agg(({hash}) & %(mask)s) AS buckets FROM {table} AS t WHERE {rows} AND {where}
 """
 _CANDIDATES_SQL = """
-SELECT t.id, ({hash}) & %(mask)s AS b FROM {table} AS t
-WHERE {rows} AND {where} AND ({hash}) & %(mask)s = ANY(%(hot)s::int[])
+SELECT t.id, ({hash}) AS h FROM {table} AS t
+WHERE {rows} AND {where} AND ({hash}) & %(mask)s = ANY(%(hot)s::bigint[])
 """
 
 
 async def repeated_candidates(
-    gw: Gateway, table: str, hash_sql: str, where: str
+    gw: Gateway, table: str, hash_sql: str, where: str, rows_per_piece: int | None = None
 ) -> list[list[str]]:
     """The rows of `table` (alias `t`, those `where` holds) that may share their key with
-    another: those whose key's hash (`hash_sql`, equal for equal keys) falls in a bucket
-    of BUCKETS that more than one row's does, a superset of the rows whose key repeats.
-    Two passes over the table's blocks in pieces: the buckets' rows counted (memory: one
-    byte per bucket, whatever the table's size), then the rows of the buckets held twice
-    read by id. Returned in groups of whole buckets (every row of a key in one group), of
-    about CANDIDATES_PER_STATEMENT rows each, for the caller to judge exactly, one
-    statement per group."""
+    another: those whose key's 64-bit hash (`hash_sql`, equal for equal keys) another
+    row's is equal to, a superset of the rows whose key repeats. Two passes over the
+    table's blocks in pieces (of `rows_per_piece` rows): the rows per bucket of BUCKETS
+    (the hash's low bits) counted in one byte each, whatever the table's size; then the
+    hashes of the rows of buckets held twice. Returned in groups of whole hashes (every
+    row of a key in one group), of about CANDIDATES_PER_STATEMENT rows each, for the
+    caller to judge exactly, one statement per group."""
 
     async def pieces(db: Reader) -> list[Piece]:
-        return await block_pieces(db, table)
+        return await block_pieces(db, table, rows_per_piece)
 
     found = await gw.read(pieces)
     mask = BUCKETS - 1
     seen = bytearray(BUCKETS)
     hot: set[int] = set()
 
-    async def count(db: Reader, piece: Piece) -> Row:
-        sql = _BUCKETS_SQL.format(
-            hash=hash_sql, table=table, rows=piece.where("t.ctid"), where=where
-        )
-        return (await db.fetch(sql, {"mask": mask, **piece.params()}))[0]
+    def sql(template: str, piece: Piece) -> str:
+        return template.format(hash=hash_sql, table=table, rows=piece.where("ctid"), where=where)
 
-    for row in await run_pieces(gw, found, count):
-        for b, n in zip(row["buckets"] or [], row["rows"] or [], strict=True):
-            seen[b] = min(2, seen[b] + int(n))
-            if seen[b] == 2:
-                hot.add(int(b))
+    async def count(db: Reader, piece: Piece) -> list[int]:
+        row = (await db.fetch(sql(_BUCKETS_SQL, piece), {"mask": mask, **piece.params()}))[0]
+        return [int(b) for b in row["buckets"] or []]
+
+    for buckets in await run_pieces(gw, found, count):
+        for b in buckets:
+            if seen[b] < 2:
+                seen[b] += 1
+                if seen[b] == 2:
+                    hot.add(b)
     del seen
     if not hot:
         return []
     listed = sorted(hot)
 
     async def candidates(db: Reader, piece: Piece) -> list[Row]:
-        sql = _CANDIDATES_SQL.format(
-            hash=hash_sql, table=table, rows=piece.where("t.ctid"), where=where
-        )
-        return await db.fetch(sql, {"mask": mask, "hot": listed, **piece.params()})
+        params = {"mask": mask, "hot": listed, **piece.params()}
+        return await db.fetch(sql(_CANDIDATES_SQL, piece), params)
 
-    by_bucket: dict[int, list[str]] = {}
+    by_hash: dict[int, list[str]] = {}
     for rows in await run_pieces(gw, found, candidates):
         for r in rows:
-            by_bucket.setdefault(int(r["b"]), []).append(str(r["id"]))
+            by_hash.setdefault(int(r["h"]), []).append(str(r["id"]))
     groups: list[list[str]] = [[]]
-    for b in sorted(by_bucket):
+    for h in sorted(by_hash):
+        if len(by_hash[h]) < 2:
+            continue  # its bucket was shared, its hash (so its key) is not
         if len(groups[-1]) >= CANDIDATES_PER_STATEMENT:
             groups.append([])
-        groups[-1].extend(by_bucket[b])
+        groups[-1].extend(by_hash[h])
     return [g for g in groups if g]
 
 

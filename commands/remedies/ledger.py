@@ -105,7 +105,7 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-ledger-events` takes no arguments")
     groups = await repeated_candidates(
-        ctx.gateway, "points_ledger", "hashtext(t.external_event_id)", _EVENT_KEYED
+        ctx.gateway, "points_ledger", "hashtextextended(t.external_event_id, 0)", _EVENT_KEYED
     )
     n = events = points = 0
     sample: list[Row] = []
