@@ -17,11 +17,14 @@ within BASELINE_QUIET_S after one recovered, or while a check is critical that w
 at the last baseline. One whose counts fell below the last unflagged one is kept but
 flagged, and only `--baseline HH:MM` compares with it.
 
-The verification reads each table once, in three read-only transactions that run side
-by side: submissions (count, approved, orphans in one join), the ledger (one pass grouped
-by user gives its count, its orphans and the live totals `leaderboard_totals` is compared
-with) and the small rest. The guide's own SQL reads the ledger twice and every table in
-turn; bench/recover.py times both.
+The verification reads each table once, in pieces of bounded statements (issue 16: at a
+million users one statement over the ledger outlasts the check timeout; see
+commands/keyranges.py), two at a time: submissions by ranges of user ids (count,
+approved, orphans against the range's users), the ledger likewise (one pass grouped by
+user gives its count, its orphans and the live totals the range's `leaderboard_totals`
+rows are compared with), attachments by ranges of submission ids, and the small rest.
+The figures are exact: every row is in one piece. The guide's own SQL reads the ledger
+twice and every table in turn; bench/recover.py times both.
 
 Steps that depend on another step's result wait for it: `reconcile-points` counts the
 awards missing now (it would drift under a `recover-learn` approved meanwhile), and
