@@ -16,7 +16,7 @@ from bot.router import RunContext
 from commands import keyranges
 from commands.fixture.faults import FaultInjector
 from commands.keyranges import WHOLE, Piece, block_pieces, key_pieces, split
-from commands.recover import census_days, measure
+from commands.recover import census, census_days, measure
 from commands.remedies.base import REMEDIES
 
 # (remedy, arguments) whose plans read their tables in pieces.
@@ -38,10 +38,12 @@ async def execute(dsn: str, query: str, params: tuple[Any, ...] = ()) -> list[tu
 
 async def answers(ctx: RunContext, since: datetime) -> dict[str, Any]:
     measured = await measure(ctx, since)
+    counted, days = await census(ctx, since, since)
     out: dict[str, Any] = {
         "counts": measured.counts,
         "errors": measured.errors,
         "days": await census_days(ctx, since),
+        "census": (counted.counts, days),
     }
     for name, args in PLANS:
         out[name] = (await REMEDIES[name].plan(ctx, args)).model_dump(mode="json")
@@ -115,6 +117,10 @@ async def test_pieces_give_the_answers_of_the_whole_table(
     assert (counts["orphan_submissions"], counts["orphan_ledger_rows"]) == (3, 3)
     assert counts["orphan_attachments"] == 3 and not whole["errors"]
     assert sum(whole["days"]["ledger_rows"].values()) == counts["ledger_rows_upto"]
+    assert whole["census"][1] == whole["days"]  # the baseline's pass gives the same census
+    assert {k: v for k, v in whole["census"][0].items() if k in counts} == {
+        k: counts[k] for k in whole["census"][0] if k in counts
+    }
     orphans = whole["cleanup-orphans"]
     assert orphans["data"]["counts"] == {
         "attachments": 3,
