@@ -233,10 +233,14 @@ _BUCKETS_SQL = """
 SELECT string_agg(int4send((({hash}) & %(mask)s)::int4), ''::bytea) AS buckets
 FROM {table} AS t WHERE {rows} AND {where}
 """
+# The rows of the buckets held twice: their ids and 64-bit hashes (8 bytes each), in order.
 _CANDIDATES_SQL = """
-SELECT t.id, ({hash}) AS h FROM {table} AS t
-WHERE {rows} AND {where} AND ({hash}) & %(mask)s = ANY(%(hot)s::bigint[])
+SELECT array_agg(c.id ORDER BY c.n) AS ids,
+       string_agg(int8send(c.h), ''::bytea ORDER BY c.n) AS hashes
+FROM (SELECT t.id::text AS id, ({hash}) AS h, row_number() OVER () AS n FROM {table} AS t
+      WHERE {rows} AND {where} AND ({hash}) & %(mask)s = ANY(%(hot)s::bigint[])) AS c
 """
+_S64 = next(code for code in "lq" if array(code).itemsize == 8)
 
 
 async def repeated_candidates(
@@ -281,21 +285,29 @@ async def repeated_candidates(
         return []
     listed = sorted(hot)
 
-    async def candidates(db: Reader, piece: Piece) -> list[Row]:
+    async def candidates(db: Reader, piece: Piece) -> tuple[list[str], array[int]]:
         params = {"mask": mask, "hot": listed, **piece.params()}
-        return await db.fetch(sql(_CANDIDATES_SQL, piece), params)
+        row = (await db.fetch(sql(_CANDIDATES_SQL, piece), params))[0]
+        hashes = array(_S64)
+        hashes.frombytes(bytes(row["hashes"] or b""))
+        if sys.byteorder == "little":
+            hashes.byteswap()
+        return [str(i) for i in row["ids"] or []], hashes
 
-    by_hash: dict[int, list[str]] = {}
-    for rows in await run_pieces(gw, found, candidates):
-        for r in rows:
-            by_hash.setdefault(int(r["h"]), []).append(str(r["id"]))
+    ids: list[str] = []
+    hashes = array(_S64)
+    for got_ids, got_hashes in await run_pieces(gw, found, candidates):
+        ids += got_ids
+        hashes.extend(got_hashes)
+    order = sorted(range(len(ids)), key=hashes.__getitem__)
     groups: list[list[str]] = [[]]
-    for h in sorted(by_hash):
-        if len(by_hash[h]) < 2:
+    for _h, run in itertools.groupby(order, key=hashes.__getitem__):
+        same = list(run)
+        if len(same) < 2:
             continue  # its bucket was shared, its hash (so its key) is not
         if len(groups[-1]) >= CANDIDATES_PER_STATEMENT:
             groups.append([])
-        groups[-1].extend(by_hash[h])
+        groups[-1].extend(ids[i] for i in same)
     return [g for g in groups if g]
 
 
