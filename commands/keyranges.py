@@ -223,8 +223,8 @@ def add_up(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 # --- repeated keys without an index ---------------------------------------------------
 
-# Hash buckets of the keys: one byte each (0, 1, 2 = more than one row).
-BUCKETS = 1 << 24
+# Hash buckets of the keys: one bit each (seen), the buckets seen twice in a set.
+BUCKETS = 1 << 27
 # Candidate rows judged exactly per statement (whole hashes, so whole keys, together).
 CANDIDATES_PER_STATEMENT = 100_000
 # Each row's bucket as 4 bytes (big-endian), all in one value: 4 bytes a row in memory.
@@ -249,18 +249,18 @@ async def repeated_candidates(
     """The rows of `table` (alias `t`, those `where` holds) that may share their key with
     another: those whose key's 64-bit hash (`hash_sql`, equal for equal keys) another
     row's is equal to, a superset of the rows whose key repeats. Two passes over the
-    table's blocks in pieces (of `rows_per_piece` rows): the rows per bucket of BUCKETS
-    (the hash's low bits) counted in one byte each, whatever the table's size; then the
-    hashes of the rows of buckets held twice. Returned in groups of whole hashes (every
-    row of a key in one group), of about CANDIDATES_PER_STATEMENT rows each, for the
-    caller to judge exactly, one statement per group."""
+    table's blocks in pieces (of `rows_per_piece` rows): the buckets (the hash's low
+    bits, BUCKETS of them) seen marked one bit each, whatever the table's size, those
+    seen twice kept; then the hashes of the rows of those buckets. Returned in groups
+    of whole hashes (every row of a key in one group), of about CANDIDATES_PER_STATEMENT
+    rows each, for the caller to judge exactly, one statement per group."""
 
     async def pieces(db: Reader) -> list[Piece]:
         return await block_pieces(db, table, rows_per_piece)
 
     found = await gw.read(pieces)
     mask = BUCKETS - 1
-    seen = bytearray(BUCKETS)
+    seen = bytearray((BUCKETS + 7) // 8)
     hot: set[int] = set()
 
     def sql(template: str, piece: Piece) -> str:
@@ -276,10 +276,11 @@ async def repeated_candidates(
 
     for buckets in await run_pieces(gw, found, count):
         for b in buckets:
-            if seen[b] < 2:
-                seen[b] += 1
-                if seen[b] == 2:
-                    hot.add(b)
+            byte, bit = b >> 3, 1 << (b & 7)
+            if seen[byte] & bit:
+                hot.add(b)
+            else:
+                seen[byte] |= bit
     del seen
     if not hot:
         return []
