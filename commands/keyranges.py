@@ -224,7 +224,7 @@ def add_up(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 # --- repeated keys without an index ---------------------------------------------------
 
-# Hash buckets of the keys: one bit each (seen), the buckets seen twice in a set.
+# Hash buckets of the keys, at most: one bit each (seen), the buckets seen twice in a set.
 BUCKETS = 1 << 27
 # Candidate rows judged exactly per statement (whole hashes, so whole keys, together).
 CANDIDATES_PER_STATEMENT = 100_000
@@ -256,12 +256,15 @@ async def repeated_candidates(
     of whole hashes (every row of a key in one group), of about CANDIDATES_PER_STATEMENT
     rows each, for the caller to judge exactly, one statement per group."""
 
-    async def pieces(db: Reader) -> list[Piece]:
-        return await block_pieces(db, table, rows_per_piece)
+    async def pieces(db: Reader) -> tuple[list[Piece], int]:
+        rows = await db.fetch(_BLOCKS_SQL, {"table": table})
+        return await block_pieces(db, table, rows_per_piece), int(rows[0]["rows"]) if rows else 0
 
-    found = await gw.read(pieces)
-    mask = BUCKETS - 1
-    seen = bytearray((BUCKETS + 7) // 8)
+    found, n_rows = await gw.read(pieces)
+    # 64 buckets a row (few shared by chance), at most BUCKETS
+    size = min(BUCKETS, 1 << max(16, (64 * max(n_rows, 1) - 1).bit_length()))
+    mask = size - 1
+    seen = bytearray((size + 7) // 8)
     hot: set[int] = set()
 
     def sql(template: str, piece: Piece) -> str:
