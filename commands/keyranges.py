@@ -115,18 +115,27 @@ def split(bounds: Sequence[str], rows: int, per_piece: int | None = None) -> lis
     return [Piece(lo, hi) for lo, hi in itertools.pairwise(edges)]
 
 
-async def key_pieces(db: Reader, table: str, column: str, parent: str | None = None) -> list[Piece]:
+async def key_pieces(
+    db: Reader,
+    table: str,
+    column: str,
+    parent: str | None = None,
+    rows: int | None = None,
+    per_piece: int | None = None,
+) -> list[Piece]:
     """`table`'s rows in pieces by ranges of `column` (one piece without statistics).
     With `parent` (the table the key refers to, whose share of each range the piece's
-    statement reads too), its rows count towards the pieces' size as well."""
-    rows = await db.fetch(_KEY_STATS_SQL, {"table": table, "column": column})
-    if not rows or rows[0]["bounds"] is None:
+    statement reads too), its rows count towards the pieces' size as well. `rows`: the
+    rows the pieces share instead (those a statement will work on), `per_piece` of them
+    in each (ROWS_PER_PIECE by default)."""
+    stats = await db.fetch(_KEY_STATS_SQL, {"table": table, "column": column})
+    if not stats or stats[0]["bounds"] is None:
         return [WHOLE]
-    n = int(rows[0]["rows"])
+    n = int(stats[0]["rows"]) if rows is None else rows
     if parent is not None:
         n += int((await db.fetch(_BLOCKS_SQL, {"table": parent}))[0]["rows"])
-    pieces = split([str(b) for b in rows[0]["bounds"]], n)
-    if len(pieces) > 1 and not rows[0]["not_null"]:
+    pieces = split([str(b) for b in stats[0]["bounds"]], n, per_piece)
+    if len(pieces) > 1 and not stats[0]["not_null"]:
         pieces.insert(0, Piece(null=True))
     return pieces
 

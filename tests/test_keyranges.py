@@ -17,6 +17,7 @@ from commands import keyranges
 from commands.fixture.faults import FaultInjector
 from commands.keyranges import WHOLE, Piece, block_pieces, key_pieces, split
 from commands.recover import census, census_days, measure
+from commands.remedies import recovery
 from commands.remedies.base import REMEDIES
 
 # (remedy, arguments) whose plans read their tables in pieces.
@@ -24,6 +25,7 @@ PLANS: tuple[tuple[str, list[str]], ...] = (
     ("cleanup-orphans", ["all"]),
     ("dedupe-learn", []),
     ("recover-users", []),
+    ("recover-learn", []),
     ("dedupe-webhooks", []),
     ("reprocess-webhooks", []),
     ("dedupe-ledger-events", []),
@@ -82,6 +84,22 @@ async def test_pieces_give_the_answers_of_the_whole_table(
         " WHERE id = (SELECT id FROM points_ledger ORDER BY id DESC LIMIT 1)",
         (copy,),
     )
+    # The LEARN event of the last user due (by id) given an id that sorts first: the
+    # pieces (ranges of users) must still list the events in their ids' order.
+    await execute(
+        leaps_dsn,
+        "INSERT INTO kajabi_events (id, received_at, payload, processed_at, user_match,"
+        " event_id, tag_name_raw, tag_name_norm, contact_id, email, created_at_utc, status,"
+        " raw) SELECT 'a0_' || e.id, e.received_at, e.payload || '{\"copy\": 1}',"
+        " e.processed_at - interval '1 day', e.user_match, e.event_id, e.tag_name_raw,"
+        " e.tag_name_norm, e.contact_id, e.email, e.created_at_utc, e.status, e.raw"
+        " FROM kajabi_events AS e JOIN users AS u ON u.id = e.user_match"
+        " WHERE e.processed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM submissions AS s"
+        "   WHERE s.user_id = u.id AND s.activity_code = 'LEARN')"
+        " AND lower(btrim(e.tag_name_norm::text))"
+        "   IN (SELECT lower(btrim(g.tag_name)) FROM learn_tag_grants AS g)"
+        " ORDER BY u.id DESC LIMIT 1",
+    )
     await execute(leaps_dsn, "ANALYZE")
     since = datetime.now(UTC)
 
@@ -91,6 +109,7 @@ async def test_pieces_give_the_answers_of_the_whole_table(
     # few hash buckets: keys that differ share them; the candidates come in many groups
     monkeypatch.setattr(keyranges, "BUCKETS", 8)
     monkeypatch.setattr(keyranges, "CANDIDATES_PER_STATEMENT", 3)
+    monkeypatch.setattr(recovery, "LEARN_EVENTS_PER_PIECE", 2)
 
     async def pieces(db: Any) -> list[list[Piece]]:
         return [
@@ -138,6 +157,8 @@ async def test_pieces_give_the_answers_of_the_whole_table(
     learn = whole["dedupe-learn"]
     assert learn["count"] == 4 and len(learn["data"]["needs_decision"]) == 2
     assert whole["recover-users"]["count"] == 3
+    learn_due = whole["recover-learn"]
+    assert learn_due["count"] > 2 and str(learn_due["targets"][0]["kajabi_event"]).startswith("a0_")
     assert whole["dedupe-ledger-events"]["count"] == 3
     webhooks = whole["dedupe-webhooks"]
     assert webhooks["count"] == 2

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from commands.audit_trail import Op, audit_trail, image_key, label_key
 from commands.base import BACKUP_SCHEMA, ROLES, Context, Reader, Row, UsageError, role_rank
 from commands.guards import plan_notes
-from commands.keyranges import Piece, block_pieces, no_jit, run_pieces
+from commands.keyranges import Piece, block_pieces, key_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -988,29 +988,47 @@ EVENT_TAG = (
 # recovery never undoes a reviewer, so a REJECTED or REVOKED one keeps the user out as
 # the guide's rule does (and PENDING or APPROVED: the partial unique index and the
 # single-attempt guard allow no second one); the earliest event, as it awarded the LEARN.
-_LEARN = f"""
+# `{events}` / `{users}` / `{subs}`: the plan's piece of user ids (commands/keyranges.py)
+# on the events' user_match, the users and the submissions; TRUE for the whole table.
+_LEARN_PIECE = f"""
 WITH ev AS (
   SELECT DISTINCT ON (u.id) e.id AS event_row, e.event_id, u.id AS user_id,
          e.processed_at, e.tag_name_raw, e.payload
-  FROM kajabi_events AS e JOIN users AS u ON u.id = e.user_match
-  WHERE e.processed_at IS NOT NULL AND {EVENT_TAG} = ANY(%(tags)s)
+  FROM kajabi_events AS e JOIN users AS u ON u.id = e.user_match AND {{users}}
+  WHERE e.processed_at IS NOT NULL AND {{events}} AND {EVENT_TAG} = ANY(%(tags)s)
   ORDER BY u.id, e.processed_at, e.id
 ), due AS (
   SELECT ev.* FROM ev
   WHERE NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.user_id = ev.user_id
-                    AND s.activity_code = 'LEARN')
+                    AND s.activity_code = 'LEARN' AND {{subs}})
     AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = %(prefix)s || ev.event_row)
 )"""  # noqa: S608 (constant fragments of this module)
-_LEARN_PAIRS_SQL = (
-    _LEARN + "\nSELECT event_row, event_row AS kajabi_event, user_id, event_id, processed_at"
+_LEARN = _LEARN_PIECE.format(events="TRUE", users="TRUE", subs="TRUE")
+_PAIRS_TAIL = (
+    "\nSELECT event_row, event_row AS kajabi_event, user_id, event_id, processed_at"
     " FROM due ORDER BY event_row"
 )
+_LEARN_PAIRS_SQL = _LEARN + _PAIRS_TAIL
+# The processed LEARN-tag events, counted to size the plan's pieces.
+_LEARN_EVENTS_SQL = f"""
+SELECT count(*) AS n FROM kajabi_events AS e
+WHERE e.processed_at IS NOT NULL AND {EVENT_TAG} = ANY(%(tags)s)
+"""  # noqa: S608 (constant fragments of this module)
+# Events a piece of the plan judges: a user's probe and two anti-join probes each.
+LEARN_EVENTS_PER_PIECE = 100_000
+# The planned pairs in the order of the events' ids, as one statement's ORDER BY gives
+# them (the pieces are ranges of user ids).
+_PAIRS_ORDER_SQL = """
+SELECT p.i AS event_row FROM unnest(%s::text[]) AS p(i) JOIN kajabi_events AS e ON e.id = p.i
+ORDER BY e.id
+"""
 # The users with a processed LEARN-tag event skipped for the LEARN they hold, by status.
-_LEARN_HELD_SQL = (
-    _LEARN + "\nSELECT s.status::text AS status, count(DISTINCT ev.user_id) AS n FROM ev"
+_HELD_TAIL = (
+    "\nSELECT s.status::text AS status, count(DISTINCT ev.user_id) AS n FROM ev"
     " JOIN submissions AS s ON s.user_id = ev.user_id AND s.activity_code = 'LEARN'"
     " GROUP BY 1 ORDER BY 1"
 )
+_LEARN_HELD_SQL = _LEARN + _HELD_TAIL
 _LEARN_RECOUNT_SQL = (
     _LEARN + "\nSELECT count(*) AS n FROM due JOIN unnest(%(ids)s::text[], %(users)s::text[])"
     " AS p(i, u) ON p.i = due.event_row AND p.u = due.user_id"
@@ -1076,33 +1094,67 @@ async def learn_tags(db: Reader) -> list[str]:
 async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
     _no_args(RECOVER_LEARN_NAME, args)
 
-    async def pairs_of(db: Reader) -> tuple[list[str], list[Row]]:
+    async def prepare(db: Reader) -> tuple[list[str], list[Piece]]:
         await no_jit(db)
         tags = await learn_tags(db)
         if not tags:
             return tags, []
-        return tags, await db.fetch(_LEARN_PAIRS_SQL, {"tags": tags, "prefix": LEARN_ID_PREFIX})
+        n = int((await db.fetch(_LEARN_EVENTS_SQL, {"tags": tags}))[0]["n"])
+        pieces = await key_pieces(
+            db, "kajabi_events", "user_match", rows=n, per_piece=LEARN_EVENTS_PER_PIECE
+        )
+        return tags, pieces
 
-    # Each a pass over the processed events: one read each, so that neither transaction
-    # holds more than one such statement on a big database.
-    tags, pairs = await ctx.gateway.read(pairs_of)
-    targets = [
-        {k: p[k] for k in ("kajabi_event", "event_id", "user_id", "processed_at")}
-        for p in pairs[:SAMPLE]
-    ]
-
-    async def payload_and_held(db: Reader) -> tuple[Row, list[Row]]:
-        await no_jit(db)
-        payload = (await db.fetch(_PRODUCT_PAYLOAD_SQL))[0]
-        params = {"tags": tags, "prefix": LEARN_ID_PREFIX}
-        return payload, await db.fetch(_LEARN_HELD_SQL, params)
-
-    payload, held = await ctx.gateway.read(payload_and_held) if tags else ({}, [])
+    # The LEARN-tag events by ranges of their users (a piece of a hundred thousand events
+    # at most: every event a user probe and two anti-join probes), the payload formats in
+    # a read of their own.
+    tags, pieces = await ctx.gateway.read(prepare)
     if not tags:
         raise UsageError(
             "learn_tag_grants holds no tag, so the bot cannot tell which Kajabi events "
             "complete LEARN; it will not guess"
         )
+    params = {"tags": tags, "prefix": LEARN_ID_PREFIX}
+
+    def piece_sql(piece: Piece, tail: str) -> str:
+        return (
+            _LEARN_PIECE.format(
+                events=piece.where("e.user_match"),
+                users=piece.where("u.id"),
+                subs=piece.where("s.user_id"),
+            )
+            + tail
+        )
+
+    async def pairs_of(db: Reader, piece: Piece) -> list[Row]:
+        return await db.fetch(piece_sql(piece, _PAIRS_TAIL), {**params, **piece.params()})
+
+    async def held_of(db: Reader, piece: Piece) -> list[Row]:
+        return await db.fetch(piece_sql(piece, _HELD_TAIL), {**params, **piece.params()})
+
+    pairs = [r for rows in await run_pieces(ctx.gateway, pieces, pairs_of) for r in rows]
+    if len(pieces) > 1 and len(pairs) > 1:
+
+        async def in_order(db: Reader) -> list[Row]:
+            return await db.fetch(_PAIRS_ORDER_SQL, ([str(p["event_row"]) for p in pairs],))
+
+        by_row = {str(p["event_row"]): p for p in pairs}
+        pairs = [by_row[str(r["event_row"])] for r in await ctx.gateway.read(in_order)]
+    targets = [
+        {k: p[k] for k in ("kajabi_event", "event_id", "user_id", "processed_at")}
+        for p in pairs[:SAMPLE]
+    ]
+    held_n: dict[str, int] = {}
+    for rows in await run_pieces(ctx.gateway, pieces, held_of):
+        for r in rows:
+            held_n[str(r["status"])] = held_n.get(str(r["status"]), 0) + int(r["n"])
+    held = [{"status": k, "n": held_n[k]} for k in sorted(held_n)]
+
+    async def payload_of(db: Reader) -> Row:
+        await no_jit(db)
+        return (await db.fetch(_PRODUCT_PAYLOAD_SQL))[0]
+
+    payload = await ctx.gateway.read(payload_of)
     data = LearnRecoveryData(
         tags=tags,
         ids=[str(p["event_row"]) for p in pairs],
