@@ -17,11 +17,14 @@ within BASELINE_QUIET_S after one recovered, or while a check is critical that w
 at the last baseline. One whose counts fell below the last unflagged one is kept but
 flagged, and only `--baseline HH:MM` compares with it.
 
-The verification reads each table once, in three read-only transactions that run side
-by side: submissions (count, approved, orphans in one join), the ledger (one pass grouped
-by user gives its count, its orphans and the live totals `leaderboard_totals` is compared
-with) and the small rest. The guide's own SQL reads the ledger twice and every table in
-turn; bench/recover.py times both.
+The verification reads each table once, in pieces of bounded statements (issue 16: at a
+million users one statement over the ledger outlasts the check timeout; see
+commands/keyranges.py), two at a time: submissions by ranges of user ids (count,
+approved, orphans against the range's users), the ledger likewise (one pass grouped by
+user gives its count, its orphans and the live totals the range's `leaderboard_totals`
+rows are compared with), attachments by ranges of submission ids, and the small rest.
+The figures are exact: every row is in one piece. The guide's own SQL reads the ledger
+twice and every table in turn; bench/recover.py times both.
 
 Steps that depend on another step's result wait for it: `reconcile-points` counts the
 awards missing now (it would drift under a `recover-learn` approved meanwhile), and
@@ -31,9 +34,8 @@ finds the rest.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,6 +53,7 @@ from commands.base import (
     human_duration,
 )
 from commands.base import register as register_command
+from commands.keyranges import Piece, block_pieces, key_pieces, no_jit, run_pieces
 from commands.remedies.base import REMEDIES, Plan
 from commands.remedies.recovery import INCLUDE_DELETED, deleted_on_purpose
 from commands.remedies.runbook import runbook_report, status_report
@@ -75,38 +78,44 @@ STEPS: dict[str, tuple[str, ...]] = {
 # With a recovery copy configured (RECOVERY_DATABASE_URL), restoring from it comes first:
 # it brings back every lost row the copy holds, and the steps above wait for it.
 COPY_STEP = "restore-from-copy"
-WORK_MEM = "64MB"
 
-# `%s` is the baseline's database time as naive UTC (creation times are `timestamp(3)` in
-# UTC); NULL when there is none, and the `_upto` counts are then dropped.
+# Each statement reads one piece of its table (commands/keyranges.py): submissions and
+# the ledger by ranges of user ids, users restricted to the same range, so that an
+# orphan is a row whose user is missing from the piece's own share of users;
+# attachments by ranges of submission ids. `%(cutoff)s` is the baseline's database time
+# as naive UTC (creation times are `timestamp(3)` in UTC); NULL when there is none, and
+# the `_upto` counts are then dropped.
 _SUBMISSIONS_SQL = """
 SELECT count(*) AS submissions,
-       count(*) FILTER (WHERE s.created_at <= %s) AS submissions_upto,
+       count(*) FILTER (WHERE s.created_at <= %(cutoff)s) AS submissions_upto,
        count(*) FILTER (WHERE s.status = 'APPROVED') AS approved_submissions,
        count(*) FILTER (WHERE u.id IS NULL) AS orphan_submissions
-FROM submissions AS s LEFT JOIN users AS u ON u.id = s.user_id
+FROM submissions AS s LEFT JOIN users AS u ON u.id = s.user_id AND {users}
+WHERE {rows}
 """
-_REST_SQL = """
-SELECT u.users, u.users_upto,
-       (SELECT count(*) FROM submission_attachments AS a
-        WHERE NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = a.submission_id))
-         AS orphan_attachments
-FROM (SELECT count(*) AS users, count(*) FILTER (WHERE created_at <= %s) AS users_upto
-      FROM users) AS u
+_USERS_SQL = """
+SELECT count(*) AS users, count(*) FILTER (WHERE created_at <= %(cutoff)s) AS users_upto
+FROM users
+"""
+_ATTACHMENTS_SQL = """
+SELECT count(*) AS orphan_attachments FROM submission_attachments AS a
+WHERE {rows}
+  AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = a.submission_id AND {parents})
 """
 _VIEWS_SQL = """
 SELECT schemaname::text AS schema, matviewname::text AS view, ispopulated AS populated
 FROM pg_matviews WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
 ORDER BY 1, 2
 """
-# One pass over the ledger grouped by user gives its count, its orphans (at the level of
-# 100,000 users instead of 2,000,000 rows) and the live totals every view row is compared
-# with; a view row of a user who lost every ledger row (or every point) differs too.
+# One pass over a piece of the ledger grouped by user gives its count, its orphans (at
+# the level of users instead of rows) and the live totals every view row of those users
+# is compared with; a view row of a user who lost every ledger row (or every point)
+# differs too.
 _LIVE = """
-FROM (SELECT l.user_id, count(*) AS n, count(*) FILTER (WHERE l.created_at <= %s) AS upto,
+FROM (SELECT l.user_id, count(*) AS n, count(*) FILTER (WHERE l.created_at <= %(cutoff)s) AS upto,
              sum(l.delta_points) AS points
-      FROM points_ledger AS l GROUP BY l.user_id) AS live
-LEFT JOIN users AS u ON u.id = live.user_id"""
+      FROM points_ledger AS l WHERE {rows} GROUP BY l.user_id) AS live
+LEFT JOIN users AS u ON u.id = live.user_id AND {users}"""
 _LEDGER_SQL = (
     "SELECT coalesce(sum(live.n), 0)::bigint AS ledger_rows,"
     " coalesce(sum(live.upto), 0)::bigint AS ledger_rows_upto,"
@@ -120,9 +129,14 @@ _LEDGER_AND_VIEW_SQL = (
     " count(v.user_id) FILTER (WHERE live.points IS DISTINCT FROM v.total_points) AS stale_rows,"
     " max(v.total_points)::bigint AS top_points,"
     " max(coalesce(live.points, 0)) FILTER (WHERE v.user_id IS NOT NULL)::bigint"
-    " AS top_live_points" + _LIVE + " FULL JOIN leaderboard_totals AS v ON v.user_id = live.user_id"
+    " AS top_live_points"
+    + _LIVE
+    + " FULL JOIN (SELECT v.user_id, v.total_points FROM leaderboard_totals AS v"
+    " WHERE {view}) AS v ON v.user_id = live.user_id"
 )
 LEADERBOARD = "leaderboard_totals"
+# Figures of the pieces that are the greatest, not the sum, of theirs.
+_MAXIMA = frozenset({"top_points", "top_live_points"})
 # The tables a baseline takes the census of (metric key: table): count and per-day
 # histogram of `created_at`.
 TABLES: dict[str, str] = {
@@ -132,9 +146,10 @@ TABLES: dict[str, str] = {
 }
 # Counts that can legitimately fall (an approval revoked): a fall warns, never a loss.
 ADVISORY = frozenset({"approved_submissions"})
+# Per block range of the table (commands/keyranges.py), summed by day.
 _DAYS_SQL = {
     key: f"SELECT created_at::date AS day, count(*) AS n FROM {table}"  # noqa: S608 (constants)
-    " WHERE created_at <= %s GROUP BY 1"
+    " WHERE created_at <= %(cutoff)s AND {rows} GROUP BY 1"
     for key, table in TABLES.items()
 }
 DAYS_SHOWN = 5  # creation days of lost rows named in a finding
@@ -152,20 +167,6 @@ class Measured:
         return self.counts.get(key)
 
 
-async def _tune(db: Reader) -> None:
-    """For this transaction only, as `/db integrity` measured it: room for the per-user
-    hash table, no JIT (its compile time exceeds the gain), and parallel hash aggregates
-    over sequential scans, which the default costs deny in favour of a serial walk of the
-    user_id index with a heap fetch per row."""
-    await db.fetch(
-        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
-        " set_config('parallel_setup_cost', '10', true),"
-        " set_config('parallel_tuple_cost', '0.0001', true),"
-        " set_config('enable_indexscan', 'off', true)",
-        (WORK_MEM,),
-    )
-
-
 Cutoff = datetime | None  # naive UTC: compared with `timestamp(3)` creation times
 
 
@@ -173,91 +174,191 @@ def _naive_utc(at: datetime | None) -> Cutoff:
     return None if at is None else at.astimezone(UTC).replace(tzinfo=None)
 
 
-async def _submissions(db: Reader, cutoff: Cutoff) -> Row:
-    await _tune(db)
-    return (await db.fetch(_SUBMISSIONS_SQL, (cutoff,)))[0]
+def combine(rows: list[Row]) -> dict[str, int | None]:
+    """The pieces' one-row figures as one: counts added, maxima the greatest (None
+    when no piece had one)."""
+    out: dict[str, int | None] = {}
+    for row in rows:
+        for key, value in row.items():
+            have = out.get(key)
+            if key in _MAXIMA:
+                if value is not None and (have is None or int(value) > have):
+                    out[key] = int(value)
+                else:
+                    out.setdefault(key, have)
+            else:
+                out[key] = (have or 0) + int(value or 0)
+    return out
 
 
-async def _rest(db: Reader, cutoff: Cutoff) -> Row:
-    """Attachments without a submission by index probes: hashing a million submission ids
-    for 450,000 attachments cost twice as much at 100,000 users."""
-    await db.fetch(
-        "SELECT set_config('jit', 'off', true), set_config('enable_hashjoin', 'off', true)"
-    )
-    return (await db.fetch(_REST_SQL, (cutoff,)))[0]
+async def _pieces(ctx: Context, table: str, column: str) -> list[Piece]:
+    async def read(db: Reader) -> list[Piece]:
+        return await key_pieces(db, table, column)
+
+    return await ctx.gateway.read(read)
 
 
-async def _ledger(db: Reader, cutoff: Cutoff) -> tuple[Row, list[Row]]:
-    await _tune(db)
-    views = await db.fetch(_VIEWS_SQL)
-    populated = any(v["view"] == LEADERBOARD and v["populated"] for v in views)
-    row = (await db.fetch(_LEDGER_AND_VIEW_SQL if populated else _LEDGER_SQL, (cutoff,)))[0]
-    return row, views
+async def _by_users(ctx: Context, table: str, sql: str, cutoff: Cutoff) -> dict[str, int | None]:
+    """A per-user-range statement over `table`'s pieces, their figures combined."""
+
+    async def read(db: Reader, piece: Piece) -> Row:
+        query = sql.format(
+            rows=piece.where("l.user_id" if table == "points_ledger" else "s.user_id"),
+            users=piece.where("u.id"),
+            view=piece.where("v.user_id"),
+        )
+        return (await db.fetch(query, {"cutoff": cutoff, **piece.params()}))[0]
+
+    pieces = await _pieces(ctx, table, "user_id")
+    return combine(await run_pieces(ctx.gateway, pieces, read))
 
 
-def _with(
-    fn: Callable[[Reader, Cutoff], Awaitable[Any]], cutoff: Cutoff
-) -> Callable[[Reader], Awaitable[Any]]:
-    async def read(db: Reader) -> Any:
-        return await fn(db, cutoff)
+async def _submissions(ctx: Context, cutoff: Cutoff) -> dict[str, int | None]:
+    return await _by_users(ctx, "submissions", _SUBMISSIONS_SQL, cutoff)
 
-    return read
+
+async def _ledger(ctx: Context, cutoff: Cutoff) -> tuple[dict[str, int | None], list[Row]]:
+    async def views(db: Reader) -> list[Row]:
+        await no_jit(db)
+        return await db.fetch(_VIEWS_SQL)
+
+    found = await ctx.gateway.read(views)
+    populated = any(v["view"] == LEADERBOARD and v["populated"] for v in found)
+    sql = _LEDGER_AND_VIEW_SQL if populated else _LEDGER_SQL
+    return await _by_users(ctx, "points_ledger", sql, cutoff), found
+
+
+async def _rest(ctx: Context, cutoff: Cutoff) -> dict[str, int | None]:
+    """Users, and attachments without a submission by ranges of submission ids: a merge
+    of the two indexes per range (hashing every submission id for the attachments cost
+    twice as much at 100,000 users)."""
+
+    async def users(db: Reader) -> tuple[Row, list[Piece]]:
+        await no_jit(db)
+        row = (await db.fetch(_USERS_SQL, {"cutoff": cutoff}))[0]
+        return row, await key_pieces(db, "submission_attachments", "submission_id", "submissions")
+
+    async def attachments(db: Reader, piece: Piece) -> Row:
+        query = _ATTACHMENTS_SQL.format(
+            rows=piece.where("a.submission_id"), parents=piece.where("s.id")
+        )
+        return (await db.fetch(query, piece.params()))[0]
+
+    row, pieces = await ctx.gateway.read(users)
+    found = await run_pieces(ctx.gateway, pieces, attachments, {"enable_hashjoin": "off"})
+    return combine([row, *found])
 
 
 async def measure(ctx: Context, since: datetime | None = None) -> Measured:
-    """The verification's figures: three read-only transactions side by side. With
-    `since` (a baseline's database time) also `<key>_upto`: the rows of users,
-    submissions and the ledger created at or before it."""
-    gw = ctx.gateway
+    """The verification's figures, each table in pieces of bounded statements (two at a
+    time, one table after the other: the pool's connections are shared with whatever
+    else runs). With `since` (a baseline's database time) also `<key>_upto`: the rows
+    of users, submissions and the ledger created at or before it."""
     cutoff = _naive_utc(since)
-    parts: dict[str, Callable[[Reader, Cutoff], Awaitable[Any]]] = {
-        "submissions": _submissions,
-        "ledger": _ledger,
-        "users": _rest,
-    }
-    results = await asyncio.gather(
-        *(gw.read(_with(fn, cutoff)) for fn in parts.values()),
-        return_exceptions=True,
-    )
     out = Measured()
-    for name, result in zip(parts, results, strict=True):
-        if isinstance(result, BaseException):
-            if not isinstance(result, Exception):
-                raise result
-            text = str(result).strip().splitlines()
-            out.errors[name] = f"{type(result).__name__}: {text[0] if text else ''}"
+    for name in ("submissions", "ledger", "users"):
+        try:
+            if name == "submissions":
+                counts = await _submissions(ctx, cutoff)
+            elif name == "ledger":
+                counts, out.views = await _ledger(ctx, cutoff)
+            else:
+                counts = await _rest(ctx, cutoff)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            out.errors[name] = f"{type(exc).__name__}: {text[0] if text else ''}"
             continue
-        row = result
-        if name == "ledger":
-            row, out.views = result
         out.counts.update(
-            {
-                k: None if v is None else int(v)
-                for k, v in row.items()
-                if cutoff is not None or not k.endswith("_upto")
-            }
+            {k: v for k, v in counts.items() if cutoff is not None or not k.endswith("_upto")}
         )
     return out
 
 
 async def created_by_day(ctx: Context, key: str, since: datetime) -> dict[str, int]:
     """The rows of one table (a `TABLES` key) created at or before `since`, by UTC day
-    of creation."""
-    sql, cutoff = _DAYS_SQL[key], _naive_utc(since)
+    of creation: per block range of the table, summed."""
+    cutoff = _naive_utc(since)
 
-    async def read(db: Reader) -> list[Row]:
-        await _tune(db)
-        return await db.fetch(sql, (cutoff,))
+    async def pieces(db: Reader) -> list[Piece]:
+        return await block_pieces(db, TABLES[key])
 
-    rows = await ctx.gateway.read(read)
-    return {str(r["day"]): int(r["n"]) for r in rows}
+    async def read(db: Reader, piece: Piece) -> list[Row]:
+        sql = _DAYS_SQL[key].format(rows=piece.where("ctid"))
+        return await db.fetch(sql, {"cutoff": cutoff, **piece.params()})
+
+    days: dict[str, int] = {}
+    for rows in await run_pieces(ctx.gateway, await ctx.gateway.read(pieces), read):
+        for r in rows:
+            day = str(r["day"])
+            days[day] = days.get(day, 0) + int(r["n"])
+    return days
+
+
+# The baseline's one pass per table, per block range (summed): every row, those created by
+# the previous baseline's time (`%(prev)s`, NULL: none) and, per day, by this one's
+# (`%(now)s`); approved submissions too. The hourly baseline needs no orphan nor view
+# check: counting is all it does, a tenth of the verification's work.
+_CENSUS_SQL = {
+    key: "SELECT created_at::date AS day, count(*) AS n,"  # noqa: S608 (constants)
+    " count(*) FILTER (WHERE created_at <= %(prev)s) AS upto,"
+    " count(*) FILTER (WHERE created_at <= %(now)s) AS by_now"
+    + (", count(*) FILTER (WHERE status = 'APPROVED') AS approved" if key == "submissions" else "")
+    + f" FROM {table} WHERE {{rows}} GROUP BY 1"
+    for key, table in TABLES.items()
+}
+_TOP_POINTS_SQL = f"SELECT max(total_points)::bigint AS top FROM {LEADERBOARD}"  # noqa: S608
+
+
+async def census(
+    ctx: Context, now: datetime, prev: datetime | None
+) -> tuple[Measured, dict[str, dict[str, int]]]:
+    """What a baseline keeps, in one pass over each table's blocks in pieces: the counts
+    it compares (`<key>_upto`: created by `prev`, the previous baseline's database time,
+    when there is one) and each table's rows by day of creation up to `now`."""
+    now_cut, prev_cut = _naive_utc(now), _naive_utc(prev)
+    out = Measured()
+    days: dict[str, dict[str, int]] = {}
+    for key, table in TABLES.items():
+
+        async def pieces(db: Reader, table: str = table) -> list[Piece]:
+            return await block_pieces(db, table)
+
+        async def read(db: Reader, piece: Piece, key: str = key) -> list[Row]:
+            sql = _CENSUS_SQL[key].format(rows=piece.where("ctid"))
+            return await db.fetch(sql, {"now": now_cut, "prev": prev_cut, **piece.params()})
+
+        by_day: dict[str, int] = {}
+        total = upto = approved = 0
+        for rows in await run_pieces(ctx.gateway, await ctx.gateway.read(pieces), read):
+            for r in rows:
+                total += int(r["n"])
+                upto += int(r["upto"])
+                approved += int(r.get("approved") or 0)
+                if r["day"] is not None and int(r["by_now"]):
+                    day = str(r["day"])
+                    by_day[day] = by_day.get(day, 0) + int(r["by_now"])
+        out.counts[key] = total
+        if prev_cut is not None:
+            out.counts[f"{key}_upto"] = upto
+        if key == "submissions":
+            out.counts["approved_submissions"] = approved
+        days[key] = by_day
+
+    async def top(db: Reader) -> int | None:
+        await no_jit(db)
+        views = await db.fetch(_VIEWS_SQL)
+        if not any(v["view"] == LEADERBOARD and v["populated"] for v in views):
+            return None
+        found = (await db.fetch(_TOP_POINTS_SQL))[0]["top"]
+        return None if found is None else int(found)
+
+    out.counts["top_points"] = await ctx.gateway.read(top)
+    return out, days
 
 
 async def census_days(ctx: Context, since: datetime) -> dict[str, dict[str, int]]:
-    """Every table's histogram at `since`, side by side."""
-    keys = list(TABLES)
-    found = await asyncio.gather(*(created_by_day(ctx, k, since) for k in keys))
-    return dict(zip(keys, found, strict=True))
+    """Every table's histogram at `since`, one table after the other."""
+    return {k: await created_by_day(ctx, k, since) for k in TABLES}
 
 
 async def database_now(ctx: Context) -> datetime:
@@ -349,7 +450,7 @@ async def take_baseline(
     ctx: Context, conditions: BaselineConditions | None = None
 ) -> Baseline | None:
     """The hourly snapshot: the verification's counts, the target's own time and each
-    table's census, kept in the bot's state store. None when there is no store, the
+    table's census (`census`), kept in the bot's state store. None when there is no store, the
     conditions refuse one (logged), or the target could not be read (nothing is stored).
     Flagged when its rows fell below the last unflagged baseline's."""
     if ctx.baselines is None:
@@ -364,13 +465,11 @@ async def take_baseline(
     prev = await ctx.baselines.latest(target)
     try:
         db_now = await database_now(ctx)
-        m = await measure(ctx, None if prev is None or prev.counts_only else prev.db_now)
-        days = {} if m.errors else await census_days(ctx, db_now)
+        m, days = await census(
+            ctx, db_now, None if prev is None or prev.counts_only else prev.db_now
+        )
     except Exception as exc:
         log.warning("baseline not taken: %s: %s", type(exc).__name__, exc)
-        return None
-    if m.errors:
-        log.warning("baseline not taken: %s", "; ".join(f"{k}: {v}" for k, v in m.errors.items()))
         return None
     tables = {k: TableCensus(count=int(m.get(k) or 0), days=d) for k, d in days.items()}
     flagged = fell_below(prev, m, ctx.thresholds.recover_tolerance_pct)

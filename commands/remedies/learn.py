@@ -8,10 +8,13 @@ acting LEAPS identity. A user with two APPROVED LEARN rows is listed for a perso
 
 from __future__ import annotations
 
+from typing import Any
+
 from psycopg import sql
 
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import acting_notes, triggers_reading
+from commands.keyranges import Piece, key_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     LockScope,
     Outcome,
@@ -112,11 +115,6 @@ WHERE s.activity_code = 'LEARN' AND s.status = 'APPROVED'
 GROUP BY s.user_id HAVING count(*) >= 2
 ORDER BY s.user_id LIMIT {SAMPLE}
 """  # noqa: S608
-NEEDS_DECISION_COUNT_SQL = """
-SELECT count(*) AS n FROM (SELECT 1 FROM submissions AS s
-  WHERE s.activity_code = 'LEARN' AND s.status = 'APPROVED'
-  GROUP BY s.user_id HAVING count(*) >= 2) AS d
-"""
 
 
 class LearnData(Counts):
@@ -150,30 +148,112 @@ def _decision_lines(rows: list[Row], total: int) -> list[str]:
     return lines
 
 
+# The plan reads the live LEARN rows in pieces by ranges of user ids (every row of a user
+# in one piece; commands/keyranges.py), each user's rows ranked as _KEPT orders them, so
+# that a piece names exactly its rows of DUPLICATE_LEARN (rank after the first, PENDING,
+# fewer than two APPROVED), of _HELD_SQL (those repeating another user's certificate) and
+# its users of NEEDS_DECISION_SQL: their counts, and the first SAMPLE of each by id (by
+# user id for the decisions), among which the statements above then read the rows shown.
+_LEARN_PIECE_SQL = """
+WITH live AS MATERIALIZED (
+  SELECT s.id, s.user_id, s.status, s.payload ->> 'certificateHash' AS cert,
+         row_number() OVER (PARTITION BY s.user_id ORDER BY (s.status = 'APPROVED') DESC,
+                                                             s.created_at DESC, s.id DESC) AS rk,
+         count(*) FILTER (WHERE s.status = 'APPROVED') OVER (PARTITION BY s.user_id) AS approved
+  FROM submissions AS s
+  WHERE {rows} AND s.activity_code = 'LEARN' AND s.status IN ('PENDING', 'APPROVED')
+), dup AS MATERIALIZED (
+  SELECT live.id, live.user_id,
+         (live.cert IS NOT NULL AND EXISTS (SELECT 1 FROM submissions AS o
+            WHERE o.activity_code = 'LEARN' AND o.status = 'APPROVED'
+              AND o.user_id <> live.user_id AND o.payload ->> 'certificateHash' = live.cert))
+           AS held
+  FROM live
+  WHERE live.user_id IS NOT NULL AND live.status = 'PENDING' AND live.rk > 1
+    AND live.approved < 2
+), kept AS MATERIALIZED (SELECT * FROM dup WHERE NOT (%(guarded)s AND dup.held)),
+two AS MATERIALIZED (SELECT DISTINCT live.user_id FROM live WHERE live.approved >= 2)
+SELECT (SELECT count(*) FROM kept) AS n,
+       (SELECT count(DISTINCT kept.user_id) FROM kept) AS users,
+       ARRAY(SELECT kept.id FROM kept ORDER BY kept.id LIMIT %(sample)s) AS learn_first,
+       ARRAY(SELECT dup.id FROM dup WHERE %(guarded)s AND dup.held ORDER BY dup.id
+             LIMIT %(sample)s) AS held_first,
+       (SELECT count(*) FROM two) AS decide,
+       ARRAY(SELECT two.user_id FROM two ORDER BY two.user_id LIMIT %(sample)s) AS decide_first
+"""
+
+
+def _among(query: str, column: str) -> str:
+    """`query` (ending in ORDER BY … LIMIT …) restricted to the candidates (`%(among)s`)."""
+    head, order = query.rsplit("ORDER BY", 1)
+    return f"{head.rstrip()} AND {column} = ANY(%(among)s) ORDER BY{order}"
+
+
+_DECIDE_AMONG_SQL = NEEDS_DECISION_SQL.replace(
+    "WHERE s.activity_code = 'LEARN' AND s.status = 'APPROVED'",
+    "WHERE s.activity_code = 'LEARN' AND s.status = 'APPROVED' AND s.user_id = ANY(%(among)s)",
+)
+
+
+async def _survey_pieces(ctx: Context, guarded: bool) -> dict[str, Any]:
+    """The pieces' counts added up, and their candidates of each sample."""
+
+    async def pieces(db: Reader) -> list[Piece]:
+        return await key_pieces(db, "submissions", "user_id")
+
+    async def read(db: Reader, piece: Piece) -> Row:
+        query = _LEARN_PIECE_SQL.format(rows=piece.where("s.user_id"))
+        params = {**piece.params(), "guarded": guarded, "sample": SAMPLE}
+        return (await db.fetch(query, params))[0]
+
+    out: dict[str, Any] = {"n": 0, "users": 0, "decide": 0}
+    for row in await run_pieces(ctx.gateway, await ctx.gateway.read(pieces), read):
+        for key, value in row.items():
+            if key.endswith("_first"):
+                out.setdefault(key, []).extend(str(v) for v in value or [])
+            else:
+                out[key] += int(value or 0)
+    return out
+
+
 async def plan_dedupe_learn(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-learn` takes no arguments")
 
-    async def survey(
-        db: Reader,
-    ) -> tuple[int, int, list[Row], list[Row], int, list[str], list[str], list[Row], str | None]:
-        cert_guards = await triggers_reading(db, "submissions", "UPDATE", CERTIFICATE_KEY)
-        part = learn_part(bool(cert_guards))
-        n = await count_rows(db, part.count_sql())
-        audit = await audit_note(db, [("submissions", "UPDATE")]) if n else None
-        users = await db.fetch(
-            "SELECT count(DISTINCT s.user_id) AS n FROM submissions AS s WHERE "  # noqa: S608
-            + part.condition
-        )
-        sample = await db.fetch(part.sample_sql(_LEARN_SAMPLE).as_string()) if n else []
-        decide = await db.fetch(NEEDS_DECISION_SQL)
-        n_decide = int((await db.fetch(NEEDS_DECISION_COUNT_SQL))[0]["n"]) if decide else 0
-        notes = await acting_notes(db, ["submissions"], "UPDATE", ctx.service_identity) if n else []
-        held = await db.fetch(_HELD_SQL) if cert_guards else []
-        return n, int(users[0]["n"]), sample, decide, n_decide, notes, cert_guards, held, audit
+    async def guards(db: Reader) -> list[str]:
+        await no_jit(db)
+        return await triggers_reading(db, "submissions", "UPDATE", CERTIFICATE_KEY)
 
-    survey_result = await ctx.gateway.read(survey)
-    n, users, targets, decide, n_decide, notes, cert_guards, held, audit = survey_result
+    cert_guards = await ctx.gateway.read(guards)
+    found = await _survey_pieces(ctx, bool(cert_guards))
+    n, users, n_decide = int(found["n"]), int(found["users"]), int(found["decide"])
+
+    async def survey(db: Reader) -> tuple[list[Row], list[Row], list[str], list[Row], str | None]:
+        await no_jit(db)
+        part = learn_part(bool(cert_guards))
+        audit = await audit_note(db, [("submissions", "UPDATE")]) if n else None
+        sample = (
+            await db.fetch(
+                _among(part.sample_sql(_LEARN_SAMPLE).as_string(), "s.id"),
+                {"among": found.get("learn_first", [])},
+            )
+            if n
+            else []
+        )
+        decide = (
+            await db.fetch(_DECIDE_AMONG_SQL, {"among": found.get("decide_first", [])})
+            if n_decide
+            else []
+        )
+        notes = await acting_notes(db, ["submissions"], "UPDATE", ctx.service_identity) if n else []
+        held = (
+            await db.fetch(_among(_HELD_SQL, "s.id"), {"among": found.get("held_first", [])})
+            if found.get("held_first")
+            else []
+        )
+        return sample, decide, notes, held, audit
+
+    targets, decide, notes, held, audit = await ctx.gateway.read(survey)
     part = learn_part(bool(cert_guards))
     backup = sql.Identifier(BACKUP_SCHEMA, f"{APPROVAL_PLACEHOLDER}_submissions")
     warnings = [*notes, *_decision_lines(decide, n_decide)]

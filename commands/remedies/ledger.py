@@ -22,6 +22,7 @@ from commands.integrity import (
     range_count,
     shard_bounds,
 )
+from commands.keyranges import first_by_id, no_jit, repeated_candidates
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -45,7 +46,6 @@ from commands.remedies.rowsets import (
     audit_note,
     backup_display,
     check_parts,
-    count_rows,
     delete_part,
     delete_part_steps,
     plural,
@@ -75,31 +75,67 @@ DUPLICATE_EVENT = (
 EVENT_PART = Part(
     "events", "points_ledger", "l", DUPLICATE_EVENT, "repeated ledger rows of an external event"
 )
-_EVENT_SAMPLE = (
-    "l.id, l.user_id, l.activity_code, l.delta_points, l.external_event_id, l.created_at,"
-    " (SELECT k.id FROM points_ledger AS k WHERE k.external_event_id = l.external_event_id"
-    " ORDER BY k.created_at, k.id LIMIT 1) AS kept_row"
+# The plan finds the repeats without an index on `external_event_id` (its unique index
+# is what they broke): the ledger's blocks in pieces give the rows whose key's hash
+# another row shares (commands/keyranges.py, `repeated_candidates`); among those, by
+# primary key, each key's rows numbered by (created_at, id), every one after the first a
+# repeat, exactly the rows DUPLICATE_EVENT names (a row without created_at is neither a
+# repeat nor an earlier row there, as its row comparison is NULL), with the first row
+# of its key kept. The totals, and the first SAMPLE repeats by id, per group of
+# candidates (every row of a key in one group).
+_EVENT_KEYED = "t.external_event_id IS NOT NULL AND t.created_at IS NOT NULL"
+_EVENTS_SURVEY_SQL = """
+WITH d AS MATERIALIZED (
+  SELECT l.id, l.user_id, l.activity_code, l.delta_points, l.external_event_id, l.created_at,
+         row_number() OVER w AS rn, first_value(l.id) OVER w AS kept_row
+  FROM points_ledger AS l
+  WHERE l.id = ANY(%(ids)s::text[])
+    AND l.external_event_id IS NOT NULL AND l.created_at IS NOT NULL
+  WINDOW w AS (PARTITION BY l.external_event_id ORDER BY l.created_at, l.id)
+), r AS MATERIALIZED (SELECT * FROM d WHERE d.rn > 1)
+SELECT t.n, t.events, t.points, x.id, x.user_id, x.activity_code, x.delta_points,
+       x.external_event_id, x.created_at, x.kept_row
+FROM (SELECT count(*) AS n, count(DISTINCT r.external_event_id) AS events,
+             coalesce(sum(r.delta_points), 0)::bigint AS points FROM r) AS t
+LEFT JOIN LATERAL (SELECT * FROM r ORDER BY r.id LIMIT %(sample)s) AS x ON true
+"""
+_SAMPLE_KEYS = (
+    "id",
+    "user_id",
+    "activity_code",
+    "delta_points",
+    "external_event_id",
+    "created_at",
+    "kept_row",
 )
 
 
 async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError("`dedupe-ledger-events` takes no arguments")
+    groups = await repeated_candidates(
+        ctx.gateway, "points_ledger", "hashtextextended(t.external_event_id, 0)", _EVENT_KEYED
+    )
+    n = events = points = 0
+    sample: list[Row] = []
+    for ids in groups:
 
-    async def survey(db: Reader) -> tuple[int, Row, list[Row], str | None]:
-        n = await count_rows(db, EVENT_PART.count_sql())
-        audit = await audit_note(db, [("points_ledger", "DELETE")]) if n else None
-        stats = (
-            await db.fetch(
-                "SELECT count(DISTINCT l.external_event_id) AS events,"  # noqa: S608
-                " coalesce(sum(l.delta_points), 0)::bigint AS points"
-                " FROM points_ledger AS l WHERE " + DUPLICATE_EVENT
-            )
-        )[0]
-        sample = await db.fetch(EVENT_PART.sample_sql(_EVENT_SAMPLE).as_string()) if n else []
-        return n, stats, sample, audit
+        async def judge(db: Reader, ids: list[str] = ids) -> list[Row]:
+            await no_jit(db)
+            return await db.fetch(_EVENTS_SURVEY_SQL, {"ids": ids, "sample": SAMPLE})
 
-    n, stats, targets, audit = await ctx.gateway.read(survey)
+        rows = await ctx.gateway.read(judge)
+        n += int(rows[0]["n"])
+        events += int(rows[0]["events"])
+        points += int(rows[0]["points"])
+        sample += [{k: r[k] for k in _SAMPLE_KEYS} for r in rows if r["id"] is not None]
+    stats = {"events": events, "points": points}
+    targets = await first_by_id(ctx.gateway, "points_ledger", sample, SAMPLE)
+
+    async def survey(db: Reader) -> str | None:
+        return await audit_note(db, [("points_ledger", "DELETE")]) if n else None
+
+    audit = await ctx.gateway.read(survey)
     notes = await plan_notes(ctx, ["points_ledger"], "DELETE") if n else []
     return Plan(
         remedy=DEDUPE_EVENTS_NAME,

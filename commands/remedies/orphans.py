@@ -7,6 +7,7 @@ from psycopg import sql
 from commands.audit_trail import Op
 from commands.base import BACKUP_SCHEMA, Context, Reader, Row, UsageError
 from commands.guards import plan_notes
+from commands.keyranges import Piece, key_pieces, no_jit, run_pieces
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -186,21 +187,204 @@ async def _unhandled_dependents(db: Reader, tables: list[str]) -> list[Row]:
     ]
 
 
+# The plan counts each part in pieces of bounded statements (commands/keyranges.py), the
+# same rows its conditions above name, and keeps each piece's first SAMPLE ids of each
+# part; the sample is then read by those conditions among the kept ids, in id order:
+# exactly the rows the whole part's `sample_sql` would give.
+#
+# Submissions and the ledger by ranges of user ids, each piece in two parts that cannot
+# overlap: rows whose user is missing (`um`: a merge of the table's user_id index with
+# the piece's share of users' primary key, reading no row), and rows of a user present
+# whose activity is missing (`am`: the codes missing from activities, found once by a
+# walk of the table's activity_code index, read through that index). Only the orphans'
+# ids are then read, by the user_id index (a probe per missing user: every row of a
+# missing user is one; OFFSET 0 keeps the probes from being planned as a scan of the
+# piece). `%(everything)s` is the piece of NULL user ids, whose every row is an orphan.
+_ORPHANS_CTE = """
+WITH um AS MATERIALIZED (
+  SELECT {a}.user_id FROM {table} AS {a}
+  WHERE {rows} AND NOT EXISTS (SELECT 1 FROM users AS u WHERE u.id = {a}.user_id AND {users})
+), am AS MATERIALIZED (
+  SELECT {a}.id FROM {table} AS {a}
+  WHERE {rows}
+    AND ({a}.activity_code = ANY(%(missing)s::text[]) OR (%(nulls)s AND {a}.activity_code IS NULL))
+    AND EXISTS (SELECT 1 FROM users AS u WHERE u.id = {a}.user_id AND {users})
+), o AS MATERIALIZED (
+  SELECT x.id FROM (SELECT DISTINCT um.user_id FROM um) AS m CROSS JOIN LATERAL
+    (SELECT {a}.id FROM {table} AS {a} WHERE {a}.user_id = m.user_id OFFSET 0) AS x
+  UNION ALL SELECT {a}.id FROM {table} AS {a} WHERE {rows} AND %(everything)s
+  UNION ALL SELECT am.id FROM am
+)"""
+# The attachments of the orphaned submissions of a piece by their index, one probe each.
+_SUBMISSIONS_PIECE_SQL = (
+    _ORPHANS_CTE.replace("{table}", "submissions").replace("{a}", "s")  # noqa: S608
+    + """, c AS MATERIALIZED (
+  SELECT a.id FROM o CROSS JOIN LATERAL
+    (SELECT sa.id FROM submission_attachments AS sa WHERE sa.submission_id = o.id OFFSET 0) AS a
+)
+SELECT (SELECT count(*) FROM um) + (SELECT count(*) FROM am) AS submissions,
+       (SELECT count(*) FROM c) AS child_attachments,
+       ARRAY(SELECT o.id FROM o ORDER BY o.id LIMIT %(sample)s) AS submissions_first,
+       ARRAY(SELECT c.id FROM c ORDER BY c.id LIMIT %(sample)s) AS child_attachments_first
+"""
+)
+_LEDGER_PIECE_SQL = (
+    _ORPHANS_CTE.replace("{table}", "points_ledger").replace("{a}", "l")  # noqa: S608
+    + """
+SELECT (SELECT count(*) FROM um) + (SELECT count(*) FROM am) AS points_ledger,
+       ARRAY(SELECT o.id FROM o ORDER BY o.id LIMIT %(sample)s) AS points_ledger_first
+"""
+)
+# Attachments by ranges of submission ids: a merge of the two indexes per range, reading
+# no row; then the ids of the orphans only (every attachment of a missing submission is
+# one).
+_ATTACHMENTS_PIECE_SQL = """
+WITH o AS MATERIALIZED (
+  SELECT sa.submission_id FROM submission_attachments AS sa
+  WHERE {rows}
+    AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = sa.submission_id AND {users})
+)
+SELECT count(*) AS attachments,
+       ARRAY(SELECT x.id FROM
+               (SELECT x.id FROM (SELECT DISTINCT o.submission_id FROM o) AS m
+                CROSS JOIN LATERAL (SELECT sa.id FROM submission_attachments AS sa
+                                    WHERE sa.submission_id = m.submission_id OFFSET 0) AS x
+                UNION ALL
+                SELECT sa.id FROM submission_attachments AS sa WHERE {rows} AND %(everything)s
+               ) AS x
+             ORDER BY x.id LIMIT %(sample)s) AS attachments_first
+FROM o
+"""
+# The piece queries above by part: table, alias, the key pieced by and its parent's key.
+_PIECED: dict[str, tuple[str, str, str, str, str]] = {
+    "attachments": (
+        "submission_attachments",
+        "sa",
+        "submission_id",
+        "s.id",
+        _ATTACHMENTS_PIECE_SQL,
+    ),
+    "submissions": ("submissions", "s", "user_id", "u.id", _SUBMISSIONS_PIECE_SQL),
+    "points_ledger": ("points_ledger", "l", "user_id", "u.id", _LEDGER_PIECE_SQL),
+}
+# The activity codes a table holds that activities lacks, and whether it holds NULL: a
+# walk of its activity_code index, one probe per distinct code (a plain DISTINCT where
+# no index leads with activity_code).
+_CODES_INDEXED_SQL = """
+WITH RECURSIVE c AS (
+  (SELECT t.activity_code AS code FROM {table} AS t WHERE t.activity_code IS NOT NULL
+   ORDER BY t.activity_code LIMIT 1)
+  UNION ALL
+  SELECT (SELECT t.activity_code FROM {table} AS t WHERE t.activity_code > c.code
+          ORDER BY t.activity_code LIMIT 1)
+  FROM c WHERE c.code IS NOT NULL
+)
+SELECT ARRAY(SELECT c.code FROM c WHERE c.code IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM activities AS ac WHERE ac.code = c.code)) AS missing,
+       EXISTS (SELECT 1 FROM {table} AS t WHERE t.activity_code IS NULL) AS nulls
+"""
+_CODES_SCAN_SQL = """
+WITH c AS (SELECT DISTINCT t.activity_code AS code FROM {table} AS t)
+SELECT ARRAY(SELECT c.code FROM c WHERE c.code IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM activities AS ac WHERE ac.code = c.code)) AS missing,
+       EXISTS (SELECT 1 FROM c WHERE c.code IS NULL) AS nulls
+"""
+_CODE_INDEX_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_index AS i
+               JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+               WHERE i.indrelid = to_regclass(%s) AND a.attname = 'activity_code'
+                 AND i.indisvalid AND i.indpred IS NULL) AS indexed
+"""
+
+
+async def missing_codes(db: Reader, table: str) -> Row:
+    """`missing`: the activity codes `table` holds that activities lacks; `nulls`:
+    whether it holds rows without one."""
+    indexed = (await db.fetch(_CODE_INDEX_SQL, (table,)))[0]["indexed"]
+    query = (_CODES_INDEXED_SQL if indexed else _CODES_SCAN_SQL).format(table=table)
+    return (await db.fetch(query))[0]
+
+
+def _piece_sql(key: str, piece: Piece) -> str:
+    _table, alias, column, parent, query = _PIECED[key]
+    return query.format(rows=piece.where(f"{alias}.{column}"), users=piece.where(parent))
+
+
+async def _count_pieced(ctx: Context, key: str) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """One piece query's parts over the whole table: their counts and, per part, the
+    first SAMPLE ids of each piece (the candidates of the sample)."""
+    table, _alias, column, _parent, _query = _PIECED[key]
+
+    async def pieces(db: Reader) -> tuple[list[Piece], Row]:
+        await no_jit(db)
+        codes = await missing_codes(db, table) if key != "attachments" else {}
+        parent = "submissions" if key == "attachments" else None
+        return await key_pieces(db, table, column, parent), codes
+
+    found, codes = await ctx.gateway.read(pieces)
+    params = {
+        "sample": SAMPLE,
+        "missing": codes.get("missing") or [],
+        "nulls": bool(codes.get("nulls")),
+    }
+
+    async def read(db: Reader, piece: Piece) -> Row:
+        values = {**params, **piece.params(), "everything": piece.null}
+        return (await db.fetch(_piece_sql(key, piece), values))[0]
+
+    settings = {"enable_hashjoin": "off"} if key == "attachments" else {}
+    rows = await run_pieces(ctx.gateway, found, read, settings)
+    counts: dict[str, int] = {}
+    firsts: dict[str, list[str]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k.endswith("_first"):
+                firsts.setdefault(k.removesuffix("_first"), []).extend(str(i) for i in v or [])
+            else:
+                counts[k] = counts.get(k, 0) + int(v or 0)
+    return counts, firsts
+
+
+async def orphan_counts(
+    ctx: Context, parts: list[Part]
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Every part's count, and the candidates of its sample, piece by piece."""
+    keys = {p.key for p in parts}
+    counts: dict[str, int] = {}
+    firsts: dict[str, list[str]] = {}
+    for key in _PIECED:
+        if key in keys:
+            got, first = await _count_pieced(ctx, key)
+            counts |= got
+            firsts |= first
+    return {p.key: counts.get(p.key, 0) for p in parts}, firsts
+
+
+def _sample_sql(part: Part) -> str:
+    """The part's `sample_sql` among the candidate ids (bound: `%s`)."""
+    a = part.alias
+    return (
+        f"SELECT {_SAMPLE_COLUMNS[part.key]} FROM {part.table} AS {a}"  # noqa: S608 (constants)
+        f" WHERE ({part.condition}) AND {a}.id = ANY(%s) ORDER BY {a}.id LIMIT {SAMPLE}"
+    )
+
+
 async def plan_cleanup_orphans(ctx: Context, args: list[str]) -> Plan:
     tables = orphan_tables(args)
     parts = orphan_parts(tables)
+    counts, firsts = await orphan_counts(ctx, parts)
 
-    async def survey(db: Reader) -> tuple[dict[str, int], list[Row], list[Row], str | None]:
-        counts = {p.key: await count_rows(db, p.count_sql()) for p in parts}
+    async def survey(db: Reader) -> tuple[list[Row], list[Row], str | None]:
+        await no_jit(db)
         sample: list[Row] = []
         for p in parts:
             if counts[p.key] and len(sample) < SAMPLE:
-                sample += await db.fetch(p.sample_sql(_SAMPLE_COLUMNS[p.key]).as_string())
+                sample += await db.fetch(_sample_sql(p), (firsts.get(p.key, []),))
         changes: list[tuple[str, Op]] = [(p.table, "DELETE") for p in parts if counts[p.key]]
         audit = await audit_note(db, changes) if changes else None
-        return counts, sample[:SAMPLE], await _unhandled_dependents(db, tables), audit
+        return sample[:SAMPLE], await _unhandled_dependents(db, tables), audit
 
-    counts, targets, dependents, audit = await ctx.gateway.read(survey)
+    targets, dependents, audit = await ctx.gateway.read(survey)
     deleting = sorted({p.table for p in parts if counts[p.key]})
     notes = await plan_notes(ctx, deleting, "DELETE") if deleting else []
     total = sum(counts.values())

@@ -64,6 +64,14 @@ from pydantic import BaseModel
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
 from commands.integrity import events_unique_index
+from commands.keyranges import (
+    Piece,
+    block_pieces,
+    first_by_id,
+    no_jit,
+    repeated_candidates,
+    run_pieces,
+)
 from commands.remedies.base import (
     DriftError,
     Execution,
@@ -277,13 +285,19 @@ async def ledger_source(db: Reader | Writer) -> sql.Identifier:
     return sql.Identifier(str(rows[0]["schema"]), str(rows[0]["type"]))
 
 
-async def _with_ledger(db: Reader | Writer, ids: list[str] | None) -> list[Row]:
+async def _with_ledger(
+    db: Reader | Writer, ids: list[str] | None, paid_keys: set[str] | None = None
+) -> list[Row]:
     """The unprocessed events (`ids`, or all) with `awarded` (their Kajabi id is in the
     ledger) and `learn_points` (the LEARN points of their one matching user, else 0):
-    three set-wise reads, whatever the ledger's indexes, instead of two probes per event."""
+    three set-wise reads, whatever the ledger's indexes, instead of two probes per event.
+    `paid_keys`: the keys the ledger holds, read before (`_paid_in_pieces`)."""
     rows = await db.fetch(_EVENTS_SQL, {"ids": ids})
     keys = sorted({str(r["external_id"]) for r in rows})
-    paid = {str(r["key"]) for r in await db.fetch(_PAID_SQL, (keys,))} if keys else set()
+    if paid_keys is not None:
+        paid = paid_keys
+    else:
+        paid = {str(r["key"]) for r in await db.fetch(_PAID_SQL, (keys,))} if keys else set()
     one_user = {str(r["id"]): str(r["users"][0]) for r in rows if len(r["users"] or []) == 1}
     held: dict[str, int] = {}
     if one_user:
@@ -297,6 +311,42 @@ async def _with_ledger(db: Reader | Writer, ids: list[str] | None) -> list[Row]:
         }
         for r in rows
     ]
+
+
+_KEYS_SQL = f"""
+WITH ev AS (
+  SELECT {_EXTERNAL_ID} AS external_id FROM kajabi_events AS e WHERE e.processed_at IS NULL
+)
+SELECT DISTINCT ev.external_id AS key FROM ev
+"""  # noqa: S608 (constant fragments of this module)
+# `_PAID_SQL` over one range of the ledger's blocks.
+_PAID_PIECE_SQL = (
+    "SELECT DISTINCT l.external_event_id AS key FROM points_ledger AS l"
+    " WHERE l.external_event_id = ANY(%(keys)s::text[]) AND {rows}"
+)
+
+
+async def _paid_in_pieces(ctx: Context) -> set[str]:
+    """The unprocessed events' Kajabi ids the ledger holds: by the unique index on
+    external_event_id where it stands (one probe each), else piece by piece of the
+    ledger's blocks (one pass over it in bounded statements)."""
+
+    async def keys_and_pieces(db: Reader) -> tuple[list[str], str | None, list[Piece]]:
+        await no_jit(db)
+        keys = sorted(str(r["key"]) for r in await db.fetch(_KEYS_SQL))
+        return keys, await events_unique_index(db), await block_pieces(db, "points_ledger")
+
+    keys, unique_index, pieces = await ctx.gateway.read(keys_and_pieces)
+    if not keys:
+        return set()
+    if unique_index is not None:
+        pieces = [Piece(blocks=True)]
+
+    async def paid(db: Reader, piece: Piece) -> list[Row]:
+        query = _PAID_PIECE_SQL.format(rows=piece.where("ctid"))
+        return await db.fetch(query, {"keys": keys, **piece.params()})
+
+    return {str(r["key"]) for rows in await run_pieces(ctx.gateway, pieces, paid) for r in rows}
 
 
 async def _learn_points(db: Reader | Writer) -> int:
@@ -337,12 +387,15 @@ async def plan_reprocess(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError(f"`{REPROCESS}` takes no arguments")
 
+    paid = await _paid_in_pieces(ctx)
+
     async def survey(db: Reader) -> tuple[list[str], int, list[Row], str | None]:
+        await no_jit(db)
         await ledger_source(db)
         return (
             await learn_tags(db),
             await _learn_points(db),
-            await _with_ledger(db, None),
+            await _with_ledger(db, None, paid),
             await events_unique_index(db),
         )
 
@@ -561,32 +614,87 @@ async def verify_reprocess(db: Reader, plan: Plan, run: Execution) -> Verificati
 # --- dedupe-webhooks ----------------------------------------------------------------
 
 PAYLOAD_PART = Part("duplicates", "kajabi_events", "e", DUPLICATE_PAYLOAD, "repeated Kajabi events")
-_PAYLOAD_SAMPLE = (
-    "e.id, e.event_id, e.received_at, e.processed_at, e.user_match,"
-    " (SELECT k.id FROM kajabi_events AS k WHERE k.payload = e.payload"
-    " ORDER BY k.received_at, k.id LIMIT 1) AS kept_row"
+# The plan finds the repeats without an index on payload: kajabi_events' blocks in
+# pieces give the rows whose payload's hash (`jsonb_hash`, which equal payloads share)
+# another row shares (commands/keyranges.py, `repeated_candidates`); among those, by
+# primary key, each payload's rows numbered by (received_at, id), every one after the
+# first a repeat, exactly the rows DUPLICATE_PAYLOAD names (a row without received_at is
+# neither a repeat nor an earlier row there, its row comparison being NULL), with the
+# first row of its payload kept. The count, the repeats' ids and the first SAMPLE
+# repeats by id, per group of candidates (every row of a payload in one group).
+_PAYLOAD_KEYED = "t.received_at IS NOT NULL AND t.payload IS NOT NULL"
+# Hashing a payload costs microseconds (a ledger key's, a tenth of that): smaller pieces.
+PAYLOADS_PER_PIECE = 250_000
+_PAYLOAD_SURVEY_SQL = """
+WITH r AS MATERIALIZED (
+  SELECT d.* FROM (
+    SELECT e.id, e.event_id, e.received_at, e.processed_at, e.user_match,
+           row_number() OVER w AS rn, first_value(e.id) OVER w AS kept_row
+    FROM kajabi_events AS e
+    WHERE e.id = ANY(%(ids)s::text[]) AND e.received_at IS NOT NULL AND e.payload IS NOT NULL
+    WINDOW w AS (PARTITION BY e.payload ORDER BY e.received_at, e.id)) AS d
+  WHERE d.rn > 1
 )
-_REFERENCED_SQL = f"""
-SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM learn_tag_grants AS g
-                                      WHERE g.kajabi_event_id = e.id)) AS grants,
-       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM points_ledger AS l
-                                      WHERE l.meta ->> 'kajabi_event' = e.id)) AS ledger
-FROM kajabi_events AS e WHERE {DUPLICATE_PAYLOAD}
-"""  # noqa: S608 (constant fragments of this module)
+SELECT t.n, t.ids, x.id, x.event_id, x.received_at, x.processed_at, x.user_match, x.kept_row
+FROM (SELECT count(*) AS n, array_agg(r.id) AS ids FROM r) AS t
+LEFT JOIN LATERAL (SELECT * FROM r ORDER BY r.id LIMIT %(sample)s) AS x ON true
+"""
+_PAYLOAD_SAMPLE_KEYS = ("id", "event_id", "received_at", "processed_at", "user_match", "kept_row")
+# Which of the repeats a grant names (learn_tag_grants is small), and which a ledger
+# award's meta.kajabi_event names: the ledger (no index on meta) in pieces of blocks.
+_GRANTS_SQL = (
+    "SELECT count(DISTINCT g.kajabi_event_id) AS n FROM learn_tag_grants AS g"
+    " WHERE g.kajabi_event_id = ANY(%(ids)s::text[])"
+)
+_LEDGER_NAMES_SQL = (
+    "SELECT DISTINCT l.meta ->> 'kajabi_event' AS id FROM points_ledger AS l"
+    " WHERE {rows} AND l.meta ->> 'kajabi_event' = ANY(%(ids)s::text[])"
+)
+
+
+async def _referenced(ctx: Context, ids: list[str]) -> Row:
+    """How many of the events `ids` a grant names, and how many a ledger award does."""
+
+    async def grants(db: Reader) -> tuple[int, list[Piece]]:
+        await no_jit(db)
+        n = int((await db.fetch(_GRANTS_SQL, {"ids": ids}))[0]["n"])
+        return n, await block_pieces(db, "points_ledger")
+
+    async def named(db: Reader, piece: Piece) -> list[Row]:
+        query = _LEDGER_NAMES_SQL.format(rows=piece.where("ctid"))
+        return await db.fetch(query, {"ids": ids, **piece.params()})
+
+    n_grants, pieces = await ctx.gateway.read(grants)
+    found = {str(r["id"]) for rows in await run_pieces(ctx.gateway, pieces, named) for r in rows}
+    return {"grants": n_grants, "ledger": len(found)}
 
 
 async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
     if [a for a in args if a.strip()]:
         raise UsageError(f"`{DEDUPE_WEBHOOKS}` takes no arguments")
 
-    async def survey(db: Reader) -> tuple[int, Row, list[Row]]:
-        n = await count_rows(db, PAYLOAD_PART.count_sql())
-        if not n:
-            return n, {}, []
-        refs = (await db.fetch(_REFERENCED_SQL))[0]
-        return n, refs, await db.fetch(PAYLOAD_PART.sample_sql(_PAYLOAD_SAMPLE).as_string())
+    groups = await repeated_candidates(
+        ctx.gateway,
+        "kajabi_events",
+        "jsonb_hash_extended(t.payload, 0)",
+        _PAYLOAD_KEYED,
+        PAYLOADS_PER_PIECE,
+    )
+    n = 0
+    ids: list[str] = []
+    sample: list[Row] = []
+    for group in groups:
 
-    n, refs, targets = await ctx.gateway.read(survey)
+        async def judge(db: Reader, group: list[str] = group) -> list[Row]:
+            await no_jit(db)
+            return await db.fetch(_PAYLOAD_SURVEY_SQL, {"ids": group, "sample": SAMPLE})
+
+        rows = await ctx.gateway.read(judge)
+        n += int(rows[0]["n"])
+        ids += [str(i) for i in rows[0]["ids"] or []]
+        sample += [{k: r[k] for k in _PAYLOAD_SAMPLE_KEYS} for r in rows if r["id"] is not None]
+    targets = await first_by_id(ctx.gateway, "kajabi_events", sample, SAMPLE)
+    refs = await _referenced(ctx, ids) if n else {}
     warnings: list[str] = []
     if n and (int(refs["grants"]) or int(refs["ledger"])):
         warnings.append(
