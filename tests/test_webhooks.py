@@ -164,7 +164,7 @@ async def test_events_naming_users_who_are_gone_wait_unmatched(
         "UPDATE kajabi_events SET user_match = 'gone_' || id WHERE id IN (SELECT id"
         " FROM kajabi_events WHERE processed_at IS NOT NULL AND user_match <> %s"
         " AND received_at < (now() AT TIME ZONE 'UTC') - interval '1 hour' ORDER BY id LIMIT 2)",
-        (wh.NO_USER,),
+        ("NO_USER_FOUND",),
     )
     _rep, by = await report(ctx)
     alert = by[wh.ALERT]
