@@ -371,7 +371,10 @@ async def stream_csv(
             " set_config('application_name', %s, true),"
             " set_config('TimeZone', 'UTC', true),"
             " set_config('DateStyle', 'ISO, YMD', true),"
-            " set_config('jit', 'off', true)",
+            # a read of minutes keeps to one core: no JIT, no parallel workers taking the
+            # cores the incident's diagnostics need
+            " set_config('jit', 'off', true),"
+            " set_config('max_parallel_workers_per_gather', '0', true)",
             (
                 str(limits.statement_timeout_ms),
                 str(limits.lock_timeout_ms),

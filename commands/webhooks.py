@@ -101,6 +101,15 @@ SELECT count(*) FILTER (WHERE e.processed_at IS NULL) AS unprocessed,
          AS payload_email
 FROM kajabi_events AS e {UNMATCHED_JOIN}
 """  # noqa: S608 (constant fragments of this module)
+# The alert's part of it alone, as an anti-join (for `/db health` and its watchdog).
+_ALERT_SQL = f"""
+SELECT count(*) AS waiting,
+       count(*) FILTER (WHERE e.processed_at IS NULL) AS waiting_unprocessed,
+       count(*) FILTER (WHERE e.processed_at IS NOT NULL AND e.user_match = %(none)s)
+         AS waiting_no_user_found
+FROM kajabi_events AS e {UNMATCHED_JOIN}
+WHERE x.id IS NULL AND e.received_at < (SELECT {NOW_UTC} - make_interval(secs => %(wait)s))
+"""  # noqa: S608 (constant fragments of this module)
 _UNPROCESSED_SAMPLE_SQL = f"""
 SELECT e.id, e.event_id, e.received_at,
        extract(epoch FROM {NOW_UTC} - e.received_at)::int AS age_s,
@@ -227,13 +236,16 @@ async def check_events(t: Thresholds, found: dict[str, Finding], db: Reader) -> 
     return Finding(check=EVENTS, status=Status.OK, summary="")
 
 
-# Each alone (the watchdog's health runs the alert), from the same pass.
+# Each alone (`/db health` and its watchdog run the alert).
 async def check_unprocessed(t: Thresholds, db: Reader) -> Finding:
     return await unprocessed_finding(t, await _events(t, db), db)
 
 
 async def check_alert(t: Thresholds, db: Reader) -> Finding:
-    return alert_finding(t, await _events(t, db))
+    await db.fetch(_TUNE_SQL)
+    params = {"none": NO_USER, "wait": t.webhook_unmatched_wait_s}
+    (row,) = await db.fetch(_ALERT_SQL, params)
+    return alert_finding(t, row)
 
 
 async def check_emails(t: Thresholds, db: Reader) -> Finding:

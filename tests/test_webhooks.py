@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, LiteralString
 
 import psycopg
@@ -149,6 +150,28 @@ async def test_alert_above_fifty_events_waiting_unmatched_over_fifteen_minutes(
         f"51 events unmatched for over 15m00s (alert above 50): "
         f"{51 - base} not processed, {base} NO_USER_FOUND"
     )
+
+
+async def test_events_naming_users_who_are_gone_wait_unmatched(
+    ctx: RunContext, leaps_dsn: str
+) -> None:
+    """Processed events whose user no longer exists join the alert's count, in
+    `/db webhooks` and in the alert alone (as `/db health` runs it) alike."""
+    _rep, by = await report(ctx)
+    base = int(by[wh.ALERT].summary.split()[0])
+    await fetch(
+        leaps_dsn,
+        "UPDATE kajabi_events SET user_match = 'gone_' || id WHERE id IN (SELECT id"
+        " FROM kajabi_events WHERE processed_at IS NOT NULL AND user_match <> %s"
+        " AND received_at < (now() AT TIME ZONE 'UTC') - interval '1 hour' ORDER BY id LIMIT 2)",
+        ("NO_USER_FOUND",),
+    )
+    _rep, by = await report(ctx)
+    alert = by[wh.ALERT]
+    assert alert.summary.startswith(f"{base + 2} events unmatched")
+    assert alert.summary.endswith(", 2 processed with no user or one who no longer exists")
+    alone = await ctx.gateway.run_check(wh.ALERT, partial(wh.check_alert, ctx.thresholds))
+    assert alone == alert
 
 
 async def test_miscased_and_ambiguous_emails(ctx: RunContext, faults: FaultInjector) -> None:
