@@ -40,7 +40,7 @@ from commands.base import (
     human_duration,
     register,
 )
-from commands.integrity import DUPLICATE_EVENTS, check_duplicate_events
+from commands.integrity import duplicate_events
 from commands.remedies.recovery import (
     EVENT_EMAIL,
     EVENT_TAG,
@@ -278,13 +278,6 @@ async def check_duplicates(t: Thresholds, db: Reader) -> Finding:
     )
 
 
-async def check_replayed_awards(db: Reader) -> Finding:
-    """`/db integrity`'s own check, in a transaction tuned as the others here (without the
-    unique index on external_event_id it groups every ledger row that has one)."""
-    await db.fetch(_TUNE_SQL)
-    return await check_duplicate_events(db)
-
-
 @register(
     "webhooks",
     usage="/db webhooks",
@@ -297,7 +290,7 @@ async def webhooks(ctx: Context, args: list[str]) -> Report:
     found: dict[str, Finding] = {}
     # Started longest first: each check takes one of the pool's few connections.
     replayed, events, duplicates = await asyncio.gather(
-        gw.run_check(DUPLICATE_EVENTS, check_replayed_awards),
+        duplicate_events(gw),  # integrity's, every statement bounded
         gw.run_check(EVENTS, partial(check_events, t, found)),
         gw.run_check(DUPLICATES, partial(check_duplicates, t)),
     )
