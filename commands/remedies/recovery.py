@@ -1004,18 +1004,27 @@ WITH ev AS (
     AND NOT EXISTS (SELECT 1 FROM submissions AS s WHERE s.id = %(prefix)s || ev.event_row)
 )"""  # noqa: S608 (constant fragments of this module)
 _LEARN = _LEARN_PIECE.format(events="TRUE", users="TRUE", subs="TRUE")
-_PAIRS_TAIL = (
-    "\nSELECT event_row, event_row AS kajabi_event, user_id, event_id, processed_at"
-    " FROM due ORDER BY event_row"
-)
-_LEARN_PAIRS_SQL = _LEARN + _PAIRS_TAIL
+# The plan's one statement per piece: each event due (`pair`), and the users skipped for
+# the LEARN they hold, by its status (`held`); `ev` is read once for both.
+_PLAN_TAIL = """
+SELECT x.* FROM (
+  SELECT 'pair' AS kind, event_row, event_row AS kajabi_event, user_id, event_id, processed_at,
+         NULL::text AS status, NULL::bigint AS n
+  FROM due
+  UNION ALL
+  SELECT 'held', NULL, NULL, NULL, NULL, NULL, s.status::text, count(DISTINCT ev.user_id)
+  FROM ev JOIN submissions AS s ON s.user_id = ev.user_id AND s.activity_code = 'LEARN'
+  GROUP BY s.status
+) AS x ORDER BY x.kind, x.event_row, x.status"""
 # The processed LEARN-tag events, counted to size the plan's pieces.
 _LEARN_EVENTS_SQL = f"""
 SELECT count(*) AS n FROM kajabi_events AS e
 WHERE e.processed_at IS NOT NULL AND {EVENT_TAG} = ANY(%(tags)s)
 """  # noqa: S608 (constant fragments of this module)
-# Events a piece of the plan judges: a user's probe and two anti-join probes each.
-LEARN_EVENTS_PER_PIECE = 100_000
+# Events a piece of the plan judges (a user's probe and two anti-join probes each, and
+# the piece reads all of kajabi_events: no index serves user_match): 100,000 took 4.8 s
+# with the load average at 8, at 1,000,000 users.
+LEARN_EVENTS_PER_PIECE = 50_000
 # The planned pairs in the order of the events' ids, as one statement's ORDER BY gives
 # them (the pieces are ranges of user ids).
 _PAIRS_ORDER_SQL = """
@@ -1023,12 +1032,6 @@ SELECT p.i AS event_row FROM unnest(%s::text[]) AS p(i) JOIN kajabi_events AS e 
 ORDER BY e.id
 """
 # The users with a processed LEARN-tag event skipped for the LEARN they hold, by status.
-_HELD_TAIL = (
-    "\nSELECT s.status::text AS status, count(DISTINCT ev.user_id) AS n FROM ev"
-    " JOIN submissions AS s ON s.user_id = ev.user_id AND s.activity_code = 'LEARN'"
-    " GROUP BY 1 ORDER BY 1"
-)
-_LEARN_HELD_SQL = _LEARN + _HELD_TAIL
 _LEARN_RECOUNT_SQL = (
     _LEARN + "\nSELECT count(*) AS n FROM due JOIN unnest(%(ids)s::text[], %(users)s::text[])"
     " AS p(i, u) ON p.i = due.event_row AND p.u = due.user_id"
@@ -1105,9 +1108,8 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
         )
         return tags, pieces
 
-    # The LEARN-tag events by ranges of their users (a piece of a hundred thousand events
-    # at most: every event a user probe and two anti-join probes), the payload formats in
-    # a read of their own.
+    # The LEARN-tag events by ranges of their users (LEARN_EVENTS_PER_PIECE a piece), the
+    # payload formats in a read of their own.
     tags, pieces = await ctx.gateway.read(prepare)
     if not tags:
         raise UsageError(
@@ -1126,13 +1128,11 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
             + tail
         )
 
-    async def pairs_of(db: Reader, piece: Piece) -> list[Row]:
-        return await db.fetch(piece_sql(piece, _PAIRS_TAIL), {**params, **piece.params()})
+    async def survey(db: Reader, piece: Piece) -> list[Row]:
+        return await db.fetch(piece_sql(piece, _PLAN_TAIL), {**params, **piece.params()})
 
-    async def held_of(db: Reader, piece: Piece) -> list[Row]:
-        return await db.fetch(piece_sql(piece, _HELD_TAIL), {**params, **piece.params()})
-
-    pairs = [r for rows in await run_pieces(ctx.gateway, pieces, pairs_of) for r in rows]
+    found = [r for rows in await run_pieces(ctx.gateway, pieces, survey) for r in rows]
+    pairs = [r for r in found if r["kind"] == "pair"]
     if len(pieces) > 1 and len(pairs) > 1:
 
         async def in_order(db: Reader) -> list[Row]:
@@ -1145,8 +1145,8 @@ async def plan_recover_learn(ctx: Context, args: list[str]) -> Plan:
         for p in pairs[:SAMPLE]
     ]
     held_n: dict[str, int] = {}
-    for rows in await run_pieces(ctx.gateway, pieces, held_of):
-        for r in rows:
+    for r in found:
+        if r["kind"] == "held":
             held_n[str(r["status"])] = held_n.get(str(r["status"]), 0) + int(r["n"])
     held = [{"status": k, "n": held_n[k]} for k in sorted(held_n)]
 
