@@ -103,17 +103,21 @@ class Unsplittable(ValueError):
 @dataclass(frozen=True)
 class Shard:
     """The users from `lower` (included) up to `upper` (excluded); no bound, no limit on
-    that side. Rows with no user id go to the first shard, so every row is in one."""
+    that side. Rows with no user id have a shard of their own (`nulls`), so that every
+    row is in exactly one and each range stays a plain index range."""
 
     lower: str | None = None
     upper: str | None = None
+    nulls: bool = False
 
     def predicate(self, column: str) -> str:
         """The condition on `column` (SQL text made here, never input) for this shard."""
+        if self.nulls:
+            return f"{column} IS NULL"
         if self.lower is None and self.upper is None:
             return "true"
         if self.lower is None:
-            return f"({column} < %(shard_hi)s OR {column} IS NULL)"
+            return f"{column} < %(shard_hi)s"
         if self.upper is None:
             return f"{column} >= %(shard_lo)s"
         return f"({column} >= %(shard_lo)s AND {column} < %(shard_hi)s)"
@@ -175,7 +179,7 @@ def shards_for(row_count: int, bounds: Sequence[str] | None, rows_per_shard: int
         dict.fromkeys(points[round(i * (len(points) - 1) / wanted)] for i in range(1, wanted))
     )
     edges: list[str | None] = [None, *cuts, None]
-    return [Shard(lo, hi) for lo, hi in itertools.pairwise(edges)]
+    return [Shard(nulls=True), *(Shard(lo, hi) for lo, hi in itertools.pairwise(edges))]
 
 
 async def each_shard(

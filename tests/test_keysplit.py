@@ -107,6 +107,7 @@ async def _run_split(db: _Db, found: keysplit.Split, plan: keysplit.Plan) -> lis
             got = await db.fetch(found.shard_sql(shard), {**shard.params, **plan.params})
             key = sorted(found.keys)[0]
             for r in got:  # each shard gives its own users' rows only
+                assert (r[key] is None) is shard.nulls
                 assert shard.lower is None or str(r[key]) >= shard.lower
                 assert shard.upper is None or str(r[key]) < shard.upper
             rows += got
@@ -126,10 +127,12 @@ async def test_split_gives_what_the_whole_definition_gives(
     db = _Db(conn)
     plan = await keysplit.plan(db, rows_per_shard=300)
     assert len(plan.shards) >= 5, plan.shards
-    edges = [str(s.lower) for s in plan.shards[1:]]
-    assert edges == sorted(edges) and plan.shards[0].lower is None is plan.shards[-1].upper
+    assert plan.shards[0].nulls  # rows without a user id: a shard of their own
+    edges = [str(s.lower) for s in plan.shards[2:]]
+    assert edges == sorted(edges) and plan.shards[1].lower is None is plan.shards[-1].upper
     # The bounds keep the histogram's order (the column's collation), never re-sorted.
     assert keysplit.shards_for(9, ["b", "B", "a", "A"], 3) == [
+        keysplit.Shard(nulls=True),
         keysplit.Shard(None, "B"),
         keysplit.Shard("B", "a"),
         keysplit.Shard("a", None),
