@@ -58,8 +58,8 @@ MAX_RANGES = 100
 # machines measured; the gateway's pool (4) also holds the attachment and key checks.
 RANGES_AT_ONCE = 2
 # The replays' look at the ledger reads this many heap pages (8 kB each) a statement:
-# about 2,400,000 rows, a few tenths of a second (see `replays_of`).
-REPLAY_PAGES = 40_000
+# about 1,200,000 rows, a few tenths of a second (see `replays_of`).
+REPLAY_PAGES = 20_000
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -193,19 +193,20 @@ _PAGES_SQL = """
 SELECT (pg_relation_size(to_regclass('points_ledger'))
         / current_setting('block_size')::int)::bigint AS pages
 """
-# A hash of the event id and the tuple id (block * 65536 + line) of every ledger row that
-# carries an event id, on the heap pages from `%(first)s` (and below `%(end)s` with
-# `end`), in the order of the hashes, each as 8 bytes (network order) of one bytea:
-# where `replays_of` looks for ids seen twice, a bounded piece at a time, holding them
-# as compact arrays (20 MB of Python integers less at 1,000,000 users).
+# A hash of the event id and the tuple id of every ledger row that carries an event id,
+# on the heap pages from `%(first)s` (and below `%(end)s` with `end`), in the order of
+# the hashes (both aggregates read the same sorted rows, so they stay aligned; the
+# order is checked): 8 bytes of a hash (int8send) and 6 of a tuple id (tidsend) a row,
+# packed in one bytea each. Where `replays_of` looks for ids seen twice, a bounded piece
+# at a time, holding them as compact arrays rather than Python integers.
 _EVENT_HASHES_SQL = """
-SELECT coalesce(string_agg(int8send(e.h), ''::bytea ORDER BY e.h), ''::bytea) AS hashes,
-       coalesce(string_agg(int8send(e.t), ''::bytea ORDER BY e.h), ''::bytea) AS tids
-FROM (SELECT hashtextextended(l.external_event_id, 0) AS h,
-             ((l.ctid::text)::point)[0]::bigint * 65536 + ((l.ctid::text)::point)[1]::bigint AS t
+SELECT coalesce(string_agg(int8send(e.h), ''::bytea), ''::bytea) AS hashes,
+       coalesce(string_agg(tidsend(e.t), ''::bytea), ''::bytea) AS tids
+FROM (SELECT hashtextextended(l.external_event_id, 0) AS h, l.ctid AS t
       FROM points_ledger l
       WHERE l.ctid >= %(first)s::tid @END@
-        AND l.external_event_id IS NOT NULL) e
+        AND l.external_event_id IS NOT NULL
+      ORDER BY 1) e
 """
 
 
@@ -596,8 +597,18 @@ def _int8s(packed: bytes) -> array[int]:
     return out
 
 
-def _tid(value: int) -> str:
-    return f"({value >> 16},{value & 0xFFFF})"
+def _tid(packed: bytes, i: int) -> str:
+    """The i-th tuple id of `tidsend` records (4 bytes of block, 2 of line), as text."""
+    record = packed[6 * i : 6 * i + 6]
+    return f"({int.from_bytes(record[:4], 'big')},{int.from_bytes(record[4:], 'big')})"
+
+
+def _in_order(hashes: array[int], tids: bytes) -> tuple[array[int], bytes]:
+    """The piece's hashes ascending, each tuple id still beside its hash."""
+    if all(a <= b for a, b in itertools.pairwise(hashes)):
+        return hashes, tids
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)
+    return array("q", (hashes[i] for i in order)), b"".join(tids[6 * i : 6 * i + 6] for i in order)
 
 
 async def replays_of(
@@ -620,7 +631,7 @@ async def replays_of(
     if found.status is not Status.OK:
         return found
     starts = list(range(0, max(pages_box[0], 1), pages_each))
-    pieces: list[tuple[array[int], array[int]]] = []  # (hashes in order, their tuple ids)
+    pieces: list[tuple[array[int], bytes]] = []  # (hashes in order, their tuple ids)
     failed: list[Finding] = []
     slots = asyncio.Semaphore(RANGES_AT_ONCE)
 
@@ -636,7 +647,7 @@ async def replays_of(
                     "end": None if last else f"({starts[i] + pages_each},0)",
                 },
             )
-            pieces.append((_int8s(row["hashes"]), _int8s(row["tids"])))
+            pieces.append(_in_order(_int8s(row["hashes"]), bytes(row["tids"])))
             return _ok(DUPLICATE_EVENTS, "")
 
         async with slots:
@@ -658,7 +669,7 @@ async def replays_of(
             twice.add(h)
         previous = h
     candidates = [
-        _tid(t) for hashes, tids in pieces for h, t in zip(hashes, tids, strict=True) if h in twice
+        _tid(tids, i) for hashes, tids in pieces for i, h in enumerate(hashes) if h in twice
     ]
     if not candidates:
         return [], []
