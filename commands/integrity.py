@@ -19,13 +19,14 @@ on the per-user rows, not on the raw rows), duplicate LEARN submissions, the
 reconciliation and negative totals; only users whose sums disagree somewhere are unfolded
 per activity. A range reads only its users' rows, through the user_id indexes, so each
 statement's work is bounded by the range (RANGE_ROWS rows), not by the tables: at
-1,000,000 users (30,000,000 rows) sixty statements of well under a second, two at a
-time, exact. Replayed webhook awards (ledger rows sharing an external_event_id) are read
-once before the ranges, and not at all while a valid unique index rules them out.
-Attachments get their own merge anti-join over two indexes, concurrently on another
-connection; the foreign-key check is a catalog read. bench/integrity.py times the
-reconciliation against the two aggregates any reconciliation must compute (`needed_s`)
-and against the guide's SQL, with the server CPU beside the wall time.
+1,000,000 users (30,000,000 rows) a hundred statements of about a second at most, two
+at a time, exact. Replayed webhook awards (ledger rows sharing an external_event_id) are
+looked for before the ranges, a bounded piece of the ledger at a time, and not at all
+while a valid unique index rules them out. Orphan attachments are a merge anti-join
+over two indexes, range by range of submission ids, beside the pass; the foreign-key
+check is a catalog read. bench/integrity.py times the reconciliation against the two
+aggregates any reconciliation must compute (`needed_s`) and against the guide's SQL,
+with the server CPU beside the wall time.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ WORK_MEM = "64MB"
 # Parallel workers for the pass (see _tune): none, as measured on 2 cores.
 PARALLEL_WORKERS = 0
 # The pass reads ranges of users of about this many rows of the two tables each (see
-# `_run_pass`): 0.5-1 s a range on the 2-core machine measured, far inside the check
-# timeout even when the machine is busy; no more ranges than the histogram can split.
-RANGE_ROWS = 500_000
+# `_run_pass`): 0.2 s of server CPU a range on the 2-core machine measured, 1 s of wall
+# time with the machine's load at 11, far inside the check timeout; as cheap in all as
+# ranges twice the size. No more ranges than the histogram can split.
+RANGE_ROWS = 250_000
 MAX_RANGES = 100
 # Ranges read at once, each on its own pooled connection: two, for the two cores of the
 # machines measured; the gateway's pool (4) also holds the attachment and key checks.
