@@ -19,13 +19,14 @@ on the per-user rows, not on the raw rows), duplicate LEARN submissions, the
 reconciliation and negative totals; only users whose sums disagree somewhere are unfolded
 per activity. A range reads only its users' rows, through the user_id indexes, so each
 statement's work is bounded by the range (RANGE_ROWS rows), not by the tables: at
-1,000,000 users (30,000,000 rows) sixty statements of well under a second, two at a
-time, exact. Replayed webhook awards (ledger rows sharing an external_event_id) are read
-once before the ranges, and not at all while a valid unique index rules them out.
-Attachments get their own merge anti-join over two indexes, concurrently on another
-connection; the foreign-key check is a catalog read. bench/integrity.py times the
-reconciliation against the two aggregates any reconciliation must compute (`needed_s`)
-and against the guide's SQL, with the server CPU beside the wall time.
+1,000,000 users (30,000,000 rows) a hundred statements of about a second at most, two
+at a time, exact. Replayed webhook awards (ledger rows sharing an external_event_id) are
+looked for before the ranges, a bounded piece of the ledger at a time, and not at all
+while a valid unique index rules them out. Orphan attachments are a merge anti-join
+over two indexes, range by range of submission ids, beside the pass; the foreign-key
+check is a catalog read. bench/integrity.py times the reconciliation against the two
+aggregates any reconciliation must compute (`needed_s`) and against the guide's SQL,
+with the server CPU beside the wall time.
 """
 
 from __future__ import annotations
@@ -50,16 +51,20 @@ WORK_MEM = "64MB"
 # Parallel workers for the pass (see _tune): none, as measured on 2 cores.
 PARALLEL_WORKERS = 0
 # The pass reads ranges of users of about this many rows of the two tables each (see
-# `_run_pass`): 0.5-1 s a range on the 2-core machine measured, far inside the check
-# timeout even when the machine is busy; no more ranges than the histogram can split.
-RANGE_ROWS = 500_000
+# `_run_pass`): 0.2 s of server CPU a range on the 2-core machine measured, 1 s of wall
+# time with the machine's load at 11, far inside the check timeout; as cheap in all as
+# ranges twice the size. No more ranges than the histogram can split.
+RANGE_ROWS = 250_000
 MAX_RANGES = 100
+# The orphan attachments' ranges (of submission ids) hold this many index entries of the
+# two tables each: a merge of two indexes costs a fraction of the pass's grouping a row.
+ATTACHMENT_RANGE_ROWS = 1_000_000
 # Ranges read at once, each on its own pooled connection: two, for the two cores of the
 # machines measured; the gateway's pool (4) also holds the attachment and key checks.
 RANGES_AT_ONCE = 2
 # The replays' look at the ledger reads this many heap pages (8 kB each) a statement:
-# about 2,400,000 rows, a few tenths of a second (see `replays_of`).
-REPLAY_PAGES = 40_000
+# about 1,200,000 rows, a few tenths of a second (see `replays_of`).
+REPLAY_PAGES = 20_000
 
 CLEANUP = "/db cleanup-orphans"
 DEDUPE_LEARN = "/db dedupe-learn"
@@ -193,19 +198,20 @@ _PAGES_SQL = """
 SELECT (pg_relation_size(to_regclass('points_ledger'))
         / current_setting('block_size')::int)::bigint AS pages
 """
-# A hash of the event id and the tuple id (block * 65536 + line) of every ledger row that
-# carries an event id, on the heap pages from `%(first)s` (and below `%(end)s` with
-# `end`), in the order of the hashes, each as 8 bytes (network order) of one bytea:
-# where `replays_of` looks for ids seen twice, a bounded piece at a time, holding them
-# as compact arrays (20 MB of Python integers less at 1,000,000 users).
+# A hash of the event id and the tuple id of every ledger row that carries an event id,
+# on the heap pages from `%(first)s` (and below `%(end)s` with `end`), in the order of
+# the hashes (both aggregates read the same sorted rows, so they stay aligned; the
+# order is checked): 8 bytes of a hash (int8send) and 6 of a tuple id (tidsend) a row,
+# packed in one bytea each. Where `replays_of` looks for ids seen twice, a bounded piece
+# at a time, holding them as compact arrays rather than Python integers.
 _EVENT_HASHES_SQL = """
-SELECT coalesce(string_agg(int8send(e.h), ''::bytea ORDER BY e.h), ''::bytea) AS hashes,
-       coalesce(string_agg(int8send(e.t), ''::bytea ORDER BY e.h), ''::bytea) AS tids
-FROM (SELECT hashtextextended(l.external_event_id, 0) AS h,
-             ((l.ctid::text)::point)[0]::bigint * 65536 + ((l.ctid::text)::point)[1]::bigint AS t
+SELECT coalesce(string_agg(int8send(e.h), ''::bytea), ''::bytea) AS hashes,
+       coalesce(string_agg(tidsend(e.t), ''::bytea), ''::bytea) AS tids
+FROM (SELECT hashtextextended(l.external_event_id, 0) AS h, l.ctid AS t
       FROM points_ledger l
       WHERE l.ctid >= %(first)s::tid @END@
-        AND l.external_event_id IS NOT NULL) e
+        AND l.external_event_id IS NOT NULL
+      ORDER BY 1) e
 """
 
 
@@ -470,12 +476,14 @@ async def _tune_replays(db: Reader) -> None:
 
 
 async def _tune_attachments(db: Reader) -> None:
-    """For the attachment check's transaction only: a serial merge anti-join over the
+    """For the attachment check's transactions only: a serial merge anti-join over the
     two indexes (attachments by submission_id, submissions by id), both already in
-    order, instead of hashing a million submission ids; 0.43 s of server CPU against
-    0.70 s at 100,000 users. Serial, because the pass runs beside it."""
+    order, instead of hashing a million submission ids (0.43 s of server CPU against
+    0.70 s at 100,000 users), and for a range of ids that order from the index too, not
+    a bitmap and a sort (a third of the time). Serial, because the pass runs beside it."""
     await db.fetch(
         "SELECT set_config('jit', 'off', true), set_config('enable_hashjoin', 'off', true),"
+        " set_config('enable_bitmapscan', 'off', true),"
         " set_config('max_parallel_workers_per_gather', '0', true)"
     )
 
@@ -596,8 +604,18 @@ def _int8s(packed: bytes) -> array[int]:
     return out
 
 
-def _tid(value: int) -> str:
-    return f"({value >> 16},{value & 0xFFFF})"
+def _tid(packed: bytes, i: int) -> str:
+    """The i-th tuple id of `tidsend` records (4 bytes of block, 2 of line), as text."""
+    record = packed[6 * i : 6 * i + 6]
+    return f"({int.from_bytes(record[:4], 'big')},{int.from_bytes(record[4:], 'big')})"
+
+
+def _in_order(hashes: array[int], tids: bytes) -> tuple[array[int], bytes]:
+    """The piece's hashes ascending, each tuple id still beside its hash."""
+    if all(a <= b for a, b in itertools.pairwise(hashes)):
+        return hashes, tids
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)
+    return array("q", (hashes[i] for i in order)), b"".join(tids[6 * i : 6 * i + 6] for i in order)
 
 
 async def replays_of(
@@ -620,7 +638,7 @@ async def replays_of(
     if found.status is not Status.OK:
         return found
     starts = list(range(0, max(pages_box[0], 1), pages_each))
-    pieces: list[tuple[array[int], array[int]]] = []  # (hashes in order, their tuple ids)
+    pieces: list[tuple[array[int], bytes]] = []  # (hashes in order, their tuple ids)
     failed: list[Finding] = []
     slots = asyncio.Semaphore(RANGES_AT_ONCE)
 
@@ -636,7 +654,7 @@ async def replays_of(
                     "end": None if last else f"({starts[i] + pages_each},0)",
                 },
             )
-            pieces.append((_int8s(row["hashes"]), _int8s(row["tids"])))
+            pieces.append(_in_order(_int8s(row["hashes"]), bytes(row["tids"])))
             return _ok(DUPLICATE_EVENTS, "")
 
         async with slots:
@@ -658,7 +676,7 @@ async def replays_of(
             twice.add(h)
         previous = h
     candidates = [
-        _tid(t) for hashes, tids in pieces for h, t in zip(hashes, tids, strict=True) if h in twice
+        _tid(tids, i) for hashes, tids in pieces for i, h in enumerate(hashes) if h in twice
     ]
     if not candidates:
         return [], []
@@ -767,13 +785,15 @@ async def shard_bounds(
 
 
 async def range_count(
-    db: Reader, tables: tuple[str, ...] = ("points_ledger", "submissions")
+    db: Reader,
+    tables: tuple[str, ...] = ("points_ledger", "submissions"),
+    rows_each: int = RANGE_ROWS,
 ) -> int:
     """How many ranges a read of `tables` takes (the pass's: the ledger and the
-    submissions): RANGE_ROWS rows each, by the planner's count (no more than the
+    submissions): `rows_each` rows each, by the planner's count (no more than the
     histogram can split)."""
     (row,) = await db.fetch(_SIZE_SQL, {"tables": list(tables)})
-    return max(1, min(MAX_RANGES, math.ceil(float(row["n"]) / RANGE_ROWS)))
+    return max(1, min(MAX_RANGES, math.ceil(float(row["n"]) / rows_each)))
 
 
 async def _pass_rows(
@@ -1098,11 +1118,20 @@ def _negative_totals(rows: list[Row]) -> Finding:
 
 # --- attachments --------------------------------------------------------------------
 
+# The orphans' (submission_id, path) from the two indexes alone (attachments by
+# (submission_id, path), unique in the schema; submissions by id), both in order: a
+# merge anti-join with no heap read; then the orphans' own rows by that index.
 _ATTACHMENTS_SQL = """
+WITH orphan AS MATERIALIZED (
+  SELECT DISTINCT sa.submission_id, sa.path
+  FROM submission_attachments sa
+  WHERE @RANGE_SA@
+    AND NOT EXISTS (SELECT 1 FROM submissions s WHERE @RANGE_S@ AND s.id = sa.submission_id)
+)
 SELECT sa.id, sa.submission_id, sa.path, count(*) OVER () AS total
-FROM submission_attachments sa
+FROM orphan o
+JOIN submission_attachments sa ON sa.submission_id = o.submission_id AND sa.path = o.path
 WHERE @RANGE_SA@
-  AND NOT EXISTS (SELECT 1 FROM submissions s WHERE @RANGE_S@ AND s.id = sa.submission_id)
 ORDER BY sa.id COLLATE "C"
 LIMIT %(sample)s
 """
@@ -1147,14 +1176,14 @@ async def check_orphan_attachments(db: Reader) -> Finding:
 
 async def orphan_attachments(gw: Gateway, bounds: list[str] | None = None) -> Finding:
     """`check_orphan_attachments` over ranges of submission ids (`bounds`, else from the
-    attachments' statistics, RANGE_ROWS rows of the two tables each), each one statement
+    attachments' statistics, ATTACHMENT_RANGE_ROWS of the two tables each), each one statement
     in its own transaction, one after the other (beside the pass's two at a time, within
     the gateway's pool of four): the counts summed, the first SAMPLE rows by id."""
     split_box: list[list[str]] = []
 
     async def split(db: Reader) -> Finding:
         tables = ("submission_attachments", "submissions")
-        n = await range_count(db, tables)
+        n = await range_count(db, tables, ATTACHMENT_RANGE_ROWS)
         split_box.append(await shard_bounds(db, n, "submission_attachments", "submission_id"))
         return _ok(ATTACHMENT_NO_SUBMISSION, "")
 

@@ -397,3 +397,16 @@ def test_merge_cuts_each_kind_to_the_sample_in_order_with_summed_totals() -> Non
     assert [r["user_id"] for r in missing] == [f"u{i:02d}" for i in range(ig.SAMPLE)]
     assert {(r["units"], r["rows_total"], r["net"]) for r in missing} == {(24, 48, -24)}
     assert [(r["user_id"], r["units"]) for r in merged if r["kind"] == "negative"] == [("z", 1)]
+
+
+def test_replay_hashes_out_of_order_are_put_in_order_with_their_tuple_ids() -> None:
+    from array import array
+
+    tids = b"".join(
+        block.to_bytes(4, "big") + line.to_bytes(2, "big")
+        for block, line in ((9, 1), (3, 2), (7, 65535))
+    )
+    hashes, moved = ig._in_order(array("q", [5, -2, 5]), tids)
+    assert list(hashes) == [-2, 5, 5]
+    assert [ig._tid(moved, i) for i in range(3)] == ["(3,2)", "(9,1)", "(7,65535)"]
+    assert ig._in_order(hashes, moved) == (hashes, moved)
