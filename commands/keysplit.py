@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import math
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -170,7 +169,7 @@ def shards_for(row_count: int, bounds: Sequence[str] | None, rows_per_shard: int
     ledger user ids puts evenly many rows; one shard (no split) without a histogram.
     The bounds stay in the histogram's order, the column's own (its collation's), which
     is the order the shards' conditions compare in."""
-    wanted = min(MAX_SHARDS, math.ceil(row_count / max(1, rows_per_shard)))
+    wanted = min(MAX_SHARDS, round(row_count / max(1, rows_per_shard)))
     points = [b for i, b in enumerate(bounds or ()) if i == 0 or b != (bounds or ())[i - 1]]
     if wanted < 2 or len(points) < 3:
         return [WHOLE]
