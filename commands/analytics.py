@@ -342,8 +342,8 @@ async def _gather_shard(
         definition = sql.SQL(split.shard_sql(shard))
         if p.readable:
             stored = sql.SQL("SELECT * FROM {} AS v WHERE {}").format(
-                sql.Identifier(p.view.schema, p.view.name),
-                sql.SQL(shard.predicate(f"v.{sql.Identifier(p.key).as_string()}")),
+                keysplit.ident(p.view.schema, p.view.name),
+                sql.SQL(shard.predicate(f"v.{keysplit.ident(p.key).as_string()}")),
             )
             query = sql.SQL(_FRESHNESS).format(definition=definition, view=stored)
             (row,) = await db.fetch(query.as_string(), params)
@@ -380,7 +380,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
         else:
             params.update(merged)
             definition = sql.SQL(text)
-    name = sql.Identifier(v.schema, v.name)
+    name = keysplit.ident(v.schema, v.name)
     if p.split is not None and p.split.per_user:
         state.definition_rows = got.definition_rows
         if p.readable:
@@ -418,7 +418,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
             state.stored_diff = await db.fetch(_compare_sql(m, name, base), params)
             if v.name == "time_series_metrics":
                 newest = await db.fetch(
-                    sql.SQL("SELECT max(day)::text AS d FROM {}").format(name).as_string()
+                    sql.SQL("SELECT max(day)::text AS d FROM {}").format(name).as_string(), params
                 )
                 state.newest_day = newest[0]["d"] if newest else None
     return state

@@ -47,6 +47,7 @@ import pglast
 from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, SetOperation, SQLValueFunctionOp
 from pglast.stream import RawStream
+from psycopg import sql
 
 from commands.base import Finding, Gateway, Reader, Row, Status
 
@@ -127,6 +128,11 @@ class Shard:
 
 
 WHOLE = Shard()
+
+
+def ident(*names: str) -> sql.SQL:
+    """A quoted identifier for a statement that binds values: a `%` in a name doubled."""
+    return sql.SQL(sql.Identifier(*names).as_string().replace("%", "%%"))
 
 
 @dataclass(frozen=True)

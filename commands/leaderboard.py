@@ -363,7 +363,7 @@ def _eligible_sql(d: Definition, shard: Shard) -> sql.Composable:
     found only when a refresh would add them."""
     if d.users_alias is None:
         return sql.SQL(_NO_STORED)
-    alias = sql.Identifier(d.users_alias)
+    alias = keysplit.ident(d.users_alias)
     where: list[sql.Composable] = [sql.SQL(shard.predicate(f"{alias.as_string()}.id"))]
     if d.user_filter:
         where.append(sql.SQL("({})").format(sql.SQL(d.user_filter.replace("%", "%%"))))
@@ -423,7 +423,7 @@ def _compare_sql(p: Prepared, shard: Shard) -> str:
     if p.stored_read:
         stored = sql.SQL("{} FROM {} AS v WHERE {}").format(
             sql.SQL(_STORED),
-            sql.Identifier(view.schema, view.name),
+            keysplit.ident(view.schema, view.name),
             sql.SQL(shard.predicate("v.user_id")),
         )
     if p.split is not None:
