@@ -54,11 +54,12 @@ from commands.base import Finding, Gateway, Reader, Row, Status
 # Tables whose rows each belong to one user, by the column naming the user.
 USER_KEYS: dict[str, str] = {"users": "id", "points_ledger": "user_id", "submissions": "user_id"}
 # Ledger and submission rows one statement reads, about. At 1,000,000 users, in shards
-# of 600,000 rows, each shard's statement of /db leaderboard and /db analytics took
-# 0.2-0.4 s of server CPU (warm, alone) on the 2-core machine the benches run on, up to
-# 1 s and 3.3 s of wall time while other work shared the cores: a bit smaller here, so
-# that each stays well inside the check timeout (5 s) on a busy server.
-SHARD_ROWS = 500_000
+# of 500,000 rows, each shard's statement of /db leaderboard and /db analytics took
+# 0.2-0.6 s of server CPU on the 2-core machine the benches run on, and up to 2.9 s of
+# wall time while other work kept 7 processes runnable on its 2 cores (a fivefold
+# stretch). Shards of 300,000 rows (100 at a million users) keep each statement well
+# inside the check timeout (5 s) on a server busier still.
+SHARD_ROWS = 300_000
 # Shards run at once, each on its own pooled connection (the gateway's pool holds 4):
 # two, for the two cores of the machines measured.
 CONCURRENCY = 2
