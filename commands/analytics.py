@@ -44,7 +44,7 @@ from commands.base import (
     register,
 )
 from commands.keysplit import Shard
-from commands.leaderboard import TUNE, locked_finding
+from commands.leaderboard import locked_finding, tune
 from commands.views import (
     COUNT_LIMIT_BYTES,
     MatView,
@@ -285,7 +285,6 @@ class _Prepared:
 
 
 async def _prepare(db: Reader, v: MatView, plan: keysplit.Plan) -> _Prepared:
-    await db.fetch(TUNE)
     (meta,) = await db.fetch(_VIEWDEF_SQL, (v.oid, v.oid))
     # pg_get_viewdef's text runs as a subquery: the database's own, never user input.
     definition = str(meta["definition"]).strip().rstrip(";")
@@ -324,7 +323,7 @@ _BASE_READS = {"users", "points_ledger", "submissions", "activities"}
 async def _gather_shard(
     db: Reader, p: _Prepared, shard: Shard, plan: keysplit.Plan, into: _Gathered
 ) -> None:
-    await db.fetch(TUNE)
+    await db.fetch(tune(plan))
     params = {**shard.params, **plan.params}
     split = p.split
     m = p.measure
@@ -343,8 +342,8 @@ async def _gather_shard(
         definition = sql.SQL(split.shard_sql(shard))
         if p.readable:
             stored = sql.SQL("SELECT * FROM {} AS v WHERE {}").format(
-                sql.Identifier(p.view.schema, p.view.name),
-                sql.SQL(shard.predicate(f"v.{sql.Identifier(p.key).as_string()}")),
+                keysplit.ident(p.view.schema, p.view.name),
+                sql.SQL(shard.predicate(f"v.{keysplit.ident(p.key).as_string()}")),
             )
             query = sql.SQL(_FRESHNESS).format(definition=definition, view=stored)
             (row,) = await db.fetch(query.as_string(), params)
@@ -366,7 +365,7 @@ async def _gather_shard(
 async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) -> ViewState:
     """The comparisons that need every shard's numbers: each reads only the merged
     partials (or, for a definition that could not be split, runs it whole)."""
-    await db.fetch(TUNE)
+    await db.fetch(tune(plan))
     v = p.view
     state = ViewState(v)
     params: dict[str, Any] = dict(plan.params)
@@ -381,7 +380,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
         else:
             params.update(merged)
             definition = sql.SQL(text)
-    name = sql.Identifier(v.schema, v.name)
+    name = keysplit.ident(v.schema, v.name)
     if p.split is not None and p.split.per_user:
         state.definition_rows = got.definition_rows
         if p.readable:
@@ -419,7 +418,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
             state.stored_diff = await db.fetch(_compare_sql(m, name, base), params)
             if v.name == "time_series_metrics":
                 newest = await db.fetch(
-                    sql.SQL("SELECT max(day)::text AS d FROM {}").format(name).as_string()
+                    sql.SQL("SELECT max(day)::text AS d FROM {}").format(name).as_string(), params
                 )
                 state.newest_day = newest[0]["d"] if newest else None
     return state
@@ -676,7 +675,7 @@ async def _base_counts(gw: Gateway, plan: keysplit.Plan) -> Row | Finding:
         return Finding(check="base tables", status=Status.OK, summary="")
 
     async def one(db: Reader, shard: Shard) -> None:
-        await db.fetch(TUNE)
+        await db.fetch(tune(plan))
         (row,) = await db.fetch(_shard_sql(_BASE_COUNTS_SQL, shard), shard.params)
         for name, value in row.items():
             counts[name] = int(counts.get(name) or 0) + int(value)

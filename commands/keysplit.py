@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import math
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,17 +47,19 @@ import pglast
 from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, SetOperation, SQLValueFunctionOp
 from pglast.stream import RawStream
+from psycopg import sql
 
 from commands.base import Finding, Gateway, Reader, Row, Status
 
 # Tables whose rows each belong to one user, by the column naming the user.
 USER_KEYS: dict[str, str] = {"users": "id", "points_ledger": "user_id", "submissions": "user_id"}
 # Ledger and submission rows one statement reads, about. At 1,000,000 users, in shards
-# of 600,000 rows, each shard's statement of /db leaderboard and /db analytics took
-# 0.2-0.4 s of server CPU (warm, alone) on the 2-core machine the benches run on, up to
-# 1 s and 3.3 s of wall time while other work shared the cores: a bit smaller here, so
-# that each stays well inside the check timeout (5 s) on a busy server.
-SHARD_ROWS = 500_000
+# of 500,000 rows, each shard's statement of /db leaderboard and /db analytics took
+# 0.2-0.6 s of server CPU on the 2-core machine the benches run on, and up to 2.9 s of
+# wall time while other work kept 7 processes runnable on its 2 cores (a fivefold
+# stretch). Shards of 300,000 rows (100 at a million users) keep each statement well
+# inside the check timeout (5 s) on a server busier still.
+SHARD_ROWS = 300_000
 # Shards run at once, each on its own pooled connection (the gateway's pool holds 4):
 # two, for the two cores of the machines measured.
 CONCURRENCY = 2
@@ -130,6 +131,11 @@ class Shard:
 WHOLE = Shard()
 
 
+def ident(*names: str) -> sql.SQL:
+    """A quoted identifier for a statement that binds values: a `%` in a name doubled."""
+    return sql.SQL(sql.Identifier(*names).as_string().replace("%", "%%"))
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a command splits its statements: the shards, the pinned instant, and the
@@ -170,7 +176,7 @@ def shards_for(row_count: int, bounds: Sequence[str] | None, rows_per_shard: int
     ledger user ids puts evenly many rows; one shard (no split) without a histogram.
     The bounds stay in the histogram's order, the column's own (its collation's), which
     is the order the shards' conditions compare in."""
-    wanted = min(MAX_SHARDS, math.ceil(row_count / max(1, rows_per_shard)))
+    wanted = min(MAX_SHARDS, round(row_count / max(1, rows_per_shard)))
     points = [b for i, b in enumerate(bounds or ()) if i == 0 or b != (bounds or ())[i - 1]]
     if wanted < 2 or len(points) < 3:
         return [WHOLE]

@@ -273,17 +273,21 @@ SELECT l.user_id::text AS user_id, l.source::text AS source, sum(l.delta_points)
 
 # For each statement of the comparison, in its own transaction: no JIT (the joined
 # aggregates' estimates multiply into the billions, and PostgreSQL would spend seconds
-# compiling a query that runs in milliseconds), room for each shard's hash tables, no
-# parallel workers (the shards already divide the work; a 2-core server gains nothing
-# from workers that each hash part of the same users), and a plan made for the values
-# bound: the shards of a command share one text, which psycopg prepares after five runs
-# on a connection, and PostgreSQL's generic plan for it, blind to the shard's bounds and
-# the pinned instant, took ten times as long (3.7 s against 0.4 s at 1,000,000 users).
-TUNE = (
+# compiling a query that runs in milliseconds), room for each shard's hash tables, and
+# a plan made for the values bound: the shards of a command share one text, which
+# psycopg prepares after five runs on a connection, and PostgreSQL's generic plan for
+# it, blind to the shard's bounds and the pinned instant, took ten times as long (3.7 s
+# against 0.4 s at 1,000,000 users). Split into shards, no parallel workers either: the
+# shards already divide the work, two at a time on a 2-core server.
+_TUNE = (
     "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true),"
-    " set_config('max_parallel_workers_per_gather', '0', true),"
     " set_config('plan_cache_mode', 'force_custom_plan', true)"
 )
+_SERIAL = ", set_config('max_parallel_workers_per_gather', '0', true)"
+
+
+def tune(plan: keysplit.Plan) -> str:
+    return _TUNE + (_SERIAL if len(plan.shards) > 1 else "")
 
 
 @dataclass
@@ -359,7 +363,7 @@ def _eligible_sql(d: Definition, shard: Shard) -> sql.Composable:
     found only when a refresh would add them."""
     if d.users_alias is None:
         return sql.SQL(_NO_STORED)
-    alias = sql.Identifier(d.users_alias)
+    alias = keysplit.ident(d.users_alias)
     where: list[sql.Composable] = [sql.SQL(shard.predicate(f"{alias.as_string()}.id"))]
     if d.user_filter:
         where.append(sql.SQL("({})").format(sql.SQL(d.user_filter.replace("%", "%%"))))
@@ -391,7 +395,6 @@ class Prepared:
 
 
 async def prepare(db: Reader, view: MatView, plan: keysplit.Plan) -> Prepared:
-    await db.fetch(TUNE)
     (meta,) = await db.fetch(_VIEWDEF_SQL, (view.oid, view.oid))
     columns = set(meta["columns"] or ())
     lacking = {"user_id", "total_points"} - columns
@@ -420,7 +423,7 @@ def _compare_sql(p: Prepared, shard: Shard) -> str:
     if p.stored_read:
         stored = sql.SQL("{} FROM {} AS v WHERE {}").format(
             sql.SQL(_STORED),
-            sql.Identifier(view.schema, view.name),
+            keysplit.ident(view.schema, view.name),
             sql.SQL(shard.predicate("v.user_id")),
         )
     if p.split is not None:
@@ -450,7 +453,7 @@ class ShardResult:
 
 
 async def compare_shard(db: Reader, p: Prepared, shard: Shard, plan: keysplit.Plan) -> ShardResult:
-    await db.fetch(TUNE)
+    await db.fetch(tune(plan))
     params = {**shard.params, **plan.params, "window": p.window}
     fetched = await db.fetch(_compare_sql(p, shard), params)
     rows = [
@@ -498,7 +501,7 @@ async def attribute(db: Reader, c: Comparison, plan: keysplit.Plan) -> None:
     wrong = [r.user_id for r in c.definition_wrong][:ATTRIBUTE_USERS]
     if not wrong:
         return
-    await db.fetch(TUNE)
+    await db.fetch(tune(plan))
     by_source = sql.SQL(_BY_SOURCE_SQL).format(window=_window_sql(c.window))
     rows = await db.fetch(
         by_source.as_string(), {"users": wrong, "window": c.window, **plan.params}

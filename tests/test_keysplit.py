@@ -173,6 +173,12 @@ async def test_commands_split_into_shards_report_what_one_statement_reports(
     await faults.double_counting_leaderboard()
     await faults.stale_views(points=500)
     await faults.leaderboard_membership_drift()
+    async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as c:
+        # A view of the operators' own, per user, named with a `%`: split like the boards.
+        await c.execute(
+            'CREATE MATERIALIZED VIEW "odd%view" AS SELECT s.user_id, count(*) AS n,'
+            " max(s.created_at) AS newest FROM submissions s GROUP BY s.user_id"
+        )
     gateway = TargetGateway(leaps_dsn, check_timeout_ms=30_000)
     ctx = RunContext(gateway, FAST_THRESHOLDS)
     try:
@@ -188,3 +194,4 @@ async def test_commands_split_into_shards_report_what_one_statement_reports(
     assert ("leaderboard_totals: vs ledger", "crit") in statuses  # the faults are seen
     assert ("leaderboard_30d: missing users", "warn") in statuses
     assert ("cohort_metrics vs base tables", "warn") in statuses
+    assert ("view odd%view", "ok") in statuses
