@@ -233,7 +233,8 @@ async def plan(db: Reader, rows_per_shard: int | None = None) -> Plan:
 # --- the tree -------------------------------------------------------------------------
 
 
-def _children(node: Any) -> Iterator[Any]:
+def children(node: Any) -> Iterator[Any]:
+    """A parse tree node's children (pglast's nodes, lists and tuples)."""
     if isinstance(node, ast.Node):
         for name in node:
             yield getattr(node, name)
@@ -250,7 +251,7 @@ def _walk(node: Any, into_sublinks: bool = True) -> Iterator[ast.Node]:
             if not into_sublinks and isinstance(current, (ast.SubLink, ast.SelectStmt)):
                 if current is not node:
                     continue
-        stack.extend(reversed(list(_children(current))))
+        stack.extend(reversed(list(children(current))))
 
 
 def _replace(node: Any, fn: Callable[[Any], Any]) -> Any:
@@ -818,7 +819,7 @@ class _Analyser:
                     yield cur
                     if self._is_aggregate(cur) or isinstance(cur, ast.SubLink):
                         continue
-                stack.extend(reversed(list(_children(cur))))
+                stack.extend(reversed(list(children(cur))))
 
         for t in s.targetList or ():
             if t.name is None and not isinstance(t.val, ast.ColumnRef):

@@ -46,7 +46,7 @@ from commands.base import (
     UsageError,
     register,
 )
-from commands.keysplit import Shard
+from commands.keysplit import Shard, children
 from commands.views import MatView, describe_lock, load_views, select_views
 
 LEADERBOARDS = ("leaderboard_totals", "leaderboard_30d")
@@ -89,14 +89,6 @@ class Definition:
         return [t for t in others if t != "users"] or others
 
 
-def _children(node: Any) -> Iterator[Any]:
-    if isinstance(node, ast.Node):
-        for name in node:
-            yield getattr(node, name)
-    elif isinstance(node, (list, tuple)):
-        yield from node
-
-
 def walk(node: Any) -> Iterator[ast.Node]:
     """Every node under `node`, nested SELECTs included, depth first."""
     stack = [node]
@@ -104,19 +96,19 @@ def walk(node: Any) -> Iterator[ast.Node]:
         current = stack.pop()
         if isinstance(current, ast.Node):
             yield current
-        stack.extend(reversed(list(_children(current))))
+        stack.extend(reversed(list(children(current))))
 
 
 def _shallow(part: Any) -> Iterator[ast.Node]:
     """The nodes of one clause that belong to it, not to a SELECT nested in it."""
-    stack = list(_children(part)) if isinstance(part, (list, tuple)) else [part]
+    stack = list(children(part)) if isinstance(part, (list, tuple)) else [part]
     while stack:
         current = stack.pop()
         if isinstance(current, ast.Node):
             yield current
             if isinstance(current, (ast.SelectStmt, ast.RangeSubselect, ast.SubLink)):
                 continue
-        stack.extend(reversed(list(_children(current))))
+        stack.extend(reversed(list(children(current))))
 
 
 def _sql(node: Any) -> str:
