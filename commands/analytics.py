@@ -17,9 +17,9 @@ users has its definition run per shard as partial aggregates, in the same statem
 (the same snapshot) as the base tables' sums over the same users, then once more over
 the merged partials, against which the view and the merged base-table sums are
 compared. A definition the splitter cannot prove exact runs whole, as one statement.
-At 1,000,000 users (10 million submissions, 20 million ledger rows) no statement took
-more than about 0.5 s of server CPU; the command took 3.5 minutes of wall time on a
-busy 2-core machine.
+At 1,000,000 users (10 million submissions, 20 million ledger rows, 100 shards) no
+statement took more than 0.3 s of server CPU or 0.5 s of wall time; the command took
+75-95 s on a busy 2-core machine (before, every view's comparison timed out).
 """
 
 from __future__ import annotations
