@@ -112,6 +112,7 @@ from bot.tasks import wait_for_signal  # noqa: E402
 from commands.base import Report, Status, UsageError  # noqa: E402
 from commands.export import parse as parse_export  # noqa: E402
 from commands.fixture.faults import DEFAULT_MIGRATION, FaultInjector  # noqa: E402
+from commands.fixture.seed import add_statement_statistics  # noqa: E402
 from commands.remedies.base import REMEDIES, Remedy  # noqa: E402
 
 DB = "leaps_commands_bench"
@@ -294,11 +295,10 @@ async def prepare(dsn: str, users: int, n_faults: int) -> None:
         print("faults for the plans: " + ", ".join(f"{k} {v}" for k, v in made.items()))
     added = await add_recommended_indexes(dsn)
     print(f"recommended indexes added: {', '.join(added) or 'none (all present)'}", flush=True)
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        # as Supabase has it (the embedded server preloads the library): `/db slow` reads it,
-        # and its history holds what the build and the bench ran
-        await conn.execute("CREATE SCHEMA IF NOT EXISTS extensions")
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA extensions")
+    # as Supabase has it: `/db slow` reads it, and its history holds what the build and the
+    # bench ran
+    if not await add_statement_statistics(dsn):
+        print("pg_stat_statements is not preloaded on this server: `slow` will say so")
 
 
 async def count_users(dsn: str) -> int:
