@@ -325,6 +325,22 @@ async def repeated_candidates(
     return [g for g in groups if g]
 
 
+async def judge_groups(
+    gw: Gateway, query: str, groups: Sequence[list[str]], sample: int
+) -> list[list[Row]]:
+    """`query` (its parameters `%(ids)s` and `%(sample)s`) over each group of
+    `repeated_candidates`, in a read of its own without JIT: each group's rows."""
+    out: list[list[Row]] = []
+    for ids in groups:
+
+        async def judge(db: Reader, ids: list[str] = ids) -> list[Row]:
+            await no_jit(db)
+            return await db.fetch(query, {"ids": ids, "sample": sample})
+
+        out.append(await gw.read(judge))
+    return out
+
+
 async def first_by_id(gw: Gateway, table: str, rows: Sequence[Row], limit: int) -> list[Row]:
     """The first `limit` of `rows` (each with the `id` of a row of `table`) in the
     database's own order of that id (its collation), as one statement's ORDER BY id

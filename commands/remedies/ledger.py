@@ -22,7 +22,7 @@ from commands.integrity import (
     range_count,
     shard_bounds,
 )
-from commands.keyranges import first_by_id, no_jit, repeated_candidates
+from commands.keyranges import first_by_id, judge_groups, repeated_candidates
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -118,13 +118,7 @@ async def plan_dedupe_events(ctx: Context, args: list[str]) -> Plan:
     )
     n = events = points = 0
     sample: list[Row] = []
-    for ids in groups:
-
-        async def judge(db: Reader, ids: list[str] = ids) -> list[Row]:
-            await no_jit(db)
-            return await db.fetch(_EVENTS_SURVEY_SQL, {"ids": ids, "sample": SAMPLE})
-
-        rows = await ctx.gateway.read(judge)
+    for rows in await judge_groups(ctx.gateway, _EVENTS_SURVEY_SQL, groups, SAMPLE):
         n += int(rows[0]["n"])
         events += int(rows[0]["events"])
         points += int(rows[0]["points"])

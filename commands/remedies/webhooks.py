@@ -68,6 +68,7 @@ from commands.keyranges import (
     Piece,
     block_pieces,
     first_by_id,
+    judge_groups,
     no_jit,
     repeated_candidates,
     run_pieces,
@@ -683,13 +684,7 @@ async def plan_dedupe_webhooks(ctx: Context, args: list[str]) -> Plan:
     n = 0
     ids: list[str] = []
     sample: list[Row] = []
-    for group in groups:
-
-        async def judge(db: Reader, group: list[str] = group) -> list[Row]:
-            await no_jit(db)
-            return await db.fetch(_PAYLOAD_SURVEY_SQL, {"ids": group, "sample": SAMPLE})
-
-        rows = await ctx.gateway.read(judge)
+    for rows in await judge_groups(ctx.gateway, _PAYLOAD_SURVEY_SQL, groups, SAMPLE):
         n += int(rows[0]["n"])
         ids += [str(i) for i in rows[0]["ids"] or []]
         sample += [{k: r[k] for k in _PAYLOAD_SAMPLE_KEYS} for r in rows if r["id"] is not None]
