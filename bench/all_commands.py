@@ -96,6 +96,7 @@ from scale import (  # noqa: E402  (this directory: python bench/...)
     ServerCpu,
     add_recommended_indexes,
     build_scale_fixture,
+    keep_serving,
 )
 from timing import pct  # noqa: E402
 
@@ -108,7 +109,6 @@ from bot.incidents.watchdog import Watchdog  # noqa: E402
 from bot.router import Answer, preflight  # noqa: E402
 from bot.settings import Settings  # noqa: E402
 from bot.slack.exports import claim, connect, write_csv  # noqa: E402
-from bot.tasks import wait_for_signal  # noqa: E402
 from commands.base import Report, Status, UsageError  # noqa: E402
 from commands.export import parse as parse_export  # noqa: E402
 from commands.fixture.faults import DEFAULT_MIGRATION, FaultInjector  # noqa: E402
@@ -606,9 +606,7 @@ async def main() -> None:
         dsn = await build(pg, users, args.faults)
         await bench(dsn, users, args.runs, names)
         if args.keep:
-            print(f"DSN {dsn}", flush=True)
-            print("server kept running; Ctrl-C (or SIGTERM) stops it", flush=True)
-            await wait_for_signal()
+            await keep_serving({"DSN": dsn})
     finally:
         pg.stop()
 

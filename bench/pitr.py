@@ -56,13 +56,16 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scale import SCALE_SERVER_SETTINGS, build_scale_fixture  # noqa: E402  (this directory)
+from scale import (  # noqa: E402  (this directory)
+    SCALE_SERVER_SETTINGS,
+    build_scale_fixture,
+    keep_serving,
+)
 
 from bot.approvals.executor import Executor  # noqa: E402
 from bot.embedded_pg import EmbeddedPostgres  # noqa: E402
 from bot.gateway import TargetGateway  # noqa: E402
 from bot.router import RunContext  # noqa: E402
-from bot.tasks import wait_for_signal  # noqa: E402
 from commands.base import LeapsIdentity, Thresholds  # noqa: E402
 from commands.fixture.faults import FaultInjector  # noqa: E402
 from commands.remedies.base import REMEDIES  # noqa: E402
@@ -432,9 +435,7 @@ async def bench(args: argparse.Namespace) -> None:
             flush=True,
         )
         if args.keep:
-            print(f"PRODUCTION {prod_dsn}\nCOPY {copy_dsn}", flush=True)
-            print("servers kept running; Ctrl-C (or SIGTERM) stops them", flush=True)
-            await wait_for_signal()
+            await keep_serving({"PRODUCTION": prod_dsn, "COPY": copy_dsn})
     finally:
         if copy is not None:
             copy.stop()

@@ -815,6 +815,20 @@ async def disk_bytes(dsn: str) -> int:
         )
 
 
+async def keep_serving(dsns: dict[str, str]) -> None:
+    """`--keep`: the DSNs printed (`LABEL dsn` lines, for other benches' `--dsn`), then the
+    servers kept running until Ctrl-C or SIGTERM."""
+    for label, dsn in dsns.items():
+        print(f"{label} {dsn}", flush=True)
+    several = len(dsns) > 1
+    print(
+        f"server{'s' if several else ''} kept running; Ctrl-C (or SIGTERM) stops "
+        f"{'them' if several else 'it'}",
+        flush=True,
+    )
+    await wait_for_signal()
+
+
 # ------------------------------------------------------------------------------ script
 
 
@@ -855,9 +869,7 @@ async def _main() -> None:
         print(f"built in {elapsed:.1f} s, {disk_gb:.2f} GB on disk (databases and WAL)")
         print(f"BENCH scale build_s={elapsed:.1f} disk_gb={disk_gb:.2f} users={args.users}")
         if args.keep:
-            print(f"DSN {dsn}", flush=True)
-            print("server kept running; Ctrl-C (or SIGTERM) stops it", flush=True)
-            await wait_for_signal()
+            await keep_serving({"DSN": dsn})
     finally:
         pg.stop()
 
