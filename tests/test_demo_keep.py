@@ -68,12 +68,7 @@ def assert_every_fault_named(out: str) -> None:
         ("materialized views", "leaderboard_totals"),
         ("migrations", "failed"),
         ("guard: AMPLIFY quota trigger", "disabled"),
-    ]:
-        line = next((ln for ln in flagged if f"] {check}:" in ln), None)
-        assert line is not None, f"{check} not flagged in:\n{text}"
-        assert detail in line, line
-    # the later sections of the guide, each with the fault the demo injected for it
-    for check, detail in [
+        # the later sections of the guide, each with the fault the demo injected for it
         ("webhooks: unmatched backlog (alert)", "alert above 50"),
         ("webhooks: NO_USER_FOUND with a matching user", "2 NO_USER_FOUND events match"),
         ("webhooks: duplicate payloads", "2 payloads received more than once"),
