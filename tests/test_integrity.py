@@ -383,7 +383,7 @@ async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
     assert count(by[ig.MISSING_AWARDS]) == 10 + ig.SAMPLE + 5
     assert len(by[ig.MISSING_AWARDS].rows) == ig.SAMPLE
     assert count(by[ig.DUPLICATE_EVENTS]) == 9 + ig.SAMPLE + 3
-    print("LEDGER_NO_USER", by[ig.LEDGER_NO_USER])
+    assert count(by[ig.LEDGER_NO_USER]) == 5 + 1  # the row without a user id counted once
 
 
 def by_user(rows: list[dict[str, object]]) -> list[tuple[str, str, str]]:
