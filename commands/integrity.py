@@ -736,13 +736,13 @@ async def _pass_rows(db: Reader, inputs: _PassInputs, piece: Piece = WHOLE) -> l
     )
 
 
-def merge_shards(shard_rows: list[list[Row]]) -> list[Row]:
+def merge_ranges(range_rows: list[list[Row]]) -> list[Row]:
     """The rows one pass over every user would give: per kind the totals summed over the
     ranges (each problem is in exactly one) and the first SAMPLE rows in the pass's own
     order (user_id and event id by code point, the `C` collation the pass sorts by)."""
     totals: dict[str, list[int]] = {}
     by_kind: dict[str, list[Row]] = {}
-    for rows in shard_rows:
+    for rows in range_rows:
         for kind, group in _kinds(rows).items():
             units, rows_total, net = _totals(group)
             t = totals.setdefault(kind, [0, 0, 0])
@@ -771,7 +771,7 @@ async def _pass_findings(db: Reader) -> list[Finding]:
     """Everything derived from the pass, run whole (every user at once) in this one
     transaction: the reference the ranges must equal."""
     inputs = await _pass_inputs(db)
-    rows = merge_shards([await _pass_rows(db, inputs), inputs.events])
+    rows = merge_ranges([await _pass_rows(db, inputs), inputs.events])
     return await _findings_of(db, inputs, rows)
 
 
@@ -816,7 +816,7 @@ async def _run_pass(gw: Gateway, pieces: Sequence[Piece] | None = None) -> list[
     parts = await check_pieces(gw, "integrity: users", split, read, numbered=True)
     if isinstance(parts, Finding):
         return _all_pass_findings(parts)
-    rows = merge_shards([*parts, inputs.events])
+    rows = merge_ranges([*parts, inputs.events])
 
     async def findings(db: Reader) -> list[Finding]:
         return await _findings_of(db, inputs, rows)

@@ -406,7 +406,7 @@ def test_merge_cuts_each_kind_to_the_sample_in_order_with_summed_totals() -> Non
     first = [row("missing", f"u{i:02d}", 12, "LEARN") for i in range(0, 24, 2)][: ig.SAMPLE]
     second = [row("missing", f"u{i:02d}", 12, "LEARN") for i in range(1, 24, 2)][: ig.SAMPLE]
     second.append(row("negative", "z", 1))
-    merged = ig.merge_shards([first, second])
+    merged = ig.merge_ranges([first, second])
     missing = [r for r in merged if r["kind"] == "missing"]
     assert [r["user_id"] for r in missing] == [f"u{i:02d}" for i in range(ig.SAMPLE)]
     assert {(r["units"], r["rows_total"], r["net"]) for r in missing} == {(24, 48, -24)}
