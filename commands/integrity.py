@@ -812,7 +812,7 @@ async def _run_pass(gw: Gateway, pieces: Sequence[Piece] | None = None) -> list[
     async def read(db: Reader, piece: Piece) -> list[Row]:
         return await _pass_rows(db, inputs, piece)
 
-    # one range could not be read: the findings cannot be made
+    # should one range fail, the findings cannot be made
     parts = await check_pieces(gw, "integrity: users", split, read, numbered=True)
     if isinstance(parts, Finding):
         return _all_pass_findings(parts)

@@ -167,8 +167,8 @@ def cut_points(bounds: Sequence[str], pieces: int) -> list[str]:
     the key's histogram (`bounds`, sorted; as many rows lie between any two consecutive
     bounds): evenly spaced bounds, in the histogram's own order (the column's
     collation, the order the ranges compare in: never sorted again), a repeated one
-    once. None for one piece or a histogram too short to split (under three bounds);
-    at most one cut a bucket."""
+    once. No cut for one piece, nor in a histogram too short to split (under three
+    bounds); at most one cut a bucket."""
     buckets = len(bounds) - 1
     n = min(pieces, buckets)
     if n < 2:
