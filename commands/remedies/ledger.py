@@ -230,7 +230,10 @@ _POINTS = (
 
 def _range(column: str, piece: Piece) -> str:
     """`piece`'s condition on `column` with its bounds as positional parameters (the
-    statements of this module bind theirs by position: `due_params`)."""
+    statements of this module bind theirs by position: `due_params`); the whole table's
+    `true`, as the plan's steps show it."""
+    if piece == WHOLE:
+        return "true"
     return piece.where(column).replace("%(lo)s", "%s").replace("%(hi)s", "%s")
 
 
