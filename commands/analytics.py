@@ -10,14 +10,14 @@ disagree with the base tables but the definition run now agrees, a refresh fixes
 where the definition disagrees too, a refresh would not.
 
 On a big database every one of these is a whole-table reconciliation, so each runs
-shard by shard over ranges of user ids (commands/keysplit.py), every statement bounded
+piece by piece over ranges of user ids (commands/keysplit.py), every statement bounded
 by the check timeout and the figures exact: a view whose rows are per user (the
-leaderboards) is compared with its definition shard by shard; a view that sums over
-users has its definition run per shard as partial aggregates, in the same statement
+leaderboards) is compared with its definition piece by piece; a view that sums over
+users has its definition run per piece as partial aggregates, in the same statement
 (the same snapshot) as the base tables' sums over the same users, then once more over
 the merged partials, against which the view and the merged base-table sums are
 compared. A definition the splitter cannot prove exact runs whole, as one statement.
-At 1,000,000 users (10 million submissions, 20 million ledger rows, 100 shards) no
+At 1,000,000 users (10 million submissions, 20 million ledger rows, 100 pieces) no
 statement took more than 0.3 s of server CPU or 0.5 s of wall time; the command took
 75-95 s on a busy 2-core machine (before, every view's comparison timed out).
 """
@@ -43,7 +43,7 @@ from commands.base import (
     human_size,
     register,
 )
-from commands.keysplit import Shard
+from commands.keyranges import WHOLE, Piece, add_up, check_pieces
 from commands.leaderboard import locked_finding, tune
 from commands.views import (
     COUNT_LIMIT_BYTES,
@@ -57,7 +57,7 @@ from commands.views import (
 REFRESH = "/db refresh-views"
 BASE_TABLES = ("users", "activities", "submissions", "points_ledger")
 
-# The base tables' exact row counts, over one shard of users (summed over the shards).
+# The base tables' exact row counts, over one piece of users (summed over the pieces).
 _BASE_COUNTS_SQL = """
 SELECT (SELECT count(*) FROM users AS u WHERE {users}) AS users,
        (SELECT count(*) FROM users AS u WHERE {users} AND u.role = 'PARTICIPANT') AS participants,
@@ -74,7 +74,7 @@ SELECT pg_get_viewdef(%s::oid, true) AS definition,
 
 # A view's rows against its definition run now, both ways, duplicates counted. The
 # definition is pg_get_viewdef's text (or that text rewritten by commands/keysplit.py):
-# the database's own, never user input. {view} is the view's rows (of one shard).
+# the database's own, never user input. {view} is the view's rows (of one piece).
 _FRESHNESS = """
 WITH d AS MATERIALIZED ({definition}), v AS MATERIALIZED ({view})
 SELECT (SELECT count(*) FROM d) AS definition_rows,
@@ -89,8 +89,8 @@ class Measure:
 
     `view_sql` reads {source} (the stored view, or its definition run now); both it and
     the base tables' numbers come as `key` (text) and the columns in `columns`. The base
-    tables' numbers are sums over users: `base_partial` takes them over one shard
-    ({users}, {ledger}, {subs}: the shard's conditions on u, l and s) as `key`, `c1`,
+    tables' numbers are sums over users: `base_partial` takes them over one piece
+    ({users}, {ledger}, {subs}: the piece's conditions on u, l and s) as `key`, `c1`,
     `c2`; `base_final` puts the merged sums (`%(base_key)s`, `%(base_c1)s`,
     `%(base_c2)s`) in the comparison's shape."""
 
@@ -214,14 +214,14 @@ SELECT g.day::date::text AS key, coalesce(b.c1, 0)::bigint AS submissions,
 MEASURED = {m.view: m for m in MEASURES}
 
 
-def _shard_sql(template: str, shard: Shard) -> str:
-    """A template's {users}, {ledger} and {subs} as the shard's conditions on u, l, s."""
+def _piece_sql(template: str, piece: Piece) -> str:
+    """A template's {users}, {ledger} and {subs} as the piece's conditions on u, l, s."""
     return (
         sql.SQL(template)
         .format(
-            users=sql.SQL(shard.predicate("u.id")),
-            ledger=sql.SQL(shard.predicate("l.user_id")),
-            subs=sql.SQL(shard.predicate("s.user_id")),
+            users=sql.SQL(piece.where("u.id")),
+            ledger=sql.SQL(piece.where("l.user_id")),
+            subs=sql.SQL(piece.where("s.user_id")),
         )
         .as_string()
     )
@@ -291,7 +291,7 @@ async def _prepare(db: Reader, v: MatView, plan: keysplit.Plan) -> _Prepared:
     m = MEASURED.get(v.name)
     lacking = sorted(set(m.needs) - set(meta["columns"] or ())) if m else []
     found = _Prepared(v, definition, m if m and not lacking else None, lacking, None)
-    if len(plan.shards) > 1:
+    if len(plan.pieces) > 1:
         try:
             split = keysplit.split(definition, plan.aggregates)
         except keysplit.Unsplittable:
@@ -305,12 +305,12 @@ async def _prepare(db: Reader, v: MatView, plan: keysplit.Plan) -> _Prepared:
 
 @dataclass
 class _Gathered:
-    """What the shards gave for one view."""
+    """What the pieces gave for one view."""
 
     partials: list[list[Row]] = field(default_factory=list)  # merged split: per node
-    shards: bool = False  # whether the shards ran (else the final statement does it all)
+    pieces: bool = False  # whether the pieces ran (else the final statement does it all)
     base: dict[str, list[int]] = field(default_factory=dict)  # key: [c1, c2]
-    definition_rows: int = 0  # per-user split: summed over the shards
+    definition_rows: int = 0  # per-user split: summed over the pieces
     only_view: int = 0
     only_def: int = 0
 
@@ -320,11 +320,11 @@ class _Gathered:
 _BASE_READS = {"users", "points_ledger", "submissions", "activities"}
 
 
-async def _gather_shard(
-    db: Reader, p: _Prepared, shard: Shard, plan: keysplit.Plan, into: _Gathered
+async def _gather_piece(
+    db: Reader, p: _Prepared, piece: Piece, plan: keysplit.Plan, into: _Gathered
 ) -> None:
     await db.fetch(tune(plan))
-    params = {**shard.params, **plan.params}
+    params = {**piece.params(), **plan.params}
     split = p.split
     m = p.measure
     base: list[Row] | None = None
@@ -333,17 +333,17 @@ async def _gather_shard(
         # so rows written meanwhile count in both or in neither.
         extra = {}
         if m is not None and not split.shadows(_BASE_READS):
-            extra["base"] = _shard_sql(m.base_partial, shard)
-        (row,) = await db.fetch(split.partial_sql(shard, extra), params)
+            extra["base"] = _piece_sql(m.base_partial, piece)
+        (row,) = await db.fetch(split.partial_sql(piece, extra), params)
         for i in range(len(split.nodes)):
             into.partials[i].extend(row[f"n{i}"])
         base = row.get("base")
     elif split is not None and p.key is not None:
-        definition = sql.SQL(split.shard_sql(shard))
+        definition = sql.SQL(split.piece_sql(piece))
         if p.readable:
             stored = sql.SQL("SELECT * FROM {} AS v WHERE {}").format(
                 keysplit.ident(p.view.schema, p.view.name),
-                sql.SQL(shard.predicate(f"v.{keysplit.ident(p.key).as_string()}")),
+                sql.SQL(piece.where(f"v.{keysplit.ident(p.key).as_string()}")),
             )
             query = sql.SQL(_FRESHNESS).format(definition=definition, view=stored)
             (row,) = await db.fetch(query.as_string(), params)
@@ -355,7 +355,7 @@ async def _gather_shard(
             (row,) = await db.fetch(query.as_string(), params)
             into.definition_rows += int(row["n"])
     if m is not None and base is None:
-        base = await db.fetch(_shard_sql(m.base_partial, shard), params)
+        base = await db.fetch(_piece_sql(m.base_partial, piece), params)
     for r in base or ():
         sums = into.base.setdefault(str(r["key"]), [0, 0])
         sums[0] += int(r["c1"])
@@ -363,7 +363,7 @@ async def _gather_shard(
 
 
 async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) -> ViewState:
-    """The comparisons that need every shard's numbers: each reads only the merged
+    """The comparisons that need every piece's numbers: each reads only the merged
     partials (or, for a definition that could not be split, runs it whole)."""
     await db.fetch(tune(plan))
     v = p.view
@@ -402,7 +402,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
         state.lacking = p.lacking
     elif p.measure is not None:
         m = p.measure
-        if got.shards:
+        if got.pieces:
             keys = sorted(got.base)
             params.update(
                 base_key=keys,
@@ -411,7 +411,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
             )
             base = m.base_sql()
         else:  # one statement: the definition and the base tables from one snapshot
-            base = m.base_sql(_shard_sql(m.base_partial, keysplit.WHOLE))
+            base = m.base_sql(_piece_sql(m.base_partial, WHOLE))
         live = sql.SQL("({}) ").format(definition)
         state.live_diff = await db.fetch(_compare_sql(m, live, base), params)
         if p.readable:
@@ -425,7 +425,7 @@ async def _final(db: Reader, p: _Prepared, plan: keysplit.Plan, got: _Gathered) 
 
 
 async def _examine(gw: Gateway, v: MatView, plan: keysplit.Plan) -> ViewState | Finding:
-    """One view: its definition read and split (one transaction), each shard (one each:
+    """One view: its definition read and split (one transaction), each piece (one each:
     every statement bounded by the check timeout), then the final comparisons."""
     check = f"view {v.name}"
     prepared: list[_Prepared] = []
@@ -439,14 +439,14 @@ async def _examine(gw: Gateway, v: MatView, plan: keysplit.Plan) -> ViewState | 
         return head
     p = prepared[0]
     got = _Gathered(partials=[[] for _ in p.split.nodes] if p.split is not None else [])
-    if p.split is not None or (p.measure is not None and len(plan.shards) > 1):
-        got.shards = True
+    if p.split is not None or (p.measure is not None and len(plan.pieces) > 1):
+        got.pieces = True
 
-        async def one(db: Reader, shard: Shard) -> None:
-            await _gather_shard(db, p, shard, plan, got)
+        async def one(db: Reader, piece: Piece) -> None:
+            await _gather_piece(db, p, piece, plan, got)
 
-        failed = await keysplit.each_shard(gw, check, plan.shards, one)
-        if failed is not None:
+        failed = await check_pieces(gw, check, plan.pieces, one)
+        if isinstance(failed, Finding):
             return failed
     out: list[ViewState] = []
 
@@ -666,23 +666,23 @@ async def analytics(ctx: Context, args: list[str]) -> Report:
 
 
 async def _base_counts(gw: Gateway, plan: keysplit.Plan) -> Row | Finding:
-    """The base tables' exact row counts, summed over the shards (one statement each)."""
-    counts: Row = {}
+    """The base tables' exact row counts, summed over the pieces (one statement each)."""
+
+    async def one(db: Reader, piece: Piece) -> Row:
+        await db.fetch(tune(plan))
+        (row,) = await db.fetch(_piece_sql(_BASE_COUNTS_SQL, piece), piece.params())
+        return row
+
+    rows = await check_pieces(gw, "base tables", plan.pieces, one)
+    if isinstance(rows, Finding):
+        return rows
+    counts: Row = dict(add_up(rows))
 
     async def small(db: Reader) -> Finding:
         (row,) = await db.fetch(_ACTIVITIES_SQL)
         counts.update(row)
         return Finding(check="base tables", status=Status.OK, summary="")
 
-    async def one(db: Reader, shard: Shard) -> None:
-        await db.fetch(tune(plan))
-        (row,) = await db.fetch(_shard_sql(_BASE_COUNTS_SQL, shard), shard.params)
-        for name, value in row.items():
-            counts[name] = int(counts.get(name) or 0) + int(value)
-
-    failed = await keysplit.each_shard(gw, "base tables", plan.shards, one)
-    if failed is not None:
-        return failed
     done = await gw.run_check("base tables", small)
     if done.status is not Status.OK:
         return done

@@ -35,14 +35,14 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
-import math
 import sys
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from commands.base import Context, Finding, Gateway, Reader, Report, Row, Status, UsageError
 from commands.base import register as register_command
+from commands.keyranges import WHOLE, Piece, block_pieces, check_pieces, key_pieces
 
 SAMPLE = 10
 # The one aggregate pass groups a few hundred thousand (user, activity) pairs on a
@@ -55,13 +55,9 @@ PARALLEL_WORKERS = 0
 # time with the machine's load at 11, far inside the check timeout; as cheap in all as
 # ranges twice the size. No more ranges than the histogram can split.
 RANGE_ROWS = 250_000
-MAX_RANGES = 100
 # The orphan attachments' ranges (of submission ids) hold this many index entries of the
 # two tables each: a merge of two indexes costs a fraction of the pass's grouping a row.
 ATTACHMENT_RANGE_ROWS = 1_000_000
-# Ranges read at once, each on its own pooled connection: two, for the two cores of the
-# machines measured; the gateway's pool (4) also holds the attachment and key checks.
-RANGES_AT_ONCE = 2
 # The replays' look at the ledger reads this many heap pages (8 kB each) a statement:
 # about 1,200,000 rows, a few tenths of a second (see `replays_of`).
 REPLAY_PAGES = 20_000
@@ -193,30 +189,21 @@ UNION ALL
 _REPLAYS_SQL = _REPLAYS_TEMPLATE.replace("@AMONG@", "")
 _REPLAYS_AMONG_SQL = _REPLAYS_TEMPLATE.replace("@AMONG@", "AND l.ctid = ANY(%(tids)s::tid[])")
 
-# The ledger's heap pages now (not the planner's count: pages added since are read too).
-_PAGES_SQL = """
-SELECT (pg_relation_size(to_regclass('points_ledger'))
-        / current_setting('block_size')::int)::bigint AS pages
-"""
 # A hash of the event id and the tuple id of every ledger row that carries an event id,
-# on the heap pages from `%(first)s` (and below `%(end)s` with `end`), in the order of
-# the hashes (both aggregates read the same sorted rows, so they stay aligned; the
-# order is checked): 8 bytes of a hash (int8send) and 6 of a tuple id (tidsend) a row,
-# packed in one bytea each. Where `replays_of` looks for ids seen twice, a bounded piece
-# at a time, holding them as compact arrays rather than Python integers.
+# on one range of heap pages (`{rows}`, a block piece's condition), in the order of the
+# hashes (both aggregates read the same sorted rows, so they stay aligned; the order is
+# checked): 8 bytes of a hash (int8send) and 6 of a tuple id (tidsend) a row, packed in
+# one bytea each. Where `replays_of` looks for ids seen twice, a bounded piece at a
+# time, holding them as compact arrays rather than Python integers.
 _EVENT_HASHES_SQL = """
 SELECT coalesce(string_agg(int8send(e.h), ''::bytea), ''::bytea) AS hashes,
        coalesce(string_agg(tidsend(e.t), ''::bytea), ''::bytea) AS tids
 FROM (SELECT hashtextextended(l.external_event_id, 0) AS h, l.ctid AS t
       FROM points_ledger l
-      WHERE l.ctid >= %(first)s::tid @END@
+      WHERE {rows}
         AND l.external_event_id IS NOT NULL
       ORDER BY 1) e
 """
-
-
-def event_hashes_sql(end: bool) -> str:
-    return _EVENT_HASHES_SQL.replace("@END@", "AND l.ctid < %(end)s::tid" if end else "")
 
 
 # One range of users (`@RANGE@`: bounds on user_id, or none): their rows of both tables,
@@ -332,24 +319,12 @@ def int_of(value: str) -> str:
     )
 
 
-def _range(column: str, lower: bool, upper: bool) -> str:
-    return (
-        " AND ".join(
-            [
-                *([f"{column} >= %(lower)s"] if lower else []),
-                *([f"{column} < %(upper)s"] if upper else []),
-            ]
-        )
-        or "true"
-    )
-
-
-def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
-    """The pass for `activities` activities (positions 1..n), over the user ids from
-    `%(lower)s` (with `lower`) up to `%(upper)s` (with `upper`, excluded): a range of the
-    users, so every row of a user, and every finding about that user, falls in one range.
-    A range rather than a hash, because an index reads a range, and the planner estimates
-    one from the column's histogram. Values are all bound."""
+def pass_sql(activities: int, piece: Piece = WHOLE) -> str:
+    """The pass for `activities` activities (positions 1..n), over the user ids of
+    `piece` (its bounds bound as `piece.params()`): a range of the users, so every row
+    of a user, and every finding about that user, falls in one range. A range rather
+    than a hash, because an index reads a range, and the planner estimates one from the
+    column's histogram. Values are all bound."""
     ks = range(1, activities + 1)
     led = "".join(
         f", count(*) FILTER (WHERE l.k = {i}) AS ln{i},"
@@ -393,8 +368,8 @@ def pass_sql(activities: int, lower: bool = False, upper: bool = False) -> str:
         .replace("@USER_COLS@", user)
         .replace("@PAIR_VALUES@", values)
         .replace("@SUSPECT@", f"({suspect})" if suspect else "false")
-        .replace("@RANGE@", _range("user_id", lower, upper))
-        .replace("@RANGE_ID@", _range("id", lower, upper))
+        .replace("@RANGE@", piece.where("user_id"))
+        .replace("@RANGE_ID@", piece.where("id"))
     )
 
 
@@ -622,51 +597,33 @@ async def replays_of(
     gw: Gateway, codes: list[str], pages_each: int = REPLAY_PAGES
 ) -> tuple[list[Row], list[Row]] | Finding:
     """The replays as `_replays` finds them, each statement bounded: the ledger's heap is
-    read `pages_each` pages at a time (RANGES_AT_ONCE at once), each piece giving the
-    hash and the tuple id of every row with an event id; a hash seen twice marks a
+    read `pages_each` pages at a time (`block_pieces`, two at once), each piece giving
+    the hash and the tuple id of every row with an event id; a hash seen twice marks a
     candidate, and one last statement reads the candidates by tuple id and groups them
     by the event id itself (a hash collision is no replay there). A row moved between
     the two (an update) is looked for at its old place, so a replay written or moved
     while this runs shows up on the next run. Returns why, should a piece fail."""
-    pages_box: list[int] = []
+    found_pieces: list[list[Piece]] = []
 
     async def pages(db: Reader) -> Finding:
-        pages_box.append(int((await db.fetch(_PAGES_SQL))[0]["pages"] or 0))
+        found_pieces.append(await block_pieces(db, "points_ledger", blocks_per_piece=pages_each))
         return _ok(DUPLICATE_EVENTS, "")
 
     found = await gw.run_check("integrity: replays, ledger pages", pages)
-    if found.status is not Status.OK:
+    if found.status is not Status.OK or not found_pieces:
         return found
-    starts = list(range(0, max(pages_box[0], 1), pages_each))
-    pieces: list[tuple[array[int], bytes]] = []  # (hashes in order, their tuple ids)
-    failed: list[Finding] = []
-    slots = asyncio.Semaphore(RANGES_AT_ONCE)
 
-    async def piece(i: int) -> None:
-        last = i == len(starts) - 1  # open-ended: pages added meanwhile are read too
+    async def read(db: Reader, piece: Piece) -> tuple[array[int], bytes]:
+        await _tune_replays(db)
+        (row,) = await db.fetch(
+            _EVENT_HASHES_SQL.format(rows=piece.where("l.ctid")), piece.params()
+        )
+        return _in_order(_int8s(row["hashes"]), bytes(row["tids"]))
 
-        async def read(db: Reader) -> Finding:
-            await _tune_replays(db)
-            (row,) = await db.fetch(
-                event_hashes_sql(not last),
-                {
-                    "first": f"({starts[i]},0)",
-                    "end": None if last else f"({starts[i] + pages_each},0)",
-                },
-            )
-            pieces.append(_in_order(_int8s(row["hashes"]), bytes(row["tids"])))
-            return _ok(DUPLICATE_EVENTS, "")
-
-        async with slots:
-            if failed:
-                return
-            result = await gw.run_check(f"integrity: replays {i + 1}/{len(starts)}", read)
-            if result.status is not Status.OK:
-                failed.append(result)
-
-    await asyncio.gather(*(piece(i) for i in range(len(starts))))
-    if failed:
-        return failed[0]
+    # (hashes in order, their tuple ids) of each piece
+    pieces = await check_pieces(gw, "integrity: replays", found_pieces[0], read, numbered=True)
+    if isinstance(pieces, Finding):
+        return pieces
     # the pieces' hashes merged in order: a hash seen twice in a row was seen twice (kept
     # as compact arrays, a few MB at 20,000,000 ledger rows, rather than a set of them)
     twice: set[int] = set()
@@ -749,60 +706,19 @@ async def _pass_inputs(db: Reader, replays: bool = True) -> _PassInputs:
     )
 
 
-# Evenly spaced values of points_ledger.user_id from the planner's own statistics, in
-# the column's own order: where the ranges of the pass meet (any split is exact; an even
-# one is fastest).
-_BOUNDS_SQL = """
-SELECT b[round(i * (cardinality(b) - 1)::numeric / %(shards)s)::int + 1] AS bound
-FROM (SELECT histogram_bounds::text::text[] AS b FROM pg_stats
-      WHERE schemaname = current_schema() AND tablename = %(table)s
-        AND attname = %(column)s AND histogram_bounds IS NOT NULL) h,
-     generate_series(1, %(shards)s - 1) AS i
-ORDER BY i
-"""
-# The rows of some tables, as the planner last counted them.
-_SIZE_SQL = """
-SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 AS n
-FROM pg_class c
-WHERE c.oid = ANY(ARRAY(SELECT to_regclass(t) FROM unnest(%(tables)s::text[]) AS t))
-"""
+async def pass_pieces(db: Reader) -> list[Piece]:
+    """The pass's ranges of user ids: RANGE_ROWS rows of the ledger and the submissions
+    each (by the planner's count), cut at the ledger's histogram; and the rows without a
+    user id, where either table's user_id may be NULL (every row in one piece)."""
+    also = [("submissions", "user_id")]
+    return await key_pieces(db, "points_ledger", "user_id", per_piece=RANGE_ROWS, also=also)
 
 
-async def shard_bounds(
-    db: Reader, shards: int, table: str = "points_ledger", column: str = "user_id"
-) -> list[str]:
-    """Where `shards` ranges of `table.column` (the pass's: the ledger's user ids) meet,
-    in the column's order (the histogram's; a repeated bound once): none (one range)
-    while the table has no statistics yet."""
-    if shards < 2:
-        return []
-    rows = await db.fetch(_BOUNDS_SQL, {"shards": shards, "table": table, "column": column})
-    bounds: list[str] = []
-    for r in rows:
-        if r["bound"] is not None and str(r["bound"]) not in bounds:
-            bounds.append(str(r["bound"]))
-    return bounds
-
-
-async def range_count(
-    db: Reader,
-    tables: tuple[str, ...] = ("points_ledger", "submissions"),
-    rows_each: int = RANGE_ROWS,
-) -> int:
-    """How many ranges a read of `tables` takes (the pass's: the ledger and the
-    submissions): `rows_each` rows each, by the planner's count (no more than the
-    histogram can split)."""
-    (row,) = await db.fetch(_SIZE_SQL, {"tables": list(tables)})
-    return max(1, min(MAX_RANGES, math.ceil(float(row["n"]) / rows_each)))
-
-
-async def _pass_rows(
-    db: Reader, inputs: _PassInputs, lower: str | None = None, upper: str | None = None
-) -> list[Row]:
+async def _pass_rows(db: Reader, inputs: _PassInputs, piece: Piece = WHOLE) -> list[Row]:
     codes = inputs.codes
-    await _tune(db, ranged=lower is not None or upper is not None)
+    await _tune(db, ranged=piece.ranged)
     return await db.fetch(
-        pass_sql(len(codes), lower is not None, upper is not None),
+        pass_sql(len(codes), piece),
         {
             **{f"code{i}": code for i, code in enumerate(codes, start=1)},
             "codes": codes,
@@ -815,19 +731,18 @@ async def _pass_rows(
             "x_users": [str(r["user_id"]) for r in inputs.excess],
             "x_ks": [r["k"] for r in inputs.excess],
             "x_pts": [int(r["pts"]) for r in inputs.excess],
-            "lower": lower,
-            "upper": upper,
+            **piece.params(),
         },
     )
 
 
-def merge_shards(shard_rows: list[list[Row]]) -> list[Row]:
+def merge_ranges(range_rows: list[list[Row]]) -> list[Row]:
     """The rows one pass over every user would give: per kind the totals summed over the
     ranges (each problem is in exactly one) and the first SAMPLE rows in the pass's own
     order (user_id and event id by code point, the `C` collation the pass sorts by)."""
     totals: dict[str, list[int]] = {}
     by_kind: dict[str, list[Row]] = {}
-    for rows in shard_rows:
+    for rows in range_rows:
         for kind, group in _kinds(rows).items():
             units, rows_total, net = _totals(group)
             t = totals.setdefault(kind, [0, 0, 0])
@@ -856,17 +771,16 @@ async def _pass_findings(db: Reader) -> list[Finding]:
     """Everything derived from the pass, run whole (every user at once) in this one
     transaction: the reference the ranges must equal."""
     inputs = await _pass_inputs(db)
-    rows = merge_shards([await _pass_rows(db, inputs), inputs.events])
+    rows = merge_ranges([await _pass_rows(db, inputs), inputs.events])
     return await _findings_of(db, inputs, rows)
 
 
-async def _run_pass(
-    gw: Gateway, shards: int | None = None, bounds: list[str] | None = None
-) -> list[Finding]:
-    """The pass as ranges of user ids (`bounds`, else `shards` ranges, else as many as
-    `range_count` says, split by the ledger's statistics), each one query in its own
-    read-only transaction on its own pooled connection, RANGES_AT_ONCE at a time, then
-    the findings from the merged rows (their samples read in one more transaction).
+async def _run_pass(gw: Gateway, pieces: Sequence[Piece] | None = None) -> list[Finding]:
+    """The pass as ranges of user ids (`pieces`, else `pass_pieces`, split by the
+    ledger's statistics), each one query in its own read-only transaction on its own
+    pooled connection, two at a time (the gateway's pool of four also holds the
+    attachment and key checks), then the findings from the merged rows (their samples
+    read in one more transaction).
 
     Each range reads only its users' rows (a bitmap over the user_id indexes), groups
     them and finds every problem about those users, so each statement's work is bounded
@@ -878,13 +792,10 @@ async def _run_pass(
     Every row of a user is in one range, read in one snapshot, so each finding about a
     user is consistent; the ranges' snapshots differ by the seconds between them (a
     replay inserted meanwhile shows as a point difference until the next run)."""
-    prepared: list[tuple[_PassInputs, list[str]]] = []
+    prepared: list[tuple[_PassInputs, Sequence[Piece]]] = []
 
     async def prepare(db: Reader) -> Finding:
-        if bounds is not None:
-            split = bounds
-        else:
-            split = await shard_bounds(db, shards or await range_count(db))
+        split = pieces if pieces is not None else await pass_pieces(db)
         prepared.append((await _pass_inputs(db, replays=False), split))
         return _ok(PASS_FINDINGS[0], "")
 
@@ -897,29 +808,15 @@ async def _run_pass(
         if isinstance(replays, Finding):
             return _all_pass_findings(replays)
         inputs = dataclasses.replace(inputs, excess=replays[0], events=replays[1])
-    ranges = list(itertools.pairwise([None, *split, None]))
-    done: list[list[Row] | None] = [None] * len(ranges)
-    failed: list[Finding] = []
-    slots = asyncio.Semaphore(RANGES_AT_ONCE)
 
-    async def read_range(i: int) -> Finding:
-        async def check(db: Reader) -> Finding:
-            done[i] = await _pass_rows(db, inputs, *ranges[i])
-            return _ok(PASS_FINDINGS[0], "")
+    async def read(db: Reader, piece: Piece) -> list[Row]:
+        return await _pass_rows(db, inputs, piece)
 
-        async with slots:
-            if failed:  # one range could not be read: the findings cannot be made
-                return failed[0]
-            result = await gw.run_check(f"integrity: users {i + 1}/{len(ranges)}", check)
-            if result.status is not Status.OK:
-                failed.append(result)
-            return result
-
-    await asyncio.gather(*(read_range(i) for i in range(len(ranges))))
-    parts = [d for d in done if d is not None]
-    if failed or len(parts) != len(ranges):
-        return _all_pass_findings(failed[0] if failed else None)
-    rows = merge_shards([*parts, inputs.events])
+    # should one range fail, the findings cannot be made
+    parts = await check_pieces(gw, "integrity: users", split, read, numbered=True)
+    if isinstance(parts, Finding):
+        return _all_pass_findings(parts)
+    rows = merge_ranges([*parts, inputs.events])
 
     async def findings(db: Reader) -> list[Finding]:
         return await _findings_of(db, inputs, rows)
@@ -927,11 +824,9 @@ async def _run_pass(
     return await _run_group(gw, PASS_FINDINGS, findings)
 
 
-def _all_pass_findings(failed: Finding | None) -> list[Finding]:
+def _all_pass_findings(failed: Finding) -> list[Finding]:
     """Every finding of the pass saying why it could not be made."""
-    status = failed.status if failed else Status.ERROR
-    summary = failed.summary if failed else "a part of the pass gave no rows"
-    return [Finding(check=n, status=status, summary=summary) for n in PASS_FINDINGS]
+    return [Finding(check=n, status=failed.status, summary=failed.summary) for n in PASS_FINDINGS]
 
 
 async def _findings_of(db: Reader, inputs: _PassInputs, rows: list[Row]) -> list[Finding]:
@@ -1137,12 +1032,11 @@ LIMIT %(sample)s
 """
 
 
-def attachments_sql(lower: bool = False, upper: bool = False) -> str:
-    """Orphan attachments whose submission_id is from `%(lower)s` up to `%(upper)s`: the
-    submissions of that range are all a parent can be, so both indexes are read for the
-    range only."""
-    return _ATTACHMENTS_SQL.replace("@RANGE_SA@", _range("sa.submission_id", lower, upper)).replace(
-        "@RANGE_S@", _range("s.id", lower, upper)
+def attachments_sql(piece: Piece = WHOLE) -> str:
+    """Orphan attachments whose submission_id is in `piece`: the submissions of that
+    range are all a parent can be, so both indexes are read for the range only."""
+    return _ATTACHMENTS_SQL.replace("@RANGE_SA@", piece.where("sa.submission_id")).replace(
+        "@RANGE_S@", piece.where("s.id")
     )
 
 
@@ -1158,14 +1052,9 @@ def _attachment_finding(rows: list[Row], total: int) -> Finding:
     )
 
 
-async def _attachment_rows(
-    db: Reader, lower: str | None = None, upper: str | None = None
-) -> list[Row]:
+async def _attachment_rows(db: Reader, piece: Piece = WHOLE) -> list[Row]:
     await _tune_attachments(db)
-    return await db.fetch(
-        attachments_sql(lower is not None, upper is not None),
-        {"sample": SAMPLE, "lower": lower, "upper": upper},
-    )
+    return await db.fetch(attachments_sql(piece), {"sample": SAMPLE, **piece.params()})
 
 
 async def check_orphan_attachments(db: Reader) -> Finding:
@@ -1174,34 +1063,26 @@ async def check_orphan_attachments(db: Reader) -> Finding:
     return _attachment_finding(rows, int(rows[0]["total"]) if rows else 0)
 
 
-async def orphan_attachments(gw: Gateway, bounds: list[str] | None = None) -> Finding:
-    """`check_orphan_attachments` over ranges of submission ids (`bounds`, else from the
-    attachments' statistics, ATTACHMENT_RANGE_ROWS of the two tables each), each one statement
-    in its own transaction, one after the other (beside the pass's two at a time, within
-    the gateway's pool of four): the counts summed, the first SAMPLE rows by id."""
-    split_box: list[list[str]] = []
+async def orphan_attachments(gw: Gateway, pieces: Sequence[Piece] | None = None) -> Finding:
+    """`check_orphan_attachments` over ranges of submission ids (`pieces`, else from the
+    attachments' statistics, ATTACHMENT_RANGE_ROWS of the two tables each), each one
+    statement in its own transaction, one after the other (beside the pass's two at a
+    time, within the gateway's pool of four): the counts summed, the first SAMPLE rows
+    by id."""
+    found: list[Sequence[Piece]] = [pieces] if pieces is not None else []
 
     async def split(db: Reader) -> Finding:
-        tables = ("submission_attachments", "submissions")
-        n = await range_count(db, tables, ATTACHMENT_RANGE_ROWS)
-        split_box.append(await shard_bounds(db, n, "submission_attachments", "submission_id"))
+        table, column, parent = "submission_attachments", "submission_id", "submissions"
+        found.append(await key_pieces(db, table, column, parent, per_piece=ATTACHMENT_RANGE_ROWS))
         return _ok(ATTACHMENT_NO_SUBMISSION, "")
 
-    if bounds is None:
-        found = await gw.run_check(ATTACHMENT_NO_SUBMISSION, split)
-        if found.status is not Status.OK or not split_box:
-            return found
-        bounds = split_box[0]
-    parts: list[list[Row]] = []
-    for lower, upper in itertools.pairwise([None, *bounds, None]):
-
-        async def read(db: Reader, lower: str | None = lower, upper: str | None = upper) -> Finding:
-            parts.append(await _attachment_rows(db, lower, upper))
-            return _ok(ATTACHMENT_NO_SUBMISSION, "")
-
-        result = await gw.run_check(ATTACHMENT_NO_SUBMISSION, read)
-        if result.status is not Status.OK:
-            return result
+    if not found:
+        done = await gw.run_check(ATTACHMENT_NO_SUBMISSION, split)
+        if done.status is not Status.OK or not found:
+            return done
+    parts = await check_pieces(gw, ATTACHMENT_NO_SUBMISSION, found[0], _attachment_rows, 1)
+    if isinstance(parts, Finding):
+        return parts
     rows = sorted((r for part in parts for r in part), key=lambda r: str(r["id"]))
     return _attachment_finding(rows[:SAMPLE], sum(int(p[0]["total"]) for p in parts if p))
 

@@ -1,4 +1,6 @@
-"""Whole-table reads, exact, in statements of bounded size (issue 16).
+"""Whole-table reads, exact, in statements of bounded size (issue 16): the one place
+that cuts a table into ranges of keys or of blocks from the planner's statistics, and
+runs the pieces.
 
 At a million users one statement over all of `points_ledger` (20 million rows) or
 `submissions` (10 million) takes longer than the per-check timeout; sampling would lose
@@ -6,22 +8,26 @@ the exactness recovery and repairs rest on. So such a read runs as one statement
 piece of the table, and the pieces' results are added up (counts) or merged (samples,
 by the same order the whole statement would use):
 
-* `key_pieces`: by ranges of a key column (a user id, a submission id), from the
-  column's own statistics (`pg_stats.histogram_bounds`), so that each piece holds about
-  `ROWS_PER_PIECE` rows. Every non-NULL key is in exactly one piece (`>= lo AND < hi`,
-  compared in the column's collation, in which the histogram is sorted); where the
-  column may hold NULL, a piece of its own reads those rows (`IS NULL`). A join on
-  that key (users by id, submissions by id) restricted to the same range reads only the
-  piece's share of the other table too. Without statistics (never analyzed) there is
-  one piece, the whole table.
+* by ranges of a key column (a user id, a submission id): `key_stats` reads the
+  column's histogram (`pg_stats.histogram_bounds`) and the planner's row counts,
+  `pieces_needed` says how many pieces hold about so many rows each, `cut_points`
+  picks where they meet from the histogram, and `key_ranges` makes the pieces
+  (`split` and `key_pieces` do all of it). Every non-NULL key is in exactly one range
+  (`>= lo AND < hi`, compared in the column's collation, in which the histogram is
+  sorted); where a key column may hold NULL, a piece of its own reads those rows
+  (`IS NULL`), so every row is in exactly one piece. A join on that key (users by id,
+  submissions by id) restricted to the same range reads only the piece's share of the
+  other table too. Without statistics (never analyzed) there is one piece, the whole
+  table.
 * `block_pieces`: by ranges of physical blocks (`ctid`, read by a TID range scan), for
   plain counts: each block is read once whatever the keys' order on disk. The last
   piece is open-ended, so rows in blocks added since the catalog counted them are read.
 
-Each piece is its own read-only transaction (`run_pieces`, two at a time for the two
-cores measured), so neither a statement nor a transaction grows with the table. The
-pieces' snapshots differ by the milliseconds between them, as the shards of
-`/db integrity` do.
+Each piece is its own read-only transaction, at most CONCURRENCY at once (the two
+cores measured): `run_pieces` for a plan (an error is raised), `check_pieces` for a
+check (a timeout comes back as the check's finding, skipped). Neither a statement nor
+a transaction grows with the table. The pieces' snapshots differ by the milliseconds
+between them.
 """
 
 from __future__ import annotations
@@ -35,26 +41,35 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from commands.base import Gateway, Reader, Row
+from commands.base import Finding, Gateway, Reader, Row, Status
 
 # Rows a piece holds: under a second of hashing and joining on a busy 2-core machine
 # (1,000,000 took up to 2.1 s with the load average at 8).
 ROWS_PER_PIECE = 500_000
-# Pieces read at once, each on its own pooled connection (the gateway's pool holds 4).
+# Pieces read at once, each on its own pooled connection (the gateway's pool holds 4):
+# two, for the two cores of the machines measured.
 CONCURRENCY = 2
 WORK_MEM = "64MB"
 
 T = TypeVar("T")
 
+# The rows of `tables` as the planner last counted them; the histogram of
+# `table.column` (the table's own statistics first, then those with its children), in
+# the column's order; whether no key column (`keyed`.`columns`) may hold NULL.
 _KEY_STATS_SQL = """
-SELECT greatest(c.reltuples, 0)::bigint AS rows,
-       (SELECT s.histogram_bounds::text::text[] FROM pg_stats AS s
-        WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = %(column)s
-        LIMIT 1) AS bounds,
-       coalesce((SELECT a.attnotnull FROM pg_attribute AS a
-                 WHERE a.attrelid = c.oid AND a.attname = %(column)s), false) AS not_null
-FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-WHERE c.oid = to_regclass(%(table)s)
+SELECT (SELECT coalesce(sum(greatest(c.reltuples, 0)::float8), 0)::bigint FROM pg_class AS c
+        WHERE c.oid = ANY(ARRAY(SELECT to_regclass(t) FROM unnest(%(tables)s::text[]) AS t)))
+         AS rows,
+       (SELECT s.histogram_bounds::text::text[]
+        FROM pg_class AS c
+        JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        JOIN pg_stats AS s ON s.schemaname = n.nspname AND s.tablename = c.relname
+        WHERE c.oid = to_regclass(%(table)s) AND s.attname = %(column)s
+        ORDER BY s.inherited LIMIT 1) AS bounds,
+       (SELECT bool_and(coalesce(a.attnotnull, false))
+        FROM unnest(%(keyed)s::text[], %(columns)s::text[]) AS k(t, col)
+        LEFT JOIN pg_attribute AS a ON a.attrelid = to_regclass(k.t) AND a.attname = k.col)
+         AS not_null
 """
 _BLOCKS_SQL = """
 SELECT greatest(c.reltuples, 0)::bigint AS rows,
@@ -80,8 +95,9 @@ class Piece:
         return not self.blocks and (self.null or self.lo is not None or self.hi is not None)
 
     def where(self, column: str, name: str = "") -> str:
-        """The condition that puts a row in this piece: SQL over `column` with the
-        bound parameters `%(lo<name>)s` / `%(hi<name>)s` (`params(name)`)."""
+        """The condition that puts a row in this piece: SQL over `column` (SQL text of
+        the caller's, never input) with the bound parameters `%(lo<name>)s` /
+        `%(hi<name>)s` (`params(name)`)."""
         if self.null:
             return f"({column} IS NULL)"
         if self.blocks:
@@ -102,17 +118,92 @@ class Piece:
 WHOLE = Piece()
 
 
-def split(bounds: Sequence[str], rows: int, per_piece: int | None = None) -> list[Piece]:
-    """Pieces of about `per_piece` rows from a histogram's sorted `bounds` (equal
-    shares of the rows lie between consecutive bounds)."""
-    per = per_piece or ROWS_PER_PIECE
-    n = max(1, math.ceil(rows / per)) if rows > 0 else 1
-    if n == 1 or len(bounds) < 3:
+@dataclass(frozen=True)
+class KeyStats:
+    """What the planner knows for reading a table by ranges of a key (`key_stats`)."""
+
+    rows: int  # the rows of every table read in the ranges, as last counted
+    bounds: tuple[str, ...]  # the key's histogram, in the column's order; () without one
+    not_null: bool  # no key column may hold NULL (no piece of NULL keys is needed)
+
+
+async def key_stats(
+    db: Reader,
+    table: str,
+    column: str,
+    also: Sequence[tuple[str, str]] = (),
+    parents: Sequence[str] = (),
+) -> KeyStats:
+    """The statistics for reading `table` by ranges of `column`, together with the
+    tables `also` names ((table, column): the same key in another table, its rows in
+    the same ranges) and the `parents` (tables the key refers to, read by their primary
+    key in the same ranges): the rows of them all, `table.column`'s histogram, and
+    whether `column` and the columns of `also` are all NOT NULL."""
+    keyed = [(table, column), *also]
+    (row,) = await db.fetch(
+        _KEY_STATS_SQL,
+        {
+            "tables": [t for t, _c in keyed] + list(parents),
+            "table": table,
+            "column": column,
+            "keyed": [t for t, _c in keyed],
+            "columns": [c for _t, c in keyed],
+        },
+    )
+    return KeyStats(
+        int(row["rows"] or 0),
+        tuple(str(b) for b in row["bounds"] or ()),
+        bool(row["not_null"]),
+    )
+
+
+def pieces_needed(rows: int, per_piece: int) -> int:
+    """How many pieces `rows` rows make, `per_piece` (about) in each: at least one."""
+    return max(1, math.ceil(max(rows, 0) / max(1, per_piece)))
+
+
+def cut_points(bounds: Sequence[str], pieces: int) -> list[str]:
+    """Where `pieces` ranges of a key meet so that each holds about as many rows, from
+    the key's histogram (`bounds`, sorted; as many rows lie between any two consecutive
+    bounds): evenly spaced bounds, in the histogram's own order (the column's
+    collation, the order the ranges compare in: never sorted again), a repeated one
+    once. No cut for one piece, nor in a histogram too short to split (under three
+    bounds); at most one cut a bucket."""
+    buckets = len(bounds) - 1
+    n = min(pieces, buckets)
+    if n < 2:
+        return []
+    # bound i * buckets / n for i = 1 .. n-1, rounded half up (in integers)
+    return list(dict.fromkeys(bounds[(2 * i * buckets + n) // (2 * n)] for i in range(1, n)))
+
+
+def key_ranges(cuts: Sequence[str], *, nulls: bool) -> list[Piece]:
+    """The ranges `cuts` (ascending in the column's order) divide a key into: below the
+    first, between each two, from the last on, so that every non-NULL key is in exactly
+    one; with `nulls` (the key may be NULL), first a piece of the NULL keys, which no
+    range holds. Without cuts one piece, the whole table (NULL keys too)."""
+    if not cuts:
         return [WHOLE]
-    n = min(n, len(bounds) - 1)
-    cuts = sorted({bounds[round(i * (len(bounds) - 1) / n)] for i in range(1, n)})
     edges: list[str | None] = [None, *cuts, None]
-    return [Piece(lo, hi) for lo, hi in itertools.pairwise(edges)]
+    ranges = [Piece(lo, hi) for lo, hi in itertools.pairwise(edges)]
+    return [Piece(null=True), *ranges] if nulls else ranges
+
+
+def block_ranges(cuts: Sequence[int]) -> list[Piece]:
+    """The ranges of blocks `cuts` (block numbers, ascending) divide a table into: the
+    first from its start, the last open-ended (blocks added meanwhile are read too)."""
+    edges: list[str | None] = [None, *(f"({b},0)" for b in cuts), None]
+    return [Piece(lo, hi, blocks=True) for lo, hi in itertools.pairwise(edges)]
+
+
+def split(
+    bounds: Sequence[str], rows: int, per_piece: int | None = None, *, nulls: bool
+) -> list[Piece]:
+    """Pieces of about `per_piece` rows (ROWS_PER_PIECE by default) of `rows`, cut
+    where the histogram's sorted `bounds` put equal shares of them (`key_ranges`)."""
+    return key_ranges(
+        cut_points(bounds, pieces_needed(rows, per_piece or ROWS_PER_PIECE)), nulls=nulls
+    )
 
 
 async def key_pieces(
@@ -122,38 +213,37 @@ async def key_pieces(
     parent: str | None = None,
     rows: int | None = None,
     per_piece: int | None = None,
+    also: Sequence[tuple[str, str]] = (),
 ) -> list[Piece]:
     """`table`'s rows in pieces by ranges of `column` (one piece without statistics).
     With `parent` (the table the key refers to, whose share of each range the piece's
-    statement reads too), its rows count towards the pieces' size as well. `rows`: the
-    rows the pieces share instead (those a statement will work on), `per_piece` of them
-    in each (ROWS_PER_PIECE by default)."""
-    stats = await db.fetch(_KEY_STATS_SQL, {"table": table, "column": column})
-    if not stats or stats[0]["bounds"] is None:
-        return [WHOLE]
-    n = int(stats[0]["rows"]) if rows is None else rows
-    if parent is not None:
-        n += int((await db.fetch(_BLOCKS_SQL, {"table": parent}))[0]["rows"])
-    pieces = split([str(b) for b in stats[0]["bounds"]], n, per_piece)
-    if len(pieces) > 1 and not stats[0]["not_null"]:
-        pieces.insert(0, Piece(null=True))
-    return pieces
+    statement reads too) and `also` (other tables' columns of the same key, read by the
+    same ranges), their rows count towards the pieces' size as well, and a NULL in any
+    key column gets its piece. `rows`: the rows the pieces share instead (those a
+    statement will work on), `per_piece` of them in each (ROWS_PER_PIECE by default)."""
+    stats = await key_stats(db, table, column, also, [parent] if parent is not None else [])
+    n = stats.rows if rows is None else rows
+    return split(stats.bounds, n, per_piece, nulls=not stats.not_null)
 
 
-async def block_pieces(db: Reader, table: str, rows_per_piece: int | None = None) -> list[Piece]:
+async def block_pieces(
+    db: Reader,
+    table: str,
+    rows_per_piece: int | None = None,
+    blocks_per_piece: int | None = None,
+) -> list[Piece]:
     """`table`'s blocks in pieces of about `rows_per_piece` rows (ROWS_PER_PIECE by
-    default); the last open-ended."""
+    default), or of `blocks_per_piece` blocks each; the last open-ended."""
     rows = await db.fetch(_BLOCKS_SQL, {"table": table})
     if not rows:
         return [WHOLE]
     n_rows, blocks = int(rows[0]["rows"]), int(rows[0]["blocks"])
-    per = rows_per_piece or ROWS_PER_PIECE
-    n = max(1, math.ceil(n_rows / per)) if n_rows > 0 else 1
-    if n == 1 or blocks < n:
-        return [Piece(blocks=True)]
-    cuts = [f"({round(i * blocks / n)},0)" for i in range(1, n)]
-    edges: list[str | None] = [None, *cuts, None]
-    return [Piece(lo, hi, blocks=True) for lo, hi in itertools.pairwise(edges)]
+    if blocks_per_piece is not None:
+        return block_ranges(range(blocks_per_piece, blocks, blocks_per_piece))
+    n = pieces_needed(n_rows, rows_per_piece or ROWS_PER_PIECE)
+    if blocks < n:
+        return block_ranges([])
+    return block_ranges([round(i * blocks / n) for i in range(1, n)])
 
 
 async def no_jit(db: Reader) -> None:
@@ -185,6 +275,37 @@ async def tune(db: Reader, piece: Piece = WHOLE, settings: Mapping[str, str] | N
     await db.fetch(f"SELECT {calls}", [v for kv in values.items() for v in kv])
 
 
+async def _each(
+    pieces: Sequence[Piece], run: Callable[[int, Piece], Awaitable[T]], concurrency: int
+) -> list[T]:
+    """`run` of every piece (its position, the piece), at most `concurrency` at once; the
+    results in the pieces' order. Once one has failed no other starts (the answer is
+    lost anyway); the first failure is raised once the pieces under way have ended."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+    failed = asyncio.Event()
+
+    async def one(i: int, piece: Piece) -> T:
+        async with gate:
+            if failed.is_set():
+                raise asyncio.CancelledError
+            try:
+                return await run(i, piece)
+            except Exception:
+                failed.set()
+                raise
+
+    results = await asyncio.gather(
+        *(one(i, p) for i, p in enumerate(pieces)), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
+    cancelled = [r for r in results if isinstance(r, BaseException)]
+    if cancelled:
+        raise cancelled[0]
+    return [r for r in results if not isinstance(r, BaseException)]
+
+
 async def run_pieces(
     gw: Gateway,
     pieces: Sequence[Piece],
@@ -195,31 +316,54 @@ async def run_pieces(
     """`read` of every piece, each in its own read-only transaction (`tune`d, with
     `settings`), at most `concurrency` at once; the results in the pieces' order. The
     first failure is raised once the pieces under way have ended."""
-    gate = asyncio.Semaphore(max(1, concurrency))
-    failed = asyncio.Event()
 
-    async def one(piece: Piece) -> T:
+    async def run(_i: int, piece: Piece) -> T:
         async def fn(db: Reader) -> T:
             await tune(db, piece, settings)
             return await read(db, piece)
 
-        async with gate:
-            if failed.is_set():  # another piece failed: the answer is lost anyway
-                raise asyncio.CancelledError
-            try:
-                return await gw.read(fn)
-            except Exception:
-                failed.set()
-                raise
+        return await gw.read(fn)
 
-    results = await asyncio.gather(*(one(p) for p in pieces), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, Exception)]
-    if errors:
-        raise errors[0]
-    cancelled = [r for r in results if isinstance(r, BaseException)]
-    if cancelled:
-        raise cancelled[0]
-    return [r for r in results if not isinstance(r, BaseException)]
+    return await _each(pieces, run, concurrency)
+
+
+class _PieceFailed(Exception):
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(finding.summary)
+        self.finding = finding
+
+
+async def check_pieces(
+    gw: Gateway,
+    check: str,
+    pieces: Sequence[Piece],
+    read: Callable[[Reader, Piece], Awaitable[T]],
+    concurrency: int = CONCURRENCY,
+    numbered: bool = False,
+) -> list[T] | Finding:
+    """`read` of every piece, each a check of its own (`Gateway.run_check`: its own
+    read-only transaction, bounded by the check timeout) named `check` (`check i/n`
+    when `numbered`), at most `concurrency` at once: the results in the pieces' order,
+    or a failed piece's finding (a timeout comes back skipped). `read` tunes its own
+    transaction."""
+
+    async def run(i: int, piece: Piece) -> T:
+        got: list[T] = []
+        name = f"{check} {i + 1}/{len(pieces)}" if numbered else check
+
+        async def fn(db: Reader) -> Finding:
+            got.append(await read(db, piece))
+            return Finding(check=name, status=Status.OK, summary="")
+
+        done = await gw.run_check(name, fn)
+        if done.status is not Status.OK:
+            raise _PieceFailed(done)
+        return got[0]
+
+    try:
+        return await _each(pieces, run, concurrency)
+    except _PieceFailed as failed:
+        return failed.finding
 
 
 def add_up(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

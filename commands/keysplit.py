@@ -6,20 +6,21 @@ definitions run now and with the base tables. On a big database one such stateme
 aggregates every ledger row and every submission (20 million and 10 million at a
 million users) and outlasts the per-check timeout. Every aggregate these views hold is
 per user, or a sum, count, minimum or maximum over users, so it can be computed over
-disjoint sets of users and put together exactly: a `Shard` is one range of user ids,
-and each statement reads only the rows of its users (through the user_id indexes).
+disjoint sets of users and put together exactly: a piece (`commands.keyranges.Piece`)
+is one range of user ids, and each statement reads only the rows of its users (through
+the user_id indexes).
 
 A definition is the database's own text (`pg_get_viewdef`). `split()` reads it with
 PostgreSQL's parser (pglast) and, where it can prove the split exact, rewrites it:
 
-* every reference to a table keyed by user (`USER_KEYS`) reads only the shard's rows;
+* every reference to a table keyed by user (`USER_KEYS`) reads only the piece's rows;
 * a definition whose rows each belong to one user (the leaderboards) then gives, per
-  shard, exactly its rows for the shard's users (`Split.shard_sql`);
+  piece, exactly its rows for the piece's users (`Split.piece_sql`);
 * a SELECT that aggregates across users (per activity, cohort, school, day) is run per
-  shard as partial aggregates (`Split.partial_sql`), and the definition is then run
+  piece as partial aggregates (`Split.partial_sql`), and the definition is then run
   once over the merged partials (`Split.final_sql`): counts and sums are summed, minima
   and maxima taken again, an average is a sum over a count, `count(DISTINCT user)`
-  adds up because the shards' users are disjoint. The arithmetic is PostgreSQL's: the
+  adds up because the pieces' users are disjoint. The arithmetic is PostgreSQL's: the
   partials travel as text and are cast back to their own types.
 
 It refuses (`Unsplittable`) whatever it cannot prove: joins between two users' rows, a
@@ -29,16 +30,14 @@ outer joins that could leave a row without a user, aggregates it cannot merge (s
 The caller then runs the definition whole, as one statement.
 
 `now()` and its relatives are pinned to one instant for all the statements of a
-command, so that every shard, and the final statement, sees the same "now".
+command, so that every piece, and the final statement, sees the same "now".
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import itertools
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,23 +48,20 @@ from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, SetOperation, SQLV
 from pglast.stream import RawStream
 from psycopg import sql
 
-from commands.base import Finding, Gateway, Reader, Row, Status
+from commands import keyranges
+from commands.base import Reader, Row
+from commands.keyranges import WHOLE, Piece
 
 # Tables whose rows each belong to one user, by the column naming the user.
 USER_KEYS: dict[str, str] = {"users": "id", "points_ledger": "user_id", "submissions": "user_id"}
-# Ledger and submission rows one statement reads, about. At 1,000,000 users, in shards
-# of 500,000 rows, each shard's statement of /db leaderboard and /db analytics took
+# Ledger and submission rows one statement reads, about. At 1,000,000 users, in pieces
+# of 500,000 rows, each piece's statement of /db leaderboard and /db analytics took
 # 0.2-0.6 s of server CPU on the 2-core machine the benches run on, and up to 2.9 s of
 # wall time while other work kept 7 processes runnable on its 2 cores (a fivefold
-# stretch). Shards of 300,000 rows (100 at a million users) keep each statement well
+# stretch). Pieces of 300,000 rows (100 at a million users) keep each statement well
 # inside the check timeout (5 s) on a server busier still.
-SHARD_ROWS = 300_000
-# Shards run at once, each on its own pooled connection (the gateway's pool holds 4):
-# two, for the two cores of the machines measured.
-CONCURRENCY = 2
-# At most this many shards (the histogram the bounds come from has 100 buckets).
-MAX_SHARDS = 100
-# Partial rows one merged SELECT may gather from all shards before it is refused.
+PIECE_ROWS = 300_000
+# Partial rows one merged SELECT may gather from all pieces before it is refused.
 MAX_MERGED_ROWS = 200_000
 # A pinned `now()` instant, as a bound parameter.
 NOW = "CAST(%(pinned_now)s AS timestamp with time zone)"
@@ -98,37 +94,7 @@ class Unsplittable(ValueError):
     """The definition cannot be split exactly: run it whole."""
 
 
-# --- shards ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shard:
-    """The users from `lower` (included) up to `upper` (excluded); no bound, no limit on
-    that side. Rows with no user id have a shard of their own (`nulls`), so that every
-    row is in exactly one and each range stays a plain index range."""
-
-    lower: str | None = None
-    upper: str | None = None
-    nulls: bool = False
-
-    def predicate(self, column: str) -> str:
-        """The condition on `column` (SQL text made here, never input) for this shard."""
-        if self.nulls:
-            return f"{column} IS NULL"
-        if self.lower is None and self.upper is None:
-            return "true"
-        if self.lower is None:
-            return f"{column} < %(shard_hi)s"
-        if self.upper is None:
-            return f"{column} >= %(shard_lo)s"
-        return f"({column} >= %(shard_lo)s AND {column} < %(shard_hi)s)"
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"shard_lo": self.lower, "shard_hi": self.upper}
-
-
-WHOLE = Shard()
+# --- the plan -------------------------------------------------------------------------
 
 
 def ident(*names: str) -> sql.SQL:
@@ -138,10 +104,11 @@ def ident(*names: str) -> sql.SQL:
 
 @dataclass(frozen=True)
 class Plan:
-    """How a command splits its statements: the shards, the pinned instant, and the
-    names of the database's aggregate functions (to tell an aggregate from a function)."""
+    """How a command splits its statements: the pieces (ranges of user ids, and the
+    users without one, `commands/keyranges.py`), the pinned instant, and the names of
+    the database's aggregate functions (to tell an aggregate from a function)."""
 
-    shards: tuple[Shard, ...]
+    pieces: tuple[Piece, ...]
     now: datetime
     aggregates: frozenset[str]
 
@@ -152,15 +119,6 @@ class Plan:
 
 _PLAN_SQL = """
 SELECT now() AS now,
-       (SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c
-         WHERE c.oid IN (to_regclass('points_ledger'), to_regclass('submissions'))) AS row_count,
-       (SELECT s.histogram_bounds::text::text[]
-          FROM pg_class c
-          JOIN pg_namespace n ON n.oid = c.relnamespace
-          JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname
-         WHERE c.oid = to_regclass('points_ledger') AND s.attname = 'user_id'
-           AND NOT s.inherited
-         LIMIT 1) AS bounds,
        (SELECT count(*) = 3 AND count(DISTINCT a.attcollation) = 1
                AND bool_and(a.atttypid IN ('text'::regtype, 'varchar'::regtype))
           FROM pg_attribute a
@@ -171,63 +129,22 @@ SELECT now() AS now,
 """
 
 
-def shards_for(row_count: int, bounds: Sequence[str] | None, rows_per_shard: int) -> list[Shard]:
-    """Shards of about `rows_per_shard` rows each, split where the planner's histogram of
-    ledger user ids puts evenly many rows; one shard (no split) without a histogram.
-    The bounds stay in the histogram's order, the column's own (its collation's), which
-    is the order the shards' conditions compare in."""
-    wanted = min(MAX_SHARDS, round(row_count / max(1, rows_per_shard)))
-    points = [b for i, b in enumerate(bounds or ()) if i == 0 or b != (bounds or ())[i - 1]]
-    if wanted < 2 or len(points) < 3:
-        return [WHOLE]
-    wanted = min(wanted, len(points) - 1)
-    cuts = list(
-        dict.fromkeys(points[round(i * (len(points) - 1) / wanted)] for i in range(1, wanted))
-    )
-    edges: list[str | None] = [None, *cuts, None]
-    return [Shard(nulls=True), *(Shard(lo, hi) for lo, hi in itertools.pairwise(edges))]
-
-
-async def each_shard(
-    gw: Gateway,
-    check: str,
-    shards: Sequence[Shard],
-    work: Callable[[Reader, Shard], Awaitable[None]],
-    concurrency: int | None = None,
-) -> Finding | None:
-    """`work` for every shard, each in its own check (its own read-only transaction, so
-    each is bounded by the check timeout), `concurrency` at a time; the first shard's
-    trouble (a timeout comes back skipped) as its finding, else None. `work` gathers
-    into its caller's structures, in any order."""
-    failed: list[Finding] = []
-    gate = asyncio.Semaphore(max(1, CONCURRENCY if concurrency is None else concurrency))
-
-    async def one(shard: Shard) -> None:
-        async def run(db: Reader) -> Finding:
-            await work(db, shard)
-            return Finding(check=check, status=Status.OK, summary="")
-
-        async with gate:
-            if failed:
-                return
-            done = await gw.run_check(check, run)
-            if done.status is not Status.OK:
-                failed.append(done)
-
-    await asyncio.gather(*(one(shard) for shard in shards))
-    return failed[0] if failed else None
-
-
-async def plan(db: Reader, rows_per_shard: int | None = None) -> Plan:
+async def plan(db: Reader, rows_per_piece: int | None = None) -> Plan:
+    """Pieces of about `rows_per_piece` ledger and submission rows (PIECE_ROWS), cut
+    where the ledger's user id histogram puts evenly many rows; one piece (no split)
+    without a histogram. The piece of NULL user ids is always there: a view's rows (a
+    materialized view's columns are never NOT NULL) are split by the same ranges."""
     (row,) = await db.fetch(_PLAN_SQL)
+    stats = await keyranges.key_stats(db, "points_ledger", "user_id", [("submissions", "user_id")])
     # Split only where every table names its user the same way: text of one collation
-    # (a user's rows must fall in the same shard in each table).
-    shards = shards_for(
-        int(row["row_count"] or 0) if row["same_keys"] else 0,
-        row["bounds"],
-        SHARD_ROWS if rows_per_shard is None else rows_per_shard,
+    # (a user's rows must fall in the same piece in each table).
+    pieces = keyranges.split(
+        stats.bounds,
+        stats.rows if row["same_keys"] else 0,
+        PIECE_ROWS if rows_per_piece is None else rows_per_piece,
+        nulls=True,
     )
-    return Plan(tuple(shards), row["now"], frozenset(row["aggregates"] or ()))
+    return Plan(tuple(pieces), row["now"], frozenset(row["aggregates"] or ()))
 
 
 # --- the tree -------------------------------------------------------------------------
@@ -361,7 +278,7 @@ def _reads_user_tables(node: Any, ctes: dict[str, Info]) -> bool:
 class Info:
     """What a FROM item gives its SELECT: whether its rows come from user tables
     (`bearing`), each from one user's rows; which output columns hold the user id;
-    whether a SELECT merged across shards lies under it."""
+    whether a SELECT merged across pieces lies under it."""
 
     bearing: bool = False
     keys: frozenset[str] = frozenset()
@@ -383,7 +300,7 @@ class Agg:
 
 @dataclass
 class Node:
-    """A SELECT aggregating the rows of many users: run per shard as partial aggregates,
+    """A SELECT aggregating the rows of many users: run per piece as partial aggregates,
     then once over the merged partials."""
 
     stmt: ast.SelectStmt
@@ -395,7 +312,7 @@ class Node:
 
 @dataclass
 class Split:
-    """A definition that can be run shard by shard (see the module's docstring)."""
+    """A definition that can be run piece by piece (see the module's docstring)."""
 
     text: str
     tree: ast.SelectStmt
@@ -414,17 +331,17 @@ class Split:
         tree = _replace(tree, _pin_now)
         return tree, memo
 
-    def shard_sql(self, shard: Shard) -> str:
-        """Per user: the definition over one shard's users; bind `Shard.params` and
+    def piece_sql(self, piece: Piece) -> str:
+        """Per user: the definition over one piece's users; bind `Piece.params` and
         `Plan.params`."""
         if not self.per_user:
             raise Unsplittable("aggregates across users: use partial_sql and final_sql")
         tree, _memo = self._copy()
-        return _finish(_text(tree), shard)
+        return _finish(_text(tree), piece)
 
-    def partial_sql(self, shard: Shard, extra: dict[str, str] | None = None) -> str:
+    def partial_sql(self, piece: Piece, extra: dict[str, str] | None = None) -> str:
         """Merged: one row, one jsonb array per merged SELECT (`n0`, `n1`, ...) of its
-        partial aggregates over the shard's users, each value as text beside its type.
+        partial aggregates over the piece's users, each value as text beside its type.
         `extra` adds a jsonb array column per name, of the rows of a SELECT of the
         caller's (SQL text ready for psycopg, reading tables the definition's CTEs do
         not shadow: see `shadows`), computed in the same statement, so from the same
@@ -441,7 +358,7 @@ class Split:
             sub = (outer.targetList or ())[i].val.subselect
             _only(sub.fromClause).subquery = partial
         outer.withClause = tree.withClause
-        text = _finish(_text(outer), shard)
+        text = _finish(_text(outer), piece)
         for name, query in (extra or {}).items():
             text += ", (SELECT coalesce(jsonb_agg(x), '[]'::jsonb) FROM ("
             text += f"{query}) AS x) AS {_quote(name)}"
@@ -454,7 +371,7 @@ class Split:
 
     def final_sql(self, partials: list[list[Row]]) -> tuple[str, dict[str, Any]]:
         """The definition over the merged partials (`partials[i]`: the rows of `n{i}`
-        from every shard), and the parameters it binds (besides `Plan.params`)."""
+        from every piece), and the parameters it binds (besides `Plan.params`)."""
         tree, memo = self._copy()
         params: dict[str, Any] = {}
         swaps: dict[int, ast.SelectStmt] = {}
@@ -471,13 +388,13 @@ class Split:
         return _finish(_text(tree), WHOLE), params
 
 
-def _finish(text: str, shard: Shard) -> str:
+def _finish(text: str, piece: Piece) -> str:
     """Deparsed text made ready for psycopg: literal `%` doubled, markers replaced by
-    bound parameters and the shard's conditions."""
+    bound parameters and the piece's conditions."""
     out = text.replace("%", "%%")
     for mark, value in _NOW_MARKS.items():
         out = out.replace(mark, value)
-    out = re.sub(rf"{_MARK}pred__\(([^()]*)\)", lambda m: shard.predicate(m.group(1)), out)
+    out = re.sub(rf"{_MARK}pred__\(([^()]*)\)", lambda m: piece.where(m.group(1)), out)
     out = re.sub(rf"{_MARK}param(\w+?)__", r"%(\1)s", out)
     if _MARK in out:
         raise Unsplittable("a marker was left in the rewritten definition")
@@ -489,7 +406,7 @@ def _quote(identifier: str) -> str:
 
 
 def _restrict(tree: ast.SelectStmt, skip: set[int]) -> None:
-    """Every user table of every SELECT read only for the shard's users: its condition
+    """Every user table of every SELECT read only for the piece's users: its condition
     (a marker, `__dbops_pred__(alias.user_id)`) added where it filters that table's rows
     and nothing else: the WHERE of its SELECT, or the ON of the outer join whose
     nullable side it is on. The table stays itself (not a subquery), so what PostgreSQL

@@ -13,11 +13,11 @@ conditions on `users` (participant educators in production), plus points > 0 fro
 ledger (LEAPS_SCHEMA.md: only users with points > 0). A view named `*_30d` counts
 ledger rows of the last 30 days, as its definition does.
 
-On a big database the comparison runs shard by shard over ranges of user ids
+On a big database the comparison runs piece by piece over ranges of user ids
 (commands/keysplit.py): each statement compares the view's rows, its definition's and
 the ledger's for the users of one range, so every statement stays within the check
 timeout and the totals are exact. At 1,000,000 users (20 million ledger rows, 100
-shards) each statement took at most 0.3 s of server CPU and 1.2 s of wall time; both
+pieces) each statement took at most 0.3 s of server CPU and 1.2 s of wall time; both
 boards took 50-65 s on a busy 2-core machine (one statement each, which timed out).
 """
 
@@ -46,7 +46,8 @@ from commands.base import (
     UsageError,
     register,
 )
-from commands.keysplit import Shard, children
+from commands.keyranges import WHOLE, Piece, check_pieces
+from commands.keysplit import children
 from commands.views import MatView, describe_lock, load_views, select_views
 
 LEADERBOARDS = ("leaderboard_totals", "leaderboard_30d")
@@ -195,13 +196,13 @@ def parse_definition(text: str) -> Definition:
 # The view's own SELECT (from pg_get_viewdef) runs as a subquery: the database's own
 # text, never user input, inside the same read-only transaction. The ledger window and
 # the users filter are built from that text and from constants here; the values (the
-# shard's bounds, the pinned "now", the window) are bound parameters, so a literal `%`
+# piece's bounds, the pinned "now", the window) are bound parameters, so a literal `%`
 # in the definition is doubled. Only users with something wrong come back (and one row
 # for the totals), so a sound board of 100,000 users costs one row to transfer.
 #
-# On a big database the comparison runs shard by shard (commands/keysplit.py): each
+# On a big database the comparison runs piece by piece (commands/keysplit.py): each
 # statement reads the view, the definition, the ledger and the users of one range of
-# user ids; every user is in exactly one shard, so the rows and the totals add up to
+# user ids; every user is in exactly one piece, so the rows and the totals add up to
 # the comparison of the whole board.
 _COMPARE = """
 WITH per AS MATERIALIZED (
@@ -212,10 +213,10 @@ WITH per AS MATERIALIZED (
       {stored}
       UNION ALL
       SELECT d.user_id::text, NULL, NULL, 1, d.total_points::numeric, NULL, NULL
-        FROM ({definition}) AS d WHERE {live_shard}
+        FROM ({definition}) AS d WHERE {live_piece}
       UNION ALL
       SELECT l.user_id::text, NULL, NULL, NULL, NULL, sum(l.delta_points), NULL
-        FROM points_ledger AS l WHERE {ledger_shard} {window} GROUP BY l.user_id
+        FROM points_ledger AS l WHERE {ledger_piece} {window} GROUP BY l.user_id
       UNION ALL
       {eligible}
     ) AS x (user_id, stored_n, stored_pts, live_n, live_pts, ledger_pts, eligible)
@@ -265,12 +266,12 @@ SELECT l.user_id::text AS user_id, l.source::text AS source, sum(l.delta_points)
 
 # For each statement of the comparison, in its own transaction: no JIT (the joined
 # aggregates' estimates multiply into the billions, and PostgreSQL would spend seconds
-# compiling a query that runs in milliseconds), room for each shard's hash tables, and
-# a plan made for the values bound: the shards of a command share one text, which
+# compiling a query that runs in milliseconds), room for each piece's hash tables, and
+# a plan made for the values bound: the pieces of a command share one text, which
 # psycopg prepares after five runs on a connection, and PostgreSQL's generic plan for
-# it, blind to the shard's bounds and the pinned instant, took ten times as long (3.7 s
-# against 0.4 s at 1,000,000 users). Split into shards, no parallel workers either: the
-# shards already divide the work, two at a time on a 2-core server.
+# it, blind to the piece's bounds and the pinned instant, took ten times as long (3.7 s
+# against 0.4 s at 1,000,000 users). Split into pieces, no parallel workers either: the
+# pieces already divide the work, two at a time on a 2-core server.
 _TUNE = (
     "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true),"
     " set_config('plan_cache_mode', 'force_custom_plan', true)"
@@ -279,7 +280,7 @@ _SERIAL = ", set_config('max_parallel_workers_per_gather', '0', true)"
 
 
 def tune(plan: keysplit.Plan) -> str:
-    return _TUNE + (_SERIAL if len(plan.shards) > 1 else "")
+    return _TUNE + (_SERIAL if len(plan.pieces) > 1 else "")
 
 
 @dataclass
@@ -348,7 +349,7 @@ def _window_sql(window: str | None, keyword: str = "AND") -> sql.Composable:
     )
 
 
-def _eligible_sql(d: Definition, shard: Shard) -> sql.Composable:
+def _eligible_sql(d: Definition, piece: Piece) -> sql.Composable:
     """Who may be on the board: the users the definition's own conditions admit (printed
     from the same catalog text). A definition whose FROM names no `users` (it reads them
     in a CTE, say) admits whom it gives now (`_is_eligible`): missing users are then
@@ -356,7 +357,7 @@ def _eligible_sql(d: Definition, shard: Shard) -> sql.Composable:
     if d.users_alias is None:
         return sql.SQL(_NO_STORED)
     alias = keysplit.ident(d.users_alias)
-    where: list[sql.Composable] = [sql.SQL(shard.predicate(f"{alias.as_string()}.id"))]
+    where: list[sql.Composable] = [sql.SQL(piece.where(f"{alias.as_string()}.id"))]
     if d.user_filter:
         where.append(sql.SQL("({})").format(sql.SQL(d.user_filter.replace("%", "%%"))))
     return sql.SQL(
@@ -376,7 +377,7 @@ def _window(view: MatView) -> str | None:
 
 @dataclass
 class Prepared:
-    """What the comparison of one view needs before its shards run."""
+    """What the comparison of one view needs before its pieces run."""
 
     view: MatView
     definition: Definition
@@ -394,7 +395,7 @@ async def prepare(db: Reader, view: MatView, plan: keysplit.Plan) -> Prepared:
         raise LookupError(f"{view.qualified} has no {' or '.join(sorted(lacking))} column")
     text = str(meta["definition"]).strip().rstrip(";")
     split: keysplit.Split | None = None
-    if len(plan.shards) > 1:
+    if len(plan.pieces) > 1:
         try:
             split = keysplit.split(text, plan.aggregates)
         except keysplit.Unsplittable:
@@ -409,27 +410,27 @@ async def prepare(db: Reader, view: MatView, plan: keysplit.Plan) -> Prepared:
     )
 
 
-def _compare_sql(p: Prepared, shard: Shard) -> str:
+def _compare_sql(p: Prepared, piece: Piece) -> str:
     view = p.view
     stored: sql.Composable = sql.SQL(_NO_STORED)
     if p.stored_read:
         stored = sql.SQL("{} FROM {} AS v WHERE {}").format(
             sql.SQL(_STORED),
             keysplit.ident(view.schema, view.name),
-            sql.SQL(shard.predicate("v.user_id")),
+            sql.SQL(piece.where("v.user_id")),
         )
     if p.split is not None:
-        definition = p.split.shard_sql(shard)
+        definition = p.split.piece_sql(piece)
     else:
         # pg_get_viewdef's text: the database's own, not input; it runs whole.
         definition = keysplit.pinned(p.definition.text)
     query = sql.SQL(_COMPARE).format(
         stored=stored,
         definition=sql.SQL(definition),
-        live_shard=sql.SQL(shard.predicate("d.user_id")),
-        ledger_shard=sql.SQL(shard.predicate("l.user_id")),
+        live_piece=sql.SQL(piece.where("d.user_id")),
+        ledger_piece=sql.SQL(piece.where("l.user_id")),
         window=_window_sql(p.window),
-        eligible=_eligible_sql(p.definition, shard),
+        eligible=_eligible_sql(p.definition, piece),
         is_eligible=_is_eligible(p.definition),
         stored_read=sql.SQL("TRUE" if p.stored_read else "FALSE"),
     )
@@ -437,17 +438,17 @@ def _compare_sql(p: Prepared, shard: Shard) -> str:
 
 
 @dataclass
-class ShardResult:
+class PieceResult:
     rows: list[UserRow]
     expected: int
     shown: int
     live: int
 
 
-async def compare_shard(db: Reader, p: Prepared, shard: Shard, plan: keysplit.Plan) -> ShardResult:
+async def compare_piece(db: Reader, p: Prepared, piece: Piece, plan: keysplit.Plan) -> PieceResult:
     await db.fetch(tune(plan))
-    params = {**shard.params, **plan.params, "window": p.window}
-    fetched = await db.fetch(_compare_sql(p, shard), params)
+    params = {**piece.params(), **plan.params, "window": p.window}
+    fetched = await db.fetch(_compare_sql(p, piece), params)
     rows = [
         UserRow(
             user_id=str(r["user_id"]),
@@ -465,7 +466,7 @@ async def compare_shard(db: Reader, p: Prepared, shard: Shard, plan: keysplit.Pl
     ]
     rows = [r for r in rows if (p.stored_read and r.shown_wrong) or r.live_wrong]
     totals = next((r for r in fetched if r["totals"]), {})
-    return ShardResult(
+    return PieceResult(
         rows,
         expected=int(totals.get("n_expected") or 0),
         shown=int(totals.get("n_shown") or 0),
@@ -473,7 +474,7 @@ async def compare_shard(db: Reader, p: Prepared, shard: Shard, plan: keysplit.Pl
     )
 
 
-def assemble(p: Prepared, parts: list[ShardResult]) -> Comparison:
+def assemble(p: Prepared, parts: list[PieceResult]) -> Comparison:
     rows = sorted((r for part in parts for r in part.rows), key=lambda r: r.user_id)
     return Comparison(
         p.view,
@@ -775,7 +776,7 @@ async def leaderboard(ctx: Context, args: list[str]) -> Report:
 
 
 async def _board(gw: Gateway, view: MatView, plan: keysplit.Plan, max_rows: int) -> list[Finding]:
-    """One view against the ledger: its definition read and split, then each shard in
+    """One view against the ledger: its definition read and split, then each piece in
     its own transaction (each statement bounded by the check timeout), then the
     attribution of the wrongly defined users, then the findings."""
     check = f"{view.name}: vs ledger"
@@ -792,15 +793,14 @@ async def _board(gw: Gateway, view: MatView, plan: keysplit.Plan, max_rows: int)
     if head.status is not Status.OK or not prepared:
         return [head]
     p = prepared[0]
-    shards = plan.shards if p.split is not None else (keysplit.WHOLE,)
-    parts: list[ShardResult] = []
+    pieces = plan.pieces if p.split is not None else (WHOLE,)
 
-    async def one(db: Reader, shard: Shard) -> None:
-        parts.append(await compare_shard(db, p, shard, plan))
+    async def one(db: Reader, piece: Piece) -> PieceResult:
+        return await compare_piece(db, p, piece, plan)
 
-    failed = await keysplit.each_shard(gw, check, shards, one)
-    if failed is not None:
-        return [failed]
+    parts = await check_pieces(gw, check, pieces, one)
+    if isinstance(parts, Finding):
+        return [parts]
     found = assemble(p, parts)
 
     async def explain(db: Reader) -> Finding:

@@ -20,6 +20,7 @@ from commands import integrity as ig
 from commands.base import Finding, Report, Status
 from commands.fixture.faults import FaultInjector
 from commands.fixture.seed import build_fixture
+from commands.keyranges import cut_points, key_ranges, key_stats
 from tests.conftest import FAST_THRESHOLDS, RunningBot
 from tests.fakeslack import Call
 
@@ -327,26 +328,37 @@ async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
     leaps_dsn: str, faults: FaultInjector
 ) -> None:
     """The pass split into ranges of users (`_run_pass`) against the same pass run whole
-    in one transaction: every finding equal, samples included, whatever the split; and
-    the replays read a few heap pages at a time as in one statement. More faults of a
-    kind than SAMPLE, so the merge must cut each kind's rows right."""
+    in one transaction: every finding equal, samples included, whatever the split, a
+    ledger row without a user id too (its piece of its own); and the replays read a few
+    heap pages at a time as in one statement. More faults of a kind than SAMPLE, so the
+    merge must cut each kind's rows right."""
     await inject_all(faults)
     await faults.missing_awards(ig.SAMPLE + 5)
     await faults.duplicate_external_events(ig.SAMPLE + 3)
     async with await psycopg.AsyncConnection.connect(leaps_dsn, autocommit=True) as conn:
-        await conn.execute("ANALYZE points_ledger")  # the shard bounds come from its histogram
+        await conn.execute("ALTER TABLE points_ledger ALTER COLUMN user_id DROP NOT NULL")
+        await conn.execute(
+            "INSERT INTO points_ledger (id, user_id, activity_code, source, delta_points,"
+            " event_time) VALUES ('led_no_user_id', NULL, 'LEARN', 'MANUAL', 7, now())"
+        )
+        await conn.execute("ANALYZE points_ledger")  # the ranges come from its histogram
         ids = [
             r[0] for r in await (await conn.execute("SELECT id FROM users ORDER BY id")).fetchall()
         ]
     gateway = TargetGateway(leaps_dsn, check_timeout_ms=60_000)
     try:
         whole = await gateway.read(ig._pass_findings)
-        for shards in (1, 2, 3):
-            assert await ig._run_pass(gateway, shards) == whole, shards
-        assert len(await gateway.read(lambda db: ig.shard_bounds(db, 3))) == 2
+        stats = await gateway.read(
+            lambda db: key_stats(db, "points_ledger", "user_id", [("submissions", "user_id")])
+        )
+        assert not stats.not_null  # the ledger's user_id may now be NULL
+        for n in (1, 2, 3):
+            split = key_ranges(cut_points(stats.bounds, n), nulls=True)
+            assert len(split) == (1 if n == 1 else n + 1), split
+            assert await ig._run_pass(gateway, split) == whole, n
         # any split is exact: an empty first range, a bound equal to an id, uneven ranges
         for bounds in ([ids[0]], [ids[len(ids) // 2]], [ids[3], ids[-3]]):
-            assert await ig._run_pass(gateway, bounds=bounds) == whole, bounds
+            assert await ig._run_pass(gateway, key_ranges(bounds, nulls=True)) == whole, bounds
         # the replays found a few heap pages a statement, as in one statement
         activities = await gateway.read(lambda db: db.fetch("SELECT code FROM activities"))
         codes = sorted(str(r["code"]) for r in activities)
@@ -363,13 +375,15 @@ async def test_sharded_pass_gives_exactly_the_findings_of_one_pass(
         one = await gateway.run_check(ig.ATTACHMENT_NO_SUBMISSION, ig.check_orphan_attachments)
         assert count(one) == 7 and len(one.rows) == 7
         for bounds in ([sub_ids[0]], [sub_ids[len(sub_ids) // 2]], [sub_ids[5], sub_ids[-5]]):
-            assert await ig.orphan_attachments(gateway, bounds) == one, bounds
+            split = key_ranges(bounds, nulls=True)
+            assert await ig.orphan_attachments(gateway, split) == one, bounds
     finally:
         await gateway.close()
     by = {f.check: f for f in whole}
     assert count(by[ig.MISSING_AWARDS]) == 10 + ig.SAMPLE + 5
     assert len(by[ig.MISSING_AWARDS].rows) == ig.SAMPLE
     assert count(by[ig.DUPLICATE_EVENTS]) == 9 + ig.SAMPLE + 3
+    assert count(by[ig.LEDGER_NO_USER]) == 5 + 1  # the row without a user id counted once
 
 
 def by_user(rows: list[dict[str, object]]) -> list[tuple[str, str, str]]:
@@ -392,7 +406,7 @@ def test_merge_cuts_each_kind_to_the_sample_in_order_with_summed_totals() -> Non
     first = [row("missing", f"u{i:02d}", 12, "LEARN") for i in range(0, 24, 2)][: ig.SAMPLE]
     second = [row("missing", f"u{i:02d}", 12, "LEARN") for i in range(1, 24, 2)][: ig.SAMPLE]
     second.append(row("negative", "z", 1))
-    merged = ig.merge_shards([first, second])
+    merged = ig.merge_ranges([first, second])
     missing = [r for r in merged if r["kind"] == "missing"]
     assert [r["user_id"] for r in missing] == [f"u{i:02d}" for i in range(ig.SAMPLE)]
     assert {(r["units"], r["rows_total"], r["net"]) for r in missing} == {(24, 48, -24)}

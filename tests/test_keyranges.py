@@ -15,7 +15,17 @@ import pytest
 from bot.router import RunContext
 from commands import keyranges
 from commands.fixture.faults import FaultInjector
-from commands.keyranges import WHOLE, Piece, block_pieces, key_pieces, split
+from commands.keyranges import (
+    WHOLE,
+    Piece,
+    block_pieces,
+    block_ranges,
+    cut_points,
+    key_pieces,
+    key_ranges,
+    pieces_needed,
+    split,
+)
 from commands.recover import census, census_days, measure
 from commands.remedies import recovery
 from commands.remedies.base import REMEDIES
@@ -170,7 +180,7 @@ def test_pieces_cover_every_key_once() -> None:
     """Each key of the histogram's range falls in exactly one piece (NULL in a piece of
     its own); too few rows or bounds make one piece, the whole table."""
     bounds = [f"u{i:03d}" for i in range(0, 101)]
-    pieces = split(bounds, rows=1000, per_piece=100)
+    pieces = split(bounds, rows=1000, per_piece=100, nulls=False)
     assert len(pieces) == 10 and pieces[0].lo is None and pieces[-1].hi is None
     assert all(a.hi == b.lo for a, b in itertools.pairwise(pieces))
     for key in ["a", "u000", "u0505", "u050", "u100", "zz"]:
@@ -178,8 +188,21 @@ def test_pieces_cover_every_key_once() -> None:
             p for p in pieces if (p.lo is None or key >= p.lo) and (p.hi is None or key < p.hi)
         ]
         assert len(inside) == 1, key
-    assert split(bounds, rows=99, per_piece=100) == [WHOLE]
-    assert split(["a", "b"], rows=10**6, per_piece=100) == [WHOLE]
+    with_nulls = split(bounds, rows=1000, per_piece=100, nulls=True)
+    assert with_nulls == [Piece(null=True), *pieces]
+    assert split(bounds, rows=99, per_piece=100, nulls=True) == [WHOLE]
+    assert split(["a", "b"], rows=10**6, per_piece=100, nulls=True) == [WHOLE]
+    assert (pieces_needed(0, 100), pieces_needed(100, 100), pieces_needed(101, 100)) == (1, 1, 2)
+    # no more pieces than the histogram has buckets; a bound repeated is one cut
+    assert cut_points(bounds, 10**6) == bounds[1:-1]
+    assert cut_points(["a", "b", "b", "b", "c"], 4) == ["b"]
+    # the bounds keep the histogram's order (the column's collation), never re-sorted
+    assert key_ranges(cut_points(["b", "B", "a", "A"], 3), nulls=True) == [
+        Piece(null=True),
+        Piece(None, "B"),
+        Piece("B", "a"),
+        Piece("a", None),
+    ]
     first, middle = pieces[0], pieces[1]
     assert first.where("l.user_id") == "(l.user_id < %(hi)s)"
     assert Piece(null=True).where("u.id") == "(u.id IS NULL)" and Piece(null=True).ranged
@@ -187,3 +210,8 @@ def test_pieces_cover_every_key_once() -> None:
     assert WHOLE.where("x") == "(TRUE)" and not WHOLE.ranged and middle.ranged
     blocks = Piece("(10,0)", None, blocks=True)
     assert blocks.where("ignored") == "(ctid >= %(lo)s::tid)" and not blocks.ranged
+    assert block_ranges([10, 20]) == [
+        Piece(None, "(10,0)", blocks=True),
+        Piece("(10,0)", "(20,0)", blocks=True),
+        Piece("(20,0)", None, blocks=True),
+    ]

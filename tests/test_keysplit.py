@@ -1,7 +1,7 @@
 """Whole-table reconciliations split by ranges of user ids (commands/keysplit.py), on a
-real PostgreSQL: every definition the splitter accepts gives, shard by shard and merged,
+real PostgreSQL: every definition the splitter accepts gives, piece by piece and merged,
 exactly the rows it gives run whole; what it cannot prove exact it refuses; and
-`/db leaderboard` and `/db analytics` report the same findings split into many shards
+`/db leaderboard` and `/db analytics` report the same findings split into many pieces
 as in one statement, faults included."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.conftest import FAST_THRESHOLDS
 VIEWS = {
     "leaderboard_totals": "per user",
     "leaderboard_30d": "per user",
-    "activity_metrics": 2,  # SELECTs merged across shards
+    "activity_metrics": 2,  # SELECTs merged across pieces
     "cohort_metrics": 1,
     "school_metrics": 1,
     "time_series_metrics": 2,
@@ -103,18 +103,18 @@ def _multiset(rows: list[Row]) -> Counter[tuple[Any, ...]]:
 async def _run_split(db: _Db, found: keysplit.Split, plan: keysplit.Plan) -> list[Row]:
     if found.per_user:
         rows: list[Row] = []
-        for shard in plan.shards:
-            got = await db.fetch(found.shard_sql(shard), {**shard.params, **plan.params})
+        for piece in plan.pieces:
+            got = await db.fetch(found.piece_sql(piece), {**piece.params(), **plan.params})
             key = sorted(found.keys)[0]
-            for r in got:  # each shard gives its own users' rows only
-                assert (r[key] is None) is shard.nulls
-                assert shard.lower is None or str(r[key]) >= shard.lower
-                assert shard.upper is None or str(r[key]) < shard.upper
+            for r in got:  # each piece gives its own users' rows only
+                assert (r[key] is None) is piece.null
+                assert piece.lo is None or str(r[key]) >= piece.lo
+                assert piece.hi is None or str(r[key]) < piece.hi
             rows += got
         return rows
     partials: list[list[Row]] = [[] for _ in found.nodes]
-    for shard in plan.shards:
-        (row,) = await db.fetch(found.partial_sql(shard), {**shard.params, **plan.params})
+    for piece in plan.pieces:
+        (row,) = await db.fetch(found.partial_sql(piece), {**piece.params(), **plan.params})
         for i in range(len(found.nodes)):
             partials[i] += row[f"n{i}"]
     text, params = found.final_sql(partials)
@@ -125,18 +125,11 @@ async def test_split_gives_what_the_whole_definition_gives(
     conn: psycopg.AsyncConnection[Row],
 ) -> None:
     db = _Db(conn)
-    plan = await keysplit.plan(db, rows_per_shard=300)
-    assert len(plan.shards) >= 5, plan.shards
-    assert plan.shards[0].nulls  # rows without a user id: a shard of their own
-    edges = [str(s.lower) for s in plan.shards[2:]]
-    assert edges == sorted(edges) and plan.shards[1].lower is None is plan.shards[-1].upper
-    # The bounds keep the histogram's order (the column's collation), never re-sorted.
-    assert keysplit.shards_for(9, ["b", "B", "a", "A"], 3) == [
-        keysplit.Shard(nulls=True),
-        keysplit.Shard(None, "B"),
-        keysplit.Shard("B", "a"),
-        keysplit.Shard("a", None),
-    ]
+    plan = await keysplit.plan(db, rows_per_piece=300)
+    assert len(plan.pieces) >= 5, plan.pieces
+    assert plan.pieces[0].null  # rows without a user id: a piece of their own
+    edges = [str(s.lo) for s in plan.pieces[2:]]
+    assert edges == sorted(edges) and plan.pieces[1].lo is None is plan.pieces[-1].hi
     definitions = dict(ACCEPTED)
     for view, shape in VIEWS.items():
         (row,) = await db.fetch("SELECT pg_get_viewdef(%s::regclass, true) AS d", (view,))
@@ -165,11 +158,11 @@ def _findings(report: Report) -> list[tuple[Any, ...]]:
     )
 
 
-async def test_commands_split_into_shards_report_what_one_statement_reports(
+async def test_commands_split_into_pieces_report_what_one_statement_reports(
     leaps_dsn: str, faults: FaultInjector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stale boards, a double-counting definition, users missing and extra: the same
-    findings, to the row, from many shards as from one statement."""
+    findings, to the row, from many pieces as from one statement."""
     await faults.double_counting_leaderboard()
     await faults.stale_views(points=500)
     await faults.leaderboard_membership_drift()
@@ -183,9 +176,9 @@ async def test_commands_split_into_shards_report_what_one_statement_reports(
     ctx = RunContext(gateway, FAST_THRESHOLDS)
     try:
         whole = [_findings(await leaderboard(ctx, [])), _findings(await analytics(ctx, []))]
-        monkeypatch.setattr(keysplit, "SHARD_ROWS", 300)
+        monkeypatch.setattr(keysplit, "PIECE_ROWS", 300)
         async with await psycopg.AsyncConnection.connect(leaps_dsn, row_factory=dict_row) as c:
-            assert len((await keysplit.plan(_Db(c))).shards) >= 5
+            assert len((await keysplit.plan(_Db(c))).pieces) >= 5
         split = [_findings(await leaderboard(ctx, [])), _findings(await analytics(ctx, []))]
     finally:
         await gateway.close()

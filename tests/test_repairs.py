@@ -20,6 +20,7 @@ from bot.router import RunContext
 from commands.base import BACKUP_SCHEMA, LeapsIdentity, Status, UsageError
 from commands.fixture.faults import FaultInjector
 from commands.integrity import integrity
+from commands.keyranges import WHOLE, key_ranges
 from commands.remedies.base import REMEDIES, Plan, Remedy, backup_name
 from commands.remedies.learn import DEDUPE_LEARN, LearnData
 from commands.remedies.ledger import (
@@ -727,12 +728,13 @@ async def test_reconcile_points_counted_by_ranges_of_users_as_in_one(
     await faults.missing_awards(SAMPLE + 4)
     keys = ("peers_trained", "students_trained")
     ids = [str(r[0]) for r in await fetch(leaps_dsn, "SELECT id FROM users ORDER BY id")]
-    whole, sample = await survey_due(ctx, keys, [])
+    whole, sample = await survey_due(ctx, keys, [WHOLE])
     assert whole["pairs"] == SAMPLE + 4 and whole["n"] >= SAMPLE + 4
     assert [r["submission_id"] for r in sample] == sorted(str(r["submission_id"]) for r in sample)
     assert len(sample) == SAMPLE
     for bounds in ([ids[0]], [ids[len(ids) // 2]], [ids[3], ids[len(ids) // 3], ids[-3]]):
-        assert await survey_due(ctx, keys, bounds) == (whole, sample), bounds
+        pieces = key_ranges(bounds, nulls=True)
+        assert await survey_due(ctx, keys, pieces) == (whole, sample), bounds
     # an award already made for the first due submission, under another activity code
     first = sample[0]
     await run(
@@ -741,7 +743,7 @@ async def test_reconcile_points_counted_by_ranges_of_users_as_in_one(
         " event_time) VALUES ('reconcile_' || %s, %s, 'SHINE', 'MANUAL', 1, now())",
         (first["submission_id"], first["user_id"]),
     )
-    again, _ = await survey_due(ctx, keys, [ids[len(ids) // 2]])
+    again, _ = await survey_due(ctx, keys, key_ranges([ids[len(ids) // 2]], nulls=False))
     assert again["n"] == whole["n"] - 1
 
 

@@ -7,22 +7,22 @@ enum, the AMPLIFY payload keys from the live quota trigger.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
+from collections.abc import Sequence
 
 from psycopg import sql
 from pydantic import BaseModel
 
 from commands.base import Context, Reader, Row, UsageError
 from commands.guards import plan_notes
-from commands.integrity import (
-    RANGES_AT_ONCE,
-    WORK_MEM,
-    amplify_keys,
-    range_count,
-    shard_bounds,
+from commands.integrity import amplify_keys, pass_pieces
+from commands.keyranges import (
+    WHOLE,
+    Piece,
+    first_by_id,
+    judge_groups,
+    repeated_candidates,
+    run_pieces,
 )
-from commands.keyranges import first_by_id, judge_groups, repeated_candidates
 from commands.remedies.base import (
     Execution,
     LockScope,
@@ -228,22 +228,24 @@ _POINTS = (
 )
 
 
-def _range(column: str, lower: bool, upper: bool) -> str:
-    """`column` from the lower bound (with `lower`) up to the upper one (with `upper`,
-    excluded), each a positional parameter; `true` with neither."""
-    parts = [*([f"{column} >= %s"] if lower else []), *([f"{column} < %s"] if upper else [])]
-    return " AND ".join(parts) or "true"
+def _range(column: str, piece: Piece) -> str:
+    """`piece`'s condition on `column` with its bounds as positional parameters (the
+    statements of this module bind theirs by position: `due_params`); the whole table's
+    `true`, as the plan's steps show it."""
+    if piece == WHOLE:
+        return "true"
+    return piece.where(column).replace("%(lo)s", "%s").replace("%(hi)s", "%s")
 
 
-def _due(lower: bool = False, upper: bool = False) -> str:
+def _due(piece: Piece = WHOLE) -> str:
     """Approved submissions of a known user and activity whose (user, activity) pair has no
     ledger row at all: what `/db integrity` reports as missing awards. Pairs with some
     ledger rows are differences, left to a person: an award without a submission link
     would be paid twice. The reconciled rows fill the pair, so a second run finds none.
 
-    Over the users from a lower bound and up to an upper one when given (the plan reads
-    the users range by range, `plan_reconcile`); the parameters are the two payload keys,
-    then the bounds twice (`due_params`). The pairs come first, from the range's rows of
+    Over the users of a piece when given (the plan reads the users range by range,
+    `plan_reconcile`); the parameters are the two payload keys, then the piece's bounds
+    twice (`due_params`). The pairs come first, from the range's rows of
     both tables (an anti-join of the submissions with the ledger), so that the rest runs
     only for the few submissions left: whether an earlier reconcile already awarded one
     is asked of its own award, by the row id it gets (`reconcile_<submission id>`, the
@@ -253,9 +255,9 @@ WITH k AS (SELECT %s::text AS peers, %s::text AS students),
 pending AS MATERIALIZED (
   SELECT s.id, s.user_id, s.activity_code, s.payload, s.updated_at, s.created_at
   FROM submissions AS s
-  WHERE s.status = 'APPROVED' AND {_range("s.user_id", lower, upper)}
+  WHERE s.status = 'APPROVED' AND {_range("s.user_id", piece)}
     AND NOT EXISTS (SELECT 1 FROM points_ledger AS l
-                    WHERE {_range("l.user_id", lower, upper)}
+                    WHERE {_range("l.user_id", piece)}
                       AND l.user_id = s.user_id AND l.activity_code = s.activity_code)
 ),
 valued AS MATERIALIZED (
@@ -277,11 +279,9 @@ due AS (
 )"""  # noqa: S608
 
 
-def due_params(
-    keys: tuple[str, str], lower: str | None = None, upper: str | None = None
-) -> list[str]:
-    """The parameters of `_due(lower is not None, upper is not None)`."""
-    bounds = [b for b in (lower, upper) if b is not None]
+def due_params(keys: tuple[str, str], piece: Piece = WHOLE) -> list[str]:
+    """The parameters of `_due(piece)`."""
+    bounds = [b for b in (piece.lo, piece.hi) if b is not None]
     return [*keys, *bounds, *bounds]
 
 
@@ -302,7 +302,7 @@ DUE_AMONG_COUNT_SQL = (
 )
 
 
-def due_survey_sql(lower: bool, upper: bool) -> str:
+def due_survey_sql(piece: Piece) -> str:
     """One range's count, points and pairs, and its first SAMPLE due awards by submission
     id (code point order, which the ranges' samples are merged in), in one statement."""
     tail = f"""
@@ -316,7 +316,7 @@ SELECT c.n, c.points AS total, c.pairs, s.submission_id, s.user_id, s.activity_c
 FROM counted AS c LEFT JOIN sampled AS s ON true
 ORDER BY s.submission_id COLLATE "C"
 """  # noqa: S608 (constants of this module)
-    return _due(lower, upper) + tail
+    return _due(piece) + tail
 
 
 def insert_awards_sql(enum_type: sql.Identifier, first: bool = False) -> sql.Composed:
@@ -344,42 +344,21 @@ def insert_awards_sql(enum_type: sql.Identifier, first: bool = False) -> sql.Com
     )
 
 
-async def _tune_range(db: Reader) -> None:
-    """A range of users is read through the user_id indexes, as `/db integrity` reads its
-    ranges: never a scan of a whole table for a part of its users; the range's ledger
-    pairs hashed rather than both sides sorted for a merge (measured twice as slow); no
-    JIT, and no parallel workers beside the other range read at the same time."""
-    await db.fetch(
-        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true),"
-        " set_config('enable_seqscan', 'off', true), set_config('enable_mergejoin', 'off', true),"
-        " set_config('max_parallel_workers_per_gather', '0', true)",
-        (WORK_MEM,),
-    )
-
-
 async def survey_due(
-    ctx: Context, keys: tuple[str, str], bounds: list[str]
+    ctx: Context, keys: tuple[str, str], pieces: Sequence[Piece]
 ) -> tuple[Row, list[Row]]:
-    """The due awards counted range by range of user ids (meeting at `bounds`), each range
-    one statement in its own read-only transaction, RANGES_AT_ONCE at a time (every
-    submission and every ledger row of a user is in one range, read in one snapshot):
-    the totals (n, points, pairs) and the first SAMPLE by submission id."""
-    ranges = list(itertools.pairwise([None, *bounds, None]))
-    slots = asyncio.Semaphore(RANGES_AT_ONCE)
+    """The due awards counted range by range of user ids (`pieces`), each range one
+    statement in its own read-only transaction, two at a time (every submission and
+    every ledger row of a user is in one range, read in one snapshot): the totals (n,
+    points, pairs) and the first SAMPLE by submission id. A range of users is read
+    through the user_id indexes, as `/db integrity` reads its ranges (`run_pieces`
+    tunes it so), with the range's ledger pairs hashed rather than both sides sorted
+    for a merge (measured twice as slow)."""
 
-    async def one(lower: str | None, upper: str | None) -> list[Row]:
-        async def read(db: Reader) -> list[Row]:
-            if lower is not None or upper is not None:
-                await _tune_range(db)
-            return await db.fetch(
-                due_survey_sql(lower is not None, upper is not None),
-                due_params(keys, lower, upper),
-            )
+    async def read(db: Reader, piece: Piece) -> list[Row]:
+        return await db.fetch(due_survey_sql(piece), due_params(keys, piece))
 
-        async with slots:
-            return await ctx.gateway.read(read)
-
-    found = await asyncio.gather(*(one(lower, upper) for lower, upper in ranges))
+    found = await run_pieces(ctx.gateway, pieces, read, {"enable_mergejoin": "off"})
     counted: Row = {"n": 0, "points": 0, "pairs": 0}
     sample: list[Row] = []
     for rows in found:
@@ -401,13 +380,13 @@ async def plan_reconcile(ctx: Context, args: list[str]) -> Plan:
 
     async def catalog(
         db: Reader,
-    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], list[str]]:
+    ) -> tuple[tuple[str, str], tuple[sql.Identifier, str, list[str]], list[Piece]]:
         keys = await amplify_keys(db)
         source = await live_source(db)
-        return keys, source, await shard_bounds(db, await range_count(db))
+        return keys, source, await pass_pieces(db)
 
-    keys, (enum_type, source, labels), bounds = await ctx.gateway.read(catalog)
-    counted, targets = await survey_due(ctx, keys, bounds)
+    keys, (enum_type, source, labels), pieces = await ctx.gateway.read(catalog)
+    counted, targets = await survey_due(ctx, keys, pieces)
 
     async def audit_of(db: Reader) -> str | None:
         return await audit_note(db, [("points_ledger", "INSERT")])
