@@ -48,7 +48,7 @@ import math
 import re
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -85,6 +85,13 @@ CHANGED_SHARE = 1_000  # a row in this many is expected changed (the counts do n
 MIN_BUCKETS = 1_024
 MAX_BUCKETS = 1 << 20
 MIXED_SHARE = 0.125  # the share of rows the buckets compared key by key may hold
+# Compared by version (`_diff_versions`):
+RANGE_ROWS = 4_096  # rows a range of blocks holds, whose buckets one scan sums
+# Buckets a difference expected: more than by key hash, as more buckets cost little here
+# (each range's are few) and every bucket with several differences is read whole.
+VERSION_BUCKETS_PER_DIFFERENCE = 4
+VERSIONS_GIVE_UP = 0.25  # a greater share of versions differing: compared by content instead
+MAX_VERSION_BITS = 12  # buckets a range of blocks at most: 4,096
 
 _FACTS_SQL = """
 SELECT current_setting('server_version_num')::int AS version_num,
@@ -98,7 +105,10 @@ SELECT current_setting('server_version_num')::int AS version_num,
        -- the timeline WAL is written on now: a copy restored from production's base backup
        -- keeps its system identifier, and its promotion starts a new timeline
        CASE WHEN NOT pg_is_in_recovery()
-            THEN substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline
+            THEN substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline,
+       -- the next transaction id, with its epoch: how far the two sides' ids have gone
+       txid_snapshot_xmax(txid_current_snapshot()) AS next_xid,
+       current_setting('track_counts') = 'on' AS track_counts
 FROM pg_database AS d WHERE d.datname = current_database()
 """
 
@@ -121,9 +131,14 @@ SELECT c.relname::text AS name,
        EXISTS (SELECT 1 FROM pg_attribute AS a WHERE a.attrelid = c.oid AND a.attnum = i.indkey[0]
                AND a.attcollation = (SELECT oid FROM pg_collation WHERE collname = 'default'))
          AS key_default_collation,
-       greatest(c.reltuples, 0)::bigint AS estimate
+       greatest(c.reltuples, 0)::bigint AS estimate,
+       pg_relation_size(c.oid) / current_setting('block_size')::bigint AS blocks,
+       -- rows written since the server's statistics began (a restored copy's: since it was
+       -- promoted; WAL replayed is not counted)
+       coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, 0) AS writes
 FROM pg_class AS c
 JOIN pg_index AS i ON i.indrelid = c.oid AND i.indisprimary
+LEFT JOIN pg_stat_all_tables AS s ON s.relid = c.oid
 WHERE c.relnamespace = to_regnamespace('public') AND c.relkind IN ('r', 'p')
   AND NOT c.relname = ANY(%s)
 ORDER BY 1
@@ -169,6 +184,8 @@ class TableShape:
     key_collation: str | None
     default_collation: bool
     estimate: int = 0  # rows, from the statistics
+    blocks: int = 0  # the table's size in blocks
+    writes: int = 0  # rows inserted, updated or deleted since the statistics began
 
 
 @dataclass(frozen=True)
@@ -208,6 +225,8 @@ async def read_catalog(db: Reader) -> Catalog:
             key_collation=r["key_collation"],
             default_collation=bool(r["key_default_collation"]),
             estimate=int(r["estimate"]),
+            blocks=int(r["blocks"]),
+            writes=int(r["writes"]),
         )
     fks = tuple(
         ForeignKey(
@@ -278,17 +297,20 @@ NATIVE_HASH = {
 TEXT_TYPES = {"text", "character varying"}
 
 
-def _hashed(col: sql.Composable, type_name: str, seed: int) -> sql.Composable:
-    """One column's hash, seeded by its place (NULL: the seed itself)."""
+def _hash_call(type_name: str) -> sql.SQL:
+    """A value's hash function for its type: `{}` the value, `{}` the seed."""
     base = re.sub(r"\(\d+(,\d+)?\)", "", type_name).strip()
     if base in TEXT_TYPES:
-        call = sql.SQL('hashtextextended({} COLLATE "C", {})')
-    elif base in NATIVE_HASH:
-        call = sql.SQL(NATIVE_HASH[base])
-    else:
-        call = sql.SQL('hashtextextended({}::text COLLATE "C", {})')
+        return sql.SQL('hashtextextended({} COLLATE "C", {})')
+    if base in NATIVE_HASH:
+        return sql.SQL(NATIVE_HASH[base])
+    return sql.SQL('hashtextextended({}::text COLLATE "C", {})')
+
+
+def _hashed(col: sql.Composable, type_name: str, seed: int) -> sql.Composable:
+    """One column's hash, seeded by its place (NULL: the seed itself)."""
     seed_sql = sql.Literal(seed)
-    return sql.SQL("coalesce({}, {})").format(call.format(col, seed_sql), seed_sql)
+    return sql.SQL("coalesce({}, {})").format(_hash_call(type_name).format(col, seed_sql), seed_sql)
 
 
 @dataclass(frozen=True)
@@ -311,6 +333,11 @@ class Compare:
     # Both sides PostgreSQL 14 or later (bit_xor()): the rows are compared by bucket
     # (`diff_table`); else key by key.
     buckets: bool = True
+    # Both sides one physical lineage, the copy unwritten since (`physical_lineage`): the
+    # rows are compared by version first (`_diff_versions`), the table being this many
+    # blocks on the bigger side.
+    physical: bool = False
+    blocks: int = 0
 
     @property
     def ident(self) -> sql.Identifier:
@@ -344,6 +371,13 @@ class Compare:
         return sql.SQL(
             "('x' || left(md5(convert_to(ROW({})::text, 'UTF8')), 15))::bit(60)::bigint"
         ).format(record)
+
+    def version_hash(self, alias: str = "t") -> sql.Composable:
+        """A row version's hash as a bigint: of its key, seeded by the transaction that
+        wrote it (`xmin`, read through `age()`, relative to `v0.r`: `_VERSION_BASE`, so
+        that the same xmin gives the same seed on either side)."""
+        seed = sql.SQL("((age({}.xmin)::bigint - v0.r) & 4294967295)").format(sql.Identifier(alias))
+        return _hash_call(self.key_type).format(sql.Identifier(alias, self.key), seed)
 
     def range_cond(self, lo: str | None, hi: str | None, params: list[Any]) -> sql.Composable:
         parts: list[sql.Composable] = []
@@ -649,9 +683,16 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
         chunks = await _chunks(prod, copy, cmp, biggest, PAIR_ROWS)
         await _compare(prod, copy, cmp, [_Part(r) for r in chunks], result, len(chunks) == 1)
         return result
+    differences = abs(result.prod_rows - result.copy_rows)
+    if cmp.physical and await _diff_versions(
+        prod, copy, cmp, result, biggest, differences + biggest // CHANGED_SHARE
+    ):
+        for keys in (result.only_copy, result.only_prod, result.changed):
+            keys.sort()
+        return result
     chunks = await _chunks(prod, copy, cmp, biggest, CHUNK_ROWS)
     whole = len(chunks) == 1
-    buckets = _buckets(biggest, abs(result.prod_rows - result.copy_rows))
+    buckets = _buckets(biggest, differences)
     while True:
         mask = buckets - 1
         in_copy: dict[int, Cell] = {}
@@ -696,6 +737,244 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     result.only_prod.sort()
     result.changed.sort()
     return result
+
+
+# The reference `Compare.version_hash` reads xmin against: age() of the first normal
+# transaction id, stable within the transaction, as every row's age() is.
+_VERSION_BASE = sql.SQL("(SELECT age('3'::xid)::bigint AS r OFFSET 0) AS v0")  # read once
+_LAST_BLOCK = 4_294_967_295  # no block is at or beyond it: the last range's open end
+_VCELL = struct.Struct(">qqq")
+
+
+def physical_lineage(prod: Row, copy: Row) -> bool:
+    """Whether the copy is a physical copy of production's (a base backup restored, a
+    database created from it as a template): the same system identifier, PostgreSQL 14 or
+    later on both, transaction ids within 2^31 of each other (none reused since), and the
+    copy's statistics counting its writes (`Compare.physical` then also needs the copy's
+    table unwritten since its restore: `TableShape.writes`)."""
+    return (
+        bool(prod["system_id"])
+        and prod["system_id"] == copy["system_id"]
+        and min(int(prod["version_num"]), int(copy["version_num"])) >= 140000
+        and abs(int(prod["next_xid"]) - int(copy["next_xid"])) < 1 << 31
+        and bool(copy["track_counts"])
+    )
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A table's blocks in ranges of `per` blocks (the last open-ended), each range's
+    rows summed in 2^bits buckets (by the low bits of their version hash); a statement
+    reads the ranges of one chunk: `chunks`, first and last range."""
+
+    per: int
+    ranges: int
+    bits: int
+    at_once: int
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return [
+            (g, min(g + self.at_once, self.ranges) - 1) for g in range(0, self.ranges, self.at_once)
+        ]
+
+    def scan(self, cmp: Compare) -> sql.Composable:
+        """`t`'s rows in the range `g` (a TID range scan)."""
+        hi = sql.SQL("CASE WHEN g >= {last} THEN {end} ELSE (g + 1) * {per} END").format(
+            last=sql.Literal(self.ranges - 1),
+            end=sql.Literal(_LAST_BLOCK),
+            per=sql.Literal(self.per),
+        )
+        return sql.SQL(
+            "{t} AS t WHERE t.ctid >= ('(' || g * {per} || ',0)')::tid"
+            " AND t.ctid < ('(' || {hi} || ',0)')::tid"
+        ).format(t=cmp.ident, per=sql.Literal(self.per), hi=hi)
+
+
+async def _version_cells(db: Reader, cmp: Compare, blocks: _Blocks, g0: int, g1: int) -> set[bytes]:
+    """Ranges g0 to g1's rows by bucket (range, low bits of the version hash): per bucket
+    its number, count and XOR of the version hashes, each bucket as its bytes (`_VCELL`):
+    the buckets equal on both sides compare as bytes, never parsed."""
+    query = sql.SQL(
+        "SELECT coalesce(string_agg(int8send((g << {bits}) | x.s) || int8send(x.n)"
+        " || int8send(x.h), ''), '') AS cells"
+        " FROM {base}, generate_series(%s::bigint, %s::bigint) AS g,"
+        " LATERAL (SELECT v.h & {mask} AS s, count(*) AS n, bit_xor(v.h) AS h"
+        " FROM (SELECT {vh} AS h FROM {scan} OFFSET 0) AS v GROUP BY 1) AS x"
+    ).format(
+        bits=sql.Literal(blocks.bits),
+        base=_VERSION_BASE,
+        mask=sql.Literal((1 << blocks.bits) - 1),
+        vh=cmp.version_hash(),
+        scan=blocks.scan(cmp),
+    )
+    await db.fetch("SELECT set_config('enable_sort', 'off', true)")
+    blob = bytes((await db.fetch(query.as_string(), (g0, g1)))[0]["cells"])
+    size = _VCELL.size
+    return {blob[i : i + size] for i in range(0, len(blob), size)}
+
+
+def _cells_of(cells: set[bytes]) -> dict[int, Cell]:
+    return {b: (n, h, 0) for b, n, h in map(_VCELL.unpack, cells)}
+
+
+async def _versions_of(
+    db: Reader,
+    cmp: Compare,
+    blocks: _Blocks,
+    ranges: list[int],
+    wanted: list[int],
+    buckets: list[int],
+) -> list[tuple[int, str, int]]:
+    """(version hash, key, row hash) of the rows of `ranges` whose version hash is one of
+    `wanted`, or whose bucket is one of `buckets`."""
+    mask = (1 << blocks.bits) - 1
+    query = sql.SQL(
+        "SELECT w.h, x.k, x.rh FROM {base}, unnest(%s::bigint[]) AS g,"
+        # each range scanned for itself, its version hashes taken once (pulled up, the
+        # rows would be joined with every range, and hashed in each condition), and the
+        # rows wanted read again by their ctid, for their row hash
+        " LATERAL (SELECT v.h, v.tid FROM (SELECT {vh} AS h, t.ctid AS tid FROM {scan}"
+        " OFFSET 0) AS v WHERE v.h = ANY(%s::bigint[])"
+        " OR ((g << {bits}) | (v.h & {mask})) = ANY(%s::bigint[])) AS w"
+        " CROSS JOIN LATERAL (SELECT r.{key}::text AS k, {rh} AS rh FROM {t} AS r"
+        " WHERE r.ctid = w.tid OFFSET 0) AS x"
+    ).format(
+        base=_VERSION_BASE,
+        vh=cmp.version_hash(),
+        key=sql.Identifier(cmp.key),
+        rh=cmp.row_hash("r"),
+        t=cmp.ident,
+        scan=blocks.scan(cmp),
+        bits=sql.Literal(blocks.bits),
+        mask=sql.Literal(mask),
+    )
+    rows = await db.fetch(query.as_string(), (_ints(ranges), _ints(wanted), _ints(buckets)))
+    return [(int(r["h"]), str(r["k"]), int(r["rh"])) for r in rows]
+
+
+def _ints(values: Sequence[int]) -> str:
+    """A bigint[] literal (tens of thousands of numbers: psycopg's adapting of a list
+    costs far more)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _bits_for(differences: float, ranges: int) -> int:
+    """Bucket bits a range of blocks needs so that VERSION_BUCKETS_PER_DIFFERENCE buckets
+    fall to a difference expected."""
+    wanted = VERSION_BUCKETS_PER_DIFFERENCE * differences / max(1, ranges)
+    return min(MAX_VERSION_BITS, max(0, math.ceil(math.log2(max(1.0, wanted)))))
+
+
+async def _diff_versions(
+    prod: Gateway, copy: Gateway, cmp: Compare, result: TableDiff, rows: int, differences: int
+) -> bool:
+    """The table compared by row version, for a copy of production's own lineage: a row
+    version is its key and the transaction that wrote it (`xmin`), the same on both sides
+    until production changes the row (an UPDATE writes a new version, a DELETE removes it;
+    VACUUM, freezing and rewrites keep it). So no column is hashed but the key: per range
+    of blocks read by a TID range scan, the versions are summed by bucket (count, XOR of
+    the version hashes), no row leaving the server. A bucket with one version more on
+    one side gives it (the XOR); the other buckets that differ are read whole. Only the
+    versions that differ are read with their keys and row hashes: versions on both sides
+    cancel, wherever each lies; the rest compare by key (a row on both sides with another
+    version is changed when its row hash differs). False when more than VERSIONS_GIVE_UP
+    of the rows differ (a copy restored logically, a table rewritten with new versions):
+    then the caller compares by content."""
+    per_block = max(1.0, rows / max(1, cmp.blocks))
+    per = max(1, round(RANGE_ROWS / per_block))
+    ranges = max(1, -(-cmp.blocks // per))
+    blocks = _Blocks(per, ranges, _bits_for(differences, ranges), max(1, CHUNK_ROWS // RANGE_ROWS))
+    while True:
+        in_copy: set[bytes] = set()
+        in_prod: set[bytes] = set()
+        for g0, g1 in blocks.chunks:
+            p, c = await _both(
+                prod, copy, partial(_version_cells, cmp=cmp, blocks=blocks, g0=g0, g1=g1)
+            )
+            result.statements += 1
+            in_prod |= p
+            in_copy |= c
+        # Only the buckets that differ (each is then on both sides, or empty on one).
+        only_copy, only_prod, mixed = _decode(
+            _cells_of(in_copy - in_prod), _cells_of(in_prod - in_copy)
+        )
+        buckets = ranges << blocks.bits
+        differing = min(len(only_copy) + len(only_prod) + len(mixed), buckets - 1)
+        # Poisson: `differing` of `buckets` buckets differ when about this many versions do.
+        estimated = -buckets * math.log(1 - differing / buckets)
+        if estimated > VERSIONS_GIVE_UP * 2 * max(1, rows):
+            return False
+        if len(mixed) * rows / buckets <= MIXED_SHARE * rows:
+            break
+        bits = _bits_for(estimated, ranges)
+        if bits <= blocks.bits:
+            break
+        blocks = replace(blocks, bits=bits)
+    # The versions that differ, read with their keys: first the buckets' single versions
+    # and the mixed buckets whole; then, whole, the buckets whose version was not there
+    # (they differed by more than one after all).
+    found_c: dict[int, tuple[str, int]] = {}
+    found_p: dict[int, tuple[str, int]] = {}
+    wanted_c, wanted_p, whole = dict(only_copy), dict(only_prod), set(mixed)
+    read_whole: set[int] = set()
+    while wanted_c or wanted_p or whole:
+        got_c, got_p = await asyncio.gather(
+            _fetch_versions(copy, cmp, blocks, wanted_c, whole),
+            _fetch_versions(prod, cmp, blocks, wanted_p, whole),
+        )
+        result.statements += 1
+        for found, got in ((found_c, got_c), (found_p, got_p)):
+            for h, k, rh in got:
+                found[h] = (k, rh)
+        read_whole |= whole
+        whole = {b for h, (_, b) in wanted_c.items() if h not in found_c}
+        whole |= {b for h, (_, b) in wanted_p.items() if h not in found_p}
+        whole -= read_whole
+        wanted_c, wanted_p = {}, {}
+    common = found_c.keys() & found_p.keys()
+    in_c = {k: rh for h, (k, rh) in found_c.items() if h not in common}
+    in_p = {k: rh for h, (k, rh) in found_p.items() if h not in common}
+    for k, rh in in_c.items():
+        if k not in in_p:
+            result.only_copy.append(k)
+        elif in_p[k] != rh:
+            result.changed.append(k)
+    result.only_prod += [k for k in in_p if k not in in_c]
+    return True
+
+
+async def _fetch_versions(
+    gw: Gateway, cmp: Compare, blocks: _Blocks, wanted: dict[int, tuple[int, int]], whole: set[int]
+) -> list[tuple[int, str, int]]:
+    """`_versions_of` the `wanted` versions and the `whole` buckets, a chunk of ranges a
+    statement."""
+    by_chunk: dict[int, tuple[set[int], list[int], list[int]]] = {}
+
+    def chunk_of(bucket: int) -> tuple[set[int], list[int], list[int]]:
+        g = bucket >> blocks.bits
+        entry = by_chunk.setdefault(g // blocks.at_once, (set(), [], []))
+        entry[0].add(g)
+        return entry
+
+    for h, (_, b) in wanted.items():
+        chunk_of(b)[1].append(h)
+    for b in whole:
+        chunk_of(b)[2].append(b)
+    out: list[tuple[int, str, int]] = []
+    for _, (ranges, hashes, buckets) in sorted(by_chunk.items()):
+        out += await _on(
+            gw,
+            partial(
+                _versions_of,
+                cmp=cmp,
+                blocks=blocks,
+                ranges=sorted(ranges),
+                wanted=hashes,
+                buckets=buckets,
+            ),
+        )
+    return out
 
 
 async def _compare(

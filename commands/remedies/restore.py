@@ -28,10 +28,11 @@ in foreign-key order (`Writer.commit`).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -69,11 +70,13 @@ from commands.rowdiff import (
     Catalog,
     Compare,
     ForeignKey,
+    TableDiff,
     TableShape,
     creation_column,
     diff_tables,
     differing_columns,
     fk_order,
+    physical_lineage,
     read_catalog,
     with_parents,
 )
@@ -165,9 +168,12 @@ def _inherit(
     """A row whose parent row is in a class (deleted on purpose, superseded) is in it too:
     `found` gains each of `keys` whose foreign key names such a parent, with the reason."""
     for f in fks:
+        classed = parents.get(f.parent)
+        if not classed:
+            continue
         for k in keys:
             v = values[k].get(f.columns[0])
-            if k not in found and v is not None and str(v) in parents.get(f.parent, set()):
+            if k not in found and v is not None and str(v) in classed:
                 found[k] = f"its {f.parent} row {v} {why}"
 
 
@@ -317,16 +323,19 @@ async def _candidates(
 ) -> _Candidates:
     col = creation_column(shape.columns)
     out = _Candidates()
-    values = (
-        sql.SQL(", ").join(
-            sql.SQL("{}, t.{}").format(sql.Literal(c), sql.Identifier(c)) for c in needed
+    # Each value as its text (no JSON to parse for tens of thousands of rows; a JSON
+    # column's as its JSON): the superseded check reads them back as the column's type.
+    values = sql.SQL("").join(
+        sql.SQL(", t.{}{} AS {}").format(
+            sql.Identifier(c),
+            sql.SQL("" if shape.types[c] in ("json", "jsonb") else "::text"),
+            sql.Identifier(f"v{i}"),
         )
-        if needed
-        else sql.SQL("")
+        for i, c in enumerate(needed)
     )
     query = sql.SQL(
-        "SELECT t.{k}::text AS k, {created} AS created, {before} AS before,"
-        " jsonb_build_object({values}) AS v FROM {t} AS t WHERE t.{k}::text = ANY(%(keys)s)"
+        "SELECT t.{k}::text AS k, {created} AS created, {before} AS before{values}"
+        " FROM {t} AS t WHERE t.{k}::text = ANY(%(keys)s)"
     ).format(
         k=sql.Identifier(key),
         created=sql.SQL("t.{}::text").format(sql.Identifier(col)) if col else sql.SQL("''"),
@@ -345,7 +354,7 @@ async def _candidates(
             k = str(r["k"])
             out.created[k] = str(r["created"])
             out.before[k] = bool(r["before"])
-            out.values[k] = dict(r["v"])
+            out.values[k] = {c: r[f"v{i}"] for i, c in enumerate(needed)}
     return out
 
 
@@ -474,6 +483,58 @@ async def _superseded(
     return found
 
 
+def _fks_of(catalog: Catalog, name: str) -> list[ForeignKey]:
+    """The table's single-column foreign keys to other tables."""
+    return [f for f in catalog.fks if f.child == name and len(f.columns) == 1 and f.parent != name]
+
+
+@dataclass
+class _Prepared:
+    """One table's diff and the reads its classification needs, none of which depends on
+    another table's: the candidates, those before --until, their deletions on record,
+    the business keys production holds (of those not deleted on record) and the columns
+    that differ of the rows changed."""
+
+    diff: TableDiff
+    cands: _Candidates
+    before: list[str]
+    deleted: dict[str, str]
+    superseded: dict[str, str]
+    cols_of: dict[str, list[str]]
+
+
+async def _prepare(
+    prod_gw: Gateway,
+    copy: Gateway,
+    prod: Catalog,
+    shape: TableShape,
+    cmp: Compare,
+    diffed: Awaitable[TableDiff],
+    until: datetime,
+) -> _Prepared:
+    diff = await diffed
+    name, key = cmp.table, cmp.key
+    uniq_cols = {c for u in prod.uniques if u.table == name for c in u.columns}
+    pred_cols = {
+        c
+        for u in prod.uniques
+        if u.table == name and u.predicate
+        for c in cmp.columns
+        if re.search(rf"\b{re.escape(c)}\b", u.predicate)
+    }
+    fk_cols = {f.columns[0] for f in _fks_of(prod, name)}
+    needed = sorted(
+        (fk_cols | uniq_cols | pred_cols | {"user_id", "activity_code"}) & set(cmp.columns)
+    )
+    cands = await _candidates(copy, shape, key, diff.only_copy, needed, until)
+    before = [k for k in diff.only_copy if cands.before.get(k, True)]
+    deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
+    maybe = [k for k in before if k not in deleted]
+    superseded = await _superseded(prod_gw, shape, key, cands, maybe, prod, until) if maybe else {}
+    cols_of = await differing_columns(prod_gw, copy, cmp, diff.changed)
+    return _Prepared(diff, cands, before, deleted, superseded, cols_of)
+
+
 async def plan_restore(ctx: Context, args: list[str]) -> Plan:
     until_text, named, overwrite, keep_roles = _parse(args)
     copy = ctx.recovery_copy
@@ -505,22 +566,7 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
     if skipped:
         warnings.append(f"not compared (no single-column primary key): {', '.join(skipped)}")
     order = fk_order([t for t in chosen if t not in skipped], prod.fks)
-    if until_text is not None:
-        until = parse_until(until_text)
-        warnings.append(f"--until {until:%Y-%m-%d %H:%M:%S} UTC (asked)")
-    elif (detected := await _detection(ctx)) is not None:
-        until, which = detected
-        warnings.append(
-            f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the detection of {which}; rows the copy "
-            f"holds from after it are listed, not restored (`{UNTIL}` sets another time)"
-        )
-    else:
-        newest = await _newest_creation(copy, [other.tables[t] for t in order])
-        until = newest or datetime.now(UTC)
-        warnings.append(
-            f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the copy's newest creation time (no "
-            f"incident is open to go by; `{UNTIL}` sets it)"
-        )
+    asked = parse_until(until_text) if until_text is not None else None
     byte_order: list[str] = []
     fast = all(
         f["encoding"] == "UTF8" and int(f["version_num"]) >= 110000
@@ -530,6 +576,9 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
     # sides (rowdiff.Compare.types); bit_xor() for the buckets needs 14 on both.
     majors = {int(f["version_num"]) // 10000 for f in (prod.facts, other.facts)}
     record = fast and len(majors) == 1 and min(majors) >= 14
+    # A copy of production's own lineage (a base backup restored): rows compared by
+    # version, table by table where the copy has not been written since its restore.
+    lineage = physical_lineage(prod.facts, other.facts)
     tables: list[TableRestore] = []
     targets: list[Row] = []
     deleted_keys: dict[str, set[str]] = {}
@@ -560,39 +609,54 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
             fast_hash=fast,
             types=types if record else (),
             buckets=min(majors) >= 14,
+            physical=lineage and c_shape.writes == 0 and c_shape.types[key] == p_shape.types[key],
+            blocks=max(p_shape.blocks, c_shape.blocks),
         )
     # The tables are diffed at the same time (a few at once: each diff keeps both sides
     # busy already), and classified in foreign-key order as their diffs come.
     sizes = {t: max(prod.tables[t].estimate, other.tables[t].estimate) for t in cmps}
     diffs = diff_tables(prod_gw, copy, list(cmps.values()), sizes)
+    prepared: dict[str, asyncio.Task[_Prepared]] = {}
     try:
+        if asked is not None:
+            until = asked
+            warnings.append(f"--until {until:%Y-%m-%d %H:%M:%S} UTC (asked)")
+        elif (detected := await _detection(ctx)) is not None:
+            until, which = detected
+            warnings.append(
+                f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the detection of {which}; rows the copy "
+                f"holds from after it are listed, not restored (`{UNTIL}` sets another time)"
+            )
+        else:
+            newest = await _newest_creation(copy, [other.tables[t] for t in order])
+            until = newest or datetime.now(UTC)
+            warnings.append(
+                f"--until {until:%Y-%m-%d %H:%M:%S} UTC: the copy's newest creation time (no "
+                f"incident is open to go by; `{UNTIL}` sets it)"
+            )
+
+        # Each table's own reads (its candidates, deletions on record, business keys
+        # taken, differing columns) as soon as its diff is there; the classification
+        # then goes in foreign-key order, a child inheriting its parents' classes.
+        prepared = {
+            name: asyncio.ensure_future(
+                _prepare(prod_gw, copy, prod, other.tables[name], cmps[name], diffs[name], until)
+            )
+            for name in order
+        }
         for name in order:
             p_shape, c_shape = prod.tables[name], other.tables[name]
             key = p_shape.key[0]
             cmp = cmps[name]
             columns = cmp.columns
-            diff = await diffs[name]
+            ready = await prepared[name]
+            diff, cands = ready.diff, ready.cands
             if diff.copy_rows == 0 and diff.prod_rows == 0:
                 continue
             counts = dict.fromkeys(CLASSES, 0)
             samples: dict[str, list[Row]] = {c: [] for c in CLASSES}
-            fks = [
-                f for f in prod.fks if f.child == name and len(f.columns) == 1 and f.parent != name
-            ]
-            uniq_cols = {c for u in prod.uniques if u.table == name for c in u.columns}
-            pred_cols = {
-                c
-                for u in prod.uniques
-                if u.table == name and u.predicate
-                for c in columns
-                if re.search(rf"\b{re.escape(c)}\b", u.predicate)
-            }
-            needed = sorted(
-                ({f.columns[0] for f in fks} | uniq_cols | pred_cols | {"user_id", "activity_code"})
-                & set(columns)
-            )
-            cands = await _candidates(copy, c_shape, key, diff.only_copy, needed, until)
-            before = [k for k in diff.only_copy if cands.before.get(k, True)]
+            fks = _fks_of(prod, name)
+            before = ready.before
             for k in diff.only_copy:
                 if not cands.before.get(k, True):
                     counts["after_until"] += 1
@@ -600,12 +664,10 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
                         samples["after_until"].append(
                             {"key": k, "detail": f"created {cands.created.get(k)}"}
                         )
-            deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
+            deleted = dict(ready.deleted)
             _inherit(deleted, before, fks, cands.values, deleted_keys, "was deleted on purpose")
             rest = [k for k in before if k not in deleted]
-            superseded = (
-                await _superseded(prod_gw, c_shape, key, cands, rest, prod, until) if rest else {}
-            )
+            superseded = {k: why for k, why in ready.superseded.items() if k not in deleted}
             _inherit(superseded, rest, fks, cands.values, superseded_keys, "is superseded")
             deleted_keys[name] = set(deleted)
             superseded_keys[name] = set(superseded)
@@ -626,7 +688,7 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
                 samples["lost"].append(
                     {"key": k, "detail": f"created {cands.created.get(k) or '-'}"}
                 )
-            cols_of = await differing_columns(prod_gw, copy, cmp, diff.changed)
+            cols_of = ready.cols_of
             changed = [k for k in diff.changed if cols_of.get(k)]
             counts["changed"] = len(changed)
             differing = sorted({c for k in changed for c in cols_of[k]})
@@ -652,7 +714,7 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
                 )
             )
     finally:
-        for task in diffs.values():
+        for task in [*diffs.values(), *prepared.values()]:
             task.cancel()
     data = RestoreData(until=until, keep_roles=keep_roles, tables=tables)
     n = data.rows
