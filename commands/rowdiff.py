@@ -400,6 +400,9 @@ class TableDiff:
     copy_rows: int = 0
     prod_rows: int = 0
     statements: int = 0
+    # The copy's ctid of keys only in the copy, when compared by version (where the
+    # copy's row can be read again without its key's index).
+    copy_tids: dict[str, str] = field(default_factory=dict)
 
 
 Range = tuple[str | None, str | None]
@@ -825,12 +828,12 @@ async def _versions_of(
     ranges: list[int],
     wanted: list[int],
     buckets: list[int],
-) -> list[tuple[int, str, int]]:
-    """(version hash, key, row hash) of the rows of `ranges` whose version hash is one of
-    `wanted`, or whose bucket is one of `buckets`."""
+) -> list[tuple[int, str, int, str]]:
+    """(version hash, key, row hash, ctid) of the rows of `ranges` whose version hash is
+    one of `wanted`, or whose bucket is one of `buckets`."""
     mask = (1 << blocks.bits) - 1
     query = sql.SQL(
-        "SELECT w.h, x.k, x.rh FROM {base}, unnest(%s::bigint[]) AS g,"
+        "SELECT w.h, x.k, x.rh, w.tid::text AS tid FROM {base}, unnest(%s::bigint[]) AS g,"
         # each range scanned for itself, its version hashes taken once (pulled up, the
         # rows would be joined with every range, and hashed in each condition), and the
         # rows wanted read again by their ctid, for their row hash
@@ -850,7 +853,7 @@ async def _versions_of(
         mask=sql.Literal(mask),
     )
     rows = await db.fetch(query.as_string(), (_ints(ranges), _ints(wanted), _ints(buckets)))
-    return [(int(r["h"]), str(r["k"]), int(r["rh"])) for r in rows]
+    return [(int(r["h"]), str(r["k"]), int(r["rh"]), str(r["tid"])) for r in rows]
 
 
 def _ints(values: Sequence[int]) -> str:
@@ -914,8 +917,8 @@ async def _diff_versions(
     # The versions that differ, read with their keys: first the buckets' single versions
     # and the mixed buckets whole; then, whole, the buckets whose version was not there
     # (they differed by more than one after all).
-    found_c: dict[int, tuple[str, int]] = {}
-    found_p: dict[int, tuple[str, int]] = {}
+    found_c: dict[int, tuple[str, int, str]] = {}
+    found_p: dict[int, tuple[str, int, str]] = {}
     wanted_c, wanted_p, whole = dict(only_copy), dict(only_prod), set(mixed)
     read_whole: set[int] = set()
     while wanted_c or wanted_p or whole:
@@ -925,19 +928,20 @@ async def _diff_versions(
         )
         result.statements += 1
         for found, got in ((found_c, got_c), (found_p, got_p)):
-            for h, k, rh in got:
-                found[h] = (k, rh)
+            for h, k, rh, tid in got:
+                found[h] = (k, rh, tid)
         read_whole |= whole
         whole = {b for h, (_, b) in wanted_c.items() if h not in found_c}
         whole |= {b for h, (_, b) in wanted_p.items() if h not in found_p}
         whole -= read_whole
         wanted_c, wanted_p = {}, {}
     common = found_c.keys() & found_p.keys()
-    in_c = {k: rh for h, (k, rh) in found_c.items() if h not in common}
-    in_p = {k: rh for h, (k, rh) in found_p.items() if h not in common}
-    for k, rh in in_c.items():
+    in_c = {k: (rh, tid) for h, (k, rh, tid) in found_c.items() if h not in common}
+    in_p = {k: rh for h, (k, rh, _) in found_p.items() if h not in common}
+    for k, (rh, tid) in in_c.items():
         if k not in in_p:
             result.only_copy.append(k)
+            result.copy_tids[k] = tid
         elif in_p[k] != rh:
             result.changed.append(k)
     result.only_prod += [k for k in in_p if k not in in_c]
@@ -946,7 +950,7 @@ async def _diff_versions(
 
 async def _fetch_versions(
     gw: Gateway, cmp: Compare, blocks: _Blocks, wanted: dict[int, tuple[int, int]], whole: set[int]
-) -> list[tuple[int, str, int]]:
+) -> list[tuple[int, str, int, str]]:
     """`_versions_of` the `wanted` versions and the `whole` buckets, a chunk of ranges a
     statement."""
     by_chunk: dict[int, tuple[set[int], list[int], list[int]]] = {}
@@ -961,7 +965,7 @@ async def _fetch_versions(
         chunk_of(b)[1].append(h)
     for b in whole:
         chunk_of(b)[2].append(b)
-    out: list[tuple[int, str, int]] = []
+    out: list[tuple[int, str, int, str]] = []
     for _, (ranges, hashes, buckets) in sorted(by_chunk.items()):
         out += await _on(
             gw,

@@ -319,8 +319,16 @@ class _Candidates:
 
 
 async def _candidates(
-    copy: Gateway, shape: TableShape, key: str, keys: list[str], needed: list[str], until: datetime
+    copy: Gateway,
+    shape: TableShape,
+    key: str,
+    keys: list[str],
+    needed: list[str],
+    until: datetime,
+    tids: Mapping[str, str] | None = None,
 ) -> _Candidates:
+    """The rows of `keys` in the copy: read by their ctid where the diff gave it (a row
+    whose key is not there any more is read by its key)."""
     col = creation_column(shape.columns)
     out = _Candidates()
     # Each value as its text (no JSON to parse for tens of thousands of rows; a JSON
@@ -333,9 +341,8 @@ async def _candidates(
         )
         for i, c in enumerate(needed)
     )
-    query = sql.SQL(
-        "SELECT t.{k}::text AS k, {created} AS created, {before} AS before{values}"
-        " FROM {t} AS t WHERE t.{k}::text = ANY(%(keys)s)"
+    select = sql.SQL(
+        "SELECT t.{k}::text AS k, {created} AS created, {before} AS before{values} FROM {t} AS t"
     ).format(
         k=sql.Identifier(key),
         created=sql.SQL("t.{}::text").format(sql.Identifier(col)) if col else sql.SQL("''"),
@@ -343,18 +350,31 @@ async def _candidates(
         values=values,
         t=sql.Identifier("public", shape.name),
     )
-    for start in range(0, len(keys), CHUNK):
-        chunk = keys[start : start + CHUNK]
+    by_key = sql.SQL("{} WHERE t.{}::text = ANY(%(keys)s)").format(select, sql.Identifier(key))
+    by_tid = sql.SQL("{} WHERE t.ctid = ANY(%(keys)s::tid[])").format(select)
+    at = tids or {}
+    wanted = set(keys)
 
-        async def read(db: Reader, chunk: list[str] = chunk) -> list[Row]:
-            await db.fetch(TEXT_FORM_SQL)
-            return await db.fetch(query.as_string(), {"keys": chunk, "until": until})
+    async def rows(query: sql.Composed, of: list[str]) -> None:
+        for start in range(0, len(of), CHUNK):
+            chunk = of[start : start + CHUNK]
 
-        for r in await copy.read(read):
-            k = str(r["k"])
-            out.created[k] = str(r["created"])
-            out.before[k] = bool(r["before"])
-            out.values[k] = {c: r[f"v{i}"] for i, c in enumerate(needed)}
+            async def read(db: Reader, chunk: list[str] = chunk) -> list[Row]:
+                await db.fetch(TEXT_FORM_SQL)
+                if query is by_tid:  # the planner, costing a page read a tid, scans all
+                    await db.fetch("SELECT set_config('enable_seqscan', 'off', true)")
+                return await db.fetch(query.as_string(), {"keys": chunk, "until": until})
+
+            for r in await copy.read(read):
+                k = str(r["k"])
+                if k not in wanted:
+                    continue
+                out.created[k] = str(r["created"])
+                out.before[k] = bool(r["before"])
+                out.values[k] = {c: r[f"v{i}"] for i, c in enumerate(needed)}
+
+    await rows(by_tid, [at[k] for k in keys if k in at])
+    await rows(by_key, [k for k in keys if k not in out.before])
     return out
 
 
@@ -526,7 +546,7 @@ async def _prepare(
     needed = sorted(
         (fk_cols | uniq_cols | pred_cols | {"user_id", "activity_code"}) & set(cmp.columns)
     )
-    cands = await _candidates(copy, shape, key, diff.only_copy, needed, until)
+    cands = await _candidates(copy, shape, key, diff.only_copy, needed, until, diff.copy_tids)
     before = [k for k in diff.only_copy if cands.before.get(k, True)]
     deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
     maybe = [k for k in before if k not in deleted]
