@@ -27,7 +27,10 @@ by default 100,000 users, 1,000,000 submissions, 2,000,000 ledger rows), this
      which) and whether every changed and new row kept production's version.
 
 `rows_lost` and `conflicts` (rows changed since the mark: in both, different) are the
-bench's own count from its row hashes, not the remedy's.
+bench's own count from its row hashes, not the remedy's. Each timed step starts after a
+CHECKPOINT on both servers, and the bench's own tables (its row hashes, the staged rows)
+are not autovacuumed: neither the writing of pages nor a vacuum of the bench's bookkeeping
+left by the step before is charged to the next one.
 
     python bench/pitr.py [--users 100000] [--pct 2] [--changed 200] [--new 200] [--keep]
 
@@ -150,8 +153,9 @@ async def record(dsn: str, tables: list[Table], when: str) -> None:
         for t in tables:
             await conn.execute(
                 sql.SQL(
-                    "CREATE UNLOGGED TABLE {} AS SELECT {}::text AS k,"
-                    " md5(to_jsonb(t)::text) AS h FROM {} AS t"
+                    # the bench's own tables: no autovacuum of them during a timed step
+                    "CREATE UNLOGGED TABLE {} WITH (autovacuum_enabled = off)"
+                    " AS SELECT {}::text AS k, md5(to_jsonb(t)::text) AS h FROM {} AS t"
                 ).format(t.snap(when), sql.Identifier(t.pk), t.ident())
             )
             await conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (k)").format(t.snap(when)))
@@ -166,7 +170,8 @@ async def classify(dsn: str, tables: list[Table]) -> dict[str, dict[str, int]]:
             lost = t.snap("lost")
             await conn.execute(
                 sql.SQL(
-                    "CREATE UNLOGGED TABLE {} AS SELECT k FROM {} AS b"
+                    "CREATE UNLOGGED TABLE {} WITH (autovacuum_enabled = off)"
+                    " AS SELECT k FROM {} AS b"
                     " WHERE NOT EXISTS (SELECT 1 FROM {} AS a WHERE a.k = b.k)"
                 ).format(lost, before, after)
             )
@@ -217,9 +222,9 @@ async def stage(prod_dsn: str, copy_dsn: str, tables: list[Table]) -> None:
             cur = await prod.execute(sql.SQL("SELECT k FROM {}").format(t.snap("lost")))
             wanted = [r[0] for r in await cur.fetchall()]
             await prod.execute(
-                sql.SQL("CREATE UNLOGGED TABLE {} (LIKE public.{})").format(
-                    t.snap("stage"), t.ident()
-                )
+                sql.SQL(
+                    "CREATE UNLOGGED TABLE {} (LIKE public.{}) WITH (autovacuum_enabled = off)"
+                ).format(t.snap("stage"), t.ident())
             )
             if not wanted:
                 continue
@@ -285,6 +290,15 @@ def dump_s(pg: EmbeddedPostgres, copy: EmbeddedPostgres, tables: list[Table]) ->
     if done.returncode != 0:  # (its warning about users' self-reference is expected)
         raise RuntimeError(f"pg_dump failed (exit {done.returncode}): {done.stderr.strip()}")
     return elapsed
+
+
+async def settle(*dsns: str) -> None:
+    """A CHECKPOINT on each server, so that a timed step does not pay for the writing of the
+    pages the step before it dirtied (the copy's hint bits its first reader sets, a rolled
+    back insert's pages)."""
+    for dsn in dsns:
+        async with await connect(dsn) as conn:
+            await conn.execute("CHECKPOINT")
 
 
 def executor_for(prod_dsn: str, copy_dsn: str) -> Executor:
@@ -382,10 +396,12 @@ async def bench(args: argparse.Namespace) -> None:
         identity = await admin(prod_dsn)
 
         try:
+            await settle(prod_dsn, copy_dsn)
             floor = f"{await insert_floor(prod_dsn, tables, identity):.2f}"
             refused = "no guard refuses any lost row in creation order"
         except psycopg.Error as exc:  # one refused row stops a plain INSERT … SELECT
             floor, refused = "failed", f"a guard refused a row: {exc.diag.message_primary}"
+        await settle(prod_dsn, copy_dsn)
         dumped_s = dump_s(pg, copy, tables)
         print(
             f"baselines: dump_s={dumped_s:.2f} (pg_dump of {len(tables)} tables from the copy) "
@@ -402,10 +418,12 @@ async def bench(args: argparse.Namespace) -> None:
             ctx = RunContext(gateway, Thresholds(), recovery_copy=source, service_identity=identity)
             try:
                 remedy = REMEDIES[REMEDY]
+                await settle(prod_dsn, copy_dsn)
                 started = time.perf_counter()
                 plan = await remedy.plan(ctx, ["--until", mark.time.isoformat()])
                 diff_s = time.perf_counter() - started
                 print(f"plan: {plan.count:,} rows; {plan.summary}"[:400])
+                await settle(prod_dsn, copy_dsn)
                 started = time.perf_counter()
                 state, outcome = await executor_for(prod_dsn, copy_dsn).apply(
                     remedy, plan, "bench_pitr", identity

@@ -47,7 +47,7 @@ import asyncio
 import math
 import re
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
@@ -403,6 +403,11 @@ class TableDiff:
     # The copy's ctid of keys only in the copy, when compared by version (where the
     # copy's row can be read again without its key's index).
     copy_tids: dict[str, str] = field(default_factory=dict)
+    # How: VERSIONS, BUCKETS (by key hash) or KEYS (key by key at once).
+    method: str = ""
+
+
+VERSIONS, BUCKETS, KEYS = "by row version", "by bucket of key hash", "key by key"
 
 
 Range = tuple[str | None, str | None]
@@ -679,6 +684,7 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     biggest = max(result.prod_rows, result.copy_rows)
     if biggest == 0:
         return result
+    result.method = KEYS
     if biggest <= SMALL_ROWS:
         await _compare(prod, copy, cmp, [_Part((None, None))], result)
         return result
@@ -692,7 +698,9 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     ):
         for keys in (result.only_copy, result.only_prod, result.changed):
             keys.sort()
+        result.method = VERSIONS
         return result
+    result.method = BUCKETS
     chunks = await _chunks(prod, copy, cmp, biggest, CHUNK_ROWS)
     whole = len(chunks) == 1
     buckets = _buckets(biggest, differences)
@@ -852,14 +860,29 @@ async def _versions_of(
         bits=sql.Literal(blocks.bits),
         mask=sql.Literal(mask),
     )
-    rows = await db.fetch(query.as_string(), (_ints(ranges), _ints(wanted), _ints(buckets)))
-    return [(int(r["h"]), str(r["k"]), int(r["rh"]), str(r["tid"])) for r in rows]
+    # as four arrays in one row (tens of thousands of rows cost far more as rows)
+    arrays = sql.SQL(
+        "SELECT coalesce(array_agg(f.h), '{{}}') AS h, coalesce(array_agg(f.k), '{{}}') AS k,"
+        " coalesce(array_agg(f.rh), '{{}}') AS rh, coalesce(array_agg(f.tid), '{{}}') AS tid"
+        " FROM ({}) AS f"
+    ).format(query)
+    (row,) = await db.fetch(arrays.as_string(), (ints(ranges), ints(wanted), ints(buckets)))
+    return list(zip(row["h"], row["k"], row["rh"], row["tid"], strict=True))
 
 
-def _ints(values: Sequence[int]) -> str:
+def ints(values: Iterable[int]) -> str:
     """A bigint[] literal (tens of thousands of numbers: psycopg's adapting of a list
     costs far more)."""
     return "{" + ",".join(map(str, values)) + "}"
+
+
+def texts(values: Iterable[str]) -> str:
+    """A text[] literal, each element quoted (as `ints`)."""
+    return (
+        "{"
+        + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+        + "}"
+    )
 
 
 def _bits_for(differences: float, ranges: int) -> int:

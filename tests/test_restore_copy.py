@@ -492,3 +492,85 @@ async def test_two_admins_approve_it_in_slack(
     assert "trg_check_submission_rate_limit" in final and who.user_id in final
     for table, expected in s.lost.items():
         assert expected - {s.refused} <= await keys(s.prod, table), table
+
+
+async def test_a_copy_of_production_s_own_lineage_is_compared_by_row_version(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scenario's copy is of production's own lineage (a database made from it as a
+    template: the same pages, the same xmin), so its tables are compared by row version:
+    in ranges of a few blocks, several chunks, with buckets enough or so few that most hold
+    several differences (read whole, an entry that was not there read again); the answer
+    is the one by content. Freezing production keeps its versions; rewriting it (VACUUM
+    FULL) moves them; an UPDATE of every row makes every version new (compared by content
+    instead); a table the copy wrote since it was made is compared by content."""
+    s = scenario
+    gw, cgw = TargetGateway(s.prod), TargetGateway(s.copy)
+
+    async def catalogs() -> tuple[rowdiff.Catalog, rowdiff.Catalog]:
+        return await gw.read(rowdiff.read_catalog), await cgw.read(rowdiff.read_catalog)
+
+    async def diff(table: str, physical: bool, few: bool = False) -> rowdiff.TableDiff:
+        prod, copy = await catalogs()
+        p_shape, c_shape = prod.tables[table], copy.tables[table]
+        assert rowdiff.physical_lineage(prod.facts, copy.facts)
+        columns = tuple(sorted(c_shape.columns))
+        cmp = rowdiff.Compare(
+            table,
+            c_shape.key[0],
+            c_shape.types[c_shape.key[0]],
+            columns,
+            False,
+            True,
+            tuple(c_shape.types[c] for c in columns),
+            physical=physical,
+            blocks=max(p_shape.blocks, c_shape.blocks),
+        )
+        with monkeypatch.context() as small:
+            small.setattr(rowdiff, "SMALL_ROWS", 4)
+            small.setattr(rowdiff, "RANGE_ROWS", 16)
+            small.setattr(rowdiff, "CHUNK_ROWS", 48)
+            if few:
+                small.setattr(rowdiff, "VERSION_BUCKETS_PER_DIFFERENCE", 0.01)
+            return await rowdiff.diff_table(gw, cgw, cmp)
+
+    def same(a: rowdiff.TableDiff, b: rowdiff.TableDiff) -> None:
+        assert (a.only_copy, a.only_prod, a.changed) == (b.only_copy, b.only_prod, b.changed)
+
+    try:
+        by_content = {t: await diff(t, False) for t in ("users", "submissions", "points_ledger")}
+        for table, expected in by_content.items():
+            assert expected.method == rowdiff.BUCKETS
+            for few in (False, True):
+                got = await diff(table, True, few)
+                assert got.method == rowdiff.VERSIONS, (table, few)
+                same(got, expected)
+                # the copy's rows only there are given with their ctid in the copy
+                assert sorted(got.copy_tids) == got.only_copy
+        users = by_content["users"]
+        assert users.only_copy and users.only_prod and users.changed
+        await q(s.prod, b"VACUUM (FREEZE) users")
+        frozen = await diff("users", True)
+        assert frozen.method == rowdiff.VERSIONS
+        same(frozen, users)
+        await q(s.prod, b"VACUUM FULL users")
+        same(await diff("users", True), users)
+        # A table the copy has written since is compared by content (the plan says so).
+        await q(s.copy, b"UPDATE badges SET name = name")
+        async for ctx in context(s.prod, s.copy):
+            with monkeypatch.context() as small:
+                small.setattr(rowdiff, "SMALL_ROWS", 4)
+                plan = await RESTORE.plan(ctx, [])
+        (note,) = [w for w in plan.warnings if w.startswith("the diff: ")]
+        assert "production's own lineage" in note
+        by_version = note.split(f"{rowdiff.VERSIONS}: ")[1].split(";")[0].split(" (")[0]
+        assert {"users", "submissions", "points_ledger"} <= set(by_version.split(", "))
+        assert "badges" in note.split(f"{rowdiff.BUCKETS}: ")[1].split(";")[0]
+        # Every version new: compared by content after all.
+        await q(s.prod, b"UPDATE users SET name = name")
+        rewritten = await diff("users", True)
+        assert rewritten.method == rowdiff.BUCKETS
+        same(rewritten, users)
+    finally:
+        await gw.close()
+        await cgw.close()

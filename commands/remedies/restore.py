@@ -78,6 +78,7 @@ from commands.rowdiff import (
     fk_order,
     physical_lineage,
     read_catalog,
+    texts,
     with_parents,
 )
 
@@ -269,6 +270,25 @@ def _server_warnings(prod: Catalog, copy: Catalog, byte_order: list[str]) -> lis
     return notes
 
 
+def _methods_note(lineage: bool, methods: Mapping[str, list[str]]) -> str:
+    """How the tables were compared, and why."""
+    how = "; ".join(f"{m}: {', '.join(ts)}" for m, ts in methods.items())
+    if lineage:
+        why = (
+            "the copy is of production's own lineage (the same system identifier: a base "
+            "backup restored), so a row unchanged since is the same row version (key and "
+            "the transaction that wrote it, xmin) on both sides and only the versions that "
+            "differ are read; a table the copy has written since its restore, or whose "
+            "versions differ by more than a quarter, is compared by content"
+        )
+    else:
+        why = (
+            "the copy is not of production's own lineage (another system identifier: a "
+            "logical restore), so rows are compared by content"
+        )
+    return f"the diff: {how or 'no table with rows'} ({why})"
+
+
 # --- the plan -----------------------------------------------------------------------
 
 
@@ -350,28 +370,38 @@ async def _candidates(
         values=values,
         t=sql.Identifier("public", shape.name),
     )
-    by_key = sql.SQL("{} WHERE t.{}::text = ANY(%(keys)s)").format(select, sql.Identifier(key))
+    by_key = sql.SQL("{} WHERE t.{}::text = ANY(%(keys)s::text[])").format(
+        select, sql.Identifier(key)
+    )
     by_tid = sql.SQL("{} WHERE t.ctid = ANY(%(keys)s::tid[])").format(select)
     at = tids or {}
     wanted = set(keys)
+    names = ["k", "created", "before", *(f"v{i}" for i in range(len(needed)))]
+    # each column as one array (tens of thousands of rows cost far more as rows)
+    arrays = sql.SQL(", ").join(
+        sql.SQL("coalesce(array_agg({c}), '{{}}') AS {c}").format(c=sql.Identifier(n))
+        for n in names
+    )
 
     async def rows(query: sql.Composed, of: list[str]) -> None:
+        agg = sql.SQL("SELECT {} FROM ({}) AS r").format(arrays, query)
         for start in range(0, len(of), CHUNK):
             chunk = of[start : start + CHUNK]
 
-            async def read(db: Reader, chunk: list[str] = chunk) -> list[Row]:
+            async def read(db: Reader, chunk: list[str] = chunk) -> Row:
                 await db.fetch(TEXT_FORM_SQL)
                 if query is by_tid:  # the planner, costing a page read a tid, scans all
                     await db.fetch("SELECT set_config('enable_seqscan', 'off', true)")
-                return await db.fetch(query.as_string(), {"keys": chunk, "until": until})
+                params = {"keys": texts(chunk), "until": until}
+                return (await db.fetch(agg.as_string(), params))[0]
 
-            for r in await copy.read(read):
-                k = str(r["k"])
+            got = await copy.read(read)
+            for k, created, before, *vals in zip(*(got[n] for n in names), strict=True):
                 if k not in wanted:
                     continue
-                out.created[k] = str(r["created"])
-                out.before[k] = bool(r["before"])
-                out.values[k] = {c: r[f"v{i}"] for i, c in enumerate(needed)}
+                out.created[k] = str(created)
+                out.before[k] = bool(before)
+                out.values[k] = dict(zip(needed, vals, strict=True))
 
     await rows(by_tid, [at[k] for k in keys if k in at])
     await rows(by_key, [k for k in keys if k not in out.before])
@@ -394,11 +424,12 @@ async def _deleted_on_record(
         if has_audit:
             meta = (await audit_trail(db)).meta
             rows = await db.fetch(
-                "SELECT DISTINCT target_id AS k FROM audit_log WHERE target_id = ANY(%(keys)s)"
+                "SELECT DISTINCT target_id AS k FROM audit_log"
+                " WHERE target_id = ANY(%(keys)s::text[])"
                 " AND (action = %(action)s OR (meta ->> %(tbl)s = %(table)s"
                 " AND upper(meta ->> %(op)s) = 'DELETE'))",
                 {
-                    "keys": chunk,
+                    "keys": texts(chunk),
                     "action": f"DELETE_{table}",
                     "tbl": meta.table_key,
                     "table": table,
@@ -415,10 +446,10 @@ async def _deleted_on_record(
         )
         for b in backups:
             rows = await db.fetch(
-                sql.SQL("SELECT DISTINCT {k}::text AS k FROM {t} WHERE {k}::text = ANY(%s)")
+                sql.SQL("SELECT DISTINCT {k}::text AS k FROM {t} WHERE {k}::text = ANY(%s::text[])")
                 .format(k=sql.Identifier(key), t=sql.Identifier(BACKUP_SCHEMA, str(b["name"])))
                 .as_string(),
-                (chunk,),
+                (texts(chunk),),
             )
             got |= {
                 str(r["k"]): f"backed up in {BACKUP_SCHEMA}.{b['name']} by an approved remedy"
@@ -637,6 +668,7 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
     sizes = {t: max(prod.tables[t].estimate, other.tables[t].estimate) for t in cmps}
     diffs = diff_tables(prod_gw, copy, list(cmps.values()), sizes)
     prepared: dict[str, asyncio.Task[_Prepared]] = {}
+    methods: dict[str, list[str]] = {}
     try:
         if asked is not None:
             until = asked
@@ -671,6 +703,8 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
             columns = cmp.columns
             ready = await prepared[name]
             diff, cands = ready.diff, ready.cands
+            if diff.method:
+                methods.setdefault(diff.method, []).append(name)
             if diff.copy_rows == 0 and diff.prod_rows == 0:
                 continue
             counts = dict.fromkeys(CLASSES, 0)
@@ -743,6 +777,7 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
             "columns only on one side, not compared nor written: " + "; ".join(one_side)
         )
     warnings += _server_warnings(prod, other, byte_order)
+    warnings.append(_methods_note(lineage, methods))
     if added:
         warnings.append(f"{TABLES}: added the tables they need: {', '.join(added)}")
     for t in tables:
