@@ -543,8 +543,8 @@ def _fks_of(catalog: Catalog, name: str) -> list[ForeignKey]:
 class _Prepared:
     """One table's diff and the reads its classification needs, none of which depends on
     another table's: the candidates, those before --until, their deletions on record,
-    the business keys production holds (of those not deleted on record) and the columns
-    that differ of the rows changed."""
+    the business keys production holds (of all those: the caller drops the ones deleted
+    on record) and the columns that differ of the rows changed."""
 
     diff: TableDiff
     cands: _Candidates
@@ -579,10 +579,16 @@ async def _prepare(
     )
     cands = await _candidates(copy, shape, key, diff.only_copy, needed, until, diff.copy_tids)
     before = [k for k in diff.only_copy if cands.before.get(k, True)]
-    deleted = await _deleted_on_record(prod_gw, name, key, before) if before else {}
-    maybe = [k for k in before if k not in deleted]
-    superseded = await _superseded(prod_gw, shape, key, cands, maybe, prod, until) if maybe else {}
-    cols_of = await differing_columns(prod_gw, copy, cmp, diff.changed)
+    if not before:
+        return _Prepared(
+            diff, cands, before, {}, {}, await differing_columns(prod_gw, copy, cmp, diff.changed)
+        )
+    # at the same time; a key deleted on record is not superseded (the caller drops it)
+    deleted, superseded, cols_of = await asyncio.gather(
+        _deleted_on_record(prod_gw, name, key, before),
+        _superseded(prod_gw, shape, key, cands, before, prod, until),
+        differing_columns(prod_gw, copy, cmp, diff.changed),
+    )
     return _Prepared(diff, cands, before, deleted, superseded, cols_of)
 
 
