@@ -16,6 +16,14 @@ most CHUNK_ROWS rows (cut at the key's histogram bounds), so that it stays well 
 per-check statement timeout however big the table; each key falls in the same range on
 both sides, updated meanwhile or not.
 
+A copy of production's own lineage (a base backup restored, the usual point-in-time
+recovery; `physical_lineage`) is compared by row version first (`_diff_versions`): a row
+version is its key and the transaction that wrote it (xmin), the same on both sides until
+production changes the row, so only the key is hashed, and only the versions that differ
+are read whole; most of a table's rows are never hashed by their columns. Where more than
+a quarter of the versions differ (every row rewritten), it is compared by content as
+above.
+
 What makes the two sides comparable:
 - every transaction on either side first sets the same text form of every value
   (`TEXT_FORM_SQL`: TimeZone UTC, DateStyle ISO, IntervalStyle postgres,
@@ -905,8 +913,15 @@ async def _diff_versions(
     versions that differ are read with their keys and row hashes: versions on both sides
     cancel, wherever each lies; the rest compare by key (a row on both sides with another
     version is changed when its row hash differs). False when more than VERSIONS_GIVE_UP
-    of the rows differ (a copy restored logically, a table rewritten with new versions):
-    then the caller compares by content."""
+    of the rows differ (a table rewritten with new versions): then the caller compares by
+    content.
+
+    Why the same (key, xmin) is the same row: both sides share one history up to the
+    copy's point, and a transaction id is used once in a cluster's history (the ids are
+    within 2^31 of each other: none wrapped around since); after the point, production's
+    new versions carry ids the copy never committed. The copy's own writes after its
+    restore would carry ids production may have used too, for other rows: so a table the
+    copy has written since (its statistics say) is compared by content."""
     per_block = max(1.0, rows / max(1, cmp.blocks))
     per = max(1, round(RANGE_ROWS / per_block))
     ranges = max(1, -(-cmp.blocks // per))

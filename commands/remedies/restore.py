@@ -2,9 +2,11 @@
 
 The copy (RECOVERY_DATABASE_URL, `ctx.recovery_copy`) is a database restored from a
 backup or to a point in time; the bot only reads it. The plan compares it with
-production table by table (`commands.rowdiff`: row hashes reconciled by bucket of key hash,
-both sides at once) for every table of schema public with data, in foreign-key order, and puts
-every differing row in one class:
+production table by table (`commands.rowdiff`: for a copy of production's own lineage, row
+versions reconciled by bucket per range of blocks; else row hashes by bucket of key hash;
+both sides at once) for every table of schema public with data, and classifies them in
+foreign-key order, each table's own reads starting as soon as its diff is done. Every
+differing row falls in one class:
 
 - lost: in the copy, created at or before `--until`, absent from production: restored;
 - after --until: in the copy, created after `--until`: not restored;
