@@ -290,11 +290,22 @@ async def prepare(dsn: str, users: int, n_faults: int) -> None:
     """What the bench adds to the scale fixture: the plans' own faults, the recommended
     indexes, pg_stat_statements (also for a `--dsn` database built by bench/scale.py, with
     `--prepare`)."""
+    started = time.perf_counter()
     if n_faults:
         made = await add_command_faults(dsn, users, n_faults)
-        print("faults for the plans: " + ", ".join(f"{k} {v}" for k, v in made.items()))
+        print(
+            "faults for the plans: "
+            + ", ".join(f"{k} {v}" for k, v in made.items())
+            + f" (in {time.perf_counter() - started:.1f} s, ANALYZE included)",
+            flush=True,
+        )
+    started = time.perf_counter()
     added = await add_recommended_indexes(dsn)
-    print(f"recommended indexes added: {', '.join(added) or 'none (all present)'}", flush=True)
+    print(
+        f"recommended indexes added: {', '.join(added) or 'none (all present)'}"
+        f" (in {time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
     # as Supabase has it: `/db slow` reads it, and its history holds what the build and the
     # bench ran
     if not await add_statement_statistics(dsn):

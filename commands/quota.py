@@ -35,6 +35,7 @@ from psycopg import sql
 
 from commands.base import Context, Finding, Reader, Report, Row, Status, UsageError, register
 from commands.integrity import CAMEL_KEYS, SNAKE_KEYS, keys_in_source
+from commands.keyranges import Piece, add_up, block_pieces, check_pieces, tune
 
 QUOTA_FUNCTION = "check_amplify_quota"
 QUOTA_TRIGGER = "trg_check_amplify_quota"
@@ -477,18 +478,13 @@ async def closest_handles(db: Reader, wanted: Wanted) -> list[Row]:
 
 # --- the table-wide spelling count (cached) ------------------------------------------
 
-# Counted range of pages by range of pages (a TID range scan reads just those pages), each
-# range one statement in its own transaction: a single count read every page of
-# `submissions` at once, 2 GB at a million users, too close to the check timeout. The
-# last range is open-ended, for pages added meanwhile. Rows moved between ranges while
-# they are read may be counted twice or missed: the count is a survey, not a ledger.
-CHUNK_PAGES = 25_000  # 200 MB of 8 kB pages: under a second each on the bench machine
-_LAST_BLOCK = 4294967294  # the largest block number a tid holds
-_PAGES_SQL = """
-SELECT (pg_relation_size(to_regclass('submissions'))
-        / current_setting('block_size')::int)::bigint AS pages,
-       current_setting('server_version_num')::int >= 140000 AS tid_ranges
-"""
+# Counted range of blocks by range of blocks (`keyranges.block_pieces`: a TID range scan
+# reads just those blocks), each range one statement in its own transaction, two at once
+# (`check_pieces`): a single count read every page of `submissions` at once, 2 GB at a
+# million users, too close to the check timeout. The last range is open-ended, for
+# blocks added meanwhile. Rows moved between ranges while they are read may be counted
+# twice or missed: the count is a survey, not a ledger.
+PIECE_PAGES = 25_000  # 200 MB of 8 kB pages: under a second each on the bench machine
 _OVERALL_SQL = """
 SELECT count(*)::bigint AS amplify,
        count(*) FILTER (WHERE NOT payload ?| %(read)s AND payload ?| %(other)s)::bigint
@@ -497,10 +493,8 @@ SELECT count(*)::bigint AS amplify,
                           AND created_at >= (now() AT TIME ZONE 'UTC') - interval '7 days')::bigint
          AS other_only_week
 FROM submissions
-WHERE activity_code = 'AMPLIFY' AND ctid >= %(lo)s::tid AND ctid < %(hi)s::tid
+WHERE activity_code = 'AMPLIFY' AND {blocks}
 """
-# As the checks here (the count is a scan, the JIT compile of it the larger cost).
-_JIT_OFF = "SELECT set_config('jit', 'off', true)"
 
 _overall_cache: dict[tuple[str, tuple[str, ...]], tuple[float, Row]] = {}
 
@@ -519,16 +513,6 @@ def _read_and_other(rule: QuotaRule) -> tuple[list[str], list[str]]:
     return read, other
 
 
-def page_ranges(pages: int, tid_ranges: bool) -> list[tuple[str, str]]:
-    """(from, to) tids of the ranges counted: one range, the whole table, where the server
-    predates TID range scans (PostgreSQL 14) and a range would be a filter on a full scan."""
-    if not tid_ranges:
-        return [("(0,0)", f"({_LAST_BLOCK},0)")]
-    bounds = list(range(0, max(pages, 1), CHUNK_PAGES))
-    ends = [*bounds[1:], _LAST_BLOCK]
-    return [(f"({lo},0)", f"({hi},0)") for lo, hi in zip(bounds, ends, strict=True)]
-
-
 async def overall_spelling(ctx: Context, rule: QuotaRule) -> tuple[Finding | None, Row, float]:
     """(a failure finding or None, the counts, their age in seconds)."""
     read, other = _read_and_other(rule)
@@ -537,28 +521,25 @@ async def overall_spelling(ctx: Context, rule: QuotaRule) -> tuple[Finding | Non
     now = time.monotonic()
     if hit and now - hit[0] < OVERALL_TTL_S:
         return None, hit[1], now - hit[0]
-    ranges: list[tuple[str, str]] = []
-    totals: Row = {"amplify": 0, "other_only": 0, "other_only_week": 0}
+    pieces: list[Piece] = []
 
-    async def pages(db: Reader) -> Finding:
-        (row,) = await db.fetch(_PAGES_SQL)
-        ranges.extend(page_ranges(int(row["pages"] or 0), bool(row["tid_ranges"])))
+    async def sized(db: Reader) -> Finding:
+        pieces.extend(await block_pieces(db, "submissions", blocks_per_piece=PIECE_PAGES))
         return Finding(check="payload keys", status=Status.OK, summary="sized")
 
-    async def count(lo: str, hi: str, db: Reader) -> Finding:
-        await db.fetch(_JIT_OFF)
-        (row,) = await db.fetch(_OVERALL_SQL, {"read": read, "other": other, "lo": lo, "hi": hi})
-        for name in totals:
-            totals[name] += int(row[name])
-        return Finding(check="payload keys", status=Status.OK, summary="counted")
+    async def count(db: Reader, piece: Piece) -> Row:
+        await tune(db, piece)
+        query = _OVERALL_SQL.format(blocks=piece.where("ctid"))
+        (row,) = await db.fetch(query, {"read": read, "other": other, **piece.params()})
+        return row
 
-    head = await ctx.gateway.run_check("payload keys", pages)
-    for lo, hi in ranges:
-        if head.status is not Status.OK:
-            break
-        head = await ctx.gateway.run_check("payload keys", functools.partial(count, lo, hi))
+    head = await ctx.gateway.run_check("payload keys", sized)
     if head.status is not Status.OK:
         return head, {}, 0.0
+    counted = await check_pieces(ctx.gateway, "payload keys", pieces, count)
+    if isinstance(counted, Finding):
+        return counted, {}, 0.0
+    totals: Row = {"amplify": 0, "other_only": 0, "other_only_week": 0, **add_up(counted)}
     _overall_cache[key] = (time.monotonic(), totals)
     return None, totals, 0.0
 

@@ -8,6 +8,7 @@ pg_locks, pg_matviews, pg_trigger.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -432,6 +433,60 @@ async def test_data_integrity_faults(leaps: str, injector: FaultInjector) -> Non
         leaps, "SELECT prosrc FROM pg_proc WHERE proname = %s", ("check_amplify_quota",)
     )
     assert "peersTrained" in source and "peers_trained" not in source
+
+
+async def test_data_loss_picks_by_hash_and_kajabi_only_by_processed_event(
+    leaps: str, injector: FaultInjector
+) -> None:
+    """The victims are the participants with submissions in the order of md5(id), the
+    first n; with `kajabi_only`, only those with a processed event matched to them. The
+    first such participant loses its event's processing, so only the second call takes it."""
+    candidates = [
+        str(r[0])
+        for r in await fetch(
+            leaps,
+            "SELECT u.id FROM users u WHERE u.role = 'PARTICIPANT'"
+            " AND u.id IN (SELECT user_id FROM submissions)",
+        )
+    ]
+    ordered = sorted(candidates, key=lambda u: hashlib.md5(u.encode()).hexdigest())
+    unprocessed = ordered[1]
+    await fetch(
+        leaps,
+        "UPDATE kajabi_events SET processed_at = NULL WHERE user_match = %s RETURNING id",
+        (unprocessed,),
+    )
+    matched = {
+        str(r[0])
+        for r in await fetch(
+            leaps,
+            "SELECT user_match FROM kajabi_events"
+            " WHERE processed_at IS NOT NULL AND user_match IS NOT NULL",
+        )
+    }
+    total = int(await fetch_one(leaps, "SELECT count(*) FROM users"))
+    pct = 100.0 * 3 / total  # three users each time
+    assert unprocessed not in matched and ordered[0] in matched
+
+    first = await injector.data_loss(pct=pct, accounts=1, unmatched=1, kajabi_only=True)
+    assert first.users == [u for u in ordered if u in matched][:3]
+    assert unprocessed not in first.users and first.accounts == first.users[:1]
+    (gone,) = first.unmatched_events
+    assert await fetch_one(
+        leaps, "SELECT user_match, email = upper(email) FROM kajabi_events WHERE id = %s", (gone,)
+    ) == ("NO_USER_FOUND", True)
+
+    second = await injector.data_loss(pct=pct)
+    assert second.users == [u for u in ordered if u not in first.users][:3]
+    assert unprocessed in second.users
+    assert (
+        await fetch_one(
+            leaps,
+            "SELECT count(*) FROM submissions WHERE user_id = ANY(%s)",
+            (first.users + second.users,),
+        )
+        == 0
+    )
 
 
 async def test_fault_sql_quotes_identifiers(leaps: str, injector: FaultInjector) -> None:

@@ -17,7 +17,7 @@ from bot.router import Answer, Dispatcher, RunContext
 from commands import quota as quota_module
 from commands.base import Finding, Report, Status, Thresholds
 from commands.fixture.faults import FaultInjector
-from commands.quota import keys_required, live_limits, other_spelling, page_ranges
+from commands.quota import keys_required, live_limits, other_spelling
 from tests.conftest import RunningBot
 from tests.test_health_e2e import section_texts
 
@@ -142,12 +142,6 @@ def test_what_a_check_constraint_proves_about_the_payload_keys() -> None:
         assert keys_required(guard.format(rest)) == frozenset(), rest
     assert keys_required(AMPLIFY_CHECK.replace("'AMPLIFY'", "'LEARN'")) == frozenset()
     assert keys_required("CHECK ((payload ? 'peers_trained'::text))") == frozenset()
-    assert page_ranges(0, True) == [("(0,0)", "(4294967294,0)")]
-    assert page_ranges(50_001, True)[-2:] == [
-        ("(25000,0)", "(50000,0)"),
-        ("(50000,0)", "(4294967294,0)"),
-    ]
-    assert page_ranges(50_001, False) == [("(0,0)", "(4294967294,0)")]
 
 
 # --- resolving the user ------------------------------------------------------------
@@ -346,7 +340,7 @@ async def test_old_camelcase_payloads_only_warn(
         " WHERE activity_code = 'AMPLIFY'",
     )
     assert pages > 3  # the AMPLIFY rows span several of the ranges counted
-    monkeypatch.setattr(quota_module, "CHUNK_PAGES", 1)
+    monkeypatch.setattr(quota_module, "PIECE_PAGES", 1)
     report = await report_of(dispatcher, f"quota {handle}")
     keys = finding(report, "payload keys")
     assert keys.status is Status.WARN
