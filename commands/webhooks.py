@@ -84,6 +84,7 @@ UNMATCHED_JOIN = "LEFT JOIN users AS x ON x.id = e.user_match AND e.user_match <
 # bytes an event rather than its payload (`_tune_events`).
 _EVENTS_SQL = f"""
 SELECT count(*) FILTER (WHERE e.processed_at IS NULL) AS unprocessed,
+       min(e.received_at) FILTER (WHERE e.processed_at IS NULL) AS oldest_at,
        extract(epoch FROM {NOW_UTC} - min(e.received_at) FILTER (WHERE e.processed_at IS NULL))
          ::float8 AS oldest_s,
        count(*) FILTER (WHERE e.processed_at IS NULL AND e.received_at < (
@@ -116,11 +117,14 @@ SELECT count(*) AS waiting,
 FROM kajabi_events AS e {UNMATCHED_JOIN}
 WHERE x.id IS NULL AND e.received_at < (SELECT {NOW_UTC} - make_interval(secs => %(wait)s))
 """  # noqa: S608 (constant fragments of this module)
+# The oldest unprocessed events, none received before the oldest the pass counted
+# (`oldest`): while they are recent, the planner reads only the newest part of the
+# `received_at` index; else it scans the table, as it would without that bound.
 _UNPROCESSED_SAMPLE_SQL = f"""
 SELECT e.id, e.event_id, e.received_at,
        extract(epoch FROM {NOW_UTC} - e.received_at)::int AS age_s,
        {EVENT_EMAIL} AS email, {EVENT_TAG} AS tag
-FROM kajabi_events AS e WHERE e.processed_at IS NULL
+FROM kajabi_events AS e WHERE e.processed_at IS NULL AND e.received_at >= %(oldest)s
 ORDER BY e.received_at, e.id LIMIT %(sample)s
 """  # noqa: S608 (constant fragments of this module)
 # The e-mail finding's survey and sample at once (one read of the users' e-mails): the
@@ -194,7 +198,9 @@ async def unprocessed_finding(t: Thresholds, row: Row, db: Reader) -> Finding:
     n, stuck = _n(row["unprocessed"]), _n(row["stuck"])
     if n == 0:
         return Finding(check=UNPROCESSED, status=Status.OK, summary="every event is processed")
-    sample = await db.fetch(_UNPROCESSED_SAMPLE_SQL, {"sample": t.max_rows})
+    sample = await db.fetch(
+        _UNPROCESSED_SAMPLE_SQL, {"oldest": row["oldest_at"], "sample": t.max_rows}
+    )
     for r in sample:
         r["age"] = human_duration(r.pop("age_s"))
     oldest = human_duration(row["oldest_s"])
