@@ -19,10 +19,11 @@ GROUP BY over the ledger rows with an event id), not its whole aggregate pass.
 At a million events every check reads the whole table, so the work is what one pass
 costs: the first three findings come from a single pass (the users each event names
 hashed once, for the alert, in batches that fit the processor's caches), the duplicate
-payloads from one sort of the payloads' hashes, and the three run at once on their own
-connections, none with parallel workers of its own (the ledger's pieces, two at a time,
-take the other connections). At 1,000,000 users the ledger's replays are most of the
-work (20,000,000 rows read, about 2.3 s of server CPU); the rest is about 1.4 s.
+payloads from one sort of the payloads' hashes. Those two run at once beside integrity's
+pieces of the ledger (two at a time), each on its own connection and none with parallel
+workers of its own: on two cores they would only add their overhead. At 1,000,000 users
+the replays are most of the work (20,000,000 ledger rows read: about 2.3 s of server
+CPU), the rest about 1.4 s.
 """
 
 from __future__ import annotations
