@@ -720,12 +720,14 @@ EVENT_EMAIL = (
 )
 # Which events a re-match looks at (constant conditions on `e`, chosen by key):
 # `rematch-kajabi` every processed event not linked to an existing user, `rematch-emails`
-# (webhooks) the events the webhook matcher marked NO_USER_FOUND.
+# (webhooks) the events the webhook matcher marked NO_USER_FOUND (`/db webhooks`: those
+# of them it counted, by id, while they are few).
 REMATCH_SCOPES = {
     "unmatched": "e.processed_at IS NOT NULL"
     " AND (e.user_match IS NULL OR e.user_match = %(none)s"
     " OR NOT EXISTS (SELECT 1 FROM users AS x WHERE x.id = e.user_match))",
     "no_user_found": "e.user_match = %(none)s",
+    "no_user_found_ids": "e.id = ANY(%(ids)s::text[]) AND e.user_match = %(none)s",
 }
 
 
