@@ -759,11 +759,6 @@ WITH ev AS (
 {tail}"""  # noqa: S608 (constant fragments of this module)
 
 
-REMATCH_SURVEY_TAIL = (
-    "SELECT count(*) FILTER (WHERE matches = 1) AS one,"
-    " count(*) FILTER (WHERE matches > 1) AS many, count(*) FILTER (WHERE matches = 0) AS none"
-    " FROM m"
-)
 _REMATCH_PAIRS_TAIL = "SELECT id, user_id FROM m WHERE matches = 1 ORDER BY id"
 _REMATCH_SAMPLE_TAIL = (
     "SELECT id, event_id, user_match AS was, user_id AS now FROM m"
@@ -788,9 +783,10 @@ _PLAN_SCOPES = {
 
 
 def rematch_plan_sql(scope: str) -> str:
-    """The plan's one read of the events of `scope`: `email_sources_sql`'s and
-    REMATCH_SURVEY_TAIL's counts on every row, beside each event that matches exactly
-    one user (`_REMATCH_PAIRS_TAIL`, by id; one row of counts alone when none does)."""
+    """The plan's one read of the events of `scope`: `email_sources_sql`'s counts and
+    those of events matching one user, several and none on every row, beside each event
+    that matches exactly one user (`_REMATCH_PAIRS_TAIL`, by id; one row of counts alone
+    when none does)."""
     return f"""
 WITH ev AS MATERIALIZED (
   SELECT e.id, e.event_id, e.user_match, {EVENT_EMAIL} AS mail,
