@@ -28,6 +28,7 @@ import difflib
 import functools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,14 +235,23 @@ def _keys_by(expr: str, shapes: tuple[re.Pattern[str], ...]) -> frozenset[str]:
     return frozenset({match.group("key")}) if match else frozenset()
 
 
-def _not_true_without(expr: str) -> frozenset[str]:
-    """Keys whose absence makes `expr` false or NULL."""
+def _through_and_or(expr: str, each: Callable[[str], frozenset[str]]) -> frozenset[str] | None:
+    """`each` of the top-level parts: the keys every OR'ed part needs, or any AND'ed part
+    needs; None for an expression of neither."""
     ors = _top_level(expr, "OR")
     if len(ors) > 1:
-        return frozenset.intersection(*(_not_true_without(p) for p in ors))
+        return frozenset.intersection(*(each(p) for p in ors))
     ands = _top_level(expr, "AND")
     if len(ands) > 1:
-        return frozenset.union(*(_not_true_without(p) for p in ands))
+        return frozenset.union(*(each(p) for p in ands))
+    return None
+
+
+def _not_true_without(expr: str) -> frozenset[str]:
+    """Keys whose absence makes `expr` false or NULL."""
+    parts = _through_and_or(expr, _not_true_without)
+    if parts is not None:
+        return parts
     return _keys_by(expr, _NOT_TRUE_WITHOUT + _FALSE_WITHOUT)
 
 
@@ -250,12 +260,9 @@ _CASE = re.compile(r"^CASE WHEN (?P<cond>.*) THEN (?P<then>.*) ELSE false END$")
 
 def _false_without(expr: str) -> frozenset[str]:
     """Keys whose absence makes `expr` false (not NULL)."""
-    ors = _top_level(expr, "OR")
-    if len(ors) > 1:
-        return frozenset.intersection(*(_false_without(p) for p in ors))
-    ands = _top_level(expr, "AND")
-    if len(ands) > 1:
-        return frozenset.union(*(_false_without(p) for p in ands))
+    parts = _through_and_or(expr, _false_without)
+    if parts is not None:
+        return parts
     case = _CASE.match(expr)
     if case and " WHEN " not in case.group("cond") + case.group("then"):
         return _not_true_without(_unwrap(case.group("cond")))
