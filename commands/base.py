@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
+from array import array
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -513,3 +515,12 @@ def shown_queries(rows: list[Row], show_literals: bool, key: str = "query") -> l
             if isinstance(row.get(key), str):
                 row[key] = redact_literals(row[key])
     return rows
+
+
+def int8s(packed: bytes) -> array[int]:
+    """Signed 8-byte integers in network order (`int8send`'s), as an array."""
+    out = array("q")
+    out.frombytes(bytes(packed))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out

@@ -35,12 +35,21 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
-import sys
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from commands.base import Context, Finding, Gateway, Reader, Report, Row, Status, UsageError
+from commands.base import (
+    Context,
+    Finding,
+    Gateway,
+    Reader,
+    Report,
+    Row,
+    Status,
+    UsageError,
+    int8s,
+)
 from commands.base import register as register_command
 from commands.keyranges import WHOLE, Piece, block_pieces, check_pieces, key_pieces
 
@@ -570,15 +579,6 @@ async def check_duplicate_events(db: Reader) -> Finding:
     return _duplicate_events(events)
 
 
-def _int8s(packed: bytes) -> array[int]:
-    """Signed 8-byte integers in network order, as an array."""
-    out = array("q")
-    out.frombytes(bytes(packed))
-    if sys.byteorder == "little":
-        out.byteswap()
-    return out
-
-
 def _tid(packed: bytes, i: int) -> str:
     """The i-th tuple id of `tidsend` records (4 bytes of block, 2 of line), as text."""
     record = packed[6 * i : 6 * i + 6]
@@ -618,7 +618,7 @@ async def replays_of(
         (row,) = await db.fetch(
             _EVENT_HASHES_SQL.format(rows=piece.where("l.ctid")), piece.params()
         )
-        return _in_order(_int8s(row["hashes"]), bytes(row["tids"]))
+        return _in_order(int8s(row["hashes"]), bytes(row["tids"]))
 
     # (hashes in order, their tuple ids) of each piece
     pieces = await check_pieces(gw, "integrity: replays", found_pieces[0], read, numbered=True)

@@ -52,9 +52,11 @@ follow from the others and cannot be written); the caller lists the others.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import struct
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -62,7 +64,7 @@ from typing import Any, TypeVar
 
 from psycopg import sql
 
-from commands.base import Gateway, Reader, Row
+from commands.base import Gateway, Reader, Row, int8s
 
 T = TypeVar("T")
 
@@ -139,7 +141,12 @@ SELECT c.relname::text AS name,
        EXISTS (SELECT 1 FROM pg_attribute AS a WHERE a.attrelid = c.oid AND a.attnum = i.indkey[0]
                AND a.attcollation = (SELECT oid FROM pg_collation WHERE collname = 'default'))
          AS key_default_collation,
-       greatest(c.reltuples, 0)::bigint AS estimate,
+       -- rows now: the statistics' live count once a VACUUM or ANALYZE has set it (it
+       -- then follows every write, where reltuples waits for the next one), else
+       -- reltuples (statistics reset: a restored copy, a database made from a template)
+       CASE WHEN coalesce(s.last_vacuum, s.last_autovacuum, s.last_analyze,
+                          s.last_autoanalyze) IS NOT NULL
+            THEN s.n_live_tup ELSE greatest(c.reltuples, 0)::bigint END AS estimate,
        pg_relation_size(c.oid) / current_setting('block_size')::bigint AS blocks,
        -- rows written since the server's statistics began (a restored copy's: since it was
        -- promoted; WAL replayed is not counted)
@@ -346,6 +353,9 @@ class Compare:
     # blocks on the bigger side.
     physical: bool = False
     blocks: int = 0
+    # Rows on each side, from the statistics (`TableShape.estimate`): what the row-version
+    # comparison sizes its buckets by (it counts the rows as it reads them).
+    estimates: tuple[int, int] = (0, 0)
 
     @property
     def ident(self) -> sql.Identifier:
@@ -680,8 +690,22 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
     entry's key hash (`_decode`), whose key one more pass reads (`_keys_of`); the few
     buckets that differ by more are compared key by key. When those would hold more than
     MIXED_SHARE of the rows (more differences than the counts told: rows changed), the
-    buckets are summed again, as many more as the differences found call for."""
+    buckets are summed again, as many more as the differences found call for. A copy of
+    production's own lineage is compared by row version first (`_diff_versions`)."""
     result = TableDiff(cmp.table)
+    by_version = cmp.physical and cmp.buckets
+    prod_est, copy_est = cmp.estimates
+    # By row version, the rows are counted as they are read: the statistics size the
+    # buckets (a wrong estimate costs one more pass, never a wrong answer); without
+    # them (a table never analyzed), the counts do.
+    if by_version and min(prod_est, copy_est) > SMALL_ROWS:
+        by_version = False
+        biggest = max(prod_est, copy_est)
+        if await _diff_versions(
+            prod, copy, cmp, result, biggest, abs(prod_est - copy_est) + biggest // CHANGED_SHARE
+        ):
+            return result
+        result = TableDiff(cmp.table, statements=result.statements)
 
     async def count(db: Reader) -> int:
         rows = await db.fetch(sql.SQL("SELECT count(*) AS n FROM {}").format(cmp.ident).as_string())
@@ -701,12 +725,9 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
         await _compare(prod, copy, cmp, [_Part(r) for r in chunks], result, len(chunks) == 1)
         return result
     differences = abs(result.prod_rows - result.copy_rows)
-    if cmp.physical and await _diff_versions(
+    if by_version and await _diff_versions(
         prod, copy, cmp, result, biggest, differences + biggest // CHANGED_SHARE
     ):
-        for keys in (result.only_copy, result.only_prod, result.changed):
-            keys.sort()
-        result.method = VERSIONS
         return result
     result.method = BUCKETS
     chunks = await _chunks(prod, copy, cmp, biggest, CHUNK_ROWS)
@@ -762,7 +783,12 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
 # transaction id, stable within the transaction, as every row's age() is.
 _VERSION_BASE = sql.SQL("(SELECT age('3'::xid)::bigint AS r OFFSET 0) AS v0")  # read once
 _LAST_BLOCK = 4_294_967_295  # no block is at or beyond it: the last range's open end
-_VCELL = struct.Struct(">qqq")
+# A range's bucket of row versions: its number, count and XOR of the version hashes,
+# three integers as `int8send` gives them.
+VCell = bytes
+VCELL_BYTES = 24
+# A row version read: its key, row hash and ctid.
+Version = tuple[str, int, str]
 
 
 def physical_lineage(prod: Row, copy: Row) -> bool:
@@ -810,13 +836,15 @@ class _Blocks:
         ).format(t=cmp.ident, per=sql.Literal(self.per), hi=hi)
 
 
-async def _version_cells(db: Reader, cmp: Compare, blocks: _Blocks, g0: int, g1: int) -> set[bytes]:
+async def _version_cells(
+    db: Reader, cmp: Compare, blocks: _Blocks, g0: int, g1: int
+) -> tuple[set[VCell], int]:
     """Ranges g0 to g1's rows by bucket (range, low bits of the version hash): per bucket
-    its number, count and XOR of the version hashes, each bucket as its bytes (`_VCELL`):
-    the buckets equal on both sides compare as bytes, never parsed."""
+    its number, count and XOR of the version hashes, each bucket as its bytes (`VCell`):
+    the buckets equal on both sides compare as bytes, never parsed. And the rows read."""
     query = sql.SQL(
         "SELECT coalesce(string_agg(int8send((g << {bits}) | x.s) || int8send(x.n)"
-        " || int8send(x.h), ''), '') AS cells"
+        " || int8send(x.h), ''), '') AS cells, coalesce(sum(x.n), 0)::bigint AS rows"
         " FROM {base}, generate_series(%s::bigint, %s::bigint) AS g,"
         " LATERAL (SELECT v.h & {mask} AS s, count(*) AS n, bit_xor(v.h) AS h"
         " FROM (SELECT {vh} AS h FROM {scan} OFFSET 0) AS v GROUP BY 1) AS x"
@@ -828,13 +856,40 @@ async def _version_cells(db: Reader, cmp: Compare, blocks: _Blocks, g0: int, g1:
         scan=blocks.scan(cmp),
     )
     await db.fetch("SELECT set_config('enable_sort', 'off', true)")
-    blob = bytes((await db.fetch(query.as_string(), (g0, g1)))[0]["cells"])
-    size = _VCELL.size
-    return {blob[i : i + size] for i in range(0, len(blob), size)}
+    (row,) = await db.fetch(query.as_string(), (g0, g1))
+    blob, size = bytes(row["cells"]), VCELL_BYTES
+    return {blob[i : i + size] for i in range(0, len(blob), size)}, int(row["rows"])
 
 
-def _cells_of(cells: set[bytes]) -> dict[int, Cell]:
-    return {b: (n, h, 0) for b, n, h in map(_VCELL.unpack, cells)}
+def _decode_versions(
+    copy: set[VCell], prod: set[VCell]
+) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]], list[int]]:
+    """`_decode` of the buckets that differ (on one side or both), as they come from
+    `_version_cells`: ({version hash: (0, bucket)} only in the copy, the same only in
+    production, the buckets that differ by more than one version)."""
+
+    def parsed(cells: set[VCell]) -> dict[int, tuple[int, int]]:
+        n = int8s(b"".join(cells))
+        return dict(zip(n[0::3], zip(n[1::3], n[2::3], strict=True), strict=True))
+
+    in_copy, in_prod = parsed(copy), parsed(prod)
+    only_copy: dict[int, tuple[int, int]] = {}
+    only_prod: dict[int, tuple[int, int]] = {}
+    mixed: list[int] = []
+    for b, (n, h) in in_copy.items():
+        pn, ph = in_prod.pop(b, (0, 0))
+        if n - pn == 1:
+            only_copy[h ^ ph] = (0, b)
+        elif n - pn == -1:
+            only_prod[h ^ ph] = (0, b)
+        else:
+            mixed.append(b)
+    for b, (n, h) in in_prod.items():
+        if n == 1:
+            only_prod[h] = (0, b)
+        else:
+            mixed.append(b)
+    return only_copy, only_prod, mixed
 
 
 async def _versions_of(
@@ -844,8 +899,8 @@ async def _versions_of(
     ranges: list[int],
     wanted: list[int],
     buckets: list[int],
-) -> list[tuple[int, str, int, str]]:
-    """(version hash, key, row hash, ctid) of the rows of `ranges` whose version hash is
+) -> dict[int, Version]:
+    """{version hash: (key, row hash, ctid)} of the rows of `ranges` whose version hash is
     one of `wanted`, or whose bucket is one of `buckets`."""
     mask = (1 << blocks.bits) - 1
     query = sql.SQL(
@@ -875,7 +930,7 @@ async def _versions_of(
         " FROM ({}) AS f"
     ).format(query)
     (row,) = await db.fetch(arrays.as_string(), (ints(ranges), ints(wanted), ints(buckets)))
-    return list(zip(row["h"], row["k"], row["rh"], row["tid"], strict=True))
+    return dict(zip(row["h"], zip(row["k"], row["rh"], row["tid"], strict=True), strict=True))
 
 
 def ints(values: Iterable[int]) -> str:
@@ -884,13 +939,28 @@ def ints(values: Iterable[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-def texts(values: Iterable[str]) -> str:
-    """A text[] literal, each element quoted (as `ints`)."""
+def texts(values: Iterable[str | None]) -> str:
+    """A text[] literal, each element quoted, None as NULL (as `ints`). JSON's form of a
+    list of strings is that literal's (quotes and backslashes escaped alike, null read as
+    NULL) unless a string holds a character JSON escapes otherwise (a control character):
+    then each element is quoted here."""
+    listed = list(values)
+    dumped = json.dumps(listed, ensure_ascii=False)
+    if not _OTHER_ESCAPE.search(dumped):
+        return "{" + dumped[1:-1] + "}"
     return (
         "{"
-        + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+        + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in listed
+        )
         + "}"
     )
+
+
+# A JSON escape other than of a quote or a backslash (an escaped backslash before a
+# letter matches too: that list is only quoted the slower way).
+_OTHER_ESCAPE = re.compile(r'\\[^"\\]')
 
 
 def _bits_for(differences: float, ranges: int) -> int:
@@ -927,19 +997,20 @@ async def _diff_versions(
     ranges = max(1, -(-cmp.blocks // per))
     blocks = _Blocks(per, ranges, _bits_for(differences, ranges), max(1, CHUNK_ROWS // RANGE_ROWS))
     while True:
-        in_copy: set[bytes] = set()
-        in_prod: set[bytes] = set()
+        in_copy: set[VCell] = set()
+        in_prod: set[VCell] = set()
+        result.prod_rows = result.copy_rows = 0
         for g0, g1 in blocks.chunks:
-            p, c = await _both(
+            (p, p_rows), (c, c_rows) = await _both(
                 prod, copy, partial(_version_cells, cmp=cmp, blocks=blocks, g0=g0, g1=g1)
             )
             result.statements += 1
             in_prod |= p
             in_copy |= c
+            result.prod_rows += p_rows
+            result.copy_rows += c_rows
         # Only the buckets that differ (each is then on both sides, or empty on one).
-        only_copy, only_prod, mixed = _decode(
-            _cells_of(in_copy - in_prod), _cells_of(in_prod - in_copy)
-        )
+        only_copy, only_prod, mixed = _decode_versions(in_copy - in_prod, in_prod - in_copy)
         buckets = ranges << blocks.bits
         differing = min(len(only_copy) + len(only_prod) + len(mixed), buckets - 1)
         # Poisson: `differing` of `buckets` buckets differ when about this many versions do.
@@ -955,8 +1026,8 @@ async def _diff_versions(
     # The versions that differ, read with their keys: first the buckets' single versions
     # and the mixed buckets whole; then, whole, the buckets whose version was not there
     # (they differed by more than one after all).
-    found_c: dict[int, tuple[str, int, str]] = {}
-    found_p: dict[int, tuple[str, int, str]] = {}
+    found_c: dict[int, Version] = {}
+    found_p: dict[int, Version] = {}
     wanted_c, wanted_p, whole = dict(only_copy), dict(only_prod), set(mixed)
     read_whole: set[int] = set()
     while wanted_c or wanted_p or whole:
@@ -965,9 +1036,8 @@ async def _diff_versions(
             _fetch_versions(prod, cmp, blocks, wanted_p, whole),
         )
         result.statements += 1
-        for found, got in ((found_c, got_c), (found_p, got_p)):
-            for h, k, rh, tid in got:
-                found[h] = (k, rh, tid)
+        found_c.update(got_c)
+        found_p.update(got_p)
         read_whole |= whole
         whole = {b for h, (_, b) in wanted_c.items() if h not in found_c}
         whole |= {b for h, (_, b) in wanted_p.items() if h not in found_p}
@@ -983,37 +1053,40 @@ async def _diff_versions(
         elif in_p[k] != rh:
             result.changed.append(k)
     result.only_prod += [k for k in in_p if k not in in_c]
+    for keys in (result.only_copy, result.only_prod, result.changed):
+        keys.sort()
+    result.method = VERSIONS
     return True
 
 
 async def _fetch_versions(
     gw: Gateway, cmp: Compare, blocks: _Blocks, wanted: dict[int, tuple[int, int]], whole: set[int]
-) -> list[tuple[int, str, int, str]]:
+) -> dict[int, Version]:
     """`_versions_of` the `wanted` versions and the `whole` buckets, a chunk of ranges a
     statement."""
-    by_chunk: dict[int, tuple[set[int], list[int], list[int]]] = {}
-
-    def chunk_of(bucket: int) -> tuple[set[int], list[int], list[int]]:
-        g = bucket >> blocks.bits
-        entry = by_chunk.setdefault(g // blocks.at_once, (set(), [], []))
-        entry[0].add(g)
-        return entry
-
+    bits, at_once = blocks.bits, blocks.at_once
+    ranges: dict[int, set[int]] = defaultdict(set)
+    hashes: dict[int, list[int]] = defaultdict(list)
+    buckets: dict[int, list[int]] = defaultdict(list)
     for h, (_, b) in wanted.items():
-        chunk_of(b)[1].append(h)
+        g = b >> bits
+        ranges[g // at_once].add(g)
+        hashes[g // at_once].append(h)
     for b in whole:
-        chunk_of(b)[2].append(b)
-    out: list[tuple[int, str, int, str]] = []
-    for _, (ranges, hashes, buckets) in sorted(by_chunk.items()):
-        out += await _on(
+        g = b >> bits
+        ranges[g // at_once].add(g)
+        buckets[g // at_once].append(b)
+    out: dict[int, Version] = {}
+    for chunk in sorted(ranges):
+        out |= await _on(
             gw,
             partial(
                 _versions_of,
                 cmp=cmp,
                 blocks=blocks,
-                ranges=sorted(ranges),
-                wanted=hashes,
-                buckets=buckets,
+                ranges=sorted(ranges[chunk]),
+                wanted=hashes[chunk],
+                buckets=buckets[chunk],
             ),
         )
     return out

@@ -10,6 +10,7 @@ rows, and reports the refusal with its guard; both audit variants."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -510,10 +511,16 @@ async def test_a_copy_of_production_s_own_lineage_is_compared_by_row_version(
     async def catalogs() -> tuple[rowdiff.Catalog, rowdiff.Catalog]:
         return await gw.read(rowdiff.read_catalog), await cgw.read(rowdiff.read_catalog)
 
-    async def diff(table: str, physical: bool, few: bool = False) -> rowdiff.TableDiff:
+    async def diff(
+        table: str, physical: bool, few: bool = False, estimates: tuple[int, int] | None = None
+    ) -> rowdiff.TableDiff:
+        """By the statistics' estimates (by default), or sized by counting first (0, 0)."""
         prod, copy = await catalogs()
         p_shape, c_shape = prod.tables[table], copy.tables[table]
         assert rowdiff.physical_lineage(prod.facts, copy.facts)
+        if estimates is None:
+            estimates = (p_shape.estimate, c_shape.estimate)
+            assert min(estimates) > 4, estimates
         columns = tuple(sorted(c_shape.columns))
         cmp = rowdiff.Compare(
             table,
@@ -525,6 +532,7 @@ async def test_a_copy_of_production_s_own_lineage_is_compared_by_row_version(
             tuple(c_shape.types[c] for c in columns),
             physical=physical,
             blocks=max(p_shape.blocks, c_shape.blocks),
+            estimates=estimates,
         )
         with monkeypatch.context() as small:
             small.setattr(rowdiff, "SMALL_ROWS", 4)
@@ -539,11 +547,16 @@ async def test_a_copy_of_production_s_own_lineage_is_compared_by_row_version(
 
     try:
         by_content = {t: await diff(t, False) for t in ("users", "points_ledger")}
-        for (table, expected), few in itertools.product(by_content.items(), (False, True)):
+        # sized by the statistics, by counts, and by estimates far off (one more pass)
+        sizing = (None, (0, 0), (5, 5), (10**7, 5))
+        for (table, expected), few, est in itertools.product(
+            by_content.items(), (False, True), sizing
+        ):
             assert expected.method == rowdiff.BUCKETS
-            got = await diff(table, True, few)
-            assert got.method == rowdiff.VERSIONS, (table, few)
+            got = await diff(table, True, few, est)
+            assert got.method == rowdiff.VERSIONS, (table, few, est)
             same(got, expected)
+            assert (got.prod_rows, got.copy_rows) == (expected.prod_rows, expected.copy_rows)
             # the copy's rows only there are given with their ctid in the copy
             assert sorted(got.copy_tids) == got.only_copy
         users = by_content["users"]
@@ -566,3 +579,18 @@ async def test_a_copy_of_production_s_own_lineage_is_compared_by_row_version(
     finally:
         await gw.close()
         await cgw.close()
+
+
+async def test_array_literals_bring_every_text_back(pg: EmbeddedPostgres) -> None:
+    """`rowdiff.texts`, both ways it writes a literal (JSON's form, and each element quoted
+    when a string holds a control character), read back by PostgreSQL as the same texts."""
+    fast = ["plain", 'quote"d', "ends\\", "NULL", "", "{braces},", " spaced ", "é ☃", None]
+    slow = [*fast, "back\\slash", "line\nbreak", "tab\there", "\x01"]
+    assert rowdiff.texts(fast) == "{" + json.dumps(fast, ensure_ascii=False)[1:-1] + "}"
+    assert rowdiff.texts(slow) != "{" + json.dumps(slow, ensure_ascii=False)[1:-1] + "}"
+    async with await psycopg.AsyncConnection.connect(pg.dsn("postgres")) as conn:
+        for listed in (fast, slow, []):
+            cur = await conn.execute("SELECT %s::text[]", (rowdiff.texts(listed),))
+            assert await cur.fetchone() == (listed,)
+        cur = await conn.execute("SELECT %s::bigint[]", (rowdiff.ints([-(2**63), 0, 7]),))
+        assert await cur.fetchone() == ([-(2**63), 0, 7],)

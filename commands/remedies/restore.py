@@ -164,19 +164,21 @@ def _inherit(
     found: dict[str, str],
     keys: Sequence[str],
     fks: Sequence[ForeignKey],
-    values: Mapping[str, Mapping[str, Any]],
+    values: Mapping[str, Mapping[str, str | None]],
     parents: Mapping[str, set[str]],
     why: str,
 ) -> None:
     """A row whose parent row is in a class (deleted on purpose, superseded) is in it too:
-    `found` gains each of `keys` whose foreign key names such a parent, with the reason."""
+    `found` gains each of `keys` whose foreign key (`values`: column, key, its text) names
+    such a parent, with the reason."""
     for f in fks:
         classed = parents.get(f.parent)
         if not classed:
             continue
+        column = values.get(f.columns[0], {})
         for k in keys:
-            v = values[k].get(f.columns[0])
-            if k not in found and v is not None and str(v) in classed:
+            v = column.get(k)
+            if k not in found and v is not None and v in classed:
                 found[k] = f"its {f.parent} row {v} {why}"
 
 
@@ -334,10 +336,11 @@ class _Candidates:
     """The rows only in the copy of one table: their creation, whether before --until,
     and the values the classification needs (foreign keys, unique keys)."""
 
-    def __init__(self) -> None:
+    def __init__(self, needed: Sequence[str]) -> None:
         self.created: dict[str, str] = {}
         self.before: dict[str, bool] = {}
-        self.values: dict[str, dict[str, Any]] = {}
+        # per column needed, each key's value as its text (None for NULL)
+        self.values: dict[str, dict[str, str | None]] = {c: {} for c in needed}
 
 
 async def _candidates(
@@ -352,15 +355,10 @@ async def _candidates(
     """The rows of `keys` in the copy: read by their ctid where the diff gave it (a row
     whose key is not there any more is read by its key)."""
     col = creation_column(shape.columns)
-    out = _Candidates()
-    # Each value as its text (no JSON to parse for tens of thousands of rows; a JSON
-    # column's as its JSON): the superseded check reads them back as the column's type.
+    out = _Candidates(needed)
+    # Each value as its text: the superseded check reads them back as the column's type.
     values = sql.SQL("").join(
-        sql.SQL(", t.{}{} AS {}").format(
-            sql.Identifier(c),
-            sql.SQL("" if shape.types[c] in ("json", "jsonb") else "::text"),
-            sql.Identifier(f"v{i}"),
-        )
+        sql.SQL(", t.{}::text AS {}").format(sql.Identifier(c), sql.Identifier(f"v{i}"))
         for i, c in enumerate(needed)
     )
     select = sql.SQL(
@@ -398,12 +396,14 @@ async def _candidates(
                 return (await db.fetch(agg.as_string(), params))[0]
 
             got = await copy.read(read)
-            for k, created, before, *vals in zip(*(got[n] for n in names), strict=True):
-                if k not in wanted:
-                    continue
-                out.created[k] = str(created)
-                out.before[k] = bool(before)
-                out.values[k] = dict(zip(needed, vals, strict=True))
+            if not wanted.issuperset(got["k"]):
+                keep = [k in wanted for k in got["k"]]
+                got = {n: list(itertools.compress(got[n], keep)) for n in names}
+            ks = got["k"]
+            out.created.update(zip(ks, map(str, got["created"]), strict=True))
+            out.before.update(zip(ks, got["before"], strict=True))
+            for i, c in enumerate(needed):
+                out.values[c].update(zip(ks, got[f"v{i}"], strict=True))
 
     await rows(by_tid, [at[k] for k in keys if k in at])
     await rows(by_key, [k for k in keys if k not in out.before])
@@ -479,8 +479,23 @@ async def _superseded(
     found: dict[str, str] = {}
     table = sql.Identifier("public", shape.name)
     checks: list[tuple[str, sql.Composable]] = []
+    # the copy's rows as a relation `c` of their key and the columns read, each value
+    # back from its text to the column's type
+    cols = [key, *(c for c in cands.values if c != key)]
+    c_rows = sql.SQL("WITH c AS (SELECT {} FROM unnest({}) AS u({}))").format(
+        sql.SQL(", ").join(
+            sql.SQL("u.{}::{} AS {}").format(
+                sql.Identifier(f"c{i}"), sql.SQL(shape.types[c]), sql.Identifier(c)
+            )
+            for i, c in enumerate(cols)
+        ),
+        sql.SQL(", ").join(
+            sql.SQL("{}::text[]").format(sql.Placeholder(f"c{i}")) for i in range(len(cols))
+        ),
+        sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(len(cols))),
+    )
     for u in catalog.uniques:
-        if u.table != shape.name or not set(u.columns) <= set(cands.values.get(keys[0], {})):
+        if u.table != shape.name or not set(u.columns) <= cands.values.keys():
             continue
         pred = sql.SQL(u.predicate) if u.predicate else sql.SQL("true")
         on = sql.SQL(" AND ").join(
@@ -490,11 +505,10 @@ async def _superseded(
             (
                 f"{u.index} ({', '.join(u.columns)})",
                 sql.SQL(
-                    "WITH c AS (SELECT * FROM jsonb_populate_recordset(NULL::{t}, %(rows)s::jsonb))"
-                    " SELECT c.{k}::text AS k, p.{k}::text AS by"
+                    "{c} SELECT c.{k}::text AS k, p.{k}::text AS by"
                     " FROM (SELECT * FROM c WHERE {pred}) AS c"
                     " JOIN (SELECT * FROM {t} WHERE {pred}) AS p ON {on} AND p.{k} <> c.{k}"
-                ).format(t=table, k=sql.Identifier(key), pred=pred, on=on),
+                ).format(c=c_rows, t=table, k=sql.Identifier(key), pred=pred, on=on),
             )
         )
     col = creation_column(shape.columns)
@@ -506,11 +520,10 @@ async def _superseded(
                 + ", ".join(f"{n}: {p}…" for p, n in BOT_PREFIXES.items())
                 + ") for the same user and activity since --until",
                 sql.SQL(
-                    "WITH c AS (SELECT * FROM jsonb_populate_recordset(NULL::{t}, %(rows)s::jsonb))"
-                    " SELECT c.{k}::text AS k, min(t.{k}::text) AS by FROM c JOIN {t} AS t"
+                    "{c} SELECT c.{k}::text AS k, min(t.{k}::text) AS by FROM c JOIN {t} AS t"
                     " ON t.user_id = c.user_id AND t.activity_code = c.activity_code"
                     " AND t.{k}::text LIKE ANY(%(prefixes)s) AND NOT ({made}) GROUP BY 1"
-                ).format(t=table, k=sql.Identifier(key), made=made),
+                ).format(c=c_rows, t=table, k=sql.Identifier(key), made=made),
             )
         )
     if not checks:
@@ -518,16 +531,15 @@ async def _superseded(
     prefixes = [p.replace("_", "\\_") + "%" for p in BOT_PREFIXES]
     for start in range(0, len(keys), CHUNK):
         chunk = keys[start : start + CHUNK]
-        rows = [{key: k, **cands.values[k]} for k in chunk]
+        params: dict[str, Any] = {"prefixes": prefixes, "until": until, "c0": texts(chunk)}
+        for i, c in enumerate(cols[1:], 1):
+            params[f"c{i}"] = texts(cands.values[c].get(k) for k in chunk)
 
-        async def read(db: Reader, rows: list[dict[str, Any]] = rows) -> list[tuple[str, str, str]]:
+        async def read(db: Reader, params: dict[str, Any] = params) -> list[tuple[str, str, str]]:
             await db.fetch(TEXT_FORM_SQL)
             out = []
             for what, query in checks:
-                got = await db.fetch(
-                    query.as_string(),
-                    {"rows": psycopg.types.json.Jsonb(rows), "prefixes": prefixes, "until": until},
-                )
+                got = await db.fetch(query.as_string(), params)
                 out += [(str(r["k"]), str(r["by"]), what) for r in got]
             return out
 
@@ -670,6 +682,7 @@ async def plan_restore(ctx: Context, args: list[str]) -> Plan:
             buckets=min(majors) >= 14,
             physical=lineage and c_shape.writes == 0 and c_shape.types[key] == p_shape.types[key],
             blocks=max(p_shape.blocks, c_shape.blocks),
+            estimates=(p_shape.estimate, c_shape.estimate),
         )
     # The tables are diffed at the same time (a few at once: each diff keeps both sides
     # busy already), and classified in foreign-key order as their diffs come.
