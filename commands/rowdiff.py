@@ -783,10 +783,13 @@ async def diff_table(prod: Gateway, copy: Gateway, cmp: Compare) -> TableDiff:
 # transaction id, stable within the transaction, as every row's age() is.
 _VERSION_BASE = sql.SQL("(SELECT age('3'::xid)::bigint AS r OFFSET 0) AS v0")  # read once
 _LAST_BLOCK = 4_294_967_295  # no block is at or beyond it: the last range's open end
-# A range's bucket of row versions: its number, count and XOR of the version hashes,
-# three integers as `int8send` gives them.
+# A range's bucket of row versions: its number and count (shifted by _COUNT_BITS, or'ed)
+# and XOR of the version hashes, two integers as `int8send` gives them. A range holds at
+# most 4,096 blocks of at most 291 rows (MaxHeapTuplesPerPage) but the last, open-ended
+# one: a bucket that held 2^24 rows or more is compared by content instead.
 VCell = bytes
-VCELL_BYTES = 24
+VCELL_BYTES = 16
+_COUNT_BITS = 24
 # A row version read: its key, row hash and ctid.
 Version = tuple[str, int, str]
 
@@ -838,18 +841,21 @@ class _Blocks:
 
 async def _version_cells(
     db: Reader, cmp: Compare, blocks: _Blocks, g0: int, g1: int
-) -> tuple[set[VCell], int]:
+) -> tuple[set[VCell], int, int]:
     """Ranges g0 to g1's rows by bucket (range, low bits of the version hash): per bucket
-    its number, count and XOR of the version hashes, each bucket as its bytes (`VCell`):
-    the buckets equal on both sides compare as bytes, never parsed. And the rows read."""
+    its number and count (as one integer: `_COUNT_BITS`) and XOR of the version hashes,
+    each bucket as its bytes (`VCell`): the buckets equal on both sides compare as bytes,
+    never parsed. And the rows read, and the most a bucket held."""
     query = sql.SQL(
-        "SELECT coalesce(string_agg(int8send((g << {bits}) | x.s) || int8send(x.n)"
-        " || int8send(x.h), ''), '') AS cells, coalesce(sum(x.n), 0)::bigint AS rows"
+        "SELECT coalesce(string_agg(int8send((((g << {bits}) | x.s) << {count_bits}) | x.n)"
+        " || int8send(x.h), ''), '') AS cells, coalesce(sum(x.n), 0)::bigint AS rows,"
+        " coalesce(max(x.n), 0) AS most"
         " FROM {base}, generate_series(%s::bigint, %s::bigint) AS g,"
         " LATERAL (SELECT v.h & {mask} AS s, count(*) AS n, bit_xor(v.h) AS h"
         " FROM (SELECT {vh} AS h FROM {scan} OFFSET 0) AS v GROUP BY 1) AS x"
     ).format(
         bits=sql.Literal(blocks.bits),
+        count_bits=sql.Literal(_COUNT_BITS),
         base=_VERSION_BASE,
         mask=sql.Literal((1 << blocks.bits) - 1),
         vh=cmp.version_hash(),
@@ -858,7 +864,8 @@ async def _version_cells(
     await db.fetch("SELECT set_config('enable_sort', 'off', true)")
     (row,) = await db.fetch(query.as_string(), (g0, g1))
     blob, size = bytes(row["cells"]), VCELL_BYTES
-    return {blob[i : i + size] for i in range(0, len(blob), size)}, int(row["rows"])
+    cells = {blob[i : i + size] for i in range(0, len(blob), size)}
+    return cells, int(row["rows"]), int(row["most"])
 
 
 def _decode_versions(
@@ -869,8 +876,8 @@ def _decode_versions(
     production, the buckets that differ by more than one version)."""
 
     def parsed(cells: set[VCell]) -> dict[int, tuple[int, int]]:
-        n = int8s(b"".join(cells))
-        return dict(zip(n[0::3], zip(n[1::3], n[2::3], strict=True), strict=True))
+        n, low = int8s(b"".join(cells)), (1 << _COUNT_BITS) - 1
+        return {bn >> _COUNT_BITS: (bn & low, h) for bn, h in zip(n[0::2], n[1::2], strict=True)}
 
     in_copy, in_prod = parsed(copy), parsed(prod)
     only_copy: dict[int, tuple[int, int]] = {}
@@ -1012,10 +1019,12 @@ async def _diff_versions(
         in_prod: set[VCell] = set()
         result.prod_rows = result.copy_rows = 0
         for g0, g1 in blocks.chunks:
-            (p, p_rows), (c, c_rows) = await _both(
+            (p, p_rows, p_most), (c, c_rows, c_most) = await _both(
                 prod, copy, partial(_version_cells, cmp=cmp, blocks=blocks, g0=g0, g1=g1)
             )
             result.statements += 1
+            if max(p_most, c_most) >> _COUNT_BITS:
+                return False
             in_prod |= p
             in_copy |= c
             result.prod_rows += p_rows
