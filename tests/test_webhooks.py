@@ -26,6 +26,7 @@ from commands.base import (
     LeapsIdentity,
     Reader,
     Report,
+    Row,
     Status,
     UsageError,
 )
@@ -211,8 +212,20 @@ async def test_miscased_and_ambiguous_emails(ctx: RunContext, faults: FaultInjec
 async def test_duplicate_payloads_counted_by_groups_and_extra_rows(
     ctx: RunContext, faults: FaultInjector
 ) -> None:
-    await faults.duplicate_webhook_payloads(2, copies=2)
+    # No payload thrice: the copies are read by the ctid the sort gave, as they are by
+    # their hash (every payload hashed again) once one comes three times.
     await faults.duplicate_webhook_payloads(1)
+    _rep, by = await report(ctx)
+    twice = by[wh.DUPLICATES]
+    assert twice.summary == "1 payload received more than once (1 extra row)"
+
+    async def by_hash(db: Reader) -> list[Row]:
+        hashes = [int(r["h"]) for r in await db.fetch(wh._REPEATED_HASHES_SQL)]
+        rows = await db.fetch(wh._DUPLICATES_SQL, {"hashes": hashes, "sample": 10})
+        return [{k: v for k, v in r.items() if k not in ("groups", "extra")} for r in rows]
+
+    assert twice.rows == await ctx.gateway.read(by_hash) != []
+    await faults.duplicate_webhook_payloads(2, copies=2)
     _rep, by = await report(ctx)
     found = by[wh.DUPLICATES]
     assert found.status is Status.WARN
