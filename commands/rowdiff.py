@@ -1017,7 +1017,7 @@ async def _diff_versions(
     while True:
         in_copy: set[VCell] = set()
         in_prod: set[VCell] = set()
-        result.prod_rows = result.copy_rows = 0
+        counted = [0, 0]  # the rows of each side, as the pass reads them
         for g0, g1 in blocks.chunks:
             (p, p_rows, p_most), (c, c_rows, c_most) = await _both(
                 prod, copy, partial(_version_cells, cmp=cmp, blocks=blocks, g0=g0, g1=g1)
@@ -1027,8 +1027,7 @@ async def _diff_versions(
                 return False
             in_prod |= p
             in_copy |= c
-            result.prod_rows += p_rows
-            result.copy_rows += c_rows
+            counted = [counted[0] + p_rows, counted[1] + c_rows]
         # Only the buckets that differ (each is then on both sides, or empty on one).
         only_copy, only_prod, mixed = _decode_versions(in_copy - in_prod, in_prod - in_copy)
         buckets = ranges << blocks.bits
@@ -1075,6 +1074,7 @@ async def _diff_versions(
     result.only_prod += [k for k in in_p if k not in in_c]
     for keys in (result.only_copy, result.only_prod, result.changed):
         keys.sort()
+    result.prod_rows, result.copy_rows = counted
     result.method = VERSIONS
     return True
 

@@ -480,12 +480,13 @@ async def _superseded(
     table = sql.Identifier("public", shape.name)
     checks: list[tuple[str, sql.Composable]] = []
     # the copy's rows as a relation `c` of their key and the columns read, each value
-    # back from its text to the column's type
+    # back from its text to production's type of the column
     cols = [key, *(c for c in cands.values if c != key)]
+    types = catalog.tables[shape.name].types
     c_rows = sql.SQL("WITH c AS (SELECT {} FROM unnest({}) AS u({}))").format(
         sql.SQL(", ").join(
             sql.SQL("u.{}::{} AS {}").format(
-                sql.Identifier(f"c{i}"), sql.SQL(shape.types[c]), sql.Identifier(c)
+                sql.Identifier(f"c{i}"), sql.SQL(types[c]), sql.Identifier(c)
             )
             for i, c in enumerate(cols)
         ),
