@@ -741,7 +741,8 @@ class ServerCpu:
     async def of(cls, dsn: str) -> ServerCpu | None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             backend = await _scalar(conn, sql.SQL("SELECT pg_backend_pid()"))
-        return cls._local(backend)
+            # read while the backend lives: once the connection closes, its /proc is gone
+            return cls._local(backend)
 
     @classmethod
     def _local(cls, backend: int) -> ServerCpu | None:
