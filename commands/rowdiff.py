@@ -20,9 +20,11 @@ A copy of production's own lineage (a base backup restored, the usual point-in-t
 recovery; `physical_lineage`) is compared by row version first (`_diff_versions`): a row
 version is its key and the transaction that wrote it (xmin), the same on both sides until
 production changes the row, so only the key is hashed, and only the versions that differ
-are read whole; most of a table's rows are never hashed by their columns. Where more than
-a quarter of the versions differ (every row rewritten), it is compared by content as
-above.
+are read whole; most of a table's rows are never hashed by their columns. Its buckets are
+sized by the statistics' estimates (the pass counts the rows as it reads them), and the
+second read tests each row's bucket in a bitmap of the buckets that differ before any
+look-up. Where more than a quarter of the versions differ (every row rewritten), it is
+compared by content as above.
 
 What makes the two sides comparable:
 - every transaction on either side first sets the same text form of every value
