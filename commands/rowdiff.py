@@ -54,6 +54,7 @@ follow from the others and cannot be written); the caller lists the others.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import re
@@ -872,9 +873,9 @@ async def _version_cells(
 
 def _decode_versions(
     copy: set[VCell], prod: set[VCell]
-) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]], list[int]]:
+) -> tuple[dict[int, int], dict[int, int], list[int]]:
     """`_decode` of the buckets that differ (on one side or both), as they come from
-    `_version_cells`: ({version hash: (0, bucket)} only in the copy, the same only in
+    `_version_cells`: ({version hash: its bucket} only in the copy, the same only in
     production, the buckets that differ by more than one version)."""
 
     def parsed(cells: set[VCell]) -> dict[int, tuple[int, int]]:
@@ -882,20 +883,20 @@ def _decode_versions(
         return {bn >> _COUNT_BITS: (bn & low, h) for bn, h in zip(n[0::2], n[1::2], strict=True)}
 
     in_copy, in_prod = parsed(copy), parsed(prod)
-    only_copy: dict[int, tuple[int, int]] = {}
-    only_prod: dict[int, tuple[int, int]] = {}
+    only_copy: dict[int, int] = {}
+    only_prod: dict[int, int] = {}
     mixed: list[int] = []
     for b, (n, h) in in_copy.items():
         pn, ph = in_prod.pop(b, (0, 0))
         if n - pn == 1:
-            only_copy[h ^ ph] = (0, b)
+            only_copy[h ^ ph] = b
         elif n - pn == -1:
-            only_prod[h ^ ph] = (0, b)
+            only_prod[h ^ ph] = b
         else:
             mixed.append(b)
     for b, (n, h) in in_prod.items():
         if n == 1:
-            only_prod[h] = (0, b)
+            only_prod[h] = b
         else:
             mixed.append(b)
     return only_copy, only_prod, mixed
@@ -906,18 +907,17 @@ async def _versions_of(
     cmp: Compare,
     blocks: _Blocks,
     ranges: list[int],
-    wanted: list[int],
+    wanted: dict[int, int],
     buckets: list[int],
-    marked: list[int],
 ) -> dict[int, Version]:
     """{version hash: (key, row hash, ctid)} of the rows of `ranges` whose version hash is
-    one of `wanted`, or whose bucket is one of `buckets`; `marked`: the buckets of both
-    (a row's bucket is looked up in a bitmap of them first: a bit costs a row a fraction
-    of what a look-up in the arrays does)."""
+    one of `wanted` (each with its bucket), or whose bucket is one of `buckets` (a row's
+    bucket is looked up in a bitmap of all those buckets first: a bit costs a row a
+    fraction of what a look-up in the arrays does)."""
     mask = (1 << blocks.bits) - 1
     first = ranges[0]
     bitmap = bytearray((((ranges[-1] - first + 1) << blocks.bits) + 7) // 8)
-    for b in marked:
+    for b in itertools.chain(wanted.values(), buckets):
         i = b - (first << blocks.bits)
         bitmap[i >> 3] |= 1 << (i & 7)
     query = sql.SQL(
@@ -1019,7 +1019,7 @@ async def _diff_versions(
     while True:
         in_copy: set[VCell] = set()
         in_prod: set[VCell] = set()
-        counted = [0, 0]  # the rows of each side, as the pass reads them
+        prod_rows = copy_rows = 0  # as the pass reads them
         for g0, g1 in blocks.chunks:
             (p, p_rows, p_most), (c, c_rows, c_most) = await _both(
                 prod, copy, partial(_version_cells, cmp=cmp, blocks=blocks, g0=g0, g1=g1)
@@ -1029,7 +1029,7 @@ async def _diff_versions(
                 return False
             in_prod |= p
             in_copy |= c
-            counted = [counted[0] + p_rows, counted[1] + c_rows]
+            prod_rows, copy_rows = prod_rows + p_rows, copy_rows + c_rows
         # Only the buckets that differ (each is then on both sides, or empty on one).
         only_copy, only_prod, mixed = _decode_versions(in_copy - in_prod, in_prod - in_copy)
         buckets = ranges << blocks.bits
@@ -1060,8 +1060,8 @@ async def _diff_versions(
         found_c.update(got_c)
         found_p.update(got_p)
         read_whole |= whole
-        whole = {b for h, (_, b) in wanted_c.items() if h not in found_c}
-        whole |= {b for h, (_, b) in wanted_p.items() if h not in found_p}
+        whole = {b for h, b in wanted_c.items() if h not in found_c}
+        whole |= {b for h, b in wanted_p.items() if h not in found_p}
         whole -= read_whole
         wanted_c, wanted_p = {}, {}
     common = found_c.keys() & found_p.keys()
@@ -1076,31 +1076,28 @@ async def _diff_versions(
     result.only_prod += [k for k in in_p if k not in in_c]
     for keys in (result.only_copy, result.only_prod, result.changed):
         keys.sort()
-    result.prod_rows, result.copy_rows = counted
+    result.prod_rows, result.copy_rows = prod_rows, copy_rows
     result.method = VERSIONS
     return True
 
 
 async def _fetch_versions(
-    gw: Gateway, cmp: Compare, blocks: _Blocks, wanted: dict[int, tuple[int, int]], whole: set[int]
+    gw: Gateway, cmp: Compare, blocks: _Blocks, wanted: dict[int, int], whole: set[int]
 ) -> dict[int, Version]:
     """`_versions_of` the `wanted` versions and the `whole` buckets, a chunk of ranges a
     statement."""
     bits, at_once = blocks.bits, blocks.at_once
     ranges: dict[int, set[int]] = defaultdict(set)
-    hashes: dict[int, list[int]] = defaultdict(list)
+    hashes: dict[int, dict[int, int]] = defaultdict(dict)
     buckets: dict[int, list[int]] = defaultdict(list)
-    marked: dict[int, list[int]] = defaultdict(list)
-    for h, (_, b) in wanted.items():
+    for h, b in wanted.items():
         g = b >> bits
         ranges[g // at_once].add(g)
-        hashes[g // at_once].append(h)
-        marked[g // at_once].append(b)
+        hashes[g // at_once][h] = b
     for b in whole:
         g = b >> bits
         ranges[g // at_once].add(g)
         buckets[g // at_once].append(b)
-        marked[g // at_once].append(b)
     out: dict[int, Version] = {}
     for chunk in sorted(ranges):
         out |= await _on(
@@ -1112,7 +1109,6 @@ async def _fetch_versions(
                 ranges=sorted(ranges[chunk]),
                 wanted=hashes[chunk],
                 buckets=buckets[chunk],
-                marked=marked[chunk],
             ),
         )
     return out

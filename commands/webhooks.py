@@ -88,9 +88,9 @@ UNMATCHED_JOIN = "LEFT JOIN users AS x ON x.id = e.user_match AND e.user_match <
 # the parts of `EVENT_EMAIL`: `nuf`, bits 1, 2 and 4, NULL for every other event), and
 # while they are few (NUF_IDS) their ids, so that the e-mail survey reads them by id
 # rather than every event again. The time bounds are computed once (InitPlans), not per
-# row. Each event comes to the join
-# as its key, two times and `nuf`, so the join carries (and writes out, in batches) a few
-# bytes an event rather than its payload (`_TUNE_EVENTS_SQL`).
+# row. Each event comes to the join as its key, two times and `nuf`, so the join carries
+# (and writes out, in batches) a few bytes an event rather than its payload
+# (`_TUNE_EVENTS_SQL`).
 _EVENTS_SQL = f"""
 SELECT count(*) FILTER (WHERE e.processed_at IS NULL) AS unprocessed,
        min(e.received_at) FILTER (WHERE e.processed_at IS NULL) AS oldest_at,
